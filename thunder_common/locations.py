@@ -1,0 +1,186 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Image location URIs: strict parsing and formatting.
+
+Three forms reach the driver and the store:
+
+``thunder://[STORE/]VOLUME_ID``
+    The thunder store's own location: the image-volume's Cinder id, with the
+    Glance store name in multi-store deployments.
+``cinder://[STORE/]VOLUME_ID``
+    The same image-volume in the form upstream Cinder recognises when it
+    looks for an image-volume to clone.
+``rbd://FSID/POOL/IMAGE/SNAPSHOT``
+    An RBD snapshot, the form Nova's RBD image backend and Cinder's RBD
+    driver clone from.
+
+Locations come from image records, so they are parsed as untrusted input:
+anything that is not exactly one of these forms raises
+:class:`InvalidLocation` with the reason.
+"""
+
+import dataclasses
+import re
+import urllib.parse
+import uuid
+
+THUNDER_SCHEME = 'thunder'
+CINDER_SCHEME = 'cinder'
+RBD_SCHEME = 'rbd'
+
+# A location is a short string; anything longer is hostile or broken.
+MAX_LOCATION_LENGTH = 2048
+# Longest pool, image or snapshot name accepted (RBD itself allows long
+# names, but no deployment names its objects with kilobytes).
+MAX_NAME_LENGTH = 255
+# Store names are oslo.config group names.
+_STORE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
+# Characters that may never appear in an RBD pool, image or snapshot name
+# after unquoting: the path and snapshot separators, and anything that is
+# not printable.
+_FORBIDDEN_IN_NAME = re.compile(r'[/@\x00-\x20\x7f]')
+_UUID = re.compile(r'^[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1'
+                   r'[0-9a-fA-F]{4}\1[0-9a-fA-F]{12}$')
+
+
+class InvalidLocation(ValueError):
+    """A location URI that is not one VMThunder understands."""
+
+    def __init__(self, location, reason):
+        self.location = location
+        self.reason = reason
+        shown = location if len(location) <= 120 else location[:117] + '...'
+        super().__init__('Invalid image location %r: %s' % (shown, reason))
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeLocation:
+    """An image-volume named by its Cinder volume id."""
+
+    scheme: str
+    volume_id: str
+    store: str = None
+
+    @property
+    def url(self):
+        if self.store:
+            return '%s://%s/%s' % (self.scheme, self.store, self.volume_id)
+        return '%s://%s' % (self.scheme, self.volume_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class RbdLocation:
+    """An RBD snapshot on the cluster with the given fsid."""
+
+    fsid: str
+    pool: str
+    image: str
+    snapshot: str
+
+    @property
+    def url(self):
+        parts = [self.fsid, self.pool, self.image, self.snapshot]
+        return 'rbd://' + '/'.join(urllib.parse.quote(p, safe='')
+                                   for p in parts)
+
+
+def thunder_location(volume_id, store=None):
+    """The thunder store's location for an image-volume."""
+    return VolumeLocation(THUNDER_SCHEME, _canonical_uuid(volume_id),
+                          store)
+
+
+def cinder_location(volume_id, store=None):
+    """The upstream ``cinder://`` location for the same image-volume."""
+    return VolumeLocation(CINDER_SCHEME, _canonical_uuid(volume_id), store)
+
+
+def parse(location):
+    """Parse a location URI into a VolumeLocation or an RbdLocation.
+
+    :raises InvalidLocation: if the URI is malformed or of another scheme.
+    """
+    if not isinstance(location, str):
+        raise InvalidLocation(repr(location), 'not a string')
+    if len(location) > MAX_LOCATION_LENGTH:
+        raise InvalidLocation(location, 'longer than %d characters'
+                              % MAX_LOCATION_LENGTH)
+    scheme, sep, rest = location.partition('://')
+    if not sep:
+        raise InvalidLocation(location, 'no scheme')
+    if scheme == RBD_SCHEME:
+        return _parse_rbd(location, rest)
+    if scheme in (THUNDER_SCHEME, CINDER_SCHEME):
+        return _parse_volume(location, scheme, rest)
+    raise InvalidLocation(location, 'unsupported scheme %r' % scheme[:16])
+
+
+def _parse_rbd(location, rest):
+    _reject_query_and_fragment(location, rest)
+    raw_parts = rest.split('/')
+    if len(raw_parts) != 4:
+        raise InvalidLocation(location, 'expected rbd://FSID/POOL/IMAGE/'
+                              'SNAPSHOT, got %d components' % len(raw_parts))
+    parts = []
+    for raw in raw_parts:
+        try:
+            part = urllib.parse.unquote(raw, errors='strict')
+        except UnicodeDecodeError:
+            raise InvalidLocation(location, 'invalid percent-encoding')
+        if not part:
+            raise InvalidLocation(location, 'empty component')
+        if len(part) > MAX_NAME_LENGTH:
+            raise InvalidLocation(location, 'component longer than %d '
+                                  'characters' % MAX_NAME_LENGTH)
+        parts.append(part)
+    fsid, pool, image, snapshot = parts
+    try:
+        fsid = _canonical_uuid(fsid)
+    except ValueError:
+        raise InvalidLocation(location, 'cluster fsid is not a UUID')
+    for name in (pool, image, snapshot):
+        if _FORBIDDEN_IN_NAME.search(name):
+            raise InvalidLocation(location, 'forbidden character in %r'
+                                  % name[:32])
+    return RbdLocation(fsid, pool, image, snapshot)
+
+
+def _parse_volume(location, scheme, rest):
+    _reject_query_and_fragment(location, rest)
+    parts = rest.split('/')
+    if len(parts) == 1:
+        store, volume_id = None, parts[0]
+    elif len(parts) == 2:
+        store, volume_id = parts
+        if not _STORE_NAME.match(store):
+            raise InvalidLocation(location, 'invalid store name')
+    else:
+        raise InvalidLocation(location, 'expected %s://[STORE/]VOLUME_ID'
+                              % scheme)
+    try:
+        volume_id = _canonical_uuid(volume_id)
+    except ValueError:
+        raise InvalidLocation(location, 'volume id is not a UUID')
+    return VolumeLocation(scheme, volume_id, store)
+
+
+def _reject_query_and_fragment(location, rest):
+    if '?' in rest or '#' in rest:
+        raise InvalidLocation(location, 'query or fragment not allowed')
+
+
+def _canonical_uuid(value):
+    """Return value as a lower-case dashed UUID; ValueError otherwise."""
+    if not _UUID.match(value):
+        raise ValueError(value)
+    return str(uuid.UUID(value))

@@ -140,6 +140,20 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
                   'pool': self.configuration.thunder_rbd_pool,
                   'fsid': self.cluster.fsid()})
 
+    def stop_background_work(self, timeout=None):
+        """Stop the purge sweep and the flatten workers (tests, tools).
+
+        Cinder has no driver shutdown hook; in cinder-volume both end with
+        the process, and an interrupted flatten is simply redone later.
+        """
+        if self._purge_task is not None:
+            self._purge_task.stop()
+            self._purge_task = None
+        if self.flattener is not None:
+            self.flattener.wait_idle(timeout)
+            self.flattener.stop()
+        self.cluster.close()
+
     def _purge_deferred(self):
         try:
             removed = clones.purge_deferred(self.cluster)

@@ -87,13 +87,16 @@ def remove_snapshot(image, snapshot):
     image.remove_snap(snapshot)
 
 
-def delete_image(cluster, ioctx, name):
+def delete_image(cluster, ioctx, name, release=True):
     """Delete an RBD image, deferring it while clones depend on it.
 
     A missing image counts as deleted. Raises ``VolumeIsBusy`` when the
     image has a snapshot VMThunder did not create (Cinder deletes a
     volume's snapshots before the volume; anything else is the operator's)
-    or is still open by a client.
+    or is still open by a client. With ``release=False`` the parent is
+    left alone: for a caller that holds the parent's lock (the lock is not
+    reentrant), at the cost of a childless internal snapshot that the
+    parent's next clone or deletion takes care of.
     """
     try:
         with cluster.image(ioctx, name, read_only=True) as image:
@@ -120,7 +123,8 @@ def delete_image(cluster, ioctx, name):
         except rbd.ImageBusy:
             raise exception.VolumeIsBusy(volume_name=name)
     LOG.debug('Removed RBD image %s', name)
-    release_parent(cluster, parent)
+    if release:
+        release_parent(cluster, parent)
 
 
 def _drop_unused_snapshots(image, name):

@@ -238,8 +238,14 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
             LOG.warning('Pool statistics unavailable; not checking that a '
                         '%s GiB volume fits.', size_gb)
             return
-        ratio = float(self.configuration.safe_get(
-            'max_over_subscription_ratio') or 1.0)
+        ratio = self.configuration.safe_get(
+            'max_over_subscription_ratio') or 1.0
+        try:
+            ratio = float(ratio)
+        except ValueError:
+            # 'auto': the scheduler derives the ratio from usage; leave the
+            # decision to it.
+            return
         limit_gb = total / units.Gi * ratio
         if size_gb > limit_gb:
             msg = _('A %(size)s GiB volume does not fit in pool %(pool)s: '
@@ -354,7 +360,10 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
             except Exception:
                 LOG.exception('Could not finish clone %s; removing it.',
                               volume.name)
-                clones.delete_image(self.cluster, ioctx, volume.name)
+                # The caller holds the parent's lock: releasing the parent
+                # here would deadlock on it.
+                clones.delete_image(self.cluster, ioctx, volume.name,
+                                    release=False)
                 raise
         LOG.info('Created volume %(name)s as a clone of %(pool)s/%(src)s@'
                  '%(snap)s (clone depth %(depth)d).',
@@ -530,9 +539,9 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
     def copy_image_to_volume(self, context, volume, image_service, image_id,
                              disable_sparse=False):
         """Download an image (converted to raw) into the volume."""
-        tmp_dir = volume_utils.image_conversion_dir()
-        with image_utils.temporary_file(prefix='thunder-', dir=tmp_dir) \
-                as tmp:
+        # temporary_file() creates the file in image_conversion_dir itself
+        # (and fails if given a dir= too).
+        with image_utils.temporary_file(prefix='thunder-') as tmp:
             image_utils.fetch_to_raw(context, image_service, image_id, tmp,
                                      self.configuration.volume_dd_blocksize,
                                      size=volume.size,

@@ -44,7 +44,7 @@ MAX_LOCATION_LENGTH = 2048
 # names, but no deployment names its objects with kilobytes).
 MAX_NAME_LENGTH = 255
 # Store names are oslo.config group names.
-_STORE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
+_STORE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z')
 # Characters that may never appear in an RBD pool, image or snapshot name
 # after unquoting: the path and snapshot separators, and anything that is
 # not printable.
@@ -149,7 +149,9 @@ def _parse_rbd(location, rest):
     except ValueError:
         raise InvalidLocation(location, 'cluster fsid is not a UUID')
     for name in (pool, image, snapshot):
-        if _FORBIDDEN_IN_NAME.search(name):
+        # isprintable() also rejects what the regex cannot see: Unicode
+        # controls and separators, and lone surrogates (not UTF-8).
+        if _FORBIDDEN_IN_NAME.search(name) or not name.isprintable():
             raise InvalidLocation(location, 'forbidden character in %r'
                                   % name[:32])
     return RbdLocation(fsid, pool, image, snapshot)

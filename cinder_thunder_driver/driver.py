@@ -204,9 +204,11 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
             stats['location_info'] = '%s:%s' % (self.cluster.fsid(),
                                                 conf.thunder_rbd_pool)
             stats['backend_state'] = 'up'
-        except exception.VolumeBackendAPIException:
-            LOG.warning('Could not read the capacity of pool %s; reporting '
-                        'the backend down.', conf.thunder_rbd_pool)
+        except (exception.VolumeBackendAPIException, rbd.Error,
+                cluster_mod.rados.Error) as e:
+            LOG.warning('Could not read the capacity of pool %(pool)s; '
+                        'reporting the backend down: %(err)s',
+                        {'pool': conf.thunder_rbd_pool, 'err': e})
         self._stats = stats
 
     def _pool_capacity(self):
@@ -538,13 +540,18 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
 
     def copy_image_to_volume(self, context, volume, image_service, image_id,
                              disable_sparse=False):
-        """Download an image (converted to raw) into the volume."""
+        """Download an image (converted to raw) into the volume.
+
+        The download and qemu-img run on a temporary file that belongs to
+        cinder-volume, so neither needs root.
+        """
         # temporary_file() creates the file in image_conversion_dir itself
         # (and fails if given a dir= too).
         with image_utils.temporary_file(prefix='thunder-') as tmp:
             image_utils.fetch_to_raw(context, image_service, image_id, tmp,
                                      self.configuration.volume_dd_blocksize,
                                      size=volume.size,
+                                     run_as_root=False,
                                      disable_sparse=disable_sparse)
             with self.cluster.ioctx() as ioctx:
                 with self.cluster.image(ioctx, volume.name) as image:
@@ -563,7 +570,7 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
                                         read_only=True) as image:
                     image_io.image_to_file(image, tmp)
             volume_utils.upload_volume(context, image_service, image_meta,
-                                       tmp, volume)
+                                       tmp, volume, run_as_root=False)
         os.unlink(tmp)
 
     # -- snapshots ----------------------------------------------------

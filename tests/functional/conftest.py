@@ -20,6 +20,7 @@ the ceph.conf of a running cluster to use that one instead (its
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
@@ -34,9 +35,25 @@ from cinder_thunder_driver import options
 BACKEND = 'thunder_functional'
 
 
+@pytest.fixture(scope='session', autouse=True)
+def privsep_helper():
+    """Run Cinder's privileged helper from this virtualenv.
+
+    By default it is started as ``sudo privsep-helper``, which looks the
+    helper up in sudo's secure PATH, outside the virtualenv. The tests run
+    as root, so the venv's helper is started directly.
+    """
+    import cinder.privsep  # noqa: F401 (registers the option group)
+    helper = os.path.join(os.path.dirname(sys.executable), 'privsep-helper')
+    cfg.CONF.set_override('helper_command', helper,
+                          group='cinder_sys_admin')
+    yield
+    cfg.CONF.clear_override('helper_command', group='cinder_sys_admin')
+
+
 @pytest.fixture(scope='session')
 def ceph():
-    """A running Ceph: (conf_path, fsid)."""
+    """The ceph.conf path of a running Ceph."""
     existing = os.environ.get('THUNDER_TEST_CEPH_CONF')
     if existing:
         yield existing

@@ -486,3 +486,56 @@ def test_rbd_error_types_are_the_real_ones():
     # The driver catches these by name; make sure the bindings have them.
     for name in ('ImageNotFound', 'ImageExists', 'ImageBusy', 'Error'):
         assert issubclass(getattr(rbd, name), Exception)
+
+
+class _VolumeType(object):
+    extra_specs = {}
+
+
+def test_copy_image_to_volume_and_back_through_cinder(thunder, ceph):
+    """The full-copy fallbacks, through Cinder's own image_utils."""
+    from cinder import context as cinder_context
+    from thunder_stack import rbd_image_service
+
+    ctx = cinder_context.get_admin_context()
+    images = rbd_image_service.RbdImageService(ceph, pool='volumes')
+    source = Volume(size=1)
+    thunder.create_volume(source)
+    data = pattern(3 * units.Mi + 5, 'fallback')
+    write(thunder, source.name, data)
+    images.register('img-in', source.name, units.Gi)
+
+    volume = Volume(size=1)
+    thunder.create_volume(volume)
+    thunder.copy_image_to_volume(ctx, volume, images, 'img-in')
+    assert read_all(thunder, volume.name, len(data)) == data
+
+    volume.volume_type = _VolumeType()
+    volume.glance_metadata = {}
+    out_name = 'upload-%s' % uuid.uuid4()
+    images.register('img-out', out_name, 0)
+    thunder.copy_volume_to_image(ctx, volume, images,
+                                 images.show(ctx, 'img-out'))
+    assert images.show(ctx, 'img-out')['size'] == units.Gi
+    assert read_all(thunder, out_name, len(data)) == data
+    images.delete('img-out')
+    thunder.delete_volume(volume)
+    thunder.delete_volume(source)
+
+
+def test_copy_image_to_volume_refuses_an_image_larger_than_the_volume(
+        thunder, ceph):
+    from cinder import context as cinder_context
+    from thunder_stack import rbd_image_service
+
+    images = rbd_image_service.RbdImageService(ceph, pool='volumes')
+    source = Volume(size=2)
+    thunder.create_volume(source)
+    images.register('img-big', source.name, 2 * units.Gi)
+    volume = Volume(size=1)
+    thunder.create_volume(volume)
+    with pytest.raises(exception.ImageUnacceptable):
+        thunder.copy_image_to_volume(cinder_context.get_admin_context(),
+                                     volume, images, 'img-big')
+    thunder.delete_volume(volume)
+    thunder.delete_volume(source)

@@ -23,13 +23,13 @@ from cinder.volume import configuration
 from cinder.volume import driver as volume_driver
 from oslo_config import cfg
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import clones
 from cinder_thunder_driver import cluster as cluster_mod
 from cinder_thunder_driver import driver
 from cinder_thunder_driver import flattener
 from cinder_thunder_driver import options
+from tests.unit import fakes
 
 BACKEND = 'thunder_unit'
 

@@ -17,9 +17,9 @@ from unittest import mock
 
 from cinder import exception
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import clones
+from tests.unit import fakes
 from thunder_common import rbd_layout
 
 CLONE_SNAP = 'thunder-clone-0000000000000001'
@@ -373,3 +373,14 @@ def test_purge_deferred_of_an_empty_trash(cluster, fake_ceph):
     fake_ceph.add_image('live')
     assert clones.purge_deferred(cluster) == 0
     assert fake_ceph.names() == ['live']
+
+
+def test_delete_succeeds_when_releasing_the_parent_fails(cluster, fake_ceph):
+    base, child = chain(fake_ceph, 1)
+    with mock.patch.object(clones, 'release_parent',
+                           side_effect=fakes.rbd.Timeout('slow')) as release:
+        delete(cluster, child.name)
+    release.assert_called_once()
+    # The child is gone; the unused snapshot waits for the next clean-up.
+    assert fake_ceph.names() == ['v0']
+    assert list(base.snaps) == [CLONE_SNAP]

@@ -18,9 +18,9 @@ from unittest import mock
 
 from cinder import exception
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import cluster as cluster_mod
+from tests.unit import fakes
 
 VBAE = exception.VolumeBackendAPIException
 

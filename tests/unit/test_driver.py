@@ -24,10 +24,10 @@ from cinder import exception
 from os_brick.initiator.connectors import rbd as brick_rbd
 from oslo_utils import units
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import clones
 from cinder_thunder_driver import driver
+from tests.unit import fakes
 from thunder_common import rbd_layout
 
 VBAE = exception.VolumeBackendAPIException
@@ -226,6 +226,15 @@ def test_get_volume_stats_backend_down(drv, fake_ceph, failure):
 def test_get_volume_stats_unreachable_cluster(drv, fake_ceph):
     fake_ceph.errors['connect'] = fakes.rados.TimedOut('timed out')
     assert drv.get_volume_stats(refresh=True)['backend_state'] == 'down'
+
+
+@pytest.mark.parametrize('error', [fakes.rbd.PermissionError('denied'),
+                                   fakes.rados.TimedOut('timed out')])
+def test_get_volume_stats_binding_errors_report_down(drv, fake_ceph, error):
+    with mock.patch.object(fakes.FakeRBD, 'pool_stats_get',
+                           side_effect=error):
+        stats = drv.get_volume_stats(refresh=True)
+    assert stats['backend_state'] == 'down'
 
 
 def test_get_volume_stats_pool_missing_from_df(drv, fake_ceph):

@@ -21,9 +21,9 @@ from cinder import exception
 from oslo_config import cfg
 from oslo_utils import units
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import driver
+from tests.unit import fakes
 from thunder_common import locations
 from thunder_common import rbd_layout
 
@@ -424,7 +424,9 @@ def test_copy_image_to_volume(drv, fake_ceph, conversion_dir):
     assert os.path.dirname(seen['dest']) == str(conversion_dir)
     assert os.path.basename(seen['dest']).startswith('thunder-')
     assert not os.path.exists(seen['dest'])  # cleaned up
-    assert seen['kwargs'] == {'size': 1, 'disable_sparse': False}
+    # The temporary file is cinder-volume's own: no root needed.
+    assert seen['kwargs'] == {'size': 1, 'disable_sparse': False,
+                              'run_as_root': False}
     assert seen['blocksize'] == drv.configuration.volume_dd_blocksize
     assert state.extents == {0: content}  # a single 4 MiB chunk, written
 
@@ -463,8 +465,8 @@ def test_copy_volume_to_image(drv, fake_ceph, conversion_dir):
     state.extents[units.Mi] = b'data'
     uploaded = {}
 
-    def upload(context, image_service, image_meta, path, vol):
-        uploaded.update(path=path, meta=image_meta, vol=vol)
+    def upload(context, image_service, image_meta, path, vol, **kwargs):
+        uploaded.update(path=path, meta=image_meta, vol=vol, kwargs=kwargs)
         with open(path, 'rb') as f:
             uploaded['content'] = f.read()
 
@@ -472,6 +474,7 @@ def test_copy_volume_to_image(drv, fake_ceph, conversion_dir):
                            side_effect=upload):
         drv.copy_volume_to_image('ctx', volume, 'svc', {'id': 'img-9'})
     assert uploaded['vol'] is volume and uploaded['meta'] == {'id': 'img-9'}
+    assert uploaded['kwargs'] == {'run_as_root': False}
     assert uploaded['content'] == (bytes(units.Mi) + b'data' +
                                    bytes(2 * units.Mi - 4))
     assert os.path.dirname(uploaded['path']) == str(conversion_dir)

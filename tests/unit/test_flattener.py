@@ -17,9 +17,9 @@ import time
 from unittest import mock
 
 import pytest
-from tests.unit import fakes
 
 from cinder_thunder_driver import flattener
+from tests.unit import fakes
 from thunder_common import rbd_layout
 
 SNAP = 'thunder-clone-0000000000000001'

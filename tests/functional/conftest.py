@@ -20,33 +20,19 @@ the ceph.conf of a running cluster to use that one instead (its
 
 import os
 import shutil
-import sys
 import tempfile
-import uuid
 
-from cinder.volume import configuration
-from cinder.volume import driver as volume_driver
 from oslo_config import cfg
 import pytest
 
-from cinder_thunder_driver import driver
-from cinder_thunder_driver import options
+from thunder_stack import standalone
 
 BACKEND = 'thunder_functional'
 
 
 @pytest.fixture(scope='session', autouse=True)
 def privsep_helper():
-    """Run Cinder's privileged helper from this virtualenv.
-
-    By default it is started as ``sudo privsep-helper``, which looks the
-    helper up in sudo's secure PATH, outside the virtualenv. The tests run
-    as root, so the venv's helper is started directly.
-    """
-    import cinder.privsep  # noqa: F401 (registers the option group)
-    helper = os.path.join(os.path.dirname(sys.executable), 'privsep-helper')
-    cfg.CONF.set_override('helper_command', helper,
-                          group='cinder_sys_admin')
+    standalone.use_local_privsep_helper()
     yield
     cfg.CONF.clear_override('helper_command', group='cinder_sys_admin')
 
@@ -73,15 +59,6 @@ def ceph():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def make_configuration(**overrides):
-    conf = configuration.Configuration(volume_driver.volume_opts,
-                                       config_group=BACKEND)
-    conf.append_config_values(options.thunder_opts)
-    for name, value in overrides.items():
-        cfg.CONF.set_override(name, value, group=BACKEND)
-    return conf
-
-
 @pytest.fixture
 def make_driver(ceph):
     """Build set-up ThunderDriver instances; all are shut down after."""
@@ -91,18 +68,14 @@ def make_driver(ceph):
         overrides.setdefault('thunder_rbd_ceph_conf', ceph)
         overrides.setdefault('thunder_rbd_pool', 'volumes')
         overrides.setdefault('thunder_rados_connect_timeout', 5)
-        drv = driver.ThunderDriver(configuration=make_configuration(
-            **overrides))
+        drv = standalone.make_driver(BACKEND, **overrides)
         built.append(drv)
-        drv.do_setup(None)
-        drv.check_for_setup_error()
         return drv
 
     yield build
     for drv in built:
         drv.stop_background_work(timeout=120)
-    for name in list(options.thunder_opts):
-        cfg.CONF.clear_override(name.name, group=BACKEND)
+    standalone.clear_configuration(BACKEND)
 
 
 @pytest.fixture
@@ -124,23 +97,3 @@ def _all_images(drv):
         trashed = ['trash:' + t['name']
                    for t in drv.cluster.rbd().trash_list(ioctx)]
     return names + trashed
-
-
-class Volume(object):
-    """The attributes of a Cinder volume the driver reads."""
-
-    def __init__(self, size=1, multiattach=False, volume_type=None):
-        self.id = str(uuid.uuid4())
-        self.name = 'volume-%s' % self.id
-        self.size = size
-        self.multiattach = multiattach
-        self.volume_type = volume_type
-        self.encryption_key_id = None
-
-
-class Snapshot(object):
-    def __init__(self, volume):
-        self.id = str(uuid.uuid4())
-        self.name = 'snapshot-%s' % self.id
-        self.volume_name = volume.name
-        self.volume_size = volume.size

@@ -109,25 +109,33 @@ def full_copy(drv, images, meta, size_gb, made):
 def run(drv, images, sizes, repeat, count, copy_sizes):
     made, rows = [], []
     try:
-        base = None
+        sources = []
         for size_gb in sizes:
             print('.. %d GiB image-volume: writing' % size_gb,
                   file=sys.stderr)
             image, meta, location = make_image(drv, images, size_gb)
             made.append(image)
-            clone_times = [clone(drv, meta, location, size_gb, made)
-                           for _ in range(repeat)]
-            copy_time = None
+            sources.append((size_gb, meta, location))
+        copies = {}
+        for size_gb, meta, _ in sources:
             if size_gb in copy_sizes:
                 print('.. %d GiB image-volume: full copy' % size_gb,
                       file=sys.stderr)
-                copy_time = full_copy(drv, images, meta, size_gb, made)
-            rows.append((size_gb, statistics.median(clone_times),
-                         max(clone_times), copy_time))
-            base = base or (image, meta, location, size_gb)
+                copies[size_gb] = full_copy(drv, images, meta, size_gb, made)
+        # Clones of the different sizes interleaved, so that whatever else
+        # the machine does weighs on all sizes alike.
+        print('.. clones', file=sys.stderr)
+        clone_times = {size_gb: [] for size_gb in sizes}
+        for _ in range(repeat):
+            for size_gb, meta, location in sources:
+                clone_times[size_gb].append(
+                    clone(drv, meta, location, size_gb, made))
+        rows = [(size_gb, statistics.median(clone_times[size_gb]),
+                 max(clone_times[size_gb]), copies.get(size_gb))
+                for size_gb in sizes]
 
         print('.. %d volumes from one image' % count, file=sys.stderr)
-        image, meta, location, size_gb = base
+        size_gb, meta, location = sources[0]
         many = [clone(drv, meta, location, size_gb, made)
                 for _ in range(count)]
     finally:

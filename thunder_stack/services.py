@@ -1,0 +1,232 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Processes of the local stack: started in their own session, stopped by PID.
+
+Each service is one command line run in the foreground of a new session
+(so its process group is its own), with its output in ``log/NAME.log`` and
+its PID in ``run/NAME.pid``. A PID is trusted only while the process's
+command line still contains the marker the service was started with (the
+stack directory, normally), so a reused PID is never signalled.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, or died."""
+
+
+class Service(object):
+    """One long-running process of the stack.
+
+    :param name: short name (file names, ``status``).
+    :param argv: command line.
+    :param root: the stack directory (pid and log files under it).
+    :param port: TCP port on 127.0.0.1 it listens on, if any.
+    :param health: callable returning None when healthy, else a reason.
+    :param env: extra environment.
+    :param marker: string that must appear in the process's command line
+        (default: ``root``).
+    """
+
+    def __init__(self, name, argv, root, port=None, health=None, env=None,
+                 marker=None, cwd=None):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.root = root
+        self.port = port
+        self.health = health or (lambda: None if port is None
+                                 else port_reason(port))
+        self.env = env or {}
+        self.marker = marker or root
+        self.cwd = cwd or root
+        self.pid_file = os.path.join(root, 'run', '%s.pid' % name)
+        self.log_file = os.path.join(root, 'log', '%s.log' % name)
+
+    def pid(self):
+        """PID if the recorded process is alive and still ours, else None."""
+        try:
+            with open(self.pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                cmdline = f.read().replace(b'\0', b' ')
+            with open('/proc/%d/stat' % pid) as f:
+                state = f.read().rsplit(')', 1)[1].split()[0]
+        except OSError:
+            return None
+        if state == 'Z' or self.marker.encode() not in cmdline:
+            return None
+        return pid
+
+    def start(self):
+        """Start the process unless it runs already; returns its PID."""
+        pid = self.pid()
+        if pid:
+            return pid
+        os.makedirs(os.path.dirname(self.pid_file), exist_ok=True)
+        os.makedirs(os.path.dirname(self.log_file), exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.env)
+        log = open(self.log_file, 'ab')
+        try:
+            log.write(('\n==== %s: %s\n' % (time.strftime('%F %T'),
+                                            ' '.join(self.argv))).encode())
+            log.flush()
+            proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, env=env,
+                                    cwd=self.cwd, start_new_session=True,
+                                    close_fds=True)
+        except FileNotFoundError as e:
+            raise ServiceError('%s: cannot run %s: %s'
+                               % (self.name, self.argv[0], e))
+        finally:
+            log.close()
+        with open(self.pid_file, 'w') as f:
+            f.write('%d\n' % proc.pid)
+        # Until the child has exec'd, its command line is still ours.
+        deadline = time.monotonic() + 10
+        while self.pid() is None and proc.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        return proc.pid
+
+    def wait_healthy(self, timeout):
+        """Wait until ``health()`` passes; ServiceError if it dies first."""
+        deadline = time.monotonic() + timeout
+        reason = 'not checked'
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                raise ServiceError('%s exited; see %s:\n%s' % (
+                    self.name, self.log_file, tail(self.log_file)))
+            reason = self.health()
+            if reason is None:
+                return
+            time.sleep(0.5)
+        raise ServiceError('%s not healthy after %ss (%s); see %s:\n%s' % (
+            self.name, timeout, reason, self.log_file, tail(self.log_file)))
+
+    def stop(self, timeout=30):
+        """SIGTERM the process group, SIGKILL after ``timeout``; idempotent.
+        """
+        pid = self.pid()
+        if pid is not None:
+            terminate(pid, timeout)
+        if os.path.exists(self.pid_file):
+            os.unlink(self.pid_file)
+
+    def status(self):
+        pid = self.pid()
+        info = {'name': self.name, 'pid': pid, 'port': self.port,
+                'state': 'stopped', 'log': self.log_file}
+        if pid is not None:
+            reason = self.health()
+            info['state'] = 'ok' if reason is None else 'unhealthy'
+            if reason:
+                info['reason'] = reason
+        return info
+
+
+def terminate(pid, timeout):
+    """End the process group led by ``pid`` (our own session), then wait."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM
+                                       else 10)
+        while time.monotonic() < deadline:
+            if not _group_alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def _group_alive(pgid):
+    try:
+        os.waitpid(-pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Only zombies left?
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != 'Z':
+            return True
+    return False
+
+
+def port_open(port, host='127.0.0.1'):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+def port_reason(port):
+    return None if port_open(port) else 'port %d closed' % port
+
+
+def http_reason(url, ok=(200, 300)):
+    """None if ``url`` answers with one of the ``ok`` statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        return '%s: %s' % (url, getattr(e, 'reason', e))
+    return None if status in ok else '%s answered %d' % (url, status)
+
+
+def free_port(preferred=None):
+    """``preferred`` if nothing listens there, else a free port."""
+    if preferred and not port_open(preferred):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(('127.0.0.1', preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def tail(path, lines=15):
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
+    return '\n'.join(text.splitlines()[-lines:])

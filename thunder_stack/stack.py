@@ -1,0 +1,836 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The local stack: real OpenStack services and Ceph on 127.0.0.1.
+
+``tools/thunder-stack up|demo|status|down`` runs this module. ``up``
+installs what is missing (Debian packages with apt-get, the services into a
+virtualenv with pip) and starts, each as a process of its own stopped by
+PID: MariaDB, RabbitMQ, a single-node Ceph (BlueStore, so data survives a
+restart), Keystone and Glance under uWSGI, Cinder's API, scheduler and
+volume services. Cinder has two backends, ``thunder`` (ThunderDriver) and
+``rbd`` (Cinder's RBDDriver, on another pool) with a volume type each;
+Glance has the upstream ``rbd`` store and, once the thunder store exists,
+the ``thunder`` store. The VMThunder parts of cinder.conf and
+glance-api.conf are written by ``devstack/lib/thunder``, the devstack
+plugin's own functions, sourced with a small iniset shim.
+
+Everything (virtualenv, configuration, data, logs, PID files) lives in one
+directory: ``.stack/`` in the checkout, or ``$THUNDER_STACK_DIR``.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+from thunder_stack import ceph as ceph_mod
+from thunder_stack import ini
+from thunder_stack import services as svc
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+APT_PACKAGES = ('mariadb-server', 'rabbitmq-server', 'ceph-mon', 'ceph-osd',
+                'ceph-mgr', 'ceph-common', 'python3-rados', 'python3-rbd',
+                'qemu-utils')
+PIP_PACKAGES = ('cinder==29.0.0', 'glance==33.0.0', 'keystone==30.0.0',
+                'glance-store>=5.7,<6', 'os-brick>=7.1', 'python-cinderclient',
+                'python-glanceclient', 'python-openstackclient', 'uwsgi',
+                'PyMySQL')
+DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
+                 'rabbit_dist': 16673, 'ceph': 16789, 'keystone': 16500,
+                 'glance': 16292, 'cinder': 16776}
+POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images'}
+THUNDER_BACKEND = 'thunder'
+RBD_BACKEND = 'rbd'
+CEPH_SIZE_GIB = int(os.environ.get('THUNDER_STACK_CEPH_GIB', '40'))
+
+
+def log(msg):
+    print('thunder-stack: %s' % msg, flush=True)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def stack_dir():
+    return os.path.abspath(os.environ.get('THUNDER_STACK_DIR') or
+                           os.path.join(CHECKOUT, '.stack'))
+
+
+def run(cmd, env=None, timeout=900, check=True, quiet=False, cwd=None):
+    """Run a command; StackError with its output's tail if it fails."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run([str(c) for c in cmd], capture_output=True,
+                            text=True, env=full_env, timeout=timeout,
+                            cwd=cwd or CHECKOUT)
+    if check and result.returncode:
+        raise StackError('%s failed (%d):\n%s' % (
+            ' '.join(str(c) for c in cmd), result.returncode,
+            (result.stdout + result.stderr)[-3000:]))
+    if not quiet and result.returncode == 0:
+        pass
+    return result
+
+
+class Stack(object):
+
+    def __init__(self, root=None):
+        self.root = root or stack_dir()
+        self.venv = os.path.join(self.root, 'venv')
+        self.python = os.path.join(self.venv, 'bin', 'python')
+        self.etc = os.path.join(self.root, 'etc')
+        self.data = os.path.join(self.root, 'data')
+        self.state_file = os.path.join(self.root, 'state.json')
+        self.state = self._load_state()
+
+    # -- state ------------------------------------------------------------
+
+    def _load_state(self):
+        try:
+            with open(self.state_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self):
+        os.makedirs(self.root, exist_ok=True)
+        tmp = self.state_file + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(self.state, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.state_file)
+
+    def _init_state(self):
+        """Ports and password, chosen once and then kept."""
+        changed = False
+        if 'password' not in self.state:
+            self.state['password'] = 'thunder-' + secrets.token_hex(6)
+            changed = True
+        ports = self.state.setdefault('ports', {})
+        taken = set()
+        for name, preferred in DEFAULT_PORTS.items():
+            env = os.environ.get('THUNDER_STACK_PORT_%s' % name.upper())
+            if env:
+                ports[name] = int(env)
+                changed = True
+            if name not in ports:
+                port = svc.free_port(preferred)
+                while port in taken:
+                    port = svc.free_port()
+                ports[name] = port
+                changed = True
+            taken.add(ports[name])
+        if changed:
+            self._save_state()
+
+    @property
+    def ports(self):
+        return self.state['ports']
+
+    @property
+    def password(self):
+        return self.state['password']
+
+    def url(self, name):
+        return 'http://127.0.0.1:%d' % self.ports[name]
+
+    @property
+    def auth_url(self):
+        return self.url('keystone') + '/v3'
+
+    def db_url(self, name):
+        return 'mysql+pymysql://root:%s@127.0.0.1:%d/%s?charset=utf8' % (
+            self.password, self.ports['mysql'], name)
+
+    @property
+    def transport_url(self):
+        return 'rabbit://guest:guest@127.0.0.1:%d/' % self.ports['amqp']
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    # -- installation -----------------------------------------------------
+
+    def install(self):
+        self._install_apt()
+        self._install_venv()
+
+    def _install_apt(self):
+        missing = [p for p in APT_PACKAGES if not _dpkg_installed(p)]
+        if not missing:
+            return
+        log('installing Debian packages: %s' % ' '.join(missing))
+        sudo = [] if os.geteuid() == 0 else ['sudo']
+        run(sudo + ['apt-get', 'update', '-qq'])
+        # policy-rc.d: do not let the packages start system-wide daemons;
+        # the stack runs its own MariaDB and RabbitMQ.
+        policy = '/usr/sbin/policy-rc.d'
+        made_policy = False
+        if not os.path.exists(policy) and os.geteuid() == 0:
+            with open(policy, 'w') as f:
+                f.write('#!/bin/sh\nexit 101\n')
+            os.chmod(policy, 0o755)
+            made_policy = True
+        try:
+            run(sudo + ['apt-get', 'install', '-y', '-qq',
+                        '--no-install-recommends'] + missing,
+                env={'DEBIAN_FRONTEND': 'noninteractive'}, timeout=1800)
+        finally:
+            if made_policy:
+                os.unlink(policy)
+
+    def _install_venv(self):
+        marker = self.path('venv', '.thunder-installed')
+        wanted = json.dumps({'pip': PIP_PACKAGES,
+                             'setup.cfg': _read(os.path.join(
+                                 CHECKOUT, 'setup.cfg'))})
+        if _read(marker) == wanted and os.path.exists(self.python):
+            return
+        if not os.path.exists(self.python):
+            base = os.environ.get('THUNDER_STACK_PYTHON') or shutil.which(
+                'python3.11') or sys.executable
+            log('creating the virtualenv %s with %s' % (self.venv, base))
+            run([base, '-m', 'venv', self.venv])
+        pip = [self.python, '-m', 'pip', 'install', '-q']
+        log('installing OpenStack services into %s (pip, a few minutes '
+            'the first time)' % self.venv)
+        run(pip + list(PIP_PACKAGES), timeout=3600)
+        run(pip + ['--no-deps', '-e', CHECKOUT], timeout=600)
+        run([os.path.join(CHECKOUT, 'tools', 'link-ceph-bindings'),
+             self.python])
+        with open(marker, 'w') as f:
+            f.write(wanted)
+
+    # -- services ---------------------------------------------------------
+
+    def services(self):
+        """Every long-running process, in start order (Ceph apart)."""
+        p = self.ports
+        bin_ = os.path.join(self.venv, 'bin')
+        rabbit_env = {
+            'RABBITMQ_NODENAME': 'thunder@localhost',
+            'RABBITMQ_NODE_IP_ADDRESS': '127.0.0.1',
+            'RABBITMQ_NODE_PORT': str(p['amqp']),
+            'RABBITMQ_DIST_PORT': str(p['rabbit_dist']),
+            'RABBITMQ_MNESIA_BASE': self.path('data', 'rabbitmq', 'mnesia'),
+            'RABBITMQ_LOG_BASE': self.path('log', 'rabbitmq'),
+            'RABBITMQ_CONFIG_FILE': self.path('etc', 'rabbitmq',
+                                              'rabbitmq'),
+            'RABBITMQ_ENABLED_PLUGINS_FILE': self.path(
+                'etc', 'rabbitmq', 'enabled_plugins'),
+            'RABBITMQ_PID_FILE': self.path('run', 'rabbitmq-beam.pid'),
+            'ERL_EPMD_PORT': str(p['epmd']),
+            'ERL_EPMD_ADDRESS': '127.0.0.1',
+            'HOME': self.path('data', 'rabbitmq'),
+        }
+        return [
+            svc.Service(
+                'mysql',
+                ['/usr/sbin/mariadbd', '--no-defaults',
+                 '--datadir=%s' % self.path('data', 'mysql'),
+                 '--socket=%s' % self.path('run', 'mysqld.sock'),
+                 '--port=%d' % p['mysql'], '--bind-address=127.0.0.1',
+                 '--user=root', '--skip-name-resolve',
+                 '--pid-file=%s' % self.path('run', 'mysqld-own.pid'),
+                 '--innodb-buffer-pool-size=256M',
+                 '--innodb-flush-log-at-trx-commit=2',
+                 '--max-connections=2000',
+                 '--log-error=%s' % self.path('log', 'mysqld-error.log')],
+                self.root, port=p['mysql']),
+            svc.Service('epmd', ['epmd', '-address', '127.0.0.1', '-port',
+                                 str(p['epmd'])], self.root,
+                        port=p['epmd'], marker='epmd'),
+            svc.Service('rabbitmq', [_rabbitmq_server()], self.root,
+                        port=p['amqp'], env=rabbit_env,
+                        marker='rabbitmq'),
+            svc.Service(
+                'keystone',
+                [os.path.join(bin_, 'uwsgi'), '--ini',
+                 self.path('etc', 'keystone', 'uwsgi.ini')],
+                self.root, port=p['keystone'],
+                health=lambda: svc.http_reason(self.auth_url)),
+            svc.Service(
+                'glance-api',
+                [os.path.join(bin_, 'uwsgi'), '--ini',
+                 self.path('etc', 'glance', 'uwsgi.ini')],
+                self.root, port=p['glance'],
+                health=lambda: svc.http_reason(self.url('glance') +
+                                               '/versions')),
+            svc.Service(
+                'cinder-api',
+                [os.path.join(bin_, 'cinder-api'), '--config-file',
+                 self.path('etc', 'cinder', 'cinder.conf'),
+                 '--log-file', self.path('log', 'cinder-api.log')],
+                self.root, port=p['cinder'],
+                health=lambda: svc.http_reason(self.url('cinder') + '/')),
+            svc.Service(
+                'cinder-scheduler',
+                [os.path.join(bin_, 'cinder-scheduler'), '--config-file',
+                 self.path('etc', 'cinder', 'cinder.conf'),
+                 '--log-file', self.path('log', 'cinder-scheduler.log')],
+                self.root),
+            svc.Service(
+                'cinder-volume',
+                [os.path.join(bin_, 'cinder-volume'), '--config-file',
+                 self.path('etc', 'cinder', 'cinder.conf'),
+                 '--log-file', self.path('log', 'cinder-volume.log')],
+                self.root),
+        ]
+
+    def service(self, name):
+        for s in self.services():
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def ceph(self):
+        return ceph_mod.LocalCeph(
+            self.path('data', 'ceph'), pools=tuple(POOLS.values()),
+            port=self.ports['ceph'], objectstore='bluestore',
+            size_gib=CEPH_SIZE_GIB)
+
+    @property
+    def ceph_conf(self):
+        return self.path('data', 'ceph', 'ceph.conf')
+
+    # -- up ---------------------------------------------------------------
+
+    def up(self):
+        started = time.monotonic()
+        for sub in ('etc', 'log', 'run', 'data'):
+            os.makedirs(self.path(sub), exist_ok=True)
+        self.install()
+        self._init_state()
+        self._mysql()
+        self._rabbitmq()
+        log('starting Ceph (BlueStore in %s)' % self.path('data', 'ceph'))
+        self.ceph().start(timeout=300)
+        self._keystone()
+        self._write_cinder_conf()
+        self._write_glance_conf()
+        self._glance()
+        self._cinder()
+        self._write_openrc()
+        log('stack up in %.0f s; credentials in %s'
+            % (time.monotonic() - started, self.path('openrc')))
+
+    def _start(self, name, timeout=120):
+        service = self.service(name)
+        if service.pid() is None:
+            log('starting %s' % name)
+        service.start()
+        service.wait_healthy(timeout)
+        return service
+
+    def _mysql(self):
+        datadir = self.path('data', 'mysql')
+        if not os.path.exists(os.path.join(datadir, 'mysql')):
+            log('creating the MariaDB data directory')
+            run(['mariadb-install-db', '--no-defaults',
+                 '--datadir=%s' % datadir, '--user=root',
+                 '--auth-root-authentication-method=normal',
+                 '--skip-test-db'])
+        self._start('mysql', timeout=60)
+        sql = ["ALTER USER 'root'@'localhost' IDENTIFIED BY '{pw}'",
+               "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' "
+               "IDENTIFIED BY '{pw}'",
+               "ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{pw}'",
+               "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION"]
+        for db in ('keystone', 'glance', 'cinder'):
+            sql.append('CREATE DATABASE IF NOT EXISTS %s CHARACTER SET '
+                       'utf8mb4' % db)
+        statement = ';'.join(sql).format(pw=self.password)
+        base = ['mariadb', '--no-defaults',
+                '--socket=%s' % self.path('run', 'mysqld.sock'), '-uroot']
+        result = run(base + ['-p' + self.password, '-e', statement],
+                     check=False)
+        if result.returncode:
+            run(base + ['-e', statement])
+
+    def _rabbitmq(self):
+        os.makedirs(self.path('etc', 'rabbitmq'), exist_ok=True)
+        os.makedirs(self.path('data', 'rabbitmq'), exist_ok=True)
+        with open(self.path('etc', 'rabbitmq', 'rabbitmq.conf'), 'w') as f:
+            f.write('listeners.tcp.default = 127.0.0.1:%d\n'
+                    'loopback_users.guest = true\n'
+                    'log.console = true\nlog.file = false\n'
+                    'disk_free_limit.absolute = 100MB\n'
+                    % self.ports['amqp'])
+        with open(self.path('etc', 'rabbitmq', 'enabled_plugins'), 'w') as f:
+            f.write('[].\n')
+        self._start('epmd', timeout=30)
+        self._start('rabbitmq', timeout=120)
+
+    # -- Keystone ---------------------------------------------------------
+
+    def _keystone(self):
+        etc = self.path('etc', 'keystone')
+        conf = os.path.join(etc, 'keystone.conf')
+        ini.write(conf, {
+            'DEFAULT': {'log_file': self.path('log', 'keystone-app.log')},
+            'database': {'connection': self.db_url('keystone')},
+            'token': {'provider': 'fernet'},
+            'fernet_tokens': {'key_repository': os.path.join(
+                etc, 'fernet-keys')},
+            'fernet_receipts': {'key_repository': os.path.join(
+                etc, 'fernet-keys')},
+            'credential': {'key_repository': os.path.join(
+                etc, 'credential-keys')},
+        })
+        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': _uwsgi(
+            'keystone.wsgi.api:application', self.ports['keystone'],
+            processes=2,
+            env='OS_KEYSTONE_CONFIG_FILES=%s' % conf)})
+        manage = [os.path.join(self.venv, 'bin', 'keystone-manage'),
+                  '--config-file', conf]
+        marker = self.path('data', 'keystone-bootstrapped')
+        if not os.path.exists(marker):
+            log('creating the Keystone database')
+            run(manage + ['db_sync'])
+            for what in ('fernet_setup', 'credential_setup'):
+                run(manage + [what, '--keystone-user', 'root',
+                              '--keystone-group', 'root'])
+            run(manage + ['bootstrap', '--bootstrap-password',
+                          self.password,
+                          '--bootstrap-admin-url', self.auth_url,
+                          '--bootstrap-internal-url', self.auth_url,
+                          '--bootstrap-public-url', self.auth_url,
+                          '--bootstrap-region-id', 'RegionOne'])
+        self._restart_if_config_changed(
+            'keystone', [conf, os.path.join(etc, 'uwsgi.ini')])
+        self._start('keystone', timeout=90)
+        if not os.path.exists(marker):
+            self._bootstrap('keystone')
+            with open(marker, 'w') as f:
+                f.write('ok\n')
+
+    def _settings_file(self):
+        path = self.path('etc', 'bootstrap.json')
+        settings = {
+            'auth_url': self.auth_url, 'password': self.password,
+            'glance_url': self.url('glance'),
+            'cinder_url': self.url('cinder'),
+            'volume_types': {THUNDER_BACKEND: THUNDER_BACKEND,
+                             RBD_BACKEND: RBD_BACKEND},
+        }
+        with open(path, 'w') as f:
+            json.dump(settings, f)
+        os.chmod(path, 0o600)
+        return path
+
+    def _bootstrap(self, what):
+        return run([self.python, '-m', 'thunder_stack.bootstrap', what,
+                    self._settings_file()]).stdout
+
+    # -- configuration through the devstack plugin -------------------------
+
+    def _devstack(self, *functions, env=None):
+        """Source devstack/settings and lib/thunder; call ``functions``."""
+        script = ['set -euo pipefail',
+                  'source thunder_stack/devstack-shim.sh',
+                  'source devstack/settings',
+                  'source devstack/lib/thunder']
+        script.extend(functions)
+        full_env = {
+            'THUNDER_PYTHON': sys.executable,
+            'PYTHONPATH': CHECKOUT,
+            'THUNDER_DIR': CHECKOUT,
+            'CINDER_CONF': self.path('etc', 'cinder', 'cinder.conf'),
+            'GLANCE_API_CONF': self.path('etc', 'glance', 'glance-api.conf'),
+            'THUNDER_CEPH_CONF': self.ceph_conf,
+            'THUNDER_RBD_POOL': POOLS['thunder'],
+            # The local Ceph runs without cephx: no user, no secret.
+            'THUNDER_RBD_USER': '',
+            'THUNDER_RBD_SECRET_UUID': '',
+            'THUNDER_CINDER_BACKEND': THUNDER_BACKEND,
+            'THUNDER_GLANCE_URL': self.url('glance'),
+            'THUNDER_STORE_AUTH_ADDRESS': self.auth_url,
+            'THUNDER_STORE_PASSWORD': self.password,
+            'GLANCE_ENABLE_MULTIPLE_STORES': 'True',
+            'THUNDER_GLANCE_DEFAULT': 'True',
+        }
+        full_env.update(env or {})
+        run(['bash', '-c', '\n'.join(script)], env=full_env)
+
+    def thunder_store_available(self):
+        if os.environ.get('THUNDER_STACK_THUNDER_STORE', '1') == '0':
+            return False
+        return os.path.exists(os.path.join(CHECKOUT, 'glance_thunder_store',
+                                           'store.py'))
+
+    def _write_cinder_conf(self):
+        conf = self.path('etc', 'cinder', 'cinder.conf')
+        paste = self.path('etc', 'cinder', 'api-paste.ini')
+        os.makedirs(os.path.dirname(conf), exist_ok=True)
+        shutil.copy(os.path.join(self.venv, 'etc', 'cinder',
+                                 'api-paste.ini'), paste)
+        state = self.path('data', 'cinder')
+        os.makedirs(os.path.join(state, 'conversion'), exist_ok=True)
+        ini.write(conf, {
+            'DEFAULT': {
+                'host': 'thunder-stack',
+                'my_ip': '127.0.0.1',
+                'state_path': state,
+                'api_paste_config': paste,
+                'osapi_volume_listen': '127.0.0.1',
+                'osapi_volume_listen_port': self.ports['cinder'],
+                'osapi_volume_workers': 2,
+                'transport_url': self.transport_url,
+                'auth_strategy': 'keystone',
+                'enabled_backends': '%s,%s' % (THUNDER_BACKEND,
+                                               RBD_BACKEND),
+                'default_volume_type': THUNDER_BACKEND,
+                'image_conversion_dir': os.path.join(state, 'conversion'),
+                'rootwrap_config': self.path('etc', 'cinder',
+                                             'rootwrap.conf'),
+                'debug': True,
+            },
+            'database': {'connection': self.db_url('cinder'),
+                         'max_pool_size': 20, 'max_overflow': 40},
+            'keystone_authtoken': self._authtoken('cinder'),
+            'oslo_concurrency': {'lock_path': os.path.join(state, 'locks')},
+            'oslo_messaging_rabbit': {'heartbeat_timeout_threshold': 0},
+            'cinder_sys_admin': {'helper_command': os.path.join(
+                self.venv, 'bin', 'privsep-helper')},
+            'privsep_osbrick': {'helper_command': os.path.join(
+                self.venv, 'bin', 'privsep-helper')},
+            RBD_BACKEND: {
+                'volume_backend_name': RBD_BACKEND,
+                'volume_driver': 'cinder.volume.drivers.rbd.RBDDriver',
+                'rbd_ceph_conf': self.ceph_conf,
+                'rbd_pool': POOLS['rbd'],
+                'rbd_flatten_volume_from_snapshot': False,
+                'rbd_max_clone_depth': 5,
+                'image_volume_cache_enabled': False,
+            },
+        })
+        self._devstack('configure_thunder_cinder_backend %s'
+                       % THUNDER_BACKEND, 'configure_thunder_cinder_glance')
+
+    def _authtoken(self, user):
+        return {'www_authenticate_uri': self.auth_url,
+                'auth_url': self.auth_url, 'auth_type': 'password',
+                'username': user, 'password': self.password,
+                'project_name': 'service', 'user_domain_name': 'Default',
+                'project_domain_name': 'Default',
+                'service_token_roles_required': True}
+
+    def _write_glance_conf(self):
+        etc = self.path('etc', 'glance')
+        conf = os.path.join(etc, 'glance-api.conf')
+        os.makedirs(etc, exist_ok=True)
+        paste = os.path.join(etc, 'glance-api-paste.ini')
+        shutil.copy(os.path.join(self.venv, 'etc', 'glance',
+                                 'glance-api-paste.ini'), paste)
+        data = self.path('data', 'glance')
+        for sub in ('staging', 'tasks', 'cache'):
+            os.makedirs(os.path.join(data, sub), exist_ok=True)
+        ini.write(conf, {
+            'DEFAULT': {
+                'enabled_backends': '%s:rbd' % RBD_BACKEND,
+                'worker_self_reference_url': self.url('glance'),
+                'log_file': self.path('log', 'glance-app.log'),
+                'debug': True,
+                'image_cache_dir': os.path.join(data, 'cache'),
+                'show_image_direct_url': True,
+            },
+            'database': {'connection': self.db_url('glance')},
+            'keystone_authtoken': self._authtoken('glance'),
+            'paste_deploy': {'flavor': 'keystone', 'config_file': paste},
+            'glance_store': {'default_backend': RBD_BACKEND},
+            RBD_BACKEND: {
+                'rbd_store_ceph_conf': self.ceph_conf,
+                'rbd_store_pool': POOLS['images'],
+                'rbd_store_user': 'admin',
+                'store_description': "glance_store's RBD store (upstream)",
+            },
+            'os_glance_staging_store': {
+                'filesystem_store_datadir': os.path.join(data, 'staging')},
+            'os_glance_tasks_store': {
+                'filesystem_store_datadir': os.path.join(data, 'tasks')},
+            'oslo_concurrency': {'lock_path': os.path.join(data, 'locks')},
+        })
+        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': _uwsgi(
+            'glance.wsgi.api:application', self.ports['glance'],
+            processes=2, env='OS_GLANCE_CONFIG_DIR=%s' % etc)})
+        if self.thunder_store_available():
+            self._devstack('configure_thunder_glance_store')
+        self.state['thunder_store'] = self.thunder_store_available()
+        self._save_state()
+
+    # -- Glance and Cinder ------------------------------------------------
+
+    def _glance(self):
+        conf = self.path('etc', 'glance', 'glance-api.conf')
+        marker = self.path('data', 'glance-db-synced')
+        if not os.path.exists(marker):
+            log('creating the Glance database')
+            run([os.path.join(self.venv, 'bin', 'glance-manage'),
+                 '--config-file', conf, 'db_sync'])
+            with open(marker, 'w') as f:
+                f.write('ok\n')
+        self._restart_if_config_changed(
+            'glance-api', [conf, self.path('etc', 'glance', 'uwsgi.ini')])
+        self._start('glance-api', timeout=120)
+
+    def _cinder(self):
+        conf = self.path('etc', 'cinder', 'cinder.conf')
+        marker = self.path('data', 'cinder-db-synced')
+        if not os.path.exists(marker):
+            log('creating the Cinder database')
+            run([os.path.join(self.venv, 'bin', 'cinder-manage'),
+                 '--config-file', conf, 'db', 'sync'])
+            with open(marker, 'w') as f:
+                f.write('ok\n')
+        for name in ('cinder-api', 'cinder-scheduler', 'cinder-volume'):
+            self._restart_if_config_changed(name, [conf])
+        self._start('cinder-api', timeout=120)
+        self._start('cinder-scheduler', timeout=30)
+        self._start('cinder-volume', timeout=30)
+        self._bootstrap('volume-types')
+        self._wait_volume_services()
+
+    def _restart_if_config_changed(self, name, files):
+        """Stop a running service whose configuration changed since start."""
+        digest = json.dumps([_read(f) for f in files])
+        key = 'config:%s' % name
+        service = self.service(name)
+        if service.pid() is not None and self.state.get(key) != digest:
+            log('configuration of %s changed: restarting it' % name)
+            service.stop()
+        self.state[key] = digest
+        self._save_state()
+
+    def _wait_volume_services(self, timeout=120):
+        wanted = {'cinder-scheduler@thunder-stack',
+                  'cinder-volume@thunder-stack@%s' % THUNDER_BACKEND,
+                  'cinder-volume@thunder-stack@%s' % RBD_BACKEND}
+        deadline = time.monotonic() + timeout
+        up = set()
+        while time.monotonic() < deadline:
+            for name in ('cinder-scheduler', 'cinder-volume'):
+                service = self.service(name)
+                if service.pid() is None:
+                    raise StackError('%s exited; see %s:\n%s' % (
+                        name, service.log_file, svc.tail(service.log_file)))
+            up = {'%s@%s' % (s['binary'], s['host'])
+                  for s in self.volume_services()
+                  if s['state'] == 'up' and s['status'] == 'enabled'}
+            if wanted <= up:
+                return
+            time.sleep(1)
+        raise StackError('Cinder services not up after %ds: %s up, %s '
+                         'wanted; see %s' % (timeout, sorted(up),
+                                             sorted(wanted),
+                                             self.path('log')))
+
+    def volume_services(self):
+        return json.loads(self._bootstrap('services'))
+
+    def openrc_env(self):
+        return {'OS_AUTH_URL': self.auth_url, 'OS_USERNAME': 'admin',
+                'OS_PASSWORD': self.password, 'OS_PROJECT_NAME': 'admin',
+                'OS_USER_DOMAIN_ID': 'default',
+                'OS_PROJECT_DOMAIN_ID': 'default',
+                'OS_IDENTITY_API_VERSION': '3',
+                'OS_REGION_NAME': 'RegionOne',
+                'OS_VOLUME_API_VERSION': '3.50',
+                'OS_IMAGE_API_VERSION': '2'}
+
+    def _write_openrc(self):
+        lines = ['# Source me: admin credentials of the local stack.']
+        for key, value in sorted(self.openrc_env().items()):
+            lines.append('export %s=%s' % (key, value))
+        lines.append('export PATH=%s:$PATH' % os.path.join(self.venv, 'bin'))
+        lines.append('export CEPH_CONF=%s' % self.ceph_conf)
+        with open(self.path('openrc'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        os.chmod(self.path('openrc'), 0o600)
+
+    # -- down and status --------------------------------------------------
+
+    def down(self):
+        for service in reversed(self.services()):
+            if service.pid() is not None:
+                log('stopping %s (pid %d)' % (service.name, service.pid()))
+            service.stop()
+        if 'ports' in self.state:
+            cluster = self.ceph()
+            if cluster.running():
+                log('stopping Ceph')
+            cluster.stop()
+
+    def status(self):
+        rows = []
+        if not self.state:
+            return rows
+        for service in self.services():
+            rows.append(service.status())
+        cluster = self.ceph()
+        running = cluster.running()
+        row = {'name': 'ceph', 'pid': None, 'port': self.ports['ceph'],
+               'state': 'stopped', 'log': cluster._path('log')}
+        if running:
+            pid = cluster._pid(running[0])
+            row['pid'] = pid
+            row['state'] = 'partial (%s)' % ','.join(running)
+            if len(running) == len(ceph_mod.DAEMONS):
+                try:
+                    health = cluster.ceph_json('health', timeout=10)
+                    row['state'] = 'ok' if health.get('status') in (
+                        'HEALTH_OK', 'HEALTH_WARN') else 'unhealthy'
+                    row['reason'] = health.get('status')
+                except ceph_mod.CephError as e:
+                    row['state'] = 'unhealthy'
+                    row['reason'] = str(e)[:80]
+        rows.insert(3, row)
+        if self.service('cinder-api').pid():
+            try:
+                for s in self.volume_services():
+                    if s['binary'] == 'cinder-volume':
+                        rows.append({'name': '  %s' % s['host'],
+                                     'pid': None, 'port': None,
+                                     'state': 'ok' if s['state'] == 'up'
+                                     else s['state']})
+            except StackError:
+                pass
+        return rows
+
+    def is_up(self):
+        rows = self.status()
+        return bool(rows) and all(r['state'] == 'ok' for r in rows)
+
+
+def _uwsgi(module, port, processes, env):
+    options = {
+        'module': module,
+        'http-socket': '127.0.0.1:%d' % port,
+        'processes': processes,
+        'threads': 4,
+        'master': True,
+        'die-on-term': True,
+        'exit-on-reload': False,
+        'hook-master-start': 'unix_signal:15 gracefully_kill_them_all',
+        'worker-reload-mercy': 30,
+        'enable-threads': True,
+        'thunder-lock': True,
+        'buffer-size': 65535,
+        'add-header': 'Connection: close',
+        'lazy-apps': True,
+        'http-raw-body': True,
+        'http-chunked-input': True,
+        'http-auto-chunked': True,
+        'http-keepalive': False,
+        'socket-timeout': 300,
+        # glanceclient uploads with chunked transfer encoding.
+        'chunked-input-limit': 20971520,
+        'chunked-input-timeout': 300,
+        'env': env,
+        'need-app': True,
+    }
+    return {k: (str(v).lower() if isinstance(v, bool) else v)
+            for k, v in options.items()}
+
+
+def _rabbitmq_server():
+    base = '/usr/lib/rabbitmq/lib'
+    if os.path.isdir(base):
+        for entry in sorted(os.listdir(base), reverse=True):
+            path = os.path.join(base, entry, 'sbin', 'rabbitmq-server')
+            if os.path.exists(path):
+                return path
+    return '/usr/lib/rabbitmq/bin/rabbitmq-server'
+
+
+def _dpkg_installed(package):
+    result = subprocess.run(['dpkg-query', '-W', '-f=${Status}', package],
+                            capture_output=True, text=True)
+    return 'install ok installed' in result.stdout
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def print_status(rows):
+    if not rows:
+        print('thunder-stack: no stack in %s' % stack_dir())
+        return
+    print('%-24s %-8s %-7s %-10s %s' % ('SERVICE', 'PID', 'PORT', 'STATE',
+                                        'DETAIL'))
+    for r in rows:
+        print('%-24s %-8s %-7s %-10s %s' % (
+            r['name'], r['pid'] or '-', r['port'] or '-', r['state'],
+            r.get('reason', '')))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='tools/thunder-stack',
+        description='Real Keystone, Glance, Cinder, RabbitMQ, MariaDB and '
+                    'Ceph on 127.0.0.1, kept in one directory (%s).'
+                    % stack_dir())
+    sub = parser.add_subparsers(dest='command', required=True)
+    sub.add_parser('up', help='install what is missing and start '
+                              'everything (idempotent)')
+    sub.add_parser('down', help='stop every service by PID')
+    sub.add_parser('status', help='each service with its PID, port and '
+                                  'health')
+    demo = sub.add_parser('demo', help='up, then create many volumes from '
+                                       'one image with thunder and with '
+                                       'upstream; print the timings')
+    demo.add_argument('--volumes', '-n', type=int, default=10,
+                      help='volumes to create from the image (default 10)')
+    demo.add_argument('--image-size-mib', type=int, default=1024,
+                      help='size of the raw image (default 1024 MiB)')
+    demo.add_argument('--flows', default='thunder,upstream',
+                      help='comma-separated flows: thunder, upstream')
+    demo.add_argument('--keep', action='store_true',
+                      help='keep the demo volumes and images')
+    demo.add_argument('--timeout', type=int, default=900,
+                      help='seconds to wait for the volumes')
+    demo.add_argument('--json', help='also write the results to this file')
+    args = parser.parse_args(argv)
+    stack = Stack()
+    try:
+        if args.command == 'up':
+            stack.up()
+            print_status(stack.status())
+        elif args.command == 'down':
+            stack.down()
+        elif args.command == 'status':
+            rows = stack.status()
+            print_status(rows)
+            return 0 if rows and all(r['state'] == 'ok' for r in rows) else 3
+        elif args.command == 'demo':
+            from thunder_stack import demo as demo_mod
+            if not stack.is_up():
+                stack.up()
+            return demo_mod.run_demo(stack, args)
+    except (StackError, svc.ServiceError, ceph_mod.CephError) as e:
+        print('thunder-stack: error: %s' % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -125,8 +125,7 @@ class Service(object):
             self.name, timeout, reason, self.log_file, tail(self.log_file)))
 
     def stop(self, timeout=30):
-        """SIGTERM the process group, SIGKILL after ``timeout``; idempotent.
-        """
+        """SIGTERM the process group, then SIGKILL; idempotent."""
         pid = self.pid()
         if pid is not None:
             terminate(pid, timeout)

@@ -1,0 +1,315 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""``tools/thunder-stack demo``: many volumes from one image, timed.
+
+For each flow, the demo uploads one raw image with the real CLI
+(``glance image-create --store``), creates N volumes from it at once (N
+``cinder create --image-id`` processes started together), waits until all
+are available and measures: the upload, each volume's time from its
+request to ``available``, the total, and the bytes each new volume owns in
+Ceph (``rbd du``: a copy-on-write clone owns none). Flows:
+
+``thunder``
+    The thunder Glance store and ThunderDriver (the ``thunder`` volume
+    type). Without the thunder store (not written yet), the image goes to
+    Glance's rbd store and ThunderDriver clones its ``rbd://`` location.
+``upstream``
+    glance_store's rbd store and Cinder's RBDDriver (the ``rbd`` type).
+"""
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import time
+import urllib.request
+import uuid
+
+from thunder_stack import stack as stack_mod
+
+FLOWS = {
+    'thunder': {'store': 'thunder', 'type': 'thunder', 'pool': 'thunder'},
+    'upstream': {'store': 'rbd', 'type': 'rbd', 'pool': 'volumes'},
+}
+BLOCK = 4 * 1024 * 1024
+
+
+def make_image(path, size_mib, seed=20140417):
+    """A raw image with real-ish content: data blocks with some holes."""
+    if os.path.exists(path) and os.path.getsize(path) == size_mib * 2 ** 20:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        remaining = size_mib * 2 ** 20
+        index = 0
+        while remaining:
+            n = min(BLOCK, remaining)
+            if index % 4 == 3:
+                f.seek(n, os.SEEK_CUR)  # a hole, as unused disk space is
+            else:
+                f.write(rng.randbytes(n))
+            remaining -= n
+            index += 1
+        f.truncate()
+    os.replace(tmp, path)
+    return path
+
+
+class Api(object):
+    """Just enough of Keystone and Cinder over HTTP to poll cheaply."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        body = {'auth': {
+            'identity': {'methods': ['password'], 'password': {'user': {
+                'name': 'admin', 'domain': {'id': 'default'},
+                'password': stack.password}}},
+            'scope': {'project': {'name': 'admin',
+                                  'domain': {'id': 'default'}}}}}
+        req = urllib.request.Request(
+            stack.auth_url + '/auth/tokens', data=json.dumps(body).encode(),
+            headers={'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            self.token = resp.headers['X-Subject-Token']
+            self.project = json.load(resp)['token']['project']['id']
+        self.cinder = '%s/v3/%s' % (stack.url('cinder'), self.project)
+
+    def get(self, path):
+        req = urllib.request.Request(self.cinder + path, headers={
+            'X-Auth-Token': self.token,
+            'OpenStack-API-Version': 'volume 3.50'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
+
+    def volumes(self, ids):
+        found = {}
+        for vol in self.get('/volumes/detail?all_tenants=1')['volumes']:
+            if vol['id'] in ids:
+                found[vol['id']] = vol
+        return found
+
+
+def cli(stack, *args, timeout=1800):
+    env = dict(os.environ)
+    env.update(stack.openrc_env())
+    env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
+    result = subprocess.run(list(args), capture_output=True, text=True,
+                            env=env, timeout=timeout)
+    if result.returncode:
+        raise stack_mod.StackError('%s failed (%d): %s' % (
+            ' '.join(args[:3]), result.returncode,
+            (result.stderr or result.stdout)[-2000:]))
+    return result.stdout
+
+
+def table_value(output, key):
+    """The value of ``key`` in a CLI's two-column table."""
+    match = re.search(r'^\|\s*%s\s*\|\s*(\S+)' % re.escape(key), output,
+                      re.MULTILINE)
+    if not match:
+        raise stack_mod.StackError('no %s in:\n%s' % (key, output[-1000:]))
+    return match.group(1)
+
+
+def rbd_json(stack, *args):
+    out = subprocess.run(['rbd', '-c', stack.ceph_conf, '--format', 'json']
+                         + list(args), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out or 'null')
+
+
+def own_bytes(stack, pool, name):
+    """Bytes the RBD image itself holds (a fresh clone holds none)."""
+    info = rbd_json(stack, 'du', '%s/%s' % (pool, name))
+    return sum(i['used_size'] for i in info['images']
+               if i['name'] == name and not i.get('snapshot'))
+
+
+def parent_of(stack, pool, name):
+    info = rbd_json(stack, 'info', '%s/%s' % (pool, name))
+    parent = info.get('parent')
+    if not parent:
+        return None
+    return '%s/%s@%s' % (parent['pool'], parent['image'], parent['snapshot'])
+
+
+def run_flow(stack, api, name, image_path, args):
+    flow = dict(FLOWS[name])
+    if name == 'thunder' and not stack.state.get('thunder_store'):
+        flow['store'] = 'rbd'
+        flow['note'] = 'thunder store not available: rbd store'
+    tag = 'thunder-demo-%s-%s' % (name, uuid.uuid4().hex[:6])
+    size_gib = max(1, int(math.ceil(args.image_size_mib / 1024.0)))
+    result = dict(flow, flow=name, volumes=args.volumes, error=None)
+    image_id = None
+    volume_ids = []
+    try:
+        t0 = time.monotonic()
+        out = cli(stack, 'glance', 'image-create', '--name', tag,
+                  '--disk-format', 'raw', '--container-format', 'bare',
+                  '--file', image_path, '--store', flow['store'])
+        result['upload_s'] = time.monotonic() - t0
+        image_id = table_value(out, 'id')
+        status = table_value(out, 'status')
+        if status != 'active':
+            raise stack_mod.StackError('image %s is %s after upload'
+                                       % (image_id, status))
+        procs = []
+        start = time.monotonic()
+        for i in range(args.volumes):
+            env = dict(os.environ, **stack.openrc_env())
+            env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
+            procs.append((time.monotonic(), subprocess.Popen(
+                ['cinder', 'create', '--image-id', image_id,
+                 '--volume-type', flow['type'], '--name',
+                 '%s-%02d' % (tag, i), str(size_gib)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=env)))
+        requested = {}
+        for sent, proc in procs:
+            out, err = proc.communicate(timeout=600)
+            if proc.returncode:
+                raise stack_mod.StackError('cinder create failed: %s'
+                                           % err[-1000:])
+            vid = table_value(out, 'id')
+            volume_ids.append(vid)
+            requested[vid] = sent
+        done = {}
+        deadline = start + args.timeout
+        while len(done) < len(volume_ids) and time.monotonic() < deadline:
+            now = time.monotonic()
+            for vid, vol in api.volumes(set(volume_ids)).items():
+                if vid in done:
+                    continue
+                if vol['status'] == 'available':
+                    done[vid] = now - requested[vid]
+                elif vol['status'] == 'error':
+                    raise stack_mod.StackError('volume %s went to error; '
+                                               'see %s' % (vid, stack.path(
+                                                   'log',
+                                                   'cinder-volume.log')))
+            time.sleep(0.25)
+        result['total_s'] = time.monotonic() - start
+        if len(done) < len(volume_ids):
+            raise stack_mod.StackError('%d of %d volumes not available '
+                                       'after %ss' % (
+                                           len(volume_ids) - len(done),
+                                           len(volume_ids), args.timeout))
+        times = list(done.values())
+        result['mean_s'] = sum(times) / len(times)
+        result['max_s'] = max(times)
+        copied = 0
+        parents = set()
+        clones = 0
+        for vid in volume_ids:
+            rbd_name = 'volume-%s' % vid
+            copied += own_bytes(stack, flow['pool'], rbd_name)
+            parent = parent_of(stack, flow['pool'], rbd_name)
+            if parent:
+                clones += 1
+                parents.add(parent)
+        result['bytes_copied'] = copied
+        result['clones'] = clones
+        result['parents'] = sorted(parents)
+    except (stack_mod.StackError, subprocess.SubprocessError) as e:
+        result['error'] = str(e)
+    finally:
+        if not args.keep:
+            _cleanup(stack, api, image_id, volume_ids)
+    return result
+
+
+def _cleanup(stack, api, image_id, volume_ids):
+    for vid in volume_ids:
+        try:
+            cli(stack, 'cinder', 'delete', vid)
+        except stack_mod.StackError:
+            pass
+    deadline = time.monotonic() + 300
+    while volume_ids and time.monotonic() < deadline:
+        if not api.volumes(set(volume_ids)):
+            break
+        time.sleep(1)
+    if image_id:
+        try:
+            cli(stack, 'glance', 'image-delete', image_id)
+        except stack_mod.StackError:
+            pass
+
+
+def human(n):
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024 or unit == 'GiB':
+            return ('%d %s' % (n, unit) if unit == 'B'
+                    else '%.1f %s' % (n, unit))
+        n /= 1024.0
+
+
+def print_table(results, args):
+    print()
+    print('%d volumes from one %d MiB raw image, created at once'
+          % (args.volumes, args.image_size_mib))
+    header = ('flow', 'glance store', 'volume type', 'upload s', 'MiB/s',
+              'vol mean s', 'vol max s', 'total s', 'bytes copied',
+              'CoW clones')
+    rows = []
+    for r in results:
+        if r.get('error') and 'total_s' not in r:
+            rows.append((r['flow'], r['store'], r['type'],
+                         '%.1f' % r['upload_s'] if 'upload_s' in r else '-',
+                         '-', '-', '-', '-', '-', 'FAILED'))
+            continue
+        rows.append((
+            r['flow'], r['store'], r['type'], '%.1f' % r['upload_s'],
+            '%.0f' % (args.image_size_mib / r['upload_s']),
+            '%.2f' % r.get('mean_s', float('nan')),
+            '%.2f' % r.get('max_s', float('nan')), '%.2f' % r['total_s'],
+            human(r.get('bytes_copied', 0)),
+            '%d/%d' % (r.get('clones', 0), r['volumes'])))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header,) + tuple(rows):
+        print('  '.join(str(x).ljust(w) for x, w in zip(row, widths)))
+    for r in results:
+        if r.get('note'):
+            print('note (%s): %s' % (r['flow'], r['note']))
+        if r.get('parents'):
+            print('%s: clones of %s' % (r['flow'], ', '.join(r['parents'])))
+        if r.get('error'):
+            print('error (%s): %s' % (r['flow'], r['error']))
+    print('vol mean/max: from each "cinder create" to "available" (client '
+          'start-up included); total: first request to last available.')
+    print('bytes copied: data the new volumes own in Ceph (rbd du).')
+
+
+def run_demo(stack, args):
+    image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
+                                  % args.image_size_mib),
+                       args.image_size_mib)
+    api = Api(stack)
+    results = []
+    for name in [f.strip() for f in args.flows.split(',') if f.strip()]:
+        if name not in FLOWS:
+            raise stack_mod.StackError('unknown flow %r (choose from %s)'
+                                       % (name, ', '.join(FLOWS)))
+        stack_mod.log('demo flow %s: uploading %d MiB, then %d volumes'
+                      % (name, args.image_size_mib, args.volumes))
+        results.append(run_flow(stack, api, name, image, args))
+    print_table(results, args)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+    return 1 if any(r.get('error') for r in results) else 0

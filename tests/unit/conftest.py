@@ -106,3 +106,11 @@ def drv(make_driver):
 @pytest.fixture
 def cluster(make_conf):
     return cluster_mod.Cluster(make_conf())
+
+
+# Fixtures of the thunder Glance store's tests.
+from tests.unit.store_fixtures import cinder  # noqa: E402,F401,I100,I202
+from tests.unit.store_fixtures import clock  # noqa: E402,F401
+from tests.unit.store_fixtures import memory  # noqa: E402,F401
+from tests.unit.store_fixtures import multi_store  # noqa: E402,F401
+from tests.unit.store_fixtures import store  # noqa: E402,F401

@@ -1,0 +1,285 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""One upload: an image streamed into a new image-volume, all or nothing.
+
+The volume is sized for the image and its manifest (or 1 GiB, grown a GiB
+at a time, when the size is unknown). The data is read in pieces of the
+write chunk size, so an upload holds about one piece in memory, and hashed
+on the way: md5 (Glance's checksum), the requested multihash, the signature
+verifier and the per-chunk manifest. The manifest follows the data at a
+1 MiB boundary. An RBD image-volume is then sealed (its protected clone
+snapshot taken), the volume's metadata marks it as the image's, and the
+volume is made read-only.
+
+Whatever fails, the volume is disconnected and deleted before the error
+leaves: exceptions of the caller's data stream and verifier propagate as
+they are (Glance maps them itself), storage failures become glance_store
+exceptions.
+"""
+
+import dataclasses
+import errno
+import math
+
+from glance_store.common import utils as store_utils
+from glance_store import exceptions
+from oslo_log import log as logging
+from oslo_utils import units
+
+from thunder_common import manifest as manifest_mod
+
+LOG = logging.getLogger(__name__)
+
+# Volume metadata keys Glance's and Cinder's conventions use.
+META_IMAGE_ID = 'glance_image_id'
+META_IMAGE_OWNER = 'image_owner'
+META_IMAGE_SIZE = 'image_size'
+# Volume metadata keys of this store.
+META_STORE = 'thunder_store'
+META_RBD_FSID = 'thunder_rbd_fsid'
+META_RBD_POOL = 'thunder_rbd_pool'
+META_RBD_IMAGE = 'thunder_rbd_image'
+META_RBD_SNAPSHOT = 'thunder_rbd_snapshot'
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def volume_name(image_id):
+    return 'image-%s' % image_id
+
+
+def gib_for(size_bytes):
+    return max(1, int(math.ceil(float(size_bytes) / units.Gi)))
+
+
+def is_storage_full(error):
+    """True for the errors of a full Ceph pool, quota or disk."""
+    if getattr(error, 'errno', None) in _FULL_ERRNOS:
+        return True
+    return type(error).__name__ in ('NoSpace', 'DiskQuotaExceeded')
+
+
+class _CallerError(Exception):
+    """Wraps an exception of the caller's stream or verifier."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclasses.dataclass
+class UploadResult:
+    volume_id: str
+    size: int
+    checksum: str
+    multihash: str
+    manifest: manifest_mod.Manifest
+    manifest_offset: int
+    rbd: object = None
+
+    def location_metadata(self):
+        """Manifest and RBD facts, as Glance location metadata (strings)."""
+        meta = self.manifest.metadata(self.manifest_offset)
+        if self.rbd is not None:
+            meta.update({META_RBD_FSID: self.rbd.fsid,
+                         META_RBD_POOL: self.rbd.pool,
+                         META_RBD_IMAGE: self.rbd.image,
+                         META_RBD_SNAPSHOT: self.rbd.snapshot})
+        return meta
+
+
+class ImageUpload(object):
+    """Write one image into a new image-volume (see the module doc)."""
+
+    def __init__(self, volumes, conf, image_id, image_file, image_size,
+                 hashing_algo, owner=None, verifier=None, store_name=None):
+        self.volumes = volumes
+        self.conf = conf
+        self.image_id = image_id
+        self.image_file = image_file
+        self.image_size = image_size or 0
+        self.owner = owner
+        self.verifier = verifier
+        self.store_name = store_name
+        self.write_chunk = conf.thunder_store_write_chunk_size * units.Mi
+        self.manifest_chunk = conf.thunder_store_manifest_chunk_size * 1024
+        self.md5 = store_utils.get_hasher('md5', False)
+        self.multihash = store_utils.get_hasher(hashing_algo, False)
+        self.builder = manifest_mod.ManifestBuilder(self.manifest_chunk)
+        self.written = 0
+        self.volume = None
+        self.attachment = None
+
+    # -- the whole upload ------------------------------------------------
+
+    def run(self):
+        self._refuse_duplicate()
+        needed = (manifest_mod.volume_bytes_needed(self.image_size,
+                                                   self.manifest_chunk)
+                  if self.image_size else 1)
+        metadata = {META_IMAGE_ID: self.image_id}
+        if self.owner:
+            metadata[META_IMAGE_OWNER] = self.owner
+        if self.store_name:
+            metadata[META_STORE] = self.store_name
+        self.volume = self.volumes.create(
+            gib_for(needed), volume_name(self.image_id), metadata,
+            self.conf.thunder_store_volume_type)
+        try:
+            return self._write_and_finish()
+        except _CallerError as e:
+            self._abort('the upload stream failed: %s' % e.error)
+            raise e.error
+        except BaseException as e:
+            self._abort(e)
+            if isinstance(e, exceptions.GlanceStoreException):
+                raise
+            if is_storage_full(e):
+                raise exceptions.StorageFull(
+                    message='Ceph or the volume ran out of space while '
+                            'writing image %s: %s' % (self.image_id, e))
+            if isinstance(e, Exception):
+                raise exceptions.BackendException(
+                    'Writing image %s into volume %s failed: %s'
+                    % (self.image_id, self.volume.id, e)) from e
+            raise
+
+    def _refuse_duplicate(self):
+        for volume in self.volumes.find_by_name(volume_name(self.image_id)):
+            meta = getattr(volume, 'metadata', None) or {}
+            if (meta.get(META_IMAGE_ID) == self.image_id and
+                    meta.get(META_STORE) == self.store_name):
+                raise exceptions.Duplicate(
+                    message='Image %s already has image-volume %s (status '
+                            '%s); delete it before uploading again'
+                            % (self.image_id, volume.id, volume.status))
+
+    def _abort(self, reason):
+        LOG.error('Upload of image %(image)s failed (%(reason)s); deleting '
+                  'its volume %(volume)s.',
+                  {'image': self.image_id, 'reason': reason,
+                   'volume': self.volume.id})
+        self._detach()
+        self.volumes.delete_quietly(self.volume.id)
+
+    def _detach(self):
+        attachment, self.attachment = self.attachment, None
+        if attachment is not None:
+            try:
+                attachment.close()
+            except Exception:
+                LOG.warning('Closing volume %s failed.', self.volume.id,
+                            exc_info=True)
+
+    def _write_and_finish(self):
+        self.volume = self.volumes.wait_available(self.volume)
+        self.attachment = self.volumes.attach(self.volume)
+        self._copy_data()
+        manifest = self.builder.finish()
+        offset = manifest_mod.volume_offset(self.written)
+        raw = manifest.to_bytes()
+        self._ensure_capacity(offset + len(raw))
+        self._handle().write(offset, raw)
+        self._handle().flush()
+        if self.conf.thunder_store_verify_after_write:
+            self._verify(manifest)
+        rbd_facts = self._handle().seal(self.image_id)
+        self._detach()
+        result = UploadResult(self.volume.id, self.written,
+                              self.md5.hexdigest(),
+                              self.multihash.hexdigest(), manifest, offset,
+                              rbd_facts)
+        metadata = {META_IMAGE_ID: self.image_id,
+                    META_IMAGE_SIZE: str(self.written)}
+        if self.owner:
+            metadata[META_IMAGE_OWNER] = self.owner
+        metadata.update(result.location_metadata())
+        self.volumes.set_metadata(self.volume, metadata)
+        self.volumes.set_read_only(self.volume)
+        LOG.info('Stored image %(image)s (%(size)d bytes, manifest '
+                 '%(digest)s) in volume %(volume)s.',
+                 {'image': self.image_id, 'size': self.written,
+                  'digest': manifest.digest(), 'volume': self.volume.id})
+        return result
+
+    # -- data --------------------------------------------------------------
+
+    def _handle(self):
+        return self.attachment.handle
+
+    def _read(self):
+        try:
+            return self.image_file.read(self.write_chunk)
+        except Exception as e:
+            raise _CallerError(e)
+
+    def _copy_data(self):
+        while True:
+            data = self._read()
+            if not data:
+                break
+            end = self.written + len(data)
+            if self.image_size and end > self.image_size:
+                raise exceptions.Invalid(
+                    message='Size exceeds: expected %d bytes, got at least '
+                            '%d' % (self.image_size, end))
+            self._ensure_capacity(end)
+            self._handle().write(self.written, data)
+            self.written = end
+            self.md5.update(data)
+            self.multihash.update(data)
+            self.builder.update(data)
+            if self.verifier is not None:
+                try:
+                    self.verifier.update(data)
+                except Exception as e:
+                    raise _CallerError(e)
+        if self.image_size and self.written != self.image_size:
+            raise exceptions.Invalid(
+                message='Size mismatch: expected %d bytes, got %d'
+                        % (self.image_size, self.written))
+
+    def _ensure_capacity(self, needed):
+        """Extend the volume (1 GiB at a time) until it holds ``needed``."""
+        if needed <= self.attachment.capacity:
+            return
+        if self.image_size and needed > manifest_mod.volume_bytes_needed(
+                self.image_size, self.manifest_chunk):
+            raise exceptions.Invalid(
+                message='Data does not fit the announced size of %d bytes'
+                        % self.image_size)
+        new_gb = gib_for(needed)
+        LOG.debug('Extending volume %(id)s to %(gb)d GiB for image '
+                  '%(image)s of unknown size.',
+                  {'id': self.volume.id, 'gb': new_gb,
+                   'image': self.image_id})
+        self._detach()
+        self.volume = self.volumes.extend(self.volume, new_gb)
+        self.attachment = self.volumes.attach(self.volume)
+        if self._handle().size() < needed:
+            raise exceptions.StorageFull(
+                message='Volume %s holds %d bytes after extending it to %d '
+                        'GiB' % (self.volume.id, self._handle().size(),
+                                 new_gb))
+
+    def _verify(self, manifest):
+        """Read the image back and check every chunk against the manifest."""
+        for index in range(manifest.chunk_count):
+            offset, length = manifest.chunk_range(index)
+            data = self._handle().read(offset, length)
+            if not manifest.verify_chunk(index, data):
+                raise exceptions.BackendException(
+                    'Chunk %d (bytes %d-%d) of image %s read back from '
+                    'volume %s does not match what was written'
+                    % (index, offset, offset + length - 1, self.image_id,
+                       self.volume.id))

@@ -21,6 +21,7 @@ keyring falls back to librados' default search path, e.g.
 """
 
 import dataclasses
+import os
 import re
 
 from glance_store import exceptions
@@ -115,9 +116,10 @@ class RbdVolume(object):
         for option in ('rados_osd_op_timeout', 'rados_mon_op_timeout',
                        'client_mount_timeout'):
             kwargs['conf'][option] = timeout
-        # conffile='' reads no configuration file: everything comes from
-        # the connection info.
-        self._client = rados.Rados(conffile='', **kwargs)
+        # An empty configuration file: everything comes from the connection
+        # info. (librados reads a file named '' and fails with ENOENT, and
+        # None would read /etc/ceph/ceph.conf.)
+        self._client = rados.Rados(conffile=os.devnull, **kwargs)
         self._ioctx = None
         self._image = None
         try:

@@ -12,6 +12,7 @@
 
 """Opening image-volumes: librbd from connection info, os-brick otherwise."""
 
+import os
 from unittest import mock
 
 from glance_store import exceptions
@@ -99,7 +100,7 @@ def test_rbd_volume_open_write_seal_close(bindings):
     rados, rbd = bindings
     vol = rbd_volume.RbdVolume(DATA, timeout=7)
     kwargs = rados.Rados.call_args.kwargs
-    assert kwargs['conffile'] == ''
+    assert kwargs['conffile'] == os.devnull
     assert kwargs['conf']['rados_osd_op_timeout'] == '7'
     assert kwargs['conf']['client_mount_timeout'] == '7'
     ioctx = rados.Rados.return_value.open_ioctx.return_value

@@ -127,6 +127,10 @@ class BrickVolume(object):
         """Only RBD image-volumes are sealed; nothing to do here."""
         return None
 
+    def pool_full(self):
+        """A full backend fails writes with ENOSPC here: nothing to ask."""
+        return False
+
     def close(self):
         """Close and detach; never raises."""
         if self._file is not None:

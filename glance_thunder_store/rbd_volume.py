@@ -21,6 +21,7 @@ keyring falls back to librados' default search path, e.g.
 """
 
 import dataclasses
+import json
 import os
 import re
 
@@ -169,6 +170,33 @@ class RbdVolume(object):
         snapshot = rbd_layout.seal_image_volume(self._image, glance_image_id)
         return RbdFacts(fsid=self._client.get_fsid(), pool=self.pool,
                         image=self.name, snapshot=snapshot)
+
+    def pool_full(self):
+        """True if Ceph flags the pool (or the cluster) full.
+
+        A full pool does not fail writes at once: they wait, and fail when
+        the operation timeout expires. This tells such a timeout from
+        others. Never raises (False when the monitors cannot say).
+        """
+        try:
+            ret, out, _err = self._client.mon_command(
+                json.dumps({'prefix': 'osd dump', 'format': 'json'}), b'',
+                timeout=10)
+            if ret:
+                return False
+            dump = json.loads(out)
+        except Exception:
+            LOG.debug('Cannot read the OSD map to tell whether pool %s is '
+                      'full.', self.pool, exc_info=True)
+            return False
+        full = {'full', 'full_quota', 'full_no_quota'}
+        if full & set(dump.get('flags', '').split(',')):
+            return True
+        for pool in dump.get('pools', []):
+            if pool.get('pool_name') == self.pool:
+                names = pool.get('flags_names', '').split(',')
+                return bool(full & set(names))
+        return False
 
     def close(self):
         """Close everything; never raises."""

@@ -141,10 +141,12 @@ class ImageUpload(object):
             self._abort('the upload stream failed: %s' % e.error)
             raise e.error
         except BaseException as e:
+            full = (not isinstance(e, exceptions.GlanceStoreException) and
+                    (is_storage_full(e) or self._pool_full()))
             self._abort(e)
             if isinstance(e, exceptions.GlanceStoreException):
                 raise
-            if is_storage_full(e):
+            if full:
                 raise exceptions.StorageFull(
                     message='Ceph or the volume ran out of space while '
                             'writing image %s: %s' % (self.image_id, e))
@@ -163,6 +165,10 @@ class ImageUpload(object):
                     message='Image %s already has image-volume %s (status '
                             '%s); delete it before uploading again'
                             % (self.image_id, volume.id, volume.status))
+
+    def _pool_full(self):
+        handle = self.attachment.handle if self.attachment else None
+        return bool(handle is not None and handle.pool_full())
 
     def _abort(self, reason):
         LOG.error('Upload of image %(image)s failed (%(reason)s); deleting '

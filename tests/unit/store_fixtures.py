@@ -51,6 +51,7 @@ class MemoryBackend(fake_cinder.NullBackend):
         self.gib = gib
         self.images = {}
         self.full_after = None  # bytes the pool holds before ENOSPC
+        self.flagged_full = False  # what Ceph's OSD map would say
 
     def create_volume(self, volume):
         self.images['volume-%s' % volume.id] = MemoryImage(volume.size *
@@ -108,6 +109,9 @@ class MemoryRbdVolume(object):
 
     def flush(self):
         pass
+
+    def pool_full(self):
+        return self.backend.flagged_full
 
     def seal(self, glance_image_id):
         snap = 'thunder-clone-0123456789abcdef'

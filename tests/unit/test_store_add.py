@@ -339,6 +339,18 @@ def test_ceph_full_from_the_rbd_binding(store, cinder, memory):
     _assert_nothing_left(cinder, memory)
 
 
+def test_ceph_full_pool_times_writes_out(store, cinder, memory):
+    # A full Ceph pool makes writes wait until the operation timeout.
+    def stuck(offset, data):
+        memory.flagged_full = True
+        raise OSError(errno.ETIMEDOUT, 'RBD operation timeout')
+
+    MemoryRbdVolume.write_hook = staticmethod(stuck)
+    with pytest.raises(exceptions.StorageFull):
+        _add(store, _image(10))
+    _assert_nothing_left(cinder, memory)
+
+
 def test_ceph_io_error(store, cinder, memory):
     def broken(offset, data):
         raise OSError(errno.EIO, 'osd down')

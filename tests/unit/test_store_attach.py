@@ -122,6 +122,29 @@ def test_rbd_volume_open_write_seal_close(bindings):
     ioctx.close.assert_called_once_with()
 
 
+@pytest.mark.parametrize('dump, full', [
+    ({'flags': 'sortbitwise', 'pools': [
+        {'pool_name': 'volumes', 'flags_names': 'hashpspool,full_quota'}]},
+     True),
+    ({'flags': 'full,sortbitwise', 'pools': []}, True),
+    ({'flags': '', 'pools': [
+        {'pool_name': 'volumes', 'flags_names': 'hashpspool'},
+        {'pool_name': 'other', 'flags_names': 'full_quota'}]}, False),
+    (None, False),
+])
+def test_rbd_pool_full(bindings, dump, full):
+    import json
+    rados, _rbd = bindings
+    client = rados.Rados.return_value
+    if dump is None:
+        client.mon_command.side_effect = FakeRbdError('no caps')
+    else:
+        client.mon_command.return_value = (0, json.dumps(dump).encode(), '')
+    vol = rbd_volume.RbdVolume(DATA)
+    assert vol.pool_full() is full
+    vol.close()
+
+
 def test_rbd_short_write(bindings):
     _rados, rbd = bindings
     rbd.Image.return_value.write.side_effect = lambda data, offset: 1

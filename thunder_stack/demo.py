@@ -95,6 +95,18 @@ class Api(object):
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.load(resp)
 
+    def create_image(self, name, **fields):
+        """A queued image without data (the CLIs read stdin as data)."""
+        body = dict(name=name, disk_format='raw', container_format='bare',
+                    **fields)
+        req = urllib.request.Request(
+            self.stack.url('glance') + '/v2/images',
+            data=json.dumps(body).encode(), method='POST',
+            headers={'X-Auth-Token': self.token,
+                     'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)['id']
+
     def volumes(self, ids):
         found = {}
         for vol in self.get('/volumes/detail?all_tenants=1')['volumes']:

@@ -470,8 +470,12 @@ class Stack(object):
     def thunder_store_available(self):
         if os.environ.get('THUNDER_STACK_THUNDER_STORE', '1') == '0':
             return False
-        return os.path.exists(os.path.join(CHECKOUT, 'glance_thunder_store',
-                                           'store.py'))
+        # The store's module and its entry point (glance_store loads stores
+        # by entry point; setup.cfg declares it).
+        return (os.path.exists(os.path.join(CHECKOUT, 'glance_thunder_store',
+                                            'store.py')) and
+                'glance_thunder_store.store:Store' in (
+                    _read(os.path.join(CHECKOUT, 'setup.cfg')) or ''))
 
     def _write_cinder_conf(self):
         conf = self.path('etc', 'cinder', 'cinder.conf')

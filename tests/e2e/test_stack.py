@@ -1,0 +1,66 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The local stack itself: idempotent, configured by the devstack plugin."""
+
+import subprocess
+
+from tests.e2e import conftest
+from thunder_stack import demo
+from thunder_stack import ini
+
+
+def test_up_again_changes_nothing(stack):
+    before = {s.name: s.pid() for s in stack.services()}
+    result = subprocess.run([conftest.TOOL, 'up'], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = {s.name: s.pid() for s in stack.services()}
+    assert after == before
+    assert all(before.values())
+
+
+def test_status_reports_every_service(stack):
+    result = subprocess.run([conftest.TOOL, 'status'], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ('mysql', 'rabbitmq', 'ceph', 'keystone', 'glance-api',
+                 'cinder-api', 'cinder-scheduler', 'cinder-volume',
+                 'thunder-stack@thunder', 'thunder-stack@rbd'):
+        assert name in result.stdout
+
+
+def test_configuration_comes_from_the_devstack_plugin(stack):
+    cinder = stack.path('etc', 'cinder', 'cinder.conf')
+    assert ini.iniget(cinder, 'thunder', 'volume_driver') == \
+        'cinder_thunder_driver.driver.ThunderDriver'
+    assert ini.iniget(cinder, 'thunder', 'thunder_rbd_pool') == 'thunder'
+    assert ini.iniget(cinder, 'thunder',
+                      'image_volume_cache_enabled') == 'False'
+    glance = stack.path('etc', 'glance', 'glance-api.conf')
+    if stack.state.get('thunder_store'):
+        backends = ini.iniget(glance, 'DEFAULT', 'enabled_backends')
+        assert 'thunder:thunder' in backends.split(',')
+        assert ini.iniget(glance, 'thunder', 'thunder_store_volume_type') \
+            == 'thunder'
+
+
+def test_upstream_flow_clones_too(stack, client, image_file):
+    """The comparison path: Glance's rbd store and Cinder's RBDDriver."""
+    path, _ = image_file
+    image_id = client.upload(str(path), 'rbd')
+    vid = client.create_volume(image_id, 'rbd')
+    client.wait_volume(vid)
+    parent = conftest.rbd_json(stack, 'info', 'volumes/volume-%s' % vid)
+    assert parent['parent']['pool'] == 'images'
+    assert parent['parent']['image'] == image_id
+    assert demo.own_bytes(stack, 'volumes', 'volume-%s' % vid) == 0

@@ -99,8 +99,14 @@ class FakeVolumeManager(object):
         if status:
             volume.status = status
         else:
-            self.cinder.backend.create_volume(volume)
-            volume.status = 'available'
+            # Like cinder-volume: a driver failure leaves the volume in
+            # error, the API call itself succeeds.
+            try:
+                self.cinder.backend.create_volume(volume)
+                volume.status = 'available'
+            except Exception as e:
+                self.cinder.driver_errors.append(e)
+                volume.status = 'error'
         return volume.snapshot()
 
     def get(self, volume_id):
@@ -123,8 +129,12 @@ class FakeVolumeManager(object):
         if status:
             volume.status = status
             return
-        self.cinder.backend.extend_volume(volume, new_size)
-        volume.size = new_size
+        try:
+            self.cinder.backend.extend_volume(volume, new_size)
+            volume.size = new_size
+        except Exception as e:
+            self.cinder.driver_errors.append(e)
+            volume.status = 'error_extending'
 
     def set_metadata(self, volume, metadata):
         self._fault('set_metadata')
@@ -142,12 +152,17 @@ class FakeVolumeManager(object):
         self.cinder.calls.append(('delete', getattr(volume, 'id', volume)))
         self._fault('delete')
         volume = self._find(volume)
-        if volume.status in ('in-use', 'creating', 'extending'):
+        if volume.status in ('in-use', 'creating', 'extending',
+                             'deleting'):
             raise cinder_exceptions.BadRequest(
                 400, 'Invalid volume: volume status must be available or '
                 'error, but current status is: %s' % volume.status)
-        self.cinder.backend.delete_volume(volume)
-        del self.cinder.db[volume.id]
+        try:
+            self.cinder.backend.delete_volume(volume)
+            del self.cinder.db[volume.id]
+        except Exception as e:
+            self.cinder.driver_errors.append(e)
+            volume.status = 'error_deleting'
 
     def initialize_connection(self, volume, connector):
         self.cinder.calls.append(('initialize_connection', connector))
@@ -189,6 +204,7 @@ class FakeCinder(object):
         self.db = {}
         self.faults = {}
         self.calls = []
+        self.driver_errors = []
         self.volume_type_names = {'default', 'thunder'}
         self.volumes = FakeVolumeManager(self)
         self.volume_types = FakeVolumeTypeManager(self)

@@ -103,8 +103,8 @@ class ChunkMap(object):
         self._present = sum(bin(b).count('1') for b in bits)
 
     def __repr__(self):
-        return '<ChunkMap %s: %d of %d chunks>' % (self.path, self._present,
-                                                 self.chunk_count)
+        return '<ChunkMap %s: %d of %d chunks>' % (
+            self.path, self._present, self.chunk_count)
 
     def _check(self, index):
         if (not isinstance(index, int) or isinstance(index, bool) or

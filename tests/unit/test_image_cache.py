@@ -1,0 +1,368 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The per-image cache: fetch once, verify, fall back, persist."""
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from thunder_cache import chunkmap
+from thunder_cache import image_cache
+from thunder_cache import sources
+from thunder_cache import upstream as upstream_mod
+from thunder_common import manifest as manifest_mod
+
+CHUNK = manifest_mod.MIN_CHUNK_SIZE
+SIZE = CHUNK * 10 + 123
+
+
+@pytest.fixture
+def image():
+    return os.urandom(SIZE)
+
+
+@pytest.fixture
+def manifest(image):
+    return manifest_mod.Manifest.build([image], CHUNK)
+
+
+class FakeSource(image_cache.Source):
+
+    def __init__(self, image, name='fake', kind='origin', corrupt=(),
+                 fail=(), delay=0.0, url=None):
+        self.image = image
+        self.name = name
+        self.kind = kind
+        self.url = url
+        self.corrupt = set(corrupt)
+        self.fail = set(fail)
+        self.delay = delay
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def read_chunk(self, index, offset, length, via=()):
+        with self.lock:
+            self.calls.append(index)
+        if self.delay:
+            time.sleep(self.delay)
+        if index in self.fail or 'all' in self.fail:
+            raise IOError('%s cannot read %d' % (self.name, index))
+        data = bytearray(self.image[offset:offset + length])
+        if index in self.corrupt or 'all' in self.corrupt:
+            data[0] ^= 0xff
+        return data
+
+
+class FakeUpstream(object):
+
+    def __init__(self, *sources_):
+        self.sources = list(sources_)
+        self.reports = []
+
+    def candidates(self, via=()):
+        for source in self.sources:
+            if getattr(source, 'url', None) not in via or source.url is None:
+                yield source
+
+    def report(self, source, ok, error=None):
+        self.reports.append((source.name, ok, error))
+
+
+def _cache(tmp_path, manifest, *sources_, **kwargs):
+    return image_cache.ImageCache(str(tmp_path / 'img'), 'img', manifest,
+                                  FakeUpstream(*sources_), **kwargs)
+
+
+def test_read_any_range(tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    for offset, length in [(0, 1), (CHUNK - 1, 2), (5, CHUNK * 3),
+                           (SIZE - 10, 100), (SIZE, 10), (0, SIZE),
+                           (3 * CHUNK, 0)]:
+        assert cache.read(offset, length) == image[offset:offset + length]
+    assert cache.complete()
+    assert sorted(origin.calls) == list(range(manifest.chunk_count))
+    snap = cache.counters.snapshot()
+    assert snap['chunk_misses'] == manifest.chunk_count
+    assert snap['chunks_from_origin'] == manifest.chunk_count
+    assert snap['bytes_from_origin'] == SIZE
+    assert snap['chunks_verified'] == manifest.chunk_count
+    assert snap['chunk_hits'] > 0
+    with pytest.raises(ValueError):
+        cache.read(-1, 5)
+    with pytest.raises(ValueError):
+        cache.read(0, -5)
+    cache.close()
+
+
+def test_ensure_bad_index(tmp_path, image, manifest):
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    for index in (-1, manifest.chunk_count, 2 ** 64):
+        with pytest.raises(IndexError):
+            cache.ensure(index)
+    with pytest.raises(IndexError):
+        cache.has(-1)
+    cache.close()
+
+
+def test_inflight_fetch_is_shared(tmp_path, image, manifest):
+    origin = FakeSource(image, delay=0.2)
+    cache = _cache(tmp_path, manifest, origin)
+    results = []
+    barrier = threading.Barrier(16)
+
+    def reader():
+        barrier.wait()
+        results.append(cache.read(CHUNK * 2 + 7, 100))
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [image[CHUNK * 2 + 7:CHUNK * 2 + 107]] * 16
+    assert origin.calls == [2]
+    snap = cache.counters.snapshot()
+    assert snap['chunk_misses'] == 1
+    assert snap['inflight_joins'] + snap['chunk_hits'] == 15
+    assert snap['inflight_joins'] >= 1
+    cache.close()
+
+
+def test_inflight_error_is_shared(tmp_path, image, manifest):
+    origin = FakeSource(image, delay=0.2, fail={3})
+    cache = _cache(tmp_path, manifest, origin)
+    errors = []
+    barrier = threading.Barrier(8)
+
+    def reader():
+        barrier.wait()
+        try:
+            cache.ensure(3)
+        except image_cache.FetchError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 8
+    assert origin.calls == [3]
+    # The failed fetch left no in-flight entry: the next read retries.
+    origin.fail.clear()
+    cache.ensure(3)
+    assert origin.calls == [3, 3]
+    cache.close()
+
+
+def test_corrupt_chunk_rejected_next_source_used(tmp_path, image, manifest):
+    bad = FakeSource(image, name='bad', kind='peer', corrupt={'all'})
+    broken = FakeSource(image, name='broken', kind='peer', fail={'all'})
+    origin = FakeSource(image, name='origin')
+    cache = _cache(tmp_path, manifest, bad, broken, origin)
+    assert cache.read(0, SIZE) == image
+    snap = cache.counters.snapshot()
+    count = manifest.chunk_count
+    assert snap['chunks_rejected'] == count
+    assert snap['fetch_errors'] == 2 * count
+    assert snap['chunks_from_origin'] == count
+    assert snap['chunks_from_peers'] == 0
+    reports = cache.upstream.reports
+    assert [r for r in reports if r[0] == 'bad' and r[1]] == []
+    assert all(isinstance(r[2], image_cache.BadChunk)
+               for r in reports if r[0] == 'bad')
+    assert sum(1 for r in reports if r[0] == 'origin' and r[1]) == count
+    # Nothing corrupt was stored.
+    with open(cache.data_path, 'rb') as f:
+        assert f.read() == image
+    cache.close()
+
+
+def test_peer_bytes_counted(tmp_path, image, manifest):
+    peer = FakeSource(image, name='peer', kind='peer')
+    cache = _cache(tmp_path, manifest, peer)
+    cache.read(0, SIZE)
+    snap = cache.counters.snapshot()
+    assert snap['bytes_from_peers'] == SIZE
+    assert snap['bytes_from_origin'] == 0
+    cache.close()
+
+
+def test_all_sources_fail(tmp_path, image, manifest):
+    cache = _cache(tmp_path, manifest,
+                   FakeSource(image, corrupt={1}, name='a'),
+                   FakeSource(image, fail={1}, name='b'))
+    with pytest.raises(image_cache.FetchError, match='a: bad data; b:'):
+        cache.ensure(1)
+    assert not cache.has(1)
+    assert cache.counters.get('fetch_failures') == 1
+    cache.close()
+
+
+def test_wrong_length_rejected(tmp_path, image, manifest):
+
+    class Short(FakeSource):
+        def read_chunk(self, index, offset, length, via=()):
+            return super().read_chunk(index, offset, length)[:-1]
+
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, Short(image, name='short'), origin)
+    assert cache.read_chunk(0) == image[:CHUNK]
+    assert cache.counters.get('chunks_rejected') == 1
+    cache.close()
+
+
+def test_cache_survives_reopen(tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    cache.read(0, CHUNK * 3)
+    cache.close()
+    cache = _cache(tmp_path, manifest, origin)
+    assert not cache.reset
+    assert cache.present_count() == 3
+    assert cache.read(0, CHUNK * 3) == image[:CHUNK * 3]
+    assert origin.calls == [0, 1, 2]
+    assert cache.counters.get('chunks_reverified') == 3
+    cache.close()
+
+
+def test_corrupt_cache_file_refetched_after_restart(
+        tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    cache.read(0, SIZE)
+    cache.close()
+    with open(cache.data_path, 'r+b') as f:
+        f.seek(CHUNK * 4 + 10)
+        f.write(b'\0garbage')
+    cache = _cache(tmp_path, manifest, origin)
+    assert cache.read(0, SIZE) == image
+    assert cache.counters.get('local_corrupt') == 1
+    assert origin.calls.count(4) == 2
+    cache.close()
+
+
+def test_trusting_persisted_chunks_skips_reverification(tmp_path, image,
+                                                        manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    cache.read(0, SIZE)
+    cache.close()
+    cache = _cache(tmp_path, manifest, origin, verify_persisted=False)
+    assert cache.has(0)
+    cache.read(0, SIZE)
+    assert cache.counters.get('chunks_reverified') == 0
+    cache.close()
+
+
+def test_other_manifest_resets_cache(tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    cache.read(0, SIZE)
+    cache.close()
+    other_image = os.urandom(SIZE)
+    other = manifest_mod.Manifest.build([other_image], CHUNK)
+    cache = _cache(tmp_path, other, FakeSource(other_image))
+    assert cache.reset
+    assert cache.present_count() == 0
+    # The data file was emptied: nothing of the old image remains.
+    with open(cache.data_path, 'rb') as f:
+        assert f.read() == bytes(SIZE)
+    assert cache.read(0, SIZE) == other_image
+    cache.close()
+
+
+def test_missing_data_file_resets_map(tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    cache.read(0, SIZE)
+    cache.close()
+    os.unlink(cache.data_path)
+    cache = _cache(tmp_path, manifest, origin)
+    assert cache.reset and cache.present_count() == 0
+    cache.close()
+
+
+def test_loop_error_when_inflight_fetch_waits_on_requester(
+        tmp_path, image, manifest):
+    peer = FakeSource(image, name='p', kind='peer', delay=0.3,
+                      url='http://10.0.0.2:7480')
+    cache = _cache(tmp_path, manifest, peer)
+    t = threading.Thread(target=cache.ensure, args=(0,))
+    t.start()
+    time.sleep(0.1)
+    with pytest.raises(image_cache.LoopError):
+        cache.ensure(0, via=('http://10.0.0.2:7480',))
+    # Other requesters join the fetch.
+    cache.ensure(0, via=('http://10.0.0.3:7480',))
+    t.join()
+    cache.close()
+
+
+def test_join_timeout(tmp_path, image, manifest):
+    origin = FakeSource(image, delay=0.5)
+    cache = _cache(tmp_path, manifest, origin)
+    t = threading.Thread(target=cache.ensure, args=(0,))
+    t.start()
+    time.sleep(0.1)
+    with pytest.raises(image_cache.FetchError, match='timed out'):
+        cache.ensure(0, timeout=0.05)
+    t.join()
+    cache.close()
+
+
+def test_durability_order(tmp_path, image, manifest, monkeypatch):
+    """The data file is synced before the bit reaches the map file."""
+    events = []
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        events.append('sync-data' if fd == cache.fileno else 'sync-map')
+        real_fdatasync(fd)
+
+    real_set = cache.map.set_durable
+
+    def set_durable(indexes):
+        events.append('set-bits')
+        real_set(indexes)
+
+    monkeypatch.setattr(image_cache.os, 'fdatasync', fdatasync)
+    monkeypatch.setattr(chunkmap.os, 'fdatasync', fdatasync)
+    monkeypatch.setattr(cache.map, 'set_durable', set_durable)
+    cache.ensure(0)
+    assert events == ['sync-data', 'set-bits', 'sync-map']
+    cache.close()
+
+
+def test_upstream_with_real_origin_file(tmp_path, image, manifest):
+    """The FileOrigin and the Upstream in front of an ImageCache."""
+    path = tmp_path / 'volume'
+    offset = manifest_mod.volume_offset(SIZE)
+    with open(path, 'wb') as f:
+        f.write(image)
+        f.seek(offset)
+        f.write(manifest.to_bytes())
+    origin = sources.FileOrigin(str(path))
+    loaded = sources.load_manifest(origin.read, manifest.digest(), offset)
+    assert loaded == manifest
+    up = upstream_mod.Upstream('img', origin, [], client=None,
+                               self_url='http://127.0.0.1:1')
+    cache = image_cache.ImageCache(str(tmp_path / 'c'), 'img', loaded, up)
+    data = cache.read(0, SIZE)
+    assert hashlib.sha256(data).digest() == hashlib.sha256(image).digest()
+    cache.close()

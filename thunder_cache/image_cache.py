@@ -1,0 +1,338 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The read-only, origin-shaped cache of one image on one node.
+
+Two files in the image's directory:
+
+``data``
+    A sparse file of exactly the image's size; chunk ``i`` lives at its
+    offset in the image.
+``chunkmap``
+    Which chunks of ``data`` hold verified bytes
+    (:mod:`thunder_cache.chunkmap`).
+
+A chunk missing on read is fetched once, however many threads want it: the
+first creates a future in the in-flight table and fetches, the others wait
+on that future and share its result or its error. The fetcher tries the
+upstream's sources in order (parent peer, other peers, origin); every chunk
+is checked against the manifest before it is written, a chunk that does not
+match is thrown away, its source reported bad, and the next source tried.
+
+Write ordering: the chunk is written to ``data`` with ``pwrite``, the data
+file is ``fdatasync``'ed, and only then is its bit set in the map (which is
+synced in turn). Commits are grouped: whichever fetcher takes the commit
+lock makes durable every chunk written so far with one ``fdatasync`` of
+each file. A chunk becomes readable (and servable) once it is committed.
+
+Chunks already marked in a map found at start are verified again before
+their first use (``verify_persisted``), so a cache file damaged behind the
+daemon's back (disk error, a stray write) is never served: a chunk that
+fails is cleared from the map and fetched again.
+"""
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+
+from thunder_cache import chunkmap
+from thunder_cache import metrics
+
+LOG = logging.getLogger(__name__)
+
+DATA_FILE = 'data'
+MAP_FILE = 'chunkmap'
+
+
+class FetchError(IOError):
+    """A chunk could not be fetched from any source."""
+
+
+class LoopError(FetchError):
+    """Waiting for this chunk would wait on the requester itself."""
+
+
+class BadChunk(FetchError):
+    """A source returned bytes that do not match the manifest."""
+
+
+class Source(object):
+    """Something that can produce the bytes of a chunk (interface)."""
+
+    #: 'origin' or 'peer'
+    kind = 'origin'
+    #: for logs and metrics
+    name = 'source'
+
+    def read_chunk(self, index, offset, length, via=()):
+        raise NotImplementedError
+
+
+class ImageCache(object):
+    """The cache of one image.
+
+    :param directory: where the image's files live (created if missing).
+    :param image_id: the Glance image id (for logs and metrics).
+    :param manifest: the image's verified :class:`Manifest`.
+    :param upstream: has ``candidates(via)``, yielding :class:`Source`
+        objects in the order to try them, and ``report(source, ok,
+        error)`` (``error`` an exception, :class:`BadChunk` for bytes
+        that failed verification).
+    :param verify_persisted: verify chunks found in the map at start
+        before their first use.
+    """
+
+    def __init__(self, directory, image_id, manifest, upstream,
+                 verify_persisted=True, clock=time.monotonic):
+        self.directory = directory
+        self.image_id = image_id
+        self.manifest = manifest
+        self.upstream = upstream
+        self.counters = metrics.Counters(metrics.IMAGE_COUNTERS)
+        self.fetch_latency = {'origin': metrics.Histogram(),
+                              'peer': metrics.Histogram()}
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._inflight = {}
+        self._pending = set()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.data_path = os.path.join(directory, DATA_FILE)
+        self.map_path = os.path.join(directory, MAP_FILE)
+        size = manifest.image_size
+        try:
+            data_ok = os.path.getsize(self.data_path) == size
+        except OSError:
+            data_ok = False
+        if not data_ok:
+            # Data file missing or of another size: no bit may survive.
+            chunkmap.remove_map(self.map_path)
+        self.map, self.reset = chunkmap.open_map(
+            self.map_path, manifest.digest(), manifest.chunk_size, size,
+            manifest.chunk_count, on_reset=self._empty_data)
+        self._fd = os.open(self.data_path, os.O_RDWR)
+        # Chunks whose bytes are known good in this process: verified when
+        # fetched, or re-verified after a restart.
+        self._confirmed = bytearray(manifest.chunk_count)
+        if not verify_persisted:
+            for index in self.map.present():
+                self._confirmed[index] = 1
+        if self.reset:
+            LOG.info('Image %s: new cache of %d chunks in %s', image_id,
+                     manifest.chunk_count, directory)
+        else:
+            LOG.info('Image %s: cache of %d chunks in %s holds %d', image_id,
+                     manifest.chunk_count, directory, self.map.count())
+
+    def _empty_data(self):
+        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.manifest.image_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        chunkmap._fsync_dir(self.data_path)
+
+    def __repr__(self):
+        return '<ImageCache %s: %d/%d chunks>' % (
+            self.image_id, self.map.count(), self.manifest.chunk_count)
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def fileno(self):
+        """The data file's descriptor, for sendfile."""
+        return self._fd
+
+    def has(self, index):
+        """True if chunk ``index`` is cached and may be served as it is."""
+        return self.map.has(index) and bool(self._confirmed[index])
+
+    def present_count(self):
+        return self.map.count()
+
+    def complete(self):
+        return self.map.complete()
+
+    # -- reading ----------------------------------------------------------
+
+    def read(self, offset, length):
+        """``length`` bytes of the image at ``offset`` (short at the end).
+
+        :raises ValueError: for a negative offset or length.
+        :raises FetchError: if a chunk could not be fetched.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError('negative offset or length')
+        size = self.manifest.image_size
+        if offset >= size or not length:
+            return b''
+        end = min(size, offset + length)
+        chunk = self.manifest.chunk_size
+        out = bytearray()
+        for index in range(offset // chunk, (end - 1) // chunk + 1):
+            self.ensure(index)
+            start = max(offset, index * chunk)
+            stop = min(end, (index + 1) * chunk)
+            out += self._pread(stop - start, start)
+        return bytes(out)
+
+    def _pread(self, length, offset):
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise FetchError('short read from the cache file of image %s'
+                             % self.image_id)
+        return data
+
+    def read_chunk(self, index):
+        """The verified bytes of chunk ``index`` (fetching it if needed)."""
+        self.ensure(index)
+        offset, length = self.manifest.chunk_range(index)
+        return self._pread(length, offset)
+
+    def ensure(self, index, via=(), timeout=None):
+        """Make chunk ``index`` present; fetch it at most once.
+
+        :param via: URLs of the nodes this fetch is made for (a peer
+            request relayed here); their requests are not joined to a
+            fetch that waits on one of them.
+        :param timeout: seconds to wait for a fetch started by another
+            thread.
+        :raises FetchError: if no source could provide the chunk.
+        :raises IndexError: for an index outside the image.
+        """
+        self.manifest.chunk_range(index)  # validates the index
+        if self.has(index):
+            self.counters.inc('chunk_hits')
+            return
+        with self._lock:
+            if self.has(index):
+                self.counters.inc('chunk_hits')
+                return
+            future = self._inflight.get(index)
+            if future is None:
+                future = concurrent.futures.Future()
+                future.source = None
+                self._inflight[index] = future
+                fetcher = True
+            else:
+                fetcher = False
+                target = getattr(future.source, 'url', None)
+                if via and target in via:
+                    raise LoopError('chunk %d of image %s is being fetched '
+                                    'from %s, which asked for it'
+                                    % (index, self.image_id, target))
+        if not fetcher:
+            self.counters.inc('inflight_joins')
+            try:
+                future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise FetchError('timed out waiting for chunk %d of image '
+                                 '%s' % (index, self.image_id))
+            return
+        try:
+            self._fill(index, via, future)
+        except BaseException as e:
+            with self._lock:
+                del self._inflight[index]
+            future.set_exception(e)
+            raise
+        with self._lock:
+            del self._inflight[index]
+        future.set_result(None)
+
+    def _fill(self, index, via, future):
+        offset, length = self.manifest.chunk_range(index)
+        if self.map.has(index):
+            # In the map from before a restart: check the bytes once.
+            data = self._pread(length, offset)
+            if self.manifest.verify_chunk(index, data):
+                self.counters.inc('chunks_reverified')
+                self._confirmed[index] = 1
+                self.counters.inc('chunk_hits')
+                return
+            LOG.warning('Image %s: cached chunk %d does not match the '
+                        'manifest; fetching it again', self.image_id, index)
+            self.counters.inc('local_corrupt')
+            self.map.clear([index])
+        self.counters.inc('chunk_misses')
+        data, source = self._fetch(index, offset, length, via, future)
+        written = os.pwrite(self._fd, data, offset)
+        if written != length:
+            raise FetchError('short write to the cache file of image %s'
+                             % self.image_id)
+        with self._lock:
+            self._pending.add(index)
+        self._commit()
+        kind = source.kind
+        self.counters.inc('chunks_from_%s' % ('origin' if kind == 'origin'
+                                              else 'peers'))
+        self.counters.inc('bytes_from_%s' % ('origin' if kind == 'origin'
+                                             else 'peers'), length)
+
+    def _fetch(self, index, offset, length, via, future):
+        errors = []
+        for source in self.upstream.candidates(via):
+            future.source = source
+            started = self._clock()
+            try:
+                data = source.read_chunk(index, offset, length, via)
+            except Exception as e:
+                self.counters.inc('fetch_errors')
+                errors.append('%s: %s' % (source.name, e))
+                LOG.info('Image %s: chunk %d from %s failed: %s',
+                         self.image_id, index, source.name, e)
+                self.upstream.report(source, False, e)
+                continue
+            if not self.manifest.verify_chunk(index, data):
+                self.counters.inc('chunks_rejected')
+                self.counters.inc('fetch_errors')
+                errors.append('%s: bad data' % source.name)
+                LOG.warning('Image %s: chunk %d from %s does not match the '
+                            'manifest; discarded', self.image_id, index,
+                            source.name)
+                self.upstream.report(source, False, BadChunk(
+                    'chunk %d failed verification' % index))
+                continue
+            self.counters.inc('chunks_verified')
+            self.fetch_latency['origin' if source.kind == 'origin'
+                               else 'peer'].observe(self._clock() - started)
+            self.upstream.report(source, True, None)
+            return data, source
+        self.counters.inc('fetch_failures')
+        raise FetchError('chunk %d of image %s: no source could provide it'
+                         '%s' % (index, self.image_id,
+                                 (' (%s)' % '; '.join(errors))
+                                 if errors else ''))
+
+    def _commit(self):
+        """Make every written chunk durable, then mark it present."""
+        with self._commit_lock:
+            with self._lock:
+                pending, self._pending = self._pending, set()
+            if not pending:
+                return  # another fetcher committed ours
+            os.fdatasync(self._fd)
+            self.map.set_durable(pending)
+            for index in pending:
+                self._confirmed[index] = 1
+
+    # -- lifecycle --------------------------------------------------------
+
+    def close(self):
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        self.map.close()

@@ -1,0 +1,440 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The peer protocol: strict request parsing and request authentication.
+
+A small subset of HTTP/1.1, parsed by hand so that every limit is ours:
+
+``GET /v1/images/<image_id>/chunks/<index>``
+    The verified bytes of one chunk (``application/octet-stream``). A
+    ``Range: bytes=...`` header with a single range of the chunk is
+    honoured (206). A node that is full for this image answers ``307`` with
+    the same path on one of its children.
+``GET /v1/images/<image_id>/manifest``
+    The image's serialised manifest; the requester checks its digest.
+``GET /metrics``
+    Counters in the Prometheus text format.
+
+Only ``GET`` exists; requests with a body are refused. Request line,
+header lines, header count and total header bytes are bounded
+(414/431). Paths are matched segment by segment against fixed patterns
+(no percent-decoding, no dot segments, no query), chunk indexes are short
+decimal numbers without sign or leading zero.
+
+Every request for image data carries three headers::
+
+    X-Thunder-Node: <node id>
+    X-Thunder-Node-URL: <the requester's own serving URL>
+    X-Thunder-Via: <URLs of the nodes this request is fetched for, comma
+                   separated; may be empty>
+    X-Thunder-Auth: v1:<expiry, unix seconds>:<hex HMAC-SHA256>
+
+The HMAC, keyed with the secret shared by the nodes of a deployment,
+covers the method, the path, the node id, the URL, the via list and the
+expiry. A request whose token is missing, malformed, wrong, expired or
+valid for longer than the server allows is answered 401 with no body.
+"""
+
+import hashlib
+import hmac
+import re
+import time
+
+API_VERSION = 'v1'
+
+MAX_REQUEST_LINE = 1024
+MAX_HEADER_LINE = 2048
+MAX_HEADERS = 32
+MAX_HEADER_BYTES = 16384
+# Longest chain of nodes a request may be relayed through.
+MAX_HOPS = 8
+MAX_URL_LENGTH = 200
+# Tokens are short-lived; a server refuses one that claims to stay valid
+# longer than this (plus clock skew), whatever its signature.
+MAX_TOKEN_LIFETIME = 300
+CLOCK_SKEW = 30
+MIN_SECRET_BYTES = 16
+
+HEADER_NODE = 'x-thunder-node'
+HEADER_URL = 'x-thunder-node-url'
+HEADER_VIA = 'x-thunder-via'
+HEADER_AUTH = 'x-thunder-auth'
+
+IMAGE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z')
+NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
+# Indexes are bounded by the manifest (at most 4 Mi chunks): 7 digits.
+_INDEX = re.compile(r'^(0|[1-9][0-9]{0,6})\Z')
+_TOKEN_CHARS = re.compile(r'^[!#$%&\'*+.^_`|~0-9A-Za-z-]+\Z')
+_HEADER_VALUE = re.compile(r'^[\x20-\x7e\t]*\Z')
+_PEER_URL = re.compile(
+    r'^http://('
+    r'(?:[0-9]{1,3}\.){3}[0-9]{1,3}'          # IPv4
+    r'|\[[0-9A-Fa-f:.]{2,45}\]'                # [IPv6]
+    r'|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})'      # host name
+    r'(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*'
+    r'):([1-9][0-9]{0,4})\Z')
+_AUTH = re.compile(r'^v1:([1-9][0-9]{0,11}):([0-9a-f]{64})\Z')
+_RANGE = re.compile(r'^bytes=([0-9]{0,19})-([0-9]{0,19})\Z')
+
+SINGLE_VALUED = ('host', 'range', 'connection', 'content-length',
+                 'transfer-encoding', HEADER_NODE, HEADER_URL, HEADER_VIA,
+                 HEADER_AUTH)
+
+
+class ProtocolError(Exception):
+    """A request this server will not process; ``status`` says why."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class AuthError(ProtocolError):
+    def __init__(self, reason):
+        super().__init__(401, reason)
+
+
+# -- request parsing -------------------------------------------------------
+
+def _strip_eol(line, limit, status):
+    if len(line) > limit:
+        raise ProtocolError(status, 'line longer than %d bytes' % limit)
+    if line.endswith(b'\r\n'):
+        return line[:-2]
+    if line.endswith(b'\n'):
+        return line[:-1]
+    # The peer hung up in the middle of a line.
+    raise ProtocolError(400, 'incomplete line')
+
+
+def _ascii(data):
+    try:
+        return data.decode('ascii')
+    except UnicodeDecodeError:
+        raise ProtocolError(400, 'non-ASCII bytes')
+
+
+def parse_request_line(line):
+    """(method, target, version) of a request line (bytes, with its EOL).
+
+    :raises ProtocolError: 414 if too long, 400 if malformed, 405 for
+        methods other than GET, 505 for versions other than HTTP/1.x.
+    """
+    text = _ascii(_strip_eol(line, MAX_REQUEST_LINE, 414))
+    parts = text.split(' ')
+    if len(parts) != 3 or not all(parts):
+        raise ProtocolError(400, 'malformed request line')
+    method, target, version = parts
+    if not _TOKEN_CHARS.match(method):
+        raise ProtocolError(400, 'malformed method')
+    if version not in ('HTTP/1.1', 'HTTP/1.0'):
+        if re.match(r'^HTTP/[0-9]\.[0-9]\Z', version):
+            raise ProtocolError(505, 'unsupported HTTP version')
+        raise ProtocolError(400, 'malformed HTTP version')
+    if method != 'GET':
+        raise ProtocolError(405, 'only GET is supported')
+    if not target.startswith('/') or any(c in target for c in '?#%\\'):
+        raise ProtocolError(400, 'malformed request target')
+    return method, target, version
+
+
+def parse_header_line(line):
+    """(lower-case name, value) of one header line (bytes, with its EOL)."""
+    text = _ascii(_strip_eol(line, MAX_HEADER_LINE, 431))
+    if text[:1] in (' ', '\t'):
+        raise ProtocolError(400, 'obsolete header line folding')
+    name, sep, value = text.partition(':')
+    if not sep or not _TOKEN_CHARS.match(name):
+        raise ProtocolError(400, 'malformed header line')
+    value = value.strip(' \t')
+    if not _HEADER_VALUE.match(value):
+        raise ProtocolError(400, 'control characters in a header value')
+    return name.lower(), value
+
+
+def read_head(readline):
+    """Read one request head with ``readline(limit)``.
+
+    :returns: (method, target, version, headers) or None at a clean end of
+        the connection before a request starts.
+    :raises ProtocolError: on anything malformed or too large.
+    """
+    line = readline(MAX_REQUEST_LINE + 1)
+    # Tolerate (a few) empty lines between requests, as RFC 9112 allows.
+    blanks = 0
+    while line in (b'\r\n', b'\n'):
+        blanks += 1
+        if blanks > 4:
+            raise ProtocolError(400, 'empty lines instead of a request')
+        line = readline(MAX_REQUEST_LINE + 1)
+    if not line:
+        return None
+    method, target, version = parse_request_line(line)
+    headers = {}
+    total = 0
+    while True:
+        line = readline(MAX_HEADER_LINE + 1)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise ProtocolError(431, 'request headers too large')
+        if line in (b'\r\n', b'\n'):
+            break
+        if not line:
+            raise ProtocolError(400, 'connection closed inside the headers')
+        name, value = parse_header_line(line)
+        if name in headers:
+            if name in SINGLE_VALUED:
+                raise ProtocolError(400, 'duplicate %s header' % name)
+            headers[name] += ', ' + value
+        else:
+            if len(headers) >= MAX_HEADERS:
+                raise ProtocolError(431, 'too many request headers')
+            headers[name] = value
+    if 'transfer-encoding' in headers or headers.get(
+            'content-length', '0') != '0':
+        raise ProtocolError(400, 'requests with a body are not accepted')
+    return method, target, version, headers
+
+
+class Route(object):
+    """What a request path names."""
+
+    __slots__ = ('kind', 'image_id', 'index')
+
+    def __init__(self, kind, image_id=None, index=None):
+        self.kind = kind
+        self.image_id = image_id
+        self.index = index
+
+    def __repr__(self):
+        return '<Route %s %s %s>' % (self.kind, self.image_id, self.index)
+
+    def __eq__(self, other):
+        return (isinstance(other, Route) and
+                (self.kind, self.image_id, self.index) ==
+                (other.kind, other.image_id, other.index))
+
+
+def route(path):
+    """The Route of a request path.
+
+    :raises ProtocolError: 404 for paths the protocol does not define, 400
+        for malformed image ids or chunk indexes.
+    """
+    if path == '/metrics':
+        return Route('metrics')
+    segments = path.split('/')
+    # ['', 'v1', 'images', ID, 'chunks', N] or ['', 'v1', 'images', ID,
+    # 'manifest']
+    if (len(segments) not in (5, 6) or segments[0] != '' or
+            segments[1] != API_VERSION or segments[2] != 'images'):
+        raise ProtocolError(404, 'no such resource')
+    image_id = segments[3]
+    if not IMAGE_ID.match(image_id):
+        raise ProtocolError(400, 'malformed image id')
+    if len(segments) == 5 and segments[4] == 'manifest':
+        return Route('manifest', image_id)
+    if len(segments) == 6 and segments[4] == 'chunks':
+        if not _INDEX.match(segments[5]):
+            raise ProtocolError(400, 'malformed chunk index')
+        return Route('chunk', image_id, int(segments[5]))
+    raise ProtocolError(404, 'no such resource')
+
+
+def chunk_path(image_id, index):
+    return '/%s/images/%s/chunks/%d' % (API_VERSION, image_id, index)
+
+
+def manifest_path(image_id):
+    return '/%s/images/%s/manifest' % (API_VERSION, image_id)
+
+
+def parse_range(value, length):
+    """(start, end) (end exclusive) of a single-range Range header.
+
+    :raises ProtocolError: 400 if malformed, 416 if it asks for several
+        ranges or for none of the ``length`` bytes.
+    """
+    if ',' in value:
+        raise ProtocolError(416, 'multiple ranges are not supported')
+    match = _RANGE.match(value.strip())
+    if not match:
+        raise ProtocolError(400, 'malformed Range header')
+    first, last = match.groups()
+    if not first and not last:
+        raise ProtocolError(400, 'malformed Range header')
+    if not first:
+        # Suffix range: the last N bytes.
+        suffix = int(last)
+        if suffix == 0 or length == 0:
+            raise ProtocolError(416, 'empty suffix range')
+        return max(0, length - suffix), length
+    start = int(first)
+    if start >= length:
+        raise ProtocolError(416, 'range starts past the end')
+    if not last:
+        return start, length
+    end = int(last)
+    if end < start:
+        raise ProtocolError(400, 'range ends before it starts')
+    return start, min(end, length - 1) + 1
+
+
+# -- peer identity ---------------------------------------------------------
+
+def check_node_id(node_id):
+    if not isinstance(node_id, str) or not NODE_ID.match(node_id):
+        raise ValueError('node id must match %s, not %r'
+                         % (NODE_ID.pattern, node_id))
+    return node_id
+
+
+def normalize_url(url):
+    """A peer's base URL, validated; raises ValueError."""
+    if not isinstance(url, str):
+        raise ValueError('peer URL must be a string, not %r' % (url,))
+    url = url.rstrip('/')
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError('peer URL longer than %d characters'
+                         % MAX_URL_LENGTH)
+    match = _PEER_URL.match(url)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError('peer URL must be http://HOST:PORT, not %r'
+                         % url[:80])
+    return url
+
+
+def parse_via(value):
+    """The list of node URLs a request was relayed for."""
+    if not value:
+        return ()
+    urls = [u.strip() for u in value.split(',')]
+    if len(urls) > MAX_HOPS:
+        raise ProtocolError(508, 'request relayed through more than %d '
+                            'nodes' % MAX_HOPS)
+    try:
+        return tuple(normalize_url(u) for u in urls)
+    except ValueError:
+        raise ProtocolError(400, 'malformed %s header' % HEADER_VIA)
+
+
+def load_secret(path):
+    """The shared secret from a file (surrounding whitespace dropped)."""
+    with open(path, 'rb') as f:
+        secret = f.read(65536).strip()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError('shared secret in %s is shorter than %d bytes'
+                         % (path, MIN_SECRET_BYTES))
+    return secret
+
+
+def _mac(secret, method, path, node_id, url, via, expiry):
+    message = '\n'.join(('thunder-peer-v1', method, path, node_id, url,
+                         ','.join(via), str(expiry)))
+    return hmac.new(secret, message.encode('ascii'),
+                    hashlib.sha256).hexdigest()
+
+
+class Peer(object):
+    """An authenticated requester."""
+
+    __slots__ = ('node_id', 'url', 'via')
+
+    def __init__(self, node_id, url, via):
+        self.node_id = node_id
+        self.url = url
+        self.via = via
+
+    def __repr__(self):
+        return '<Peer %s at %s>' % (self.node_id, self.url)
+
+
+class Signer(object):
+    """Signs this node's requests to its peers."""
+
+    def __init__(self, secret, node_id, url, lifetime=60, clock=time.time):
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError('shared secret shorter than %d bytes'
+                             % MIN_SECRET_BYTES)
+        if not 0 < lifetime <= MAX_TOKEN_LIFETIME:
+            raise ValueError('token lifetime must be in (0, %d] seconds'
+                             % MAX_TOKEN_LIFETIME)
+        self.secret = secret
+        self.node_id = check_node_id(node_id)
+        self.url = normalize_url(url)
+        self.lifetime = lifetime
+        self._clock = clock
+
+    def headers(self, method, path, via=()):
+        expiry = int(self._clock()) + self.lifetime
+        via = tuple(via)
+        return {
+            'X-Thunder-Node': self.node_id,
+            'X-Thunder-Node-URL': self.url,
+            'X-Thunder-Via': ','.join(via),
+            'X-Thunder-Auth': 'v1:%d:%s' % (expiry, _mac(
+                self.secret, method, path, self.node_id, self.url, via,
+                expiry)),
+        }
+
+
+def authenticate(secret, method, path, headers, clock=time.time,
+                 max_lifetime=MAX_TOKEN_LIFETIME):
+    """The Peer that signed a request.
+
+    :raises AuthError: if the token is missing, malformed, wrong or
+        expired.
+    :raises ProtocolError: if the via list is malformed or too long.
+    """
+    node_id = headers.get(HEADER_NODE, '')
+    url = headers.get(HEADER_URL, '')
+    token = headers.get(HEADER_AUTH, '')
+    match = _AUTH.match(token)
+    if not match or not NODE_ID.match(node_id):
+        raise AuthError('missing or malformed token')
+    try:
+        url = normalize_url(url)
+    except ValueError:
+        raise AuthError('missing or malformed node URL')
+    via = parse_via(headers.get(HEADER_VIA, ''))
+    expiry = int(match.group(1))
+    now = clock()
+    if expiry < now:
+        raise AuthError('token expired')
+    if expiry > now + max_lifetime + CLOCK_SKEW:
+        raise AuthError('token valid for too long')
+    expected = _mac(secret, method, path, node_id, url, via, expiry)
+    if not hmac.compare_digest(expected, match.group(2)):
+        raise AuthError('bad token')
+    return Peer(node_id, url, via)
+
+
+# -- responses -------------------------------------------------------------
+
+REASONS = {
+    200: 'OK', 206: 'Partial Content', 307: 'Temporary Redirect',
+    400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found',
+    405: 'Method Not Allowed', 409: 'Conflict', 414: 'URI Too Long',
+    416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    500: 'Internal Server Error', 502: 'Bad Gateway',
+    503: 'Service Unavailable', 505: 'HTTP Version Not Supported',
+    508: 'Loop Detected',
+}
+
+
+def response_head(status, headers=(), length=0):
+    """The bytes of a response status line and headers."""
+    lines = ['HTTP/1.1 %d %s' % (status, REASONS.get(status, 'Unknown'))]
+    lines.extend('%s: %s' % item for item in headers)
+    lines.append('Content-Length: %d' % length)
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')

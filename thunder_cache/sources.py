@@ -1,0 +1,419 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Where chunks come from: the origin (the image-volume) and peer nodes.
+
+The origin is the image-volume the thunder Glance store wrote: the image's
+bytes from offset 0, then its manifest at
+``manifest.volume_offset(image_size)``. :class:`RbdOrigin` reads it through
+librbd, :class:`FileOrigin` from a path (a locally attached image-volume, or
+a file in tests). :func:`load_manifest` reads the manifest from an origin
+and refuses it unless its sha256 is the digest the caller got from the
+Glance image record.
+
+:class:`PeerClient` speaks the peer protocol (:mod:`thunder_cache.protocol`)
+to other nodes; :class:`PeerSource` is one peer as a chunk source, following
+the 307 redirects of a full node.
+"""
+
+import http.client
+import logging
+import os
+import threading
+
+from oslo_utils import importutils
+
+from thunder_cache import image_cache
+from thunder_cache import protocol
+from thunder_common import manifest as manifest_mod
+
+rados = importutils.try_import('rados')
+rbd = importutils.try_import('rbd')
+
+LOG = logging.getLogger(__name__)
+
+# Largest error body read from a peer; anything longer closes the
+# connection instead.
+MAX_ERROR_BODY = 4096
+
+
+class OriginError(IOError):
+    """The origin could not be read."""
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, malformed or not the image's."""
+
+
+# -- origins ---------------------------------------------------------------
+
+class Origin(image_cache.Source):
+    """Base of the origins: a byte-addressed image-volume."""
+
+    kind = 'origin'
+    url = None
+
+    def read(self, offset, length):
+        raise NotImplementedError
+
+    def read_chunk(self, index, offset, length, via=()):
+        data = self.read(offset, length)
+        if len(data) != length:
+            raise OriginError('short read from %s: %d of %d bytes at %d'
+                              % (self.name, len(data), length, offset))
+        return data
+
+    def close(self):
+        pass
+
+
+class FileOrigin(Origin):
+    """An image-volume readable as a file (or a block device) at ``path``.
+
+    The file is opened for each read, so an origin that disappears (device
+    detached, file moved) fails the reads at once and comes back when it
+    does.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.name = 'file:%s' % path
+
+    def read(self, offset, length):
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OriginError('cannot open origin %s: %s' % (self.path, e))
+        try:
+            buf = bytearray(length)
+            view = memoryview(buf)
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if not n:
+                    break
+                done += n
+            return buf if done == length else buf[:done]
+        except OSError as e:
+            raise OriginError('cannot read origin %s: %s' % (self.path, e))
+        finally:
+            os.close(fd)
+
+
+class RbdOrigin(Origin):
+    """An image-volume (or a snapshot of it) in RBD, read with librbd."""
+
+    def __init__(self, pool, image, snapshot=None,
+                 ceph_conf='/etc/ceph/ceph.conf', user=None, keyring=None,
+                 cluster_name='ceph', timeout=10):
+        if rados is None or rbd is None:
+            raise OriginError('the Ceph Python bindings (python3-rados, '
+                              'python3-rbd) are not importable')
+        self.pool = pool
+        self.image = image
+        self.snapshot = snapshot
+        self.ceph_conf = ceph_conf
+        self.user = user
+        self.keyring = keyring
+        self.cluster_name = cluster_name
+        self.timeout = timeout
+        self.name = 'rbd:%s/%s%s' % (pool, image,
+                                     '@%s' % snapshot if snapshot else '')
+        self._lock = threading.Lock()
+        self._client = self._ioctx = self._image = None
+
+    def _open(self):
+        conf = {}
+        for option in ('rados_osd_op_timeout', 'rados_mon_op_timeout',
+                       'client_mount_timeout'):
+            conf[option] = str(self.timeout)
+        if self.keyring:
+            conf['keyring'] = self.keyring
+        client = rados.Rados(conffile=self.ceph_conf, rados_id=self.user,
+                             clustername=self.cluster_name, conf=conf)
+        try:
+            client.connect(timeout=self.timeout)
+            ioctx = client.open_ioctx(self.pool)
+            try:
+                image = rbd.Image(ioctx, self.image, snapshot=self.snapshot,
+                                  read_only=True)
+            except Exception:
+                ioctx.close()
+                raise
+        except Exception:
+            client.shutdown()
+            raise
+        self._client, self._ioctx, self._image = client, ioctx, image
+
+    def _handle(self):
+        with self._lock:
+            if self._image is None:
+                try:
+                    self._open()
+                except Exception as e:
+                    raise OriginError('cannot open origin %s: %s'
+                                      % (self.name, e))
+            return self._image
+
+    def read(self, offset, length):
+        image = self._handle()
+        try:
+            return image.read(offset, length)
+        except Exception as e:
+            # Reconnect on the next read.
+            self.close()
+            raise OriginError('cannot read origin %s: %s' % (self.name, e))
+
+    def close(self):
+        with self._lock:
+            handles = (self._image, self._ioctx)
+            client = self._client
+            self._client = self._ioctx = self._image = None
+        for handle in handles:
+            if handle is not None:
+                try:
+                    handle.close()
+                except Exception:
+                    LOG.debug('closing %s', self.name, exc_info=True)
+        if client is not None:
+            client.shutdown()
+
+
+def load_manifest(read, expected_digest, offset, length=None):
+    """The verified manifest read with ``read(offset, length)``.
+
+    :param expected_digest: sha256 hex digest from the Glance image
+        record's location metadata.
+    :param length: the manifest's length if known (from the same
+        metadata); read from its header otherwise.
+    :raises ManifestError: if the bytes are not the expected manifest.
+    """
+    try:
+        if length is None:
+            head = bytes(read(offset, manifest_mod.HEADER_SIZE))
+            _c, _s, length = manifest_mod.Manifest.parse_header(head)
+        data = bytes(read(offset, length))
+        return manifest_mod.load_verified(data, expected_digest)
+    except ValueError as e:
+        raise ManifestError(str(e))
+
+
+# -- peers -----------------------------------------------------------------
+
+class PeerError(IOError):
+    """A peer did not return the chunk; ``status`` is its answer if any.
+
+    ``soft`` errors (the peer is busy, would loop, or lacks the chunk for
+    now) skip the peer for this chunk only.
+    """
+
+    def __init__(self, message, status=None, soft=False):
+        super().__init__(message)
+        self.status = status
+        self.soft = soft
+
+
+class Redirect(Exception):
+    """A full peer sent the requester to one of its children."""
+
+    def __init__(self, url):
+        super().__init__(url)
+        self.url = url
+
+
+def split_url(url):
+    """(host, port) of a normalized peer URL."""
+    rest = url[len('http://'):]
+    host, _sep, port = rest.rpartition(':')
+    return host.strip('[]'), int(port)
+
+
+class PeerClient(object):
+    """Signed requests to peer nodes.
+
+    One keep-alive connection per peer and thread.
+    """
+
+    def __init__(self, signer, timeout=10.0):
+        self.signer = signer
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self, url):
+        conns = getattr(self._local, 'conns', None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(url)
+        if conn is None:
+            host, port = split_url(url)
+            conn = http.client.HTTPConnection(host, port,
+                                              timeout=self.timeout)
+            conns[url] = conn
+        return conn
+
+    def _drop(self, url):
+        conns = getattr(self._local, 'conns', {})
+        conn = conns.pop(url, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self):
+        for url in list(getattr(self._local, 'conns', {})):
+            self._drop(url)
+
+    def _request(self, url, path, via):
+        headers = self.signer.headers('GET', path, via)
+        for attempt in (0, 1):
+            conn = self._connection(url)
+            try:
+                conn.request('GET', path, headers=headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected,
+                    ConnectionResetError, BrokenPipeError) as e:
+                # A kept-alive connection the peer closed meanwhile: one
+                # retry on a fresh connection.
+                self._drop(url)
+                if attempt:
+                    raise PeerError('peer %s: %s' % (url, e))
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(url)
+                raise PeerError('peer %s: %s' % (url, e))
+
+    def _body(self, url, response, length):
+        """Read exactly ``length`` bytes of body; never more."""
+        declared = response.getheader('Content-Length')
+        if declared != str(length):
+            self._drop(url)
+            raise PeerError('peer %s announced %r bytes, expected %d'
+                            % (url, declared, length))
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        try:
+            while done < length:
+                n = response.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(url)
+            raise PeerError('peer %s: %s' % (url, e))
+        if done != length:
+            self._drop(url)
+            raise PeerError('peer %s closed after %d of %d bytes'
+                            % (url, done, length))
+        return buf
+
+    def _error(self, url, response):
+        declared = response.getheader('Content-Length') or ''
+        message = ''
+        if declared.isdigit() and int(declared) <= MAX_ERROR_BODY:
+            try:
+                message = response.read().decode('ascii', 'replace')
+            except (OSError, http.client.HTTPException):
+                self._drop(url)
+        else:
+            self._drop(url)
+        status = response.status
+        return PeerError('peer %s answered %d %s' % (url, status,
+                                                     message.strip()[:200]),
+                         status=status, soft=status in (503, 508))
+
+    def get_chunk(self, url, image_id, index, length, via=()):
+        """The bytes of a chunk (unverified: the caller verifies).
+
+        :raises Redirect: on a 307 to another node.
+        :raises PeerError: on anything else.
+        """
+        path = protocol.chunk_path(image_id, index)
+        try:
+            response = self._request(url, path, via)
+            if response.status == 200:
+                return self._body(url, response, length)
+            if response.status == 307:
+                location = response.getheader('Location') or ''
+                self._error(url, response)  # drain the (empty) body
+                return self._redirect(url, location, path)
+            raise self._error(url, response)
+        except PeerError:
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(url)
+            raise PeerError('peer %s: %s' % (url, e))
+
+    @staticmethod
+    def _redirect(url, location, path):
+        if not location.endswith(path):
+            raise PeerError('peer %s redirected to another resource: %r'
+                            % (url, location[:200]))
+        try:
+            target = protocol.normalize_url(location[:-len(path)])
+        except ValueError as e:
+            raise PeerError('peer %s sent a bad redirect: %s' % (url, e))
+        raise Redirect(target)
+
+    def get_manifest(self, url, image_id, expected_digest):
+        """The image's manifest from a peer, verified against the digest."""
+        path = protocol.manifest_path(image_id)
+        response = self._request(url, path, ())
+        if response.status != 200:
+            raise self._error(url, response)
+        declared = response.getheader('Content-Length') or ''
+        limit = (manifest_mod.HEADER_SIZE +
+                 manifest_mod.MAX_CHUNKS * manifest_mod.DIGEST_SIZE)
+        if not declared.isdigit() or int(declared) > limit:
+            self._drop(url)
+            raise PeerError('peer %s sent a manifest of %r bytes'
+                            % (url, declared))
+        data = self._body(url, response, int(declared))
+        try:
+            return manifest_mod.load_verified(bytes(data), expected_digest)
+        except ValueError as e:
+            raise ManifestError('manifest from peer %s: %s' % (url, e))
+
+
+class PeerSource(image_cache.Source):
+    """One peer as a chunk source; follows redirects to a node's children.
+
+    ``url`` is the node currently asked: after a redirect it is the child
+    the full node sent us to, which the upstream adopts as our parent.
+    """
+
+    kind = 'peer'
+
+    def __init__(self, upstream, url):
+        self.upstream = upstream
+        self.url = url
+
+    @property
+    def name(self):
+        return 'peer:%s' % self.url
+
+    def read_chunk(self, index, offset, length, via=()):
+        upstream = self.upstream
+        seen = {self.url}
+        for _hop in range(upstream.max_redirects + 1):
+            try:
+                return upstream.client.get_chunk(self.url, upstream.image_id,
+                                                 index, length, via)
+            except Redirect as r:
+                if (r.url in seen or r.url in via or
+                        r.url == upstream.self_url):
+                    raise PeerError('peer %s redirected in a loop to %s'
+                                    % (self.url, r.url))
+                seen.add(r.url)
+                LOG.debug('Image %s: %s redirected us to %s',
+                          upstream.image_id, self.url, r.url)
+                self.url = r.url
+                upstream.adopt(r.url)
+        raise PeerError('more than %d redirects from %s'
+                        % (upstream.max_redirects, self.url))

@@ -192,14 +192,18 @@ def run_flow(stack, api, name, image_path, args):
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 env=env)))
         requested = {}
+        failures = []
         for sent, proc in procs:
             out, err = proc.communicate(timeout=600)
             if proc.returncode:
-                raise stack_mod.StackError('cinder create failed: %s'
-                                           % err[-1000:])
+                failures.append(err.strip()[-1000:])
+                continue
             vid = table_value(out, 'id')
             volume_ids.append(vid)
             requested[vid] = sent
+        if failures:
+            raise stack_mod.StackError('%d "cinder create" failed: %s' % (
+                len(failures), failures[0]))
         done = {}
         deadline = start + args.timeout
         while len(done) < len(volume_ids) and time.monotonic() < deadline:

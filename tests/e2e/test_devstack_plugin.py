@@ -1,0 +1,136 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""devstack/plugin.sh driven through its phases, as devstack drives it.
+
+devstack itself cannot run here; these tests stand in for the few devstack
+functions the plugin calls and run its phases in the order stack.sh does,
+on a devstack-plugin-ceph style configuration. They need no stack.
+"""
+
+import os
+import subprocess
+import sys
+
+from thunder_stack import ini
+from thunder_stack import stack as stack_mod
+
+DEVSTACK_STUBS = r'''
+set -euo pipefail
+source thunder_stack/devstack-shim.sh
+function echo_summary { echo "summary: $*"; }
+function is_service_enabled { return 0; }
+function setup_develop { echo "setup_develop $*" >> "$CALLS"; }
+'''
+# Sourced after lib/thunder, replacing its install_thunder (which links the
+# Ceph bindings into a Python).
+STUB_INSTALL = r'''
+function install_thunder { echo "install_thunder $*" >> "$CALLS"; }
+'''
+
+
+def _run_plugin(tmp_path, script, **env):
+    calls = tmp_path / 'calls'
+    calls.touch()
+    full_env = dict(os.environ, PYTHONPATH=stack_mod.CHECKOUT,
+                    THUNDER_PYTHON=sys.executable, CALLS=str(calls),
+                    CINDER_CONF=str(tmp_path / 'cinder.conf'),
+                    GLANCE_API_CONF=str(tmp_path / 'glance-api.conf'),
+                    TEMPEST_CONFIG=str(tmp_path / 'tempest.conf'))
+    full_env.update(env)
+    result = subprocess.run(['bash', '-c', DEVSTACK_STUBS + script],
+                            cwd=stack_mod.CHECKOUT, env=full_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return calls.read_text()
+
+
+def test_plugin_phases_configure_cinder_and_glance(tmp_path):
+    ini.write(str(tmp_path / 'glance-api.conf'), {'DEFAULT': {
+        'enabled_backends': 'robust_rbd:rbd,fast:file'}})
+    env = dict(CINDER_CEPH_POOL='volumes', CINDER_CEPH_USER='cinder',
+               CINDER_CEPH_UUID='457eb676-33da-42ec-9a8c-9293d545c337',
+               CEPH_CONF_FILE='/etc/ceph/ceph.conf',
+               SERVICE_PASSWORD='secret',
+               KEYSTONE_SERVICE_URI='http://10.0.0.1/identity',
+               CINDER_ENABLED_BACKENDS='thunder:thunder,ceph:ceph')
+    calls = _run_plugin(tmp_path, r'''
+source devstack/override-defaults
+source devstack/settings
+source devstack/plugin.sh source
+''' + STUB_INSTALL + r'''
+# devstack's configure_cinder, for each CINDER_ENABLED_BACKENDS entry:
+for be in ${CINDER_ENABLED_BACKENDS//,/ }; do
+    if type "configure_cinder_backend_${be%%:*}" >/dev/null 2>&1; then
+        "configure_cinder_backend_${be%%:*}" "${be##*:}"
+    fi
+done
+source devstack/plugin.sh stack install
+source devstack/plugin.sh stack post-config
+source devstack/plugin.sh stack test-config
+''', **env)
+    assert 'setup_develop %s' % stack_mod.CHECKOUT in calls
+    assert 'install_thunder' in calls
+
+    cinder = str(tmp_path / 'cinder.conf')
+    assert ini.iniget(cinder, 'thunder', 'volume_driver') == \
+        'cinder_thunder_driver.driver.ThunderDriver'
+    assert ini.iniget(cinder, 'thunder', 'volume_backend_name') == 'thunder'
+    assert ini.iniget(cinder, 'thunder', 'thunder_rbd_pool') == 'volumes'
+    assert ini.iniget(cinder, 'thunder', 'thunder_rbd_user') == 'cinder'
+    assert ini.iniget(cinder, 'thunder', 'thunder_rbd_secret_uuid') == \
+        '457eb676-33da-42ec-9a8c-9293d545c337'
+    assert ini.iniget(cinder, 'thunder',
+                      'image_volume_cache_enabled') == 'False'
+    assert ini.iniget(cinder, 'DEFAULT',
+                      'allowed_direct_url_schemes') == 'cinder'
+
+    glance = str(tmp_path / 'glance-api.conf')
+    assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == \
+        'robust_rbd:rbd,fast:file,thunder:thunder'
+    assert ini.iniget(glance, 'glance_store', 'default_backend') == 'thunder'
+    assert ini.iniget(glance, 'thunder', 'thunder_store_auth_address') == \
+        'http://10.0.0.1/identity/v3'
+    assert ini.iniget(glance, 'thunder', 'thunder_store_password') == \
+        'secret'
+    assert ini.iniget(glance, 'thunder',
+                      'thunder_store_volume_type') == 'thunder'
+    assert ini.iniget(glance, 'DEFAULT', 'show_image_direct_url') == 'True'
+
+    tempest = str(tmp_path / 'tempest.conf')
+    assert ini.iniget(tempest, 'volume', 'storage_protocol') == 'ceph'
+
+
+def test_glance_store_is_added_once(tmp_path):
+    script = r'''
+source devstack/settings
+source devstack/lib/thunder
+configure_thunder_glance_store
+configure_thunder_glance_store
+'''
+    _run_plugin(tmp_path, script)
+    glance = str(tmp_path / 'glance-api.conf')
+    assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == \
+        'thunder:thunder'
+
+
+def test_single_store_glance(tmp_path):
+    _run_plugin(tmp_path, r'''
+source devstack/settings
+source devstack/lib/thunder
+configure_thunder_glance_store
+''', GLANCE_ENABLE_MULTIPLE_STORES='False')
+    glance = str(tmp_path / 'glance-api.conf')
+    assert ini.iniget(glance, 'glance_store', 'stores') == 'thunder'
+    assert ini.iniget(glance, 'glance_store',
+                      'thunder_store_user_name') == 'glance'
+    assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == ''

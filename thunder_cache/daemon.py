@@ -1,0 +1,255 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The ``thunder-cache`` daemon: the node cache and its peer server.
+
+Usage::
+
+    thunder-cache --config-file /etc/thunder/thunder-cache.conf
+
+Runs in the foreground (systemd ``Type=simple``). SIGTERM and SIGINT stop
+it gracefully: no new connections, responses in progress finish, caches
+are closed, the PID file is removed. SIGHUP re-reads the image
+descriptors.
+"""
+
+import errno
+import os
+import signal
+import sys
+import threading
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from thunder_cache import node as node_mod
+from thunder_cache import options
+from thunder_cache import protocol
+from thunder_cache import server as server_mod
+from thunder_cache import sources
+
+LOG = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+class PidFileError(RuntimeError):
+    pass
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_pid_file(path):
+    """Write our PID to ``path``; refuse if a live daemon holds it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    try:
+        with open(path) as f:
+            old = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        old = 0
+    if old and old != os.getpid() and _pid_alive(old):
+        try:
+            with open('/proc/%d/cmdline' % old, 'rb') as f:
+                cmdline = f.read()
+        except OSError:
+            cmdline = b''
+        if b'thunder' in cmdline:
+            raise PidFileError('%s names running process %d' % (path, old))
+    tmp = '%s.%d.tmp' % (path, os.getpid())
+    with open(tmp, 'w') as f:
+        f.write('%d\n' % os.getpid())
+    os.rename(tmp, path)
+
+
+def remove_pid_file(path):
+    try:
+        with open(path) as f:
+            if int(f.read().strip() or 0) != os.getpid():
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def origin_factory(conf):
+    """Build origins from descriptor entries, with [origin] defaults."""
+
+    def build(spec):
+        kind = spec.get('type')
+        if kind == 'file':
+            path = spec.get('path')
+            if not isinstance(path, str) or not path:
+                raise node_mod.DescriptorError('file origin needs a path')
+            return sources.FileOrigin(path)
+        if kind == 'rbd':
+            for key in ('pool', 'image'):
+                if not isinstance(spec.get(key), str) or not spec[key]:
+                    raise node_mod.DescriptorError('rbd origin needs %s'
+                                                   % key)
+            try:
+                return sources.RbdOrigin(
+                    spec['pool'], spec['image'], spec.get('snapshot'),
+                    ceph_conf=spec.get('ceph_conf',
+                                       conf.origin.rbd_ceph_conf),
+                    user=spec.get('user', conf.origin.rbd_user),
+                    keyring=spec.get('keyring', conf.origin.rbd_keyring),
+                    cluster_name=conf.origin.rbd_cluster_name,
+                    timeout=conf.origin.rbd_connect_timeout)
+            except sources.OriginError as e:
+                raise node_mod.DescriptorError(str(e))
+        raise node_mod.DescriptorError('unknown origin type %r' % (kind,))
+
+    return build
+
+
+class Daemon(object):
+    """The node, its server and its signal handling."""
+
+    def __init__(self, conf):
+        self.conf = conf
+        secret = protocol.load_secret(conf.peer.shared_secret_file)
+        self.server = None
+        host = conf.node.listen_address
+        # Bind first so that a port of 0 is known before the URL is.
+        self._bind_address = (host, conf.node.listen_port)
+        self._secret = secret
+        self._wake = threading.Event()
+        self._terminate = False
+        self._reload = False
+        self.node = None
+
+    def start(self):
+        conf = self.conf
+        placeholder = None
+        self.server = server_mod.PeerServer(
+            self._bind_address, placeholder, self._secret,
+            idle_timeout=conf.peer.idle_timeout,
+            max_connections=conf.peer.max_connections,
+            metrics_auth=conf.peer.metrics_require_auth)
+        port = self.server.port
+        url = conf.node.advertise_url or 'http://%s:%d' % (
+            self._advertised_host(), port)
+        signer = protocol.Signer(self._secret, conf.node.node_id, url,
+                                 lifetime=conf.peer.token_lifetime)
+        client = sources.PeerClient(signer, timeout=conf.peer.fetch_timeout)
+        self.node = node_mod.Node(
+            conf.node.node_id, url, conf.node.cache_dir, client,
+            max_children=conf.peer.max_children,
+            child_ttl=conf.peer.child_ttl,
+            upload_rate=conf.peer.upload_rate_limit * MiB,
+            upload_burst=conf.peer.upload_burst * MiB,
+            relay_timeout=conf.peer.relay_timeout,
+            max_redirects=conf.peer.max_redirects,
+            retry_interval=conf.peer.peer_retry_interval,
+            verify_persisted=conf.cache.verify_persisted)
+        self.server.node = self.node
+        self.load_descriptors()
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        name='peer-server', daemon=True)
+        self._thread.start()
+        LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
+                 conf.node.node_id, url, self._bind_address[0], port,
+                 len(self.node.image_ids()))
+
+    def _advertised_host(self):
+        host = self.conf.node.listen_address
+        if host in ('0.0.0.0', '::', ''):
+            return self.conf.node.node_id
+        if ':' in host:
+            return '[%s]' % host
+        return host
+
+    @property
+    def descriptors_dir(self):
+        return self.conf.node.descriptors_dir or os.path.join(
+            self.conf.node.cache_dir, 'images.d')
+
+    def load_descriptors(self):
+        count = self.node.load_descriptors(self.descriptors_dir,
+                                           origin_factory(self.conf))
+        LOG.info('Loaded %d image descriptors from %s', count,
+                 self.descriptors_dir)
+
+    def request_stop(self, *_args):
+        self._terminate = True
+        self._wake.set()
+
+    def request_reload(self, *_args):
+        self._reload = True
+        self._wake.set()
+
+    def wait(self):
+        """Serve until asked to stop; re-read descriptors on request."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._terminate:
+                return
+            if self._reload:
+                self._reload = False
+                self.load_descriptors()
+
+    def stop(self):
+        LOG.info('thunder-cache %s stopping', self.conf.node.node_id)
+        if self.server is not None:
+            self.server.stop()
+        if self.node is not None:
+            self.node.close()
+
+
+def main(argv=None):
+    conf = cfg.ConfigOpts()
+    options.register(conf)
+    logging.register_options(conf)
+    conf(sys.argv[1:] if argv is None else argv, project='thunder',
+         prog='thunder-cache')
+    logging.setup(conf, 'thunder-cache')
+    try:
+        daemon = Daemon(conf)
+    except (OSError, ValueError) as e:
+        LOG.error('Cannot start: %s', e)
+        return 1
+    try:
+        write_pid_file(conf.node.pid_file)
+    except (OSError, PidFileError) as e:
+        LOG.error('Cannot start: %s', e)
+        return 1
+
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
+    try:
+        try:
+            daemon.start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                LOG.error('Cannot start: %s:%d is in use',
+                          *daemon._bind_address)
+                return 1
+            raise
+        daemon.wait()
+        daemon.stop()
+    finally:
+        remove_pid_file(conf.node.pid_file)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,475 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The images of one node and what it answers to its peers.
+
+:class:`Node` owns the image caches of a node, keyed by Glance image id.
+An image is *registered* with the digest of its manifest (from the Glance
+image record), where its origin is and which peers hold it; it is
+*activated* on first use: the manifest is read from a local copy, the
+origin or a peer, and accepted only if its sha256 is the registered
+digest. Registration comes from descriptor files (see
+:func:`load_descriptor`), one JSON file per image.
+
+The request logic (authentication aside, which the server does) lives here
+so that it can be tested without sockets: :meth:`Node.serve_chunk` returns
+a :class:`Reply` saying what to send.
+"""
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+
+from thunder_cache import fanout
+from thunder_cache import image_cache
+from thunder_cache import metrics
+from thunder_cache import protocol
+from thunder_cache import sources
+from thunder_cache import upstream as upstream_mod
+from thunder_common import manifest as manifest_mod
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST_FILE = 'manifest'
+MAX_DESCRIPTOR_BYTES = 65536
+_HEX_DIGEST = re.compile(r'^[0-9a-f]{64}\Z')
+
+NODE_COUNTERS = {
+    'auth_failures': 'Requests refused for a missing, bad or expired token.',
+    'bad_requests': 'Requests refused as malformed or too large.',
+    'redirects_sent': 'Requests sent to one of this node\'s children (307) '
+                      'because the image\'s fan-out was full.',
+    'loops_refused': 'Relayed requests refused because serving them would '
+                     'wait on the requester (508).',
+    'relay_failures': 'Peer requests for a chunk this node could not get '
+                      'in time (503).',
+    'upload_bytes': 'Bytes of chunk data sent to peers.',
+}
+
+
+class Reply(object):
+    """What to answer: a status, headers and a body or a file span."""
+
+    __slots__ = ('status', 'headers', 'body', 'span', 'on_sent')
+
+    def __init__(self, status, headers=(), body=b'', span=None,
+                 on_sent=None):
+        self.status = status
+        self.headers = list(headers)
+        self.body = body
+        self.span = span  # (fd, offset, length)
+        self.on_sent = on_sent
+
+    def __repr__(self):
+        return '<Reply %d>' % self.status
+
+    @property
+    def length(self):
+        return self.span[2] if self.span else len(self.body)
+
+
+def _error(status, message=''):
+    body = (message + '\n').encode('ascii', 'replace') if message else b''
+    return Reply(status, [('Content-Type', 'text/plain')] if body else [],
+                 body)
+
+
+class DescriptorError(ValueError):
+    """An image descriptor that cannot be used."""
+
+
+class ImageSpec(object):
+    """What a node needs to know about an image to cache it."""
+
+    def __init__(self, image_id, manifest_digest, origin=None, peers=(),
+                 manifest_offset=None, manifest_length=None,
+                 image_size=None):
+        if not isinstance(image_id, str) or not protocol.IMAGE_ID.match(
+                image_id):
+            raise DescriptorError('bad image id %r' % (image_id,))
+        if (not isinstance(manifest_digest, str) or
+                not _HEX_DIGEST.match(manifest_digest)):
+            raise DescriptorError('manifest digest must be a lower-case '
+                                  'sha256 hex digest')
+        for name, value in (('manifest_offset', manifest_offset),
+                            ('manifest_length', manifest_length),
+                            ('image_size', image_size)):
+            if value is not None and (not isinstance(value, int) or
+                                      isinstance(value, bool) or
+                                      value < 0):
+                raise DescriptorError('%s must be a non-negative integer'
+                                      % name)
+        if manifest_offset is None:
+            if image_size is None:
+                raise DescriptorError('need manifest_offset or image_size')
+            manifest_offset = manifest_mod.volume_offset(image_size)
+        try:
+            self.peers = tuple(protocol.normalize_url(p) for p in peers)
+        except ValueError as e:
+            raise DescriptorError(str(e))
+        self.image_id = image_id
+        self.manifest_digest = manifest_digest
+        self.origin = origin
+        self.manifest_offset = manifest_offset
+        self.manifest_length = manifest_length
+
+
+def load_descriptor(path, origin_factory):
+    """An :class:`ImageSpec` from a JSON descriptor file.
+
+    The file ``<image id>.json`` holds an object with
+    ``manifest_digest`` (from the image's location metadata),
+    ``manifest_offset`` and optionally ``manifest_length`` (or
+    ``image_size`` to compute the offset), ``origin`` (``{"type": "file",
+    "path": ...}``, ``{"type": "rbd", "pool": ..., "image": ...,
+    "snapshot": ...}`` or null) and ``peers`` (a list of peer URLs).
+    """
+    image_id = os.path.basename(path)[:-len('.json')]
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read(MAX_DESCRIPTOR_BYTES + 1)
+        if len(raw) > MAX_DESCRIPTOR_BYTES:
+            raise DescriptorError('descriptor larger than %d bytes'
+                                  % MAX_DESCRIPTOR_BYTES)
+        data = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise DescriptorError('cannot read %s: %s' % (path, e))
+    if not isinstance(data, dict):
+        raise DescriptorError('%s does not hold a JSON object' % path)
+    if data.get('image_id', image_id) != image_id:
+        raise DescriptorError('%s names image %r'
+                              % (path, data.get('image_id')))
+    peers = data.get('peers') or []
+    if not isinstance(peers, list):
+        raise DescriptorError('peers must be a list of URLs')
+    origin = data.get('origin')
+    if origin is not None:
+        if not isinstance(origin, dict):
+            raise DescriptorError('origin must be an object or null')
+        origin = origin_factory(origin)
+    return ImageSpec(image_id, data.get('manifest_digest'), origin, peers,
+                     data.get('manifest_offset'), data.get('manifest_length'),
+                     data.get('image_size'))
+
+
+class ImageEntry(object):
+    """A registered image and, once activated, its cache."""
+
+    def __init__(self, spec, max_children, child_ttl):
+        self.spec = spec
+        self.children = fanout.ChildTable(max_children, child_ttl)
+        self.cache = None
+        self.manifest_bytes = None
+        self.lock = threading.Lock()
+        self.retry_at = 0.0
+        self.last_error = None
+
+
+class Node(object):
+    """The caches of one node and its side of the peer protocol.
+
+    :param node_id: this node's id, sent to peers and checked by them.
+    :param url: this node's serving URL as its peers know it.
+    :param cache_dir: where the image caches live.
+    :param client: a :class:`~thunder_cache.sources.PeerClient`.
+    :param max_children: children served per image before redirecting.
+    :param relay_timeout: seconds a peer request waits for a chunk this
+        node must fetch first.
+    """
+
+    def __init__(self, node_id, url, cache_dir, client, max_children=2,
+                 child_ttl=60.0, upload_rate=0, upload_burst=None,
+                 relay_timeout=10.0, max_redirects=4, retry_interval=30.0,
+                 verify_persisted=True, activation_retry=5.0):
+        self.node_id = protocol.check_node_id(node_id)
+        self.url = protocol.normalize_url(url)
+        self.cache_dir = cache_dir
+        self.client = client
+        self.max_children = max_children
+        self.child_ttl = child_ttl
+        self.relay_timeout = relay_timeout
+        self.max_redirects = max_redirects
+        self.retry_interval = retry_interval
+        self.verify_persisted = verify_persisted
+        self.activation_retry = activation_retry
+        self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
+        self.counters = metrics.Counters(NODE_COUNTERS)
+        self.responses = metrics.Counters(protocol.REASONS)
+        self._images = {}
+        self._lock = threading.Lock()
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+
+    # -- registration -----------------------------------------------------
+
+    def register(self, spec):
+        """Register (or update the peers and origin of) an image."""
+        with self._lock:
+            entry = self._images.get(spec.image_id)
+            if entry is None:
+                self._images[spec.image_id] = ImageEntry(
+                    spec, self.max_children, self.child_ttl)
+                LOG.info('Registered image %s (manifest %s, %d peers)',
+                         spec.image_id, spec.manifest_digest[:16],
+                         len(spec.peers))
+                return
+        if entry.spec.manifest_digest != spec.manifest_digest:
+            raise DescriptorError('image %s is registered with another '
+                                  'manifest digest' % spec.image_id)
+        with entry.lock:
+            entry.spec = spec
+            if entry.cache is not None:
+                entry.cache.upstream.origin = spec.origin
+                entry.cache.upstream.set_peers(spec.peers)
+
+    def load_descriptors(self, directory, origin_factory):
+        """Register every ``*.json`` descriptor of ``directory``."""
+        loaded = 0
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if not name.endswith('.json'):
+                continue
+            try:
+                self.register(load_descriptor(os.path.join(directory, name),
+                                              origin_factory))
+                loaded += 1
+            except DescriptorError as e:
+                LOG.error('Ignoring image descriptor %s: %s', name, e)
+        return loaded
+
+    def image_ids(self):
+        with self._lock:
+            return sorted(self._images)
+
+    # -- activation -------------------------------------------------------
+
+    def _entry(self, image_id):
+        with self._lock:
+            return self._images.get(image_id)
+
+    def cache(self, image_id):
+        """The activated cache of a registered image.
+
+        :raises KeyError: if the image is not registered.
+        :raises sources.ManifestError: if its manifest cannot be loaded.
+        """
+        entry = self._entry(image_id)
+        if entry is None:
+            raise KeyError(image_id)
+        if entry.cache is not None:
+            return entry.cache
+        with entry.lock:
+            if entry.cache is None:
+                now = time.monotonic()
+                if now < entry.retry_at:
+                    raise sources.ManifestError(entry.last_error)
+                try:
+                    self._activate(entry)
+                except sources.ManifestError as e:
+                    entry.last_error = str(e)
+                    entry.retry_at = now + self.activation_retry
+                    raise
+            return entry.cache
+
+    def _activate(self, entry):
+        spec = entry.spec
+        directory = os.path.join(self.cache_dir, spec.image_id)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        manifest = self._load_manifest(spec, directory)
+        upstream = upstream_mod.Upstream(
+            spec.image_id, spec.origin, spec.peers, self.client, self.url,
+            max_redirects=self.max_redirects,
+            retry_interval=self.retry_interval)
+        entry.manifest_bytes = manifest.to_bytes()
+        entry.cache = image_cache.ImageCache(
+            directory, spec.image_id, manifest, upstream,
+            verify_persisted=self.verify_persisted)
+
+    def _load_manifest(self, spec, directory):
+        local = os.path.join(directory, MANIFEST_FILE)
+        errors = []
+        try:
+            with open(local, 'rb') as f:
+                return manifest_mod.load_verified(f.read(),
+                                                  spec.manifest_digest)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            errors.append('local copy: %s' % e)
+        manifest = None
+        if spec.origin is not None:
+            try:
+                manifest = sources.load_manifest(
+                    spec.origin.read, spec.manifest_digest,
+                    spec.manifest_offset, spec.manifest_length)
+            except (IOError, sources.ManifestError) as e:
+                errors.append('%s: %s' % (spec.origin.name, e))
+        for url in spec.peers if manifest is None else ():
+            if url == self.url:
+                continue
+            try:
+                manifest = self.client.get_manifest(url, spec.image_id,
+                                                    spec.manifest_digest)
+                break
+            except (IOError, sources.ManifestError) as e:
+                errors.append('peer %s: %s' % (url, e))
+        if manifest is None:
+            raise sources.ManifestError(
+                'no verified manifest for image %s (%s)'
+                % (spec.image_id, '; '.join(errors) or 'no origin, no peers'))
+        tmp = local + '.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(manifest.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, local)
+        return manifest
+
+    # -- local reads --------------------------------------------------------
+
+    def read(self, image_id, offset, length):
+        return self.cache(image_id).read(offset, length)
+
+    # -- peer requests ------------------------------------------------------
+
+    def serve_manifest(self, peer, image_id):
+        try:
+            self.cache(image_id)
+        except KeyError:
+            return _error(404, 'unknown image')
+        except sources.ManifestError:
+            return _error(503, 'manifest not available')
+        entry = self._entry(image_id)
+        return Reply(200, [('Content-Type', 'application/octet-stream')],
+                     entry.manifest_bytes)
+
+    def serve_chunk(self, peer, image_id, index, range_header=None):
+        """The answer to an authenticated chunk request."""
+        entry = self._entry(image_id)
+        if entry is None:
+            return _error(404, 'unknown image')
+        try:
+            cache = self.cache(image_id)
+        except sources.ManifestError:
+            return _error(503, 'manifest not available')
+        if index >= cache.manifest.chunk_count:
+            return _error(404, 'no such chunk')
+        waiting = peer.via + (peer.url,)
+        if self.url in waiting:
+            self.counters.inc('loops_refused')
+            return _error(508, 'request came back to this node')
+        admission = entry.children.admit(peer.node_id, peer.url)
+        if not admission.serve:
+            self.counters.inc('redirects_sent')
+            location = admission.redirect_url + protocol.chunk_path(
+                image_id, index)
+            return Reply(307, [('Location', location)])
+        if not cache.has(index):
+            if len(waiting) >= protocol.MAX_HOPS:
+                self.counters.inc('loops_refused')
+                return _error(508, 'relayed through too many nodes')
+            try:
+                cache.ensure(index, via=waiting,
+                             timeout=self.relay_timeout)
+            except image_cache.LoopError:
+                self.counters.inc('loops_refused')
+                return _error(508, 'fetch in flight from the requester')
+            except image_cache.FetchError as e:
+                self.counters.inc('relay_failures')
+                LOG.info('Image %s: cannot serve chunk %d to %s: %s',
+                         image_id, index, peer.node_id, e)
+                return _error(503, 'chunk not available')
+        offset, length = cache.manifest.chunk_range(index)
+        status = 200
+        headers = [('Content-Type', 'application/octet-stream')]
+        if range_header is not None:
+            start, end = protocol.parse_range(range_header, length)
+            headers.append(('Content-Range', 'bytes %d-%d/%d'
+                            % (start, end - 1, length)))
+            offset, length, status = offset + start, end - start, 206
+
+        def sent(count):
+            cache.counters.inc('bytes_served_to_peers', count)
+            if count == length:
+                cache.counters.inc('chunks_served_to_peers')
+            self.counters.inc('upload_bytes', count)
+
+        return Reply(status, headers, span=(cache.fileno, offset, length),
+                     on_sent=sent)
+
+    # -- metrics ------------------------------------------------------------
+
+    def metrics_text(self):
+        page = metrics.Exposition()
+        node = {'node': self.node_id}
+        for name, value in self.counters.snapshot().items():
+            page.add('thunder_cache_%s_total' % name, 'counter',
+                     NODE_COUNTERS[name], value, node)
+        for status, value in sorted(self.responses.snapshot().items()):
+            if value:
+                page.add('thunder_cache_responses_total', 'counter',
+                         'Responses sent, by HTTP status.', value,
+                         dict(node, status=status))
+        page.add('thunder_cache_upload_throttled_seconds_total', 'counter',
+                 'Seconds uploads waited for the upload rate limit.',
+                 self.bucket.waited, node)
+        with self._lock:
+            entries = sorted(self._images.items())
+        for image_id, entry in entries:
+            labels = dict(node, image=image_id)
+            page.add('thunder_cache_children', 'gauge',
+                     'Child nodes served for the image.',
+                     len(entry.children.children()), labels)
+            cache = entry.cache
+            if cache is None:
+                continue
+            snap = cache.counters.snapshot()
+            for name, value in snap.items():
+                page.add('thunder_cache_%s_total' % name, 'counter',
+                         metrics.IMAGE_COUNTERS[name], value, labels)
+            reads = snap['chunk_hits'] + snap['chunk_misses'] + snap[
+                'inflight_joins']
+            page.add('thunder_cache_hit_ratio', 'gauge',
+                     'Chunk reads served from the cache over all chunk '
+                     'reads.', (snap['chunk_hits'] / reads) if reads else 0.0,
+                     labels)
+            page.add('thunder_cache_chunks_present', 'gauge',
+                     'Chunks of the image held by this node.',
+                     cache.present_count(), labels)
+            page.add('thunder_cache_chunks', 'gauge',
+                     'Chunks of the image.', cache.manifest.chunk_count,
+                     labels)
+            for kind, histogram in sorted(cache.fetch_latency.items()):
+                page.add_histogram(
+                    'thunder_cache_fetch_seconds',
+                    'Time to fetch and verify one chunk, by source kind.',
+                    histogram, dict(labels, source=kind))
+        return page.render()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def close(self):
+        with self._lock:
+            entries = list(self._images.values())
+        for entry in entries:
+            with entry.lock:
+                if entry.cache is not None:
+                    entry.cache.close()
+                    entry.cache = None
+                if entry.spec.origin is not None:
+                    entry.spec.origin.close()
+        self.client.close()

@@ -1,0 +1,180 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Configuration options of the ``thunder-cache`` daemon.
+
+They live in ``/etc/thunder/thunder-cache.conf`` (or the files given with
+``--config-file``), in four sections: ``[node]`` (identity, address,
+directories), ``[peer]`` (the peer protocol: secret, fan-out, rates,
+timeouts), ``[cache]`` and ``[origin]`` (how to reach image-volumes in
+RBD).
+"""
+
+import socket
+
+from oslo_config import cfg
+
+DEFAULT_PORT = 7485
+
+node_opts = [
+    cfg.StrOpt('node_id',
+               default=socket.gethostname().split('.')[0] or 'node',
+               sample_default='<short host name>',
+               regex=r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$',
+               help='Identity of this node in the peer protocol. Peers '
+                    'count fan-out children by node id, so every node of '
+                    'a deployment needs a distinct one.'),
+    cfg.HostAddressOpt('listen_address',
+                       default='0.0.0.0',
+                       help='Address the peer server listens on.'),
+    cfg.PortOpt('listen_port',
+                default=DEFAULT_PORT,
+                help='TCP port of the peer server. 0 picks a free port '
+                     '(tests only: peers must know the port).'),
+    cfg.StrOpt('advertise_url',
+               help='URL other nodes reach this node at, '
+                    'http://HOST:PORT. It is signed into every request '
+                    'this node makes and is where full nodes redirect new '
+                    'peers to, so it must be the URL peers list this node '
+                    'under. Defaults to http://<listen_address or host '
+                    'name>:<listen_port>.'),
+    cfg.StrOpt('cache_dir',
+               default='/var/lib/thunder-cache',
+               help='Directory of the image caches: one sub-directory per '
+                    'image with its sparse data file, its chunk map and '
+                    'its verified manifest.'),
+    cfg.StrOpt('descriptors_dir',
+               help='Directory of image descriptors (<image id>.json: the '
+                    'manifest digest from the Glance image record, the '
+                    'origin and the peer URLs). Read at start and on '
+                    'SIGHUP. Defaults to <cache_dir>/images.d.'),
+    cfg.StrOpt('pid_file',
+               default='/run/thunder-cache/thunder-cache.pid',
+               help='File holding the daemon\'s process id while it runs. '
+                    'The daemon refuses to start while the file names a '
+                    'running thunder-cache.'),
+]
+
+peer_opts = [
+    cfg.StrOpt('shared_secret_file',
+               default='/etc/thunder/peer-secret',
+               help='File holding the secret shared by all nodes of the '
+                    'deployment (at least 16 bytes; surrounding '
+                    'whitespace is ignored). Every peer request carries an '
+                    'HMAC-SHA256 token keyed with it; requests without a '
+                    'valid token are refused with 401. Keep it readable '
+                    'by the daemon only.'),
+    cfg.IntOpt('token_lifetime',
+               default=60, min=1, max=300,
+               help='Seconds the tokens this node signs stay valid. Nodes '
+                    'refuse tokens claiming more than 300 s (plus 30 s of '
+                    'clock skew), so clocks must be roughly in sync.'),
+    cfg.IntOpt('max_children',
+               default=2, min=1, max=64,
+               help='Distinct child nodes this node serves per image. A '
+                    'new node asking while the image is full is redirected '
+                    '(307) to one of the children, round robin, and adopts '
+                    'it as its parent: the nodes of an image form a tree '
+                    'of this degree. 2 keeps the load of any node bounded '
+                    'to twice what it reads; larger values make the tree '
+                    'shallower (fewer hops, lower latency for cold '
+                    'chunks) at the cost of more upload per node.'),
+    cfg.IntOpt('child_ttl',
+               default=60, min=1,
+               help='Seconds after its last request a child gives up its '
+                    'place in the fan-out table of an image.'),
+    cfg.IntOpt('upload_rate_limit',
+               default=0, min=0,
+               help='Total rate, in MiB/s, at which this node sends chunk '
+                    'data to peers, over all images and connections. 0 '
+                    'means no limit. Set it below the node\'s link speed '
+                    'to leave bandwidth to the guests.'),
+    cfg.IntOpt('upload_burst',
+               default=4, min=1,
+               help='Burst, in MiB, allowed above upload_rate_limit.'),
+    cfg.FloatOpt('fetch_timeout',
+                 default=10.0, min=0.1,
+                 help='Seconds a request to a peer may stay silent '
+                      '(connect or read) before the peer is dropped and '
+                      'the next source is tried.'),
+    cfg.FloatOpt('relay_timeout',
+                 default=8.0, min=0.1,
+                 help='Seconds a peer request for a chunk this node does '
+                      'not hold waits while this node fetches it; then the '
+                      'peer gets 503 and asks elsewhere. Keep it below '
+                      'fetch_timeout.'),
+    cfg.IntOpt('max_redirects',
+               default=4, min=0, max=16,
+               help='Redirects (307 from full nodes) followed for one '
+                    'chunk before the peer is given up.'),
+    cfg.IntOpt('peer_retry_interval',
+               default=30, min=1,
+               help='Seconds a peer that failed (error, timeout, a chunk '
+                    'that did not verify) is left out before it is asked '
+                    'again.'),
+    cfg.IntOpt('max_connections',
+               default=256, min=1,
+               help='Concurrent peer connections; more are answered 503.'),
+    cfg.IntOpt('idle_timeout',
+               default=60, min=1,
+               help='Seconds an idle keep-alive peer connection stays '
+                    'open.'),
+    cfg.BoolOpt('metrics_require_auth',
+                default=False,
+                help='Require a peer token on GET /metrics. Off by '
+                     'default so that Prometheus can scrape it; turn it '
+                     'on when the port is reachable from untrusted '
+                     'networks (the page names the cached images).'),
+]
+
+cache_opts = [
+    cfg.BoolOpt('verify_persisted',
+                default=True,
+                help='Verify again, before its first use after a restart, '
+                     'each chunk the cache already held (one sha256 per '
+                     'chunk per start, about 1.7 GB/s per core here). A '
+                     'chunk damaged on disk is then fetched again instead '
+                     'of being served.'),
+]
+
+origin_opts = [
+    cfg.StrOpt('rbd_ceph_conf',
+               default='/etc/ceph/ceph.conf',
+               help='Ceph configuration file used to read RBD '
+                    'image-volumes (descriptors with "origin": {"type": '
+                    '"rbd", ...}).'),
+    cfg.StrOpt('rbd_cluster_name',
+               default='ceph',
+               help='Name of the Ceph cluster.'),
+    cfg.StrOpt('rbd_user',
+               help='Ceph user (without "client.") reading image-volumes; '
+                    'read access to the volumes pool is enough.'),
+    cfg.StrOpt('rbd_keyring',
+               help='Keyring of rbd_user; defaults to what the Ceph '
+                    'configuration names.'),
+    cfg.IntOpt('rbd_connect_timeout',
+               default=10, min=1,
+               help='Seconds to wait for the Ceph monitors and OSDs.'),
+]
+
+GROUPS = (('node', node_opts), ('peer', peer_opts), ('cache', cache_opts),
+          ('origin', origin_opts))
+
+
+def register(conf):
+    for group, opts in GROUPS:
+        conf.register_opts(opts, group=group)
+
+
+def list_opts():
+    """Options for oslo-config-generator."""
+    return [(group, opts) for group, opts in GROUPS]

@@ -813,6 +813,14 @@ def main(argv=None):
     demo.add_argument('--timeout', type=int, default=900,
                       help='seconds to wait for the volumes')
     demo.add_argument('--json', help='also write the results to this file')
+    tempest = sub.add_parser('tempest', help="run Tempest's volume tests "
+                                             'against the stack')
+    tempest.add_argument('--regex', default=None,
+                         help='tests to run (default: Tempest and '
+                              'cinder-tempest-plugin volume API tests)')
+    tempest.add_argument('--exclude', default=None,
+                         help='tests to leave out (a regex)')
+    tempest.add_argument('--concurrency', type=int, default=2)
     args = parser.parse_args(argv)
     stack = Stack()
     try:
@@ -830,6 +838,12 @@ def main(argv=None):
             if not stack.is_up():
                 stack.up()
             return demo_mod.run_demo(stack, args)
+        elif args.command == 'tempest':
+            from thunder_stack import tempest as tempest_mod
+            if not stack.is_up():
+                stack.up()
+            args.regex = args.regex or tempest_mod.DEFAULT_REGEX
+            return tempest_mod.run_tempest(stack, args)
     except (StackError, svc.ServiceError, ceph_mod.CephError) as e:
         print('thunder-stack: error: %s' % e, file=sys.stderr)
         return 1

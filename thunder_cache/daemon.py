@@ -162,7 +162,8 @@ class Daemon(object):
         self.server.node = self.node
         self.load_descriptors()
         self._thread = threading.Thread(target=self.server.serve_forever,
-                                        name='peer-server', daemon=True)
+                                        args=(0.2,), name='peer-server',
+                                        daemon=True)
         self._thread.start()
         LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
                  conf.node.node_id, url, self._bind_address[0], port,

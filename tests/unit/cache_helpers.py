@@ -1,0 +1,100 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""In-process node caches and peer servers on 127.0.0.1, for tests."""
+
+import collections
+import os
+import threading
+
+from thunder_cache import node as node_mod
+from thunder_cache import protocol
+from thunder_cache import server as server_mod
+from thunder_cache import sources
+from thunder_common import manifest as manifest_mod
+
+SECRET = b'unit-test-shared-secret-0123456789'
+
+
+def write_volume(path, image, chunk_size):
+    """Write an image-volume (image, then manifest); return the manifest."""
+    manifest = manifest_mod.Manifest.build([image], chunk_size)
+    with open(path, 'wb') as f:
+        f.write(image)
+        f.seek(manifest_mod.volume_offset(len(image)))
+        f.write(manifest.to_bytes())
+    return manifest
+
+
+class CountingOrigin(sources.FileOrigin):
+    """A FileOrigin that counts the chunk reads it serves."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.reads = collections.Counter()
+        self.lock = threading.Lock()
+        self.down = False
+
+    def read_chunk(self, index, offset, length, via=()):
+        if self.down:
+            raise sources.OriginError('origin is down')
+        with self.lock:
+            self.reads[index] += 1
+        return super().read_chunk(index, offset, length, via)
+
+
+class Cluster(object):
+    """Nodes with their servers; stop() stops them all."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.nodes = []
+
+    def start(self, name, spec_kwargs, secret=SECRET, **node_kwargs):
+        srv = server_mod.PeerServer(('127.0.0.1', 0), None, secret,
+                                    idle_timeout=5)
+        url = 'http://127.0.0.1:%d' % srv.port
+        signer = protocol.Signer(secret, name, url)
+        client = sources.PeerClient(signer, timeout=5)
+        node_kwargs.setdefault('relay_timeout', 4)
+        node = node_mod.Node(name, url, str(self.tmp_path / name), client,
+                             **node_kwargs)
+        srv.node = node
+        if spec_kwargs is not None:
+            node.register(node_mod.ImageSpec(**spec_kwargs))
+        thread = threading.Thread(target=srv.serve_forever, args=(0.05,),
+                                  daemon=True)
+        thread.start()
+        self.nodes.append((node, srv))
+        return node, srv
+
+    def stop(self, node):
+        for n, srv in list(self.nodes):
+            if n is node:
+                srv.stop(grace=1)
+                n.close()
+                self.nodes.remove((n, srv))
+
+    def stop_all(self):
+        for node, _srv in list(self.nodes):
+            self.stop(node)
+
+
+def client(name='tester', url='http://127.0.0.1:9', secret=SECRET):
+    return sources.PeerClient(protocol.Signer(secret, name, url), timeout=5)
+
+
+def remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

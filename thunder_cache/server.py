@@ -73,6 +73,10 @@ class _Handler(socketserver.BaseRequestHandler):
             keep_alive = (version == 'HTTP/1.1' and
                           headers.get('connection', '').lower() != 'close')
             reply = server.dispatch(target, headers)
+            # A client error ends the connection: the peer is broken or
+            # hostile. 503 and 508 are ordinary answers of the protocol.
+            if reply.status >= 400 and reply.status not in (503, 508):
+                keep_alive = False
             if not self._send(reply, keep_alive and not server.stopping):
                 return
             if not keep_alive:

@@ -1,0 +1,467 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The peer server over real sockets, the node's answers, descriptors."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.unit import cache_helpers
+from thunder_cache import daemon
+from thunder_cache import node as node_mod
+from thunder_cache import protocol
+from thunder_cache import server as server_mod
+from thunder_cache import sources
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = cache_helpers.Cluster(tmp_path)
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+def volume(tmp_path):
+    image = os.urandom(CHUNK * 6 + 100)
+    path = str(tmp_path / 'volume')
+    manifest = cache_helpers.write_volume(path, image, CHUNK)
+    return image, manifest, path
+
+
+def _spec(manifest, origin=None, peers=(), image_id='img'):
+    return dict(image_id=image_id, manifest_digest=manifest.digest(),
+                origin=origin, peers=peers,
+                image_size=manifest.image_size)
+
+
+@pytest.fixture
+def seed(cluster, volume):
+    image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    node, srv = cluster.start('seed', _spec(manifest, origin),
+                              max_children=2)
+    node.origin = origin
+    return node, srv
+
+
+def _raw(port, data, read_timeout=5):
+    """Send raw bytes; return everything the server sends until close."""
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+        s.sendall(data)
+        s.settimeout(read_timeout)
+        out = b''
+        while True:
+            try:
+                got = s.recv(65536)
+            except socket.timeout:
+                break
+            if not got:
+                break
+            out += got
+        return out
+
+
+def _request(path, headers=None, close=True):
+    lines = ['GET %s HTTP/1.1' % path, 'Host: x']
+    for k, v in (headers or {}).items():
+        lines.append('%s: %s' % (k, v))
+    if close:
+        lines.append('Connection: close')
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')
+
+
+def _signed(path, name='peer', url='http://127.0.0.1:9', via=(),
+            secret=cache_helpers.SECRET, **kw):
+    return protocol.Signer(secret, name, url, **kw).headers('GET', path, via)
+
+
+def _split(response):
+    head, _sep, body = response.partition(b'\r\n\r\n')
+    lines = head.decode('ascii').split('\r\n')
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(': ', 1) for line in lines[1:])
+    return status, headers, body
+
+
+# -- the server over sockets -----------------------------------------------
+
+def test_chunk_served(seed, volume):
+    image, manifest, _ = volume
+    node, srv = seed
+    path = protocol.chunk_path('img', 2)
+    status, headers, body = _split(_raw(srv.port,
+                                        _request(path, _signed(path))))
+    assert status == 200
+    assert body == image[2 * CHUNK:3 * CHUNK]
+    assert headers['Content-Length'] == str(CHUNK)
+    assert headers['Connection'] == 'close'
+    snap = node.cache('img').counters.snapshot()
+    assert snap['bytes_served_to_peers'] == CHUNK
+    assert snap['chunks_served_to_peers'] == 1
+
+
+def test_keep_alive_many_requests(seed, volume):
+    image, manifest, _ = volume
+    node, srv = seed
+    data = b''.join(_request(protocol.chunk_path('img', i),
+                             _signed(protocol.chunk_path('img', i)),
+                             close=False)
+                    for i in range(manifest.chunk_count))
+    out = _raw(srv.port, data, read_timeout=1)
+    body = b''
+    rest = out
+    for _ in range(manifest.chunk_count):
+        head, _sep, rest = rest.partition(b'\r\n\r\n')
+        length = int(head.split(b'Content-Length: ')[1].split(b'\r\n')[0])
+        body += rest[:length]
+        rest = rest[length:]
+    assert body == image
+    assert rest == b''
+
+
+def test_range_request(seed, volume):
+    image, _manifest, _ = volume
+    _node, srv = seed
+    path = protocol.chunk_path('img', 1)
+    headers = dict(_signed(path), Range='bytes=10-19')
+    status, h, body = _split(_raw(srv.port, _request(path, headers)))
+    assert status == 206
+    assert h['Content-Range'] == 'bytes 10-19/%d' % CHUNK
+    assert body == image[CHUNK + 10:CHUNK + 20]
+    headers['Range'] = 'bytes=%d-' % CHUNK
+    assert _split(_raw(srv.port, _request(path, headers)))[0] == 416
+
+
+@pytest.mark.parametrize('mutate', [
+    lambda h: {},
+    lambda h: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
+    lambda h: dict(h, **{'X-Thunder-Node': 'someone-else'}),
+    lambda h: _signed(protocol.chunk_path('img', 1)),   # other path
+    lambda h: _signed(protocol.chunk_path('img', 0), secret=b'w' * 32),
+    lambda h: _signed(protocol.chunk_path('img', 0), lifetime=300,
+                      clock=lambda: time.time() + 200),
+    lambda h: _signed(protocol.chunk_path('img', 0),
+                      clock=lambda: time.time() - 120),    # expired
+])
+def test_bad_tokens_get_401_without_body(seed, mutate):
+    node, srv = seed
+    path = protocol.chunk_path('img', 0)
+    headers = mutate(_signed(path))
+    status, h, body = _split(_raw(srv.port, _request(path, headers)))
+    assert status == 401
+    assert body == b''
+    assert h['Content-Length'] == '0'
+    assert node.counters.get('auth_failures') == 1
+    # Nothing was fetched for an unauthenticated request.
+    assert sum(node.origin.reads.values()) == 0
+
+
+@pytest.mark.parametrize('data,status', [
+    (b'GET /' + b'a' * 5000 + b' HTTP/1.1\r\n\r\n', 414),
+    (b'GET /metrics HTTP/1.1\r\nX: ' + b'a' * 5000 + b'\r\n\r\n', 431),
+    (b'GET /metrics HTTP/1.1\r\n' + b''.join(b'A%d: b\r\n' % i
+                                             for i in range(100)) + b'\r\n',
+     431),
+    (b'POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc', 405),
+    (b'GET /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc', 400),
+    (b'GET /v1/images/../chunks/1 HTTP/1.1\r\n\r\n', 400),
+    (b'GET /v1/images/img/chunks/-1 HTTP/1.1\r\n\r\n', 400),
+    (b'GET /v1/images/img/chunks/99999999 HTTP/1.1\r\n\r\n', 400),
+    (b'GET /etc/passwd HTTP/1.1\r\n\r\n', 404),
+    (b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n', 400),  # TLS
+])
+def test_malformed_requests(seed, data, status):
+    _node, srv = seed
+    out = _raw(srv.port, data)
+    assert _split(out)[0] == status
+    assert b'Connection: close' in out
+
+
+def test_chunk_index_past_the_image(seed, volume):
+    _image, manifest, _ = volume
+    _node, srv = seed
+    path = protocol.chunk_path('img', manifest.chunk_count)
+    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+    path = protocol.chunk_path('other', 0)
+    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+
+
+def test_manifest_endpoint(seed, volume):
+    _image, manifest, _ = volume
+    node, srv = seed
+    got = cache_helpers.client().get_manifest(node.url, 'img',
+                                              manifest.digest())
+    assert got == manifest
+    with pytest.raises(sources.ManifestError):
+        cache_helpers.client().get_manifest(node.url, 'img', 'a' * 64)
+
+
+def test_metrics(seed, volume):
+    image, _manifest, _ = volume
+    node, srv = seed
+    node.read('img', 0, len(image))
+    node.read('img', 0, len(image))
+    status, headers, body = _split(_raw(srv.port, _request('/metrics')))
+    assert status == 200
+    assert headers['Content-Type'].startswith('text/plain')
+    text = body.decode()
+    assert 'thunder_cache_chunks_from_origin_total{image="img",' \
+           'node="seed"} 7' in text
+    assert 'thunder_cache_bytes_from_origin_total{image="img",' \
+           'node="seed"} %d' % len(image) in text
+    assert 'thunder_cache_hit_ratio{image="img",node="seed"} 0.5' in text
+    assert ('thunder_cache_fetch_seconds_count{image="img",node="seed",'
+            'source="origin"} 7') in text
+    assert '# TYPE thunder_cache_fetch_seconds histogram' in text
+    for line in text.splitlines():
+        assert line.startswith('#') or len(line.split(' ')) == 2
+
+
+def test_metrics_can_require_auth(tmp_path, seed):
+    node, srv = seed
+    srv.metrics_auth = True
+    assert _split(_raw(srv.port, _request('/metrics')))[0] == 401
+    status, _h, body = _split(_raw(srv.port, _request(
+        '/metrics', _signed('/metrics'))))
+    assert status == 200 and b'thunder_cache' in body
+
+
+def test_fanout_redirects_over_http(seed, volume):
+    image, manifest, _ = volume
+    node, srv = seed
+    clients = [cache_helpers.client('c%d' % i, 'http://127.0.0.1:%d' % (
+        10 + i)) for i in range(3)]
+    assert clients[0].get_chunk(node.url, 'img', 0, CHUNK) == image[:CHUNK]
+    assert clients[1].get_chunk(node.url, 'img', 0, CHUNK) == image[:CHUNK]
+    with pytest.raises(sources.Redirect) as e:
+        clients[2].get_chunk(node.url, 'img', 0, CHUNK)
+    assert e.value.url == 'http://127.0.0.1:10'
+    with pytest.raises(sources.Redirect) as e:
+        clients[2].get_chunk(node.url, 'img', 0, CHUNK)
+    assert e.value.url == 'http://127.0.0.1:11'
+    assert node.counters.get('redirects_sent') == 2
+
+
+def test_request_that_loops_back_is_refused(seed):
+    node, srv = seed
+    client = cache_helpers.client()
+    with pytest.raises(sources.PeerError) as e:
+        client.get_chunk(node.url, 'img', 0, CHUNK, via=(node.url,))
+    assert e.value.status == 508 and e.value.soft
+
+
+def test_relay_failure_is_503(cluster, volume):
+    _image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    node, _srv = cluster.start('n', _spec(manifest, origin))
+    node.cache('img')
+    origin.down = True
+    with pytest.raises(sources.PeerError) as e:
+        cache_helpers.client().get_chunk(node.url, 'img', 0, CHUNK)
+    assert e.value.status == 503 and e.value.soft
+
+
+def test_upload_rate_limit(cluster, volume):
+    image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    rate = 4 * CHUNK   # bytes per second
+    node, _srv = cluster.start('n', _spec(manifest, origin),
+                               upload_rate=rate, upload_burst=CHUNK)
+    node.read('img', 0, len(image))
+    client = cache_helpers.client()
+    started = time.monotonic()
+    for index in range(5):
+        client.get_chunk(node.url, 'img', index, CHUNK)
+    elapsed = time.monotonic() - started
+    # 5 chunks, one of burst: at least 4 chunks' worth of time at the rate.
+    assert elapsed >= 0.9
+    assert node.bucket.waited >= 0.9
+
+
+def test_connection_limit(tmp_path, volume):
+    srv = server_mod.PeerServer(('127.0.0.1', 0), None,
+                                cache_helpers.SECRET, max_connections=1)
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,),
+                         daemon=True)
+    t.start()
+    try:
+        first = socket.create_connection(('127.0.0.1', srv.port))
+        time.sleep(0.2)
+        status = _split(_raw(srv.port, b''))[0]
+        assert status == 503
+        first.close()
+    finally:
+        srv.stop(grace=1)
+
+
+def test_peer_killed_mid_transfer_is_an_error(tmp_path):
+    """A peer that closes after part of the body raises PeerError."""
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' +
+                     b'x' * 10)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with pytest.raises(sources.PeerError, match='closed after 10 of 1000'):
+        cache_helpers.client().get_chunk('http://127.0.0.1:%d' % port, 'img',
+                                         0, 1000)
+    t.join()
+    listener.close()
+
+
+def test_oversized_peer_answer_is_not_read(tmp_path):
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n'
+                     b'\r\n')
+        time.sleep(0.2)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with pytest.raises(sources.PeerError, match='announced'):
+        cache_helpers.client().get_chunk('http://127.0.0.1:%d' % port, 'img',
+                                         0, 1000)
+    t.join()
+    listener.close()
+
+
+def test_stop_is_graceful(cluster, volume):
+    image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    node, srv = cluster.start('n', _spec(manifest, origin))
+    client = cache_helpers.client()
+    client.get_chunk(node.url, 'img', 0, CHUNK)   # leaves a keep-alive
+    started = time.monotonic()
+    cluster.stop(node)
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(sources.PeerError):
+        client.get_chunk(node.url, 'img', 0, CHUNK)
+
+
+# -- registration and descriptors ------------------------------------------
+
+def test_descriptors(tmp_path, volume):
+    _image, manifest, path = volume
+    directory = tmp_path / 'images.d'
+    directory.mkdir()
+    good = {'manifest_digest': manifest.digest(),
+            'image_size': manifest.image_size,
+            'origin': {'type': 'file', 'path': path},
+            'peers': ['http://127.0.0.1:7485/']}
+    (directory / 'img.json').write_text(json.dumps(good))
+    for name, body in [
+            ('bad-digest', dict(good, manifest_digest='x')),
+            ('no-offset', {'manifest_digest': manifest.digest()}),
+            ('bad-peer', dict(good, peers=['ftp://x:1'])),
+            ('peers-str', dict(good, peers='http://a:1')),
+            ('bad-origin', dict(good, origin={'type': 'nfs'})),
+            ('origin-no-path', dict(good, origin={'type': 'file'})),
+            ('other-id', dict(good, image_id='img')),
+            ('negative', dict(good, image_size=-1)),
+            ('..', good)]:
+        (directory / ('%s.json' % name)).write_text(json.dumps(body))
+    (directory / 'list.json').write_text('[]')
+    (directory / 'broken.json').write_text('{')
+    (directory / 'huge.json').write_text(' ' * 70000 + '{}')
+    (directory / 'README').write_text('not a descriptor')
+    node = node_mod.Node('n', 'http://127.0.0.1:7485', str(tmp_path / 'c'),
+                         client=cache_helpers.client())
+    conf = type('Conf', (), {})()
+    conf.origin = type('Origin', (), dict(
+        rbd_ceph_conf='/nonexistent', rbd_user=None, rbd_keyring=None,
+        rbd_cluster_name='ceph', rbd_connect_timeout=1))()
+    assert node.load_descriptors(str(directory),
+                                 daemon.origin_factory(conf)) == 1
+    assert node.image_ids() == ['img']
+    cache = node.cache('img')
+    assert cache.manifest == manifest
+    # The verified manifest is kept next to the cache.
+    with open(os.path.join(cache.directory, node_mod.MANIFEST_FILE),
+              'rb') as f:
+        assert f.read() == manifest.to_bytes()
+    node.close()
+
+
+def test_manifest_digest_mismatch_refuses_image(tmp_path, volume):
+    _image, manifest, path = volume
+    node = node_mod.Node('n', 'http://127.0.0.1:7485', str(tmp_path / 'c'),
+                         client=cache_helpers.client(), activation_retry=60)
+    node.register(node_mod.ImageSpec(
+        'img', 'b' * 64, sources.FileOrigin(path),
+        image_size=manifest.image_size))
+    with pytest.raises(sources.ManifestError, match='does not match'):
+        node.cache('img')
+    # Retried only after activation_retry.
+    with pytest.raises(sources.ManifestError):
+        node.cache('img')
+    node.close()
+
+
+def test_manifest_from_peer_when_origin_unreachable(cluster, volume):
+    image, manifest, path = volume
+    seed, _ = cluster.start('seed', _spec(
+        manifest, cache_helpers.CountingOrigin(path)))
+    other, _ = cluster.start('other', _spec(
+        manifest, sources.FileOrigin(path + '.missing'), peers=[seed.url]))
+    assert other.read('img', 0, len(image)) == image
+    assert other.cache('img').counters.get('bytes_from_peers') == len(image)
+
+
+def test_register_other_digest_refused(tmp_path, volume):
+    _image, manifest, path = volume
+    node = node_mod.Node('n', 'http://127.0.0.1:7485', str(tmp_path / 'c'),
+                         client=cache_helpers.client())
+    node.register(node_mod.ImageSpec('img', manifest.digest(),
+                                     image_size=1))
+    with pytest.raises(node_mod.DescriptorError):
+        node.register(node_mod.ImageSpec('img', 'c' * 64, image_size=1))
+    node.close()
+
+
+# -- daemon helpers --------------------------------------------------------
+
+def test_pid_file(tmp_path):
+    path = str(tmp_path / 'run' / 'x.pid')
+    daemon.write_pid_file(path)
+    with open(path) as f:
+        assert int(f.read()) == os.getpid()
+    daemon.write_pid_file(path)  # our own PID: fine
+    daemon.remove_pid_file(path)
+    assert not os.path.exists(path)
+    # A stale PID file (dead process) is replaced.
+    with open(path, 'w') as f:
+        f.write('999999999\n')
+    daemon.write_pid_file(path)
+    daemon.remove_pid_file(path)

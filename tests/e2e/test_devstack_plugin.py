@@ -131,6 +131,7 @@ configure_thunder_glance_store
 ''', GLANCE_ENABLE_MULTIPLE_STORES='False')
     glance = str(tmp_path / 'glance-api.conf')
     assert ini.iniget(glance, 'glance_store', 'stores') == 'thunder'
+    assert ini.iniget(glance, 'glance_store', 'default_store') == 'cinder'
     assert ini.iniget(glance, 'glance_store',
                       'thunder_store_user_name') == 'glance'
     assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == ''

@@ -257,3 +257,36 @@ def test_upload_over_volume_quota_leaks_nothing(stack, client,
     finally:
         client.run('cinder', 'quota-update', '--volumes',
                    str(previous.get('volumes', 10)), project)
+
+
+def test_upstream_rbd_driver_clones_a_thunder_image(stack, client,
+                                                    thunder_store,
+                                                    image_file, tmp_path):
+    """With the aliases added, Cinder's own RBDDriver clones zero-copy too.
+
+    The thunder image gets its cinder:// and rbd:// aliases the way the
+    store's documentation says (``glance location-add``); a volume of the
+    ``rbd`` type (Cinder's RBDDriver, pool ``volumes``) is then an RBD clone
+    of the image-volume's sealed snapshot, and survives the image.
+    """
+    path, digest = image_file
+    image_id = client.upload(str(path), thunder_store)
+    added = demo.register_aliases(stack, image_id)
+    assert [u.split(':')[0] for u in added] == ['cinder', 'rbd']
+    urls = [loc['url'] for loc in demo.image_locations(stack, image_id)]
+    assert set(added) <= set(urls)
+
+    vid = client.create_volume(image_id, 'rbd')
+    client.wait_volume(vid)
+    name = 'volume-%s' % vid
+    parent = _parent(stack, 'volumes', name)
+    assert parent and parent['pool'] == POOL
+    assert added[1].endswith('/%s/%s' % (parent['image'],
+                                         parent['snapshot']))
+    assert _own_bytes(stack, 'volumes', name) == 0
+
+    client.run('glance', 'image-delete', image_id)
+    client.images.remove(image_id)
+    sha, _ = conftest.rbd_sha256(stack, 'volumes/%s' % name,
+                                 os.path.getsize(path), tmp_path)
+    assert sha == digest

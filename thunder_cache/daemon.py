@@ -158,7 +158,8 @@ class Daemon(object):
             relay_timeout=conf.peer.relay_timeout,
             max_redirects=conf.peer.max_redirects,
             retry_interval=conf.peer.peer_retry_interval,
-            verify_persisted=conf.cache.verify_persisted)
+            verify_persisted=conf.cache.verify_persisted,
+            commit_interval=conf.cache.commit_interval)
         self.server.node = self.node
         self.load_descriptors()
         self._thread = threading.Thread(target=self.server.serve_forever,

@@ -91,10 +91,16 @@ class ImageCache(object):
         that failed verification).
     :param verify_persisted: verify chunks found in the map at start
         before their first use.
+    :param commit_interval: 0 to make each chunk durable (data, then map)
+        before it is served; otherwise a background thread commits the
+        chunks written in the last ``commit_interval`` seconds together,
+        and chunks are served as soon as they are verified and written.
+        The map never marks a chunk before its data is durable either way.
     """
 
     def __init__(self, directory, image_id, manifest, upstream,
-                 verify_persisted=True, clock=time.monotonic):
+                 verify_persisted=True, commit_interval=0.0,
+                 clock=time.monotonic):
         self.directory = directory
         self.image_id = image_id
         self.manifest = manifest
@@ -107,6 +113,10 @@ class ImageCache(object):
         self._commit_lock = threading.Lock()
         self._inflight = {}
         self._pending = set()
+        self.commit_interval = commit_interval
+        self._committer = None
+        self._closing = False
+        self._wake = threading.Condition(self._lock)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.data_path = os.path.join(directory, DATA_FILE)
         self.map_path = os.path.join(directory, MAP_FILE)
@@ -122,12 +132,17 @@ class ImageCache(object):
             self.map_path, manifest.digest(), manifest.chunk_size, size,
             manifest.chunk_count, on_reset=self._empty_data)
         self._fd = os.open(self.data_path, os.O_RDWR)
-        # Chunks whose bytes are known good in this process: verified when
-        # fetched, or re-verified after a restart.
-        self._confirmed = bytearray(manifest.chunk_count)
+        # Chunks that may be served: verified in this process (fetched, or
+        # re-verified after a restart) and written to the data file.
+        self._usable = bytearray(manifest.chunk_count)
         if not verify_persisted:
             for index in self.map.present():
-                self._confirmed[index] = 1
+                self._usable[index] = 1
+        if commit_interval:
+            self._committer = threading.Thread(
+                target=self._commit_loop, daemon=True,
+                name='commit-%s' % image_id[:16])
+            self._committer.start()
         if self.reset:
             LOG.info('Image %s: new cache of %d chunks in %s', image_id,
                      manifest.chunk_count, directory)
@@ -158,7 +173,8 @@ class ImageCache(object):
 
     def has(self, index):
         """True if chunk ``index`` is cached and may be served as it is."""
-        return self.map.has(index) and bool(self._confirmed[index])
+        self.manifest.chunk_range(index)  # validates the index
+        return bool(self._usable[index])
 
     def present_count(self):
         return self.map.count()
@@ -260,7 +276,7 @@ class ImageCache(object):
             data = self._pread(length, offset)
             if self.manifest.verify_chunk(index, data):
                 self.counters.inc('chunks_reverified')
-                self._confirmed[index] = 1
+                self._usable[index] = 1
                 self.counters.inc('chunk_hits')
                 return
             LOG.warning('Image %s: cached chunk %d does not match the '
@@ -275,7 +291,13 @@ class ImageCache(object):
                              % self.image_id)
         with self._lock:
             self._pending.add(index)
-        self._commit()
+            if self._committer is not None:
+                # Verified and in the page cache: servable now, durable
+                # at the next commit.
+                self._usable[index] = 1
+                self._wake.notify()
+        if self._committer is None:
+            self._commit()
         kind = source.kind
         self.counters.inc('chunks_from_%s' % ('origin' if kind == 'origin'
                                               else 'peers'))
@@ -327,11 +349,38 @@ class ImageCache(object):
             os.fdatasync(self._fd)
             self.map.set_durable(pending)
             for index in pending:
-                self._confirmed[index] = 1
+                self._usable[index] = 1
+
+    def _commit_loop(self):
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._pending:
+                    return
+            # Let more chunks arrive, then commit them together.
+            time.sleep(self.commit_interval)
+            try:
+                self._commit()
+            except OSError:
+                LOG.exception('Image %s: cannot commit the cache; chunks '
+                              'will be fetched again after a restart',
+                              self.image_id)
+                with self._lock:
+                    self._pending.clear()
 
     # -- lifecycle --------------------------------------------------------
 
     def close(self):
+        """Commit what is pending and close the files."""
+        if self._committer is not None:
+            with self._lock:
+                self._closing = True
+                self._wake.notify()
+            self._committer.join()
+            self._committer = None
+        if self._fd is not None:
+            self._commit()
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

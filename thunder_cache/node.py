@@ -192,7 +192,8 @@ class Node(object):
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
                  child_ttl=60.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=4, retry_interval=30.0,
-                 verify_persisted=True, activation_retry=5.0):
+                 verify_persisted=True, commit_interval=0.0,
+                 activation_retry=5.0):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir
@@ -203,6 +204,7 @@ class Node(object):
         self.max_redirects = max_redirects
         self.retry_interval = retry_interval
         self.verify_persisted = verify_persisted
+        self.commit_interval = commit_interval
         self.activation_retry = activation_retry
         self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
         self.counters = metrics.Counters(NODE_COUNTERS)
@@ -297,7 +299,8 @@ class Node(object):
         entry.manifest_bytes = manifest.to_bytes()
         entry.cache = image_cache.ImageCache(
             directory, spec.image_id, manifest, upstream,
-            verify_persisted=self.verify_persisted)
+            verify_persisted=self.verify_persisted,
+            commit_interval=self.commit_interval)
 
     def _load_manifest(self, spec, directory):
         local = os.path.join(directory, MANIFEST_FILE)

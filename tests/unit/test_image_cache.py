@@ -366,3 +366,36 @@ def test_upstream_with_real_origin_file(tmp_path, image, manifest):
     data = cache.read(0, SIZE)
     assert hashlib.sha256(data).digest() == hashlib.sha256(image).digest()
     cache.close()
+
+
+def test_group_commit(tmp_path, image, manifest, monkeypatch):
+    """Chunks are served before the commit; the map never leads the data."""
+    events = []
+    real_fdatasync = os.fdatasync
+    cache = _cache(tmp_path, manifest, FakeSource(image),
+                   commit_interval=0.2)
+
+    def fdatasync(fd):
+        events.append(('sync-data' if fd == cache.fileno else 'sync-map',
+                       cache.map.count()))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(image_cache.os, 'fdatasync', fdatasync)
+    monkeypatch.setattr(chunkmap.os, 'fdatasync', fdatasync)
+    assert cache.read(0, CHUNK * 3) == image[:CHUNK * 3]
+    # Usable at once, not yet in the map.
+    assert cache.has(0) and cache.has(2)
+    assert cache.map.count() == 0
+    deadline = time.monotonic() + 5
+    while cache.map.count() < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(cache.map.present()) == [0, 1, 2]
+    # One commit for the three chunks: data synced while the map was
+    # still empty, then the map.
+    assert events == [('sync-data', 0), ('sync-map', 3)]
+    cache.read(CHUNK * 5, 1)
+    cache.close()   # commits what is pending
+    m, reset = chunkmap.open_map(cache.map_path, manifest.digest(), CHUNK,
+                                 SIZE, manifest.chunk_count)
+    assert not reset and list(m.present()) == [0, 1, 2, 5]
+    m.close()

@@ -1,0 +1,254 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Throughput of the thunder-cache peer server on loopback.
+
+Writes an incompressible image-volume (image, then manifest) into a
+temporary directory, starts one ``thunder-cache`` daemon (``python -m
+thunder_cache.daemon``, a separate process, as in production) with that
+file as the origin, and measures, in one run:
+
+cold fill
+    one reader asks the daemon for every chunk once: the daemon reads the
+    origin, verifies each chunk, writes it and syncs it (data then map)
+    before serving it;
+plain file
+    the baseline: ``--readers`` readers ``pread`` chunk-sized blocks of the
+    daemon's (warm) cache file directly, no network, no verification;
+peer, warm
+    ``--readers`` readers, each an authenticated peer with its own node id
+    and keep-alive connection, fetch chunks from the daemon (served with
+    ``sendfile`` from its cache file);
+peer, warm, 1 reader
+    the same with a single reader.
+
+Readers are separate processes (``--mode threads`` to use threads), each
+reading every chunk ``--rounds`` times in its own random order. Prints a
+table with the aggregate MB/s and the ratio to the plain-file baseline,
+and checks the goal: at least 1 GB/s aggregate with 8 readers.
+
+    python benchmarks/peer_throughput.py [--size-mib 256] [--chunk-kib 1024]
+        [--readers 8] [--rounds 4]
+"""
+
+import argparse
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from thunder_cache import protocol
+from thunder_cache import sources
+from thunder_common import manifest as manifest_mod
+
+SECRET = b'peer-throughput-benchmark-secret'
+IMAGE_ID = 'bench'
+GOAL_BYTES_PER_SECOND = 1e9
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def write_volume(path, size, chunk_size):
+    builder = manifest_mod.ManifestBuilder(chunk_size)
+    block = os.urandom(chunk_size)
+    with open(path, 'wb') as f:
+        written = 0
+        while written < size:
+            # Vary every chunk so that no two chunks are equal.
+            data = (written.to_bytes(8, 'big') + block[8:])[:size - written]
+            f.write(data)
+            builder.update(data)
+            written += len(data)
+        manifest = builder.finish()
+        f.seek(manifest_mod.volume_offset(size))
+        f.write(manifest.to_bytes())
+    return manifest
+
+
+def start_daemon(workdir, port, manifest, volume):
+    import json
+    cache_dir = os.path.join(workdir, 'cache')
+    os.makedirs(os.path.join(cache_dir, 'images.d'))
+    with open(os.path.join(cache_dir, 'images.d', IMAGE_ID + '.json'),
+              'w') as f:
+        json.dump({'manifest_digest': manifest.digest(),
+                   'image_size': manifest.image_size,
+                   'origin': {'type': 'file', 'path': volume}}, f)
+    secret = os.path.join(workdir, 'secret')
+    with open(secret, 'wb') as f:
+        f.write(SECRET)
+    conf = os.path.join(workdir, 'thunder-cache.conf')
+    with open(conf, 'w') as f:
+        f.write('[node]\nnode_id = bench-server\nlisten_address = 127.0.0.1'
+                '\nlisten_port = %d\ncache_dir = %s\npid_file = %s\n'
+                '[peer]\nshared_secret_file = %s\nmax_children = 64\n'
+                % (port, cache_dir, os.path.join(workdir, 'pid'), secret))
+    log = open(os.path.join(workdir, 'daemon.log'), 'w')
+    proc = subprocess.Popen([sys.executable, '-m', 'thunder_cache.daemon',
+                             '--config-file', conf], stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen('http://127.0.0.1:%d/metrics' % port,
+                                   timeout=1).read()
+            return proc, os.path.join(cache_dir, IMAGE_ID, 'data')
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError('thunder-cache did not start; see %s'
+                       % os.path.join(workdir, 'daemon.log'))
+
+
+def _peer_reader(args):
+    url, reader, chunks, sizes, rounds, seed = args
+    signer = protocol.Signer(SECRET, 'reader-%d' % reader,
+                             'http://127.0.0.1:%d' % (20000 + reader))
+    client = sources.PeerClient(signer, timeout=30)
+    rng = random.Random(seed)
+    total = 0
+    for _ in range(rounds):
+        order = list(range(chunks))
+        rng.shuffle(order)
+        for index in order:
+            total += len(client.get_chunk(url, IMAGE_ID, index,
+                                          sizes[index]))
+    client.close()
+    return total
+
+
+def _file_reader(args):
+    path, reader, chunks, sizes, rounds, seed, chunk_size = args
+    rng = random.Random(seed)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(chunk_size)
+    try:
+        for _ in range(rounds):
+            order = list(range(chunks))
+            rng.shuffle(order)
+            for index in order:
+                view = memoryview(buf)[:sizes[index]]
+                total += os.preadv(fd, [view], index * chunk_size)
+    finally:
+        os.close(fd)
+    return total
+
+
+def run(func, jobs, mode):
+    started = time.perf_counter()
+    if mode == 'processes' and len(jobs) > 1:
+        with multiprocessing.get_context('fork').Pool(len(jobs)) as pool:
+            totals = pool.map(func, jobs)
+    elif mode == 'threads' and len(jobs) > 1:
+        from concurrent import futures
+        with futures.ThreadPoolExecutor(len(jobs)) as pool:
+            totals = list(pool.map(func, jobs))
+    else:
+        totals = [func(job) for job in jobs]
+    elapsed = time.perf_counter() - started
+    return sum(totals), elapsed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--size-mib', type=int, default=256)
+    parser.add_argument('--chunk-kib', type=int, default=1024)
+    parser.add_argument('--readers', type=int, default=8)
+    parser.add_argument('--rounds', type=int, default=4)
+    parser.add_argument('--mode', choices=('processes', 'threads'),
+                        default='processes')
+    parser.add_argument('--workdir', help='directory for the image and '
+                        'the cache (default: a temporary directory)')
+    args = parser.parse_args(argv)
+
+    chunk_size = args.chunk_kib * 1024
+    size = args.size_mib * 1024 * 1024
+    workdir = tempfile.mkdtemp(prefix='thunder-peer-bench-',
+                               dir=args.workdir)
+    proc = None
+    try:
+        volume = os.path.join(workdir, 'volume')
+        manifest = write_volume(volume, size, chunk_size)
+        chunks = manifest.chunk_count
+        sizes = [manifest.chunk_range(i)[1] for i in range(chunks)]
+        port = free_port()
+        url = 'http://127.0.0.1:%d' % port
+        proc, data_path = start_daemon(workdir, port, manifest, volume)
+
+        rows = []
+        total, elapsed = run(_peer_reader,
+                             [(url, 0, chunks, sizes, 1, 0)], 'inline')
+        assert total == size
+        rows.append(('cold fill (origin file, verify, sync)', 1, total,
+                     elapsed))
+
+        jobs = [(data_path, r, chunks, sizes, args.rounds, r, chunk_size)
+                for r in range(args.readers)]
+        total, elapsed = run(_file_reader, jobs, args.mode)
+        baseline = total / elapsed
+        rows.append(('plain file pread (baseline)', args.readers, total,
+                     elapsed))
+
+        jobs = [(url, r + 1, chunks, sizes, args.rounds, r)
+                for r in range(args.readers)]
+        total, elapsed = run(_peer_reader, jobs, args.mode)
+        peer_rate = total / elapsed
+        rows.append(('peer, warm (sendfile)', args.readers, total, elapsed))
+
+        total, elapsed = run(_peer_reader,
+                             [(url, 99, chunks, sizes, args.rounds, 99)],
+                             'inline')
+        rows.append(('peer, warm (sendfile)', 1, total, elapsed))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print('Peer server throughput on loopback: %d MiB image, %d KiB '
+          'chunks, %d rounds, readers as %s, %d CPUs'
+          % (args.size_mib, args.chunk_kib, args.rounds, args.mode,
+             os.cpu_count()))
+    print()
+    print('%-40s %7s %10s %9s %10s' % ('', 'readers', 'MB/s', 'seconds',
+                                       'vs. file'))
+    for name, readers, total, elapsed in rows:
+        rate = total / elapsed
+        print('%-40s %7d %10.0f %9.2f %9.2fx' % (name, readers, rate / 1e6,
+                                                 elapsed, rate / baseline))
+    ok = peer_rate >= GOAL_BYTES_PER_SECOND
+    print()
+    print('goal: >= %.0f MB/s with %d readers: %s (%.0f MB/s)'
+          % (GOAL_BYTES_PER_SECOND / 1e6, args.readers,
+             'met' if ok else 'NOT met', peer_rate / 1e6))
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -126,7 +126,3 @@ class CinderClientFactory(object):
             region_name=self.conf.thunder_store_os_region_name,
             retries=self.conf.thunder_store_http_retries,
             api_version=api_versions.APIVersion(API_VERSION))
-
-    def owner(self, context):
-        """The project recorded as the images' owner (``image_owner``)."""
-        return getattr(context, 'project_id', None) if context else None

@@ -19,6 +19,7 @@ import uuid
 
 from cinderclient import exceptions as cinder_exceptions
 from glance_store import exceptions
+from glance_store import multi_backend
 import pytest
 
 from glance_thunder_store import upload
@@ -103,6 +104,8 @@ def test_rbd_facts_in_location_metadata(store, cinder):
 
 def test_multi_store_location_names_the_backend(multi_store, cinder):
     url, _s, _c, _m, meta = _add(multi_store, _image(10))
+    # What glance_store checks before Glance records the location.
+    multi_backend.check_location_metadata(meta)
     volume = _only_volume(cinder)
     assert url == 'thunder://fast/%s' % volume.id
     assert meta['store'] == 'fast'

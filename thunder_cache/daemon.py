@@ -126,6 +126,7 @@ class Daemon(object):
         self.conf = conf
         secret = protocol.load_secret(conf.peer.shared_secret_file)
         self.server = None
+        self.local_server = None
         host = conf.node.listen_address
         # Bind first so that a port of 0 is known before the URL is.
         self._bind_address = (host, conf.node.listen_port)
@@ -166,6 +167,12 @@ class Daemon(object):
                                         args=(0.2,), name='peer-server',
                                         daemon=True)
         self._thread.start()
+        if conf.node.local_socket:
+            self.local_server = server_mod.LocalServer(conf.node.local_socket,
+                                                       self.node)
+            threading.Thread(target=self.local_server.serve_forever,
+                             args=(0.2,), name='local-server',
+                             daemon=True).start()
         LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
                  conf.node.node_id, url, self._bind_address[0], port,
                  len(self.node.image_ids()))
@@ -210,6 +217,8 @@ class Daemon(object):
 
     def stop(self):
         LOG.info('thunder-cache %s stopping', self.conf.node.node_id)
+        if self.local_server is not None:
+            self.local_server.stop()
         if self.server is not None:
             self.server.stop()
         if self.node is not None:

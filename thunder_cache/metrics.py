@@ -32,6 +32,7 @@ IMAGE_COUNTERS = {
     'bytes_from_peers': 'Verified bytes fetched from peer nodes.',
     'chunks_served_to_peers': 'Chunks sent to peer nodes.',
     'bytes_served_to_peers': 'Bytes sent to peer nodes.',
+    'bytes_served_local': 'Bytes sent to local readers (the Unix socket).',
     'chunks_verified': 'Fetched chunks whose sha256 matched the manifest.',
     'chunks_rejected': 'Fetched chunks thrown away because their sha256 '
                        'did not match the manifest.',

@@ -396,6 +396,27 @@ class Node(object):
                 LOG.info('Image %s: cannot serve chunk %d to %s: %s',
                          image_id, index, peer.node_id, e)
                 return _error(503, 'chunk not available')
+        return self._chunk_reply(cache, index, range_header, local=False)
+
+    def serve_local(self, image_id, index, range_header=None):
+        """The answer to a local reader's chunk request."""
+        try:
+            cache = self.cache(image_id)
+        except KeyError:
+            return _error(404, 'unknown image')
+        except sources.ManifestError:
+            return _error(503, 'manifest not available')
+        if index >= cache.manifest.chunk_count:
+            return _error(404, 'no such chunk')
+        try:
+            cache.ensure(index)
+        except image_cache.FetchError as e:
+            LOG.warning('Image %s: local read of chunk %d failed: %s',
+                        image_id, index, e)
+            return _error(503, 'chunk not available')
+        return self._chunk_reply(cache, index, range_header, local=True)
+
+    def _chunk_reply(self, cache, index, range_header, local):
         offset, length = cache.manifest.chunk_range(index)
         status = 200
         headers = [('Content-Type', 'application/octet-stream')]
@@ -404,10 +425,14 @@ class Node(object):
             headers.append(('Content-Range', 'bytes %d-%d/%d'
                             % (start, end - 1, length)))
             offset, length, status = offset + start, end - start, 206
+        whole = status == 200
 
         def sent(count):
+            if local:
+                cache.counters.inc('bytes_served_local', count)
+                return
             cache.counters.inc('bytes_served_to_peers', count)
-            if count == length:
+            if whole and count == length:
                 cache.counters.inc('chunks_served_to_peers')
             self.counters.inc('upload_bytes', count)
 

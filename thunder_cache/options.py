@@ -57,6 +57,14 @@ node_opts = [
                     'manifest digest from the Glance image record, the '
                     'origin and the peer URLs). Read at start and on '
                     'SIGHUP. Defaults to <cache_dir>/images.d.'),
+    cfg.StrOpt('local_socket',
+               default='/run/thunder-cache/local.sock',
+               help='Unix socket on which the node\'s own readers (the '
+                    'block-device layer, the Cinder driver) read images: '
+                    'the chunk and manifest requests of the peer '
+                    'protocol, without tokens, fan-out or upload limit. '
+                    'Created with mode 0660: its group decides who may '
+                    'read cached images. Empty to disable.'),
     cfg.StrOpt('pid_file',
                default='/run/thunder-cache/thunder-cache.pid',
                help='File holding the daemon\'s process id while it runs. '

@@ -19,8 +19,10 @@ slices paced by the node's upload token bucket when a rate is set.
 """
 
 import logging
+import os
 import socket
 import socketserver
+import stat
 import threading
 import time
 
@@ -31,6 +33,13 @@ LOG = logging.getLogger(__name__)
 
 # Bytes sent per sendfile call when the upload rate is limited.
 RATE_SLICE = 256 * 1024
+
+
+class _Unlimited(object):
+    rate = 0
+
+
+_UNLIMITED = _Unlimited()
 
 
 class _Fd(object):
@@ -50,7 +59,8 @@ class _Handler(socketserver.BaseRequestHandler):
     def setup(self):
         sock = self.request
         sock.settimeout(self.server.idle_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.server.local:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = sock.makefile('rb', buffering=16384)
 
     def finish(self):
@@ -95,9 +105,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(head + reply.body)
                 return True
             fd, offset, length = reply.span
-            sock.sendall(head, socket.MSG_MORE)
+            sock.sendall(head, 0 if server.local else socket.MSG_MORE)
             sent = 0
-            bucket = server.node.bucket
+            # Local readers are not uploads.
+            bucket = _UNLIMITED if server.local else server.node.bucket
             source = _Fd(fd)
             while sent < length:
                 step = length - sent
@@ -116,15 +127,15 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
 
 
-class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Serves a :class:`~thunder_cache.node.Node` to its peers."""
+class _Serving(object):
+    """Connection accounting, graceful stop and dispatch (a mixin)."""
 
     daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 128
+    local = False
 
-    def __init__(self, address, node, secret, idle_timeout=60.0,
-                 max_connections=256, metrics_auth=False, clock=time.time):
+    def _setup(self, node, secret, idle_timeout, max_connections,
+               metrics_auth, clock):
         self.node = node
         self.secret = secret
         self.idle_timeout = idle_timeout
@@ -134,11 +145,6 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._connections = set()
         self._conn_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    @property
-    def port(self):
-        return self.server_address[1]
 
     # -- connections --------------------------------------------------------
 
@@ -199,6 +205,8 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except protocol.ProtocolError as e:
             node.counters.inc('bad_requests')
             return node_mod._error(e.status, e.reason)
+        if self.local:
+            return self._dispatch_local(route, headers)
         if route.kind == 'metrics' and not self.metrics_auth:
             return self._metrics()
         try:
@@ -225,7 +233,73 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             LOG.exception('Error serving %s', target)
             return node_mod._error(500, 'internal error')
 
+    def _dispatch_local(self, route, headers):
+        """Requests of local readers: trusted by file permissions."""
+        node = self.node
+        try:
+            if route.kind == 'metrics':
+                return self._metrics()
+            if route.kind == 'manifest':
+                return node.serve_manifest(None, route.image_id)
+            return node.serve_local(route.image_id, route.index,
+                                    headers.get('range'))
+        except protocol.ProtocolError as e:
+            node.counters.inc('bad_requests')
+            return node_mod._error(e.status, e.reason)
+        except Exception:
+            LOG.exception('Error serving a local read of %s', route)
+            return node_mod._error(500, 'internal error')
+
     def _metrics(self):
         body = self.node.metrics_text().encode('utf-8')
         return node_mod.Reply(
             200, [('Content-Type', 'text/plain; version=0.0.4')], body)
+
+
+class PeerServer(_Serving, socketserver.ThreadingMixIn,
+                 socketserver.TCPServer):
+    """Serves a :class:`~thunder_cache.node.Node` to its peers over TCP."""
+
+    allow_reuse_address = True
+
+    def __init__(self, address, node, secret, idle_timeout=60.0,
+                 max_connections=256, metrics_auth=False, clock=time.time):
+        self._setup(node, secret, idle_timeout, max_connections,
+                    metrics_auth, clock)
+        socketserver.TCPServer.__init__(self, address, _Handler)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+
+class LocalServer(_Serving, socketserver.ThreadingMixIn,
+                  socketserver.UnixStreamServer):
+    """Serves the node's own readers on a Unix socket.
+
+    The same requests as the peer protocol, without tokens (the socket's
+    permissions decide who may read: mode 0660), without fan-out and
+    without the upload rate limit. The block-device layer and the Cinder
+    driver of the node read images through it.
+    """
+
+    local = True
+
+    def __init__(self, path, node, idle_timeout=600.0, max_connections=64,
+                 mode=0o660):
+        self._setup(node, None, idle_timeout, max_connections, False,
+                    time.time)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        socketserver.UnixStreamServer.__init__(self, path, _Handler)
+        os.chmod(path, mode)
+        self.path = path
+
+    def server_close(self):
+        super().server_close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

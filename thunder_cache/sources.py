@@ -28,6 +28,7 @@ the 307 redirects of a full node.
 import http.client
 import logging
 import os
+import socket
 import threading
 
 from oslo_utils import importutils
@@ -417,3 +418,105 @@ class PeerSource(image_cache.Source):
                 upstream.adopt(r.url)
         raise PeerError('more than %d redirects from %s'
                         % (upstream.max_redirects, self.url))
+
+
+# -- local readers ---------------------------------------------------------
+
+class _UnixConnection(http.client.HTTPConnection):
+
+    def __init__(self, path, timeout):
+        super().__init__('localhost', timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class LocalClient(object):
+    """Reads images through the node's own daemon (its Unix socket).
+
+    :param socket_path: the daemon's ``local_socket``.
+    """
+
+    def __init__(self, socket_path, timeout=120.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._local = threading.local()
+        self._manifests = {}
+
+    def _conn(self):
+        conn = getattr(self._local, 'conn', None)
+        if conn is None:
+            conn = self._local.conn = _UnixConnection(self.socket_path,
+                                                      self.timeout)
+        return conn
+
+    def close(self):
+        conn = getattr(self._local, 'conn', None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _get(self, path, headers=None):
+        for attempt in (0, 1):
+            conn = self._conn()
+            try:
+                conn.request('GET', path, headers=headers or {})
+                response = conn.getresponse()
+                body = response.read()
+                if response.status not in (200, 206):
+                    raise IOError('thunder-cache answered %d to %s: %s'
+                                  % (response.status, path,
+                                     body[:200].decode('ascii', 'replace')))
+                return body
+            except (http.client.RemoteDisconnected, ConnectionResetError,
+                    BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+
+    def manifest(self, image_id, expected_digest=None):
+        """The image's manifest (checked if a digest is given)."""
+        manifest = self._manifests.get(image_id)
+        if manifest is None:
+            data = self._get(protocol.manifest_path(image_id))
+            if expected_digest is not None:
+                manifest = manifest_mod.load_verified(data, expected_digest)
+            else:
+                manifest = manifest_mod.Manifest.from_bytes(data)
+            self._manifests[image_id] = manifest
+        return manifest
+
+    def read(self, image_id, offset, length):
+        """``length`` bytes of the image at ``offset`` (short at the end)."""
+        manifest = self.manifest(image_id)
+        if offset < 0 or length < 0:
+            raise ValueError('negative offset or length')
+        end = min(manifest.image_size, offset + length)
+        chunk = manifest.chunk_size
+        out = bytearray()
+        position = offset
+        while position < end:
+            index = position // chunk
+            start = position - index * chunk
+            stop = min(end - index * chunk, manifest.chunk_range(index)[1])
+            headers = None
+            if start or stop != manifest.chunk_range(index)[1]:
+                headers = {'Range': 'bytes=%d-%d' % (start, stop - 1)}
+            data = self._get(protocol.chunk_path(image_id, index), headers)
+            if len(data) != stop - start:
+                raise IOError('thunder-cache sent %d bytes, expected %d'
+                              % (len(data), stop - start))
+            out += data
+            position += len(data)
+        return bytes(out)

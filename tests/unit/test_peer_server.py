@@ -465,3 +465,35 @@ def test_pid_file(tmp_path):
         f.write('999999999\n')
     daemon.write_pid_file(path)
     daemon.remove_pid_file(path)
+
+
+# -- the local socket ------------------------------------------------------
+
+def test_local_reads(tmp_path, seed, volume):
+    image, manifest, _ = volume
+    node, _srv = seed
+    path = str(tmp_path / 'run' / 'local.sock')
+    local = server_mod.LocalServer(path, node)
+    t = threading.Thread(target=local.serve_forever, args=(0.05,),
+                         daemon=True)
+    t.start()
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
+        reader = sources.LocalClient(path)
+        assert reader.manifest('img', manifest.digest()) == manifest
+        for offset, length in [(0, len(image)), (5, 10), (CHUNK - 3, 7),
+                               (len(image) - 5, 100), (CHUNK, CHUNK),
+                               (len(image), 10)]:
+            assert reader.read('img', offset, length) == (
+                image[offset:offset + length])
+        # Local reads are neither children nor uploads.
+        assert node._entry('img').children.children() == {}
+        snap = node.cache('img').counters.snapshot()
+        assert snap['bytes_served_to_peers'] == 0
+        assert snap['bytes_served_local'] > len(image)
+        with pytest.raises(IOError, match='404'):
+            reader.read('nope', 0, 1)
+        reader.close()
+    finally:
+        local.stop(grace=1)
+    assert not os.path.exists(path)

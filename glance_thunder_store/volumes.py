@@ -30,6 +30,7 @@ import time
 
 from cinderclient import exceptions as cinder_exceptions
 from glance_store import exceptions
+from keystoneauth1 import exceptions as ks_exceptions
 from oslo_log import log as logging
 from oslo_utils import units
 
@@ -69,6 +70,10 @@ def cinder_errors(action, volume_id=None):
     except cinder_exceptions.ClientException as e:
         raise exceptions.BackendException(
             'Cinder failed to %s: %s' % (what, _describe(e)))
+    except ks_exceptions.ClientException as e:
+        # Keystone or the connection to Cinder failed.
+        raise exceptions.BackendException(
+            'Could not reach Cinder to %s: %s' % (what, e))
 
 
 class CinderVolumes(object):

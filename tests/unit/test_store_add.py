@@ -20,6 +20,7 @@ import uuid
 from cinderclient import exceptions as cinder_exceptions
 from glance_store import exceptions
 from glance_store import multi_backend
+from keystoneauth1 import exceptions as ks_exceptions
 import pytest
 
 from glance_thunder_store import upload
@@ -285,6 +286,13 @@ def test_cinder_error_on_create(store, cinder, memory):
     cinder.faults['create'] = cinder_exceptions.ClientException(
         500, 'boom')
     with pytest.raises(exceptions.BackendException, match='boom'):
+        _add(store, _image(10))
+    _assert_nothing_left(cinder, memory)
+
+
+def test_cinder_unreachable(store, cinder, memory):
+    cinder.faults['create'] = ks_exceptions.ConnectFailure('refused')
+    with pytest.raises(exceptions.BackendException, match='reach Cinder'):
         _add(store, _image(10))
     _assert_nothing_left(cinder, memory)
 

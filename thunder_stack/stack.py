@@ -483,6 +483,11 @@ class Stack(object):
         os.makedirs(os.path.dirname(conf), exist_ok=True)
         shutil.copy(os.path.join(self.venv, 'etc', 'cinder',
                                  'api-paste.ini'), paste)
+        # Which list filters the API accepts (by name, status, ...): without
+        # this file Cinder ignores every filter.
+        filters = self.path('etc', 'cinder', 'resource_filters.json')
+        shutil.copy(os.path.join(self.venv, 'etc', 'cinder',
+                                 'resource_filters.json'), filters)
         state = self.path('data', 'cinder')
         os.makedirs(os.path.join(state, 'conversion'), exist_ok=True)
         ini.write(conf, {
@@ -491,6 +496,7 @@ class Stack(object):
                 'my_ip': '127.0.0.1',
                 'state_path': state,
                 'api_paste_config': paste,
+                'resource_query_filters_file': filters,
                 'osapi_volume_listen': '127.0.0.1',
                 'osapi_volume_listen_port': self.ports['cinder'],
                 'osapi_volume_workers': 2,

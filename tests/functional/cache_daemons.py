@@ -1,0 +1,193 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Real ``thunder-cache`` daemons on 127.0.0.1, for functional tests.
+
+Each daemon is a ``python -m thunder_cache.daemon`` subprocess with its own
+configuration file, port, cache directory, local socket and PID file,
+stopped by its PID (SIGTERM, or SIGKILL to simulate a crash).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from thunder_cache import sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+SECRET = b'functional-test-shared-secret-0123456789'
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def parse_metrics(text):
+    """[(name, {label: value}, float value)] of a Prometheus text page."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith('#'):
+            continue
+        match = _SAMPLE.match(line)
+        assert match, 'malformed metrics line %r' % line
+        name, labels, value = match.groups()
+        samples.append((name, dict(_LABEL.findall(labels or '')),
+                        float(value)))
+    return samples
+
+
+class Daemon(object):
+    """One node: configuration, process, metrics, local reader."""
+
+    def __init__(self, workdir, name, max_children=2, upload_rate=0,
+                 commit_interval=0.05, extra=''):
+        self.name = name
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(os.path.join(self.dir, 'images.d'), exist_ok=True)
+        self.port = free_port()
+        self.url = 'http://127.0.0.1:%d' % self.port
+        self.secret_path = os.path.join(workdir, 'secret')
+        if not os.path.exists(self.secret_path):
+            with open(self.secret_path, 'wb') as f:
+                f.write(SECRET)
+        self.socket_path = os.path.join(self.dir, 'local.sock')
+        self.pid_file = os.path.join(self.dir, 'thunder-cache.pid')
+        self.log_path = os.path.join(self.dir, 'daemon.log')
+        self.conf_path = os.path.join(self.dir, 'thunder-cache.conf')
+        with open(self.conf_path, 'w') as f:
+            f.write('\n'.join([
+                '[DEFAULT]', 'debug = true',
+                '[node]', 'node_id = %s' % name,
+                'listen_address = 127.0.0.1',
+                'listen_port = %d' % self.port,
+                'cache_dir = %s' % os.path.join(self.dir, 'cache'),
+                'descriptors_dir = %s' % os.path.join(self.dir, 'images.d'),
+                'local_socket = %s' % self.socket_path,
+                'pid_file = %s' % self.pid_file,
+                '[peer]', 'shared_secret_file = %s' % self.secret_path,
+                'max_children = %d' % max_children,
+                'upload_rate_limit = %d' % upload_rate,
+                'fetch_timeout = 5', 'relay_timeout = 4',
+                'peer_retry_interval = 30',
+                '[cache]', 'commit_interval = %s' % commit_interval,
+                extra, '']))
+        self.proc = None
+        self._reader = None
+
+    def cache_path(self, image_id, name='data'):
+        return os.path.join(self.dir, 'cache', image_id, name)
+
+    def describe(self, image_id, manifest, origin=None, peers=(),
+                 digest=None):
+        """Write the image's descriptor (before start, or then SIGHUP)."""
+        with open(os.path.join(self.dir, 'images.d', image_id + '.json'),
+                  'w') as f:
+            json.dump({'manifest_digest': digest or manifest.digest(),
+                       'image_size': manifest.image_size,
+                       'origin': origin,
+                       'peers': [getattr(p, 'url', p) for p in peers]}, f)
+
+    def start(self, timeout=30):
+        log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+             self.conf_path], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError('%s exited with %s; log:\n%s' % (
+                    self.name, self.proc.returncode, self.log()))
+            try:
+                self.metrics_text()
+                if os.path.exists(self.socket_path):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError('%s did not start; log:\n%s' % (self.name,
+                                                           self.log()))
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()[-5000:]
+
+    def stop(self, timeout=15):
+        """SIGTERM by PID; wait for the exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.close_reader()
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
+
+    def kill(self):
+        """SIGKILL by PID: a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.close_reader()
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- reading --------------------------------------------------------------
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            self._reader = sources.LocalClient(self.socket_path, timeout=60)
+        return self._reader
+
+    def close_reader(self):
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def read(self, image_id, offset, length):
+        return self.reader.read(image_id, offset, length)
+
+    # -- metrics --------------------------------------------------------------
+
+    def metrics_text(self):
+        return urllib.request.urlopen(self.url + '/metrics',
+                                      timeout=5).read().decode()
+
+    def metric(self, name, **labels):
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for sample, sample_labels, value in parse_metrics(
+                self.metrics_text()):
+            if sample == name and all(sample_labels.get(k) == v
+                                      for k, v in labels.items()):
+                total += value
+        return total

@@ -1,0 +1,444 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The peer mode's node caches: several real daemons on 127.0.0.1.
+
+Every node is a ``thunder-cache`` subprocess on its own port with its own
+cache directory, reading an image-volume (the image, then its manifest)
+from a file origin or from RBD on the real single-node Ceph. Readers use
+each node's local socket, as the block-device layer will.
+"""
+
+import hashlib
+import http.server
+import os
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.functional import cache_daemons
+from thunder_cache import chunkmap
+from thunder_common import manifest as manifest_mod
+
+IMAGE = 'img-functional'
+CHUNK = 256 * 1024
+SIZE = 32 * 1024 * 1024 + 12345          # 129 chunks, the last one short
+
+
+@pytest.fixture(scope='module')
+def image():
+    return os.urandom(SIZE)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return tmp_path
+
+
+@pytest.fixture
+def volume(workdir, image):
+    path = str(workdir / 'image-volume')
+    manifest = manifest_mod.Manifest.build([image], CHUNK)
+    with open(path, 'wb') as f:
+        f.write(image)
+        f.seek(manifest_mod.volume_offset(len(image)))
+        f.write(manifest.to_bytes())
+    return path, manifest
+
+
+@pytest.fixture
+def daemons(workdir):
+    """Make daemons; every one still running is stopped by PID after."""
+    made = []
+
+    def make(name, **kwargs):
+        d = cache_daemons.Daemon(str(workdir), name, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        try:
+            d.stop()
+        except Exception:
+            d.kill()
+
+
+def boot_trace(seed=4, fraction=0.4):
+    """A boot-like read trace: (offset, length) pairs.
+
+    Sequential runs of small and large reads over ``fraction`` of the
+    image, scattered, some regions read twice.
+    """
+    rng = random.Random(seed)
+    trace = []
+    target = int(SIZE * fraction)
+    covered = 0
+    while covered < target:
+        offset = rng.randrange(0, SIZE - 1)
+        for _ in range(rng.randint(1, 12)):
+            length = rng.choice([512, 4096, 4096, 16384, 65536, 131072,
+                                 524288])
+            length = min(length, SIZE - offset)
+            if length <= 0:
+                break
+            trace.append((offset, length))
+            offset += length
+            covered += length
+    trace += trace[:len(trace) // 10]
+    return trace
+
+
+def chunks_of(trace):
+    touched = set()
+    for offset, length in trace:
+        touched.update(range(offset // CHUNK, (offset + length - 1) // CHUNK
+                             + 1))
+    return touched
+
+
+def replay(daemon, trace, image, errors, digests, key=None):
+    try:
+        h = hashlib.sha256()
+        for offset, length in trace:
+            data = daemon.read(IMAGE, offset, length)
+            if data != image[offset:offset + length]:
+                errors.append('%s: wrong bytes at %d+%d'
+                              % (daemon.name, offset, length))
+                return
+            h.update(data)
+        digests[key or daemon.name] = h.hexdigest()
+    except Exception as e:
+        errors.append('%s: %r' % (daemon.name, e))
+
+
+def run_parallel(jobs, timeout=300):
+    threads = [threading.Thread(target=f, args=a) for f, a in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), 'a reader hung'
+
+
+def expected_digest(trace, image):
+    h = hashlib.sha256()
+    for offset, length in trace:
+        h.update(image[offset:offset + length])
+    return h.hexdigest()
+
+
+def total(nodes, name):
+    return sum(d.metric(name, image=IMAGE) for d in nodes)
+
+
+# -- 8 nodes, one trace ----------------------------------------------------
+
+@pytest.mark.parametrize('topology', ['seed', 'mesh'])
+def test_eight_nodes_read_one_trace(daemons, volume, image, topology):
+    """Every byte right, the origin read about once per chunk.
+
+    ``seed``: every node lists the first node as its peer (and may read
+    the origin); full nodes redirect, forming a tree. ``mesh``: every node
+    lists all the others, as when peers come from the image's advertised
+    locations.
+    """
+    path, manifest = volume
+    nodes = [daemons('n%d' % i) for i in range(8)]
+    origin = {'type': 'file', 'path': path}
+    for i, d in enumerate(nodes):
+        if topology == 'seed':
+            peers = [] if i == 0 else [nodes[0]]
+        else:
+            peers = [p for p in nodes if p is not d]
+        d.describe(IMAGE, manifest, origin, peers)
+    for d in nodes:
+        d.start()
+    trace = boot_trace()
+    touched = chunks_of(trace)
+    errors, digests = [], {}
+    # Two readers per node replay the trace at once: a boot and a
+    # concurrent reader of the same blocks.
+    run_parallel([(replay, (d, trace, image, errors, digests, (d.name, k)))
+                  for d in nodes for k in range(2)])
+    assert not errors, errors
+    expected = expected_digest(trace, image)
+    assert digests == {(d.name, k): expected for d in nodes
+                       for k in range(2)}
+    from_origin = total(nodes, 'thunder_cache_chunks_from_origin_total')
+    print('%s: %d chunks touched, origin served %d (%.3fx), peers %d, '
+          'in-flight joins %d, redirects %d' % (
+              topology, len(touched), from_origin,
+              from_origin / len(touched),
+              total(nodes, 'thunder_cache_chunks_from_peers_total'),
+              total(nodes, 'thunder_cache_inflight_joins_total'),
+              sum(d.metric('thunder_cache_redirects_sent_total')
+                  for d in nodes)))
+    assert from_origin <= 1.1 * len(touched)
+    # Chunks were shared in flight (two readers per node at least).
+    assert total(nodes, 'thunder_cache_inflight_joins_total') > 0
+    assert total(nodes, 'thunder_cache_chunks_rejected_total') == 0
+    # The fan-out bound held everywhere.
+    for d in nodes:
+        assert d.metric('thunder_cache_children', image=IMAGE) <= 2
+    if topology == 'seed':
+        assert sum(d.metric('thunder_cache_redirects_sent_total')
+                   for d in nodes) > 0
+
+
+# -- a peer that lies ------------------------------------------------------
+
+class _LyingPeer(http.server.ThreadingHTTPServer):
+    """Answers every chunk request with well-formed garbage."""
+
+    daemon_threads = True
+
+    def __init__(self, chunk_sizes):
+        self.requests = 0
+        self.chunk_sizes = chunk_sizes
+        super().__init__(('127.0.0.1', 0), _LyingHandler)
+
+    @property
+    def url(self):
+        return 'http://127.0.0.1:%d' % self.server_address[1]
+
+
+class _LyingHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        self.server.requests += 1
+        try:
+            index = int(self.path.rsplit('/', 1)[1])
+            length = self.server.chunk_sizes[index]
+        except (ValueError, IndexError):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header('Content-Length', str(length))
+        self.end_headers()
+        self.wfile.write(os.urandom(length))
+
+    def log_message(self, *args):
+        pass
+
+
+def test_corrupt_peers_are_caught_and_bypassed(daemons, volume, image):
+    path, manifest = volume
+    liar = _LyingPeer([manifest.chunk_range(i)[1]
+                       for i in range(manifest.chunk_count)])
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    try:
+        good = daemons('good')
+        good.describe(IMAGE, manifest, {'type': 'file', 'path': path})
+        good.start()
+        # Warm the good node, then damage its cache file behind its back:
+        # it serves chunk 3 from its page cache, wrong.
+        assert good.read(IMAGE, 0, SIZE) == image
+        with open(good.cache_path(IMAGE), 'r+b') as f:
+            f.seek(3 * CHUNK + 100)
+            f.write(b'\x00rot\x00')
+        node = daemons('reader')
+        node.describe(IMAGE, manifest, {'type': 'file', 'path': path},
+                      peers=[liar.url, good])
+        node.start()
+        assert node.read(IMAGE, 0, SIZE) == image
+        # The liar's first chunk and chunk 3 from the good node were
+        # thrown away; each peer was dropped after its first bad chunk, and
+        # the origin served the rest.
+        assert node.metric('thunder_cache_chunks_rejected_total') == 2
+        assert liar.requests == 1
+        assert node.metric('thunder_cache_chunks_from_peers_total') == 3
+        assert node.metric('thunder_cache_chunks_from_origin_total') == (
+            manifest.chunk_count - 3)
+    finally:
+        liar.shutdown()
+        liar.server_close()
+
+
+# -- failures --------------------------------------------------------------
+
+def test_killed_peer_and_stopped_origin(daemons, volume, image):
+    """A peer killed mid-transfer, no origin: other nodes serve the reads."""
+    path, manifest = volume
+    origin = {'type': 'file', 'path': path}
+    seeds = [daemons('s0', max_children=2), daemons('s1', max_children=2)]
+    for d in seeds:
+        d.describe(IMAGE, manifest, origin)
+        d.start()
+    errors, digests = [], {}
+    run_parallel([(replay, (d, [(0, SIZE)], image, errors, digests))
+                  for d in seeds])
+    assert not errors, errors
+    # The origin goes away.
+    os.rename(path, path + '.gone')
+    nodes = [daemons('n%d' % i) for i in range(6)]
+    for d in nodes:
+        d.describe(IMAGE, manifest, origin, peers=seeds)
+        d.start()
+    trace = [(offset, 64 * 1024) for offset in range(0, SIZE, 64 * 1024)]
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if seeds[0].metric('thunder_cache_chunks_served_to_peers_total',
+                               image=IMAGE) >= 10:
+                break
+            time.sleep(0.005)
+        seeds[0].kill()
+
+    jobs = [(replay, (d, trace, image, errors, digests)) for d in nodes]
+    jobs.append((kill_when_busy, ()))
+    run_parallel(jobs)
+    assert not errors, errors
+    expected = expected_digest(trace, image)
+    assert digests == dict({d.name: expected for d in nodes},
+                           s0=digests['s0'], s1=digests['s1'])
+    assert not seeds[0].running
+    assert total(nodes, 'thunder_cache_chunks_from_origin_total') == 0
+    assert total(nodes, 'thunder_cache_fetch_errors_total') >= 1
+
+
+def test_sigkill_mid_fill_then_restart(daemons, volume, image):
+    path, manifest = volume
+    node = daemons('victim', commit_interval=0.05)
+    node.describe(IMAGE, manifest, {'type': 'file', 'path': path})
+    node.start()
+    errors = []
+
+    def fill():
+        try:
+            for offset in range(0, SIZE, CHUNK):
+                node.read(IMAGE, offset, CHUNK)
+        except Exception as e:
+            errors.append(e)
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        present = node.metric('thunder_cache_chunks_present', image=IMAGE)
+        if present >= manifest.chunk_count // 4:
+            break
+        time.sleep(0.01)
+    node.kill()
+    filler.join(30)
+    assert errors, 'the fill finished before the kill'
+    # What the map claims after the crash is verified data.
+    bits = chunkmap.read_map(node.cache_path(IMAGE, 'chunkmap'),
+                             manifest.digest(), CHUNK, SIZE,
+                             manifest.chunk_count)
+    claimed = [i for i in range(manifest.chunk_count)
+               if bits[i >> 3] & (1 << (i & 7))]
+    assert 0 < len(claimed) < manifest.chunk_count
+    with open(node.cache_path(IMAGE), 'r+b') as f:
+        for index in claimed:
+            offset, length = manifest.chunk_range(index)
+            f.seek(offset)
+            assert manifest.verify_chunk(index, f.read(length))
+        # Damage one claimed chunk while the daemon is down.
+        f.seek(manifest.chunk_range(claimed[0])[0])
+        f.write(b'bitrot')
+    node.start()
+    # A peer reads everything through the restarted node.
+    peer = daemons('peer')
+    peer.describe(IMAGE, manifest, None, peers=[node])
+    peer.start()
+    assert peer.read(IMAGE, 0, SIZE) == image
+    assert peer.metric('thunder_cache_chunks_rejected_total') == 0
+    assert node.metric('thunder_cache_local_corrupt_total') == 1
+    assert node.metric('thunder_cache_chunks_reverified_total') == (
+        len(claimed) - 1)
+    assert node.metric('thunder_cache_chunks_from_origin_total') == (
+        manifest.chunk_count - len(claimed) + 1)
+
+
+def test_graceful_stop_and_pid_file(daemons, volume, image):
+    path, manifest = volume
+    node = daemons('calm')
+    node.describe(IMAGE, manifest, {'type': 'file', 'path': path})
+    node.start()
+    with open(node.pid_file) as f:
+        assert int(f.read()) == node.pid
+    # A second daemon with the same PID file refuses to start.
+    twin = cache_daemons.Daemon(os.path.dirname(node.dir), 'calm')
+    with pytest.raises(RuntimeError, match='exited with 1'):
+        twin.start()
+    assert node.read(IMAGE, 0, CHUNK * 4) == image[:CHUNK * 4]
+    node.stop()
+    assert node.proc.returncode == 0
+    assert not os.path.exists(node.pid_file)
+    assert not os.path.exists(node.socket_path)
+    # Stopped cleanly: the chunks read are all in the map.
+    bits = chunkmap.read_map(node.cache_path(IMAGE, 'chunkmap'),
+                             manifest.digest(), CHUNK, SIZE,
+                             manifest.chunk_count)
+    assert bits[0] == 0x0f
+
+
+# -- RBD origin ------------------------------------------------------------
+
+def test_rbd_origin(daemons, ceph, image):
+    """Four nodes over an image-volume in RBD on the real Ceph."""
+    import rados
+    import rbd
+
+    name = 'thunder-peer-%s' % uuid.uuid4().hex[:8]
+    manifest = manifest_mod.Manifest.build([image], CHUNK)
+    client = rados.Rados(conffile=ceph)
+    client.connect(timeout=10)
+    ioctx = client.open_ioctx('volumes')
+    try:
+        size = manifest_mod.volume_bytes_needed(SIZE, CHUNK)
+        rbd.RBD().create(ioctx, name, size)
+        with rbd.Image(ioctx, name) as img:
+            for offset in range(0, SIZE, 4 * 1024 * 1024):
+                img.write(image[offset:offset + 4 * 1024 * 1024], offset)
+            img.write(manifest.to_bytes(), manifest_mod.volume_offset(SIZE))
+            img.create_snap('sealed')
+        origin = {'type': 'rbd', 'pool': 'volumes', 'image': name,
+                  'snapshot': 'sealed', 'ceph_conf': ceph}
+        nodes = [daemons('r%d' % i) for i in range(4)]
+        for i, d in enumerate(nodes):
+            d.describe(IMAGE, manifest, origin,
+                       peers=[] if i == 0 else [nodes[0]])
+            d.start()
+        trace = boot_trace(seed=9)
+        errors, digests = [], {}
+        run_parallel([(replay, (d, trace, image, errors, digests))
+                      for d in nodes])
+        assert not errors, errors
+        expected = expected_digest(trace, image)
+        assert digests == {d.name: expected for d in nodes}
+        touched = chunks_of(trace)
+        from_origin = total(nodes, 'thunder_cache_chunks_from_origin_total')
+        assert from_origin <= 1.1 * len(touched)
+        # A wrong digest for the image record: the image is refused.
+        bad = daemons('liar-record')
+        bad.describe(IMAGE, manifest, origin, digest='0' * 64)
+        bad.start()
+        with pytest.raises(IOError, match='503'):
+            bad.read(IMAGE, 0, 10)
+        for d in nodes + [bad]:
+            d.stop()
+    finally:
+        try:
+            with rbd.Image(ioctx, name) as img:
+                img.remove_snap('sealed')
+            rbd.RBD().remove(ioctx, name)
+        except rbd.ImageNotFound:
+            pass
+        ioctx.close()
+        client.shutdown()

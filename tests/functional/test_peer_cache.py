@@ -20,8 +20,10 @@ each node's local socket, as the block-device layer will.
 
 import hashlib
 import http.server
+import json
 import os
 import random
+import subprocess
 import threading
 import time
 import uuid
@@ -388,6 +390,27 @@ def test_graceful_stop_and_pid_file(daemons, volume, image):
     assert bits[0] == 0x0f
 
 
+def pool_read_bytes(conf, pool):
+    """Bytes the OSDs served from ``pool``, once Ceph's stats settle.
+
+    OSDs report their statistics every few seconds: the value is taken
+    when it has not changed for 7 seconds.
+    """
+    last, since = None, time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = subprocess.check_output(['rados', '-c', conf, 'df', '--format',
+                                       'json'], timeout=30)
+        value = [p['read_bytes'] for p in json.loads(out)['pools']
+                 if p['name'] == pool][0]
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= 7:
+            return value
+        time.sleep(1)
+    raise AssertionError('Ceph pool statistics did not settle')
+
+
 # -- RBD origin ------------------------------------------------------------
 
 def test_rbd_origin(daemons, ceph, image):
@@ -416,6 +439,7 @@ def test_rbd_origin(daemons, ceph, image):
                        peers=[] if i == 0 else [nodes[0]])
             d.start()
         trace = boot_trace(seed=9)
+        before = pool_read_bytes(ceph, 'volumes')
         errors, digests = [], {}
         run_parallel([(replay, (d, trace, image, errors, digests))
                       for d in nodes])
@@ -425,6 +449,16 @@ def test_rbd_origin(daemons, ceph, image):
         touched = chunks_of(trace)
         from_origin = total(nodes, 'thunder_cache_chunks_from_origin_total')
         assert from_origin <= 1.1 * len(touched)
+        # Counted at the origin itself: the bytes Ceph's OSD served from
+        # the pool. Besides the chunks: each node's manifest read (its
+        # header, then the whole) and librbd's own metadata reads.
+        served = pool_read_bytes(ceph, 'volumes') - before
+        touched_bytes = sum(manifest.chunk_range(i)[1] for i in touched)
+        overhead = len(nodes) * (len(manifest.to_bytes()) + 64 * 1024)
+        print('rbd: %d chunks touched (%d bytes); Ceph served %d bytes '
+              '(%.3fx)' % (len(touched), touched_bytes, served,
+                           served / touched_bytes))
+        assert served <= 1.1 * touched_bytes + overhead
         # A wrong digest for the image record: the image is refused.
         bad = daemons('liar-record')
         bad.describe(IMAGE, manifest, origin, digest='0' * 64)

@@ -24,7 +24,12 @@ Ceph (``rbd du``: a copy-on-write clone owns none). Flows:
     type). Without the thunder store (not written yet), the image goes to
     Glance's rbd store and ThunderDriver clones its ``rbd://`` location.
 ``upstream``
-    glance_store's rbd store and Cinder's RBDDriver (the ``rbd`` type).
+    glance_store's rbd store and Cinder's RBDDriver (the ``rbd`` type):
+    Cinder clones the image's ``rbd://`` location.
+``upstream-cinder``
+    glance_store's cinder store (images as volumes of the ``rbd`` type) and
+    Cinder's RBDDriver: Cinder clones the image-volume it finds through the
+    ``cinder://`` location, taking a snapshot of it for every clone.
 """
 
 import json
@@ -42,6 +47,7 @@ from thunder_stack import stack as stack_mod
 FLOWS = {
     'thunder': {'store': 'thunder', 'type': 'thunder', 'pool': 'thunder'},
     'upstream': {'store': 'rbd', 'type': 'rbd', 'pool': 'volumes'},
+    'upstream-cinder': {'store': 'cinder', 'type': 'rbd', 'pool': 'volumes'},
 }
 BLOCK = 4 * 1024 * 1024
 
@@ -279,6 +285,12 @@ def run_flow(stack, api, name, image_path, args):
         result['bytes_copied'] = copied
         result['clones'] = clones
         result['parents'] = sorted(parents)
+        # Snapshots the clones hang from, on their parent images: one for
+        # every clone, or one for all.
+        snaps = 0
+        for image in {p.split('@')[0] for p in parents}:
+            snaps += len(rbd_json(stack, 'snap', 'ls', image))
+        result['parent_snapshots'] = snaps
     except (stack_mod.StackError, subprocess.SubprocessError) as e:
         result['error'] = str(e)
     finally:
@@ -319,13 +331,13 @@ def print_table(results, args):
           % (args.volumes, args.image_size_mib))
     header = ('flow', 'glance store', 'volume type', 'upload s', 'MiB/s',
               'vol mean s', 'vol max s', 'total s', 'bytes copied',
-              'CoW clones')
+              'CoW clones', 'parent snaps')
     rows = []
     for r in results:
         if r.get('error') and 'total_s' not in r:
             rows.append((r['flow'], r['store'], r['type'],
                          '%.1f' % r['upload_s'] if 'upload_s' in r else '-',
-                         '-', '-', '-', '-', '-', 'FAILED'))
+                         '-', '-', '-', '-', '-', 'FAILED', '-'))
             continue
         rows.append((
             r['flow'], r['store'], r['type'], '%.1f' % r['upload_s'],
@@ -333,7 +345,8 @@ def print_table(results, args):
             '%.2f' % r.get('mean_s', float('nan')),
             '%.2f' % r.get('max_s', float('nan')), '%.2f' % r['total_s'],
             human(r.get('bytes_copied', 0)),
-            '%d/%d' % (r.get('clones', 0), r['volumes'])))
+            '%d/%d' % (r.get('clones', 0), r['volumes']),
+            r.get('parent_snapshots', '-')))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header,) + tuple(rows):
         print('  '.join(str(x).ljust(w) for x, w in zip(row, widths)))
@@ -344,12 +357,20 @@ def print_table(results, args):
             print('%s: aliases %s added in %.1f s (not in the upload time)'
                   % (r['flow'], ', '.join(r['aliases']), r['aliases_s']))
         if r.get('parents'):
-            print('%s: clones of %s' % (r['flow'], ', '.join(r['parents'])))
+            images = sorted({p.split('@')[0] for p in r['parents']})
+            if len(r['parents']) <= len(images):
+                shown = ', '.join(r['parents'])
+            else:
+                shown = ', '.join('%s (%d snapshots)' % (i, sum(
+                    1 for p in r['parents'] if p.startswith(i + '@')))
+                    for i in images)
+            print('%s: clones of %s' % (r['flow'], shown))
         if r.get('error'):
             print('error (%s): %s' % (r['flow'], r['error']))
     print('vol mean/max: from each "cinder create" to "available" (client '
           'start-up included); total: first request to last available.')
-    print('bytes copied: data the new volumes own in Ceph (rbd du).')
+    print('bytes copied: data the new volumes own in Ceph (rbd du); '
+          'parent snaps: snapshots on the images the clones hang from.')
 
 
 def run_demo(stack, args):

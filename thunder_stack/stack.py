@@ -56,6 +56,7 @@ DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
 POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images'}
 THUNDER_BACKEND = 'thunder'
 RBD_BACKEND = 'rbd'
+CINDER_STORE = 'cinder'
 CEPH_SIZE_GIB = int(os.environ.get('THUNDER_STACK_CEPH_GIB', '40'))
 
 
@@ -552,7 +553,8 @@ class Stack(object):
             os.makedirs(os.path.join(data, sub), exist_ok=True)
         ini.write(conf, {
             'DEFAULT': {
-                'enabled_backends': '%s:rbd' % RBD_BACKEND,
+                'enabled_backends': '%s:rbd,%s:cinder' % (RBD_BACKEND,
+                                                          CINDER_STORE),
                 'worker_self_reference_url': self.url('glance'),
                 'log_file': self.path('log', 'glance-app.log'),
                 'debug': True,
@@ -569,11 +571,32 @@ class Stack(object):
                 'rbd_store_user': 'admin',
                 'store_description': "glance_store's RBD store (upstream)",
             },
+            # glance_store's cinder store (images as Cinder volumes of the
+            # rbd type): upstream's own take on what VMThunder does.
+            CINDER_STORE: {
+                'cinder_store_auth_address': self.auth_url,
+                'cinder_store_user_name': 'glance',
+                'cinder_store_password': self.password,
+                'cinder_store_project_name': 'service',
+                'cinder_store_user_domain_name': 'Default',
+                'cinder_store_project_domain_name': 'Default',
+                'cinder_catalog_info': 'volumev3::publicURL',
+                'cinder_os_region_name': 'RegionOne',
+                'cinder_volume_type': RBD_BACKEND,
+                'rootwrap_config': self.path('etc', 'glance',
+                                             'rootwrap.conf'),
+                'store_description': "glance_store's cinder store "
+                                     "(upstream)",
+            },
             'os_glance_staging_store': {
                 'filesystem_store_datadir': os.path.join(data, 'staging')},
             'os_glance_tasks_store': {
                 'filesystem_store_datadir': os.path.join(data, 'tasks')},
             'oslo_concurrency': {'lock_path': os.path.join(data, 'locks')},
+            # os-brick's privileged calls (the cinder store's connector
+            # properties): the virtualenv's helper, we are root already.
+            'privsep_osbrick': {'helper_command': os.path.join(
+                self.venv, 'bin', 'privsep-helper')},
         })
         ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': _uwsgi(
             'glance.wsgi.api:application', self.ports['glance'],
@@ -812,8 +835,10 @@ def main(argv=None):
                       help='volumes to create from the image (default 10)')
     demo.add_argument('--image-size-mib', type=int, default=1024,
                       help='size of the raw image (default 1024 MiB)')
-    demo.add_argument('--flows', default='thunder,upstream',
-                      help='comma-separated flows: thunder, upstream')
+    demo.add_argument('--flows', default='thunder,upstream,upstream-cinder',
+                      help='comma-separated flows: thunder (thunder store, '
+                           'ThunderDriver), upstream (rbd store, RBDDriver), '
+                           'upstream-cinder (cinder store, RBDDriver)')
     demo.add_argument('--keep', action='store_true',
                       help='keep the demo volumes and images')
     demo.add_argument('--timeout', type=int, default=900,

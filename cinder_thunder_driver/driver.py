@@ -288,9 +288,12 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
         with self.cluster.ioctx() as ioctx:
             self._resize(ioctx, volume.name, new_size)
 
-    def _resize(self, ioctx, name, size_gb):
+    def _resize(self, ioctx, name, size_gb, shrink=False):
+        """Grow the image to ``size_gb`` (or make it exactly that)."""
         with self.cluster.image(ioctx, name) as image:
-            if image.size() < size_gb * units.Gi:
+            current = image.size()
+            if current < size_gb * units.Gi or (
+                    shrink and current > size_gb * units.Gi):
                 image.resize(size_gb * units.Gi)
 
     def _features_for(self, volume):
@@ -345,11 +348,16 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
 
     # -- clones -------------------------------------------------------
 
-    def _clone(self, volume, parent_pool, parent_name, snapshot, depth):
+    def _clone(self, volume, parent_pool, parent_name, snapshot, depth,
+               sealed=False):
         """Clone ``parent_pool/parent_name@snapshot`` into the new volume.
 
         The clone is usable at once; beyond the depth limit it is also
-        queued for flattening in the background.
+        queued for flattening in the background. A clone of a sealed
+        image-volume gets exactly the volume's size: the image-volume ends
+        with the image's manifest, which Cinder's size check (volume at
+        least as large as the image) does not count and the volume must
+        not keep.
         """
         with self.cluster.ioctx() as ioctx, \
                 self.cluster.ioctx(parent_pool) as pioctx:
@@ -357,7 +365,7 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
                                      volume.name,
                                      features=self._features_for(volume))
             try:
-                self._resize(ioctx, volume.name, volume.size)
+                self._resize(ioctx, volume.name, volume.size, shrink=sealed)
                 self._finish_volume(ioctx, volume)
             except Exception:
                 LOG.exception('Could not finish clone %s; removing it.',
@@ -450,7 +458,9 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
                         raise exception.SnapshotNotFound(
                             snapshot_id=snapshot)
                     depth = clones.clone_depth(self.cluster, src, limit) + 1
-                self._clone(volume, pool, src_name, snapshot, depth)
+                    sealed = rbd_layout.sealed_snapshot(src) == snapshot
+                self._clone(volume, pool, src_name, snapshot, depth,
+                            sealed=sealed)
 
     # -- images -------------------------------------------------------
 

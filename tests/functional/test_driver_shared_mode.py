@@ -124,6 +124,20 @@ def test_clone_image_is_a_zero_copy_child(thunder):
     thunder.delete_volume(image_volume)
 
 
+def test_clone_of_a_larger_image_volume_has_the_volume_size(thunder):
+    # The store's image-volume holds the image and, after it, its
+    # manifest: the volume gets the image, not the tail.
+    data = pattern(units.Mi, 'tail')
+    image_volume, meta, url, _ = make_image_volume(thunder, data, size_gb=2)
+    clone = clone_from_image(thunder, meta, url, size=1)
+    with thunder.cluster.ioctx() as ioctx:
+        with thunder.cluster.image(ioctx, clone.name) as image:
+            assert image.size() == units.Gi
+    assert read_all(thunder, clone.name, len(data)) == data
+    thunder.delete_volume(clone)
+    thunder.delete_volume(image_volume)
+
+
 def test_clone_from_cinder_and_rbd_locations(thunder, ceph):
     data = pattern(units.Mi, 'locations')
     image_volume, meta, url, snap = make_image_volume(thunder, data)

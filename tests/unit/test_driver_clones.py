@@ -269,6 +269,30 @@ def test_clone_image_from_image_volume(drv, fake_ceph, image_volume, form):
     assert list(state.snaps) == ['thunder-clone-sealed']
 
 
+def test_clone_of_a_sealed_image_volume_drops_the_manifest_tail(drv,
+                                                                fake_ceph):
+    # The store sizes an image-volume for the image plus its manifest: a
+    # 1 GiB image lives in a 2 GiB image-volume, and its 1 GiB volumes
+    # must not inherit the extra GiB.
+    state = fake_ceph.add_image('volume-%s' % uuid.uuid4(), size=2 * GiB)
+    fake_ceph.add_snap(state, 'thunder-clone-sealed')
+    state.metadata[rbd_layout.META_GLANCE_IMAGE_ID] = RAW['id']
+    state.metadata[rbd_layout.META_SEALED_SNAP] = 'thunder-clone-sealed'
+    volume = fakes.Volume(size=1)
+    url = locations.thunder_location(state.name[len('volume-'):]).url
+    assert clone_image(drv, volume, [url])[1] is True
+    assert fake_ceph.find(volume.name).size == GiB
+
+
+def test_clone_of_an_unsealed_snapshot_is_never_shrunk(drv, fake_ceph):
+    glance = fake_ceph.add_image('img-2', pool='images', size=2 * GiB)
+    fake_ceph.add_snap(glance, 'snap')
+    volume = fakes.Volume(size=1)
+    url = locations.RbdLocation(fakes.FSID, 'images', 'img-2', 'snap').url
+    assert clone_image(drv, volume, [url])[1] is True
+    assert fake_ceph.find(volume.name).size == 2 * GiB
+
+
 def test_clone_image_from_direct_url(drv, fake_ceph, image_volume):
     volume_id, state = image_volume
     volume = fakes.Volume()

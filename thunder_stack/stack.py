@@ -698,6 +698,9 @@ class Stack(object):
     # -- down and status --------------------------------------------------
 
     def down(self):
+        if 'ports' not in self.state:
+            log('no stack in %s' % self.root)
+            return
         for service in reversed(self.services()):
             if service.pid() is not None:
                 log('stopping %s (pid %d)' % (service.name, service.pid()))

@@ -324,8 +324,10 @@ class Stack(object):
         self._keystone()
         self._write_cinder_conf()
         self._write_glance_conf()
-        self._glance()
+        # Cinder first: Glance's cinder store looks its volume type up in
+        # Cinder when it starts.
         self._cinder()
+        self._glance()
         self._write_openrc()
         log('stack up in %.0f s; credentials in %s'
             % (time.monotonic() - started, self.path('openrc')))
@@ -462,6 +464,7 @@ class Stack(object):
             'THUNDER_GLANCE_URL': self.url('glance'),
             'THUNDER_STORE_AUTH_ADDRESS': self.auth_url,
             'THUNDER_STORE_PASSWORD': self.password,
+            'THUNDER_CINDER_GLANCE_PASSWORD': self.password,
             'GLANCE_ENABLE_MULTIPLE_STORES': 'True',
             'THUNDER_GLANCE_DEFAULT': 'True',
         }

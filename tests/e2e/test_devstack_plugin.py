@@ -93,6 +93,10 @@ source devstack/plugin.sh stack test-config
                       'image_volume_cache_enabled') == 'False'
     assert ini.iniget(cinder, 'DEFAULT',
                       'allowed_direct_url_schemes') == 'cinder'
+    assert ini.iniget(cinder, 'glance', 'username') == 'cinder'
+    assert ini.iniget(cinder, 'glance', 'password') == 'secret'
+    assert ini.iniget(cinder, 'glance', 'auth_url') == \
+        'http://10.0.0.1/identity/v3'
 
     glance = str(tmp_path / 'glance-api.conf')
     assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == \

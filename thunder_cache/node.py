@@ -191,7 +191,7 @@ class Node(object):
 
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
                  child_ttl=60.0, upload_rate=0, upload_burst=None,
-                 relay_timeout=10.0, max_redirects=4, retry_interval=30.0,
+                 relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  verify_persisted=True, commit_interval=0.0,
                  activation_retry=5.0):
         self.node_id = protocol.check_node_id(node_id)

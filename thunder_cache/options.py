@@ -121,9 +121,15 @@ peer_opts = [
                       'peer gets 503 and asks elsewhere. Keep it below '
                       'fetch_timeout.'),
     cfg.IntOpt('max_redirects',
-               default=4, min=0, max=16,
+               default=16, min=0, max=64,
                help='Redirects (307 from full nodes) followed for one '
-                    'chunk before the peer is given up.'),
+                    'chunk before the peer is given up. A newcomer is '
+                    'redirected once per level of the image\'s tree until '
+                    'it finds a node with a free slot, so this bounds the '
+                    'depth it can join at: 16 levels are 65535 nodes with '
+                    'max_children = 2. Redirects cost one round trip each '
+                    'and happen once per node and image (the node then '
+                    'asks its new parent directly).'),
     cfg.IntOpt('peer_retry_interval',
                default=30, min=1,
                help='Seconds a peer that failed (error, timeout, a chunk '

@@ -52,11 +52,12 @@ import time
 API_VERSION = 'v1'
 
 MAX_REQUEST_LINE = 1024
-MAX_HEADER_LINE = 2048
+MAX_HEADER_LINE = 4096
 MAX_HEADERS = 32
 MAX_HEADER_BYTES = 16384
-# Longest chain of nodes a request may be relayed through.
-MAX_HOPS = 8
+# Longest chain of nodes a request may be relayed through: the depth of
+# an image's tree (2**16 nodes with 2 children each).
+MAX_HOPS = 16
 MAX_URL_LENGTH = 200
 # Tokens are short-lived; a server refuses one that claims to stay valid
 # longer than this (plus clock skew), whatever its signature.

@@ -41,7 +41,7 @@ class Upstream(object):
     """The sources of one image on one node."""
 
     def __init__(self, image_id, origin, peers, client, self_url,
-                 max_redirects=4, retry_interval=30.0, clock=time.monotonic,
+                 max_redirects=16, retry_interval=30.0, clock=time.monotonic,
                  rng=None):
         self.image_id = image_id
         self.origin = origin

@@ -12,6 +12,8 @@
 
 """The local stack itself: idempotent, configured by the devstack plugin."""
 
+import hashlib
+import os
 import subprocess
 
 from tests.e2e import conftest
@@ -64,3 +66,37 @@ def test_upstream_flow_clones_too(stack, client, image_file):
     assert parent['parent']['pool'] == 'images'
     assert parent['parent']['image'] == image_id
     assert demo.own_bytes(stack, 'volumes', 'volume-%s' % vid) == 0
+
+
+def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
+                                   request):
+    """down stops every process; up brings back the same images."""
+    if stack.state.get('thunder_store'):
+        request.getfixturevalue('thunder_store')
+        store = 'thunder'
+    else:
+        store = 'rbd'
+    path, digest = image_file
+    image_id = client.upload(str(path), store)
+    vid = client.create_volume(image_id, 'thunder')
+    client.wait_volume(vid)
+    pids = [s.pid() for s in stack.services()]
+
+    result = subprocess.run([conftest.TOOL, 'down'], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for pid in pids:
+        assert not os.path.exists('/proc/%d/cmdline' % pid) or \
+            stack.root.encode() not in open(
+                '/proc/%d/cmdline' % pid, 'rb').read()
+    assert not stack.ceph().running()
+
+    result = subprocess.run([conftest.TOOL, 'up'], capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[
+        -3000:]
+    client.api = demo.Api(stack)
+    assert client.wait_volume(vid, timeout=60)['status'] == 'available'
+    out = tmp_path / 'after-restart.raw'
+    client.run('glance', 'image-download', '--file', str(out), image_id)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest

@@ -48,7 +48,7 @@ class CountingOrigin(sources.FileOrigin):
         self.reads = collections.Counter()
         self.lock = threading.Lock()
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         with self.lock:
             self.reads[index] += 1
         return super().read_chunk(index, offset, length, via)

@@ -49,7 +49,7 @@ SERVE = Admission(True)
 class ChildTable(object):
     """The children of one image on this node; thread-safe."""
 
-    def __init__(self, max_children, child_ttl=60.0, clock=time.monotonic):
+    def __init__(self, max_children, child_ttl=10.0, clock=time.monotonic):
         if max_children < 1:
             raise ValueError('max_children must be at least 1')
         self.max_children = max_children

@@ -48,6 +48,7 @@ import time
 
 from thunder_cache import chunkmap
 from thunder_cache import metrics
+from thunder_cache import protocol
 
 LOG = logging.getLogger(__name__)
 
@@ -75,8 +76,24 @@ class Source(object):
     #: for logs and metrics
     name = 'source'
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         raise NotImplementedError
+
+
+def _new_fetch(ticket):
+    future = concurrent.futures.Future()
+    future.source = None
+    future.ticket = ticket or protocol.new_ticket()
+    future.key = protocol.ticket_key(future.ticket)
+    return future
+
+
+def _may_join(future, ticket):
+    """May a peer's fetch with ``ticket`` wait for ``future``?"""
+    source = future.source
+    if source is not None and source.kind == 'origin':
+        return True  # the origin waits on nobody
+    return protocol.ticket_key(ticket) > future.key
 
 
 class ImageCache(object):
@@ -218,7 +235,7 @@ class ImageCache(object):
         offset, length = self.manifest.chunk_range(index)
         return self._pread(length, offset)
 
-    def ensure(self, index, via=(), timeout=None):
+    def ensure(self, index, via=(), timeout=None, ticket=None):
         """Make chunk ``index`` present; fetch it at most once.
 
         :param via: URLs of the nodes this fetch is made for (a peer
@@ -226,8 +243,19 @@ class ImageCache(object):
             fetch that waits on one of them.
         :param timeout: seconds to wait for a fetch started by another
             thread.
+        :param ticket: the ticket of the peer's fetch this call serves
+            (:func:`thunder_cache.protocol.new_ticket`); None for local
+            readers. Fetches started here carry it upstream.
         :raises FetchError: if no source could provide the chunk.
         :raises IndexError: for an index outside the image.
+
+        A peer's request joins a fetch already in flight only if that
+        fetch reads the origin, or if the request's ticket is younger
+        than the fetch's. Otherwise it is served by a fetch of its own
+        (``inflight_bypasses``): waits between fetches then always go from
+        a younger ticket to an older one (or to the origin), so fetches
+        relayed between nodes that list each other can never wait on each
+        other in a cycle.
         """
         self.manifest.chunk_range(index)  # validates the index
         if self.has(index):
@@ -238,9 +266,9 @@ class ImageCache(object):
                 self.counters.inc('chunk_hits')
                 return
             future = self._inflight.get(index)
+            bypass = False
             if future is None:
-                future = concurrent.futures.Future()
-                future.source = None
+                future = _new_fetch(ticket)
                 self._inflight[index] = future
                 fetcher = True
             else:
@@ -250,6 +278,12 @@ class ImageCache(object):
                     raise LoopError('chunk %d of image %s is being fetched '
                                     'from %s, which asked for it'
                                     % (index, self.image_id, target))
+                bypass = ticket is not None and not _may_join(future,
+                                                              ticket)
+        if bypass:
+            self.counters.inc('inflight_bypasses')
+            self._fill(index, via, _new_fetch(ticket))
+            return
         if not fetcher:
             self.counters.inc('inflight_joins')
             try:
@@ -271,6 +305,8 @@ class ImageCache(object):
 
     def _fill(self, index, via, future):
         offset, length = self.manifest.chunk_range(index)
+        if self.has(index):
+            return  # filled meanwhile (by a concurrent bypassing fetch)
         if self.map.has(index):
             # In the map from before a restart: check the bytes once.
             data = self._pread(length, offset)
@@ -310,7 +346,8 @@ class ImageCache(object):
             future.source = source
             started = self._clock()
             try:
-                data = source.read_chunk(index, offset, length, via)
+                data = source.read_chunk(index, offset, length, via,
+                                         future.ticket)
             except Exception as e:
                 self.counters.inc('fetch_errors')
                 errors.append('%s: %s' % (source.name, e))

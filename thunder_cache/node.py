@@ -190,7 +190,7 @@ class Node(object):
     """
 
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
-                 child_ttl=60.0, upload_rate=0, upload_burst=None,
+                 child_ttl=10.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  verify_persisted=True, commit_interval=0.0,
                  activation_retry=5.0):
@@ -387,7 +387,7 @@ class Node(object):
                 return _error(508, 'relayed through too many nodes')
             try:
                 cache.ensure(index, via=waiting,
-                             timeout=self.relay_timeout)
+                             timeout=self.relay_timeout, ticket=peer.ticket)
             except image_cache.LoopError:
                 self.counters.inc('loops_refused')
                 return _error(508, 'fetch in flight from the requester')

@@ -97,9 +97,13 @@ peer_opts = [
                     'shallower (fewer hops, lower latency for cold '
                     'chunks) at the cost of more upload per node.'),
     cfg.IntOpt('child_ttl',
-               default=60, min=1,
+               default=10, min=1,
                help='Seconds after its last request a child gives up its '
-                    'place in the fan-out table of an image.'),
+                    'place in the fan-out table of an image. A node that '
+                    'tried this one only while its own parent failed, or '
+                    'that holds what it needs, frees the slot after this '
+                    'long; a child that comes back after it is redirected '
+                    'again at the cost of one round trip.'),
     cfg.IntOpt('upload_rate_limit',
                default=0, min=0,
                help='Total rate, in MiB/s, at which this node sends chunk '

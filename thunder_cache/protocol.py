@@ -30,22 +30,25 @@ header lines, header count and total header bytes are bounded
 (no percent-decoding, no dot segments, no query), chunk indexes are short
 decimal numbers without sign or leading zero.
 
-Every request for image data carries three headers::
+Every request for image data carries these headers::
 
     X-Thunder-Node: <node id>
     X-Thunder-Node-URL: <the requester's own serving URL>
     X-Thunder-Via: <URLs of the nodes this request is fetched for, comma
                    separated; may be empty>
+    X-Thunder-Ticket: <the ticket of the fetch it serves> (optional)
     X-Thunder-Auth: v1:<expiry, unix seconds>:<hex HMAC-SHA256>
 
 The HMAC, keyed with the secret shared by the nodes of a deployment,
-covers the method, the path, the node id, the URL, the via list and the
-expiry. A request whose token is missing, malformed, wrong, expired or
-valid for longer than the server allows is answered 401 with no body.
+covers the method, the path, the node id, the URL, the via list, the
+ticket and the expiry. A request whose token is missing, malformed, wrong,
+expired or valid for longer than the server allows is answered 401 with
+no body.
 """
 
 import hashlib
 import hmac
+import os
 import re
 import time
 
@@ -69,6 +72,7 @@ HEADER_NODE = 'x-thunder-node'
 HEADER_URL = 'x-thunder-node-url'
 HEADER_VIA = 'x-thunder-via'
 HEADER_AUTH = 'x-thunder-auth'
+HEADER_TICKET = 'x-thunder-ticket'
 
 IMAGE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z')
 NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
@@ -85,10 +89,11 @@ _PEER_URL = re.compile(
     r'):([1-9][0-9]{0,4})\Z')
 _AUTH = re.compile(r'^v1:([1-9][0-9]{0,11}):([0-9a-f]{64})\Z')
 _RANGE = re.compile(r'^bytes=([0-9]{0,19})-([0-9]{0,19})\Z')
+_TICKET = re.compile(r'^([0-9]{1,12})\.([0-9]{6})-([0-9a-f]{8})\Z')
 
 SINGLE_VALUED = ('host', 'range', 'connection', 'content-length',
                  'transfer-encoding', HEADER_NODE, HEADER_URL, HEADER_VIA,
-                 HEADER_AUTH)
+                 HEADER_AUTH, HEADER_TICKET)
 
 
 class ProtocolError(Exception):
@@ -329,6 +334,26 @@ def parse_via(value):
         raise ProtocolError(400, 'malformed %s header' % HEADER_VIA)
 
 
+def new_ticket(clock=time.time):
+    """A fresh fetch ticket: the time it was made, and a random tie-break.
+
+    Tickets order the fetches of an image across nodes, so that waits
+    between them cannot form a cycle (see
+    :meth:`thunder_cache.image_cache.ImageCache.ensure`).
+    """
+    now = clock()
+    return '%d.%06d-%s' % (int(now), int((now % 1) * 1e6),
+                           os.urandom(4).hex())
+
+
+def ticket_key(ticket):
+    """A comparable form of a ticket; raises ValueError if malformed."""
+    match = _TICKET.match(ticket or '')
+    if not match:
+        raise ValueError('malformed ticket %r' % (ticket,))
+    return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
 def load_secret(path):
     """The shared secret from a file (surrounding whitespace dropped)."""
     with open(path, 'rb') as f:
@@ -339,9 +364,9 @@ def load_secret(path):
     return secret
 
 
-def _mac(secret, method, path, node_id, url, via, expiry):
+def _mac(secret, method, path, node_id, url, via, ticket, expiry):
     message = '\n'.join(('thunder-peer-v1', method, path, node_id, url,
-                         ','.join(via), str(expiry)))
+                         ','.join(via), ticket or '', str(expiry)))
     return hmac.new(secret, message.encode('ascii'),
                     hashlib.sha256).hexdigest()
 
@@ -349,12 +374,13 @@ def _mac(secret, method, path, node_id, url, via, expiry):
 class Peer(object):
     """An authenticated requester."""
 
-    __slots__ = ('node_id', 'url', 'via')
+    __slots__ = ('node_id', 'url', 'via', 'ticket')
 
-    def __init__(self, node_id, url, via):
+    def __init__(self, node_id, url, via, ticket=None):
         self.node_id = node_id
         self.url = url
         self.via = via
+        self.ticket = ticket
 
     def __repr__(self):
         return '<Peer %s at %s>' % (self.node_id, self.url)
@@ -376,17 +402,20 @@ class Signer(object):
         self.lifetime = lifetime
         self._clock = clock
 
-    def headers(self, method, path, via=()):
+    def headers(self, method, path, via=(), ticket=None):
         expiry = int(self._clock()) + self.lifetime
         via = tuple(via)
-        return {
+        headers = {
             'X-Thunder-Node': self.node_id,
             'X-Thunder-Node-URL': self.url,
             'X-Thunder-Via': ','.join(via),
             'X-Thunder-Auth': 'v1:%d:%s' % (expiry, _mac(
                 self.secret, method, path, self.node_id, self.url, via,
-                expiry)),
+                ticket, expiry)),
         }
+        if ticket:
+            headers['X-Thunder-Ticket'] = ticket
+        return headers
 
 
 def authenticate(secret, method, path, headers, clock=time.time,
@@ -408,16 +437,19 @@ def authenticate(secret, method, path, headers, clock=time.time,
     except ValueError:
         raise AuthError('missing or malformed node URL')
     via = parse_via(headers.get(HEADER_VIA, ''))
+    ticket = headers.get(HEADER_TICKET) or None
+    if ticket is not None and not _TICKET.match(ticket):
+        raise ProtocolError(400, 'malformed %s header' % HEADER_TICKET)
     expiry = int(match.group(1))
     now = clock()
     if expiry < now:
         raise AuthError('token expired')
     if expiry > now + max_lifetime + CLOCK_SKEW:
         raise AuthError('token valid for too long')
-    expected = _mac(secret, method, path, node_id, url, via, expiry)
+    expected = _mac(secret, method, path, node_id, url, via, ticket, expiry)
     if not hmac.compare_digest(expected, match.group(2)):
         raise AuthError('bad token')
-    return Peer(node_id, url, via)
+    return Peer(node_id, url, via, ticket)
 
 
 # -- responses -------------------------------------------------------------

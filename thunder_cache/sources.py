@@ -66,7 +66,7 @@ class Origin(image_cache.Source):
     def read(self, offset, length):
         raise NotImplementedError
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         data = self.read(offset, length)
         if len(data) != length:
             raise OriginError('short read from %s: %d of %d bytes at %d'
@@ -271,8 +271,8 @@ class PeerClient(object):
         for url in list(getattr(self._local, 'conns', {})):
             self._drop(url)
 
-    def _request(self, url, path, via):
-        headers = self.signer.headers('GET', path, via)
+    def _request(self, url, path, via, ticket=None):
+        headers = self.signer.headers('GET', path, via, ticket)
         for attempt in (0, 1):
             conn = self._connection(url)
             try:
@@ -329,7 +329,7 @@ class PeerClient(object):
                                                      message.strip()[:200]),
                          status=status, soft=status in (503, 508))
 
-    def get_chunk(self, url, image_id, index, length, via=()):
+    def get_chunk(self, url, image_id, index, length, via=(), ticket=None):
         """The bytes of a chunk (unverified: the caller verifies).
 
         :raises Redirect: on a 307 to another node.
@@ -337,7 +337,7 @@ class PeerClient(object):
         """
         path = protocol.chunk_path(image_id, index)
         try:
-            response = self._request(url, path, via)
+            response = self._request(url, path, via, ticket)
             if response.status == 200:
                 return self._body(url, response, length)
             if response.status == 307:
@@ -385,8 +385,9 @@ class PeerClient(object):
 class PeerSource(image_cache.Source):
     """One peer as a chunk source; follows redirects to a node's children.
 
-    ``url`` is the node currently asked: after a redirect it is the child
-    the full node sent us to, which the upstream adopts as our parent.
+    ``url`` is the node currently asked. After redirects it is the child
+    the full nodes sent us to; if that child serves the chunk, the
+    upstream adopts it as our parent (``redirected`` tells it to).
     """
 
     kind = 'peer'
@@ -394,30 +395,36 @@ class PeerSource(image_cache.Source):
     def __init__(self, upstream, url):
         self.upstream = upstream
         self.url = url
+        self.redirected = False
 
     @property
     def name(self):
         return 'peer:%s' % self.url
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         upstream = self.upstream
+        first = self.url
         seen = {self.url}
         for _hop in range(upstream.max_redirects + 1):
             try:
                 return upstream.client.get_chunk(self.url, upstream.image_id,
-                                                 index, length, via)
+                                                 index, length, via, ticket)
             except Redirect as r:
                 if (r.url in seen or r.url in via or
                         r.url == upstream.self_url):
+                    # Every node of the loop is full: try other sources
+                    # for this chunk, without holding it against them.
+                    self.url, self.redirected = first, False
                     raise PeerError('peer %s redirected in a loop to %s'
-                                    % (self.url, r.url))
+                                    % (first, r.url), soft=True)
                 seen.add(r.url)
                 LOG.debug('Image %s: %s redirected us to %s',
                           upstream.image_id, self.url, r.url)
                 self.url = r.url
-                upstream.adopt(r.url)
+                self.redirected = True
+        self.url, self.redirected = first, False
         raise PeerError('more than %d redirects from %s'
-                        % (upstream.max_redirects, self.url))
+                        % (upstream.max_redirects, first), soft=True)
 
 
 # -- local readers ---------------------------------------------------------

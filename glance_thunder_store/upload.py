@@ -195,11 +195,16 @@ class ImageUpload(object):
         offset = manifest_mod.volume_offset(self.written)
         raw = manifest.to_bytes()
         self._ensure_capacity(offset + len(raw))
-        self._handle().write(offset, raw)
         self._handle().flush()
         if self.conf.thunder_store_verify_after_write:
             self._verify(manifest)
+        # Seal before the manifest is written: the sealed snapshot every
+        # clone is made from then holds the image and zeros after it, as a
+        # copy of the image would. The manifest lives in the image-volume's
+        # head, where the peer mode reads it.
         rbd_facts = self._handle().seal(self.image_id)
+        self._handle().write(offset, raw)
+        self._handle().flush()
         self._detach()
         result = UploadResult(self.volume.id, self.written,
                               self.md5.hexdigest(),

@@ -103,9 +103,6 @@ def test_volume_from_image_is_a_cow_child(stack, client, thunder_store,
     assert [s['name'] for s in snaps] == [snapshot]
 
 
-@pytest.mark.xfail(reason='the store appends its chunk manifest to the '
-                   'image-volume after the image: clones show it past the '
-                   "image's end instead of zeros", strict=False)
 def test_volume_reads_zeros_past_the_image(stack, client, thunder_store,
                                            image_file, tmp_path):
     """Like a copied image, a clone holds only zeros past the image."""

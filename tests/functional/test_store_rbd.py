@@ -169,7 +169,7 @@ def test_add_known_size_get_and_clone(store, cinder, thunder):
                   'container_format': 'bare'}
     for loc in [url, extra[1]['url']]:
         clone = types.SimpleNamespace(
-            id=str(uuid.uuid4()), size=1, multiattach=False,
+            id=str(uuid.uuid4()), size=2, multiattach=False,
             volume_type=None, encryption_key_id=None)
         clone.name = 'volume-%s' % clone.id
         _update, cloned = thunder.clone_image(None, clone, (loc, []),
@@ -180,6 +180,9 @@ def test_add_known_size_get_and_clone(store, cinder, thunder):
                                       read_only=True) as image:
             assert image.parent_info()[1:] == (name, snap)
             assert image.read(0, len(data)) == data
+            # Past the image, where the image-volume keeps its manifest,
+            # the clone reads zeros, as a copy of the image would.
+            assert image.read(len(data), 2 * MiB) == bytes(2 * MiB)
         thunder.delete_volume(clone)
 
     # The aliases read the same bytes.

@@ -116,6 +116,7 @@ class MemoryRbdVolume(object):
     def seal(self, glance_image_id):
         snap = 'thunder-clone-0123456789abcdef'
         self.image.snapshots.append(snap)
+        self.image.sealed_data = bytes(self.image.data)
         self.image.metadata['thunder.glance_image_id'] = glance_image_id
         return rbd_volume.RbdFacts(FSID, self.pool, self.name, snap)
 

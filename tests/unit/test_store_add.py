@@ -75,6 +75,19 @@ def test_add_known_size(store, cinder, memory):
     assert 'store' not in meta
 
 
+def test_the_sealed_snapshot_holds_the_image_and_no_manifest(store, cinder,
+                                                             memory):
+    # Clones are made from the sealed snapshot: past the image they must
+    # read zeros, so the manifest is written after sealing.
+    data = _image(2 * MiB + 100)
+    _url, _size, _c, _m, meta = _add(store, data)
+    image = memory.images['volume-%s' % _only_volume(cinder).id]
+    offset, length, _digest = manifest.from_metadata(meta)
+    assert image.sealed_data[:len(data)] == data
+    assert not any(image.sealed_data[len(data):])
+    assert any(image.data[offset:offset + length])
+
+
 def test_manifest_is_stored_after_the_data_and_bound(store, cinder, memory):
     data = _image(2 * MiB + 100)
     _url, _size, _c, _m, meta = _add(store, data)

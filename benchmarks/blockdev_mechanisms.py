@@ -27,21 +27,28 @@ the median of ``--repeat`` rounds is printed.
 Run as root::
 
     python benchmarks/blockdev_mechanisms.py [--size-mib 1024] [--repeat 3]
-        [--only REGEX] [--keep-going]
+        [--only REGEX] [--keep-going] [--vm-debs DIR]
+
+With ``--vm-debs DIR`` (what ``apt-get download linux-image-<version>-
+cloud-amd64 busybox-static`` fetched into DIR) it also boots a guest on
+some of the devices, set up as libvirt sets up Nova's ``local`` volumes,
+and checks what the guest reads and writes.
 
 Debian packages (a mechanism whose tool is missing is skipped with a
 message):
 
-* qemu-utils: qemu-img (the reader), qemu-io
-* qemu-system-common (pulled in by qemu-system-x86): qemu-storage-daemon
+* qemu-utils: qemu-img (the reader)
+* qemu-system-x86: qemu-storage-daemon (in qemu-system-common) and
+  qemu-system-x86_64 for the guests
 * nbdkit, nbdkit-plugin-python: the NBD servers
 * libfuse3-dev, gcc, pkg-config: the C FUSE server (the ceiling)
-* fuse (or fuse3): libfuse for fusepy; the C server and pyfuse3 link
-  libfuse3-3
-* fio: cross-check of the host block devices with true random offsets
+* fuse: libfuse 2 for fusepy (mfusepy, pyfuse3 and the C server use
+  libfuse3-3)
+* fio: optional (``--fio``) cross-check of the host block devices with
+  true random offsets
 
-Python packages (test-requirements.txt): fusepy, pyfuse3 (and its
-dependency trio).
+Python packages: fusepy and mfusepy (test-requirements.txt); pyfuse3 by
+hand (it builds against libfuse3-dev; its rows are skipped without it).
 
 The states measured:
 
@@ -81,7 +88,7 @@ GiB = 1024 * MiB
 CHUNK = MiB           # thunder_common.manifest.DEFAULT_CHUNK_SIZE
 COW_BLOCK = 4096      # granularity of the per-volume writable layer
 
-DEBIAN_PACKAGES = ('qemu-utils', 'qemu-system-common', 'nbdkit',
+DEBIAN_PACKAGES = ('qemu-utils', 'qemu-system-x86', 'nbdkit',
                    'nbdkit-plugin-python', 'libfuse3-dev', 'gcc',
                    'pkg-config', 'fuse', 'fio')
 
@@ -1597,9 +1604,9 @@ def report(mechanisms, results, args, env, skipped, failed):
           'reader, host = whole machine')
     print()
     head1 = '%-*s' % (width, 'mechanism') + ''.join(
-        '%10s' % c[1] for c in columns) + '%8s' % 'vs plain'
+        '%10s' % c[1] for c in columns) + '%10s' % 'vs plain'
     head2 = '%-*s' % (width, '') + ''.join(
-        '%10s' % c[2] for c in columns) + '%8s' % 'warm seq'
+        '%10s' % c[2] for c in columns) + '%10s' % 'warm seq'
     print(head1)
     print(head2)
     for mech in mechanisms:
@@ -1610,7 +1617,7 @@ def report(mechanisms, results, args, env, skipped, failed):
             row += '%10s' % fmt(results.median(mech.name, key), digits)
         value = results.median(mech.name, 'warm_seq')
         ratio = '%.2fx' % (value / base) if value and base else '-'
-        print(row + '%8s' % ratio)
+        print(row + '%10s' % ratio)
     print()
     print('The mechanisms, and how Nova would attach each (connection type):')
     for mech in mechanisms:

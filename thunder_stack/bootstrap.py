@@ -23,7 +23,7 @@ keystoneclient and cinderclient)::
 glance and cinder (admin and service roles in the service project, as
 devstack gives them) and the image and volume endpoints; ``volume-types``
 creates one volume type per Cinder backend; ``services`` prints Cinder's
-services as JSON.
+services as JSON; ``pools`` the pools the scheduler knows, as JSON.
 """
 
 import json
@@ -119,13 +119,19 @@ def services(s):
                       for x in cinder.services.list()]))
 
 
+def pools(s):
+    """The pools Cinder's scheduler knows (from the backends' reports)."""
+    cinder = _cinder(s)
+    print(json.dumps(sorted(p.name for p in cinder.pools.list())))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, path = argv
     with open(path) as f:
         settings = json.load(f)
     {'keystone': keystone, 'volume-types': volume_types,
-     'services': services}[command](settings)
+     'services': services, 'pools': pools}[command](settings)
     return 0
 
 

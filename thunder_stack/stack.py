@@ -652,7 +652,7 @@ class Stack(object):
         self.state[key] = digest
         self._save_state()
 
-    def _wait_volume_services(self, timeout=120):
+    def _wait_volume_services(self, timeout=300):
         wanted = {'cinder-scheduler@thunder-stack',
                   'cinder-volume@thunder-stack@%s' % THUNDER_BACKEND,
                   'cinder-volume@thunder-stack@%s' % RBD_BACKEND}
@@ -667,13 +667,22 @@ class Stack(object):
             up = {'%s@%s' % (s['binary'], s['host'])
                   for s in self.volume_services()
                   if s['state'] == 'up' and s['status'] == 'enabled'}
-            if wanted <= up:
+            # A service is up once it has a heartbeat, but the scheduler
+            # places volumes only on backends whose capabilities it has
+            # received; a report sent before the scheduler listened is
+            # lost until the next periodic one.
+            if wanted <= up and self._scheduler_knows_backends():
                 return
             time.sleep(1)
         raise StackError('Cinder services not up after %ds: %s up, %s '
                          'wanted; see %s' % (timeout, sorted(up),
                                              sorted(wanted),
                                              self.path('log')))
+
+    def _scheduler_knows_backends(self):
+        pools = json.loads(self._bootstrap('pools'))
+        backends = {p.partition('#')[0].rpartition('@')[2] for p in pools}
+        return {THUNDER_BACKEND, RBD_BACKEND} <= backends
 
     def volume_services(self):
         return json.loads(self._bootstrap('services'))

@@ -78,13 +78,14 @@ def make_driver(backend, **overrides):
 class Volume(object):
     """The attributes of a Cinder volume the driver reads."""
 
-    def __init__(self, size=1, multiattach=False, volume_type=None):
-        self.id = str(uuid.uuid4())
+    def __init__(self, size=1, multiattach=False, volume_type=None,
+                 encryption_key_id=None, volume_id=None):
+        self.id = volume_id or str(uuid.uuid4())
         self.name = 'volume-%s' % self.id
         self.size = size
         self.multiattach = multiattach
         self.volume_type = volume_type
-        self.encryption_key_id = None
+        self.encryption_key_id = encryption_key_id
 
 
 class Snapshot(object):

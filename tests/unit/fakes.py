@@ -30,6 +30,8 @@ import types
 from unittest import mock
 import uuid
 
+from thunder_stack import standalone
+
 FSID = '6f0e8cf9-1b2d-4e55-9d0a-7c7f5a4e2b10'
 
 # Feature bits, as in librbd.
@@ -573,22 +575,6 @@ def make_modules(ceph):
 
 # -- Cinder objects -----------------------------------------------------------
 
-class Volume(object):
-    """The attributes of a Cinder volume the driver reads."""
-
-    def __init__(self, size=1, multiattach=False, volume_type=None,
-                 encryption_key_id=None, volume_id=None):
-        self.id = volume_id or str(uuid.uuid4())
-        self.name = 'volume-%s' % self.id
-        self.size = size
-        self.multiattach = multiattach
-        self.volume_type = volume_type
-        self.encryption_key_id = encryption_key_id
-
-
-class Snapshot(object):
-    def __init__(self, volume):
-        self.id = str(uuid.uuid4())
-        self.name = 'snapshot-%s' % self.id
-        self.volume_name = volume.name
-        self.volume_size = volume.size
+# The stand-ins the functional tests and benchmarks use.
+Volume = standalone.Volume
+Snapshot = standalone.Snapshot

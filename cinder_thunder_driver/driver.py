@@ -19,6 +19,10 @@ Configure a backend with::
     volume_backend_name = thunder
     thunder_rbd_pool = volumes
 
+With ``thunder_mode = peer`` the same class gives the peer mode instead
+(``cinder_thunder_driver.peer``): volumes on the compute node over its
+image cache. The rest of this module is the shared mode.
+
 Volumes are RBD images named after Cinder's ``volume_name_template``. A
 volume made from a thunder image is an RBD clone of the one protected
 snapshot of the image's sealed image-volume (see
@@ -95,6 +99,16 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
                               'RBD_FEATURE_OBJECT_MAP',
                               'RBD_FEATURE_FAST_DIFF',
                               'RBD_FEATURE_JOURNALING')
+
+    def __new__(cls, *args, **kwargs):
+        """The peer-mode driver when the backend says thunder_mode=peer."""
+        configuration = kwargs.get('configuration')
+        if cls is ThunderDriver and configuration is not None:
+            configuration.append_config_values(options.thunder_opts)
+            if configuration.safe_get('thunder_mode') == 'peer':
+                from cinder_thunder_driver import peer
+                return peer.PeerDriver(*args, **kwargs)
+        return super(ThunderDriver, cls).__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super(ThunderDriver, self).__init__(*args, **kwargs)

@@ -21,11 +21,47 @@ cinder-volume as Cinder's own RBD driver without option clashes.
 from oslo_config import cfg
 
 thunder_opts = [
+    cfg.StrOpt('thunder_mode',
+               default='shared',
+               choices=[('shared', 'Volumes are RBD clones of the image-'
+                                   'volume on the shared Ceph cluster.'),
+                        ('peer', 'Volumes live on this node as thin '
+                                 'copy-on-write layers over the node\'s '
+                                 'cache of the image (thunder-cache), '
+                                 'filled on demand from peers and the '
+                                 'origin.')],
+               help='Where the volumes of this backend live. In peer mode '
+                    'cinder-volume runs on every compute node (as with '
+                    'local LVM), next to a thunder-cache daemon, and '
+                    'instances must be scheduled on the node that holds '
+                    'their volumes.'),
+    cfg.StrOpt('thunder_cache_control_socket',
+               default='/run/thunder-cache/control.sock',
+               help='Peer mode: the control socket of the node\'s '
+                    'thunder-cache daemon ([blockdev] control_socket in '
+                    'thunder-cache.conf). cinder-volume must be in the '
+                    'group that owns it.'),
+    cfg.IntOpt('thunder_cache_timeout',
+               default=120,
+               min=1,
+               help='Peer mode: seconds to wait for an answer of the '
+                    'thunder-cache daemon (creating a volume registers its '
+                    'image, which reads the image\'s manifest from a peer '
+                    'or the origin).'),
+    cfg.BoolOpt('thunder_loop_direct_io',
+                default=True,
+                help='Peer mode: attach volume files with loop devices in '
+                     'direct I/O mode. Measured here it is 1.5 to 3 times '
+                     'faster than a buffered loop device for warm reads '
+                     'and lets cold reads fetch chunks concurrently, and '
+                     'it keeps a single copy of the image in memory (see '
+                     'the peer-mode block device page of the docs).'),
     cfg.StrOpt('thunder_rbd_pool',
                default='volumes',
                help='RADOS pool holding the volumes, their snapshots and '
                     'the image-volumes written by the thunder Glance '
-                    'store.'),
+                    'store. In peer mode, the pool of the image-volumes '
+                    'when their Glance locations do not name it.'),
     cfg.StrOpt('thunder_rbd_ceph_conf',
                default='/etc/ceph/ceph.conf',
                help='Path to the Ceph configuration file of the cluster.'),

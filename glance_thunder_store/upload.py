@@ -36,6 +36,7 @@ from glance_store import exceptions
 from oslo_log import log as logging
 from oslo_utils import units
 
+from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 
 LOG = logging.getLogger(__name__)
@@ -46,10 +47,10 @@ META_IMAGE_OWNER = 'image_owner'
 META_IMAGE_SIZE = 'image_size'
 # Volume metadata keys of this store.
 META_STORE = 'thunder_store'
-META_RBD_FSID = 'thunder_rbd_fsid'
-META_RBD_POOL = 'thunder_rbd_pool'
-META_RBD_IMAGE = 'thunder_rbd_image'
-META_RBD_SNAPSHOT = 'thunder_rbd_snapshot'
+META_RBD_FSID = locations.META_RBD_FSID
+META_RBD_POOL = locations.META_RBD_POOL
+META_RBD_IMAGE = locations.META_RBD_IMAGE
+META_RBD_SNAPSHOT = locations.META_RBD_SNAPSHOT
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -38,6 +38,13 @@ THUNDER_SCHEME = 'thunder'
 CINDER_SCHEME = 'cinder'
 RBD_SCHEME = 'rbd'
 
+# Location metadata (and image-volume metadata) the thunder store records
+# with an image-volume that lives in RBD: where its bytes are.
+META_RBD_FSID = 'thunder_rbd_fsid'
+META_RBD_POOL = 'thunder_rbd_pool'
+META_RBD_IMAGE = 'thunder_rbd_image'
+META_RBD_SNAPSHOT = 'thunder_rbd_snapshot'
+
 # A location is a short string; anything longer is hostile or broken.
 MAX_LOCATION_LENGTH = 2048
 # Longest pool, image or snapshot name accepted (RBD itself allows long
@@ -186,3 +193,16 @@ def _canonical_uuid(value):
     if not _UUID.match(value):
         raise ValueError(value)
     return str(uuid.UUID(value))
+
+
+def rbd_from_metadata(metadata):
+    """The :class:`RbdLocation` that location metadata names, or None.
+
+    :raises InvalidLocation: if the names are malformed.
+    """
+    metadata = metadata or {}
+    parts = [metadata.get(key) for key in (META_RBD_FSID, META_RBD_POOL,
+                                           META_RBD_IMAGE, META_RBD_SNAPSHOT)]
+    if not all(isinstance(part, str) and part for part in parts):
+        return None
+    return parse(RbdLocation(*parts).url)

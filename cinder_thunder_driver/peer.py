@@ -1,0 +1,388 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""ThunderDriver's peer mode: volumes on the node, over its image cache.
+
+Configure a backend on every compute node with::
+
+    [thunder-peer]
+    volume_driver = cinder_thunder_driver.driver.ThunderDriver
+    volume_backend_name = thunder-peer
+    thunder_mode = peer
+
+A volume is a file on the FUSE mount of the node's ``thunder-cache``
+daemon: the volume's own copy-on-write layer over the node's read-only
+cache of its image, which the daemon fills on demand from peer nodes and
+the image-volume (the *origin*), verifying every chunk. The driver asks
+the daemon, over its control socket, to register images and to create,
+resize and delete layers; it attaches a volume as a loop device (through
+Cinder's privsep) and hands Nova a ``local`` connection. Creating a volume
+from a thunder image copies nothing: O(1) whatever the image's size.
+"""
+
+import os
+
+from cinder import exception
+from cinder.i18n import _
+from cinder.image import image_utils
+from cinder import interface
+from cinder.volume import driver
+from cinder.volume import volume_utils
+from oslo_config import cfg
+from oslo_log import log as logging
+from oslo_utils import units
+
+from cinder_thunder_driver import image_io
+from cinder_thunder_driver import loopdev
+from cinder_thunder_driver import options
+from thunder_cache import control
+from thunder_common import locations
+from thunder_common import manifest as manifest_mod
+
+LOG = logging.getLogger(__name__)
+
+
+def _fail(message, **kwargs):
+    msg = _(message) % kwargs if kwargs else _(message)
+    LOG.error(msg)
+    return exception.VolumeBackendAPIException(data=msg)
+
+
+def image_descriptor(image_id, location, pool, volume_name_template):
+    """What the daemon needs to cache an image, from one Glance location.
+
+    ``location`` is ``{'url': ..., 'metadata': {...}}``. Returns None when
+    the location is not a thunder image-volume with a manifest.
+    """
+    try:
+        parsed = locations.parse(location.get('url') or '')
+    except locations.InvalidLocation as e:
+        LOG.debug('Skipping location: %s', e)
+        return None
+    if isinstance(parsed, locations.RbdLocation):
+        return None
+    meta = location.get('metadata') or {}
+    try:
+        offset, length, digest = manifest_mod.from_metadata(meta)
+    except ValueError as e:
+        LOG.debug('Location %(url)s has no usable manifest: %(err)s',
+                  {'url': location.get('url'), 'err': e})
+        return None
+    try:
+        rbd = locations.rbd_from_metadata(meta)
+    except locations.InvalidLocation as e:
+        LOG.warning('Location %(url)s names a malformed RBD image: %(err)s',
+                    {'url': location.get('url'), 'err': e})
+        return None
+    if rbd is not None:
+        origin = {'type': 'rbd', 'pool': rbd.pool, 'image': rbd.image,
+                  'snapshot': rbd.snapshot}
+    else:
+        # Sealed image-volumes are read-only: their head is the image.
+        origin = {'type': 'rbd', 'pool': pool,
+                  'image': volume_name_template % parsed.volume_id}
+    return {'image_id': image_id,
+            'manifest_digest': digest,
+            'manifest_offset': offset,
+            'manifest_length': length,
+            'origin_volume_id': parsed.volume_id,
+            'origin': origin}
+
+
+@interface.volumedriver
+class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
+    """ThunderDriver with ``thunder_mode = peer``."""
+
+    VERSION = '1.0.0'
+    CI_WIKI_NAME = 'VMThunder_CI'
+
+    def __init__(self, *args, **kwargs):
+        super(PeerDriver, self).__init__(*args, **kwargs)
+        self.configuration.append_config_values(options.thunder_opts)
+        conf = self.configuration
+        self.daemon = control.ControlClient(
+            conf.thunder_cache_control_socket,
+            timeout=conf.thunder_cache_timeout)
+        self._mount_dir = None
+        self._stats = {}
+
+    @classmethod
+    def get_driver_options(cls):
+        return options.thunder_opts
+
+    # -- daemon -------------------------------------------------------
+
+    def _call(self, op, **args):
+        try:
+            return self.daemon.call(op, **args)
+        except control.ControlError as e:
+            raise _fail('thunder-cache %(op)s failed: %(err)s',
+                        op=op, err=e)
+
+    @property
+    def mount_dir(self):
+        if self._mount_dir is None:
+            self._mount_dir = self._call('ping')['mount_dir']
+        return self._mount_dir
+
+    def _path(self, name):
+        return os.path.join(self.mount_dir, name)
+
+    def do_setup(self, context):
+        pass
+
+    def check_for_setup_error(self):
+        """The daemon answers and serves volume files."""
+        info = self._call('ping')
+        if not info.get('mount_dir'):
+            raise _fail('thunder-cache at %(sock)s serves no volume files: '
+                        'set [blockdev] enabled = true in its '
+                        'configuration.',
+                        sock=self.configuration.thunder_cache_control_socket)
+        if not os.path.ismount(info['mount_dir']):
+            raise _fail('%(dir)s is not mounted: is thunder-cache running '
+                        'with its volume files?', dir=info['mount_dir'])
+        self._mount_dir = info['mount_dir']
+        LOG.info('ThunderDriver %(version)s in peer mode: node %(node)s, '
+                 'volumes in %(dir)s.',
+                 {'version': self.VERSION, 'node': info.get('node_id'),
+                  'dir': self._mount_dir})
+
+    # -- stats --------------------------------------------------------
+
+    def get_volume_stats(self, refresh=False):
+        if refresh or not self._stats:
+            self._update_volume_stats()
+        return self._stats
+
+    def _update_volume_stats(self):
+        conf = self.configuration
+        stats = {
+            'volume_backend_name': (conf.safe_get('volume_backend_name') or
+                                    'ThunderDriver'),
+            'vendor_name': 'VMThunder',
+            'driver_version': self.VERSION,
+            'storage_protocol': 'local',
+            'total_capacity_gb': 'unknown',
+            'free_capacity_gb': 'unknown',
+            'reserved_percentage': conf.safe_get('reserved_percentage'),
+            'max_over_subscription_ratio':
+                conf.safe_get('max_over_subscription_ratio'),
+            'thin_provisioning_support': True,
+            'thick_provisioning_support': False,
+            'multiattach': False,
+            'QoS_support': False,
+            'sparse_copy_volume': True,
+            'online_extend_support': True,
+            'backend_state': 'down',
+        }
+        try:
+            info = self.daemon.call('stats')
+            stats['total_capacity_gb'] = round(
+                info['total_bytes'] / units.Gi, 2)
+            stats['free_capacity_gb'] = round(
+                info['free_bytes'] / units.Gi, 2)
+            stats['provisioned_capacity_gb'] = round(
+                info['provisioned_bytes'] / units.Gi, 2)
+            stats['total_volumes'] = info['volumes']
+            stats['backend_state'] = 'up'
+        except (control.ControlError, KeyError, TypeError) as e:
+            LOG.warning('thunder-cache does not answer; reporting the '
+                        'backend down: %s', e)
+        self._stats = stats
+
+    # -- volumes ------------------------------------------------------
+
+    def _create(self, volume, image_id=None, source=None):
+        self._call('create_volume', volume_id=volume.name,
+                   size=volume.size * units.Gi, image_id=image_id,
+                   source=source)
+        LOG.info('Created peer-mode volume %(name)s (%(size)s GiB%(of)s).',
+                 {'name': volume.name, 'size': volume.size,
+                  'of': ', image %s' % image_id if image_id else
+                  (', from %s' % source if source else '')})
+
+    def create_volume(self, volume):
+        self._create(volume)
+        return {}
+
+    def create_cloned_volume(self, volume, src_vref):
+        self._create(volume, source=src_vref.name)
+
+    def create_volume_from_snapshot(self, volume, snapshot):
+        self._create(volume, source=snapshot.name)
+
+    def _delete(self, name):
+        for device in loopdev.devices_of(self._path(name), self.mount_dir):
+            LOG.warning('Detaching %(dev)s, left over on %(name)s.',
+                        {'dev': device, 'name': name})
+            loopdev.detach(device)
+        try:
+            self.daemon.call('delete_volume', volume_id=name)
+        except control.ControlError as e:
+            if e.kind == 'VolumeNotFound':
+                LOG.info('Peer-mode volume %s is already gone.', name)
+                return
+            if e.kind == 'VolumeBusy':
+                raise exception.VolumeIsBusy(volume_name=name)
+            raise _fail('thunder-cache delete_volume failed: %(err)s',
+                        err=e)
+
+    def delete_volume(self, volume):
+        self._delete(volume.name)
+
+    def extend_volume(self, volume, new_size):
+        self._call('resize_volume', volume_id=volume.name,
+                   size=new_size * units.Gi)
+        path = self._path(volume.name)
+        for device in loopdev.devices_of(path, self.mount_dir):
+            loopdev.refresh_size(device, path, self.mount_dir)
+
+    # -- snapshots ----------------------------------------------------
+
+    def create_snapshot(self, snapshot):
+        """A read-only copy of the volume's own layer (O(written))."""
+        self._call('create_volume', volume_id=snapshot.name,
+                   size=snapshot.volume_size * units.Gi,
+                   source=snapshot.volume_name, read_only=True)
+
+    def delete_snapshot(self, snapshot):
+        self._delete(snapshot.name)
+
+    # -- images -------------------------------------------------------
+
+    def clone_image(self, context, volume, image_location, image_meta,
+                    image_service):
+        """A layer over the node's cache of a thunder image: O(1).
+
+        Returns ``({}, False)`` (Cinder then downloads the image) when the
+        image is not raw, the volume is encrypted, or no location is a
+        thunder image-volume with a manifest.
+        """
+        if not image_location:
+            return {}, False
+        if (image_meta.get('disk_format') != 'raw' or
+                image_meta.get('container_format', 'bare') not in
+                ('bare', None) or volume.encryption_key_id):
+            return {}, False
+        _direct_url, location_list = image_location
+        for location in location_list or []:
+            descriptor = image_descriptor(
+                image_meta['id'], location,
+                self.configuration.thunder_rbd_pool,
+                cfg.CONF.volume_name_template)
+            if descriptor is None:
+                continue
+            info = self._call('register_image', **descriptor)
+            if info['image_size'] > volume.size * units.Gi:
+                raise _fail('Image %(id)s (%(bytes)d bytes) does not fit '
+                            'in a %(size)s GiB volume.', id=image_meta['id'],
+                            bytes=info['image_size'], size=volume.size)
+            self._create(volume, image_id=image_meta['id'])
+            return {'provider_location': None}, True
+        return {}, False
+
+    def copy_image_to_volume(self, context, volume, image_service, image_id,
+                             disable_sparse=False):
+        """Download an image (converted to raw) into the volume's layer."""
+        with image_utils.temporary_file(prefix='thunder-') as tmp:
+            image_utils.fetch_to_raw(context, image_service, image_id, tmp,
+                                     self.configuration.volume_dd_blocksize,
+                                     size=volume.size,
+                                     run_as_root=False,
+                                     disable_sparse=disable_sparse)
+            path = self._path(volume.name)
+            if os.path.getsize(tmp) > os.path.getsize(path):
+                raise _fail('Image %(id)s is larger than volume %(name)s.',
+                            id=image_id, name=volume.name)
+            with VolumeFile(path) as target:
+                image_io.file_to_image(tmp, target, sparse=True)
+
+    def copy_volume_to_image(self, context, volume, image_service,
+                             image_meta):
+        """Upload the volume's bytes (as the VM sees them) to Glance."""
+        volume_utils.upload_volume(context, image_service, image_meta,
+                                   self._path(volume.name), volume,
+                                   run_as_root=False)
+
+    # -- connections --------------------------------------------------
+
+    def _check_local(self, volume, connector):
+        node = volume_utils.extract_host(volume.host, 'host')
+        host = (connector or {}).get('host')
+        if host and node and host != node:
+            raise _fail('Volume %(id)s lives on %(node)s and can only be '
+                        'attached there, not on %(host)s (schedule the '
+                        'instance on the volume\'s node, e.g. with the '
+                        'same availability zone per node).',
+                        id=volume.id, node=node, host=host)
+
+    def initialize_connection(self, volume, connector):
+        """``local`` connection info: a loop device over the volume file."""
+        self._check_local(volume, connector)
+        path = self._path(volume.name)
+        try:
+            device, dio = loopdev.attach(
+                path, self.mount_dir,
+                direct_io=self.configuration.thunder_loop_direct_io)
+        except loopdev.LoopError as e:
+            raise _fail('Cannot attach %(path)s: %(err)s', path=path, err=e)
+        if self.configuration.thunder_loop_direct_io and not dio:
+            LOG.warning('%(dev)s reads %(path)s through the page cache: the '
+                        'kernel refused direct I/O.',
+                        {'dev': device, 'path': path})
+        LOG.info('Volume %(name)s attached as %(dev)s.',
+                 {'name': volume.name, 'dev': device})
+        return {'driver_volume_type': 'local',
+                'data': {'device_path': device, 'volume_id': volume.id}}
+
+    def terminate_connection(self, volume, connector, **kwargs):
+        path = self._path(volume.name)
+        for device in loopdev.devices_of(path, self.mount_dir):
+            loopdev.detach(device)
+            LOG.info('Volume %(name)s detached from %(dev)s.',
+                     {'name': volume.name, 'dev': device})
+
+    def create_export(self, context, volume, connector):
+        pass
+
+    def ensure_export(self, context, volume):
+        pass
+
+    def remove_export(self, context, volume):
+        pass
+
+
+class VolumeFile(object):
+    """A volume file with the writer interface of ``image_io``."""
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDWR)
+
+    def write(self, data, offset):
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def write_zeroes(self, offset, length):
+        self.write(bytes(length), offset)
+
+    def flush(self):
+        os.fsync(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)

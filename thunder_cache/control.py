@@ -1,0 +1,225 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The daemon's control socket: how the Cinder driver manages volumes.
+
+cinder-volume on the node asks the ``thunder-cache`` daemon to register
+images and to create, resize and delete volume layers. The channel is a
+Unix socket (mode 0660: its group decides who may manage volumes) carrying
+one JSON object per line each way::
+
+    -> {"op": "create_volume", "volume_id": "volume-...", "size": 1073741824,
+        "image_id": "..."}
+    <- {"ok": true, "result": {...}}
+    <- {"ok": false, "error": "VolumeNotFound", "message": "..."}
+
+Requests are parsed strictly: a line longer than :data:`MAX_LINE`, a
+request that is not a JSON object, an unknown operation or an argument of
+the wrong type is refused with ``BadRequest``. Handlers are plain
+callables registered by the daemon, so this module knows nothing about
+volumes or images.
+"""
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import threading
+
+LOG = logging.getLogger(__name__)
+
+MAX_LINE = 65536
+
+
+class ControlError(Exception):
+    """An error the daemon reported, or a failure to reach it.
+
+    ``kind`` is the name of the daemon-side exception (``VolumeNotFound``,
+    ``VolumeExists``, ``VolumeBusy``, ``BadRequest``, ...) or
+    ``Unavailable`` when the daemon cannot be reached.
+    """
+
+    def __init__(self, kind, message):
+        super().__init__('%s: %s' % (kind, message))
+        self.kind = kind
+        self.message = message
+
+
+class BadRequest(ValueError):
+    """A request that is malformed or names an unknown operation."""
+
+
+def parse_request(line):
+    """``(op, args)`` from one request line; :class:`BadRequest` if bad."""
+    if len(line) > MAX_LINE:
+        raise BadRequest('request longer than %d bytes' % MAX_LINE)
+    try:
+        request = json.loads(line)
+    except ValueError as e:
+        raise BadRequest('request is not JSON: %s' % e)
+    if not isinstance(request, dict):
+        raise BadRequest('request is not a JSON object')
+    op = request.pop('op', None)
+    if not isinstance(op, str) or not op:
+        raise BadRequest('request has no "op"')
+    return op, request
+
+
+def _encode(reply):
+    return (json.dumps(reply, separators=(',', ':'), sort_keys=True) +
+            '\n').encode('utf-8')
+
+
+class _Handler(socketserver.StreamRequestHandler):
+
+    timeout = 600
+
+    def handle(self):
+        server = self.server
+        while not server.stopping:
+            try:
+                line = self.rfile.readline(MAX_LINE + 1)
+            except OSError:
+                return
+            if not line:
+                return
+            if len(line) > MAX_LINE or not line.endswith(b'\n'):
+                self._reply({'ok': False, 'error': 'BadRequest',
+                             'message': 'request line too long'})
+                return
+            self._reply(server.dispatch(line))
+
+    def _reply(self, reply):
+        try:
+            self.wfile.write(_encode(reply))
+            self.wfile.flush()
+        except OSError:
+            pass
+
+
+class ControlServer(socketserver.ThreadingMixIn,
+                    socketserver.UnixStreamServer):
+    """Answers control requests with registered handlers.
+
+    :param path: the socket's path (an old socket there is replaced).
+    :param handlers: ``{op: callable(**args) -> JSON-able result}``. An
+        exception raised by a handler is reported by its class name and
+        message; ``TypeError`` from wrong arguments becomes ``BadRequest``.
+    :param group: name of the group that may use the socket (mode 0660).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, path, handlers, mode=0o660, group=None):
+        self.handlers = dict(handlers)
+        self.stopping = False
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        socketserver.UnixStreamServer.__init__(self, path, _Handler)
+        os.chmod(path, mode)
+        if group:
+            import grp
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        self.path = path
+
+    def dispatch(self, line):
+        try:
+            op, args = parse_request(line)
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise BadRequest('unknown operation %r' % op)
+            try:
+                result = handler(**args)
+            except TypeError as e:
+                raise BadRequest('bad arguments for %s: %s' % (op, e))
+        except BadRequest as e:
+            return {'ok': False, 'error': 'BadRequest', 'message': str(e)}
+        except Exception as e:
+            known = getattr(e, 'control_error', False) or isinstance(
+                e, (ValueError, LookupError, OSError))
+            if not known:
+                LOG.exception('Control request %s failed', line[:200])
+            return {'ok': False, 'error': type(e).__name__,
+                    'message': str(e)}
+        return {'ok': True, 'result': result}
+
+    def start(self):
+        thread = threading.Thread(target=self.serve_forever, args=(0.2,),
+                                  name='control-server', daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self):
+        self.stopping = True
+        self.shutdown()
+        self.server_close()
+
+    def server_close(self):
+        super().server_close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class ControlClient(object):
+    """Calls the daemon's control socket; one connection per call.
+
+    :param path: the daemon's ``control_socket``.
+    :param timeout: seconds to wait for an answer.
+    """
+
+    def __init__(self, path, timeout=60.0):
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, op, **args):
+        """The result of ``op``; :class:`ControlError` on any failure."""
+        request = dict(args, op=op)
+        line = _encode(request)
+        if len(line) > MAX_LINE:
+            raise ControlError('BadRequest', 'request too large')
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(self.path)
+            except OSError as e:
+                raise ControlError(
+                    'Unavailable', 'cannot reach thunder-cache at %s: %s'
+                    % (self.path, e))
+            try:
+                sock.sendall(line)
+                with sock.makefile('rb') as f:
+                    answer = f.readline(MAX_LINE + 1)
+            except OSError as e:
+                raise ControlError('Unavailable', 'thunder-cache at %s: %s'
+                                   % (self.path, e))
+        finally:
+            sock.close()
+        try:
+            reply = json.loads(answer)
+            ok = reply['ok']
+        except (ValueError, KeyError, TypeError):
+            raise ControlError('Unavailable', 'thunder-cache at %s sent an '
+                               'unreadable answer' % self.path)
+        if not ok:
+            raise ControlError(str(reply.get('error', 'Error')),
+                               str(reply.get('message', '')))
+        return reply.get('result')

@@ -1,0 +1,490 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The writable copy-on-write layer of one volume.
+
+A layer lives in a directory of two files:
+
+``data``
+    A sparse file of exactly the volume's size; a written 4 KiB block
+    lives at its offset in the volume. Unwritten blocks are holes.
+``bitmap``
+    Which blocks of ``data`` the volume has written. Integers unsigned
+    big-endian::
+
+        offset  size  field
+        0       8     magic b'VMTHCOWB'
+        8       2     format version (1)
+        10      2     reserved, 0
+        12      4     block size in bytes (4096)
+        16      8     layer size in bytes
+        24      8     block count
+        32      4     crc32 of bytes 0-31
+        36      ...   zero up to 4096
+        4096    ceil(N/8)  the bits: block i is bit (i % 8) of byte i // 8
+
+Everything a block does not hold comes from the layer's *base* (the
+image, zeros past its end), a callable ``base(offset, length) -> bytes``
+passed to each :meth:`CowLayer.read` and :meth:`CowLayer.write`.
+
+Crash consistency, as for :mod:`thunder_cache.chunkmap`, comes from
+ordering: bits are set in memory as blocks are written, and
+:meth:`CowLayer.flush` first ``fdatasync``'s the data, then writes the
+changed pages of the bitmap and ``fdatasync``'s it. So a bit on disk
+always names a block whose bytes reached the disk first; a write not yet
+flushed may be lost in a crash, as on any disk with a volatile cache.
+Bitmaps are only ever created or replaced whole (temporary name, sync,
+rename), so a torn bitmap is an error (:class:`LayerError`), never a
+silently empty layer.
+"""
+
+import errno
+import logging
+import os
+import struct
+import threading
+import zlib
+
+LOG = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+MAGIC = b'VMTHCOWB'
+VERSION = 1
+DATA_FILE = 'data'
+BITMAP_FILE = 'bitmap'
+BITS_OFFSET = 4096
+PAGE = 4096
+_HEADER = struct.Struct('>8sHHIQQ')
+_CRC = struct.Struct('>I')
+HEADER_SIZE = _HEADER.size + _CRC.size  # 36
+_COPY_STEP = 1024 * 1024
+_FULL = 0xff
+
+
+class LayerError(ValueError):
+    """A layer whose files are damaged, torn or not a layer at all."""
+
+
+def block_count(size):
+    return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def bitmap_size(size):
+    """Length in bytes of the bitmap file of a layer of ``size`` bytes."""
+    return BITS_OFFSET + (block_count(size) + 7) // 8
+
+
+def _header(size):
+    head = _HEADER.pack(MAGIC, VERSION, 0, BLOCK_SIZE, size,
+                        block_count(size))
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def check_size(size, what='layer'):
+    """``size`` if it is a positive integer number of bytes."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError('%s size must be a positive integer, not %r'
+                         % (what, size))
+    return size
+
+
+def fsync_dir(path):
+    """fsync the directory ``path`` (to make entries in it durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bitmap(directory, size, bits=None):
+    """Create or replace the bitmap whole: temporary name, sync, rename."""
+    path = os.path.join(directory, BITMAP_FILE)
+    tmp = '%s.tmp.%d' % (path, os.getpid())
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.pwrite(fd, _header(size), 0)
+        if bits and bits.strip(b'\0'):
+            os.pwrite(fd, bytes(bits), BITS_OFFSET)
+        os.ftruncate(fd, bitmap_size(size))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)
+
+
+def _read_bitmap(path, data_size):
+    with open(path, 'rb') as f:
+        head = f.read(HEADER_SIZE)
+        if len(head) != HEADER_SIZE:
+            raise LayerError('bitmap %s is torn (%d bytes)'
+                             % (path, len(head)))
+        fields = _HEADER.unpack_from(head)
+        crc = _CRC.unpack_from(head, _HEADER.size)[0]
+        magic, version, _reserved, block, size, count = fields
+        if magic != MAGIC:
+            raise LayerError('%s is not a volume layer bitmap' % path)
+        if zlib.crc32(head[:_HEADER.size]) != crc:
+            raise LayerError('bitmap %s has a damaged header' % path)
+        if version != VERSION:
+            raise LayerError('bitmap %s has format version %d, not %d'
+                             % (path, version, VERSION))
+        if block != BLOCK_SIZE or size < 1 or count != block_count(size):
+            raise LayerError('bitmap %s has an inconsistent header '
+                             '(block %d, size %d, %d blocks)'
+                             % (path, block, size, count))
+        f.seek(BITS_OFFSET)
+        bits = bytearray(f.read())
+    expected = bitmap_size(size) - BITS_OFFSET
+    if len(bits) != expected:
+        raise LayerError('bitmap %s holds %d bytes of bits, expected %d '
+                         '(torn)' % (path, len(bits), expected))
+    tail = count % 8
+    if tail and bits[-1] >> tail:
+        raise LayerError('bitmap %s marks blocks past the end' % path)
+    if data_size < size:
+        raise LayerError('data file of %s is %d bytes, smaller than the '
+                         'layer (%d bytes)' % (path, data_size, size))
+    return size, bits
+
+
+class CowLayer(object):
+    """A volume's written blocks over a read-only base; thread-safe.
+
+    Use :meth:`create` or :meth:`open`. Reads run concurrently; writes,
+    resizes and copies take the layer's lock; flushes are serialized
+    among themselves but let writes go on while the data is synced.
+    """
+
+    def __init__(self, directory, size, bits, data_fd, bitmap_fd):
+        self.directory = directory
+        self.size = size
+        self._bits = bits
+        self._data_fd = data_fd
+        self._bitmap_fd = bitmap_fd
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._dirty = set()  # bitmap pages changed since the last flush
+        self._written = sum(b.bit_count() for b in bits)
+
+    def __repr__(self):
+        return '<CowLayer %s: %d bytes, %d blocks written>' % (
+            self.directory, self.size, self._written)
+
+    # -- creation ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory, size):
+        """A new empty layer of ``size`` bytes in ``directory``; O(1).
+
+        :raises FileExistsError: if the directory already holds a layer.
+        """
+        check_size(size)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        data_path = os.path.join(directory, DATA_FILE)
+        if os.path.exists(os.path.join(directory, BITMAP_FILE)):
+            raise FileExistsError(errno.EEXIST, 'layer exists', directory)
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _write_bitmap(directory, size)
+        fsync_dir(os.path.dirname(os.path.abspath(directory)))
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory):
+        """The layer in ``directory``.
+
+        :raises LayerError: if its bitmap is torn, damaged or foreign, or
+            its data file is too short.
+        :raises FileNotFoundError: if a file is missing.
+        """
+        data_fd = os.open(os.path.join(directory, DATA_FILE), os.O_RDWR)
+        try:
+            size, bits = _read_bitmap(os.path.join(directory, BITMAP_FILE),
+                                      os.fstat(data_fd).st_size)
+            bitmap_fd = os.open(os.path.join(directory, BITMAP_FILE),
+                                os.O_RDWR)
+        except BaseException:
+            os.close(data_fd)
+            raise
+        return cls(directory, size, bits, data_fd, bitmap_fd)
+
+    # -- bits -------------------------------------------------------------
+
+    def _is_set(self, block):
+        return bool(self._bits[block >> 3] & (1 << (block & 7)))
+
+    def _any_set(self, first, stop):
+        """True if a block in [first, stop) is written."""
+        bits = self._bits
+        lo, hi = first >> 3, (stop - 1) >> 3
+        if lo == hi:
+            mask = ((1 << (stop - first)) - 1) << (first & 7)
+            return bool(bits[lo] & mask)
+        if bits[lo] >> (first & 7):
+            return True
+        if bits[hi] & ((1 << (((stop - 1) & 7) + 1)) - 1):
+            return True
+        return hi - lo > 1 and bool(bits[lo + 1:hi].strip(b'\0'))
+
+    def _runs(self, first, stop):
+        """(start block, end block, written) runs covering [first, stop)."""
+        bits = self._bits
+        block = first
+        while block < stop:
+            state = self._is_set(block)
+            end = block + 1
+            while end < stop:
+                if not end & 7 and end + 8 <= stop:
+                    byte = bits[end >> 3]
+                    if byte == (_FULL if state else 0):
+                        end += 8
+                        continue
+                if self._is_set(end) != state:
+                    break
+                end += 1
+            yield block, end, state
+            block = end
+
+    def _mark(self, first, stop):
+        """Set the bits of blocks [first, stop); caller holds the lock."""
+        bits = self._bits
+        for block in range(first, stop):
+            index, mask = block >> 3, 1 << (block & 7)
+            if not bits[index] & mask:
+                bits[index] |= mask
+                self._written += 1
+                self._dirty.add(index // PAGE)
+
+    # -- I/O --------------------------------------------------------------
+
+    def _pread(self, length, offset):
+        data = os.pread(self._data_fd, length, offset)
+        if len(data) != length:
+            raise IOError(errno.EIO, 'short read from the layer data file '
+                          'in %s' % self.directory)
+        return data
+
+    def _base(self, base, offset, length):
+        data = base(offset, length)
+        if len(data) != length:
+            raise IOError(errno.EIO, 'base returned %d bytes at %d, '
+                          'expected %d' % (len(data), offset, length))
+        return data
+
+    def read(self, offset, length, base):
+        """``length`` bytes at ``offset`` (short past the end).
+
+        Written blocks come from the data file, the rest from
+        ``base(offset, length)``; a range with nothing written is one
+        call of ``base``.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError('negative offset or length')
+        size = self.size
+        if offset >= size or not length:
+            return b''
+        end = min(size, offset + length)
+        first = offset // BLOCK_SIZE
+        stop = (end - 1) // BLOCK_SIZE + 1
+        if not self._any_set(first, stop):
+            return self._base(base, offset, end - offset)
+        parts = []
+        for run_first, run_stop, written in self._runs(first, stop):
+            start = max(offset, run_first * BLOCK_SIZE)
+            stop_at = min(end, run_stop * BLOCK_SIZE)
+            if written:
+                parts.append(self._pread(stop_at - start, start))
+            else:
+                parts.append(self._base(base, start, stop_at - start))
+        return b''.join(parts)
+
+    def write(self, offset, data, base):
+        """Write ``data`` at ``offset``; return the bytes written.
+
+        A block the write covers only partly and that was never written is
+        first copied up from ``base``. A write reaching past the end is
+        cut short there; one starting at or past the end fails with
+        ``ENOSPC``.
+        """
+        if offset < 0:
+            raise ValueError('negative offset')
+        if not data:
+            return 0
+        if offset >= self.size:
+            raise OSError(errno.ENOSPC, 'write at %d beyond the end of the '
+                          'volume (%d bytes)' % (offset, self.size))
+        with self._lock:
+            if self._data_fd is None:
+                raise ValueError('layer %s is closed' % self.directory)
+            size = self.size
+            data = memoryview(data)[:size - offset]
+            end = offset + len(data)
+            first = offset // BLOCK_SIZE
+            last = (end - 1) // BLOCK_SIZE
+            for block in sorted({first, last}):
+                start = block * BLOCK_SIZE
+                block_end = min(start + BLOCK_SIZE, size)
+                covered = offset <= start and end >= block_end
+                if not covered and not self._is_set(block):
+                    os.pwrite(self._data_fd,
+                              self._base(base, start, block_end - start),
+                              start)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._data_fd, data[done:], offset + done)
+            self._mark(first, last + 1)
+        return len(data)
+
+    def flush(self):
+        """Make every write so far durable: data first, then the bitmap."""
+        with self._flush_lock:
+            with self._lock:
+                if self._data_fd is None:
+                    raise ValueError('layer %s is closed' % self.directory)
+                pages = sorted(self._dirty)
+                self._dirty = set()
+                snapshot = [(page, bytes(self._bits[page * PAGE:
+                                                    (page + 1) * PAGE]))
+                            for page in pages]
+            try:
+                os.fdatasync(self._data_fd)
+                if not snapshot:
+                    return
+                for page, chunk in snapshot:
+                    os.pwrite(self._bitmap_fd, chunk,
+                              BITS_OFFSET + page * PAGE)
+                os.fdatasync(self._bitmap_fd)
+            except BaseException:
+                with self._lock:
+                    self._dirty.update(pages)
+                raise
+
+    def resize(self, new_size):
+        """Grow the layer to ``new_size`` bytes, durably.
+
+        :raises ValueError: on a shrink.
+        """
+        check_size(new_size)
+        self.flush()
+        with self._lock:
+            if new_size < self.size:
+                raise ValueError('layer %s cannot shrink from %d to %d bytes'
+                                 % (self.directory, self.size, new_size))
+            if new_size == self.size:
+                return
+            # The new blocks are holes: the data file may grow first. The
+            # bitmap with the new size replaces the old one whole, so a
+            # crash leaves either size, never a torn bitmap.
+            os.ftruncate(self._data_fd, new_size)
+            os.fsync(self._data_fd)
+            bits = self._bits + bytearray(bitmap_size(new_size) -
+                                          bitmap_size(self.size))
+            _write_bitmap(self.directory, new_size, bits)
+            fd = os.open(os.path.join(self.directory, BITMAP_FILE),
+                         os.O_RDWR)
+            os.close(self._bitmap_fd)
+            self._bitmap_fd = fd
+            self._bits = bits
+            self._dirty = set()
+            old, self.size = self.size, new_size
+        LOG.info('Layer %s grown from %d to %d bytes', self.directory, old,
+                 new_size)
+
+    def copy_to(self, directory):
+        """A new layer in ``directory`` holding this one's written blocks.
+
+        Same size and bits; only written blocks are copied, so it costs
+        the written bytes, not the size. Writes wait while it copies, so
+        the copy is one point in time.
+        """
+        self.flush()
+        made = False
+        try:
+            with self._lock:
+                if self._data_fd is None:
+                    raise ValueError('layer %s is closed' % self.directory)
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                data_path = os.path.join(directory, DATA_FILE)
+                fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                             0o600)
+                made = True
+                try:
+                    os.ftruncate(fd, self.size)
+                    stop = block_count(self.size)
+                    for first, end, written in self._runs(0, stop):
+                        if written:
+                            start = first * BLOCK_SIZE
+                            self._copy_range(fd, start,
+                                             min(end * BLOCK_SIZE,
+                                                 self.size) - start)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _write_bitmap(directory, self.size, self._bits)
+            fsync_dir(os.path.dirname(os.path.abspath(directory)))
+            return CowLayer.open(directory)
+        except BaseException:
+            if made:
+                for name in (DATA_FILE, BITMAP_FILE):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                    except FileNotFoundError:
+                        pass
+            raise
+
+    def _copy_range(self, fd, offset, length):
+        done = 0
+        while done < length:
+            step = min(_COPY_STEP, length - done)
+            try:
+                n = os.copy_file_range(self._data_fd, fd, step,
+                                       offset + done, offset + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                   errno.EOPNOTSUPP):
+                    raise
+                n = 0
+            if not n:
+                chunk = self._pread(step, offset + done)
+                n = os.pwrite(fd, chunk, offset + done)
+            done += n
+
+    def written_bytes(self):
+        """Bytes of the volume this layer holds (written blocks)."""
+        written = self._written * BLOCK_SIZE
+        tail = self.size % BLOCK_SIZE
+        if tail and self._is_set(block_count(self.size) - 1):
+            written -= BLOCK_SIZE - tail
+        return written
+
+    def close(self):
+        """Flush, then close the files; idempotent."""
+        if self._data_fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                fds = (self._data_fd, self._bitmap_fd)
+                self._data_fd = self._bitmap_fd = None
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)

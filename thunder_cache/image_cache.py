@@ -80,9 +80,10 @@ class Source(object):
         raise NotImplementedError
 
 
-def _new_fetch(ticket):
+def _new_fetch(ticket, background=False):
     future = concurrent.futures.Future()
     future.source = None
+    future.background = background
     future.ticket = ticket or protocol.new_ticket()
     future.key = protocol.ticket_key(future.ticket)
     return future
@@ -113,7 +114,15 @@ class ImageCache(object):
         chunks written in the last ``commit_interval`` seconds together,
         and chunks are served as soon as they are verified and written.
         The map never marks a chunk before its data is durable either way.
+
+    :attr:`observer`, when not None, is called with the index of every
+    chunk a local reader asks for (hit or miss; peers' requests and
+    background fetches excluded): a
+    :class:`thunder_cache.trace.TraceRecorder`'s ``touch``.
     """
+
+    #: callable(index) told of every local demand read; see above.
+    observer = None
 
     def __init__(self, directory, image_id, manifest, upstream,
                  verify_persisted=True, commit_interval=0.0,
@@ -130,6 +139,10 @@ class ImageCache(object):
         self._commit_lock = threading.Lock()
         self._inflight = {}
         self._pending = set()
+        # Demand calls waiting for a demand fetch; background fetches in
+        # flight (see ensure()).
+        self._demand = 0
+        self._background = 0
         self.commit_interval = commit_interval
         self._committer = None
         self._closing = False
@@ -152,6 +165,8 @@ class ImageCache(object):
         # Chunks that may be served: verified in this process (fetched, or
         # re-verified after a restart) and written to the data file.
         self._usable = bytearray(manifest.chunk_count)
+        # Chunks a background fetch filled that no demand read used yet.
+        self._prefetched = bytearray(manifest.chunk_count)
         if not verify_persisted:
             for index in self.map.present():
                 self._usable[index] = 1
@@ -199,6 +214,14 @@ class ImageCache(object):
     def complete(self):
         return self.map.complete()
 
+    def demand_pending(self):
+        """Demand reads waiting for a fetch (not for a background one)."""
+        return self._demand
+
+    def background_pending(self):
+        """Background fetches in flight."""
+        return self._background
+
     # -- reading ----------------------------------------------------------
 
     def read(self, offset, length):
@@ -235,7 +258,8 @@ class ImageCache(object):
         offset, length = self.manifest.chunk_range(index)
         return self._pread(length, offset)
 
-    def ensure(self, index, via=(), timeout=None, ticket=None):
+    def ensure(self, index, via=(), timeout=None, ticket=None,
+               background=False):
         """Make chunk ``index`` present; fetch it at most once.
 
         :param via: URLs of the nodes this fetch is made for (a peer
@@ -246,6 +270,12 @@ class ImageCache(object):
         :param ticket: the ticket of the peer's fetch this call serves
             (:func:`thunder_cache.protocol.new_ticket`); None for local
             readers. Fetches started here carry it upstream.
+        :param background: a prefetch or hydration fetch, not a read:
+            it never waits (a chunk already in flight is left to its
+            fetch), is not counted as a hit or a miss, and does not count
+            in :meth:`demand_pending`. Demand reads join it as any other.
+        :returns: for a background call, True if this call fetched the
+            chunk; None for a demand call.
         :raises FetchError: if no source could provide the chunk.
         :raises IndexError: for an index outside the image.
 
@@ -258,12 +288,16 @@ class ImageCache(object):
         other in a cycle.
         """
         self.manifest.chunk_range(index)  # validates the index
+        if background:
+            return self._ensure_background(index)
+        if self.observer is not None and ticket is None and not via:
+            self._observe(index)
         if self.has(index):
-            self.counters.inc('chunk_hits')
+            self._hit(index)
             return
         with self._lock:
             if self.has(index):
-                self.counters.inc('chunk_hits')
+                self._hit(index)
                 return
             future = self._inflight.get(index)
             bypass = False
@@ -280,20 +314,74 @@ class ImageCache(object):
                                     % (index, self.image_id, target))
                 bypass = ticket is not None and not _may_join(future,
                                                               ticket)
-        if bypass:
-            self.counters.inc('inflight_bypasses')
-            self._fill(index, via, _new_fetch(ticket))
-            return
-        if not fetcher:
-            self.counters.inc('inflight_joins')
-            try:
-                future.result(timeout)
-            except concurrent.futures.TimeoutError:
-                raise FetchError('timed out waiting for chunk %d of image '
-                                 '%s' % (index, self.image_id))
-            return
+            # A demand read waiting on a prefetch is not counted: holding
+            # the prefetcher back would not serve it sooner.
+            waits_demand = bypass or not future.background
+            if waits_demand:
+                self._demand += 1
         try:
-            self._fill(index, via, future)
+            if bypass:
+                self.counters.inc('inflight_bypasses')
+                self._fill(index, via, _new_fetch(ticket))
+            elif not fetcher:
+                self._join(index, future, timeout)
+            else:
+                self._run_fetch(index, via, future)
+        finally:
+            if waits_demand:
+                with self._lock:
+                    self._demand -= 1
+
+    def _observe(self, index):
+        observer = self.observer
+        try:
+            observer(index)
+        except Exception:
+            # A broken observer must not fail reads; it is dropped.
+            LOG.exception('Image %s: read observer %r failed; detached',
+                          self.image_id, observer)
+            self.observer = None
+
+    def _hit(self, index):
+        self.counters.inc('chunk_hits')
+        if self._prefetched[index]:
+            with self._lock:
+                first = self._prefetched[index]
+                self._prefetched[index] = 0
+            if first:
+                self.counters.inc('prefetch_hits')
+
+    def _join(self, index, future, timeout):
+        self.counters.inc('inflight_joins')
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise FetchError('timed out waiting for chunk %d of image '
+                             '%s' % (index, self.image_id))
+        if future.background:
+            with self._lock:
+                self._prefetched[index] = 0
+            self.counters.inc('prefetch_joins')
+
+    def _ensure_background(self, index):
+        if self.has(index):
+            return False
+        with self._lock:
+            if self.has(index) or index in self._inflight:
+                return False
+            future = _new_fetch(None, background=True)
+            self._inflight[index] = future
+            self._background += 1
+        try:
+            return self._run_fetch(index, (), future)
+        finally:
+            with self._lock:
+                self._background -= 1
+
+    def _run_fetch(self, index, via, future):
+        """Fill chunk ``index`` as the owner of ``future``; settle it."""
+        try:
+            fetched = self._fill(index, via, future)
         except BaseException as e:
             with self._lock:
                 del self._inflight[index]
@@ -302,24 +390,28 @@ class ImageCache(object):
         with self._lock:
             del self._inflight[index]
         future.set_result(None)
+        return fetched
 
     def _fill(self, index, via, future):
+        """Verify or fetch chunk ``index``; True if it was fetched."""
         offset, length = self.manifest.chunk_range(index)
         if self.has(index):
-            return  # filled meanwhile (by a concurrent bypassing fetch)
+            return False  # filled meanwhile (by a concurrent bypass)
         if self.map.has(index):
             # In the map from before a restart: check the bytes once.
             data = self._pread(length, offset)
             if self.manifest.verify_chunk(index, data):
                 self.counters.inc('chunks_reverified')
                 self._usable[index] = 1
-                self.counters.inc('chunk_hits')
-                return
+                if not future.background:
+                    self.counters.inc('chunk_hits')
+                return False
             LOG.warning('Image %s: cached chunk %d does not match the '
                         'manifest; fetching it again', self.image_id, index)
             self.counters.inc('local_corrupt')
             self.map.clear([index])
-        self.counters.inc('chunk_misses')
+        if not future.background:
+            self.counters.inc('chunk_misses')
         data, source = self._fetch(index, offset, length, via, future)
         written = os.pwrite(self._fd, data, offset)
         if written != length:
@@ -327,6 +419,8 @@ class ImageCache(object):
                              % self.image_id)
         with self._lock:
             self._pending.add(index)
+            if future.background:
+                self._prefetched[index] = 1
             if self._committer is not None:
                 # Verified and in the page cache: servable now, durable
                 # at the next commit.
@@ -339,6 +433,7 @@ class ImageCache(object):
                                               else 'peers'))
         self.counters.inc('bytes_from_%s' % ('origin' if kind == 'origin'
                                              else 'peers'), length)
+        return True
 
     def _fetch(self, index, offset, length, via, future):
         errors = []

@@ -46,6 +46,15 @@ IMAGE_COUNTERS = {
     'fetch_errors': 'Fetch attempts that failed (error, timeout, refused, '
                     'bad data) before another source was tried.',
     'fetch_failures': 'Chunk fetches that failed on every source.',
+    'chunks_prefetched': 'Chunks fetched ahead of the readers by the '
+                         'replay of a boot trace.',
+    'chunks_hydrated': 'Chunks fetched by the background hydration of '
+                       'the whole image.',
+    'prefetch_hits': 'Chunks whose first local read found them already '
+                     'fetched by the prefetch or the hydration.',
+    'prefetch_joins': 'Chunk reads that waited for a prefetch or '
+                      'hydration fetch already in flight (the prefetch '
+                      'was late).',
 }
 
 

@@ -1,0 +1,372 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Tests for thunder_cache.volumes: the node's volume store."""
+
+import json
+import os
+from unittest import mock
+
+import pytest
+
+from thunder_cache import cow
+from thunder_cache import volumes
+
+BS = cow.BLOCK_SIZE
+IMAGE = 'img-1'
+
+
+class Images(object):
+    """In-memory images with the interface VolumeStore uses."""
+
+    def __init__(self, **images):
+        self.images = images
+        self.reads = []
+        self.broken = False
+
+    def image_size(self, image_id):
+        return len(self.images[image_id])
+
+    def read_image(self, image_id, offset, length):
+        if self.broken:
+            raise IOError('chunk unavailable')
+        self.reads.append((image_id, offset, length))
+        data = self.images[image_id]
+        assert offset + length <= len(data), 'read past the image end'
+        return data[offset:offset + length]
+
+
+@pytest.fixture
+def images():
+    return Images(**{IMAGE: os.urandom(10 * BS + 123)})
+
+
+@pytest.fixture
+def layers(tmp_path):
+    return str(tmp_path / 'layers')
+
+
+@pytest.fixture
+def store(layers, images):
+    store = volumes.VolumeStore(layers, images)
+    yield store
+    store.close()
+
+
+def test_image_backed_volume_reads_the_image(store, images):
+    image = images.images[IMAGE]
+    info = store.create('vol-a', len(image), image_id=IMAGE)
+    assert info == {'id': 'vol-a', 'size': len(image), 'image_id': IMAGE,
+                    'read_only': False, 'written_bytes': 0,
+                    'open_count': 0}
+    assert store.read('vol-a', 0, len(image)) == image
+    assert store.read('vol-a', 5, 10) == image[5:15]
+    assert store.read('vol-a', len(image), 10) == b''
+
+
+def test_volume_larger_than_image_reads_zeros_past_it(store, images):
+    image = images.images[IMAGE]
+    store.create('vol-a', 1 << 30, image_id=IMAGE)
+    data = store.read('vol-a', len(image) - 100, 1000)
+    assert data == image[-100:] + bytes(900)
+    assert store.read('vol-a', (1 << 30) - 10, 100) == bytes(10)
+    # The image was never asked for bytes past its end.
+    assert all(o + n <= len(image) for _, o, n in images.reads)
+    # A partial write past the image's end copies up zeros.
+    store.write('vol-a', len(image) + 10, b'abc')
+    assert store.read('vol-a', len(image), 16) == (
+        bytes(10) + b'abc' + bytes(3))
+
+
+def test_blank_volume_reads_zeros(store, images):
+    store.create('blank', 3 * BS + 7)
+    assert store.read('blank', 0, 4 * BS) == bytes(3 * BS + 7)
+    store.write('blank', BS + 1, b'x')
+    assert store.read('blank', BS, 3) == b'\0x\0'
+    assert images.reads == []
+
+
+def test_writes_stay_in_the_volume(store, images):
+    image = images.images[IMAGE]
+    store.create('a', len(image), image_id=IMAGE)
+    store.create('b', len(image), image_id=IMAGE)
+    assert store.write('a', 100, b'hello') == 5
+    assert store.read('a', 100, 5) == b'hello'
+    assert store.read('b', 0, len(image)) == image
+    assert images.images[IMAGE] == image
+    assert store.info('a')['written_bytes'] == BS
+
+
+def test_create_files_and_meta(store, layers, images):
+    store.create('vol-a', 1 << 20, image_id=IMAGE, read_only=True)
+    directory = os.path.join(layers, 'vol-a')
+    assert sorted(os.listdir(directory)) == ['bitmap', 'data',
+                                             'volume.json']
+    with open(os.path.join(directory, 'volume.json')) as f:
+        meta = json.load(f)
+    assert meta['id'] == 'vol-a'
+    assert meta['size'] == 1 << 20
+    assert meta['image_id'] == IMAGE
+    assert meta['read_only'] is True
+    assert meta['created_at'].endswith('Z')
+
+
+def test_meta_is_written_last(store, layers):
+    """volume.json is renamed into place after the layer exists."""
+    renames = []
+    real = os.rename
+
+    def rename(src, dst):
+        renames.append((os.path.basename(dst),
+                        sorted(os.listdir(os.path.dirname(dst)))))
+        return real(src, dst)
+
+    with mock.patch('os.rename', rename):
+        store.create('v', BS)
+    assert renames[-1][0] == 'volume.json'
+    assert {'bitmap', 'data'} <= set(renames[-1][1])
+
+
+def test_create_exists(store):
+    store.create('v', BS)
+    with pytest.raises(volumes.VolumeExists):
+        store.create('v', 2 * BS)
+
+
+def test_create_unknown_image(store, layers):
+    with pytest.raises(volumes.VolumeError):
+        store.create('v', BS, image_id='nope')
+    assert store.list() == []
+    assert not os.path.exists(os.path.join(layers, 'v'))
+
+
+def test_failed_create_removes_the_directory(store, layers):
+    with mock.patch.object(volumes, '_write_meta',
+                           side_effect=OSError('disk full')):
+        with pytest.raises(OSError):
+            store.create('v', BS)
+    assert not os.path.exists(os.path.join(layers, 'v'))
+    assert store.list() == []
+    store.create('v', BS)
+    assert store.list() == ['v']
+
+
+@pytest.mark.parametrize('size', [0, -1, 1.0, None, True])
+def test_create_bad_size(store, size):
+    with pytest.raises(ValueError):
+        store.create('v', size)
+
+
+@pytest.mark.parametrize('bad', ['', '.', '..', '-a', '.a', '_a', 'a/b',
+                                 'a b', 'a' * 129, '../x', 'é', None, 5,
+                                 'a\n'])
+def test_bad_volume_ids(store, bad):
+    with pytest.raises(ValueError):
+        volumes.check_volume_id(bad)
+    with pytest.raises(ValueError):
+        store.create(bad, BS)
+
+
+@pytest.mark.parametrize('good', ['a', 'A.b-c_d', '0' * 128,
+                                  'volume-0c6e7e0a-5f4b-4e8b-9e38'])
+def test_good_volume_ids(good):
+    assert volumes.check_volume_id(good) == good
+
+
+def test_delete(store, layers):
+    store.create('v', BS)
+    store.delete('v')
+    assert store.list() == []
+    assert not os.path.exists(os.path.join(layers, 'v'))
+    with pytest.raises(volumes.VolumeNotFound):
+        store.delete('v')
+    with pytest.raises(volumes.VolumeNotFound):
+        store.read('v', 0, 1)
+    with pytest.raises(volumes.VolumeNotFound):
+        store.info('v')
+
+
+def test_delete_busy_while_open(store):
+    store.create('v', BS)
+    store.open('v', writable=True)
+    store.open('v', writable=False)
+    assert store.info('v')['open_count'] == 2
+    assert store.open_volumes() == {'v': 2}
+    with pytest.raises(volumes.VolumeBusy):
+        store.delete('v')
+    store.release('v')
+    with pytest.raises(volumes.VolumeBusy):
+        store.delete('v')
+    store.release('v')
+    store.delete('v')
+    assert store.list() == []
+
+
+def test_open_missing_and_read_only(store):
+    with pytest.raises(volumes.VolumeNotFound):
+        store.open('nope', writable=False)
+    store.create('ro', BS, read_only=True)
+    with pytest.raises(volumes.VolumeReadOnly):
+        store.open('ro', writable=True)
+    assert issubclass(volumes.VolumeReadOnly, volumes.VolumeError)
+    store.open('ro', writable=False)
+    with pytest.raises(volumes.VolumeReadOnly):
+        store.write('ro', 0, b'x')
+    store.release('ro')
+    assert store.info('ro')['open_count'] == 0
+
+
+def test_reopen_keeps_volumes_and_writes(layers, images):
+    image = images.images[IMAGE]
+    store = volumes.VolumeStore(layers, images)
+    store.create('a', 2 * len(image), image_id=IMAGE)
+    store.create('blank', BS)
+    store.write('a', 3, b'kept')
+    store.close()
+    store = volumes.VolumeStore(layers, images)
+    try:
+        assert store.list() == ['a', 'blank']
+        assert store.read('a', 0, 10) == image[:3] + b'kept' + image[7:10]
+        assert store.info('a')['size'] == 2 * len(image)
+        assert store.info('a')['image_id'] == IMAGE
+    finally:
+        store.close()
+
+
+def test_half_created_directory_ignored(layers, images, caplog):
+    store = volumes.VolumeStore(layers, images)
+    store.create('whole', BS)
+    store.create('half', BS)
+    store.close()
+    os.unlink(os.path.join(layers, 'half', 'volume.json'))
+    os.makedirs(os.path.join(layers, 'empty'))
+    with open(os.path.join(layers, 'stray-file'), 'w'):
+        pass
+    store = volumes.VolumeStore(layers, images)
+    try:
+        assert store.list() == ['whole']
+        assert 'half-created volume half' in caplog.text
+        with pytest.raises(volumes.VolumeNotFound):
+            store.read('half', 0, 1)
+        # A new create of the id replaces the half volume.
+        store.create('half', 2 * BS)
+        assert store.info('half')['size'] == 2 * BS
+    finally:
+        store.close()
+
+
+def test_damaged_volume_not_served_nor_clobbered(layers, images):
+    store = volumes.VolumeStore(layers, images)
+    store.create('v', BS)
+    store.close()
+    os.truncate(os.path.join(layers, 'v', 'bitmap'), 100)
+    store = volumes.VolumeStore(layers, images)
+    try:
+        assert store.list() == []
+        with pytest.raises(volumes.VolumeExists):
+            store.create('v', BS)
+        assert os.path.exists(os.path.join(layers, 'v', 'volume.json'))
+    finally:
+        store.close()
+
+
+def test_resize(store, layers, images):
+    image = images.images[IMAGE]
+    store.create('v', len(image), image_id=IMAGE)
+    store.write('v', 0, b'head')
+    store.resize('v', 1 << 30)
+    assert store.info('v')['size'] == 1 << 30
+    assert store.read('v', (1 << 30) - 4, 8) == bytes(4)
+    assert store.read('v', 0, 8) == b'head' + image[4:8]
+    with open(os.path.join(layers, 'v', 'volume.json')) as f:
+        assert json.load(f)['size'] == 1 << 30
+    with pytest.raises(ValueError):
+        store.resize('v', 1 << 20)
+    assert store.info('v')['size'] == 1 << 30
+    with pytest.raises(volumes.VolumeNotFound):
+        store.resize('nope', 1 << 30)
+
+
+def test_resize_interrupted_before_meta(layers, images):
+    """The layer's size wins over a volume.json not yet rewritten."""
+    store = volumes.VolumeStore(layers, images)
+    store.create('v', BS)
+    with mock.patch.object(volumes, '_write_meta',
+                           side_effect=OSError('crash')):
+        with pytest.raises(OSError):
+            store.resize('v', 4 * BS)
+    store.close()
+    store = volumes.VolumeStore(layers, images)
+    try:
+        assert store.info('v')['size'] == 4 * BS
+        with open(os.path.join(layers, 'v', 'volume.json')) as f:
+            assert json.load(f)['size'] == 4 * BS
+    finally:
+        store.close()
+
+
+def test_clone_from_source(store, images):
+    image = images.images[IMAGE]
+    store.create('src', len(image), image_id=IMAGE)
+    store.write('src', BS, b'S' * BS)
+    store.create('snap', len(image), source='src', read_only=True)
+    store.create('clone', 2 * len(image), source='snap')
+    info = store.info('clone')
+    assert info['image_id'] == IMAGE
+    assert info['size'] == 2 * len(image)
+    assert info['written_bytes'] == BS
+    expected = image[:BS] + b'S' * BS + image[2 * BS:]
+    assert store.read('clone', 0, len(image)) == expected
+    assert store.read('clone', len(image), 10) == bytes(10)
+    # Independent of its source afterwards.
+    store.write('src', 0, b'X' * BS)
+    store.write('clone', 2 * BS, b'C')
+    assert store.read('snap', 0, len(image)) == expected
+    assert store.read('clone', 0, BS) == image[:BS]
+    assert store.read('src', 2 * BS, 1) == image[2 * BS:2 * BS + 1]
+
+
+def test_clone_checks(store, images):
+    image = images.images[IMAGE]
+    store.create('src', len(image), image_id=IMAGE)
+    with pytest.raises(ValueError):
+        store.create('small', len(image) - 1, source='src')
+    with pytest.raises(ValueError):
+        store.create('other', len(image), source='src', image_id='img-2')
+    with pytest.raises(volumes.VolumeNotFound):
+        store.create('orphan', len(image), source='missing')
+    assert store.list() == ['src']
+
+
+def test_image_errors_propagate_as_ioerror(store, images):
+    store.create('v', BS, image_id=IMAGE)
+    images.broken = True
+    with pytest.raises(IOError):
+        store.read('v', 0, 10)
+    with pytest.raises(IOError):
+        store.write('v', 0, b'partial')
+    assert store.info('v')['written_bytes'] == 0
+    # A whole-block write needs nothing from the image.
+    store.write('v', 0, b'w' * BS)
+    assert store.read('v', 0, BS) == b'w' * BS
+
+
+def test_flush_makes_bits_durable(store, layers):
+    store.create('v', BS)
+    store.write('v', 0, b'x')
+    with open(os.path.join(layers, 'v', 'bitmap'), 'rb') as f:
+        f.seek(cow.BITS_OFFSET)
+        assert f.read(1) == b'\0'
+    store.flush('v')
+    with open(os.path.join(layers, 'v', 'bitmap'), 'rb') as f:
+        f.seek(cow.BITS_OFFSET)
+        assert f.read(1) == b'\x01'

@@ -1,0 +1,429 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The peer mode's volumes of one node.
+
+A volume is a :class:`~thunder_cache.cow.CowLayer` over the node's cache
+of an image (or over zeros, for a blank volume), in its own directory::
+
+    <layers_dir>/<volume id>/data
+    <layers_dir>/<volume id>/bitmap
+    <layers_dir>/<volume id>/volume.json
+
+``volume.json`` (``{"id", "size", "image_id", "read_only",
+"created_at"}``) is written last, atomically, so a directory without a
+valid one is a volume whose creation never finished: it is logged and
+ignored at start, never served, and replaced by the next create of the
+same id. Past the image's end (a volume larger than its image) and where
+a blank volume never wrote, a volume reads zeros.
+
+:class:`VolumeStore` is what the FUSE filesystem (:mod:`.fusefs`) and the
+daemon's control requests use.
+"""
+
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+
+from thunder_cache import cow
+
+LOG = logging.getLogger(__name__)
+
+META_FILE = 'volume.json'
+_VOLUME_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z')
+_ZEROS = bytes(1024 * 1024)
+
+
+class VolumeError(Exception):
+    """A volume request that cannot be carried out."""
+
+
+class VolumeNotFound(VolumeError):
+    """No such volume."""
+
+
+class VolumeExists(VolumeError):
+    """A volume of that id exists already."""
+
+
+class VolumeBusy(VolumeError):
+    """The volume is open (attached) and cannot be deleted."""
+
+
+class VolumeReadOnly(VolumeError):
+    """A write to (or writable open of) a read-only volume."""
+
+
+def check_volume_id(value):
+    """``value`` if it is a valid volume id, else ValueError."""
+    if (not isinstance(value, str) or not _VOLUME_ID.match(value) or
+            value in ('.', '..')):
+        raise ValueError('bad volume id %r: 1 to 128 characters of '
+                         'A-Z a-z 0-9 _ . -, not starting with . _ or -'
+                         % (value,))
+    return value
+
+
+def zeros(length):
+    if length <= len(_ZEROS):
+        return _ZEROS[:length]
+    return bytes(length)
+
+
+class _Volume(object):
+    """One loaded volume: its layer, metadata and open count."""
+
+    def __init__(self, volume_id, layer, image_id, read_only, created_at):
+        self.id = volume_id
+        self.layer = layer
+        self.image_id = image_id
+        self.read_only = read_only
+        self.created_at = created_at
+        self.open_count = 0
+        self.image_size = None  # looked up on first read
+
+    def meta(self):
+        return {'id': self.id, 'size': self.layer.size,
+                'image_id': self.image_id, 'read_only': self.read_only,
+                'created_at': self.created_at}
+
+
+def _write_meta(directory, meta):
+    """Write volume.json atomically: tmp, fsync, rename, fsync dir."""
+    path = os.path.join(directory, META_FILE)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(meta, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    cow.fsync_dir(directory)
+
+
+def _read_meta(directory, volume_id):
+    with open(os.path.join(directory, META_FILE), 'rb') as f:
+        meta = json.loads(f.read(65536))
+    if not isinstance(meta, dict) or meta.get('id') != volume_id:
+        raise ValueError('volume.json does not describe volume %s'
+                         % volume_id)
+    cow.check_size(meta.get('size'), 'volume')
+    image_id = meta.get('image_id')
+    if image_id is not None and not isinstance(image_id, str):
+        raise ValueError('bad image_id %r' % (image_id,))
+    if not isinstance(meta.get('read_only'), bool):
+        raise ValueError('bad read_only %r' % (meta.get('read_only'),))
+    return meta
+
+
+class VolumeStore(object):
+    """The volumes of a node; thread-safe.
+
+    :param layers_dir: where the volumes' directories live (created if
+        missing).
+    :param images: has ``image_size(image_id) -> int`` and
+        ``read_image(image_id, offset, length) -> bytes`` (which may raise
+        IOError when a chunk cannot be fetched).
+    """
+
+    def __init__(self, layers_dir, images):
+        self.layers_dir = layers_dir
+        self.images = images
+        self._lock = threading.Lock()
+        self._volumes = {}
+        self._creating = set()
+        os.makedirs(layers_dir, mode=0o700, exist_ok=True)
+        self._load()
+
+    def __repr__(self):
+        return '<VolumeStore %s: %d volumes>' % (self.layers_dir,
+                                                 len(self._volumes))
+
+    def _dir(self, volume_id):
+        return os.path.join(self.layers_dir, volume_id)
+
+    # -- start ------------------------------------------------------------
+
+    def _load(self):
+        for name in sorted(os.listdir(self.layers_dir)):
+            directory = self._dir(name)
+            try:
+                check_volume_id(name)
+            except ValueError:
+                LOG.warning('Ignoring %s in the layers directory: not a '
+                            'volume id', directory)
+                continue
+            if not os.path.isdir(directory):
+                continue
+            try:
+                meta = _read_meta(directory, name)
+            except FileNotFoundError:
+                LOG.warning('Ignoring half-created volume %s (no %s): it is '
+                            'not served, and a new create of the id '
+                            'replaces it', name, META_FILE)
+                continue
+            except (OSError, ValueError) as e:
+                LOG.error('Ignoring volume %s: unreadable %s: %s', name,
+                          META_FILE, e)
+                continue
+            try:
+                layer = cow.CowLayer.open(directory)
+            except (OSError, ValueError) as e:
+                LOG.error('Ignoring volume %s: its layer cannot be opened: '
+                          '%s', name, e)
+                continue
+            if layer.size != meta['size']:
+                # A resize grows the layer, then volume.json: the layer's
+                # size is the one the volume had when the request ended.
+                LOG.warning('Volume %s: %s says %d bytes, its layer %d; '
+                            'keeping the layer\'s', name, META_FILE,
+                            meta['size'], layer.size)
+            volume = _Volume(name, layer, meta.get('image_id'),
+                             meta['read_only'], meta.get('created_at'))
+            if layer.size != meta['size']:
+                _write_meta(directory, volume.meta())
+            self._volumes[name] = volume
+        LOG.info('Volume store %s: %d volumes', self.layers_dir,
+                 len(self._volumes))
+
+    # -- lookup -----------------------------------------------------------
+
+    def _get(self, volume_id):
+        with self._lock:
+            volume = self._volumes.get(volume_id)
+        if volume is None:
+            raise VolumeNotFound('no volume %s' % (volume_id,))
+        return volume
+
+    def list(self):
+        """The ids of the volumes, sorted."""
+        with self._lock:
+            return sorted(self._volumes)
+
+    def info(self, volume_id):
+        volume = self._get(volume_id)
+        return {'id': volume.id, 'size': volume.layer.size,
+                'image_id': volume.image_id, 'read_only': volume.read_only,
+                'written_bytes': volume.layer.written_bytes(),
+                'open_count': volume.open_count}
+
+    # -- life cycle -------------------------------------------------------
+
+    def create(self, volume_id, size, image_id=None, source=None,
+               read_only=False):
+        """Create a volume; O(1) unless it copies ``source``'s layer.
+
+        :param image_id: the image the volume reads where it has not
+            written; None for a blank volume (zeros).
+        :param source: a volume (or snapshot) id whose written blocks are
+            copied and whose image the new volume reads.
+        :raises VolumeExists: if the id is taken.
+        :raises VolumeNotFound: if ``source`` does not exist.
+        :raises VolumeError: if the image cannot be used.
+        :raises ValueError: for a bad id or size.
+        """
+        check_volume_id(volume_id)
+        cow.check_size(size, 'volume')
+        src = None
+        if source is not None:
+            src = self._get(check_volume_id(source))
+            if image_id is not None and image_id != src.image_id:
+                raise ValueError('volume %s reads image %s, not %s'
+                                 % (source, src.image_id, image_id))
+            image_id = src.image_id
+            if size < src.layer.size:
+                raise ValueError('volume %s cannot be smaller (%d bytes) '
+                                 'than its source %s (%d bytes)'
+                                 % (volume_id, size, source,
+                                    src.layer.size))
+        elif image_id is not None:
+            self._image_size(image_id)
+        with self._lock:
+            if volume_id in self._volumes or volume_id in self._creating:
+                raise VolumeExists('volume %s exists' % volume_id)
+            self._creating.add(volume_id)
+        directory = self._dir(volume_id)
+        try:
+            if os.path.exists(os.path.join(directory, META_FILE)):
+                # Left unloaded at start (damaged): never clobber it.
+                raise VolumeExists('volume %s exists (damaged, not served)'
+                                   % volume_id)
+            if os.path.lexists(directory):
+                LOG.warning('Replacing half-created volume %s', volume_id)
+                shutil.rmtree(directory)
+            try:
+                if src is not None:
+                    layer = src.layer.copy_to(directory)
+                    if size > layer.size:
+                        layer.resize(size)
+                else:
+                    layer = cow.CowLayer.create(directory, size)
+                created = datetime.datetime.now(
+                    datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+                volume = _Volume(volume_id, layer, image_id, bool(read_only),
+                                 created)
+                try:
+                    _write_meta(directory, volume.meta())
+                    cow.fsync_dir(self.layers_dir)
+                except BaseException:
+                    layer.close()
+                    raise
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            with self._lock:
+                self._volumes[volume_id] = volume
+        finally:
+            with self._lock:
+                self._creating.discard(volume_id)
+        LOG.info('Created volume %s: %d bytes, %s%s%s', volume_id, size,
+                 'image %s' % image_id if image_id else 'blank',
+                 ', from %s' % source if source else '',
+                 ', read-only' if read_only else '')
+        return self.info(volume_id)
+
+    def delete(self, volume_id):
+        """Delete a volume that is not open.
+
+        :raises VolumeBusy: while it is open (a loop device over it keeps
+            it open until ``losetup -d``).
+        :raises VolumeNotFound: if there is no such volume.
+        """
+        with self._lock:
+            volume = self._volumes.get(volume_id)
+            if volume is None:
+                raise VolumeNotFound('no volume %s' % (volume_id,))
+            if volume.open_count:
+                raise VolumeBusy('volume %s is open %d times'
+                                 % (volume_id, volume.open_count))
+            del self._volumes[volume_id]
+        directory = self._dir(volume_id)
+        try:
+            volume.layer.close()
+        except (OSError, ValueError) as e:
+            LOG.warning('Volume %s: closing its layer: %s', volume_id, e)
+        try:
+            os.unlink(os.path.join(directory, META_FILE))
+            cow.fsync_dir(directory)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(directory)
+        cow.fsync_dir(self.layers_dir)
+        LOG.info('Deleted volume %s', volume_id)
+
+    def resize(self, volume_id, new_size):
+        """Grow a volume to ``new_size`` bytes (ValueError on a shrink)."""
+        cow.check_size(new_size, 'volume')
+        volume = self._get(volume_id)
+        old = volume.layer.size
+        volume.layer.resize(new_size)
+        if new_size != old:
+            _write_meta(self._dir(volume_id), volume.meta())
+            LOG.info('Volume %s grown from %d to %d bytes', volume_id, old,
+                     new_size)
+
+    # -- opens (FUSE) -----------------------------------------------------
+
+    def open(self, volume_id, writable):
+        """Count an open of the volume's file.
+
+        :raises VolumeReadOnly: for a writable open of a read-only volume.
+        """
+        with self._lock:
+            volume = self._volumes.get(volume_id)
+            if volume is None:
+                raise VolumeNotFound('no volume %s' % (volume_id,))
+            if writable and volume.read_only:
+                raise VolumeReadOnly('volume %s is read-only' % volume_id)
+            volume.open_count += 1
+
+    def release(self, volume_id):
+        with self._lock:
+            volume = self._volumes.get(volume_id)
+            if volume is None or not volume.open_count:
+                LOG.warning('Release of volume %s, which is not open',
+                            volume_id)
+                return
+            volume.open_count -= 1
+
+    def open_volumes(self):
+        """{volume id: open count} of the volumes open now."""
+        with self._lock:
+            return {v.id: v.open_count for v in self._volumes.values()
+                    if v.open_count}
+
+    # -- I/O --------------------------------------------------------------
+
+    def _image_size(self, image_id):
+        try:
+            size = self.images.image_size(image_id)
+        except LookupError as e:
+            raise VolumeError('image %s is not known on this node: %s'
+                              % (image_id, e))
+        except (OSError, ValueError) as e:
+            raise VolumeError('image %s cannot be used: %s' % (image_id, e))
+        if not isinstance(size, int) or size < 0:
+            raise VolumeError('image %s has a bad size %r' % (image_id,
+                                                              size))
+        return size
+
+    def _base(self, volume):
+        """The volume's base: its image, zeros past its end."""
+        image_id = volume.image_id
+        if image_id is None:
+            return lambda offset, length: zeros(length)
+        if volume.image_size is None:
+            volume.image_size = self._image_size(image_id)
+        image_size = volume.image_size
+        read_image = self.images.read_image
+
+        def base(offset, length):
+            end = offset + length
+            if offset >= image_size:
+                return zeros(length)
+            if end <= image_size:
+                return read_image(image_id, offset, length)
+            head = read_image(image_id, offset, image_size - offset)
+            return bytes(head) + zeros(end - image_size)
+
+        return base
+
+    def read(self, volume_id, offset, length):
+        """``length`` bytes of the volume at ``offset`` (short at the end).
+
+        :raises IOError: if the image's bytes cannot be fetched.
+        """
+        volume = self._get(volume_id)
+        return volume.layer.read(offset, length, self._base(volume))
+
+    def write(self, volume_id, offset, data):
+        volume = self._get(volume_id)
+        if volume.read_only:
+            raise VolumeReadOnly('volume %s is read-only' % volume_id)
+        return volume.layer.write(offset, data, self._base(volume))
+
+    def flush(self, volume_id):
+        """Make the volume's writes so far durable."""
+        self._get(volume_id).layer.flush()
+
+    def close(self):
+        """Flush and close every volume."""
+        with self._lock:
+            volumes, self._volumes = list(self._volumes.values()), {}
+        for volume in volumes:
+            try:
+                volume.layer.close()
+            except (OSError, ValueError) as e:
+                LOG.error('Volume %s: closing its layer: %s', volume.id, e)

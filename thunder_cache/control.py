@@ -116,13 +116,17 @@ class ControlServer(socketserver.ThreadingMixIn,
     :param handlers: ``{op: callable(**args) -> JSON-able result}``. An
         exception raised by a handler is reported by its class name and
         message; ``TypeError`` from wrong arguments becomes ``BadRequest``.
+    :param expected: exception classes that are answers, not faults
+        (logged without a traceback), besides ValueError, LookupError and
+        OSError.
     :param group: name of the group that may use the socket (mode 0660).
     """
 
     daemon_threads = True
 
-    def __init__(self, path, handlers, mode=0o660, group=None):
+    def __init__(self, path, handlers, expected=(), mode=0o660, group=None):
         self.handlers = dict(handlers)
+        self.expected = tuple(expected) + (ValueError, LookupError, OSError)
         self.stopping = False
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -151,9 +155,7 @@ class ControlServer(socketserver.ThreadingMixIn,
         except BadRequest as e:
             return {'ok': False, 'error': 'BadRequest', 'message': str(e)}
         except Exception as e:
-            known = getattr(e, 'control_error', False) or isinstance(
-                e, (ValueError, LookupError, OSError))
-            if not known:
+            if not isinstance(e, self.expected):
                 LOG.exception('Control request %s failed', line[:200])
             return {'ok': False, 'error': type(e).__name__,
                     'message': str(e)}

@@ -31,10 +31,14 @@ import threading
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from thunder_cache import advertise
+from thunder_cache import control
+from thunder_cache import lifecycle
 from thunder_cache import node as node_mod
 from thunder_cache import options
 from thunder_cache import protocol
 from thunder_cache import server as server_mod
+from thunder_cache import service as service_mod
 from thunder_cache import sources
 
 LOG = logging.getLogger(__name__)
@@ -135,6 +139,10 @@ class Daemon(object):
         self._terminate = False
         self._reload = False
         self.node = None
+        self.lifecycle = None
+        self.mount = None
+        self.store = None
+        self.control_server = None
 
     def start(self):
         conf = self.conf
@@ -162,6 +170,10 @@ class Daemon(object):
             verify_persisted=conf.cache.verify_persisted,
             commit_interval=conf.cache.commit_interval)
         self.server.node = self.node
+        self.lifecycle = lifecycle.ImageLifecycle(
+            self.node, conf.prefetch, self._advertiser(url))
+        self.node.on_activate = self.lifecycle.activated
+        self.lifecycle.start()
         self.load_descriptors()
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         args=(0.2,), name='peer-server',
@@ -173,9 +185,44 @@ class Daemon(object):
             threading.Thread(target=self.local_server.serve_forever,
                              args=(0.2,), name='local-server',
                              daemon=True).start()
+        if conf.blockdev.enabled:
+            self._start_blockdev()
         LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
                  conf.node.node_id, url, self._bind_address[0], port,
                  len(self.node.image_ids()))
+
+    def _advertiser(self, url):
+        conf = self.conf
+        if not conf.advertise.enabled:
+            return None
+        records = advertise.CinderRecords.from_conf(conf)
+        advertiser = advertise.Advertiser(
+            records, conf.node.node_id, url, ttl=conf.advertise.ttl,
+            refresh_interval=conf.advertise.refresh_interval)
+        advertiser.start()
+        return advertiser
+
+    def _start_blockdev(self):
+        """Mount the volume files and answer the Cinder driver."""
+        # Imported here: only nodes serving volumes need libfuse 3.
+        from thunder_cache import fusefs
+        from thunder_cache import volumes
+
+        conf = self.conf.blockdev
+        self.store = volumes.VolumeStore(conf.layers_dir, self.node)
+        self.mount = fusefs.Mount(self.store, conf.mount_dir,
+                                  allow_other=conf.allow_other,
+                                  group=conf.control_group)
+        self.mount.start()
+        service = service_mod.VolumeService(
+            self.node, self.store, conf.mount_dir, self.descriptors_dir,
+            origin_factory(self.conf))
+        self.control_server = control.ControlServer(
+            conf.control_socket, service.handlers(),
+            expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
+        self.control_server.start()
+        LOG.info('Volume files in %s (layers in %s); control socket %s',
+                 conf.mount_dir, conf.layers_dir, conf.control_socket)
 
     def _advertised_host(self):
         host = self.conf.node.listen_address
@@ -217,6 +264,20 @@ class Daemon(object):
 
     def stop(self):
         LOG.info('thunder-cache %s stopping', self.conf.node.node_id)
+        if self.control_server is not None:
+            self.control_server.stop()
+        if self.mount is not None:
+            busy = [v for v in self.store.list()
+                    if self.store.info(v)['open_count']]
+            if busy:
+                LOG.error('Stopping with volumes in use (%s): their loop '
+                          'devices return I/O errors until the daemon is '
+                          'back and they are attached again.',
+                          ', '.join(busy))
+            self.mount.stop()
+            self.store.close()
+        if self.lifecycle is not None:
+            self.lifecycle.stop()
         if self.local_server is not None:
             self.local_server.stop()
         if self.server is not None:

@@ -45,6 +45,8 @@ LOG = logging.getLogger(__name__)
 MANIFEST_FILE = 'manifest'
 MAX_DESCRIPTOR_BYTES = 65536
 _HEX_DIGEST = re.compile(r'^[0-9a-f]{64}\Z')
+_UUID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
+                   r'[0-9a-f]{12}\Z')
 
 NODE_COUNTERS = {
     'auth_failures': 'Requests refused for a missing, bad or expired token.',
@@ -95,7 +97,7 @@ class ImageSpec(object):
 
     def __init__(self, image_id, manifest_digest, origin=None, peers=(),
                  manifest_offset=None, manifest_length=None,
-                 image_size=None):
+                 image_size=None, origin_volume_id=None):
         if not isinstance(image_id, str) or not protocol.IMAGE_ID.match(
                 image_id):
             raise DescriptorError('bad image id %r' % (image_id,))
@@ -115,11 +117,16 @@ class ImageSpec(object):
             if image_size is None:
                 raise DescriptorError('need manifest_offset or image_size')
             manifest_offset = manifest_mod.volume_offset(image_size)
+        if origin_volume_id is not None and (
+                not isinstance(origin_volume_id, str) or
+                not _UUID.match(origin_volume_id)):
+            raise DescriptorError('origin_volume_id must be a volume UUID')
         try:
             self.peers = tuple(protocol.normalize_url(p) for p in peers)
         except ValueError as e:
             raise DescriptorError(str(e))
         self.image_id = image_id
+        self.origin_volume_id = origin_volume_id
         self.manifest_digest = manifest_digest
         self.origin = origin
         self.manifest_offset = manifest_offset
@@ -134,7 +141,9 @@ def load_descriptor(path, origin_factory):
     ``manifest_offset`` and optionally ``manifest_length`` (or
     ``image_size`` to compute the offset), ``origin`` (``{"type": "file",
     "path": ...}``, ``{"type": "rbd", "pool": ..., "image": ...,
-    "snapshot": ...}`` or null) and ``peers`` (a list of peer URLs).
+    "snapshot": ...}`` or null), ``peers`` (a list of peer URLs) and
+    ``origin_volume_id`` (the Cinder id of the image-volume, whose
+    metadata carries the image's peer-cache locations and boot trace).
     """
     image_id = os.path.basename(path)[:-len('.json')]
     try:
@@ -151,6 +160,11 @@ def load_descriptor(path, origin_factory):
     if data.get('image_id', image_id) != image_id:
         raise DescriptorError('%s names image %r'
                               % (path, data.get('image_id')))
+    return spec_from_dict(image_id, data, origin_factory)
+
+
+def spec_from_dict(image_id, data, origin_factory):
+    """An :class:`ImageSpec` from a descriptor's JSON object."""
     peers = data.get('peers') or []
     if not isinstance(peers, list):
         raise DescriptorError('peers must be a list of URLs')
@@ -161,7 +175,7 @@ def load_descriptor(path, origin_factory):
         origin = origin_factory(origin)
     return ImageSpec(image_id, data.get('manifest_digest'), origin, peers,
                      data.get('manifest_offset'), data.get('manifest_length'),
-                     data.get('image_size'))
+                     data.get('image_size'), data.get('origin_volume_id'))
 
 
 class ImageEntry(object):
@@ -193,7 +207,7 @@ class Node(object):
                  child_ttl=10.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  verify_persisted=True, commit_interval=0.0,
-                 activation_retry=5.0):
+                 activation_retry=5.0, on_activate=None):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir
@@ -206,6 +220,8 @@ class Node(object):
         self.verify_persisted = verify_persisted
         self.commit_interval = commit_interval
         self.activation_retry = activation_retry
+        # Called as on_activate(spec, cache) once an image's cache opens.
+        self.on_activate = on_activate
         self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
         self.counters = metrics.Counters(NODE_COUNTERS)
         self.responses = metrics.Counters(protocol.REASONS)
@@ -275,17 +291,25 @@ class Node(object):
         if entry.cache is not None:
             return entry.cache
         with entry.lock:
-            if entry.cache is None:
-                now = time.monotonic()
-                if now < entry.retry_at:
-                    raise sources.ManifestError(entry.last_error)
-                try:
-                    self._activate(entry)
-                except sources.ManifestError as e:
-                    entry.last_error = str(e)
-                    entry.retry_at = now + self.activation_retry
-                    raise
-            return entry.cache
+            if entry.cache is not None:
+                return entry.cache
+            now = time.monotonic()
+            if now < entry.retry_at:
+                raise sources.ManifestError(entry.last_error)
+            try:
+                self._activate(entry)
+            except sources.ManifestError as e:
+                entry.last_error = str(e)
+                entry.retry_at = now + self.activation_retry
+                raise
+            cache = entry.cache
+        if self.on_activate is not None:
+            try:
+                self.on_activate(entry.spec, cache)
+            except Exception:
+                LOG.exception('Activation hook failed for image %s',
+                              entry.spec.image_id)
+        return cache
 
     def _activate(self, entry):
         spec = entry.spec
@@ -344,8 +368,22 @@ class Node(object):
 
     # -- local reads --------------------------------------------------------
 
-    def read(self, image_id, offset, length):
+    def read_image(self, image_id, offset, length):
+        """Bytes of a registered image (fetching missing chunks)."""
         return self.cache(image_id).read(offset, length)
+
+    def image_size(self, image_id):
+        return self.cache(image_id).manifest.image_size
+
+    def set_peers(self, image_id, peers):
+        """Replace the peers an activated image is fetched from."""
+        entry = self._entry(image_id)
+        if entry is None:
+            raise KeyError(image_id)
+        peers = tuple(protocol.normalize_url(p) for p in peers)
+        with entry.lock:
+            if entry.cache is not None:
+                entry.cache.upstream.set_peers(peers)
 
     # -- peer requests ------------------------------------------------------
 

@@ -13,15 +13,21 @@
 """Configuration options of the ``thunder-cache`` daemon.
 
 They live in ``/etc/thunder/thunder-cache.conf`` (or the files given with
-``--config-file``), in four sections: ``[node]`` (identity, address,
+``--config-file``), in these sections: ``[node]`` (identity, address,
 directories), ``[peer]`` (the peer protocol: secret, fan-out, rates,
-timeouts), ``[cache]`` and ``[origin]`` (how to reach image-volumes in
-RBD).
+timeouts), ``[cache]``, ``[origin]`` (how to reach image-volumes in
+RBD), ``[blockdev]`` (the peer-mode volume files and the control socket
+of the Cinder driver), ``[prefetch]`` (boot traces and hydration) and
+``[advertise]`` (peer-cache locations in Cinder, with the credentials to
+write them).
 """
 
 import socket
 
 from oslo_config import cfg
+
+from thunder_cache import advertise
+from thunder_cache import prefetch
 
 DEFAULT_PORT = 7485
 
@@ -195,15 +201,57 @@ origin_opts = [
                help='Seconds to wait for the Ceph monitors and OSDs.'),
 ]
 
+blockdev_opts = [
+    cfg.BoolOpt('enabled',
+                default=False,
+                help='Serve peer-mode volumes: mount the volume files at '
+                     'mount_dir and answer the Cinder driver on '
+                     'control_socket. Needs /dev/fuse and libfuse 3 '
+                     '(Debian: fuse3). Off, the daemon only caches and '
+                     'serves images to peers.'),
+    cfg.StrOpt('mount_dir',
+               default='/var/lib/thunder-cache/volumes',
+               help='Where the FUSE filesystem of volume files is mounted: '
+                    'one raw file per volume, named after the Cinder '
+                    'volume, which the driver attaches with a loop '
+                    'device.'),
+    cfg.StrOpt('layers_dir',
+               default='/var/lib/thunder-cache/layers',
+               help='Where each volume\'s own writes live: a directory '
+                    'per volume with a sparse data file and a bitmap of '
+                    'written 4 KiB blocks. Size it for the guests\' '
+                    'writes; the images stay in [node] cache_dir.'),
+    cfg.StrOpt('control_socket',
+               default='/run/thunder-cache/control.sock',
+               help='Unix socket on which the node\'s cinder-volume '
+                    'registers images and creates, resizes and deletes '
+                    'volumes (mode 0660).'),
+    cfg.StrOpt('control_group',
+               help='Group owning control_socket and the volume files '
+                    '(e.g. cinder), so that cinder-volume can manage, '
+                    'fill and upload volumes without root. Unset: the '
+                    'daemon\'s own group.'),
+    cfg.BoolOpt('allow_other',
+                default=True,
+                help='Mount with allow_other (and default_permissions), '
+                     'so that root (losetup) and control_group can open '
+                     'the volume files when the daemon is not root. A '
+                     'non-root daemon needs user_allow_other in '
+                     '/etc/fuse.conf.'),
+]
+
 GROUPS = (('node', node_opts), ('peer', peer_opts), ('cache', cache_opts),
-          ('origin', origin_opts))
+          ('origin', origin_opts), ('blockdev', blockdev_opts),
+          ('prefetch', prefetch.opts))
 
 
 def register(conf):
     for group, opts in GROUPS:
         conf.register_opts(opts, group=group)
+    advertise.register_opts(conf)
 
 
 def list_opts():
     """Options for oslo-config-generator."""
-    return [(group, opts) for group, opts in GROUPS]
+    return ([(group, opts) for group, opts in GROUPS] +
+            advertise.list_opts())

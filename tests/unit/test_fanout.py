@@ -242,7 +242,7 @@ def test_nodes_form_a_bounded_tree(cluster, volume):
         data = bytearray()
         step = 3 * CHUNK + 17
         for offset in range(0, len(image), step):
-            data += node.read('img', offset, step)
+            data += node.read_image('img', offset, step)
         results[node.node_id] = hashlib.sha256(data).hexdigest()
 
     threads = [threading.Thread(target=read, args=(n,)) for n in nodes]
@@ -281,7 +281,7 @@ def test_full_node_redirect_loops_are_cut(cluster, volume):
 
     def read(node):
         try:
-            assert node.read('img', 0, len(image)) == image
+            assert node.read_image('img', 0, len(image)) == image
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 

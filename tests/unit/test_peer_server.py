@@ -216,8 +216,8 @@ def test_manifest_endpoint(seed, volume):
 def test_metrics(seed, volume):
     image, _manifest, _ = volume
     node, srv = seed
-    node.read('img', 0, len(image))
-    node.read('img', 0, len(image))
+    node.read_image('img', 0, len(image))
+    node.read_image('img', 0, len(image))
     status, headers, body = _split(_raw(srv.port, _request('/metrics')))
     assert status == 200
     assert headers['Content-Type'].startswith('text/plain')
@@ -284,7 +284,7 @@ def test_upload_rate_limit(cluster, volume):
     rate = 4 * CHUNK   # bytes per second
     node, _srv = cluster.start('n', _spec(manifest, origin),
                                upload_rate=rate, upload_burst=CHUNK)
-    node.read('img', 0, len(image))
+    node.read_image('img', 0, len(image))
     client = cache_helpers.client()
     started = time.monotonic()
     for index in range(5):

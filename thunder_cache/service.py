@@ -1,0 +1,145 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""What the control socket answers: the node's volume service.
+
+The Cinder driver's peer mode (``cinder_thunder_driver.peer``) calls these
+operations through :class:`thunder_cache.control.ControlClient`. Every
+argument arrives from JSON and is checked here before use.
+"""
+
+import json
+import logging
+import os
+
+from thunder_cache import control
+from thunder_cache import node as node_mod
+from thunder_cache import volumes as volumes_mod
+
+LOG = logging.getLogger(__name__)
+
+# Errors answered by their class name and message (no traceback logged).
+EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
+                   KeyError)
+
+
+def _size(value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise control.BadRequest('size must be a positive integer')
+    return value
+
+
+class VolumeService(object):
+    """Image registration and volume layers, for the control socket.
+
+    :param node: the :class:`~thunder_cache.node.Node`.
+    :param store: the :class:`~thunder_cache.volumes.VolumeStore`.
+    :param mount_dir: where the volume files are mounted.
+    :param descriptors_dir: where registered images are kept, so that a
+        restarted daemon knows them again.
+    :param origin_factory: builds origins from descriptor entries.
+    """
+
+    def __init__(self, node, store, mount_dir, descriptors_dir,
+                 origin_factory):
+        self.node = node
+        self.store = store
+        self.mount_dir = mount_dir
+        self.descriptors_dir = descriptors_dir
+        self.origin_factory = origin_factory
+
+    def handlers(self):
+        return {'ping': self.ping,
+                'stats': self.stats,
+                'register_image': self.register_image,
+                'create_volume': self.create_volume,
+                'delete_volume': self.delete_volume,
+                'resize_volume': self.resize_volume,
+                'volume_info': self.volume_info}
+
+    def ping(self):
+        return {'node_id': self.node.node_id, 'url': self.node.url,
+                'mount_dir': self.mount_dir}
+
+    def stats(self):
+        """Capacity of the layers' filesystem and what volumes claim."""
+        st = os.statvfs(self.store.layers_dir)
+        ids = self.store.list()
+        provisioned = 0
+        for volume_id in ids:
+            try:
+                provisioned += self.store.info(volume_id)['size']
+            except volumes_mod.VolumeNotFound:
+                continue
+        return {'total_bytes': st.f_blocks * st.f_frsize,
+                'free_bytes': st.f_bavail * st.f_frsize,
+                'provisioned_bytes': provisioned,
+                'volumes': len(ids),
+                'images': len(self.node.image_ids())}
+
+    def register_image(self, image_id, **descriptor):
+        """Register an image (persisted) and open its cache.
+
+        Returns the image's size and how much of it this node holds. The
+        manifest is read (and checked against the digest) here, so a
+        volume is only created over an image this node can serve.
+        """
+        spec = node_mod.spec_from_dict(image_id, descriptor,
+                                       self.origin_factory)
+        self.node.register(spec)
+        self._keep_descriptor(image_id, descriptor)
+        try:
+            cache = self.node.cache(image_id)
+        except node_mod.sources.ManifestError as e:
+            raise node_mod.DescriptorError(str(e))
+        return {'image_size': cache.manifest.image_size,
+                'chunk_size': cache.manifest.chunk_size,
+                'chunks': cache.manifest.chunk_count,
+                'chunks_present': cache.present_count()}
+
+    def _keep_descriptor(self, image_id, descriptor):
+        os.makedirs(self.descriptors_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.descriptors_dir, image_id + '.json')
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(dict(descriptor, image_id=image_id), f,
+                      sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    def create_volume(self, volume_id, size, image_id=None, source=None,
+                      read_only=False):
+        volumes_mod.check_volume_id(volume_id)
+        if image_id is not None:
+            self.node.cache(image_id)  # registered and its manifest known
+        if source is not None:
+            volumes_mod.check_volume_id(source)
+        if not isinstance(read_only, bool):
+            raise control.BadRequest('read_only must be a boolean')
+        info = self.store.create(volume_id, _size(size), image_id=image_id,
+                                 source=source, read_only=read_only)
+        LOG.info('Created volume %s (%d bytes%s)', volume_id, size,
+                 ', image %s' % image_id if image_id else '')
+        return info
+
+    def delete_volume(self, volume_id):
+        self.store.delete(volumes_mod.check_volume_id(volume_id))
+        LOG.info('Deleted volume %s', volume_id)
+
+    def resize_volume(self, volume_id, size):
+        self.store.resize(volumes_mod.check_volume_id(volume_id),
+                          _size(size))
+        return self.store.info(volume_id)
+
+    def volume_info(self, volume_id):
+        return self.store.info(volumes_mod.check_volume_id(volume_id))

@@ -74,7 +74,7 @@ opts = [
     cfg.IntOpt('record_max_chunks',
                default=1024,
                min=1,
-               max=trace.MAX_TRACE_CHUNKS,
+               max=trace.MAX_RECORD_CHUNKS,
                help='Most chunks a trace records (the recording ends '
                     'there). 1024 chunks are 1 GiB at the default 1 MiB '
                     'chunk size, several times what a boot reads, and '

@@ -52,6 +52,9 @@ MAX_VALUE_LENGTH = 255
 MAX_TEXT_LENGTH = MAX_PARTS * MAX_VALUE_LENGTH
 #: Version prefix of the text format.
 VERSION = '1:'
+#: The most chunks a recorder may keep: any such trace encodes within
+#: MAX_TEXT_LENGTH (a token has at most 8 digits and a comma).
+MAX_RECORD_CHUNKS = (MAX_TEXT_LENGTH - len(VERSION)) // 9
 DEFAULT_PREFIX = 'thunder_trace'
 
 _DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
@@ -76,16 +79,16 @@ class TraceRecorder(object):
             raise ValueError('chunk_count must be at least 1')
         if window <= 0:
             raise ValueError('window must be positive')
-        if not 1 <= max_chunks <= MAX_TRACE_CHUNKS:
+        if not 1 <= max_chunks <= MAX_RECORD_CHUNKS:
             raise ValueError('max_chunks must be between 1 and %d'
-                             % MAX_TRACE_CHUNKS)
+                             % MAX_RECORD_CHUNKS)
         self.chunk_count = chunk_count
         self.window = float(window)
         self.max_chunks = max_chunks
         self._clock = clock
         self._lock = threading.Lock()
         self._finished = threading.Event()
-        self._seen = bytearray(chunk_count)
+        self._seen = set()
         self._order = []
         self._deadline = None
 
@@ -102,9 +105,9 @@ class TraceRecorder(object):
             elif now >= self._deadline:
                 self._finished.set()
                 return
-            if not 0 <= index < self.chunk_count or self._seen[index]:
+            if not 0 <= index < self.chunk_count or index in self._seen:
                 return
-            self._seen[index] = 1
+            self._seen.add(index)
             self._order.append(index)
             if len(self._order) >= self.max_chunks:
                 self._finished.set()
@@ -164,7 +167,8 @@ def encode(indexes):
     """The text of a trace: chunk ``indexes`` in order, duplicates dropped.
 
     :raises ValueError: for an index that is not a non-negative integer,
-        or a trace of more than :data:`MAX_TRACE_CHUNKS` distinct chunks.
+        a trace of more than :data:`MAX_TRACE_CHUNKS` distinct chunks, or
+        one whose text would be longer than :data:`MAX_TEXT_LENGTH`.
     """
     seen = set()
     order = []
@@ -190,7 +194,11 @@ def encode(indexes):
         else:
             tokens.extend(_base36(i) for i in order[start:end + 1])
         start = end + 1
-    return VERSION + ','.join(tokens)
+    text = VERSION + ','.join(tokens)
+    if len(text) > MAX_TEXT_LENGTH:
+        raise ValueError('trace of %d characters; at most %d'
+                         % (len(text), MAX_TEXT_LENGTH))
+    return text
 
 
 def decode(text, chunk_count, max_chunks=MAX_TRACE_CHUNKS):

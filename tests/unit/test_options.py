@@ -28,6 +28,8 @@ EXPECTED = {
     'thunder_rbd_user', 'thunder_rbd_keyring_conf', 'thunder_rbd_secret_uuid',
     'thunder_rados_connect_timeout', 'thunder_max_clone_depth',
     'thunder_flatten_workers', 'thunder_deferred_purge_interval',
+    'thunder_mode', 'thunder_cache_control_socket', 'thunder_cache_timeout',
+    'thunder_loop_direct_io',
 }
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))

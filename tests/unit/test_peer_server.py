@@ -435,7 +435,7 @@ def test_manifest_from_peer_when_origin_unreachable(cluster, volume):
         manifest, cache_helpers.CountingOrigin(path)))
     other, _ = cluster.start('other', _spec(
         manifest, sources.FileOrigin(path + '.missing'), peers=[seed.url]))
-    assert other.read('img', 0, len(image)) == image
+    assert other.read_image('img', 0, len(image)) == image
     assert other.cache('img').counters.get('bytes_from_peers') == len(image)
 
 

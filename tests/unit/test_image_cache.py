@@ -70,6 +70,63 @@ class FakeSource(image_cache.Source):
         return data
 
 
+class GatedSource(FakeSource):
+    """A FakeSource whose reads wait while their chunk is held.
+
+    ``started`` lists the chunks asked for, in order, as the reads begin;
+    ``active`` and ``max_active`` count the reads in progress.
+    """
+
+    def __init__(self, image, hold=None, **kwargs):
+        super().__init__(image, **kwargs)
+        self.changed = threading.Condition()
+        # Chunks held: every chunk when None.
+        self.hold = hold
+        self.released = set()
+        self.started = []
+        self.active = 0
+        self.max_active = 0
+
+    def _held(self, index):
+        if index in self.released:
+            return False
+        return self.hold is None or index in self.hold
+
+    def release(self, index=None):
+        """Let reads of ``index`` (of every chunk if None) proceed."""
+        with self.changed:
+            if index is None:
+                self.hold = set()
+            else:
+                self.released.add(index)
+            self.changed.notify_all()
+
+    def wait_for(self, predicate, timeout=30):
+        """Wait until ``predicate()`` (which may look beyond the source)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate():
+                assert time.monotonic() < deadline, 'timed out'
+                self.changed.wait(0.01)
+
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
+        with self.changed:
+            self.started.append(index)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.changed.notify_all()
+            released = self.changed.wait_for(lambda: not self._held(index),
+                                             30)
+        try:
+            if not released:
+                raise IOError('chunk %d held for too long' % index)
+            return super().read_chunk(index, offset, length, via, ticket)
+        finally:
+            with self.changed:
+                self.active -= 1
+                self.changed.notify_all()
+
+
 class FakeUpstream(object):
 
     def __init__(self, *sources_):
@@ -511,4 +568,137 @@ def test_any_peer_fetch_joins_an_origin_fetch(tmp_path, image, manifest):
     t.join()
     assert origin.calls == [0]
     assert cache.counters.get('inflight_bypasses') == 0
+    cache.close()
+
+
+# -- background fetches, demand accounting, the read observer -------------
+
+def _in_thread(target, *args):
+    t = threading.Thread(target=target, args=args)
+    t.start()
+    return t
+
+
+def test_background_fetch_is_counted_apart(tmp_path, image, manifest):
+    origin = FakeSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    assert cache.ensure(4, background=True) is True
+    assert cache.ensure(4, background=True) is False
+    assert cache.ensure(5) is None
+    snap = cache.counters.snapshot()
+    assert snap['chunk_misses'] == 1      # chunk 5 only
+    assert snap['chunk_hits'] == 0
+    assert snap['chunks_from_origin'] == 2
+    assert origin.calls == [4, 5]
+    # The first local read of a chunk fetched in background is a
+    # prefetch hit; later reads are plain hits.
+    assert cache.read_chunk(4) == image[4 * CHUNK:5 * CHUNK]
+    cache.read_chunk(4)
+    cache.read_chunk(5)
+    snap = cache.counters.snapshot()
+    assert snap['prefetch_hits'] == 1
+    assert snap['chunk_hits'] == 3
+    with pytest.raises(IndexError):
+        cache.ensure(manifest.chunk_count, background=True)
+    cache.close()
+
+
+def test_background_error_is_raised(tmp_path, image, manifest):
+    cache = _cache(tmp_path, manifest, FakeSource(image, fail={2}))
+    with pytest.raises(image_cache.FetchError):
+        cache.ensure(2, background=True)
+    assert cache.background_pending() == 0
+    assert not cache.has(2)
+    cache.close()
+
+
+def test_demand_read_joins_a_background_fetch(tmp_path, image, manifest):
+    origin = GatedSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    background = _in_thread(cache.ensure, 3, (), None, None, True)
+    origin.wait_for(lambda: origin.started == [3])
+    assert cache.background_pending() == 1
+    reader = _in_thread(cache.read_chunk, 3)
+    origin.wait_for(lambda: cache.counters.get('inflight_joins') == 1)
+    # Waiting on a prefetch does not hold the prefetch back.
+    assert cache.demand_pending() == 0
+    origin.release()
+    background.join()
+    reader.join()
+    assert origin.calls == [3]
+    snap = cache.counters.snapshot()
+    assert snap['prefetch_joins'] == 1
+    assert snap['chunk_misses'] == 0
+    cache.read_chunk(3)
+    assert cache.counters.get('prefetch_hits') == 0
+    assert cache.background_pending() == 0
+    cache.close()
+
+
+def test_background_leaves_a_demand_fetch_alone(tmp_path, image, manifest):
+    origin = GatedSource(image)
+    cache = _cache(tmp_path, manifest, origin)
+    assert cache.demand_pending() == 0
+    readers = [_in_thread(cache.ensure, 6) for _ in range(3)]
+    origin.wait_for(lambda: origin.started == [6])
+    origin.wait_for(lambda: cache.counters.get('inflight_joins') == 2)
+    assert cache.demand_pending() == 3
+    # Does not wait, does not fetch again.
+    assert cache.ensure(6, background=True) is False
+    origin.release()
+    for t in readers:
+        t.join()
+    assert cache.demand_pending() == 0
+    assert origin.calls == [6]
+    cache.close()
+
+
+def test_demand_pending_drops_after_a_failure(tmp_path, image, manifest):
+    cache = _cache(tmp_path, manifest, FakeSource(image, fail={1}))
+    with pytest.raises(image_cache.FetchError):
+        cache.ensure(1)
+    assert cache.demand_pending() == 0
+    cache.close()
+
+
+def test_observer_sees_local_reads_only(tmp_path, image, manifest):
+    from thunder_cache import protocol
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    assert cache.observer is None
+    seen = []
+    cache.observer = seen.append
+    cache.read(CHUNK * 2 - 1, 2)          # chunks 1 and 2, misses
+    cache.read_chunk(1)                    # a hit
+    cache.ensure(7, background=True)
+    cache.ensure(8, via=('http://10.0.0.9:1',),
+                 ticket=protocol.new_ticket())
+    cache.ensure(7)
+    assert seen == [1, 2, 1, 7]
+    cache.close()
+
+
+def test_failing_observer_is_detached(tmp_path, image, manifest):
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    calls = []
+
+    def observer(index):
+        calls.append(index)
+        raise RuntimeError('broken')
+
+    cache.observer = observer
+    assert cache.read_chunk(0) == image[:CHUNK]
+    assert cache.read_chunk(1) == image[CHUNK:2 * CHUNK]
+    assert calls == [0]
+    assert cache.observer is None
+    cache.close()
+
+
+def test_recorder_as_observer(tmp_path, image, manifest):
+    from thunder_cache import trace
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    recorder = trace.TraceRecorder(manifest.chunk_count, window=1000)
+    cache.observer = recorder.touch
+    for index in (3, 1, 3, 9, 1, 0):
+        cache.read_chunk(index)
+    assert recorder.indexes() == [3, 1, 9, 0]
     cache.close()

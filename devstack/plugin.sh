@@ -5,7 +5,10 @@
 #   enable_plugin vmthunder <git URL of this repository>
 # next to a Ceph cluster (devstack-plugin-ceph, enabled first). It installs
 # the package, configures ThunderDriver as the Cinder backend "thunder" and
-# the thunder Glance store (devstack/lib/thunder).
+# the thunder Glance store (devstack/lib/thunder). With
+#   THUNDER_PEER_MODE=True
+# it also runs the node cache daemon (thunder-cache) and adds the peer-mode
+# backend "thunder-peer", whose volumes live on the node.
 
 if [[ "$1" == "source" ]]; then
     # shellcheck disable=SC1091
@@ -24,7 +27,24 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
         if [[ ",$CINDER_ENABLED_BACKENDS," != *",thunder:"* ]]; then
             configure_thunder_cinder_backend "$THUNDER_CINDER_BACKEND"
         fi
+        if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
+            configure_thunder_peer_backend "$THUNDER_PEER_BACKEND"
+        fi
         configure_thunder_cinder_glance
+    fi
+    if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
+        configure_thunder_cache
+        # Started now, before devstack starts cinder-volume, whose peer
+        # backend checks at start that the daemon answers. It runs as root:
+        # it mounts the volume files for losetup and qemu.
+        echo_summary "Starting thunder-cache"
+        run_process thunder-cache \
+            "$(command -v thunder-cache) --config-file $THUNDER_CACHE_CONF" \
+            "" root
+    fi
+elif [[ "$1" == "unstack" ]]; then
+    if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
+        stop_process thunder-cache
     fi
     if is_service_enabled g-api; then
         configure_thunder_glance_store

@@ -17,8 +17,11 @@ installs what is missing (Debian packages with apt-get, the services into a
 virtualenv with pip) and starts, each as a process of its own stopped by
 PID: MariaDB, RabbitMQ, a single-node Ceph (BlueStore, so data survives a
 restart), Keystone and Glance under uWSGI, Cinder's API, scheduler and
-volume services. Cinder has two backends, ``thunder`` (ThunderDriver) and
-``rbd`` (Cinder's RBDDriver, on another pool) with a volume type each;
+volume services, and the node cache daemon ``thunder-cache`` (its peer
+server on 127.0.0.1, its volume files mounted under ``data/``). Cinder has
+three backends, ``thunder`` (ThunderDriver), ``thunder-peer``
+(ThunderDriver in peer mode, over thunder-cache) and ``rbd`` (Cinder's
+RBDDriver, on another pool) with a volume type each;
 Glance has the upstream ``rbd`` store and, once the thunder store exists,
 the ``thunder`` store. The VMThunder parts of cinder.conf and
 glance-api.conf are written by ``devstack/lib/thunder``, the devstack
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from thunder_cache import control
 from thunder_stack import ceph as ceph_mod
 from thunder_stack import ini
 from thunder_stack import services as svc
@@ -45,17 +49,19 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APT_PACKAGES = ('mariadb-server', 'rabbitmq-server', 'ceph-mon', 'ceph-osd',
                 'ceph-mgr', 'ceph-common', 'python3-rados', 'python3-rbd',
-                'qemu-utils')
+                'qemu-utils', 'fuse3')
 PIP_PACKAGES = ('cinder==29.0.0', 'glance==33.0.0', 'keystone==30.0.0',
                 'glance-store>=5.7,<6', 'os-brick>=7.1', 'python-cinderclient',
                 'python-glanceclient', 'python-openstackclient', 'uwsgi',
-                'PyMySQL')
+                'PyMySQL', 'mfusepy>=3.1')
 DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
                  'rabbit_dist': 16673, 'ceph': 16789, 'keystone': 16500,
-                 'glance': 16292, 'cinder': 16776}
+                 'glance': 16292, 'cinder': 16776, 'thunder_cache': 16485}
 POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images'}
 THUNDER_BACKEND = 'thunder'
+PEER_BACKEND = 'thunder-peer'
 RBD_BACKEND = 'rbd'
+BACKENDS = (THUNDER_BACKEND, PEER_BACKEND, RBD_BACKEND)
 CINDER_STORE = 'cinder'
 CEPH_SIZE_GIB = int(os.environ.get('THUNDER_STACK_CEPH_GIB', '40'))
 
@@ -273,6 +279,13 @@ class Stack(object):
                 health=lambda: svc.http_reason(self.url('glance') +
                                                '/versions')),
             svc.Service(
+                'thunder-cache',
+                [os.path.join(bin_, 'thunder-cache'), '--config-file',
+                 self.thunder_cache_conf, '--log-file',
+                 self.path('log', 'thunder-cache.log')],
+                self.root, port=p['thunder_cache'],
+                health=self._thunder_cache_reason),
+            svc.Service(
                 'cinder-api',
                 [os.path.join(bin_, 'cinder-api'), '--config-file',
                  self.path('etc', 'cinder', 'cinder.conf'),
@@ -292,6 +305,28 @@ class Stack(object):
                  '--log-file', self.path('log', 'cinder-volume.log')],
                 self.root),
         ]
+
+    @property
+    def thunder_cache_conf(self):
+        return self.path('etc', 'thunder', 'thunder-cache.conf')
+
+    @property
+    def thunder_cache_paths(self):
+        base = self.path('data', 'thunder-cache')
+        return {'state': base, 'run': self.path('run', 'thunder-cache'),
+                'mount': os.path.join(base, 'volumes'),
+                'control': self.path('run', 'thunder-cache', 'control.sock')}
+
+    def _thunder_cache_reason(self):
+        """None once the daemon serves volume files and answers."""
+        paths = self.thunder_cache_paths
+        if not os.path.ismount(paths['mount']):
+            return '%s is not mounted' % paths['mount']
+        try:
+            control.ControlClient(paths['control'], timeout=5).call('ping')
+        except control.ControlError as e:
+            return str(e)
+        return None
 
     def service(self, name):
         for s in self.services():
@@ -322,6 +357,7 @@ class Stack(object):
         log('starting Ceph (BlueStore in %s)' % self.path('data', 'ceph'))
         self.ceph().start(timeout=300)
         self._keystone()
+        self._thunder_cache()
         self._write_cinder_conf()
         self._write_glance_conf()
         # Cinder first: Glance's cinder store looks its volume type up in
@@ -428,8 +464,7 @@ class Stack(object):
             'auth_url': self.auth_url, 'password': self.password,
             'glance_url': self.url('glance'),
             'cinder_url': self.url('cinder'),
-            'volume_types': {THUNDER_BACKEND: THUNDER_BACKEND,
-                             RBD_BACKEND: RBD_BACKEND},
+            'volume_types': {name: name for name in BACKENDS},
         }
         with open(path, 'w') as f:
             json.dump(settings, f)
@@ -461,6 +496,9 @@ class Stack(object):
             'THUNDER_RBD_USER': '',
             'THUNDER_RBD_SECRET_UUID': '',
             'THUNDER_CINDER_BACKEND': THUNDER_BACKEND,
+            'THUNDER_PEER_BACKEND': PEER_BACKEND,
+            'THUNDER_CACHE_CONTROL_SOCKET': self.thunder_cache_paths[
+                'control'],
             'THUNDER_GLANCE_URL': self.url('glance'),
             'THUNDER_STORE_AUTH_ADDRESS': self.auth_url,
             'THUNDER_STORE_PASSWORD': self.password,
@@ -506,8 +544,7 @@ class Stack(object):
                 'osapi_volume_workers': 2,
                 'transport_url': self.transport_url,
                 'auth_strategy': 'keystone',
-                'enabled_backends': '%s,%s' % (THUNDER_BACKEND,
-                                               RBD_BACKEND),
+                'enabled_backends': ','.join(BACKENDS),
                 'default_volume_type': THUNDER_BACKEND,
                 'image_conversion_dir': os.path.join(state, 'conversion'),
                 'rootwrap_config': self.path('etc', 'cinder',
@@ -534,7 +571,27 @@ class Stack(object):
             },
         })
         self._devstack('configure_thunder_cinder_backend %s'
-                       % THUNDER_BACKEND, 'configure_thunder_cinder_glance')
+                       % THUNDER_BACKEND,
+                       'configure_thunder_peer_backend %s' % PEER_BACKEND,
+                       'configure_thunder_cinder_glance')
+
+    def _thunder_cache(self):
+        """Write thunder-cache.conf (devstack's function) and start it."""
+        paths = self.thunder_cache_paths
+        self._devstack('configure_thunder_cache', env={
+            'THUNDER_CACHE_CONF': self.thunder_cache_conf,
+            'THUNDER_CACHE_SECRET_FILE': self.path('etc', 'thunder',
+                                                   'peer-secret'),
+            'THUNDER_CACHE_STATE_DIR': paths['state'],
+            'THUNDER_CACHE_RUN_DIR': paths['run'],
+            'THUNDER_CACHE_CONTROL_SOCKET': paths['control'],
+            'THUNDER_CACHE_NODE_ID': 'thunder-stack',
+            'THUNDER_CACHE_LISTEN': '127.0.0.1',
+            'THUNDER_CACHE_PORT': str(self.ports['thunder_cache']),
+        })
+        self._restart_if_config_changed('thunder-cache',
+                                        [self.thunder_cache_conf])
+        self._start('thunder-cache', timeout=60)
 
     def _authtoken(self, user):
         return {'www_authenticate_uri': self.auth_url,
@@ -653,9 +710,9 @@ class Stack(object):
         self._save_state()
 
     def _wait_volume_services(self, timeout=300):
-        wanted = {'cinder-scheduler@thunder-stack',
-                  'cinder-volume@thunder-stack@%s' % THUNDER_BACKEND,
-                  'cinder-volume@thunder-stack@%s' % RBD_BACKEND}
+        wanted = {'cinder-scheduler@thunder-stack'}
+        wanted.update('cinder-volume@thunder-stack@%s' % name
+                      for name in BACKENDS)
         deadline = time.monotonic() + timeout
         up = set()
         while time.monotonic() < deadline:
@@ -682,7 +739,7 @@ class Stack(object):
     def _scheduler_knows_backends(self):
         pools = json.loads(self._bootstrap('pools'))
         backends = {p.partition('#')[0].rpartition('@')[2] for p in pools}
-        return {THUNDER_BACKEND, RBD_BACKEND} <= backends
+        return set(BACKENDS) <= backends
 
     def volume_services(self):
         return json.loads(self._bootstrap('services'))
@@ -716,12 +773,25 @@ class Stack(object):
         for service in reversed(self.services()):
             if service.pid() is not None:
                 log('stopping %s (pid %d)' % (service.name, service.pid()))
+            if service.name == 'thunder-cache':
+                self._detach_loop_devices()
             service.stop()
         if 'ports' in self.state:
             cluster = self.ceph()
             if cluster.running():
                 log('stopping Ceph')
             cluster.stop()
+
+    def _detach_loop_devices(self):
+        """Loop devices left on volume files (a test that failed)."""
+        mount = self.thunder_cache_paths['mount'] + os.sep
+        out = run(['losetup', '--list', '--noheadings', '--raw', '--output',
+                   'NAME,BACK-FILE'], check=False, quiet=True).stdout
+        for line in (out or '').splitlines():
+            name, _sep, backing = line.partition(' ')
+            if backing.startswith(mount):
+                log('detaching %s (%s)' % (name, backing))
+                run(['losetup', '--detach', name], check=False, quiet=True)
 
     def status(self):
         rows = []

@@ -1,0 +1,291 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Peer mode on the local stack: real Cinder, Glance, thunder-cache, Ceph.
+
+Volumes of the ``thunder-peer`` type live on the node as layers over
+thunder-cache's cache of the image; they are attached the way Nova
+attaches them: Cinder's attachment API gives the connection info, and
+os-brick's ``local`` connector turns it into the device to read.
+"""
+
+import hashlib
+import os
+import re
+import time
+import urllib.request
+
+from cinderclient import client as cinder_client
+from keystoneauth1 import loading
+from keystoneauth1 import session as ks_session
+from os_brick.initiator import connector as brick_connector
+import pytest
+
+from thunder_cache import control
+from thunder_common import locations
+from thunder_stack import demo
+
+PEER_TYPE = 'thunder-peer'
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope='module')
+def cinder(stack):
+    loader = loading.get_plugin_loader('password')
+    auth = loader.load_from_options(
+        auth_url=stack.auth_url, username='admin', password=stack.password,
+        project_name='admin', user_domain_id='default',
+        project_domain_id='default')
+    return cinder_client.Client('3.54', session=ks_session.Session(auth=auth),
+                                endpoint_override='%s/v3' % stack.url(
+                                    'cinder'))
+
+
+@pytest.fixture(scope='module')
+def daemon(stack):
+    return control.ControlClient(stack.thunder_cache_paths['control'])
+
+
+def _metrics(stack):
+    url = 'http://127.0.0.1:%d/metrics' % stack.ports['thunder_cache']
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _image_counter(stack, name, image_id):
+    pattern = re.compile(r'^thunder_cache_%s\{[^}]*image="%s"[^}]*\} '
+                         r'([0-9.e+]+)$' % (name, image_id), re.M)
+    match = pattern.search(_metrics(stack))
+    return float(match.group(1)) if match else None
+
+
+def _image_volume_id(stack, image_id):
+    for loc in demo.image_locations(stack, image_id):
+        try:
+            parsed = locations.parse(loc['url'])
+        except locations.InvalidLocation:
+            continue
+        if isinstance(parsed, locations.VolumeLocation):
+            return parsed.volume_id
+    raise AssertionError('image %s has no thunder location' % image_id)
+
+
+def _read_device(path, image_size):
+    """sha256 of the first image_size bytes, and whether the rest is 0."""
+    digest = hashlib.sha256()
+    tail_zero = True
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while True:
+            block = os.pread(fd, 4 * MiB, offset)
+            if not block:
+                break
+            head = block[:max(0, image_size - offset)]
+            digest.update(head)
+            if block[len(head):].strip(b'\0'):
+                tail_zero = False
+            offset += len(block)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), tail_zero, offset
+
+
+def _loop_devices_of(path):
+    out = os.popen('losetup --list --noheadings --raw --output '
+                   'NAME,BACK-FILE').read()
+    return [line.split()[0] for line in out.splitlines()
+            if line.split()[1:] == [path]]
+
+
+class Attached(object):
+    """A volume attached on this host as Nova would: attachment + os-brick."""
+
+    def __init__(self, cinder, volume_id):
+        self.cinder = cinder
+        self.volume_id = volume_id
+        self.brick = brick_connector.InitiatorConnector.factory(
+            'LOCAL', root_helper=None)
+        props = brick_connector.get_connector_properties(
+            None, '127.0.0.1', False, False, host='thunder-stack')
+        self.attachment = cinder.attachments.create(volume_id, props,
+                                                    mode='rw')
+        info = self.attachment.connection_info
+        assert info['driver_volume_type'] == 'local', info
+        self.device = self.brick.connect_volume(info)['path']
+        self.connection = info
+        cinder.attachments.complete(self.attachment.id)
+
+    def detach(self):
+        self.brick.disconnect_volume(self.connection, None)
+        self.cinder.attachments.delete(self.attachment.id)
+
+
+def _wait_status(cinder, volume_id, status='available', timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vol = cinder.volumes.get(volume_id)
+        if vol.status == status:
+            return vol
+        assert vol.status not in ('error', 'error_extending'), vol.status
+        time.sleep(0.5)
+    raise AssertionError('volume %s is %s, not %s' % (volume_id, vol.status,
+                                                      status))
+
+
+def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
+                                                daemon, thunder_store,
+                                                image_file):
+    """O(1) create, attach through os-brick, every byte is the image's."""
+    path, digest = image_file
+    size = os.path.getsize(path)
+    image_id = client.upload(str(path), thunder_store, name='e2e-peer')
+    vid = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(vid)
+    name = 'volume-%s' % vid
+    info = daemon.call('volume_info', volume_id=name)
+    assert info['image_id'] == image_id
+    assert info['size'] == 1024 * MiB
+    # No image bytes were copied to make the volume.
+    assert info['written_bytes'] == 0
+    assert not _image_counter(stack, 'bytes_from_origin_total', image_id)
+
+    attached = Attached(cinder, vid)
+    try:
+        assert re.match(r'^/dev/loop[0-9]+$', attached.device)
+        sha, tail_zero, total = _read_device(attached.device, size)
+        assert sha == digest
+        assert tail_zero
+        assert total == 1024 * MiB
+        # The guest's writes go to the volume's layer only.
+        fd = os.open(attached.device, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b'\xa5' * 4096, 8 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert daemon.call('volume_info',
+                           volume_id=name)['written_bytes'] == 4096
+    finally:
+        attached.detach()
+    mount = stack.thunder_cache_paths['mount']
+    assert _loop_devices_of(os.path.join(mount, name)) == []
+    # Bytes came from the origin (the image-volume in Ceph), verified.
+    fetched = _image_counter(stack, 'bytes_from_origin_total', image_id)
+    assert fetched >= size - MiB
+    assert not _image_counter(stack, 'chunks_rejected_total', image_id)
+
+    # A second volume of the image does not see the first one's write.
+    other = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(other)
+    attached = Attached(cinder, other)
+    try:
+        sha, _, _ = _read_device(attached.device, size)
+        assert sha == digest
+    finally:
+        attached.detach()
+
+    # The node advertises itself on the image-volume, with expiry.
+    image_volume = _image_volume_id(stack, image_id)
+    metadata = cinder.volumes.get(image_volume).metadata
+    assert 'thunder_peer_thunder-stack' in metadata, metadata
+
+
+def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
+                                           thunder_store, image_file,
+                                           tmp_path):
+    path, digest = image_file
+    size = os.path.getsize(path)
+    image_id = client.upload(str(path), thunder_store, name='e2e-peer-ops')
+    vid = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(vid)
+
+    attached = Attached(cinder, vid)
+    try:
+        fd = os.open(attached.device, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b'snapshot-me'.ljust(4096, b'.'), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        attached.detach()
+
+    snap = cinder.volume_snapshots.create(vid, name='e2e-peer-snap')
+    deadline = time.monotonic() + 120
+    while cinder.volume_snapshots.get(snap.id).status != 'available':
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    from_snap = cinder.volumes.create(2, snapshot_id=snap.id,
+                                      volume_type=PEER_TYPE)
+    client.volumes.append(from_snap.id)
+    clone = cinder.volumes.create(1, source_volid=vid, volume_type=PEER_TYPE)
+    client.volumes.append(clone.id)
+    _wait_status(cinder, from_snap.id)
+    _wait_status(cinder, clone.id)
+
+    for volume_id in (from_snap.id, clone.id):
+        attached = Attached(cinder, volume_id)
+        try:
+            with open(attached.device, 'rb') as f:
+                head = f.read(4096)
+                rest = f.read(size - 4096)
+            assert head.startswith(b'snapshot-me')
+            with open(path, 'rb') as f:
+                f.seek(4096)
+                assert rest == f.read(size - 4096)
+        finally:
+            attached.detach()
+    assert daemon.call('volume_info', volume_id='volume-%s' % from_snap.id)[
+        'size'] == 2048 * MiB
+
+    # Extend, then the device shows the new size.
+    cinder.volumes.extend(vid, 2)
+    _wait_status(cinder, vid)
+    attached = Attached(cinder, vid)
+    try:
+        fd = os.open(attached.device, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_END) == 2048 * MiB
+        finally:
+            os.close(fd)
+    finally:
+        attached.detach()
+
+    # Upload the volume to Glance: its bytes are the volume's.
+    out = client.run('cinder', 'upload-to-image', '--disk-format', 'raw',
+                     '--container-format', 'bare', vid,
+                     'e2e-peer-upload').stdout
+    uploaded = demo.table_value(out, 'image_id')
+    client.images.append(uploaded)
+    deadline = time.monotonic() + 600
+    while client.image(uploaded)['status'] != 'active':
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    _wait_status(cinder, vid)
+    target = tmp_path / 'uploaded.raw'
+    client.run('glance', 'image-download', '--file', str(target), uploaded)
+    with open(target, 'rb') as f:
+        assert f.read(4096).startswith(b'snapshot-me')
+        with open(path, 'rb') as g:
+            g.seek(4096)
+            assert f.read(size - 4096) == g.read(size - 4096)
+        assert os.path.getsize(target) == 2048 * MiB
+
+    cinder.volume_snapshots.delete(snap.id)
+    deadline = time.monotonic() + 120
+    while any(s.id == snap.id for s in cinder.volume_snapshots.list()):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    with pytest.raises(control.ControlError) as e:
+        daemon.call('volume_info', volume_id='snapshot-%s' % snap.id)
+    assert e.value.kind == 'VolumeNotFound'

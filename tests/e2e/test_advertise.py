@@ -63,20 +63,20 @@ def _records(stack, tmp_path, user, project, password=None):
     return advertise.CinderRecords.from_conf(conf)
 
 
+def _volume_id(url):
+    try:
+        parsed = locations.parse(url)
+    except locations.InvalidLocation:
+        return None
+    return getattr(parsed, 'volume_id', None)
+
+
 def _image_volume(stack, image_id):
-    """The image-volume's id, from the image's cinder:// (or thunder://)."""
-    found = {}
-    for loc in demo.image_locations(stack, image_id):
-        try:
-            parsed = locations.parse(loc['url'])
-        except locations.InvalidLocation:
-            continue
-        if isinstance(parsed, locations.VolumeLocation):
-            found[parsed.scheme] = parsed.volume_id
-    assert found, 'image %s has no volume location' % image_id
-    if len(found) == 2:
-        assert found['cinder'] == found['thunder']
-    return found.get('cinder') or found['thunder']
+    """The image-volume's id: what its cinder:// and thunder:// name."""
+    ids = {_volume_id(loc['url'])
+           for loc in demo.image_locations(stack, image_id)} - {None}
+    assert len(ids) == 1, 'image %s: volume locations %s' % (image_id, ids)
+    return ids.pop()
 
 
 def _cli_metadata(client, volume_id):

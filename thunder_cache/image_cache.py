@@ -290,14 +290,15 @@ class ImageCache(object):
         self.manifest.chunk_range(index)  # validates the index
         if background:
             return self._ensure_background(index)
-        if self.observer is not None and ticket is None and not via:
-            self._observe(index)
+        observer = self.observer
+        if observer is not None and ticket is None and not via:
+            self._observe(observer, index)
         if self.has(index):
             self._hit(index)
             return
         with self._lock:
             if self.has(index):
-                self._hit(index)
+                self._hit(index, locked=True)
                 return
             future = self._inflight.get(index)
             bypass = False
@@ -332,8 +333,7 @@ class ImageCache(object):
                 with self._lock:
                     self._demand -= 1
 
-    def _observe(self, index):
-        observer = self.observer
+    def _observe(self, observer, index):
         try:
             observer(index)
         except Exception:
@@ -342,14 +342,22 @@ class ImageCache(object):
                           self.image_id, observer)
             self.observer = None
 
-    def _hit(self, index):
+    def _hit(self, index, locked=False):
+        """Count a hit (``locked``: ``self._lock`` is held)."""
         self.counters.inc('chunk_hits')
-        if self._prefetched[index]:
+        if not self._prefetched[index]:
+            return
+        if locked:
+            self._hit_prefetched(index)
+        else:
             with self._lock:
-                first = self._prefetched[index]
-                self._prefetched[index] = 0
-            if first:
-                self.counters.inc('prefetch_hits')
+                self._hit_prefetched(index)
+
+    def _hit_prefetched(self, index):
+        # The first demand read of a chunk a background fetch brought.
+        if self._prefetched[index]:
+            self._prefetched[index] = 0
+            self.counters.inc('prefetch_hits')
 
     def _join(self, index, future, timeout):
         self.counters.inc('inflight_joins')

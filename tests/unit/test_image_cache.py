@@ -603,6 +603,27 @@ def test_background_fetch_is_counted_apart(tmp_path, image, manifest):
     cache.close()
 
 
+def test_prefetch_hit_found_under_the_lock(tmp_path, image, manifest,
+                                           monkeypatch):
+    """A chunk a prefetch lands between the two looks of a read."""
+    cache = _cache(tmp_path, manifest, FakeSource(image))
+    assert cache.ensure(2, background=True)
+    looks = []
+    real_has = cache.has
+
+    def has(index):
+        looks.append(index)
+        return len(looks) > 1 and real_has(index)
+
+    monkeypatch.setattr(cache, 'has', has)
+    reader = _in_thread(cache.ensure, 2)
+    reader.join(30)
+    assert not reader.is_alive(), 'the read deadlocked'
+    assert looks == [2, 2]
+    assert cache.counters.get('prefetch_hits') == 1
+    cache.close()
+
+
 def test_background_error_is_raised(tmp_path, image, manifest):
     cache = _cache(tmp_path, manifest, FakeSource(image, fail={2}))
     with pytest.raises(image_cache.FetchError):

@@ -30,6 +30,7 @@ must install its own handlers before :meth:`Mount.start`.
 """
 
 import errno
+import grp
 import itertools
 import logging
 import os
@@ -38,8 +39,6 @@ import shutil
 import subprocess
 import threading
 import time
-
-from oslo_config import cfg
 
 # mfusepy takes libfuse 2 when both are installed unless told otherwise;
 # FUSE_LIBRARY_PATH, if set, still wins.
@@ -58,25 +57,6 @@ if mfusepy.fuse_version_major != 3:
 
 FSNAME = 'thunder-volumes'
 FUSE_DEVICE = '/dev/fuse'
-
-opts = [
-    cfg.StrOpt('mount_dir',
-               default='/var/lib/thunder/volumes',
-               help='Where the node mounts its FUSE filesystem of volumes: '
-                    'one raw file per peer-mode volume, attached by the '
-                    'Cinder driver with losetup --direct-io=on.'),
-    cfg.StrOpt('layers_dir',
-               default='/var/lib/thunder/layers',
-               help='Where the volumes\' writable layers live (a directory '
-                    'per volume: sparse data file, block bitmap, '
-                    'volume.json). Not below mount_dir.'),
-    cfg.BoolOpt('allow_other',
-                default=False,
-                help='Mount with allow_other (and default_permissions), '
-                     'needed when thunder-cache does not run as root, since '
-                     'losetup opens the files as root; requires '
-                     'user_allow_other in /etc/fuse.conf.'),
-]
 
 _S_IFDIR = 0o040000
 _S_IFREG = 0o100000
@@ -140,8 +120,12 @@ class VolumeFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, store):
+    def __init__(self, store, gid=0):
         self.store = store
+        # With a group, its members (cinder-volume) may read and write the
+        # volume files: upload to Glance, download into a volume.
+        self.gid = gid
+        self._file_modes = (0o440, 0o660) if gid else (0o400, 0o600)
         self._handles = {}
         self._fh = itertools.count(1)
         self._lock = threading.Lock()
@@ -167,12 +151,12 @@ class VolumeFS(mfusepy.Operations):
         now = self._time
         if path == '/':
             return {'st_mode': _S_IFDIR | 0o755, 'st_nlink': 2,
-                    'st_uid': 0, 'st_gid': 0, 'st_size': 0,
+                    'st_uid': 0, 'st_gid': self.gid, 'st_size': 0,
                     'st_atime': now, 'st_mtime': now, 'st_ctime': now}
         info = self.store.info(_volume_id(path))
-        mode = 0o400 if info['read_only'] else 0o600
+        mode = self._file_modes[0 if info['read_only'] else 1]
         return {'st_mode': _S_IFREG | mode, 'st_nlink': 1,
-                'st_uid': 0, 'st_gid': 0, 'st_size': info['size'],
+                'st_uid': 0, 'st_gid': self.gid, 'st_size': info['size'],
                 'st_blocks': (info['written_bytes'] + 511) // 512,
                 'st_blksize': 4096,
                 'st_atime': now, 'st_mtime': now, 'st_ctime': now}
@@ -288,10 +272,13 @@ class Mount(object):
     :param allow_other: let users other than the server's own open the
         files (with the kernel checking the files' modes); needed when
         the server does not run as root.
+    :param group: name of the group owning the volume files (mode 0660,
+        0440 for snapshots); None: root's (0600).
     """
 
-    def __init__(self, store, mount_dir, allow_other=False):
+    def __init__(self, store, mount_dir, allow_other=False, group=None):
         self.store = store
+        self.gid = grp.getgrnam(group).gr_gid if group else 0
         mount_dir = os.path.abspath(mount_dir)
         # As /proc/self/mountinfo names it.
         self.mount_dir = os.path.join(
@@ -336,7 +323,8 @@ class Mount(object):
         if self.allow_other:
             options.update(allow_other=True, default_permissions=True)
         try:
-            mfusepy.FUSE(VolumeFS(self.store), self.mount_dir, **options)
+            mfusepy.FUSE(VolumeFS(self.store, self.gid), self.mount_dir,
+                         **options)
         except BaseException as e:
             self._error = e
             LOG.error('The volumes filesystem at %s ended: %s',

@@ -21,6 +21,7 @@ unmounted after each test, failed or not.
 """
 
 import errno
+import grp
 import hashlib
 import mmap
 import os
@@ -345,3 +346,21 @@ def test_stale_mount_is_cleared(env, image, tmp_path):
         if not env.mount.mounted:
             subprocess.run(['umount', '-l', env.mount_dir],
                            capture_output=True)
+
+
+def test_group_owned_files(env):
+    """With a group, cinder-volume's group may read and write the files."""
+    group = next((g for g in grp.getgrall() if g.gr_gid), None)
+    if group is None:
+        pytest.skip('no group other than root on this host')
+    env.store.create('rw', MiB)
+    env.store.create('ro', MiB, read_only=True)
+    env.mount.stop()
+    env.mount = env.fusefs.Mount(env.store, env.mount_dir,
+                                 group=group.gr_name)
+    env.mount.start()
+    rw = os.stat(env.path('rw'))
+    ro = os.stat(env.path('ro'))
+    assert (rw.st_uid, rw.st_gid) == (0, group.gr_gid)
+    assert rw.st_mode == 0o100660
+    assert (ro.st_gid, ro.st_mode) == (group.gr_gid, 0o100440)

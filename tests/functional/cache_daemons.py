@@ -17,6 +17,7 @@ configuration file, port, cache directory, local socket and PID file,
 stopped by its PID (SIGTERM, or SIGKILL to simulate a crash).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import time
 import urllib.request
 
 from thunder_cache import sources
+from thunder_common import manifest as manifest_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -191,3 +193,38 @@ class Daemon(object):
                                       for k, v in labels.items()):
                 total += value
         return total
+
+
+@contextlib.contextmanager
+def rbd_image_volume(ceph, pool, name, image, manifest, snapshot='sealed'):
+    """An image-volume in RBD as the thunder store writes it.
+
+    The image's bytes, its manifest at ``volume_offset``, and one
+    snapshot. Yields ``(fsid, pool, name, snapshot)``; removed after.
+    """
+    import rados
+    import rbd
+
+    client = rados.Rados(conffile=ceph)
+    client.connect(timeout=10)
+    ioctx = client.open_ioctx(pool)
+    size = len(image)
+    try:
+        rbd.RBD().create(ioctx, name, manifest_mod.volume_bytes_needed(
+            size, manifest.chunk_size))
+        with rbd.Image(ioctx, name) as img:
+            step = 4 * 1024 * 1024
+            for offset in range(0, size, step):
+                img.write(image[offset:offset + step], offset)
+            img.write(manifest.to_bytes(), manifest_mod.volume_offset(size))
+            img.create_snap(snapshot)
+        yield client.get_fsid(), pool, name, snapshot
+    finally:
+        try:
+            with rbd.Image(ioctx, name) as img:
+                img.remove_snap(snapshot)
+            rbd.RBD().remove(ioctx, name)
+        except rbd.ImageNotFound:
+            pass
+        ioctx.close()
+        client.shutdown()

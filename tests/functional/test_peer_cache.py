@@ -423,22 +423,10 @@ def pool_read_bytes(conf, pool):
 
 def test_rbd_origin(daemons, ceph, image):
     """Four nodes over an image-volume in RBD on the real Ceph."""
-    import rados
-    import rbd
-
     name = 'thunder-peer-%s' % uuid.uuid4().hex[:8]
     manifest = manifest_mod.Manifest.build([image], CHUNK)
-    client = rados.Rados(conffile=ceph)
-    client.connect(timeout=10)
-    ioctx = client.open_ioctx('volumes')
-    try:
-        size = manifest_mod.volume_bytes_needed(SIZE, CHUNK)
-        rbd.RBD().create(ioctx, name, size)
-        with rbd.Image(ioctx, name) as img:
-            for offset in range(0, SIZE, 4 * 1024 * 1024):
-                img.write(image[offset:offset + 4 * 1024 * 1024], offset)
-            img.write(manifest.to_bytes(), manifest_mod.volume_offset(SIZE))
-            img.create_snap('sealed')
+    with cache_daemons.rbd_image_volume(ceph, 'volumes', name, image,
+                                        manifest):
         origin = {'type': 'rbd', 'pool': 'volumes', 'image': name,
                   'snapshot': 'sealed', 'ceph_conf': ceph}
         nodes = [daemons('r%d' % i) for i in range(4)]
@@ -475,12 +463,3 @@ def test_rbd_origin(daemons, ceph, image):
             bad.read(IMAGE, 0, 10)
         for d in nodes + [bad]:
             d.stop()
-    finally:
-        try:
-            with rbd.Image(ioctx, name) as img:
-                img.remove_snap('sealed')
-            rbd.RBD().remove(ioctx, name)
-        except rbd.ImageNotFound:
-            pass
-        ioctx.close()
-        client.shutdown()

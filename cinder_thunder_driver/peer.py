@@ -187,14 +187,14 @@ class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
         }
         try:
             info = self.daemon.call('stats')
-            stats['total_capacity_gb'] = round(
-                info['total_bytes'] / units.Gi, 2)
-            stats['free_capacity_gb'] = round(
-                info['free_bytes'] / units.Gi, 2)
-            stats['provisioned_capacity_gb'] = round(
-                info['provisioned_bytes'] / units.Gi, 2)
-            stats['total_volumes'] = info['volumes']
-            stats['backend_state'] = 'up'
+            stats.update({
+                'total_capacity_gb': round(info['total_bytes'] / units.Gi,
+                                           2),
+                'free_capacity_gb': round(info['free_bytes'] / units.Gi, 2),
+                'provisioned_capacity_gb': round(
+                    info['provisioned_bytes'] / units.Gi, 2),
+                'total_volumes': info['volumes'],
+                'backend_state': 'up'})
         except (control.ControlError, KeyError, TypeError) as e:
             LOG.warning('thunder-cache does not answer; reporting the '
                         'backend down: %s', e)

@@ -29,6 +29,8 @@ callables registered by the daemon, so this module knows nothing about
 volumes or images.
 """
 
+import grp
+import inspect
 import json
 import logging
 import os
@@ -66,7 +68,7 @@ def parse_request(line):
         raise BadRequest('request longer than %d bytes' % MAX_LINE)
     try:
         request = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise BadRequest('request is not JSON: %s' % e)
     if not isinstance(request, dict):
         raise BadRequest('request is not a JSON object')
@@ -96,7 +98,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             if len(line) > MAX_LINE or not line.endswith(b'\n'):
                 self._reply({'ok': False, 'error': 'BadRequest',
-                             'message': 'request line too long'})
+                             'message': 'request line too long or not '
+                                        'ended by a newline'})
                 return
             self._reply(server.dispatch(line))
 
@@ -115,7 +118,8 @@ class ControlServer(socketserver.ThreadingMixIn,
     :param path: the socket's path (an old socket there is replaced).
     :param handlers: ``{op: callable(**args) -> JSON-able result}``. An
         exception raised by a handler is reported by its class name and
-        message; ``TypeError`` from wrong arguments becomes ``BadRequest``.
+        message; arguments that do not fit its signature are
+        ``BadRequest``.
     :param expected: exception classes that are answers, not faults
         (logged without a traceback), besides ValueError, LookupError and
         OSError.
@@ -128,6 +132,8 @@ class ControlServer(socketserver.ThreadingMixIn,
         self.handlers = dict(handlers)
         self.expected = tuple(expected) + (ValueError, LookupError, OSError)
         self.stopping = False
+        self.path = path
+        self._bound = False
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         try:
@@ -136,11 +142,10 @@ class ControlServer(socketserver.ThreadingMixIn,
         except FileNotFoundError:
             pass
         socketserver.UnixStreamServer.__init__(self, path, _Handler)
+        self._bound = True
         os.chmod(path, mode)
         if group:
-            import grp
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        self.path = path
 
     def dispatch(self, line):
         try:
@@ -149,9 +154,10 @@ class ControlServer(socketserver.ThreadingMixIn,
             if handler is None:
                 raise BadRequest('unknown operation %r' % op)
             try:
-                result = handler(**args)
+                inspect.signature(handler).bind(**args)
             except TypeError as e:
                 raise BadRequest('bad arguments for %s: %s' % (op, e))
+            result = handler(**args)
         except BadRequest as e:
             return {'ok': False, 'error': 'BadRequest', 'message': str(e)}
         except Exception as e:
@@ -174,6 +180,9 @@ class ControlServer(socketserver.ThreadingMixIn,
 
     def server_close(self):
         super().server_close()
+        if not self._bound:
+            return  # bind failed: what is at path is not ours
+        self._bound = False
         try:
             os.unlink(self.path)
         except OSError:

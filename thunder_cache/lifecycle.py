@@ -171,8 +171,15 @@ class ImageLifecycle(object):
         if self.advertiser is not None and volume_id:
             records = self.advertiser.records
             try:
-                if trace_mod.from_metadata(
-                        records.get_metadata(volume_id)) is None:
+                try:
+                    published = trace_mod.from_metadata(
+                        records.get_metadata(volume_id))
+                except ValueError as e:
+                    # A torn or forged set: ours replaces it.
+                    LOG.warning('Image %s: replacing a malformed boot '
+                                'trace: %s', image_id, e)
+                    published = None
+                if published is None:
                     records.set_metadata(volume_id,
                                          trace_mod.to_metadata(text))
                     LOG.info('Image %s: published a boot trace of %d '
@@ -180,7 +187,7 @@ class ImageLifecycle(object):
                 else:
                     LOG.info('Image %s: a boot trace is already published',
                              image_id)
-            except (advertise.RecordsError, ValueError) as e:
+            except advertise.RecordsError as e:
                 LOG.warning('Image %s: cannot publish its boot trace '
                             '(retried): %s', image_id, e)
                 return

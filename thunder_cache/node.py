@@ -251,6 +251,13 @@ class Node(object):
                 entry.cache.upstream.origin = spec.origin
                 entry.cache.upstream.set_peers(spec.peers)
 
+    def unregister(self, image_id):
+        """Forget an image whose cache was never opened (a failed one)."""
+        with self._lock:
+            entry = self._images.get(image_id)
+            if entry is not None and entry.cache is None:
+                del self._images[image_id]
+
     def load_descriptors(self, directory, origin_factory):
         """Register every ``*.json`` descriptor of ``directory``."""
         loaded = 0

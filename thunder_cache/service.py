@@ -95,12 +95,17 @@ class VolumeService(object):
         """
         spec = node_mod.spec_from_dict(image_id, descriptor,
                                        self.origin_factory)
+        known = image_id in self.node.image_ids()
         self.node.register(spec)
-        self._keep_descriptor(image_id, descriptor)
         try:
             cache = self.node.cache(image_id)
         except node_mod.sources.ManifestError as e:
+            # Not verified: neither kept nor left registered, so a later
+            # registration with the right digest is not refused.
+            if not known:
+                self.node.unregister(image_id)
             raise node_mod.DescriptorError(str(e))
+        self._keep_descriptor(image_id, descriptor)
         return {'image_size': cache.manifest.image_size,
                 'chunk_size': cache.manifest.chunk_size,
                 'chunks': cache.manifest.chunk_count,

@@ -182,11 +182,6 @@ def test_register_unreadable_manifest(service, image):
         service.register_image(IMAGE_ID, **descriptor)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'register_image registers and persists the descriptor before its '
-    'manifest is verified: after a registration with a wrong digest the '
-    'image is bound to that digest (kept in descriptors_dir, reloaded at '
-    'every restart) and the right one is refused'))
 def test_unverified_registration_is_not_kept(service, image,
                                              descriptors_dir):
     data, descriptor = image

@@ -56,6 +56,8 @@ if mfusepy.fuse_version_major != 3:
                          mfusepy.fuse_version_minor))
 
 FSNAME = 'thunder-volumes'
+# fuse_common.h (libfuse 3).
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_DEVICE = '/dev/fuse'
 
 _S_IFDIR = 0o040000
@@ -139,6 +141,12 @@ class VolumeFS(mfusepy.Operations):
             config_3.negative_timeout = 0
             config_3.direct_io = 0
         if conn_info is not None:
+            # With auto_inval_data (libfuse 3's default) and attribute
+            # timeouts of 0, the kernel asks for the attributes before
+            # every read: twice the requests. Volume files change only
+            # through this server, and the loop device reads them with
+            # direct I/O: there is no page cache to invalidate.
+            conn_info.want &= ~FUSE_CAP_AUTO_INVAL_DATA
             LOG.info('Volumes mounted (libfuse %d.%d, max_write %d, '
                      'max_readahead %d)', mfusepy.fuse_version_major,
                      mfusepy.fuse_version_minor, conn_info.max_write,

@@ -83,11 +83,12 @@ def image_descriptor(image_id, location, pool, volume_name_template):
         LOG.warning('Location %(url)s names a malformed RBD image: %(err)s',
                     {'url': location.get('url'), 'err': e})
         return None
+    # The head of the image-volume, not its sealed snapshot: the store
+    # writes the manifest after sealing (so that clones read zeros past
+    # the image), and nothing writes the head after that.
     if rbd is not None:
-        origin = {'type': 'rbd', 'pool': rbd.pool, 'image': rbd.image,
-                  'snapshot': rbd.snapshot}
+        origin = {'type': 'rbd', 'pool': rbd.pool, 'image': rbd.image}
     else:
-        # Sealed image-volumes are read-only: their head is the image.
         origin = {'type': 'rbd', 'pool': pool,
                   'image': volume_name_template % parsed.volume_id}
     return {'image_id': image_id,

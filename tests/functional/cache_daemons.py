@@ -199,8 +199,9 @@ class Daemon(object):
 def rbd_image_volume(ceph, pool, name, image, manifest, snapshot='sealed'):
     """An image-volume in RBD as the thunder store writes it.
 
-    The image's bytes, its manifest at ``volume_offset``, and one
-    snapshot. Yields ``(fsid, pool, name, snapshot)``; removed after.
+    The image's bytes, the sealed snapshot, then the manifest at
+    ``volume_offset`` (in the head only, as the store writes it after
+    sealing). Yields ``(fsid, pool, name, snapshot)``; removed after.
     """
     import rados
     import rbd
@@ -216,8 +217,8 @@ def rbd_image_volume(ceph, pool, name, image, manifest, snapshot='sealed'):
             step = 4 * 1024 * 1024
             for offset in range(0, size, step):
                 img.write(image[offset:offset + step], offset)
-            img.write(manifest.to_bytes(), manifest_mod.volume_offset(size))
             img.create_snap(snapshot)
+            img.write(manifest.to_bytes(), manifest_mod.volume_offset(size))
         yield client.get_fsid(), pool, name, snapshot
     finally:
         try:

@@ -428,7 +428,7 @@ def test_rbd_origin(daemons, ceph, image):
     with cache_daemons.rbd_image_volume(ceph, 'volumes', name, image,
                                         manifest):
         origin = {'type': 'rbd', 'pool': 'volumes', 'image': name,
-                  'snapshot': 'sealed', 'ceph_conf': ceph}
+                  'ceph_conf': ceph}
         nodes = [daemons('r%d' % i) for i in range(4)]
         for i, d in enumerate(nodes):
             d.describe(IMAGE, manifest, origin,

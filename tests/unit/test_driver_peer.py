@@ -373,13 +373,13 @@ def test_clone_image_origin_in_configured_pool(make_peer, loop,
 
 
 def test_clone_image_origin_from_rbd_metadata(drv, manifest_meta):
+    """The image-volume's head: the manifest is written after the seal."""
     volume_id = str(uuid.uuid4())
     location = _location(volume_id, dict(manifest_meta, **RBD_META))
     assert _clone_image(drv, _volume(), [location])[1] is True
     assert _calls(drv)[0] == ('register_image', _expected_descriptor(
         volume_id, manifest_meta,
-        {'type': 'rbd', 'pool': 'images', 'image': 'img-1',
-         'snapshot': 'snap'}))
+        {'type': 'rbd', 'pool': 'images', 'image': 'img-1'}))
 
 
 def test_clone_image_from_cinder_location(drv, manifest_meta):

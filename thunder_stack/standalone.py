@@ -31,16 +31,17 @@ from cinder_thunder_driver import options
 
 
 def use_local_privsep_helper():
-    """Start Cinder's privileged helper from this Python's environment.
+    """Start Cinder's and os-brick's privileged helpers from this Python.
 
     cinder-volume starts it as ``sudo privsep-helper``, which looks the
     helper up in sudo's secure PATH, outside a virtualenv. Tests and
     benchmarks run as root, so the virtualenv's helper is started directly.
     """
     import cinder.privsep  # noqa: F401 (registers [cinder_sys_admin])
+    import os_brick.privileged  # noqa: F401 (registers [privsep_osbrick])
     helper = os.path.join(os.path.dirname(sys.executable), 'privsep-helper')
-    cfg.CONF.set_override('helper_command', helper,
-                          group='cinder_sys_admin')
+    for group in ('cinder_sys_admin', 'privsep_osbrick'):
+        cfg.CONF.set_override('helper_command', helper, group=group)
 
 
 def make_configuration(backend, **overrides):

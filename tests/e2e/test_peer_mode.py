@@ -33,6 +33,7 @@ import pytest
 from thunder_cache import control
 from thunder_common import locations
 from thunder_stack import demo
+from thunder_stack import standalone
 
 PEER_TYPE = 'thunder-peer'
 MiB = 1024 * 1024
@@ -48,6 +49,12 @@ def cinder(stack):
     return cinder_client.Client('3.54', session=ks_session.Session(auth=auth),
                                 endpoint_override='%s/v3' % stack.url(
                                     'cinder'))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def privsep_helper():
+    """os-brick's helper from this virtualenv (the tests run as root)."""
+    standalone.use_local_privsep_helper()
 
 
 @pytest.fixture(scope='module')
@@ -117,17 +124,18 @@ class Attached(object):
             'LOCAL', root_helper=None)
         props = brick_connector.get_connector_properties(
             None, '127.0.0.1', False, False, host='thunder-stack')
-        self.attachment = cinder.attachments.create(volume_id, props,
-                                                    mode='rw')
-        info = self.attachment.connection_info
+        attachment = cinder.attachments.create(volume_id, props, mode='rw')
+        # cinderclient gives a dict here.
+        self.attachment_id = attachment['id']
+        info = attachment['connection_info']
         assert info['driver_volume_type'] == 'local', info
         self.device = self.brick.connect_volume(info)['path']
         self.connection = info
-        cinder.attachments.complete(self.attachment.id)
+        cinder.attachments.complete(self.attachment_id)
 
     def detach(self):
         self.brick.disconnect_volume(self.connection, None)
-        self.cinder.attachments.delete(self.attachment.id)
+        self.cinder.attachments.delete(self.attachment_id)
 
 
 def _wait_status(cinder, volume_id, status='available', timeout=300):

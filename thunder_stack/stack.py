@@ -588,6 +588,8 @@ class Stack(object):
             'THUNDER_CACHE_NODE_ID': 'thunder-stack',
             'THUNDER_CACHE_LISTEN': '127.0.0.1',
             'THUNDER_CACHE_PORT': str(self.ports['thunder_cache']),
+            # Short, so that the e2e tests see a trace published.
+            'THUNDER_CACHE_RECORD_WINDOW': '10',
         })
         self._restart_if_config_changed('thunder-cache',
                                         [self.thunder_cache_conf])

@@ -30,7 +30,9 @@ from keystoneauth1 import session as ks_session
 from os_brick.initiator import connector as brick_connector
 import pytest
 
+from thunder_cache import advertise
 from thunder_cache import control
+from thunder_cache import trace
 from thunder_common import locations
 from thunder_stack import demo
 from thunder_stack import standalone
@@ -206,6 +208,22 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
     image_volume = _image_volume_id(stack, image_id)
     metadata = cinder.volumes.get(image_volume).metadata
     assert 'thunder_peer_thunder-stack' in metadata, metadata
+    url, since, expires = advertise.parse_peer_value(
+        metadata['thunder_peer_thunder-stack'])
+    assert url == 'http://127.0.0.1:%d' % stack.ports['thunder_cache']
+    assert since <= time.time() < expires
+
+    # The first boot's trace (here: the whole read) is attached to the
+    # image-volume once the recording window (10 s here) is over.
+    deadline = time.monotonic() + 60
+    text = None
+    while text is None:
+        assert time.monotonic() < deadline, 'no boot trace published'
+        time.sleep(2)
+        text = trace.from_metadata(cinder.volumes.get(image_volume).metadata)
+    chunk = MiB  # the store's manifest chunk size
+    indexes = trace.decode(text, (size + chunk - 1) // chunk)
+    assert indexes[:8] == list(range(8))
 
 
 def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,

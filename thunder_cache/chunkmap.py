@@ -51,6 +51,8 @@ import struct
 import threading
 import zlib
 
+from thunder_cache import fsutil
+
 MAGIC = b'VMTHCMAP'
 VERSION = 1
 _HEADER = struct.Struct('>8sHHIQQ32s')
@@ -76,15 +78,6 @@ def _header(manifest_digest, chunk_size, image_size, chunk_count):
     head = _HEADER.pack(MAGIC, VERSION, 0, chunk_size, image_size,
                         chunk_count, digest)
     return head + _CRC.pack(zlib.crc32(head))
-
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or '.',
-                 os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ChunkMap(object):
@@ -196,7 +189,7 @@ def create_map(path, manifest_digest, chunk_size, image_size, chunk_count):
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path)
+    fsutil.fsync_parent(path)
 
 
 def remove_map(path):
@@ -205,7 +198,7 @@ def remove_map(path):
         os.unlink(path)
     except FileNotFoundError:
         return
-    _fsync_dir(path)
+    fsutil.fsync_parent(path)
 
 
 def read_map(path, manifest_digest, chunk_size, image_size, chunk_count):

@@ -54,6 +54,8 @@ import struct
 import threading
 import zlib
 
+from thunder_cache import fsutil
+
 LOG = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096
@@ -97,15 +99,6 @@ def check_size(size, what='layer'):
     return size
 
 
-def fsync_dir(path):
-    """fsync the directory ``path`` (to make entries in it durable)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_bitmap(directory, size, bits=None):
     """Create or replace the bitmap whole: temporary name, sync, rename."""
     path = os.path.join(directory, BITMAP_FILE)
@@ -123,7 +116,7 @@ def _write_bitmap(directory, size, bits=None):
         raise
     os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(directory)
+    fsutil.fsync_dir(directory)
 
 
 def _read_bitmap(path, data_size):
@@ -204,7 +197,7 @@ class CowLayer(object):
         finally:
             os.close(fd)
         _write_bitmap(directory, size)
-        fsync_dir(os.path.dirname(os.path.abspath(directory)))
+        fsutil.fsync_parent(directory)
         return cls.open(directory)
 
     @classmethod
@@ -439,7 +432,7 @@ class CowLayer(object):
                 finally:
                     os.close(fd)
                 _write_bitmap(directory, self.size, self._bits)
-            fsync_dir(os.path.dirname(os.path.abspath(directory)))
+            fsutil.fsync_parent(directory)
             return CowLayer.open(directory)
         except BaseException:
             if made:

@@ -47,6 +47,7 @@ import threading
 import time
 
 from thunder_cache import chunkmap
+from thunder_cache import fsutil
 from thunder_cache import metrics
 from thunder_cache import protocol
 
@@ -190,7 +191,7 @@ class ImageCache(object):
             os.fsync(fd)
         finally:
             os.close(fd)
-        chunkmap._fsync_dir(self.data_path)
+        fsutil.fsync_parent(self.data_path)
 
     def __repr__(self):
         return '<ImageCache %s: %d/%d chunks>' % (

@@ -39,6 +39,7 @@ import shutil
 import threading
 
 from thunder_cache import cow
+from thunder_cache import fsutil
 
 LOG = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _write_meta(directory, meta):
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    cow.fsync_dir(directory)
+    fsutil.fsync_dir(directory)
 
 
 def _read_meta(directory, volume_id):
@@ -276,7 +277,7 @@ class VolumeStore(object):
                                  created)
                 try:
                     _write_meta(directory, volume.meta())
-                    cow.fsync_dir(self.layers_dir)
+                    fsutil.fsync_dir(self.layers_dir)
                 except BaseException:
                     layer.close()
                     raise
@@ -316,11 +317,11 @@ class VolumeStore(object):
             LOG.warning('Volume %s: closing its layer: %s', volume_id, e)
         try:
             os.unlink(os.path.join(directory, META_FILE))
-            cow.fsync_dir(directory)
+            fsutil.fsync_dir(directory)
         except FileNotFoundError:
             pass
         shutil.rmtree(directory)
-        cow.fsync_dir(self.layers_dir)
+        fsutil.fsync_dir(self.layers_dir)
         LOG.info('Deleted volume %s', volume_id)
 
     def resize(self, volume_id, new_size):

@@ -49,6 +49,7 @@ from oslo_service import loopingcall
 from oslo_utils import fileutils
 from oslo_utils import units
 
+from cinder_thunder_driver import base
 from cinder_thunder_driver import clones
 from cinder_thunder_driver import cluster as cluster_mod
 from cinder_thunder_driver.cluster import rbd
@@ -84,13 +85,10 @@ def _gib(size_bytes):
 
 
 @interface.volumedriver
-class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
-                    driver.BaseVD):
+class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
+                    driver.ManageableVD, driver.BaseVD):
     """VMThunder volumes on Ceph RBD: zero-copy clones of image-volumes."""
 
-    VERSION = '1.0.0'
-    # The name of the third-party CI in OpenStack's wiki.
-    CI_WIKI_NAME = 'VMThunder_CI'
     SUPPORTS_ACTIVE_ACTIVE = True
 
     # Features a multiattach volume must not have: they assume a single
@@ -118,15 +116,6 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
         self._purge_task = None
         self._keyring_data = None
         self._stats = {}
-
-    @classmethod
-    def get_driver_options(cls):
-        return options.thunder_opts
-
-    @property
-    def _backend_name(self):
-        return (self.configuration.safe_get('volume_backend_name') or
-                'ThunderDriver')
 
     # -- setup --------------------------------------------------------
 
@@ -180,32 +169,9 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
 
     # -- stats --------------------------------------------------------
 
-    def get_volume_stats(self, refresh=False):
-        if refresh or not self._stats:
-            self._update_volume_stats()
-        return self._stats
-
     def _update_volume_stats(self):
         conf = self.configuration
-        stats = {
-            'volume_backend_name': self._backend_name,
-            'vendor_name': 'VMThunder',
-            'driver_version': self.VERSION,
-            'storage_protocol': constants.CEPH,
-            'total_capacity_gb': 'unknown',
-            'free_capacity_gb': 'unknown',
-            'reserved_percentage': conf.safe_get('reserved_percentage'),
-            'max_over_subscription_ratio':
-                conf.safe_get('max_over_subscription_ratio'),
-            'thin_provisioning_support': True,
-            'thick_provisioning_support': False,
-            'multiattach': True,
-            'QoS_support': True,
-            'sparse_copy_volume': True,
-            'online_extend_support': True,
-            'replication_enabled': False,
-            'backend_state': 'down',
-        }
+        stats = self._base_stats(constants.CEPH, multiattach=True, qos=True)
         try:
             free, total = self._pool_capacity()
             stats['free_capacity_gb'] = round(free / units.Gi, 2)
@@ -664,15 +630,6 @@ class ThunderDriver(driver.CloneableImageVD, driver.ManageableVD,
         return {'driver_volume_type': 'rbd', 'data': data}
 
     def terminate_connection(self, volume, connector, **kwargs):
-        pass
-
-    def create_export(self, context, volume, connector):
-        pass
-
-    def ensure_export(self, context, volume):
-        pass
-
-    def remove_export(self, context, volume):
         pass
 
     # -- manage / unmanage --------------------------------------------

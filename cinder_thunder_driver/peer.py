@@ -41,6 +41,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import units
 
+from cinder_thunder_driver import base
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import options
@@ -100,11 +101,8 @@ def image_descriptor(image_id, location, pool, volume_name_template):
 
 
 @interface.volumedriver
-class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
+class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     """ThunderDriver with ``thunder_mode = peer``."""
-
-    VERSION = '1.0.0'
-    CI_WIKI_NAME = 'VMThunder_CI'
 
     def __init__(self, *args, **kwargs):
         super(PeerDriver, self).__init__(*args, **kwargs)
@@ -115,10 +113,6 @@ class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
             timeout=conf.thunder_cache_timeout)
         self._mount_dir = None
         self._stats = {}
-
-    @classmethod
-    def get_driver_options(cls):
-        return options.thunder_opts
 
     # -- daemon -------------------------------------------------------
 
@@ -160,32 +154,8 @@ class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
 
     # -- stats --------------------------------------------------------
 
-    def get_volume_stats(self, refresh=False):
-        if refresh or not self._stats:
-            self._update_volume_stats()
-        return self._stats
-
     def _update_volume_stats(self):
-        conf = self.configuration
-        stats = {
-            'volume_backend_name': (conf.safe_get('volume_backend_name') or
-                                    'ThunderDriver'),
-            'vendor_name': 'VMThunder',
-            'driver_version': self.VERSION,
-            'storage_protocol': 'local',
-            'total_capacity_gb': 'unknown',
-            'free_capacity_gb': 'unknown',
-            'reserved_percentage': conf.safe_get('reserved_percentage'),
-            'max_over_subscription_ratio':
-                conf.safe_get('max_over_subscription_ratio'),
-            'thin_provisioning_support': True,
-            'thick_provisioning_support': False,
-            'multiattach': False,
-            'QoS_support': False,
-            'sparse_copy_volume': True,
-            'online_extend_support': True,
-            'backend_state': 'down',
-        }
+        stats = self._base_stats('local', multiattach=False, qos=False)
         try:
             info = self.daemon.call('stats')
             stats.update({
@@ -352,15 +322,6 @@ class PeerDriver(driver.CloneableImageVD, driver.BaseVD):
             loopdev.detach(device)
             LOG.info('Volume %(name)s detached from %(dev)s.',
                      {'name': volume.name, 'dev': device})
-
-    def create_export(self, context, volume, connector):
-        pass
-
-    def ensure_export(self, context, volume):
-        pass
-
-    def remove_export(self, context, volume):
-        pass
 
 
 class VolumeFile(object):

@@ -167,7 +167,10 @@ def _file_reader(args):
 def run(func, jobs, mode):
     started = time.perf_counter()
     if mode == 'processes' and len(jobs) > 1:
-        with multiprocessing.get_context('fork').Pool(len(jobs)) as pool:
+        # Not fork: a parent with threads (cache_io.py's) can leave a lock
+        # held in the child, which then hangs (seen here).
+        with multiprocessing.get_context('forkserver').Pool(
+                len(jobs)) as pool:
             totals = pool.map(func, jobs)
     elif mode == 'threads' and len(jobs) > 1:
         from concurrent import futures

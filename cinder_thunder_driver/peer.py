@@ -30,6 +30,7 @@ from a thunder image copies nothing: O(1) whatever the image's size.
 """
 
 import os
+import time
 
 from cinder import exception
 from cinder.i18n import _
@@ -103,6 +104,9 @@ def image_descriptor(image_id, location, pool, volume_name_template):
 @interface.volumedriver
 class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     """ThunderDriver with ``thunder_mode = peer``."""
+
+    # Seconds a delete waits for a volume that is still open.
+    busy_wait = 5.0
 
     def __init__(self, *args, **kwargs):
         super(PeerDriver, self).__init__(*args, **kwargs)
@@ -197,16 +201,23 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
             LOG.warning('Detaching %(dev)s, left over on %(name)s.',
                         {'dev': device, 'name': name})
             loopdev.detach(device)
-        try:
-            self.daemon.call('delete_volume', volume_id=name)
-        except control.ControlError as e:
-            if e.kind == 'VolumeNotFound':
-                LOG.info('Peer-mode volume %s is already gone.', name)
+        # The kernel lets go of a file a moment after its loop device is
+        # detached: a volume just detached may look busy briefly.
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                self.daemon.call('delete_volume', volume_id=name)
                 return
-            if e.kind == 'VolumeBusy':
-                raise exception.VolumeIsBusy(volume_name=name)
-            raise _fail('thunder-cache delete_volume failed: %(err)s',
-                        err=e)
+            except control.ControlError as e:
+                if e.kind == 'VolumeNotFound':
+                    LOG.info('Peer-mode volume %s is already gone.', name)
+                    return
+                if e.kind != 'VolumeBusy':
+                    raise _fail('thunder-cache delete_volume failed: '
+                                '%(err)s', err=e)
+                if time.monotonic() >= deadline:
+                    raise exception.VolumeIsBusy(volume_name=name)
+            time.sleep(0.2)
 
     def delete_volume(self, volume):
         self._delete(volume.name)

@@ -275,10 +275,34 @@ def test_delete_missing_volume_is_fine(drv):
 
 def test_delete_busy_volume(drv):
     volume = _volume()
+    drv.busy_wait = 0.3
     drv.daemon.errors['delete_volume'] = _error('VolumeBusy', 'open')
     with pytest.raises(exception.VolumeIsBusy) as info:
         drv.delete_volume(volume)
     assert volume.name in str(info.value)
+    # Asked again while it stayed busy, then given up.
+    assert len([op for op, _ in drv.daemon.calls
+                if op == 'delete_volume']) >= 2
+
+
+def test_delete_waits_for_a_volume_let_go(drv):
+    """Busy just after a detach, deleted once the kernel lets go."""
+    volume = _volume()
+    drv.busy_wait = 5
+    busy = [_error('VolumeBusy', 'open')]
+
+    original = drv.daemon.call
+
+    def call(op, **args):
+        if op == 'delete_volume' and busy:
+            drv.daemon.calls.append((op, args))
+            raise busy.pop()
+        return original(op, **args)
+
+    drv.daemon.call = call
+    drv.delete_volume(volume)
+    assert [op for op, _ in drv.daemon.calls
+            if op == 'delete_volume'] == ['delete_volume'] * 2
 
 
 @pytest.mark.parametrize('kind', ['Unavailable', 'ValueError', 'BadRequest'])

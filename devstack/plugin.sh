@@ -32,6 +32,9 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
         fi
         configure_thunder_cinder_glance
     fi
+    if is_service_enabled g-api; then
+        configure_thunder_glance_store
+    fi
     if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
         configure_thunder_cache
         # Started now, before devstack starts cinder-volume, whose peer
@@ -42,15 +45,12 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
             "$(command -v thunder-cache) --config-file $THUNDER_CACHE_CONF" \
             "" root
     fi
-elif [[ "$1" == "unstack" ]]; then
-    if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
-        stop_process thunder-cache
-    fi
-    if is_service_enabled g-api; then
-        configure_thunder_glance_store
-    fi
 elif [[ "$1" == "stack" && "$2" == "test-config" ]]; then
     if is_service_enabled tempest; then
         configure_thunder_tempest
+    fi
+elif [[ "$1" == "unstack" ]]; then
+    if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
+        stop_process thunder-cache
     fi
 fi

@@ -139,3 +139,69 @@ configure_thunder_glance_store
     assert ini.iniget(glance, 'glance_store',
                       'thunder_store_user_name') == 'glance'
     assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == ''
+
+
+def test_peer_mode_configures_and_starts_thunder_cache(tmp_path):
+    """THUNDER_PEER_MODE: the backend, thunder-cache.conf, the daemon."""
+    state = tmp_path / 'state'
+    env = {'THUNDER_PEER_MODE': 'True', 'SERVICE_PASSWORD': 'secret',
+           'KEYSTONE_SERVICE_URI': 'http://10.0.0.1/identity',
+           'THUNDER_CACHE_CONF_DIR': str(tmp_path / 'etc'),
+           'THUNDER_CACHE_STATE_DIR': str(state),
+           'THUNDER_CACHE_RUN_DIR': str(tmp_path / 'run'),
+           'THUNDER_CACHE_NODE_ID': 'compute-1', 'HOST_IP': '10.0.0.7'}
+    calls = _run_plugin(tmp_path, r'''
+function run_process { echo "run_process $1|$2|$3|$4" >> "$CALLS"; }
+function stop_process { echo "stop_process $*" >> "$CALLS"; }
+source devstack/override-defaults
+source devstack/settings
+source devstack/plugin.sh source
+''' + STUB_INSTALL + r'''
+source devstack/plugin.sh stack install
+source devstack/plugin.sh stack post-config
+source devstack/plugin.sh unstack
+''', **env)
+    cinder = str(tmp_path / 'cinder.conf')
+    assert ini.iniget(cinder, 'thunder-peer', 'thunder_mode') == 'peer'
+    assert ini.iniget(cinder, 'thunder-peer', 'volume_driver') == \
+        'cinder_thunder_driver.driver.ThunderDriver'
+    socket = str(tmp_path / 'run' / 'control.sock')
+    assert ini.iniget(cinder, 'thunder-peer',
+                      'thunder_cache_control_socket') == socket
+
+    conf = str(tmp_path / 'etc' / 'thunder-cache.conf')
+    assert ini.iniget(conf, 'node', 'node_id') == 'compute-1'
+    assert ini.iniget(conf, 'node', 'listen_address') == '10.0.0.7'
+    assert ini.iniget(conf, 'blockdev', 'enabled') == 'True'
+    assert ini.iniget(conf, 'blockdev', 'control_socket') == socket
+    assert ini.iniget(conf, 'blockdev', 'mount_dir') == str(
+        state / 'volumes')
+    assert ini.iniget(conf, 'advertise', 'enabled') == 'True'
+    assert ini.iniget(conf, 'advertise', 'username') == 'glance'
+    assert ini.iniget(conf, 'advertise', 'password') == 'secret'
+    secret = tmp_path / 'etc' / 'peer-secret'
+    assert len(secret.read_text().strip()) == 64
+    assert secret.stat().st_mode & 0o077 == 0
+
+    started = [line for line in calls.splitlines()
+               if line.startswith('run_process thunder-cache|')]
+    assert len(started) == 1
+    command = started[0].split('|')[1]
+    assert command.endswith('--config-file %s' % conf)
+    assert started[0].endswith('||root')
+    assert 'stop_process thunder-cache' in calls
+
+
+def test_peer_mode_off_by_default(tmp_path):
+    calls = _run_plugin(tmp_path, r'''
+function run_process { echo "run_process $*" >> "$CALLS"; }
+source devstack/override-defaults
+source devstack/settings
+source devstack/plugin.sh source
+''' + STUB_INSTALL + r'''
+source devstack/plugin.sh stack post-config
+''', THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'))
+    assert 'run_process' not in calls
+    assert not (tmp_path / 'etc').exists()
+    assert not ini.iniget(str(tmp_path / 'cinder.conf'), 'thunder-peer',
+                          'thunder_mode')

@@ -1,0 +1,1180 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Bulk provisioning: N emulated compute nodes boot from one image at once.
+
+VMThunder's experiment on one machine. Every node is a network namespace
+with one veth link to a bridge (the "switch", in a namespace of its own),
+shaped by ``tc`` (tbf) to ``--link-mbit`` in both directions, and runs the
+real node cache daemon (``python -m thunder_cache.daemon``). The origin is
+one more such node: a ``thunder-cache`` daemon whose cache of the image is
+complete (hydrated from the image file before the runs), serving it over
+the peer protocol through its own shaped link, so that what it sends is
+counted both by its metrics (``bytes_served_to_peers``) and by its qdisc.
+
+Every node then replays the same boot: the block reads of a trace
+(``benchmarks/data/boot-trace.json`` when present, else ``--trace
+synthetic``), in order, through the daemon's local socket, sleeping the
+trace's think time between consecutive reads (``--think-scale``), and
+checks the bytes it read against the image. Four strategies, each for
+every N of ``--nodes``:
+
+full-copy
+    every node first downloads the whole image from the origin (4 streams
+    of chunk requests through its daemon, which verifies and caches them:
+    what Nova's image cache and Cinder's download path do), then boots
+    from its local copy. Runs whose predicted time (N * image / link)
+    exceeds ``--full-copy-budget`` are not run but extrapolated from the
+    largest one run, and marked so;
+on-demand
+    the daemon fetches each missing chunk from the origin only (its peer
+    list is the origin alone, which serves every node: no tree);
+peer
+    the peer mode: every node lists the origin, then every node, in the
+    same order; the daemons build their tree with ``max_children = 2``.
+    The origin admits one child, as the image-volume is read by the root
+    holder only in production (there the origin is RBD, not a peer);
+peer+prefetch
+    the same with the boot's chunk trace placed for replay
+    (``<cache_dir>/<image>/trace``, ``[prefetch] replay = true``).
+
+Time to ready is measured from the common start to the node's last read.
+The bounds for N nodes reading a working set W over links of B: one
+origin, N*W/B; an ideal swarm, W/B (W: the bytes the trace reads). At the
+start the machine's capacity is measured (aggregate throughput of 4 nodes
+reading from the origin through unshaped links) and the link rate scaled
+down so that N_max * B stays within half of it.
+
+    sudo python benchmarks/bulk_boot.py [--nodes 1,2,4,8,16,32]
+        [--link-mbit 1000] [--trace PATH|synthetic] [--image-mib 256]
+        [--think-scale 1] [--out doc/source/bulk-boot] [--quick]
+
+Writes ``results.csv``, ``run.json``, ``results.txt`` (the table) and
+``makespan.png``, ``origin-bytes.png``, ``mean-ready.png`` into ``--out``.
+Namespaces, veths, qdiscs, daemons (by PID) and the temporary directory
+are removed whatever happens, including SIGTERM and Ctrl-C.
+"""
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import blockdev_mechanisms as bm
+import cache_io
+
+from thunder_cache import sources
+from thunder_cache import trace as trace_mod
+from thunder_common import manifest as manifest_mod
+
+REPO = cache_io.REPO
+MiB = 1024 * 1024
+KiB = 1024
+IMAGE_ID = 'bulk-boot'
+PORT = 7485
+SECRET = b'bulk-boot-benchmark-shared-secret'
+DEFAULT_TRACE = os.path.join(REPO, 'benchmarks', 'data', 'boot-trace.json')
+DEFAULT_OUT = os.path.join(REPO, 'doc', 'source', 'bulk-boot')
+STRATEGIES = ('full-copy', 'on-demand', 'peer', 'peer+prefetch')
+SUBNET = '10.213'
+#: Share of the measured capacity the busiest run may use.
+HEADROOM = 0.5
+#: Concurrent chunk requests of a full copy's download, per node.
+DOWNLOAD_STREAMS = 4
+CALIBRATION_NODES = 4
+
+
+# -- the workload -----------------------------------------------------------
+
+def synthetic_trace(image_size, seed=1, seconds=5.0, fraction=0.1):
+    """A boot-like trace, in the format of ``benchmarks/data``'s.
+
+    A sequential stretch of large reads near the start (boot loader,
+    kernel, initramfs: an eighth of the working set), then clusters of
+    1-16 sequential reads of 4-256 KiB (files), each cluster near the
+    previous one with probability 0.7 (a directory) and elsewhere in the
+    image otherwise, until ``fraction`` of the image is read; then a tenth
+    of the reads again. Think time: short gaps inside a cluster, long
+    (exponential) ones between clusters, scaled to ``seconds`` in all.
+    """
+    rng = random.Random(seed)
+    target = max(int(image_size * fraction), 64 * KiB)
+    reads = []          # [gap before, offset, length]
+    position = MiB
+    kernel_end = min(image_size, MiB + target // 8)
+    while position < kernel_end:
+        length = min(256 * KiB, kernel_end - position)
+        reads.append([0.001, position, length])
+        position += length
+    total = position - MiB
+    while total < target:
+        if rng.random() < 0.7:
+            position += rng.randrange(-2 * MiB, 2 * MiB)
+        else:
+            position = int(rng.betavariate(1.2, 2.0) * image_size)
+        position = min(max(position, 0), image_size - 4 * KiB) // 4096 * 4096
+        gap = rng.expovariate(1.0)
+        for _ in range(rng.randint(1, 16)):
+            length = min(rng.choice([4, 4, 4, 16, 32, 64, 128, 128, 256]) *
+                         KiB, image_size - position)
+            if length <= 0:
+                break
+            reads.append([gap, position, length])
+            gap = 0.0002
+            position += length
+            total += length
+    again = rng.sample(range(len(reads)), len(reads) // 10)
+    reads += [[rng.expovariate(1.0) * 0.2] + reads[i][1:]
+              for i in sorted(again)]
+    scale = seconds / sum(r[0] for r in reads)
+    clock, out = 0.0, []
+    for gap, offset, length in reads:
+        clock += gap * scale
+        out.append([round(clock, 6), offset, length])
+    return {'format': 1,
+            'image': {'size': image_size, 'sha256': None,
+                      'name': 'synthetic (seed %d)' % seed},
+            'boot': {'accel': 'synthetic', 'seconds': seconds},
+            'reads': out}
+
+
+def load_trace(path):
+    """A boot trace file, checked."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get('format') != 1:
+        raise ValueError('%s: not a format 1 boot trace' % path)
+    size = data['image']['size']
+    reads = data['reads']
+    if not isinstance(size, int) or size <= 0 or not reads:
+        raise ValueError('%s: no image size or no reads' % path)
+    last = None
+    for read in reads:
+        t, offset, length = read
+        if (offset < 0 or length <= 0 or offset + length > size or
+                (last is not None and t < last)):
+            raise ValueError('%s: bad read %r' % (path, read))
+        last = t
+    return data
+
+
+def footprint(reads):
+    """Bytes of the union of the reads' ranges: the working set W."""
+    total, end = 0, -1
+    for _, offset, length in sorted(reads, key=lambda r: r[1]):
+        start, stop = max(offset, end), offset + length
+        if stop > start:
+            total += stop - start
+        end = max(end, stop)
+    return total
+
+
+def chunk_order(reads, chunk):
+    """Chunk indexes in the order the trace first reads them."""
+    seen, order = set(), []
+    for _, offset, length in reads:
+        for index in range(offset // chunk,
+                           (offset + length - 1) // chunk + 1):
+            if index not in seen:
+                seen.add(index)
+                order.append(index)
+    return order
+
+
+def write_image(path, size, chunk, seed):
+    """The image-volume: ``size`` seeded random bytes, then the manifest."""
+    rng = random.Random(seed)
+    builder = manifest_mod.ManifestBuilder(chunk)
+    with open(path, 'wb') as f:
+        for offset in range(0, size, chunk):
+            data = rng.randbytes(min(chunk, size - offset))
+            builder.update(data)
+            f.write(data)
+        manifest = builder.finish()
+        f.seek(manifest_mod.volume_offset(size))
+        f.write(manifest.to_bytes())
+    return manifest
+
+
+def expected_digest(path, reads):
+    """sha256 of the image's bytes of every read, in trace order."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for _, offset, length in reads:
+            h.update(os.pread(f.fileno(), length, offset))
+    return h.hexdigest()
+
+
+# -- the emulated network ---------------------------------------------------
+
+def sh(*cmd):
+    return bm.run([str(c) for c in cmd]).stdout
+
+
+class Testbed(object):
+    """The switch, the origin's namespace and the nodes' namespaces.
+
+    Addresses are in 10.213.0.0/16, inside namespaces this object creates;
+    nothing is added to the initial namespace.
+    """
+
+    def __init__(self, prefix, nodes):
+        self.prefix = prefix
+        self.switch = prefix + 'sw'
+        self.names = []
+        self.hosts = []     # (namespace, address, switch port)
+        for k in range(nodes + 1):
+            ns = prefix + ('o' if k == 0 else 'n%d' % (k - 1))
+            address = '%s.%d.%d' % (SUBNET, k // 250, k % 250 + 1)
+            self.hosts.append((ns, address, 'p%d' % k))
+        self.rate = None
+
+    @property
+    def namespaces(self):
+        return [self.switch] + [h[0] for h in self.hosts]
+
+    def create(self):
+        self._add(self.switch)
+        sh('ip', '-n', self.switch, 'link', 'add', 'br0', 'type', 'bridge')
+        sh('ip', '-n', self.switch, 'link', 'set', 'br0', 'up')
+        for ns, address, port in self.hosts:
+            self._add(ns)
+            sh('ip', '-n', self.switch, 'link', 'add', port, 'type', 'veth',
+               'peer', 'name', 'e0', 'netns', ns)
+            sh('ip', '-n', self.switch, 'link', 'set', port, 'master', 'br0',
+               'up')
+            sh('ip', '-n', ns, 'addr', 'add', address + '/16', 'dev', 'e0')
+            sh('ip', '-n', ns, 'link', 'set', 'e0', 'up')
+            sh('ip', '-n', ns, 'link', 'set', 'lo', 'up')
+
+    def _add(self, ns):
+        self.names.append(ns)
+        sh('ip', 'netns', 'add', ns)
+
+    def _qdiscs(self):
+        for ns, _address, port in self.hosts:
+            yield ns, 'e0'                  # the host's upload
+            yield self.switch, port         # its download
+
+    def shape(self, rate_bps):
+        """tbf at ``rate_bps`` bits/s both ways on every link; None: off."""
+        self.rate = rate_bps
+        for ns, dev in self._qdiscs():
+            if rate_bps is None:
+                bm.run(['tc', '-n', ns, 'qdisc', 'del', 'dev', dev, 'root'],
+                       check=False)
+                continue
+            burst = max(64 * KiB, int(rate_bps / 8 / 100))
+            sh('tc', '-n', ns, 'qdisc', 'replace', 'dev', dev, 'root', 'tbf',
+               'rate', '%dbit' % rate_bps, 'burst', burst, 'latency', '100ms')
+
+    def sent_bytes(self, k):
+        """Bytes host ``k`` (0: the origin) sent through its qdisc."""
+        ns, _address, _port = self.hosts[k]
+        out = json.loads(sh('tc', '-n', ns, '-s', '-j', 'qdisc', 'show',
+                            'dev', 'e0'))
+        return sum(q.get('bytes', 0) for q in out)
+
+    def close(self):
+        for ns in reversed(self.names):
+            bm.run(['ip', 'netns', 'del', ns], check=False)
+        self.names = []
+
+
+def leftover_namespaces(prefix):
+    out = bm.run(['ip', 'netns', 'list'], check=False).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if line.startswith(prefix)]
+
+
+# -- the daemons ------------------------------------------------------------
+
+class Node(object):
+    """A thunder-cache daemon in a namespace of the testbed."""
+
+    def __init__(self, workdir, name, host, max_children=2, replay=False):
+        self.name = name
+        self.ns, self.address, _port = host
+        self.url = 'http://%s:%d' % (self.address, PORT)
+        self.dir = os.path.join(workdir, name)
+        self.cache_dir = os.path.join(self.dir, 'cache')
+        self.descriptors = os.path.join(self.dir, 'images.d')
+        os.makedirs(self.descriptors, exist_ok=True)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self.socket = os.path.join(self.dir, 'local.sock')
+        self.log = os.path.join(self.dir, 'daemon.log')
+        secret = os.path.join(workdir, 'secret')
+        if not os.path.exists(secret):
+            with open(secret, 'wb') as f:
+                f.write(SECRET)
+        self.conf = os.path.join(self.dir, 'thunder-cache.conf')
+        with open(self.conf, 'w') as f:
+            f.write('\n'.join([
+                '[node]', 'node_id = %s' % name,
+                'listen_address = %s' % self.address,
+                'listen_port = %d' % PORT, 'advertise_url = %s' % self.url,
+                'cache_dir = %s' % self.cache_dir,
+                'descriptors_dir = %s' % self.descriptors,
+                'local_socket = %s' % self.socket,
+                'pid_file = %s' % os.path.join(self.dir, 'pid'),
+                '[peer]', 'shared_secret_file = %s' % secret,
+                'max_children = %d' % max_children,
+                '[advertise]', 'enabled = false',
+                '[prefetch]', 'record = false',
+                'replay = %s' % ('true' if replay else 'false'),
+                'hydrate = false', '']))
+        self.proc = None
+        self.cpu = 0.0
+
+    def describe(self, manifest, origin=None, peers=()):
+        with open(os.path.join(self.descriptors, IMAGE_ID + '.json'),
+                  'w') as f:
+            json.dump({'manifest_digest': manifest.digest(),
+                       'image_size': manifest.image_size, 'origin': origin,
+                       'peers': list(peers)}, f)
+
+    def place_trace(self, indexes):
+        directory = os.path.join(self.cache_dir, IMAGE_ID)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, 'trace'), 'w') as f:
+            f.write(trace_mod.encode(indexes))
+
+    def start(self, cleanup):
+        with open(self.log, 'ab') as log:
+            self.proc = subprocess.Popen(
+                ['ip', 'netns', 'exec', self.ns, sys.executable, '-m',
+                 'thunder_cache.daemon', '--config-file', self.conf],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        cleanup.callback(self.stop)
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            with open(self.log, errors='replace') as f:
+                raise RuntimeError('%s exited with %s: %s' % (
+                    self.name, self.proc.returncode, f.read()[-2000:]))
+        if not os.path.exists(self.socket):
+            return False
+        try:
+            self.metrics()
+        except OSError:
+            return False
+        return True
+
+    def metrics(self):
+        client = sources.LocalClient(self.socket, timeout=10)
+        try:
+            text = client._get('/metrics').decode()
+        finally:
+            client.close()
+        if REPO not in sys.path:
+            sys.path.append(REPO)
+        from tests.functional import cache_daemons
+        totals = {}
+        for name, labels, value in cache_daemons.parse_metrics(text):
+            if labels.get('image', IMAGE_ID) == IMAGE_ID:
+                name = name[len('thunder_cache_'):]
+                if name.endswith('_total'):
+                    name = name[:-len('_total')]
+                totals[name] = totals.get(name, 0.0) + value
+        return totals
+
+    def stop(self):
+        """SIGTERM by PID, SIGKILL after 15 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.cpu = bm.proc_cpu([self.proc.pid])
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def start_all(nodes, cleanup, timeout=60):
+    for node in nodes:
+        node.start(cleanup)
+    deadline = time.monotonic() + timeout
+    waiting = list(nodes)
+    while waiting:
+        waiting = [n for n in waiting if not n.ready()]
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError('%s did not start' % waiting[0].name)
+        time.sleep(0.05)
+
+
+def read_chunks(socket_path, manifest, indexes, streams, whole=False):
+    """Read chunks ``indexes`` through a daemon, ``streams`` at a time.
+
+    Only their first byte unless ``whole``: the daemon still fetches,
+    verifies and caches every chunk, but does not copy it to us.
+    """
+    errors = []
+
+    def worker(part):
+        client = sources.LocalClient(socket_path, timeout=300)
+        try:
+            for index in part:
+                offset, length = manifest.chunk_range(index)
+                client.read(IMAGE_ID, offset, length if whole else 1)
+        except Exception as e:
+            errors.append(e)
+        finally:
+            client.close()
+
+    in_threads(worker, [(indexes[s::streams],) for s in range(streams)])
+    if errors:
+        raise errors[0]
+
+
+def in_threads(func, jobs):
+    """``func(*job)`` for every job at once, each in a thread."""
+    threads = [threading.Thread(target=func, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# -- one boot ---------------------------------------------------------------
+
+def boot(socket_path, manifest, reads, think_scale, download, start_at,
+         results, node):
+    """A reader process: wait for the start, [download,] replay, report."""
+    out = {'node': node, 'ok': False, 'download': None}
+    try:
+        while time.monotonic() < start_at:
+            time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
+        if download:
+            read_chunks(socket_path, manifest,
+                        list(range(manifest.chunk_count)), DOWNLOAD_STREAMS)
+            out['download'] = time.monotonic() - start_at
+        client = sources.LocalClient(socket_path, timeout=300)
+        h = hashlib.sha256()
+        previous = reads[0][0]
+        for t, offset, length in reads:
+            gap = (t - previous) * think_scale
+            previous = t
+            if gap > 0:
+                time.sleep(gap)
+            h.update(client.read(IMAGE_ID, offset, length))
+        out['ready'] = time.monotonic() - start_at
+        out['digest'] = h.hexdigest()
+        out['ok'] = True
+        client.close()
+    except Exception as e:
+        out['error'] = '%s: %s' % (type(e).__name__, e)
+    results.put(out)
+
+
+# -- the runs -----------------------------------------------------------------
+
+def percentile(values, q):
+    """Nearest-rank percentile (below 100 values, p99 is the maximum)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100.0 * len(ordered)) - 1)]
+
+
+def _end(proc):
+    if proc.is_alive():
+        proc.terminate()
+    proc.join(10)
+
+
+class Progress(object):
+    """One status line on stderr (a new line per run when not a tty)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.total = 1
+        self.done = 0
+        self._last = None
+
+    def say(self, message):
+        if self.tty:
+            self.stream.write('\r\033[K')
+        self.stream.write('.. %s\n' % message)
+        self.stream.flush()
+
+    def update(self, label, ready, nodes, seconds):
+        width = 30
+        filled = int(width * (self.done + ready / max(nodes, 1)) /
+                     self.total)
+        line = '[%s%s] run %d/%d %-22s %3d/%-3d ready %6.1f s' % (
+            '#' * filled, '.' * (width - filled), self.done + 1, self.total,
+            label, ready, nodes, seconds)
+        if self.tty:
+            self.stream.write('\r\033[K' + line)
+            self.stream.flush()
+        elif ready == nodes and self._last != label:
+            self._last = label
+            self.stream.write(line + '\n')
+            self.stream.flush()
+
+    def finish_run(self):
+        self.done += 1
+        if self.tty:
+            self.stream.write('\n')
+
+
+class Bench(object):
+    """The testbed, the image, the origin, and the runs."""
+
+    def __init__(self, args, workdir, cleanup, progress):
+        self.args = args
+        self.workdir = workdir
+        self.cleanup = cleanup
+        self.progress = progress
+        self.trace = args.trace_data
+        self.reads = self.trace['reads']
+        self.size = self.trace['image']['size']
+        self.chunk = args.chunk_kib * KiB
+        self.order = chunk_order(self.reads, self.chunk)
+        self.W = footprint(self.reads)
+        self.Wc = sum(min(self.chunk, self.size - i * self.chunk)
+                      for i in self.order)
+        self.think = (self.reads[-1][0] - self.reads[0][0]) * args.think_scale
+        self.testbed = Testbed('bb%d-' % os.getpid(), max(args.nodes))
+        self.volume = os.path.join(workdir, 'image-volume')
+        self.run_dir = os.path.join(workdir, 'run')
+        self.manifest = None
+        self.digest = None
+        self.rate = None        # bytes/s of every link, each way
+        self.capacity = None
+        self.rate_reason = ''
+        self.rows = []
+        self.mp = multiprocessing.get_context('fork')
+
+    # -- set-up ------------------------------------------------------------
+
+    def prepare(self):
+        self.progress.say('building a %.0f MiB image (seed %d) and its '
+                          'manifest, %d KiB chunks' % (
+                              self.size / MiB, self.args.seed,
+                              self.chunk // KiB))
+        self.manifest = write_image(self.volume, self.size, self.chunk,
+                                    self.args.seed)
+        self.digest = expected_digest(self.volume, self.reads)
+        self.progress.say('creating %d network namespaces %s*' % (
+            len(self.testbed.namespaces), self.testbed.prefix))
+        self.cleanup.callback(self.testbed.close)
+        self.testbed.create()
+        # The origin's cache is filled once from the image-volume file;
+        # every run restarts its daemon over that complete cache.
+        self.progress.say('filling the origin\'s cache')
+        scope = bm.Cleanup()
+        try:
+            origin = self._origin(64)
+            start_all([origin], scope)
+            read_chunks(origin.socket, self.manifest,
+                        list(range(self.manifest.chunk_count)), 2)
+            deadline = time.monotonic() + 30
+            while True:
+                # Chunks count as present once committed (grouped commits).
+                held = origin.metrics().get('chunks_present')
+                if held == self.manifest.chunk_count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError('the origin holds %s of %d chunks'
+                                       % (held, self.manifest.chunk_count))
+                time.sleep(0.1)
+        finally:
+            scope.close()
+
+    def _origin(self, max_children):
+        origin = Node(self.workdir, 'origin', self.testbed.hosts[0],
+                      max_children=max_children)
+        origin.describe(self.manifest, {'type': 'file', 'path': self.volume})
+        return origin
+
+    def calibrate(self):
+        """Aggregate MB/s of 4 nodes reading from the origin, unshaped."""
+        count = min(CALIBRATION_NODES, max(self.args.nodes))
+        self.testbed.shape(None)
+        scope = bm.Cleanup()
+        try:
+            origin = self._origin(64)
+            nodes = [Node(self.run_dir, 'c%d' % k, self.testbed.hosts[k + 1])
+                     for k in range(count)]
+            for node in nodes:
+                node.describe(self.manifest, None, [origin.url])
+            start_all([origin] + nodes, scope)
+            indexes = list(range(min(self.manifest.chunk_count,
+                                     max(1, 64 * MiB // self.chunk))))
+            moved = count * sum(self.manifest.chunk_range(i)[1]
+                                for i in indexes)
+            started = time.monotonic()
+            in_threads(read_chunks, [(n.socket, self.manifest, indexes, 2,
+                                      True) for n in nodes])
+            elapsed = time.monotonic() - started
+        finally:
+            scope.close()
+            bm.remove_tree(self.run_dir)
+        self.capacity = moved / elapsed
+        return self.capacity
+
+    def choose_rate(self):
+        requested = self.args.link_mbit * 1e6 / 8
+        nmax = max(self.args.nodes)
+        if self.capacity is None:
+            self.rate = requested
+            self.rate_reason = ('%.0f Mbit/s as asked (capacity not '
+                                'measured)' % self.args.link_mbit)
+        else:
+            fit = HEADROOM * self.capacity / nmax
+            if fit >= requested:
+                self.rate = requested
+                self.rate_reason = (
+                    '%.0f Mbit/s as asked: %d nodes at line rate move %.0f '
+                    'MB/s, within %.0f%% of the measured %.0f MB/s' % (
+                        self.args.link_mbit, nmax, nmax * requested / 1e6,
+                        HEADROOM * 100, self.capacity / 1e6))
+            else:
+                mbit = max(1, int(fit * 8 / 1e6 / 5) * 5 or
+                           int(fit * 8 / 1e6))
+                self.rate = mbit * 1e6 / 8
+                self.rate_reason = (
+                    'scaled down from %.0f to %d Mbit/s: the machine moves '
+                    '%.0f MB/s through the daemons (measured), and %d nodes '
+                    'receiving at line rate must stay within %.0f%% of it' %
+                    (self.args.link_mbit, mbit, self.capacity / 1e6, nmax,
+                     HEADROOM * 100))
+        self.testbed.shape(int(self.rate * 8))
+        return self.rate
+
+    def predicted_seconds(self):
+        """A rough duration of the whole run, for the plan printed first."""
+        total = 0.0
+        for n in self.args.nodes:
+            per = {'full-copy': n * self.size / self.rate,
+                   'on-demand': n * self.Wc / self.rate,
+                   'peer': 3 * self.Wc / self.rate,
+                   'peer+prefetch': 2 * self.Wc / self.rate}
+            for strategy in self.args.strategies:
+                if self._full_copy_skipped(strategy, n):
+                    continue
+                total += per[strategy] + self.think + 5 + 0.2 * n
+        return total
+
+    def _full_copy_skipped(self, strategy, n):
+        return (strategy == 'full-copy' and n > min(self.args.nodes) and
+                n * self.size / self.rate > self.args.full_copy_budget)
+
+    # -- one run -------------------------------------------------------------
+
+    def run_all(self):
+        plan = [(n, s) for n in self.args.nodes for s in self.args.strategies]
+        self.progress.total = len(plan)
+        for n, strategy in plan:
+            if self._full_copy_skipped(strategy, n):
+                self.progress.say('full-copy N=%d not run: %d x %.0f MiB '
+                                  'at %.0f Mbit/s is %.0f s (over the '
+                                  '--full-copy-budget); extrapolated' % (
+                                      n, n, self.size / MiB,
+                                      self.rate * 8 / 1e6,
+                                      n * self.size / self.rate))
+                self.progress.finish_run()
+                continue
+            self.rows.append(self.run_one(strategy, n))
+            self.progress.finish_run()
+        self._extrapolate_full_copy()
+
+    def run_one(self, strategy, n):
+        peer_mode = strategy.startswith('peer')
+        label = '%s N=%d' % (strategy, n)
+        scope = bm.Cleanup()
+        procs = []
+        try:
+            origin = self._origin(1 if peer_mode else 64)
+            nodes = [Node(self.run_dir, 'n%d' % k, self.testbed.hosts[k + 1],
+                          max_children=2,
+                          replay=strategy == 'peer+prefetch')
+                     for k in range(n)]
+            peers = [origin.url]
+            if peer_mode:
+                peers += [node.url for node in nodes]
+            for node in nodes:
+                node.describe(self.manifest, None, peers)
+                if strategy == 'peer+prefetch':
+                    node.place_trace(self.order)
+            start_all([origin] + nodes, scope)
+            sent_before = [self.testbed.sent_bytes(k) for k in range(n + 1)]
+            cpu_before = bm.host_cpu()
+            results = self.mp.Queue()
+            scope.callback(lambda: [_end(p) for p in procs])
+            start_at = time.monotonic() + 0.3
+            for k, node in enumerate(nodes):
+                proc = self.mp.Process(target=boot, args=(
+                    node.socket, self.manifest, self.reads,
+                    self.args.think_scale, strategy == 'full-copy', start_at,
+                    results, k), daemon=True)
+                proc.start()
+                procs.append(proc)
+            limit = 120 + 3 * (self.think + n * self.Wc / self.rate)
+            if strategy == 'full-copy':
+                limit += 3 * n * self.size / self.rate
+            outs = {}
+            while len(outs) < n:
+                now = time.monotonic()
+                self.progress.update(label, len(outs), n,
+                                     max(0.0, now - start_at))
+                if now > start_at + limit:
+                    break
+                try:
+                    out = results.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                outs[out['node']] = out
+            self.progress.update(label, len(outs), n,
+                                 time.monotonic() - start_at)
+            elapsed = time.monotonic() - start_at
+            busy = (bm.host_cpu() - cpu_before) / (elapsed * os.cpu_count())
+            sent = [self.testbed.sent_bytes(k) - sent_before[k]
+                    for k in range(n + 1)]
+            metrics = [x.metrics() for x in [origin] + nodes]
+            daemon_cpu = bm.proc_cpu([x.proc.pid for x in [origin] + nodes])
+        finally:
+            scope.close()
+            bm.remove_tree(self.run_dir)
+        return self._row(strategy, n, outs, metrics, sent, busy, daemon_cpu)
+
+    def _row(self, strategy, n, outs, metrics, sent, busy, daemon_cpu):
+        good = [o for o in outs.values()
+                if o['ok'] and o['digest'] == self.digest]
+        errors = sorted(set(o.get('error') or 'wrong bytes'
+                            for o in outs.values() if o not in good))
+        if len(outs) < n:
+            errors.append('%d nodes not ready in time' % (n - len(outs)))
+        ready = [o['ready'] for o in good] or [float('nan')]
+        node_metrics = metrics[1:]
+        received = [m.get('bytes_from_peers', 0) +
+                    m.get('bytes_from_origin', 0) for m in node_metrics]
+        uploads = [m.get('bytes_served_to_peers', 0) for m in node_metrics]
+        downloads = [o['download'] for o in good if o['download'] is not None]
+
+        def total(name):
+            return int(sum(m.get(name, 0) for m in node_metrics))
+
+        return {
+            'strategy': strategy, 'nodes': n, 'measured': True,
+            'link_mbit': round(self.rate * 8 / 1e6, 3),
+            'image_bytes': self.size, 'working_set': self.W,
+            'working_set_chunks': self.Wc,
+            'origin_bytes': int(metrics[0].get('bytes_served_to_peers', 0)),
+            'origin_link_bytes': sent[0],
+            'origin_per_W': metrics[0].get('bytes_served_to_peers', 0) /
+            self.W,
+            'node_rx_mean': sum(received) / n, 'node_rx_max': max(received),
+            'node_tx_max': max(uploads),
+            'node_link_tx_max': max(sent[1:]),
+            'ready_mean': sum(ready) / len(ready),
+            'ready_p99': percentile(ready, 99), 'ready_max': max(ready),
+            'download_max': max(downloads) if downloads else '',
+            'bound_single': n * self.W / self.rate,
+            'bound_swarm': self.W / self.rate, 'think': self.think,
+            'verified': len(good), 'errors': '; '.join(errors),
+            'fetch_errors': total('fetch_errors'),
+            'fetch_failures': total('fetch_failures'),
+            'chunks_rejected': total('chunks_rejected'),
+            'redirects': int(sum(m.get('redirects_sent', 0)
+                                 for m in metrics)),
+            'prefetched': total('chunks_prefetched'),
+            'inflight_joins': total('inflight_joins'),
+            'cpu_busy': round(busy, 3), 'daemon_cpu_s': round(daemon_cpu, 1),
+        }
+
+    def _extrapolate_full_copy(self):
+        """Full copies not run: from the origin rate of the largest run."""
+        runs = [r for r in self.rows
+                if r['strategy'] == 'full-copy' and r['verified']]
+        if not runs:
+            return
+        base = max(runs, key=lambda r: r['nodes'])
+        rate = base['nodes'] * self.size / base['download_max']
+        local = base['ready_max'] - base['download_max']
+        for n in self.args.nodes:
+            if not self._full_copy_skipped('full-copy', n):
+                continue
+            ready = n * self.size / rate + local
+            self.rows.append(dict(
+                base, nodes=n, measured=False,
+                origin_bytes=n * self.size,
+                origin_link_bytes='', origin_per_W=n * self.size / self.W,
+                node_rx_mean=self.size, node_rx_max=self.size,
+                node_tx_max=0, node_link_tx_max='',
+                ready_mean=ready, ready_p99=ready, ready_max=ready,
+                download_max=ready - local,
+                bound_single=n * self.W / self.rate, verified='',
+                errors='', fetch_errors='', fetch_failures='',
+                chunks_rejected='', redirects='', prefetched='',
+                inflight_joins='', cpu_busy='', daemon_cpu_s=''))
+        self.rows.sort(key=lambda r: (r['nodes'],
+                                      STRATEGIES.index(r['strategy'])))
+
+    # -- the goals -----------------------------------------------------------
+
+    def row(self, strategy, n):
+        for r in self.rows:
+            if r['strategy'] == strategy and r['nodes'] == n:
+                return r
+        return None
+
+    def goals(self):
+        """[(statement, met, measured)] at N = 32 (or the largest N)."""
+        sizes = [r['nodes'] for r in self.rows if r['measured']]
+        if not sizes:
+            return []
+        big = 32 if 32 in sizes else max(sizes)
+        small = min(sizes)
+        floor = max(self.W / self.rate, self.think)
+        out = []
+        for strategy in ('peer', 'peer+prefetch'):
+            r, r1 = self.row(strategy, big), self.row(strategy, small)
+            if r is None or r1 is None:
+                continue
+            out.append(('%s, N=%d: origin bytes <= 1.2 W' % (strategy, big),
+                        r['origin_bytes'] <= 1.2 * self.W,
+                        '%.2f W (%.2f of the chunks touched)' % (
+                            r['origin_bytes'] / self.W,
+                            r['origin_bytes'] / self.Wc)))
+            out.append(('%s, N=%d: makespan <= 2x N=%d' % (strategy, big,
+                                                           small),
+                        r['ready_max'] <= 2 * r1['ready_max'],
+                        '%.1f s vs %.1f s: %.2fx' % (
+                            r['ready_max'], r1['ready_max'],
+                            r['ready_max'] / r1['ready_max'])))
+            out.append(('%s, N=%d: makespan <= 2x the swarm bound '
+                        'max(W/B, think)' % (strategy, big),
+                        r['ready_max'] <= 2 * floor,
+                        '%.1f s vs %.1f s: %.2fx (%.2fx W/B alone)' % (
+                            r['ready_max'], floor, r['ready_max'] / floor,
+                            r['ready_max'] * self.rate / self.W)))
+        r, p = self.row('peer', big), self.row('peer+prefetch', big)
+        if r is not None and p is not None:
+            out.append(('N=%d: prefetch lowers the mean time to ready' % big,
+                        p['ready_mean'] < r['ready_mean'],
+                        '%.1f s with, %.1f s without' % (p['ready_mean'],
+                                                         r['ready_mean'])))
+        failed = [r for r in self.rows
+                  if r['measured'] and r['verified'] != r['nodes']]
+        wrong = ['%s N=%d: %s' % (r['strategy'], r['nodes'], r['errors'])
+                 for r in failed]
+        out.append(('every node read the image\'s bytes', not failed,
+                    '; '.join(wrong) or 'all verified'))
+        return out
+
+
+# -- output -------------------------------------------------------------------
+
+COLUMNS = ('strategy', 'nodes', 'measured', 'link_mbit', 'image_bytes',
+           'working_set', 'working_set_chunks', 'origin_bytes',
+           'origin_link_bytes', 'origin_per_W', 'node_rx_mean',
+           'node_rx_max', 'node_tx_max', 'node_link_tx_max', 'ready_mean',
+           'ready_p99', 'ready_max', 'download_max', 'bound_single',
+           'bound_swarm', 'think', 'verified', 'errors', 'fetch_errors',
+           'fetch_failures', 'chunks_rejected', 'redirects', 'prefetched',
+           'inflight_joins', 'cpu_busy', 'daemon_cpu_s')
+
+
+def table(bench):
+    lines = ['%-14s %3s %10s %7s %9s %9s %7s %7s %7s %8s %6s %5s' % (
+        'strategy', 'N', 'origin MiB', 'x W', 'rx/node', 'up max',
+        'mean s', 'p99 s', 'max s', 'N*W/B s', 'W/B s', 'ok')]
+    for r in bench.rows:
+        mark = '' if r['measured'] else '~'
+        lines.append('%-14s %3d %10s %7s %9.1f %9.1f %7s %7s %7s %8.1f '
+                     '%6.1f %5s' % (
+                         r['strategy'], r['nodes'],
+                         mark + '%.1f' % (r['origin_bytes'] / MiB),
+                         mark + '%.2f' % r['origin_per_W'],
+                         r['node_rx_mean'] / MiB, r['node_tx_max'] / MiB,
+                         mark + '%.1f' % r['ready_mean'],
+                         mark + '%.1f' % r['ready_p99'],
+                         mark + '%.1f' % r['ready_max'],
+                         r['bound_single'], r['bound_swarm'],
+                         '%s/%d' % (r['verified'], r['nodes'])
+                         if r['measured'] else 'model'))
+    return lines
+
+
+def header(bench):
+    a = bench.args
+    return [
+        'Bulk boot: %d KiB-chunk image of %.1f MiB, trace %s (%d reads, '
+        '%s)' % (bench.chunk // KiB, bench.size / MiB, a.trace_name,
+                 len(bench.reads), bench.trace['boot'].get('accel')),
+        'working set W = %.1f MiB (%.1f MiB in the %d chunks it touches), '
+        'think time %.1f s (x%g)' % (
+            bench.W / MiB, bench.Wc / MiB, len(bench.order), bench.think,
+            a.think_scale),
+        'links %.0f Mbit/s each way (%s)' % (
+            bench.rate * 8 / 1e6, bench.rate_reason),
+    ]
+
+
+def plot(bench, out):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        from matplotlib import pyplot
+    except ImportError:
+        return 'matplotlib is not installed: no plots'
+    sizes = sorted(set(r['nodes'] for r in bench.rows))
+    B = bench.rate
+    styles = {'full-copy': 'C3', 'on-demand': 'C1', 'peer': 'C0',
+              'peer+prefetch': 'C2'}
+    charts = (
+        ('makespan.png', 'ready_max', 1.0, 'time until the last node is '
+         'ready (s)', [('one origin N*W/B', lambda n: n * bench.W / B, ':'),
+                       ('ideal swarm W/B', lambda n: bench.W / B, '--'),
+                       ('full copy N*I/B', lambda n: n * bench.size / B,
+                        '-.')]),
+        ('mean-ready.png', 'ready_mean', 1.0, 'mean time to ready (s)',
+         [('ideal swarm W/B', lambda n: bench.W / B, '--'),
+          ('think time', lambda n: bench.think, ':')]),
+        ('origin-bytes.png', 'origin_bytes', 1.0 / MiB, 'bytes served by '
+         'the origin (MiB)', [('N*W', lambda n: n * bench.W / MiB, ':'),
+                              ('W (ideal swarm)', lambda n: bench.W / MiB,
+                               '--'),
+                              ('N*I', lambda n: n * bench.size / MiB,
+                               '-.')]),
+    )
+    for name, key, scale, ylabel, bounds in charts:
+        fig, ax = pyplot.subplots(figsize=(7, 4.5))
+        for strategy in bench.args.strategies:
+            rows = [r for r in bench.rows if r['strategy'] == strategy]
+            if not rows:
+                continue
+            ax.plot([r['nodes'] for r in rows],
+                    [r[key] * scale for r in rows], '-', color=styles[
+                        strategy], label=strategy)
+            for measured, marker in ((True, 'o'), (False, 'o')):
+                pts = [r for r in rows if r['measured'] is measured]
+                ax.plot([r['nodes'] for r in pts],
+                        [r[key] * scale for r in pts], marker,
+                        color=styles[strategy],
+                        markerfacecolor=None if measured else 'white')
+        for label, func, style in bounds:
+            ax.plot(sizes, [func(n) for n in sizes], style, color='grey',
+                    label=label)
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(n) for n in sizes])
+        ax.set_xlabel('nodes booting at once (N)')
+        ax.set_ylabel(ylabel)
+        ax.set_title('%.0f MiB image, W = %.1f MiB, links %.0f Mbit/s '
+                     '(hollow: extrapolated)' % (
+                         bench.size / MiB, bench.W / MiB, B * 8 / 1e6),
+                     fontsize=9)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=100)
+        pyplot.close(fig)
+    return 'plots: %s' % ', '.join(c[0] for c in charts)
+
+
+def write_results(bench, out, lines, meta):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for r in bench.rows:
+            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v)
+                             for k, v in r.items()})
+    with open(os.path.join(out, 'results.txt'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(out, 'run.json'), 'w') as f:
+        json.dump(dict(meta, rows=bench.rows), f, indent=1, sort_keys=True)
+    return plot(bench, out)
+
+
+# -- main ---------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--nodes', help='node counts (default '
+                        '1,2,4,8,16,32; --quick: 1,2,4)')
+    parser.add_argument('--strategies', default=','.join(STRATEGIES),
+                        help='among %s (default: all)' % ', '.join(
+                            STRATEGIES))
+    parser.add_argument('--link-mbit', type=float, default=1000,
+                        help='rate of every link, each way, before scaling '
+                        'down to what the machine carries (default 1000)')
+    parser.add_argument('--no-scale', action='store_true',
+                        help='use --link-mbit as it is: no capacity '
+                        'measurement')
+    parser.add_argument('--trace', help='a boot trace file, or "synthetic" '
+                        '(default: benchmarks/data/boot-trace.json when '
+                        'present, else synthetic)')
+    parser.add_argument('--image-mib', type=int, help='image size of the '
+                        'synthetic trace (default 256; --quick 32)')
+    parser.add_argument('--ws-fraction', type=float,
+                        help='share of the image the synthetic trace reads '
+                        '(default 0.1; --quick 0.25)')
+    parser.add_argument('--boot-seconds', type=float,
+                        help='think time of the synthetic trace (default 5; '
+                        '--quick 1)')
+    parser.add_argument('--think-scale', type=float, default=1.0,
+                        help='multiplies the gaps between reads (default 1)')
+    parser.add_argument('--chunk-kib', type=int, default=1024,
+                        help='manifest chunk size (default 1024, the '
+                        'store\'s)')
+    parser.add_argument('--seed', type=int, default=1,
+                        help='seed of the image bytes and synthetic trace')
+    parser.add_argument('--full-copy-budget', type=float,
+                        help='seconds of origin transfer above which a full '
+                        'copy is extrapolated rather than run (default 120; '
+                        '--quick 30)')
+    parser.add_argument('--out', help='results directory (default '
+                        'doc/source/bulk-boot; --quick: a temporary one)')
+    parser.add_argument('--workdir', help='where the temporary directory '
+                        'goes (default /dev/shm: every emulated node would '
+                        'have its own disk)')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: N = 1, 2, 4, a 32 MiB image')
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.nodes = sorted(set(int(n) for n in (
+        args.nodes or ('1,2,4' if quick else '1,2,4,8,16,32')).split(',')))
+    args.strategies = [s for s in STRATEGIES
+                       if s in args.strategies.split(',')]
+    if args.image_mib is None:
+        args.image_mib = 32 if quick else 256
+    if args.ws_fraction is None:
+        args.ws_fraction = 0.25 if quick else 0.1
+    if args.boot_seconds is None:
+        args.boot_seconds = 1.0 if quick else 5.0
+    if args.full_copy_budget is None:
+        args.full_copy_budget = 30.0 if quick else 120.0
+    if args.out is None:
+        args.out = (os.path.join(tempfile.gettempdir(), 'bulk-boot-quick')
+                    if quick else DEFAULT_OUT)
+    if args.workdir is None:
+        args.workdir = '/dev/shm' if os.path.isdir('/dev/shm') else None
+    if args.trace is None:
+        args.trace = ('synthetic' if quick or not os.path.exists(
+            DEFAULT_TRACE) else DEFAULT_TRACE)
+    if min(args.nodes) < 1 or max(args.nodes) > 250 or not args.strategies:
+        parser.error('nodes must be within 1-250; at least one strategy')
+    if args.trace == 'synthetic':
+        args.trace_data = synthetic_trace(args.image_mib * MiB, args.seed,
+                                          args.boot_seconds,
+                                          args.ws_fraction)
+        args.trace_name = 'synthetic'
+    else:
+        args.trace_data = load_trace(args.trace)
+        args.trace_name = os.path.relpath(args.trace, REPO)
+    return args
+
+
+def unavailable():
+    if os.geteuid() != 0:
+        return 'run as root (network namespaces, tc)'
+    for tool in ('ip', 'tc'):
+        if not bm.run(['which', tool], check=False).stdout:
+            return '%s is not installed (Debian: iproute2)' % tool
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    why = unavailable()
+    if why:
+        print('bulk_boot: cannot run: %s' % why, file=sys.stderr)
+        return 2
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, cache_io._terminate)
+    workdir = tempfile.mkdtemp(prefix='bulk-boot-', dir=args.workdir)
+    cleanup = bm.Cleanup()
+    cleanup.callback(bm.remove_tree, workdir)
+    try:
+        return _main(args, workdir, cleanup)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print('\nbulk_boot: FAILED: %s' % e, file=sys.stderr)
+        return 1
+    finally:
+        cleanup.close()
+
+
+def _main(args, workdir, cleanup):
+    progress = Progress()
+    bench = Bench(args, workdir, cleanup, progress)
+    started = time.monotonic()
+    load_start = bm.load_average()
+    bench.prepare()
+    if not args.no_scale:
+        progress.say('measuring the machine: %d nodes read from the origin '
+                     'through unshaped links' % min(CALIBRATION_NODES,
+                                                    max(args.nodes)))
+        bench.calibrate()
+    bench.choose_rate()
+    for line in header(bench):
+        progress.say(line)
+    progress.say('nodes %s, strategies %s; predicted duration about %.0f '
+                 'min' % (','.join(map(str, args.nodes)),
+                          ', '.join(args.strategies),
+                          bench.predicted_seconds() / 60))
+    bench.run_all()
+    goals = bench.goals()
+    lines = header(bench) + [''] + table(bench) + [''] + [
+        'goal: %-62s %-8s %s' % (text, 'met' if ok else 'MISSED', detail)
+        for text, ok, detail in goals]
+    lines += ['', '~: extrapolated (not run), see --full-copy-budget; p99 '
+              'is nearest-rank (the maximum below 100 nodes)']
+    print('\n'.join(lines))
+    meta = {
+        'machine': cache_io.machine(),
+        'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
+        'command': 'python benchmarks/bulk_boot.py ' + ' '.join(
+            sys.argv[1:] if __name__ == '__main__' else []),
+        'load_average_start': load_start,
+        'load_average_end': bm.load_average(),
+        'seconds': round(time.monotonic() - started, 1),
+        'capacity_bytes_per_second': bench.capacity,
+        'link_bytes_per_second': bench.rate,
+        'rate_reason': bench.rate_reason,
+        'trace': args.trace_name, 'reads': len(bench.reads),
+        'image_bytes': bench.size, 'chunk_bytes': bench.chunk,
+        'working_set': bench.W, 'working_set_chunks': bench.Wc,
+        'chunks_touched': len(bench.order), 'think_seconds': bench.think,
+        'namespaces': bench.testbed.namespaces,
+        'goals': [{'goal': t, 'met': ok, 'measured': d}
+                  for t, ok, d in goals],
+    }
+    note = write_results(bench, args.out, lines, meta)
+    print('\nresults in %s (%s); %s; %.0f s in all' % (
+        args.out, 'results.csv, results.txt, run.json', note,
+        meta['seconds']))
+    return 0 if all(r['verified'] == r['nodes'] for r in bench.rows
+                    if r['measured']) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

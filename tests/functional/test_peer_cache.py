@@ -264,7 +264,7 @@ def test_corrupt_peers_are_caught_and_bypassed(daemons, volume, image):
         node.describe(IMAGE, manifest, {'type': 'file', 'path': path},
                       peers=[liar.url, good])
         node.start()
-        assert node.read_image(IMAGE, 0, SIZE) == image
+        assert node.read(IMAGE, 0, SIZE) == image
         # The liar's first chunk and chunk 3 from the good node were
         # thrown away; each peer was dropped after its first bad chunk, and
         # the origin served the rest.
@@ -331,7 +331,7 @@ def test_sigkill_mid_fill_then_restart(daemons, volume, image):
     def fill():
         try:
             for offset in range(0, SIZE, CHUNK):
-                node.read_image(IMAGE, offset, CHUNK)
+                node.read(IMAGE, offset, CHUNK)
         except Exception as e:
             errors.append(e)
 
@@ -386,7 +386,7 @@ def test_graceful_stop_and_pid_file(daemons, volume, image):
     twin = cache_daemons.Daemon(os.path.dirname(node.dir), 'calm')
     with pytest.raises(RuntimeError, match='exited with 1'):
         twin.start()
-    assert node.read_image(IMAGE, 0, CHUNK * 4) == image[:CHUNK * 4]
+    assert node.read(IMAGE, 0, CHUNK * 4) == image[:CHUNK * 4]
     node.stop()
     assert node.proc.returncode == 0
     assert not os.path.exists(node.pid_file)

@@ -29,15 +29,18 @@ What it does:
 2. Installs a first-boot service that does what cloud-init does on a first
    boot, with real programs: generates the SSH host keys, sets the host
    name, ``ldconfig``, lists the packages (``dpkg -l``), imports a set of
-   python3 and perl modules, reads 2000 files under ``/usr``, writes a few
-   files, ``sync``, then powers the guest off.
+   python3 and perl modules, reads the first 2000 files under
+   ``/usr/share`` (sorted), writes a few files, ``sync``, then powers the
+   guest off.
 3. Boots a copy of the image (the volume a VM would get; the image stays as
    made) under ``qemu-system-x86_64`` with the disk set up as libvirt sets
    up Nova's volumes (virtio-blk, raw, ``cache=none``, ``aio=threads``),
-   ``-m 1024``, KVM if it boots, TCG otherwise. The kernel and initramfs
-   are Debian's, from the image's ``/boot``, handed to qemu with ``-kernel``
-   and ``-initrd`` (no boot loader): the trace covers the root file system,
-   not the reading of the kernel and initramfs.
+   ``-m 1024``, KVM if it boots, TCG otherwise. It boots from the disk as
+   a cloud image does: SeaBIOS runs syslinux's MBR, extlinux on the
+   partition loads Debian's kernel and initramfs from ``/boot``, so the
+   trace starts at the MBR. With ``--no-boot-loader`` qemu is handed the
+   same kernel and initramfs (``-kernel``, ``-initrd``) and the trace
+   covers the root file system only.
 4. Records every read qemu's block layer makes on the disk (the
    ``blk_co_preadv`` trace event of Debian's qemu, ``log`` backend with
    time stamps), i.e. what the node cache would have to serve, in order,
@@ -47,10 +50,16 @@ What it does:
    summary: reads, distinct bytes read (the working set), total bytes read,
    1 MiB chunks touched.
 
-Debian packages on the host: ``debootstrap``, ``qemu-system-x86``,
-``e2fsprogs``, ``fdisk`` (sfdisk), ``mount`` (losetup). If debootstrap
-cannot reach the mirror the run stops with its error (apt's mirror is the
-same one, so there is no offline fallback to fall back on).
+Debian packages on the host (installed with apt-get when missing):
+``debootstrap``, ``qemu-system-x86``, ``extlinux`` (and its
+``syslinux-common``, the MBR), ``e2fsprogs``, ``fdisk`` (sfdisk),
+``mount`` (losetup). If debootstrap cannot reach the mirror the run stops
+with its error (apt's mirror is the same one, so there is no offline
+fallback to fall back on).
+
+``--reuse-image`` boots the image an earlier run left at ``--image``
+again (its metadata is in ``IMAGE.json``, the consoles of the boots in
+``IMAGE.console-ACCEL.log``).
 """
 
 import argparse
@@ -68,8 +77,10 @@ import tempfile
 import threading
 import time
 
-MiB = 1024 * 1024
-CHUNK = MiB           # thunder_common.manifest.DEFAULT_CHUNK_SIZE
+import blockdev_mechanisms as bm
+
+MiB = bm.MiB
+CHUNK = bm.CHUNK      # thunder_common.manifest.DEFAULT_CHUNK_SIZE
 PART_START = MiB      # the partition's offset in the disk
 SUITE = 'bookworm'
 MIRROR = 'http://deb.debian.org/debian'
@@ -83,17 +94,24 @@ PACKAGES = ('linux-image-cloud-amd64', 'systemd-sysv', 'udev', 'dbus',
 HOST_TOOLS = {'debootstrap': 'debootstrap',
               'qemu-system-x86_64': 'qemu-system-x86',
               'mkfs.ext4': 'e2fsprogs', 'sfdisk': 'fdisk',
-              'losetup': 'mount', 'fstrim': 'util-linux'}
+              'losetup': 'mount', 'fstrim': 'util-linux',
+              'extlinux': 'extlinux'}
+MBR = '/usr/lib/syslinux/mbr/mbr.bin'     # syslinux-common
+CMDLINE = 'root=LABEL=root ro console=ttyS0 panic=-1'
 MARK = 'THUNDER-FIRSTBOOT'
 
 FIRSTBOOT = r'''#!/bin/sh
-# First boot of a cloud image, done by hand (what cloud-init would do
-# locally). Written by benchmarks/make_boot_trace.py.
+# First boot of a cloud image, done by hand: what cloud-init does locally
+# before (early) and after (final) the SSH server starts. Written by
+# benchmarks/make_boot_trace.py.
 say() { echo "%(mark)s-$1" > /dev/ttyS0; }
-say START
-ssh-keygen -A
-echo thunder-vm > /etc/hostname
-hostname thunder-vm
+if [ "$1" = early ]; then
+    say START
+    ssh-keygen -A
+    echo thunder-vm > /etc/hostname
+    hostname thunder-vm
+    exit 0
+fi
 ldconfig
 dpkg -l > /var/tmp/dpkg-l.txt
 dpkg -S /bin/sh > /dev/null
@@ -102,7 +120,7 @@ python3 -c 'import json, email.parser, http.client, ssl, sqlite3, \
     subprocess, argparse, hashlib, uuid, decimal; print("python ok")'
 perl -MPOSIX -MFile::Find -MGetopt::Long -MData::Dumper -MIO::Socket \
     -e 'print "perl ok\n"'
-find /usr -type f | head -n 2000 | xargs cat > /dev/null
+find /usr/share -type f | sort | head -n 2000 | xargs cat > /dev/null
 ip addr > /var/tmp/ip-addr.txt
 ps aux > /var/tmp/ps.txt
 journalctl -b --no-pager > /var/tmp/journal.txt
@@ -114,14 +132,29 @@ say DONE
 systemctl poweroff --no-block
 ''' % {'mark': MARK}
 
-FIRSTBOOT_UNIT = '''[Unit]
-Description=First boot (benchmarks/make_boot_trace.py)
-After=local-fs.target ssh.service systemd-user-sessions.service
-ConditionPathExists=/usr/local/sbin/thunder-firstboot
+# Two units, like cloud-init's: host keys before sshd, the rest after.
+EARLY_UNIT = '''[Unit]
+Description=First boot, early (benchmarks/make_boot_trace.py)
+DefaultDependencies=no
+After=local-fs.target systemd-remount-fs.service
+Before=ssh.service sysinit.target
 
 [Service]
 Type=oneshot
-ExecStart=/usr/local/sbin/thunder-firstboot
+ExecStart=/usr/local/sbin/thunder-firstboot early
+StandardOutput=journal+console
+
+[Install]
+WantedBy=sysinit.target
+'''
+
+FINAL_UNIT = '''[Unit]
+Description=First boot, final (benchmarks/make_boot_trace.py)
+After=multi-user.target ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/thunder-firstboot final
 StandardOutput=journal+console
 
 [Install]
@@ -137,34 +170,7 @@ def log(msg):
     print('.. %s' % msg, file=sys.stderr, flush=True)
 
 
-def run(cmd, check=True, **kwargs):
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True,
-                          **kwargs)
-    if check and proc.returncode:
-        raise RuntimeError('%s failed (%d): %s' % (
-            ' '.join(cmd), proc.returncode,
-            (proc.stderr or proc.stdout).strip()[-2000:]))
-    return proc
-
-
-class Cleanup(object):
-    """Callbacks run in reverse order, each whatever the others do."""
-
-    def __init__(self):
-        self.callbacks = []
-
-    def add(self, func, *args):
-        self.callbacks.append((func, args))
-
-    def close(self):
-        while self.callbacks:
-            func, args = self.callbacks.pop()
-            try:
-                func(*args)
-            except Exception as exc:  # keep cleaning up
-                print('!! cleanup %s%r: %s' % (func.__name__, args, exc),
-                      file=sys.stderr)
+run = bm.run
 
 
 def ensure_tools():
@@ -182,14 +188,14 @@ def loop_attach(cleanup, image, size):
     """A loop device over the partition (offset; no partition scanning)."""
     dev = run(['losetup', '--find', '--show', '--offset', str(PART_START),
                '--sizelimit', str(size - PART_START), image]).stdout.strip()
-    cleanup.add(run, ['losetup', '-d', dev], False)
+    cleanup.callback(run, ['losetup', '-d', dev], False)
     return dev
 
 
 def mount(cleanup, dev, mountpoint):
     os.makedirs(mountpoint, exist_ok=True)
     run(['mount', dev, mountpoint])
-    cleanup.add(umount, mountpoint)
+    cleanup.callback(umount, mountpoint)
 
 
 def umount(mountpoint):
@@ -204,8 +210,14 @@ def write(path, text, mode=0o644):
     os.chmod(path, mode)
 
 
-def build_image(args, workdir, cleanup):
-    """Make args.image; returns (packages, kernel, initrd, fs_used)."""
+def build_image(args, workdir):
+    """Make args.image; returns its metadata (also in args.image.json).
+
+    With a boot loader, extlinux on the ext4 partition and syslinux's MBR
+    boot the kernel and initramfs from the image's /boot, as a cloud image
+    boots; the kernel and initramfs are also copied next to the image for
+    ``--no-boot-loader`` (qemu's -kernel and -initrd).
+    """
     size = args.size_mib * MiB
     tmp = args.image + '.part'
     if os.path.exists(tmp):
@@ -215,12 +227,13 @@ def build_image(args, workdir, cleanup):
     run(['sfdisk', '--quiet', tmp],
         input='label: dos\nstart=%d, type=83, bootable\n' % (
             PART_START // 512))
-    inner = Cleanup()
+    inner = bm.Cleanup()
     try:
         dev = loop_attach(inner, tmp, size)
         # Inode tables and journal written now, not by the guest's kernel
-        # in the background of the boot.
-        run(['mkfs.ext4', '-q', '-L', 'root', '-E',
+        # in the background of the boot; no 64bit feature, which
+        # extlinux 6.04 cannot read (a 1 GiB file system does not need it).
+        run(['mkfs.ext4', '-q', '-L', 'root', '-O', '^64bit', '-E',
              'lazy_itable_init=0,lazy_journal_init=0', dev])
         root = os.path.join(workdir, 'root')
         mount(inner, dev, root)
@@ -242,6 +255,14 @@ def build_image(args, workdir, cleanup):
         initrd = os.path.join(args.image + '.initrd')
         shutil.copyfile(os.path.join(boot, kernels[-1]), kernel)
         shutil.copyfile(os.path.join(boot, 'initrd.img-' + version), initrd)
+        conf = os.path.join(boot, 'extlinux')
+        os.makedirs(conf, exist_ok=True)
+        write(os.path.join(conf, 'extlinux.conf'),
+              'SERIAL 0 115200\nDEFAULT debian\nPROMPT 0\nTIMEOUT 0\n'
+              'LABEL debian\n  KERNEL /boot/vmlinuz-%s\n'
+              '  INITRD /boot/initrd.img-%s\n  APPEND %s\n' % (
+                  version, version, CMDLINE))
+        run(['extlinux', '--install', conf])
         # Deleted blocks are free once the journal commits: sync first.
         run(['sync', '-f', root])
         run(['fstrim', root])
@@ -249,6 +270,12 @@ def build_image(args, workdir, cleanup):
         fs_used = (st.f_blocks - st.f_bfree) * st.f_frsize
     finally:
         inner.close()
+    with open(MBR, 'rb') as f:
+        mbr = f.read()
+    if len(mbr) > 440:
+        raise RuntimeError('%s is %d bytes' % (MBR, len(mbr)))
+    with open(tmp, 'r+b') as f:     # the boot code, not the partition table
+        f.write(mbr)
     os.rename(tmp, args.image)
     meta = {'packages': packages, 'kernel_version': version,
             'fs_used_bytes': fs_used}
@@ -279,13 +306,16 @@ def configure(root):
             os.unlink(os.path.join(sshdir, name))
     write(os.path.join(root, 'usr/local/sbin/thunder-firstboot'),
           FIRSTBOOT, 0o755)
-    write(os.path.join(root, 'etc/systemd/system/thunder-firstboot.service'),
-          FIRSTBOOT_UNIT)
-    wants = os.path.join(root, 'etc/systemd/system/multi-user.target.wants')
-    os.makedirs(wants, exist_ok=True)
-    link = os.path.join(wants, 'thunder-firstboot.service')
-    if not os.path.lexists(link):
-        os.symlink('/etc/systemd/system/thunder-firstboot.service', link)
+    for name, unit, target in (('early', EARLY_UNIT, 'sysinit'),
+                               ('final', FINAL_UNIT, 'multi-user')):
+        path = 'etc/systemd/system/thunder-firstboot-%s.service' % name
+        write(os.path.join(root, path), unit)
+        wants = os.path.join(root, 'etc/systemd/system/%s.target.wants' % (
+            target))
+        os.makedirs(wants, exist_ok=True)
+        link = os.path.join(wants, os.path.basename(path))
+        if not os.path.lexists(link):
+            os.symlink('/' + path, link)
     run(['chroot', root, 'apt-get', 'clean'])
     for sub in ('var/lib/apt/lists', 'var/log'):
         base = os.path.join(root, sub)
@@ -322,6 +352,9 @@ class Console(threading.Thread):
             for mark in ('START', 'DONE'):
                 if '%s-%s' % (MARK, mark) in line and mark not in self.marks:
                     self.marks[mark] = now - self.t0
+            for check in ('python ok', 'perl ok'):
+                if line.startswith(check) or ' %s' % check in line:
+                    self.marks[check] = now - self.t0
             if 'Linux version' in line and 'kernel' not in self.marks:
                 self.marks['kernel'] = now - self.t0
                 self.kernel_banner = line.split('Linux version', 1)[1]
@@ -346,13 +379,13 @@ def boot(args, accel, kernel, initrd, volume, workdir):
            '-serial', 'stdio', '-monitor', 'none', '-no-reboot',
            '-msg', 'timestamp=on',
            '-trace', 'events=%s,file=%s' % (events, trace),
-           '-kernel', kernel, '-initrd', initrd,
-           '-append', 'root=LABEL=root ro console=ttyS0 panic=-1',
            '-blockdev', 'driver=file,node-name=disk,filename=%s,'
            'cache.direct=on,cache.no-flush=off,aio=threads' % volume,
            '-blockdev', 'driver=raw,node-name=fmt,file=disk',
-           '-device', 'virtio-blk-pci,drive=fmt',
+           '-device', 'virtio-blk-pci,drive=fmt,bootindex=1',
            '-nic', 'none']
+    if args.no_boot_loader:
+        cmd += ['-kernel', kernel, '-initrd', initrd, '-append', CMDLINE]
     log('boot under %s: %s' % (accel, ' '.join(cmd)))
     t0 = time.time()
     with open(stderr_log, 'wb') as err:
@@ -386,9 +419,13 @@ def boot(args, accel, kernel, initrd, volume, workdir):
     console.join(10)
     with open(stderr_log, errors='replace') as f:
         stderr = f.read()
+    shutil.copyfile(console_log, '%s.console-%s.log' % (args.image, accel))
     if failure is None and 'DONE' not in console.marks:
         failure = 'qemu exited (%s) before the first boot was done: %s' % (
             proc.returncode, stderr.strip()[-1000:])
+    if failure is None and not ('python ok' in console.marks and
+                                'perl ok' in console.marks):
+        failure = 'the first-boot service\'s python3 or perl failed'
     if failure:
         raise RuntimeError('%s boot failed: %s (console: %s)' % (
             accel, failure, console_log))
@@ -491,6 +528,10 @@ def main():
     parser.add_argument('--stall', type=int, default=180,
                         help='seconds without console output that count '
                         'as a hung boot (default 180)')
+    parser.add_argument('--no-boot-loader', action='store_true',
+                        help='give qemu the kernel and initramfs (-kernel, '
+                        '-initrd) instead of booting extlinux from the '
+                        'disk: the trace then lacks their reads')
     parser.add_argument('--reuse-image', action='store_true',
                         help='boot the --image an earlier run made')
     args = parser.parse_args()
@@ -501,17 +542,19 @@ def main():
         command += ' --image %s' % args.image
     if args.size_mib != parser.get_default('size_mib'):
         command += ' --size-mib %d' % args.size_mib
+    if args.no_boot_loader:
+        command += ' --no-boot-loader'
     ensure_tools()
-    cleanup = Cleanup()
+    cleanup = bm.Cleanup()
     workdir = tempfile.mkdtemp(prefix='boot-trace-', dir='/var/tmp')
-    cleanup.add(shutil.rmtree, workdir, True)
+    cleanup.callback(shutil.rmtree, workdir, True)
     try:
         if args.reuse_image and os.path.exists(args.image + '.json'):
             with open(args.image + '.json') as f:
                 meta = json.load(f)
             log('reusing %s' % args.image)
         else:
-            meta = build_image(args, workdir, cleanup)
+            meta = build_image(args, workdir)
         kernel, initrd = args.image + '.vmlinuz', args.image + '.initrd'
         size = os.path.getsize(args.image)
         image_sha = sha256(args.image)
@@ -549,13 +592,10 @@ def main():
                     'from offset %d labelled root; first boot runs '
                     'systemd and a first-boot service (SSH host keys, '
                     'ldconfig, dpkg -l, python3 and perl imports, cat '
-                    'of 2000 files under /usr, 4 MiB written, sync, '
-                    'poweroff). Kernel %s and its initramfs from the '
-                    'image\'s /boot were given to qemu with -kernel and '
-                    '-initrd (no boot loader), so the reads cover the '
-                    'root file system only, not the reading of the '
-                    'kernel and initramfs.' % (
-                        SUITE, PART_START, meta['kernel_version'])),
+                    'of the first 2000 files under /usr/share, 4 MiB '
+                    'written, sync, '
+                    'poweroff). %s' % (
+                        SUITE, PART_START, boot_how(args, meta))),
                 'packages': meta['packages'],
                 'command': command,
             },
@@ -591,6 +631,19 @@ def main():
             'summary': summary}, indent=1))
     finally:
         cleanup.close()
+
+
+def boot_how(args, meta):
+    if args.no_boot_loader:
+        return ('Kernel %s and its initramfs from the image\'s /boot were '
+                'given to qemu with -kernel and -initrd (no boot loader), '
+                'so the reads cover the root file system only, not the '
+                'reading of the kernel and initramfs.' % (
+                    meta['kernel_version']))
+    return ('Booted from the disk as a cloud image boots: SeaBIOS, '
+            'syslinux\'s MBR, extlinux from the partition, which reads '
+            'kernel %s and its initramfs from /boot; the reads cover all of '
+            'it, from the MBR on.' % meta['kernel_version'])
 
 
 def cpu_model():

@@ -32,9 +32,7 @@ full-copy
     every node first downloads the whole image from the origin (4 streams
     of chunk requests through its daemon, which verifies and caches them:
     what Nova's image cache and Cinder's download path do), then boots
-    from its local copy. Runs whose predicted time (N * image / link)
-    exceeds ``--full-copy-budget`` are not run but extrapolated from the
-    largest one run, and marked so;
+    from its local copy;
 on-demand
     the daemon fetches each missing chunk from the origin only (its peer
     list is the origin alone, which serves every node: no tree);
@@ -46,6 +44,11 @@ peer
 peer+prefetch
     the same with the boot's chunk trace placed for replay
     (``<cache_dir>/<image>/trace``, ``[prefetch] replay = true``).
+
+The two single-origin strategies take N times longer with N nodes: a
+run whose origin transfer alone (N * image, or N * the chunks the trace
+touches, over one link) would exceed ``--origin-budget`` seconds is not
+run but extrapolated linearly from the largest such run, and marked so.
 
 Time to ready is measured from the common start to the node's last read.
 The bounds for N nodes reading a working set W over links of B: one
@@ -313,7 +316,8 @@ def leftover_namespaces(prefix):
 class Node(object):
     """A thunder-cache daemon in a namespace of the testbed."""
 
-    def __init__(self, workdir, name, host, max_children=2, replay=False):
+    def __init__(self, workdir, name, host, max_children=2, replay=False,
+                 peer_options=()):
         self.name = name
         self.ns, self.address, _port = host
         self.url = 'http://%s:%d' % (self.address, PORT)
@@ -339,7 +343,7 @@ class Node(object):
                 'local_socket = %s' % self.socket,
                 'pid_file = %s' % os.path.join(self.dir, 'pid'),
                 '[peer]', 'shared_secret_file = %s' % secret,
-                'max_children = %d' % max_children,
+                'max_children = %d' % max_children] + list(peer_options) + [
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false',
                 'replay = %s' % ('true' if replay else 'false'),
@@ -567,6 +571,9 @@ class Bench(object):
         self.rate_reason = ''
         self.rows = []
         self.mp = multiprocessing.get_context('fork')
+        self.peer_options = ['%s = %s' % (name, getattr(args, name))
+                             for name in ('fetch_timeout', 'relay_timeout')
+                             if getattr(args, name) is not None]
 
     # -- set-up ------------------------------------------------------------
 
@@ -606,7 +613,8 @@ class Bench(object):
 
     def _origin(self, max_children):
         origin = Node(self.workdir, 'origin', self.testbed.hosts[0],
-                      max_children=max_children)
+                      max_children=max_children,
+                      peer_options=self.peer_options)
         origin.describe(self.manifest, {'type': 'file', 'path': self.volume})
         return origin
 
@@ -674,14 +682,19 @@ class Bench(object):
                    'peer': 3 * self.Wc / self.rate,
                    'peer+prefetch': 2 * self.Wc / self.rate}
             for strategy in self.args.strategies:
-                if self._full_copy_skipped(strategy, n):
+                if self._skipped(strategy, n):
                     continue
                 total += per[strategy] + self.think + 5 + 0.2 * n
         return total
 
-    def _full_copy_skipped(self, strategy, n):
-        return (strategy == 'full-copy' and n > min(self.args.nodes) and
-                n * self.size / self.rate > self.args.full_copy_budget)
+    def _origin_seconds(self, strategy, n):
+        """Seconds of the origin's link a single-origin run needs."""
+        per_node = {'full-copy': self.size, 'on-demand': self.Wc}
+        return n * per_node.get(strategy, 0) / self.rate
+
+    def _skipped(self, strategy, n):
+        return (n > min(self.args.nodes) and self._origin_seconds(
+            strategy, n) > self.args.origin_budget)
 
     # -- one run -------------------------------------------------------------
 
@@ -689,18 +702,20 @@ class Bench(object):
         plan = [(n, s) for n in self.args.nodes for s in self.args.strategies]
         self.progress.total = len(plan)
         for n, strategy in plan:
-            if self._full_copy_skipped(strategy, n):
-                self.progress.say('full-copy N=%d not run: %d x %.0f MiB '
-                                  'at %.0f Mbit/s is %.0f s (over the '
-                                  '--full-copy-budget); extrapolated' % (
-                                      n, n, self.size / MiB,
-                                      self.rate * 8 / 1e6,
-                                      n * self.size / self.rate))
+            if self._skipped(strategy, n):
+                self.progress.say('%s N=%d not run: the origin would send '
+                                  'for %.0f s (over --origin-budget); '
+                                  'extrapolated' % (
+                                      strategy, n,
+                                      self._origin_seconds(strategy, n)))
                 self.progress.finish_run()
                 continue
             self.rows.append(self.run_one(strategy, n))
             self.progress.finish_run()
-        self._extrapolate_full_copy()
+        for strategy in ('full-copy', 'on-demand'):
+            self._extrapolate(strategy)
+        self.rows.sort(key=lambda r: (r['nodes'],
+                                      STRATEGIES.index(r['strategy'])))
 
     def run_one(self, strategy, n):
         peer_mode = strategy.startswith('peer')
@@ -711,7 +726,8 @@ class Bench(object):
             origin = self._origin(1 if peer_mode else 64)
             nodes = [Node(self.run_dir, 'n%d' % k, self.testbed.hosts[k + 1],
                           max_children=2,
-                          replay=strategy == 'peer+prefetch')
+                          replay=strategy == 'peer+prefetch',
+                          peer_options=self.peer_options)
                      for k in range(n)]
             peers = [origin.url]
             if peer_mode:
@@ -806,33 +822,39 @@ class Bench(object):
             'cpu_busy': round(busy, 3), 'daemon_cpu_s': round(daemon_cpu, 1),
         }
 
-    def _extrapolate_full_copy(self):
-        """Full copies not run: from the origin rate of the largest run."""
+    def _extrapolate(self, strategy):
+        """Runs not made: linear in N from the largest one made.
+
+        Both strategies are bound by the origin's link: it sends N times
+        as much for N nodes, so the transfer takes N times as long (a full
+        copy's local boot after the download does not grow).
+        """
         runs = [r for r in self.rows
-                if r['strategy'] == 'full-copy' and r['verified']]
+                if r['strategy'] == strategy and r['verified']]
         if not runs:
             return
         base = max(runs, key=lambda r: r['nodes'])
-        rate = base['nodes'] * self.size / base['download_max']
-        local = base['ready_max'] - base['download_max']
+        local = (base['ready_max'] - base['download_max']
+                 if strategy == 'full-copy' else 0.0)
         for n in self.args.nodes:
-            if not self._full_copy_skipped('full-copy', n):
+            if not self._skipped(strategy, n):
                 continue
-            ready = n * self.size / rate + local
-            self.rows.append(dict(
-                base, nodes=n, measured=False,
-                origin_bytes=n * self.size,
-                origin_link_bytes='', origin_per_W=n * self.size / self.W,
-                node_rx_mean=self.size, node_rx_max=self.size,
-                node_tx_max=0, node_link_tx_max='',
-                ready_mean=ready, ready_p99=ready, ready_max=ready,
-                download_max=ready - local,
-                bound_single=n * self.W / self.rate, verified='',
-                errors='', fetch_errors='', fetch_failures='',
-                chunks_rejected='', redirects='', prefetched='',
-                inflight_joins='', cpu_busy='', daemon_cpu_s=''))
-        self.rows.sort(key=lambda r: (r['nodes'],
-                                      STRATEGIES.index(r['strategy'])))
+            grow = n / base['nodes']
+            row = {k: '' for k in COLUMNS}
+            row.update(
+                {k: base[k] for k in ('strategy', 'link_mbit', 'image_bytes',
+                                      'working_set', 'working_set_chunks',
+                                      'node_rx_mean', 'node_rx_max',
+                                      'node_tx_max', 'bound_swarm',
+                                      'think')},
+                nodes=n, measured=False,
+                origin_bytes=(n * self.size if strategy == 'full-copy' else
+                              base['origin_bytes'] * grow),
+                bound_single=n * self.W / self.rate)
+            row['origin_per_W'] = row['origin_bytes'] / self.W
+            for key in ('ready_mean', 'ready_p99', 'ready_max'):
+                row[key] = local + (base[key] - local) * grow
+            self.rows.append(row)
 
     # -- the goals -----------------------------------------------------------
 
@@ -932,6 +954,8 @@ def header(bench):
             a.think_scale),
         'links %.0f Mbit/s each way (%s)' % (
             bench.rate * 8 / 1e6, bench.rate_reason),
+        'daemons: thunder-cache defaults%s' % (
+            ''.join(', ' + o for o in bench.peer_options)),
     ]
 
 
@@ -1041,15 +1065,21 @@ def parse_args(argv):
                         '--quick 1)')
     parser.add_argument('--think-scale', type=float, default=1.0,
                         help='multiplies the gaps between reads (default 1)')
-    parser.add_argument('--chunk-kib', type=int, default=1024,
+    parser.add_argument('--chunk-kib', type=int,
                         help='manifest chunk size (default 1024, the '
-                        'store\'s)')
+                        'store\'s; --quick 256: more chunks in less data)')
+    parser.add_argument('--fetch-timeout', type=float,
+                        help='[peer] fetch_timeout of every daemon (default: '
+                        'the daemon\'s)')
+    parser.add_argument('--relay-timeout', type=float,
+                        help='[peer] relay_timeout of every daemon (default: '
+                        'the daemon\'s)')
     parser.add_argument('--seed', type=int, default=1,
                         help='seed of the image bytes and synthetic trace')
-    parser.add_argument('--full-copy-budget', type=float,
+    parser.add_argument('--origin-budget', type=float,
                         help='seconds of origin transfer above which a full '
-                        'copy is extrapolated rather than run (default 120; '
-                        '--quick 30)')
+                        'copy or on-demand run is extrapolated rather than '
+                        'run (default 120; --quick 30)')
     parser.add_argument('--out', help='results directory (default '
                         'doc/source/bulk-boot; --quick: a temporary one)')
     parser.add_argument('--workdir', help='where the temporary directory '
@@ -1065,12 +1095,14 @@ def parse_args(argv):
                        if s in args.strategies.split(',')]
     if args.image_mib is None:
         args.image_mib = 32 if quick else 256
+    if args.chunk_kib is None:
+        args.chunk_kib = 256 if quick else 1024
     if args.ws_fraction is None:
         args.ws_fraction = 0.25 if quick else 0.1
     if args.boot_seconds is None:
         args.boot_seconds = 1.0 if quick else 5.0
-    if args.full_copy_budget is None:
-        args.full_copy_budget = 30.0 if quick else 120.0
+    if args.origin_budget is None:
+        args.origin_budget = 30.0 if quick else 120.0
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), 'bulk-boot-quick')
                     if quick else DEFAULT_OUT)
@@ -1146,7 +1178,7 @@ def _main(args, workdir, cleanup):
     lines = header(bench) + [''] + table(bench) + [''] + [
         'goal: %-62s %-8s %s' % (text, 'met' if ok else 'MISSED', detail)
         for text, ok, detail in goals]
-    lines += ['', '~: extrapolated (not run), see --full-copy-budget; p99 '
+    lines += ['', '~: extrapolated (not run), see --origin-budget; p99 '
               'is nearest-rank (the maximum below 100 nodes)']
     print('\n'.join(lines))
     meta = {
@@ -1164,7 +1196,7 @@ def _main(args, workdir, cleanup):
         'image_bytes': bench.size, 'chunk_bytes': bench.chunk,
         'working_set': bench.W, 'working_set_chunks': bench.Wc,
         'chunks_touched': len(bench.order), 'think_seconds': bench.think,
-        'namespaces': bench.testbed.namespaces,
+        'namespaces': bench.testbed.namespaces, 'workdir': workdir,
         'goals': [{'goal': t, 'met': ok, 'measured': d}
                   for t, ok, d in goals],
     }

@@ -419,7 +419,8 @@ def boot(args, accel, kernel, initrd, volume, workdir):
     console.join(10)
     with open(stderr_log, errors='replace') as f:
         stderr = f.read()
-    shutil.copyfile(console_log, '%s.console-%s.log' % (args.image, accel))
+    kept = '%s.console-%s.log' % (args.image, accel)
+    shutil.copyfile(console_log, kept)
     if failure is None and 'DONE' not in console.marks:
         failure = 'qemu exited (%s) before the first boot was done: %s' % (
             proc.returncode, stderr.strip()[-1000:])
@@ -428,7 +429,7 @@ def boot(args, accel, kernel, initrd, volume, workdir):
         failure = 'the first-boot service\'s python3 or perl failed'
     if failure:
         raise RuntimeError('%s boot failed: %s (console: %s)' % (
-            accel, failure, console_log))
+            accel, failure, kept))
     reads, writes = parse_trace(trace, t0)
     return {'accel': accel, 'seconds': round(seconds, 2),
             'kernel_seconds': round(console.marks.get('kernel', -1), 2),
@@ -441,6 +442,7 @@ def boot(args, accel, kernel, initrd, volume, workdir):
 def parse_trace(path, t0):
     reads, writes = [], []
     blks = set()
+    last = 0.0
     with open(path) as f:
         for line in f:
             m = TRACE_RE.match(line)
@@ -448,7 +450,10 @@ def parse_trace(path, t0):
                 continue
             stamp, kind, blk, offset, length, _flags = m.groups()
             blks.add(blk)
-            entry = [round(float(stamp) - t0, 6), int(offset), int(length)]
+            # In the order qemu issued them; the wall clock may step back.
+            t = max(round(float(stamp) - t0, 6), last)
+            last = t
+            entry = [t, int(offset), int(length)]
             (reads if kind == 'preadv' else writes).append(entry)
     if len(blks) > 1:
         raise RuntimeError('reads from %d block backends in %s' % (

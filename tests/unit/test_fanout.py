@@ -265,7 +265,11 @@ def test_nodes_form_a_bounded_tree(cluster, volume):
     for node in nodes:
         snap = node.cache('img').counters.snapshot()
         assert snap['chunks_rejected'] == 0
-        assert snap['bytes_from_peers'] == len(image)
+        # Every byte from peers; a chunk twice only when a relayed request
+        # could not join the node's own fetch of it (a bypass, which keeps
+        # relays between nodes from waiting on each other in a cycle).
+        extra = snap['bytes_from_peers'] - len(image)
+        assert 0 <= extra <= snap['inflight_bypasses'] * CHUNK, snap
 
 
 def test_full_node_redirect_loops_are_cut(cluster, volume):

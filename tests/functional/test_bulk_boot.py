@@ -87,15 +87,15 @@ def test_peer_mode_reads_the_origin_about_once(quick_run):
         assert Wc <= origin, r
         if strategy == 'peer':
             assert origin <= 1.2 * W, r
+            # The second node got its chunks from the first.
+            assert float(r['node_tx_max']) >= Wc, r
         else:
             # Both nodes prefetch from the first moment: a relay that
             # times out on a loaded machine sends the second node to the
             # origin for a few chunks (seen in CI), never for more than
             # each node's own chunks, as without P2P.
             assert origin <= 2 * Wc, r
-        # The second node got chunks from the first, not all from the
-        # origin.
-        assert float(r['node_tx_max']) > 0, r
+            assert float(r['node_tx_max']) > 0, r
 
 
 def test_single_origin_strategies(quick_run):

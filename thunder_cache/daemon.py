@@ -49,6 +49,10 @@ class PidFileError(RuntimeError):
     pass
 
 
+class StartError(RuntimeError):
+    """A part of the daemon could not start (said without a traceback)."""
+
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -140,6 +144,7 @@ class Daemon(object):
         self._reload = False
         self.node = None
         self.lifecycle = None
+        self._thread = None
         self.mount = None
         self.store = None
         self.control_server = None
@@ -195,7 +200,10 @@ class Daemon(object):
         conf = self.conf
         if not conf.advertise.enabled:
             return None
-        records = advertise.CinderRecords.from_conf(conf)
+        try:
+            records = advertise.CinderRecords.from_conf(conf)
+        except advertise.RecordsError as e:
+            raise StartError(str(e))
         advertiser = advertise.Advertiser(
             records, conf.node.node_id, url, ttl=conf.advertise.ttl,
             refresh_interval=conf.advertise.refresh_interval)
@@ -210,10 +218,16 @@ class Daemon(object):
 
         conf = self.conf.blockdev
         self.store = volumes.VolumeStore(conf.layers_dir, self.node)
-        self.mount = fusefs.Mount(self.store, conf.mount_dir,
-                                  allow_other=conf.allow_other,
-                                  group=conf.control_group)
-        self.mount.start()
+        try:
+            self.mount = fusefs.Mount(self.store, conf.mount_dir,
+                                      allow_other=conf.allow_other,
+                                      group=conf.control_group)
+            self.mount.start()
+        except (fusefs.MountError, KeyError) as e:
+            # KeyError: control_group names no group.
+            self.mount = None
+            raise StartError('cannot serve the volume files at %s: %s'
+                             % (conf.mount_dir, e))
         service = service_mod.VolumeService(
             self.node, self.store, conf.mount_dir, self.descriptors_dir,
             origin_factory(self.conf))
@@ -275,13 +289,18 @@ class Daemon(object):
                           'back and they are attached again.',
                           ', '.join(busy))
             self.mount.stop()
+        if self.store is not None:
             self.store.close()
         if self.lifecycle is not None:
             self.lifecycle.stop()
         if self.local_server is not None:
             self.local_server.stop()
         if self.server is not None:
-            self.server.stop()
+            if self._thread is not None:
+                self.server.stop()
+            else:
+                # Never served: shutdown() would wait for serve_forever.
+                self.server.server_close()
         if self.node is not None:
             self.node.close()
 
@@ -310,6 +329,10 @@ def main(argv=None):
     try:
         try:
             daemon.start()
+        except StartError as e:
+            LOG.error('Cannot start: %s', e)
+            daemon.stop()
+            return 1
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 LOG.error('Cannot start: %s:%d is in use',

@@ -15,6 +15,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -497,3 +499,32 @@ def test_local_reads(tmp_path, seed, volume):
     finally:
         local.stop(grace=1)
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize('section', [
+    '[advertise]\nenabled = true\n',  # no credentials to advertise with
+    '[blockdev]\nenabled = true\nmount_dir = {d}/vol\nlayers_dir = {d}/l\n'
+    'control_socket = {d}/c.sock\ncontrol_group = no-such-group-vmth\n',
+])
+def test_daemon_refuses_to_start_clearly(tmp_path, section):
+    """A part that cannot start: exit 1, nothing left behind, no hang."""
+    d = str(tmp_path)
+    with open(os.path.join(d, 'secret'), 'w') as f:
+        f.write('s' * 32)
+    conf = os.path.join(d, 'thunder-cache.conf')
+    with open(conf, 'w') as f:
+        f.write('[node]\nnode_id = t1\nlisten_address = 127.0.0.1\n'
+                'listen_port = 0\ncache_dir = %s/cache\n'
+                'local_socket = %s/local.sock\npid_file = %s/pid\n'
+                '[peer]\nshared_secret_file = %s/secret\n' % (d, d, d, d))
+        f.write(section.format(d=d))
+    # A process of its own: main() installs signal handlers and logging.
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         conf], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert 'Cannot start: ' in result.stdout + result.stderr
+    assert 'Traceback' not in result.stdout + result.stderr
+    for left in ('pid', 'local.sock', 'c.sock'):
+        assert not os.path.exists(os.path.join(d, left)), left
+    assert not os.path.ismount(os.path.join(d, 'vol'))

@@ -20,4 +20,14 @@ chunks from peer nodes or from the image-volume
 every chunk against the image's manifest (:mod:`thunder_common.manifest`)
 and serves the chunks it holds to other nodes
 (:mod:`thunder_cache.server`, :mod:`thunder_cache.protocol`).
+
+For the Cinder driver's peer mode it also serves each volume as a file
+(:mod:`thunder_cache.fusefs`): the volume's copy-on-write layer
+(:mod:`thunder_cache.cow`, :mod:`thunder_cache.volumes`) over the image
+cache, managed through a control socket (:mod:`thunder_cache.control`,
+:mod:`thunder_cache.service`). Once an image is open
+(:mod:`thunder_cache.lifecycle`) the node advertises itself in the
+image-volume's Cinder metadata (:mod:`thunder_cache.advertise`), records
+or replays its boot trace (:mod:`thunder_cache.trace`,
+:mod:`thunder_cache.prefetch`) and may hydrate it.
 """

@@ -173,7 +173,8 @@ class Daemon(object):
             max_redirects=conf.peer.max_redirects,
             retry_interval=conf.peer.peer_retry_interval,
             verify_persisted=conf.cache.verify_persisted,
-            commit_interval=conf.cache.commit_interval)
+            commit_interval=conf.cache.commit_interval,
+            read_retry=conf.cache.read_retry)
         self.server.node = self.node
         self.lifecycle = lifecycle.ImageLifecycle(
             self.node, conf.prefetch, self._advertiser(url))

@@ -55,6 +55,9 @@ LOG = logging.getLogger(__name__)
 
 DATA_FILE = 'data'
 MAP_FILE = 'chunkmap'
+# Back-off of a local read's retries (seconds): first pause, longest.
+RETRY_FIRST = 0.25
+RETRY_MAX = 4.0
 
 
 class FetchError(IOError):
@@ -105,11 +108,15 @@ class ImageCache(object):
     :param image_id: the Glance image id (for logs and metrics).
     :param manifest: the image's verified :class:`Manifest`.
     :param upstream: has ``candidates(via)``, yielding :class:`Source`
-        objects in the order to try them, and ``report(source, ok,
+        objects in the order to try them, ``report(source, ok,
         error)`` (``error`` an exception, :class:`BadChunk` for bytes
-        that failed verification).
+        that failed verification) and ``forgive()`` (ask the sources it
+        dropped again).
     :param verify_persisted: verify chunks found in the map at start
         before their first use.
+    :param read_retry: seconds a local reader's fetch that failed on
+        every source is retried (with back-off) before the read fails;
+        peers' requests are never retried (the peer asks elsewhere).
     :param commit_interval: 0 to make each chunk durable (data, then map)
         before it is served; otherwise a background thread commits the
         chunks written in the last ``commit_interval`` seconds together,
@@ -127,8 +134,9 @@ class ImageCache(object):
 
     def __init__(self, directory, image_id, manifest, upstream,
                  verify_persisted=True, commit_interval=0.0,
-                 clock=time.monotonic):
+                 read_retry=0.0, clock=time.monotonic):
         self.directory = directory
+        self.read_retry = read_retry
         self.image_id = image_id
         self.manifest = manifest
         self.upstream = upstream
@@ -291,9 +299,41 @@ class ImageCache(object):
         self.manifest.chunk_range(index)  # validates the index
         if background:
             return self._ensure_background(index)
+        if ticket is not None or via:
+            return self._ensure_demand(index, via, timeout, ticket)
         observer = self.observer
-        if observer is not None and ticket is None and not via:
+        if observer is not None:
             self._observe(observer, index)
+        return self._ensure_local(index, timeout)
+
+    def _ensure_local(self, index, timeout):
+        """A local reader's :meth:`ensure`: retried until ``read_retry``.
+
+        A guest's read that fails is an I/O error in the guest; a chunk
+        that no source could provide a moment ago (every peer busy or
+        timing out, the origin unreachable for a while) usually comes a
+        few seconds later. Sources dropped for an error are asked again
+        on each retry.
+        """
+        deadline = self._clock() + self.read_retry
+        delay = RETRY_FIRST
+        while True:
+            try:
+                return self._ensure_demand(index, (), timeout, None)
+            except FetchError as e:
+                left = deadline - self._clock()
+                if left <= 0:
+                    raise
+                self.counters.inc('read_retries')
+                pause = min(delay, left)
+                LOG.warning('Image %s: chunk %d not available (%s); '
+                            'retrying in %.1f s', self.image_id, index, e,
+                            pause)
+                time.sleep(pause)
+                delay = min(delay * 2, RETRY_MAX)
+                self.upstream.forgive()
+
+    def _ensure_demand(self, index, via, timeout, ticket):
         if self.has(index):
             self._hit(index)
             return

@@ -46,6 +46,8 @@ IMAGE_COUNTERS = {
     'fetch_errors': 'Fetch attempts that failed (error, timeout, refused, '
                     'bad data) before another source was tried.',
     'fetch_failures': 'Chunk fetches that failed on every source.',
+    'read_retries': 'Local reads retried after their chunk\'s fetch '
+                    'failed on every source (see [cache] read_retry).',
     'chunks_prefetched': 'Chunks fetched ahead of the readers by the '
                          'replay of a boot trace.',
     'chunks_hydrated': 'Chunks fetched by the background hydration of '

@@ -201,13 +201,15 @@ class Node(object):
     :param max_children: children served per image before redirecting.
     :param relay_timeout: seconds a peer request waits for a chunk this
         node must fetch first.
+    :param read_retry: seconds a local read retries a chunk no source
+        could provide (see :class:`~thunder_cache.image_cache.ImageCache`).
     """
 
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
                  child_ttl=10.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  verify_persisted=True, commit_interval=0.0,
-                 activation_retry=5.0, on_activate=None):
+                 read_retry=0.0, activation_retry=5.0, on_activate=None):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir
@@ -219,6 +221,7 @@ class Node(object):
         self.retry_interval = retry_interval
         self.verify_persisted = verify_persisted
         self.commit_interval = commit_interval
+        self.read_retry = read_retry
         self.activation_retry = activation_retry
         # Called as on_activate(spec, cache) once an image's cache opens.
         self.on_activate = on_activate
@@ -331,7 +334,8 @@ class Node(object):
         entry.cache = image_cache.ImageCache(
             directory, spec.image_id, manifest, upstream,
             verify_persisted=self.verify_persisted,
-            commit_interval=self.commit_interval)
+            commit_interval=self.commit_interval,
+            read_retry=self.read_retry)
 
     def _load_manifest(self, spec, directory):
         local = os.path.join(directory, MANIFEST_FILE)

@@ -172,6 +172,16 @@ cache_opts = [
                       'then map) before it is served: measured here, a '
                       'single cold reader then fills about 2-3 times more '
                       'slowly (two fdatasync per chunk).'),
+    cfg.FloatOpt('read_retry',
+                 default=60.0, min=0.0,
+                 help='Seconds a local read (a guest\'s, through its '
+                      'volume) keeps retrying, with back-off from 0.25 s '
+                      'to 4 s, a chunk that no source could provide, '
+                      'before the read fails with an I/O error. Every '
+                      'peer busy or timing out at once, or the origin '
+                      'away for a moment, then costs the guest a wait '
+                      'rather than an error. Peers dropped for an error '
+                      'are asked again on each retry. 0 fails at once.'),
     cfg.BoolOpt('verify_persisted',
                 default=True,
                 help='Verify again, before its first use after a restart, '

@@ -92,6 +92,11 @@ class Upstream(object):
             self.parent = url
             self._banned.pop(url, None)
 
+    def forgive(self):
+        """Ask the peers dropped for an error again (a retried read)."""
+        with self._lock:
+            self._banned.clear()
+
     def banned(self):
         now = self._clock()
         with self._lock:

@@ -160,6 +160,17 @@ def test_failed_peer_dropped_then_retried():
     assert _names(up) == ['http://p1:1', 'origin']
 
 
+def test_forgiven_peer_asked_again_at_once():
+    up = upstream_mod.Upstream('img', _Origin(), ['http://p1:1'],
+                               client=None, self_url='http://me:1',
+                               retry_interval=30, clock=Clock())
+    up.report(next(iter(up.candidates())), False, IOError('timed out'))
+    assert _names(up) == ['origin']
+    up.forgive()
+    assert up.banned() == set()
+    assert _names(up) == ['http://p1:1', 'origin']
+
+
 def test_soft_errors_do_not_drop_the_peer():
     up = upstream_mod.Upstream('img', None, ['http://p1:1'], client=None,
                                self_url='http://me:1')

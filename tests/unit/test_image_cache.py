@@ -25,6 +25,7 @@ import pytest
 
 from thunder_cache import chunkmap
 from thunder_cache import image_cache
+from thunder_cache import protocol
 from thunder_cache import sources
 from thunder_cache import upstream as upstream_mod
 from thunder_common import manifest as manifest_mod
@@ -140,6 +141,11 @@ class FakeUpstream(object):
 
     def report(self, source, ok, error=None):
         self.reports.append((source.name, ok, error))
+
+    forgiven = 0
+
+    def forgive(self):
+        self.forgiven += 1
 
 
 def _cache(tmp_path, manifest, *sources_, **kwargs):
@@ -271,6 +277,90 @@ def test_all_sources_fail(tmp_path, image, manifest):
         cache.ensure(1)
     assert not cache.has(1)
     assert cache.counters.get('fetch_failures') == 1
+    cache.close()
+
+
+class FlakySource(FakeSource):
+    """Fails its first ``failures`` reads, then serves."""
+
+    def __init__(self, image, failures, **kwargs):
+        super().__init__(image, **kwargs)
+        self.failures = failures
+
+    def read_chunk(self, index, offset, length, via=(), ticket=None):
+        with self.lock:
+            self.failures -= 1
+            failing = self.failures >= 0
+        if failing:
+            self.calls.append(index)
+            raise IOError('%s is busy' % self.name)
+        return super().read_chunk(index, offset, length, via, ticket)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(image_cache, 'RETRY_FIRST', 0.01)
+    monkeypatch.setattr(image_cache, 'RETRY_MAX', 0.02)
+
+
+def test_local_read_retried_until_a_source_serves(tmp_path, image, manifest,
+                                                  fast_retries):
+    source = FlakySource(image, failures=3)
+    cache = _cache(tmp_path, manifest, source, read_retry=30)
+    offset, length = manifest.chunk_range(1)
+    assert cache.read(offset, length) == image[offset:offset + length]
+    assert cache.counters.get('read_retries') == 3
+    assert cache.counters.get('fetch_failures') == 3
+    assert cache.upstream.forgiven == 3
+    assert cache.has(1)
+    cache.close()
+
+
+def test_local_read_fails_after_read_retry(tmp_path, image, manifest,
+                                           fast_retries):
+    source = FakeSource(image, fail={'all'})
+    cache = _cache(tmp_path, manifest, source, read_retry=0.1)
+    started = time.monotonic()
+    with pytest.raises(image_cache.FetchError, match='no source'):
+        cache.ensure(2)
+    assert time.monotonic() - started >= 0.1
+    assert cache.counters.get('read_retries') >= 2
+    assert cache.demand_pending() == 0
+    cache.close()
+
+
+def test_without_read_retry_a_local_read_fails_at_once(tmp_path, image,
+                                                       manifest):
+    cache = _cache(tmp_path, manifest, FlakySource(image, failures=1))
+    with pytest.raises(image_cache.FetchError):
+        cache.ensure(0)
+    assert cache.counters.get('read_retries') == 0
+    cache.ensure(0)
+    assert cache.has(0)
+    cache.close()
+
+
+def test_peer_requests_are_not_retried(tmp_path, image, manifest,
+                                       fast_retries):
+    source = FlakySource(image, failures=1)
+    cache = _cache(tmp_path, manifest, source, read_retry=30)
+    with pytest.raises(image_cache.FetchError):
+        cache.ensure(0, via=('http://10.0.0.9:7000',),
+                     ticket=protocol.new_ticket())
+    assert cache.counters.get('read_retries') == 0
+    assert source.calls == [0]
+    cache.close()
+
+
+def test_retried_read_is_observed_once(tmp_path, image, manifest,
+                                       fast_retries):
+    seen = []
+    cache = _cache(tmp_path, manifest, FlakySource(image, failures=2),
+                   read_retry=30)
+    cache.observer = seen.append
+    cache.ensure(3)
+    assert seen == [3]
+    assert cache.counters.get('chunk_misses') == 3
     cache.close()
 
 

@@ -30,6 +30,12 @@ Ceph (``rbd du``: a copy-on-write clone owns none). Flows:
     glance_store's cinder store (images as volumes of the ``rbd`` type) and
     Cinder's RBDDriver: Cinder clones the image-volume it finds through the
     ``cinder://`` location, taking a snapshot of it for every clone.
+
+With ``--bulk-boot``, the demo then runs the bulk boot benchmark
+(``benchmarks/bulk_boot.py``, N emulated compute nodes booting one image
+in peer mode and without it) with the stack's Python, its output streamed,
+its results written under ``data/demo/bulk-boot`` unless its arguments say
+``--out``, and its outcome added to the summary and to ``--json``.
 """
 
 import json
@@ -37,7 +43,9 @@ import math
 import os
 import random
 import re
+import shlex
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -50,6 +58,7 @@ FLOWS = {
     'upstream-cinder': {'store': 'cinder', 'type': 'rbd', 'pool': 'volumes'},
 }
 BLOCK = 4 * 1024 * 1024
+BULK_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'bulk_boot.py')
 
 
 def make_image(path, size_mib, seed=20140417):
@@ -373,20 +382,121 @@ def print_table(results, args):
           'parent snaps: snapshots on the images the clones hang from.')
 
 
+def bulk_boot_command(stack, args):
+    """The benchmark's command line and results directory.
+
+    StackError unless run as root or if ``--bulk-boot-args`` does not
+    split.
+    """
+    if os.geteuid() != 0:
+        raise stack_mod.StackError(
+            '--bulk-boot needs root: the benchmark creates network '
+            'namespaces and tc qdiscs')
+    try:
+        extra = shlex.split(args.bulk_boot_args or '')
+    except ValueError as e:
+        raise stack_mod.StackError('--bulk-boot-args %r: %s'
+                                   % (args.bulk_boot_args, e))
+    out = None
+    for i, arg in enumerate(extra):
+        if arg == '--out' and i + 1 < len(extra):
+            out = extra[i + 1]
+        elif arg.startswith('--out='):
+            out = arg[len('--out='):]
+    if out is None:
+        out = stack.path('data', 'demo', 'bulk-boot')
+        extra += ['--out', out]
+    return [stack.python, BULK_BOOT] + extra, os.path.abspath(out)
+
+
+def run_bulk_boot(stack, command, out):
+    """Run the benchmark, its output streamed; its outcome as a dict."""
+    result = {'flow': 'bulk-boot', 'command': command, 'results_dir': out,
+              'returncode': None, 'error': None}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [stack_mod.CHECKOUT] + [p for p in [os.environ.get('PYTHONPATH')]
+                                if p]))
+    stack_mod.log('bulk boot: %s' % ' '.join(shlex.quote(c) for c in [
+        os.path.relpath(command[1], stack_mod.CHECKOUT)] + command[2:]))
+    sys.stdout.flush()
+    started = time.time()
+    try:
+        proc = subprocess.Popen(command, env=env)
+        try:
+            result['returncode'] = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()     # the benchmark removes what it made first
+            raise
+    except OSError as e:
+        result['error'] = 'cannot start %s: %s' % (command[0], e)
+        return result
+    result['seconds'] = round(time.time() - started, 1)
+    result.update(_bulk_boot_runs(out, started))
+    if result['returncode']:
+        result['error'] = 'benchmarks/bulk_boot.py exited with %d' % (
+            result['returncode'])
+    return result
+
+
+def _bulk_boot_runs(out, since):
+    """What this run's ``run.json`` says: runs, unverified nodes, goals."""
+    path = os.path.join(out, 'run.json')
+    try:
+        if os.path.getmtime(path) < since:
+            return {}           # an earlier run's
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    measured = [r for r in meta.get('rows', []) if r.get('measured')]
+    return {'runs': len(measured),
+            'unverified_nodes': sum(r['nodes'] - r['verified']
+                                    for r in measured),
+            'goals': len(meta.get('goals', [])),
+            'goals_missed': [g['goal'] for g in meta.get('goals', [])
+                             if not g['met']]}
+
+
+def print_bulk_boot(result):
+    """One line: how the benchmark ended and where its results are."""
+    if result['error']:
+        status = 'FAILED: %s' % result['error']
+    else:
+        status = 'ok'
+    if 'runs' in result:
+        status += '; %d runs, %s' % (result['runs'], (
+            'every node verified its bytes' if not result['unverified_nodes']
+            else '%d nodes NOT verified' % result['unverified_nodes']))
+        if result['goals']:
+            status += '; goals met: %d of %d (results.txt)' % (
+                result['goals'] - len(result['goals_missed']),
+                result['goals'])
+    print('bulk boot: %s; results in %s' % (status, result['results_dir']))
+
+
 def run_demo(stack, args):
-    image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
-                                  % args.image_size_mib),
-                       args.image_size_mib)
-    api = Api(stack)
-    results = []
-    for name in [f.strip() for f in args.flows.split(',') if f.strip()]:
+    names = [f.strip() for f in args.flows.split(',') if f.strip()]
+    for name in names:
         if name not in FLOWS:
             raise stack_mod.StackError('unknown flow %r (choose from %s)'
                                        % (name, ', '.join(FLOWS)))
-        stack_mod.log('demo flow %s: uploading %d MiB, then %d volumes'
-                      % (name, args.image_size_mib, args.volumes))
-        results.append(run_flow(stack, api, name, image, args))
-    print_table(results, args)
+    bulk = (bulk_boot_command(stack, args)
+            if getattr(args, 'bulk_boot', False) else None)
+    results = []
+    if names:
+        image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
+                                      % args.image_size_mib),
+                           args.image_size_mib)
+        api = Api(stack)
+        for name in names:
+            stack_mod.log('demo flow %s: uploading %d MiB, then %d volumes'
+                          % (name, args.image_size_mib, args.volumes))
+            results.append(run_flow(stack, api, name, image, args))
+        print_table(results, args)
+    if bulk:
+        results.append(run_bulk_boot(stack, *bulk))
+        print()
+        print_bulk_boot(results[-1])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=2)

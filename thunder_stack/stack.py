@@ -917,7 +917,9 @@ def main(argv=None):
                                   'health')
     demo = sub.add_parser('demo', help='up, then create many volumes from '
                                        'one image with thunder and with '
-                                       'upstream; print the timings')
+                                       'upstream; print the timings '
+                                       '(--bulk-boot: then the bulk boot '
+                                       'benchmark)')
     demo.add_argument('--volumes', '-n', type=int, default=10,
                       help='volumes to create from the image (default 10)')
     demo.add_argument('--image-size-mib', type=int, default=1024,
@@ -931,6 +933,17 @@ def main(argv=None):
     demo.add_argument('--timeout', type=int, default=900,
                       help='seconds to wait for the volumes')
     demo.add_argument('--json', help='also write the results to this file')
+    demo.add_argument('--bulk-boot', action='store_true',
+                      help='after the flows (alone with --flows ""), run '
+                           'benchmarks/bulk_boot.py: N emulated nodes boot '
+                           'one image (needs root)')
+    demo.add_argument('--bulk-boot-args', default='--quick',
+                      help='arguments of benchmarks/bulk_boot.py, one '
+                           'string (default "--quick"; "" for the full '
+                           'benchmark; one option alone as '
+                           '--bulk-boot-args=--quick); results go to '
+                           'data/demo/bulk-boot of the stack unless it '
+                           'has --out')
     tempest = sub.add_parser('tempest', help="run Tempest's volume tests "
                                              'against the stack')
     tempest.add_argument('--regex', default=None,
@@ -953,6 +966,8 @@ def main(argv=None):
             return 0 if rows and all(r['state'] == 'ok' for r in rows) else 3
         elif args.command == 'demo':
             from thunder_stack import demo as demo_mod
+            if args.bulk_boot:
+                demo_mod.bulk_boot_command(stack, args)     # before "up"
             if not stack.is_up():
                 stack.up()
             return demo_mod.run_demo(stack, args)

@@ -12,9 +12,12 @@
 
 """The local stack itself: idempotent, configured by the devstack plugin."""
 
+import csv
 import hashlib
+import json
 import os
 import subprocess
+import time
 
 from tests.e2e import conftest
 from thunder_stack import demo
@@ -100,3 +103,40 @@ def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
     out = tmp_path / 'after-restart.raw'
     client.run('glance', 'image-download', '--file', str(out), image_id)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+def test_demo_with_the_bulk_boot(stack, tmp_path):
+    """``demo --bulk-boot``: a flow, then the benchmark, in one command.
+
+    The benchmark's quick mode, 1 and 2 nodes, the peer strategy: its
+    results go to the stack's data directory, every node read the image's
+    bytes, and the demo's summary and JSON say so.
+    """
+    out = stack.path('data', 'demo', 'bulk-boot')
+    report = tmp_path / 'demo.json'
+    started = time.time()
+    result = subprocess.run(
+        [conftest.TOOL, 'demo', '--flows', 'thunder', '--volumes', '2',
+         '--image-size-mib', '64', '--json', str(report), '--bulk-boot',
+         '--bulk-boot-args', '--quick --nodes 1,2 --strategies peer'],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout[-3000:] +
+                                    result.stderr[-3000:])
+    assert ('bulk boot: ok; 2 runs, every node verified its bytes'
+            in result.stdout), result.stdout[-3000:]
+    with open(os.path.join(out, 'results.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert os.path.getmtime(os.path.join(out, 'results.csv')) >= started
+    assert [(r['strategy'], int(r['nodes'])) for r in rows] == [
+        ('peer', 1), ('peer', 2)]
+    for r in rows:
+        assert r['measured'] == 'True', r
+        assert int(r['verified']) == int(r['nodes']), r
+        assert not r['errors'], r
+    with open(report) as f:
+        flow, bulk = json.load(f)
+    assert flow['flow'] == 'thunder' and flow['error'] is None
+    assert flow['clones'] == 2
+    assert bulk['flow'] == 'bulk-boot' and bulk['returncode'] == 0
+    assert bulk['results_dir'] == out
+    assert bulk['runs'] == 2 and bulk['unverified_nodes'] == 0

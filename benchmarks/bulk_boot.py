@@ -87,6 +87,7 @@ import time
 import blockdev_mechanisms as bm
 import cache_io
 
+from thunder_cache import options as cache_options
 from thunder_cache import sources
 from thunder_cache import trace as trace_mod
 from thunder_common import manifest as manifest_mod
@@ -106,6 +107,9 @@ HEADROOM = 0.5
 #: Concurrent chunk requests of a full copy's download, per node.
 DOWNLOAD_STREAMS = 4
 CALIBRATION_NODES = 4
+GIGABIT = 1e9 / 8
+# The daemons' network timeouts stretched with the links (Bench._timeouts).
+SCALED_TIMEOUTS = ('fetch_timeout', 'relay_timeout', 'child_ttl')
 
 
 # -- the workload -----------------------------------------------------------
@@ -571,9 +575,8 @@ class Bench(object):
         self.rate_reason = ''
         self.rows = []
         self.mp = multiprocessing.get_context('fork')
-        self.peer_options = ['%s = %s' % (name, getattr(args, name))
-                             for name in ('fetch_timeout', 'relay_timeout')
-                             if getattr(args, name) is not None]
+        self.timeout_factor = 1.0
+        self.peer_options = self._timeouts()
 
     # -- set-up ------------------------------------------------------------
 
@@ -671,7 +674,31 @@ class Bench(object):
                     (self.args.link_mbit, mbit, self.capacity / 1e6, nmax,
                      HEADROOM * 100))
         self.testbed.shape(int(self.rate * 8))
+        self.timeout_factor = max(1.0, GIGABIT / self.rate)
+        self.peer_options = self._timeouts()
         return self.rate
+
+    def _timeouts(self):
+        """``[peer]`` lines for the daemons' network timeouts.
+
+        The daemons' defaults are for 1 Gbit/s links (a 1 MiB chunk in
+        8 ms). On links slowed down k times, every transfer, and so every
+        wait on one, takes k times longer: with ``--daemon-timeouts
+        scaled`` (the default) the timeouts are stretched by the same k,
+        as the links are. ``--fetch-timeout``/``--relay-timeout`` set one
+        outright.
+        """
+        lines = []
+        for name in SCALED_TIMEOUTS:
+            value = getattr(self.args, name, None)
+            if value is None:
+                if self.args.daemon_timeouts != 'scaled' or (
+                        self.timeout_factor == 1.0):
+                    continue
+                value = daemon_default(name) * self.timeout_factor
+            kind = type(daemon_default(name))
+            lines.append('%s = %s' % (name, kind(round(value, 1))))
+        return lines
 
     def predicted_seconds(self):
         """A rough duration of the whole run, for the plan printed first."""
@@ -725,7 +752,7 @@ class Bench(object):
         try:
             origin = self._origin(1 if peer_mode else 64)
             nodes = [Node(self.run_dir, 'n%d' % k, self.testbed.hosts[k + 1],
-                          max_children=2,
+                          max_children=self.args.max_children,
                           replay=strategy == 'peer+prefetch',
                           peer_options=self.peer_options)
                      for k in range(n)]
@@ -955,7 +982,10 @@ def header(bench):
         'links %.0f Mbit/s each way (%s)' % (
             bench.rate * 8 / 1e6, bench.rate_reason),
         'daemons: thunder-cache defaults%s' % (
-            ''.join(', ' + o for o in bench.peer_options)),
+            ''.join(', ' + o for o in bench.peer_options)) + (
+            ' (network timeouts x%.0f, as the links)' % bench.timeout_factor
+            if bench.timeout_factor > 1 and a.daemon_timeouts == 'scaled'
+            else ''),
     ]
 
 
@@ -1066,14 +1096,23 @@ def parse_args(argv):
     parser.add_argument('--think-scale', type=float, default=1.0,
                         help='multiplies the gaps between reads (default 1)')
     parser.add_argument('--chunk-kib', type=int,
-                        help='manifest chunk size (default 1024, the '
-                        'store\'s; --quick 256: more chunks in less data)')
+                        help='manifest chunk size (default %d, the '
+                        'store\'s)' % (manifest_mod.DEFAULT_CHUNK_SIZE // KiB))
     parser.add_argument('--fetch-timeout', type=float,
                         help='[peer] fetch_timeout of every daemon (default: '
                         'the daemon\'s)')
     parser.add_argument('--relay-timeout', type=float,
                         help='[peer] relay_timeout of every daemon (default: '
                         'the daemon\'s)')
+    parser.add_argument('--max-children', type=int, default=2,
+                        help='[peer] max_children of the nodes in the peer '
+                        'strategies (default 2, the daemon\'s)')
+    parser.add_argument('--daemon-timeouts', choices=('scaled', 'defaults'),
+                        default='scaled',
+                        help='the daemons\' fetch_timeout, relay_timeout '
+                        'and child_ttl: their defaults (meant for 1 Gbit/s) '
+                        'multiplied by how much slower the links are than '
+                        '1 Gbit/s (default), or the defaults as they are')
     parser.add_argument('--seed', type=int, default=1,
                         help='seed of the image bytes and synthetic trace')
     parser.add_argument('--origin-budget', type=float,
@@ -1096,7 +1135,7 @@ def parse_args(argv):
     if args.image_mib is None:
         args.image_mib = 32 if quick else 256
     if args.chunk_kib is None:
-        args.chunk_kib = 256 if quick else 1024
+        args.chunk_kib = manifest_mod.DEFAULT_CHUNK_SIZE // KiB
     if args.ws_fraction is None:
         args.ws_fraction = 0.25 if quick else 0.1
     if args.boot_seconds is None:
@@ -1122,6 +1161,14 @@ def parse_args(argv):
         args.trace_data = load_trace(args.trace)
         args.trace_name = os.path.relpath(args.trace, REPO)
     return args
+
+
+def daemon_default(name):
+    """The default of a ``[peer]`` option of thunder-cache."""
+    for opt in cache_options.peer_opts:
+        if opt.name == name:
+            return opt.default
+    raise KeyError(name)
 
 
 def unavailable():
@@ -1192,6 +1239,7 @@ def _main(args, workdir, cleanup):
         'capacity_bytes_per_second': bench.capacity,
         'link_bytes_per_second': bench.rate,
         'rate_reason': bench.rate_reason,
+        'daemon_options': bench.peer_options,
         'trace': args.trace_name, 'reads': len(bench.reads),
         'image_bytes': bench.size, 'chunk_bytes': bench.chunk,
         'working_set': bench.W, 'working_set_chunks': bench.Wc,

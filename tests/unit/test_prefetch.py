@@ -366,7 +366,7 @@ def test_options():
     group = conf.prefetch
     assert group.record is True
     assert group.record_window == 60.0
-    assert group.record_max_chunks == 1024
+    assert group.record_max_chunks == 1536
     assert group.replay is True
     assert group.replay_concurrency == 4
     assert group.demand_allowance == 1

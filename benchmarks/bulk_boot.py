@@ -698,7 +698,8 @@ class Bench(object):
                 value = daemon_default(name) * self.timeout_factor
             kind = type(daemon_default(name))
             lines.append('%s = %s' % (name, kind(round(value, 1))))
-        return lines
+        return lines + ['%s = %s' % tuple(o.split('=', 1))
+                        for o in self.args.peer_option]
 
     def predicted_seconds(self):
         """A rough duration of the whole run, for the plan printed first."""
@@ -1107,6 +1108,10 @@ def parse_args(argv):
     parser.add_argument('--max-children', type=int, default=2,
                         help='[peer] max_children of the nodes in the peer '
                         'strategies (default 2, the daemon\'s)')
+    parser.add_argument('--peer-option', action='append', default=[],
+                        metavar='NAME=VALUE',
+                        help='a [peer] option of every daemon (repeatable), '
+                        'e.g. max_redirects=64')
     parser.add_argument('--daemon-timeouts', choices=('scaled', 'defaults'),
                         default='scaled',
                         help='the daemons\' fetch_timeout, relay_timeout '
@@ -1152,6 +1157,12 @@ def parse_args(argv):
             DEFAULT_TRACE) else DEFAULT_TRACE)
     if min(args.nodes) < 1 or max(args.nodes) > 250 or not args.strategies:
         parser.error('nodes must be within 1-250; at least one strategy')
+    for option in args.peer_option:
+        name = option.partition('=')[0]
+        if not option.partition('=')[2] or name not in {
+                o.name for o in cache_options.peer_opts}:
+            parser.error('--peer-option %r: not NAME=VALUE of a [peer] '
+                         'option of thunder-cache' % option)
     if args.trace == 'synthetic':
         args.trace_data = synthetic_trace(args.image_mib * MiB, args.seed,
                                           args.boot_seconds,

@@ -24,6 +24,12 @@ the node
   publisher wins) and keeps a copy in the image's cache directory;
 * optionally hydrates the whole image in the background.
 
+The Cinder calls (advertise, read the peers and the published trace) run
+in a thread of their own: the read that opened the cache (after a restart,
+a guest's) waits for them at most :data:`ACTIVATION_WAIT` seconds, and
+records its boot meanwhile (the recording is dropped if a published trace
+turns up).
+
 A periodic tick publishes finished traces and refreshes each image's peer
 list from the advertisements, so nodes that arrive later are found.
 """
@@ -39,6 +45,9 @@ from thunder_cache import trace as trace_mod
 LOG = logging.getLogger(__name__)
 
 TRACE_FILE = 'trace'
+#: Seconds the read that opened an image waits for the Cinder calls of its
+#: activation (peers found before the first fetch); they go on behind it.
+ACTIVATION_WAIT = 5.0
 
 
 class _Image(object):
@@ -61,13 +70,16 @@ class ImageLifecycle(object):
         or None when ``[advertise]`` is off (traces are then kept on this
         node only).
     :param interval: seconds between ticks.
+    :param activation_wait: seconds :meth:`activated` waits for Cinder.
     """
 
-    def __init__(self, node, conf, advertiser=None, interval=5.0):
+    def __init__(self, node, conf, advertiser=None, interval=5.0,
+                 activation_wait=ACTIVATION_WAIT):
         self.node = node
         self.conf = conf
         self.advertiser = advertiser
         self.interval = interval
+        self.activation_wait = activation_wait
         self._images = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,33 +94,58 @@ class ImageLifecycle(object):
             if spec.image_id in self._images or self._stop.is_set():
                 return
             self._images[spec.image_id] = state
-        volume_id = spec.origin_volume_id
-        if self.advertiser is not None and volume_id:
-            self.advertiser.advertise(volume_id)
-            self._refresh_peers(state)
         if not cache.complete():
-            indexes = self._known_trace(state) if self.conf.replay else None
-            if indexes:
-                LOG.info('Image %s: replaying a boot trace of %d chunks',
-                         spec.image_id, len(indexes))
-                state.prefetcher = prefetch.Prefetcher(
-                    cache, indexes, concurrency=self.conf.replay_concurrency,
-                    demand_allowance=self.conf.demand_allowance)
-                state.prefetcher.start()
-            elif self.conf.record:
+            if self.conf.record:
                 state.recorder = trace_mod.TraceRecorder(
                     cache.manifest.chunk_count,
                     window=self.conf.record_window,
                     max_chunks=self.conf.record_max_chunks)
                 cache.observer = state.recorder.touch
-                LOG.info('Image %s: no boot trace yet; recording this '
-                         'one', spec.image_id)
             if self.conf.hydrate:
                 state.hydrator = prefetch.Hydrator(
                     cache, prefetch.hydrate_rate_bytes(self.conf),
                     self.conf.hydrate_delay,
                     demand_allowance=self.conf.demand_allowance)
                 state.hydrator.start()
+        worker = threading.Thread(target=self._settle, args=(state,),
+                                  daemon=True,
+                                  name='activate-%s' % spec.image_id[:16])
+        worker.start()
+        worker.join(self.activation_wait)
+        if worker.is_alive():
+            LOG.warning('Image %s: Cinder has not answered in %.0f s; its '
+                        'advertisement and boot trace go on in the '
+                        'background', spec.image_id, self.activation_wait)
+
+    def _settle(self, state):
+        """The Cinder side of an activation: advertise, peers, trace."""
+        spec, cache = state.spec, state.cache
+        try:
+            volume_id = spec.origin_volume_id
+            if self.advertiser is not None and volume_id:
+                self.advertiser.advertise(volume_id)
+                self._refresh_peers(state)
+            if cache.complete():
+                return
+            indexes = self._known_trace(state) if self.conf.replay else None
+            if not indexes:
+                if state.recorder is not None:
+                    LOG.info('Image %s: no boot trace yet; recording this '
+                             'one', spec.image_id)
+                return
+            if state.recorder is not None:
+                cache.observer = None
+                state.recorder = None
+            LOG.info('Image %s: replaying a boot trace of %d chunks',
+                     spec.image_id, len(indexes))
+            state.prefetcher = prefetch.Prefetcher(
+                cache, indexes, concurrency=self.conf.replay_concurrency,
+                demand_allowance=self.conf.demand_allowance)
+            if self._stop.is_set():
+                return
+            state.prefetcher.start()
+        except Exception:
+            LOG.exception('Image %s: activation failed', spec.image_id)
 
     def _trace_path(self, state):
         return os.path.join(state.cache.directory, TRACE_FILE)

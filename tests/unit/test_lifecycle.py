@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import types
 from unittest import mock
 import uuid
@@ -190,6 +191,55 @@ def test_published_trace_is_replayed(node, advertiser, cache, workers):
     workers.prefetcher.return_value.start.assert_called_once_with()
     assert cache.observer is None  # not recorded again
     workers.hydrator.assert_not_called()
+
+
+class SlowAdvertiser(FakeAdvertiser):
+    """Cinder that answers only once ``answer`` is set."""
+
+    def __init__(self, peers=()):
+        super().__init__(peers)
+        self.answer = threading.Event()
+
+    def advertise(self, volume_id):
+        assert self.answer.wait(30)
+        super().advertise(volume_id)
+
+
+def test_slow_cinder_does_not_hold_the_first_read(node, cache, workers,
+                                                  caplog):
+    advertiser = SlowAdvertiser(ADVERTISED)
+    spec = make_spec()
+    _publish(advertiser, spec.origin_volume_id, [4, 5, 6])
+    life = lifecycle.ImageLifecycle(node, make_conf(), advertiser,
+                                    interval=60, activation_wait=0.05)
+    started = time.monotonic()
+    life.activated(spec, cache)
+    assert time.monotonic() - started < 10
+    assert 'go on in the background' in caplog.text
+    # Meanwhile the boot is recorded, and nothing is prefetched yet.
+    assert cache.observer is not None
+    workers.prefetcher.assert_not_called()
+    advertiser.answer.set()
+    deadline = time.monotonic() + 10
+    while not workers.prefetcher.return_value.start.called:
+        assert time.monotonic() < deadline, 'no prefetch started'
+        time.sleep(0.01)
+    # The published trace wins over this node's recording.
+    workers.prefetcher.assert_called_once_with(
+        cache, [4, 5, 6], concurrency=4, demand_allowance=1)
+    assert cache.observer is None
+    assert advertiser.advertised == [spec.origin_volume_id]
+    node.set_peers.assert_called_once_with(IMAGE_ID, [DESCRIBED] + [
+        u for u in ADVERTISED if u != DESCRIBED])
+
+
+def test_activation_error_is_logged_not_raised(node, advertiser, cache,
+                                               workers, caplog):
+    workers.prefetcher.side_effect = RuntimeError('boom')
+    spec = make_spec()
+    _publish(advertiser, spec.origin_volume_id, [1])
+    _lifecycle(node, advertiser).activated(spec, cache)
+    assert 'activation failed' in caplog.text
 
 
 def test_published_trace_not_replayed_when_replay_is_off(node, advertiser,

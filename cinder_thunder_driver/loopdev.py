@@ -22,12 +22,11 @@ accepted, and only ``/dev/loopN`` devices are touched.
 """
 
 import os
-import re
 
 from cinder import privsep
 from oslo_concurrency import processutils
 
-_LOOP = re.compile(r'^/dev/loop[0-9]{1,6}\Z')
+from thunder_common import loops
 
 
 class LoopError(RuntimeError):
@@ -35,7 +34,7 @@ class LoopError(RuntimeError):
 
 
 def _check_device(device):
-    if not isinstance(device, str) or not _LOOP.match(device):
+    if not isinstance(device, str) or not loops.DEVICE.match(device):
         raise LoopError('%r is not a loop device' % (device,))
     return device
 
@@ -58,15 +57,7 @@ def _losetup(*args):
 
 
 def _devices(path):
-    out = _losetup('--list', '--noheadings', '--raw', '--output',
-                   'NAME,BACK-FILE')
-    devices = []
-    for line in out.splitlines():
-        name, _sep, backing = line.partition(' ')
-        # losetup escapes blanks in paths; volume file names have none.
-        if backing.strip() == path and _LOOP.match(name):
-            devices.append(name)
-    return sorted(devices)
+    return loops.backed_by(_losetup(*loops.LIST_COMMAND[1:]), path=path)
 
 
 @privsep.sys_admin_pctxt.entrypoint

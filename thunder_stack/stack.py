@@ -41,6 +41,7 @@ import sys
 import time
 
 from thunder_cache import control
+from thunder_common import loops
 from thunder_stack import ceph as ceph_mod
 from thunder_stack import ini
 from thunder_stack import services as svc
@@ -786,14 +787,11 @@ class Stack(object):
 
     def _detach_loop_devices(self):
         """Loop devices left on volume files (a test that failed)."""
-        mount = self.thunder_cache_paths['mount'] + os.sep
-        out = run(['losetup', '--list', '--noheadings', '--raw', '--output',
-                   'NAME,BACK-FILE'], check=False, quiet=True).stdout
-        for line in (out or '').splitlines():
-            name, _sep, backing = line.partition(' ')
-            if backing.startswith(mount):
-                log('detaching %s (%s)' % (name, backing))
-                run(['losetup', '--detach', name], check=False, quiet=True)
+        mount = self.thunder_cache_paths['mount']
+        out = run(list(loops.LIST_COMMAND), check=False, quiet=True).stdout
+        for name in loops.backed_by(out, under=mount):
+            log('detaching %s (a volume file of %s)' % (name, mount))
+            run(['losetup', '--detach', name], check=False, quiet=True)
 
     def status(self):
         rows = []

@@ -21,6 +21,7 @@ os-brick's ``local`` connector turns it into the device to read.
 import hashlib
 import os
 import re
+import subprocess
 import time
 import urllib.request
 
@@ -34,6 +35,7 @@ from thunder_cache import advertise
 from thunder_cache import control
 from thunder_cache import trace
 from thunder_common import locations
+from thunder_common import loops
 from thunder_stack import demo
 from thunder_stack import standalone
 
@@ -110,10 +112,9 @@ def _read_device(path, image_size):
 
 
 def _loop_devices_of(path):
-    out = os.popen('losetup --list --noheadings --raw --output '
-                   'NAME,BACK-FILE').read()
-    return [line.split()[0] for line in out.splitlines()
-            if line.split()[1:] == [path]]
+    out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
+                         check=True).stdout
+    return loops.backed_by(out, path=path)
 
 
 class Attached(object):

@@ -31,6 +31,7 @@ import pytest
 from tests.functional import cache_daemons
 from thunder_cache import control
 from thunder_common import locations
+from thunder_common import loops
 from thunder_common import manifest as manifest_mod
 from thunder_stack import standalone
 
@@ -95,12 +96,9 @@ def node(tmp_path, ceph):
 
 
 def _loops_under(mount):
-    out = subprocess.run(['losetup', '--list', '--noheadings', '--raw',
-                          '--output', 'NAME,BACK-FILE'], capture_output=True,
-                         text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines()
-            if len(line.split()) == 2 and
-            line.split()[1].startswith(mount + os.sep)]
+    out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
+                         check=True).stdout
+    return loops.backed_by(out, under=mount)
 
 
 def _detach_all(mount):

@@ -361,6 +361,25 @@ class Console(threading.Thread):
         self.out.close()
 
 
+def qemu_command(accel, volume, memory_mib=1024):
+    """qemu booting ``volume`` as libvirt sets up Nova's volumes.
+
+    virtio-blk, raw, ``cache=none``, ``aio=threads``; one vCPU, no network,
+    the serial console on stdout, no reboot (a power-off ends qemu).
+    """
+    # Without arch-capabilities: nested KVM here refuses its MSR (0x10a).
+    return ['qemu-system-x86_64', '-accel', accel,
+            '-cpu', 'host,-arch-capabilities' if accel == 'kvm' else 'max',
+            '-m', str(memory_mib), '-smp', '1', '-nodefaults',
+            '-display', 'none', '-serial', 'stdio', '-monitor', 'none',
+            '-no-reboot', '-msg', 'timestamp=on',
+            '-blockdev', 'driver=file,node-name=disk,filename=%s,'
+            'cache.direct=on,cache.no-flush=off,aio=threads' % volume,
+            '-blockdev', 'driver=raw,node-name=fmt,file=disk',
+            '-device', 'virtio-blk-pci,drive=fmt,bootindex=1',
+            '-nic', 'none']
+
+
 def boot(args, accel, kernel, initrd, volume, workdir):
     """Boot the volume once; returns a dict, or raises if the boot failed."""
     trace = os.path.join(workdir, 'trace-%s.log' % accel)
@@ -372,18 +391,8 @@ def boot(args, accel, kernel, initrd, volume, workdir):
             os.unlink(path)
     # One -trace option: a later one would reset the output file.
     write(events, 'blk_co_preadv\nblk_co_pwritev\n')
-    # Without arch-capabilities: nested KVM here refuses its MSR (0x10a).
-    cmd = ['qemu-system-x86_64', '-accel', accel,
-           '-cpu', 'host,-arch-capabilities' if accel == 'kvm' else 'max',
-           '-m', '1024', '-smp', '1', '-nodefaults', '-display', 'none',
-           '-serial', 'stdio', '-monitor', 'none', '-no-reboot',
-           '-msg', 'timestamp=on',
-           '-trace', 'events=%s,file=%s' % (events, trace),
-           '-blockdev', 'driver=file,node-name=disk,filename=%s,'
-           'cache.direct=on,cache.no-flush=off,aio=threads' % volume,
-           '-blockdev', 'driver=raw,node-name=fmt,file=disk',
-           '-device', 'virtio-blk-pci,drive=fmt,bootindex=1',
-           '-nic', 'none']
+    cmd = qemu_command(accel, volume) + [
+        '-trace', 'events=%s,file=%s' % (events, trace)]
     if args.no_boot_loader:
         cmd += ['-kernel', kernel, '-initrd', initrd, '-append', CMDLINE]
     log('boot under %s: %s' % (accel, ' '.join(cmd)))

@@ -285,7 +285,8 @@ class ImageCache(object):
             in :meth:`demand_pending`. Demand reads join it as any other.
         :returns: for a background call, True if this call fetched the
             chunk; None for a demand call.
-        :raises FetchError: if no source could provide the chunk.
+        :raises FetchError: if no source could provide the chunk (for a
+            local reader: for ``read_retry`` seconds).
         :raises IndexError: for an index outside the image.
 
         A peer's request joins a fetch already in flight only if that

@@ -17,7 +17,7 @@ replayed traces, for small N. Run as root::
 
     python benchmarks/boot_guests.py [--nodes 1,2] [--link-mbit 100]
         [--repeat 1] [--image /var/tmp/thunder-boot.raw] [--trace PATH]
-        [--chunk-kib 1024] [--out doc/source/bulk-boot/guests]
+        [--chunk-kib 256] [--out doc/source/bulk-boot/guests]
 
 1. The bootable Debian image of ``make_boot_trace.py`` (built with its
    functions when ``--image`` is missing: debootstrap, a few minutes) is
@@ -505,8 +505,10 @@ def parse_args(argv):
     parser.add_argument('--mirror', default=mbt.MIRROR)
     parser.add_argument('--trace', default=bulk_boot.DEFAULT_TRACE,
                         help='boot trace whose chunk order is prefetched')
-    parser.add_argument('--chunk-kib', type=int, default=1024,
-                        help='manifest chunk size (default 1024)')
+    parser.add_argument('--chunk-kib', type=int,
+                        default=manifest_mod.DEFAULT_CHUNK_SIZE // 1024,
+                        help='manifest chunk size (default %d, the store\'s)'
+                        % (manifest_mod.DEFAULT_CHUNK_SIZE // 1024))
     parser.add_argument('--accel', choices=('tcg', 'kvm'), default='tcg')
     parser.add_argument('--memory-mib', type=int, default=1024,
                         help='guest memory (default 1024, as the trace)')

@@ -549,16 +549,11 @@ def main(argv=None):
     if why:
         print('boot_guests: cannot run: %s' % why, file=sys.stderr)
         return 2
-    os.environ['PYTHONPATH'] = os.pathsep.join(
-        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, cache_io._terminate)
-    workdir = tempfile.mkdtemp(prefix='boot-guests-', dir=args.workdir)
+    workdir, cleanup = cache_io.run_as_benchmark('boot-guests-',
+                                                 args.workdir)
     args.workdir_path = workdir
     args.logs = os.path.join(workdir, 'consoles')
     os.makedirs(args.logs)
-    cleanup = bm.Cleanup()
-    cleanup.callback(bm.remove_tree, workdir)
     try:
         return _main(args, argv, cleanup)
     except (RuntimeError, OSError, subprocess.SubprocessError,

@@ -1197,13 +1197,7 @@ def main(argv=None):
     if why:
         print('bulk_boot: cannot run: %s' % why, file=sys.stderr)
         return 2
-    os.environ['PYTHONPATH'] = os.pathsep.join(
-        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, cache_io._terminate)
-    workdir = tempfile.mkdtemp(prefix='bulk-boot-', dir=args.workdir)
-    cleanup = bm.Cleanup()
-    cleanup.callback(bm.remove_tree, workdir)
+    workdir, cleanup = cache_io.run_as_benchmark('bulk-boot-', args.workdir)
     try:
         return _main(args, workdir, cleanup)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:

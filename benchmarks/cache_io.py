@@ -510,6 +510,23 @@ def _terminate(signum, frame):
         raise SystemExit(128 + signum)
 
 
+def run_as_benchmark(prefix, parent):
+    """Set this process up for a benchmark; its work directory and cleanup.
+
+    The daemons it starts (``python -m thunder_cache.daemon``) run this
+    tree's code; SIGTERM, SIGINT and SIGHUP unwind through the cleanup,
+    which removes the temporary directory (made under ``parent``) last.
+    """
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    workdir = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    cleanup = bm.Cleanup()
+    cleanup.callback(bm.remove_tree, workdir)
+    return workdir, cleanup
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=1024,
@@ -538,14 +555,7 @@ def main(argv=None):
     if why:
         print('cache_io: skipped: %s' % why, file=sys.stderr)
         return 0
-    # The daemon (python -m thunder_cache.daemon) runs this tree's code.
-    os.environ['PYTHONPATH'] = os.pathsep.join(
-        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _terminate)
-    workdir = tempfile.mkdtemp(prefix='cache-io-', dir=args.workdir)
-    cleanup = bm.Cleanup()
-    cleanup.callback(bm.remove_tree, workdir)
+    workdir, cleanup = run_as_benchmark('cache-io-', args.workdir)
     try:
         return _main(args, workdir)
     except (RuntimeError, OSError, subprocess.SubprocessError,

@@ -332,6 +332,10 @@ def test_sigkill_mid_fill_then_restart(daemons, volume, image):
         try:
             for offset in range(0, SIZE, CHUNK):
                 node.read(IMAGE, offset, CHUNK)
+                # Paced, so that the kill below lands mid-fill however
+                # fast the origin file is read (a quarter of the chunks
+                # takes at least 0.3 s; the poll below looks every 10 ms).
+                time.sleep(0.01)
         except Exception as e:
             errors.append(e)
 

@@ -12,11 +12,12 @@
 
 """Locations of the thunder store, parsed strictly by thunder_common.
 
-``thunder://[STORE/]VOLUME_ID`` is the store's own location. With
-``thunder_store_alias_locations`` the store also serves the ``cinder://``
-and ``rbd://`` forms of its image-volumes (see ``doc/source/store.rst``).
-Anything else, including malformed, hostile or truncated URIs, raises
-BadStoreUri with the reason.
+``thunder://[STORE/]VOLUME_ID?image_id=IMAGE_ID`` is the store's own
+location (``thunder://[STORE/]VOLUME_ID`` for images stored before the
+image id was added). With ``thunder_store_alias_locations`` the store also
+serves the ``cinder://`` and ``rbd://`` forms of its image-volumes (see
+``doc/source/store.rst``). Anything else, including malformed, hostile or
+truncated URIs, raises BadStoreUri with the reason.
 """
 
 from glance_store import exceptions
@@ -35,7 +36,8 @@ class StoreLocation(glance_store.location.StoreLocation):
 
     def process_specs(self):
         self.parsed = locations.thunder_location(
-            self.specs['volume_id'], self.specs.get('store'))
+            self.specs['volume_id'], self.specs.get('store'),
+            self.specs.get('image_id'))
 
     @property
     def scheme(self):
@@ -55,6 +57,11 @@ class StoreLocation(glance_store.location.StoreLocation):
     @property
     def volume_id(self):
         return self.parsed.volume_id if self.is_volume else None
+
+    @property
+    def image_id(self):
+        """The image a thunder:// location names (None in older ones)."""
+        return self.parsed.image_id if self.is_volume else None
 
     def get_uri(self):
         return self.parsed.url

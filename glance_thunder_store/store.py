@@ -17,8 +17,11 @@ Glance, ``enabled_backends = NAME:thunder`` with the options in ``[NAME]``.
 Uploads go into a new volume of ``thunder_store_volume_type`` (see
 :mod:`glance_thunder_store.upload`), downloads read it back through librbd
 (or os-brick for other backends), and the image's location is
-``thunder://[NAME/]VOLUME_ID``. Deleting the image deletes the volume;
-ThunderDriver keeps the RBD data while volumes cloned from it exist.
+``thunder://[NAME/]VOLUME_ID?image_id=IMAGE_ID``. Deleting the image
+deletes the volume; ThunderDriver keeps the RBD data while volumes cloned
+from it exist. Every read, size and delete first checks that the volume
+holds the image the location names, and a size or delete that the request
+may act on it (:mod:`glance_thunder_store.ownership`).
 """
 
 import hashlib
@@ -32,6 +35,7 @@ from oslo_utils import units
 from glance_thunder_store import cinder_client
 from glance_thunder_store import location as location_mod
 from glance_thunder_store import options
+from glance_thunder_store import ownership
 from glance_thunder_store import upload
 from glance_thunder_store import volumes as volumes_mod
 from thunder_common import locations
@@ -90,7 +94,7 @@ class Store(glance_store.driver.Store):
                      capabilities.BitMasks.WRITE_ACCESS |
                      capabilities.BitMasks.DRIVER_REUSABLE)
     OPTIONS = options.thunder_store_opts
-    EXAMPLE_URL = 'thunder://<VOLUME_ID>'
+    EXAMPLE_URL = 'thunder://<VOLUME_ID>?image_id=<IMAGE_ID>'
 
     def __init__(self, conf, backend=None):
         super(Store, self).__init__(conf, backend=backend)
@@ -156,10 +160,16 @@ class Store(glance_store.driver.Store):
             location metadata: manifest, RBD facts and the store name)
         :raises Duplicate: if the image already has an image-volume here.
         :raises StorageFull: if Cinder's quota or Ceph is full.
-        :raises Invalid: if the data does not match image_size.
+        :raises Invalid: if the data does not match image_size, or the
+            image id is not a dashed UUID (the location must carry it).
         """
         if hashing_algo not in hashlib.algorithms_available:
             raise exceptions.UnknownHashingAlgo(algo=hashing_algo)
+        if not locations.is_image_id(image_id):
+            raise exceptions.Invalid(
+                message='Image id %r is not a dashed UUID: the thunder store '
+                        'records it in the image\'s location'
+                        % str(image_id)[:64])
         owner = getattr(context, 'project_id', None)
         job = upload.ImageUpload(
             self._volumes(context), self.store_conf, image_id, image_file,
@@ -167,7 +177,7 @@ class Store(glance_store.driver.Store):
             store_name=self.backend_group)
         result = job.run()
         url = locations.thunder_location(result.volume_id,
-                                         self.backend_group).url
+                                         self.backend_group, image_id).url
         metadata = result.location_metadata()
         if self.backend_group:
             metadata['store'] = self.backend_group
@@ -175,6 +185,16 @@ class Store(glance_store.driver.Store):
                 metadata)
 
     # -- read ----------------------------------------------------------------
+
+    def _checked_volume(self, location, volumes, action, context):
+        """The image-volume a location names, once it holds that image.
+
+        :raises NotFound: if the volume does not exist, or
+            ``ownership.ImageVolumeRefused`` if it is not the image's.
+        """
+        volume = self._image_volume(location, volumes)
+        ownership.check_holds_image(volume, location, action, context)
+        return volume
 
     def _image_volume(self, location, volumes):
         """The image-volume a location (or alias location) names."""
@@ -224,10 +244,11 @@ class Store(glance_store.driver.Store):
         :param offset: first byte to read.
         :param chunk_size: how many bytes to read from ``offset`` (Glance's
             partial download); None reads to the end of the image.
-        :raises NotFound: if the image-volume does not exist.
+        :raises NotFound: if the image-volume does not exist or does not
+            hold the image the location names; nothing is read then.
         """
         volumes = self._volumes(context)
-        volume = self._image_volume(location, volumes)
+        volume = self._checked_volume(location, volumes, 'read', context)
         size = self._image_size(volume)
         if offset < 0 or offset > size:
             raise exceptions.BackendException(
@@ -241,10 +262,21 @@ class Store(glance_store.driver.Store):
         return reader, length
 
     def get_size(self, location, context=None):
-        """The image's size in bytes, from the image-volume's metadata."""
+        """The image's size in bytes, from the image-volume's metadata.
+
+        Glance asks for it to validate a location it adds, so the request
+        must also be allowed to use the volume (see
+        :mod:`glance_thunder_store.ownership`).
+
+        :raises NotFound: if the image-volume does not exist, does not hold
+            the image the location names, or belongs to another project.
+        """
         try:
-            return self._image_size(self._image_volume(
-                location, self._volumes(context)))
+            volume = self._checked_volume(location, self._volumes(context),
+                                          'validate', context)
+            ownership.check_owner(volume, location, 'validate', context,
+                                  ownership.ImageVolumeRefused)
+            return self._image_size(volume)
         except exceptions.NotFound:
             raise
         except (exceptions.GlanceStoreException,
@@ -265,7 +297,12 @@ class Store(glance_store.driver.Store):
         rbd:// alias deletes nothing: the volume belongs to the image's
         thunder:// location.
 
-        :raises NotFound: if the volume is already gone.
+        :raises NotFound: if the volume is already gone, or does not hold
+            the image the location names (``ImageVolumeRefused``: Glance
+            then drops the location and deletes nothing).
+        :raises Forbidden: ``ImageVolumeDeleteForbidden`` if the request
+            is not from the project that stored the image, an admin or a
+            service.
         :raises InUseByStore: if the volume is attached.
         """
         loc = location.store_location
@@ -274,8 +311,11 @@ class Store(glance_store.driver.Store):
                      'nothing to delete.', loc.get_uri())
             return
         volumes = self._volumes(context)
-        volumes.delete(loc.volume_id)
-        LOG.info('Deleted image-volume %s.', loc.volume_id)
+        volume = self._checked_volume(location, volumes, 'delete', context)
+        ownership.check_owner(volume, location, 'delete', context,
+                              ownership.ImageVolumeDeleteForbidden)
+        volumes.delete(volume.id)
+        LOG.info('Deleted image-volume %s.', volume.id)
 
     # -- multi-store housekeeping -------------------------------------------
 

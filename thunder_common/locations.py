@@ -14,9 +14,12 @@
 
 Three forms reach the driver and the store:
 
-``thunder://[STORE/]VOLUME_ID``
+``thunder://[STORE/]VOLUME_ID?image_id=IMAGE_ID``
     The thunder store's own location: the image-volume's Cinder id, with the
-    Glance store name in multi-store deployments.
+    Glance store name in multi-store deployments, and the id of the Glance
+    image the volume holds (the store checks it against the volume's
+    ``glance_image_id``). Images stored before the image id was added keep
+    the older ``thunder://[STORE/]VOLUME_ID``, which is still accepted.
 ``cinder://[STORE/]VOLUME_ID``
     The same image-volume in the form upstream Cinder recognises when it
     looks for an image-volume to clone.
@@ -58,6 +61,14 @@ _STORE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z')
 _FORBIDDEN_IN_NAME = re.compile(r'[/@\x00-\x20\x7f]')
 _UUID = re.compile(r'^[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1'
                    r'[0-9a-fA-F]{4}\1[0-9a-fA-F]{12}$')
+# A Glance image id, as Glance's image schema accepts it: a dashed UUID.
+# Kept verbatim (not canonicalised): it is compared with the
+# ``glance_image_id`` the store recorded from the same Glance id.
+_IMAGE_ID = re.compile(r'[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-'
+                       r'[0-9a-fA-F]{4}-[0-9a-fA-F]{12}')
+# The one query a thunder:// location may carry.
+IMAGE_ID_QUERY = 'image_id'
+_NO_QUERY = 'query or fragment not allowed'
 
 
 class InvalidLocation(ValueError):
@@ -72,17 +83,26 @@ class InvalidLocation(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VolumeLocation:
-    """An image-volume named by its Cinder volume id."""
+    """An image-volume named by its Cinder volume id.
+
+    ``image_id`` is the Glance image a ``thunder://`` location says the
+    volume holds (None in the older form and in ``cinder://``).
+    """
 
     scheme: str
     volume_id: str
     store: str = None
+    image_id: str = None
 
     @property
     def url(self):
         if self.store:
-            return '%s://%s/%s' % (self.scheme, self.store, self.volume_id)
-        return '%s://%s' % (self.scheme, self.volume_id)
+            url = '%s://%s/%s' % (self.scheme, self.store, self.volume_id)
+        else:
+            url = '%s://%s' % (self.scheme, self.volume_id)
+        if self.image_id:
+            url += '?%s=%s' % (IMAGE_ID_QUERY, self.image_id)
+        return url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +121,22 @@ class RbdLocation:
                                    for p in parts)
 
 
-def thunder_location(volume_id, store=None):
-    """The thunder store's location for an image-volume."""
+def thunder_location(volume_id, store=None, image_id=None):
+    """The thunder store's location for an image-volume.
+
+    :param image_id: the Glance image the volume holds; None gives the
+        older form, without it.
+    :raises ValueError: if an id is malformed.
+    """
+    if image_id is not None and not is_image_id(image_id):
+        raise ValueError('image id is not a dashed UUID')
     return VolumeLocation(THUNDER_SCHEME, _canonical_uuid(volume_id),
-                          store)
+                          store, image_id)
+
+
+def is_image_id(value):
+    """True if value is a Glance image id (a dashed UUID, any case)."""
+    return isinstance(value, str) and bool(_IMAGE_ID.fullmatch(value))
 
 
 def cinder_location(volume_id, store=None):
@@ -165,7 +197,7 @@ def _parse_rbd(location, rest):
 
 
 def _parse_volume(location, scheme, rest):
-    _reject_query_and_fragment(location, rest)
+    rest, image_id = _split_image_id(location, scheme, rest)
     parts = rest.split('/')
     if len(parts) == 1:
         store, volume_id = None, parts[0]
@@ -180,12 +212,33 @@ def _parse_volume(location, scheme, rest):
         volume_id = _canonical_uuid(volume_id)
     except ValueError:
         raise InvalidLocation(location, 'volume id is not a UUID')
-    return VolumeLocation(scheme, volume_id, store)
+    return VolumeLocation(scheme, volume_id, store, image_id)
+
+
+def _split_image_id(location, scheme, rest):
+    """(rest without its query, image id or None).
+
+    Only ``thunder://`` takes a query, and only ``?image_id=IMAGE_ID``
+    exactly: no other key, no second parameter, no percent-encoding.
+    """
+    if '#' in rest:
+        raise InvalidLocation(location, _NO_QUERY)
+    rest, sep, query = rest.partition('?')
+    if not sep:
+        return rest, None
+    key, sep, value = query.partition('=')
+    if (scheme != THUNDER_SCHEME or key != IMAGE_ID_QUERY or not sep):
+        raise InvalidLocation(location, '%s, but ?%s=IMAGE_ID in a %s:// '
+                              'location' % (_NO_QUERY, IMAGE_ID_QUERY,
+                                            THUNDER_SCHEME))
+    if not is_image_id(value):
+        raise InvalidLocation(location, 'image id is not a dashed UUID')
+    return rest, value
 
 
 def _reject_query_and_fragment(location, rest):
     if '?' in rest or '#' in rest:
-        raise InvalidLocation(location, 'query or fragment not allowed')
+        raise InvalidLocation(location, _NO_QUERY)
 
 
 def _canonical_uuid(value):

@@ -57,7 +57,7 @@ def test_add_known_size(store, cinder, memory):
     url, size, checksum, multihash, meta = _add(store, data,
                                                 image_id=image_id)
     volume = _only_volume(cinder)
-    assert url == 'thunder://%s' % volume.id
+    assert url == 'thunder://%s?image_id=%s' % (volume.id, image_id)
     assert size == len(data)
     assert checksum == hashlib.md5(data).hexdigest()
     assert multihash == hashlib.sha256(data).hexdigest()
@@ -117,11 +117,12 @@ def test_rbd_facts_in_location_metadata(store, cinder):
 
 
 def test_multi_store_location_names_the_backend(multi_store, cinder):
-    url, _s, _c, _m, meta = _add(multi_store, _image(10))
+    image_id = str(uuid.uuid4())
+    url, _s, _c, _m, meta = _add(multi_store, _image(10), image_id=image_id)
     # What glance_store checks before Glance records the location.
     multi_backend.check_location_metadata(meta)
     volume = _only_volume(cinder)
-    assert url == 'thunder://fast/%s' % volume.id
+    assert url == 'thunder://fast/%s?image_id=%s' % (volume.id, image_id)
     assert meta['store'] == 'fast'
     assert volume.metadata['thunder_store'] == 'fast'
     assert all(isinstance(v, str) for v in meta.values())

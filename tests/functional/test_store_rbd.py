@@ -39,6 +39,7 @@ from tests import fake_cinder
 from tests.unit.store_fixtures import Context
 from tests.unit.store_fixtures import make_store
 from tests.unit.store_fixtures import Upload
+from thunder_common import locations
 from thunder_common import manifest
 from thunder_common import rbd_layout
 
@@ -95,22 +96,24 @@ def small_gib(monkeypatch):
     return 8 * MiB
 
 
-def _location(store, url):
+def _location(store, url, image_id=None):
     return gs_location.Location('thunder', location_mod.StoreLocation,
-                                store.conf, uri=url)
+                                store.conf, uri=url, image_id=image_id)
 
 
-def _add(store, data, size=None, stream=None, image_id=None):
+def _add(store, data, size=None, stream=None, image_id=None, context=None):
     image_id = image_id or str(uuid.uuid4())
     url, written, checksum, multihash, meta = store.add(
         image_id, stream or io.BytesIO(data),
-        len(data) if size is None else size, 'sha256', context=Context())
+        len(data) if size is None else size, 'sha256',
+        context=context or Context())
     return image_id, url, written, checksum, multihash, meta
 
 
-def _download(store, url, offset=0, length=None):
+def _download(store, url, offset=0, length=None, context=None):
     iterator, size = store.get(_location(store, url), offset=offset,
-                               chunk_size=length, context=Context())
+                               chunk_size=length,
+                               context=context or Context())
     try:
         body = b''.join(iterator)
     finally:
@@ -128,7 +131,7 @@ def test_add_known_size_get_and_clone(store, cinder, thunder):
     data = os.urandom(5 * MiB + 4321)
     image_id, url, written, checksum, multihash, meta = _add(store, data)
     [volume] = cinder.db.values()
-    assert url == 'thunder://%s' % volume.id
+    assert url == 'thunder://%s?image_id=%s' % (volume.id, image_id)
     assert written == len(data)
     assert checksum == hashlib.md5(data).hexdigest()
     assert multihash == hashlib.sha256(data).hexdigest()
@@ -190,6 +193,69 @@ def test_add_known_size_get_and_clone(store, cinder, thunder):
         assert _download(store, loc['url']) == data
 
     store.delete(_location(store, url), context=Context())
+    assert cinder.count() == 0
+
+
+def _rbd_image_of(thunder, volume_id, length):
+    """(bytes, recorded Glance image id) of an image-volume, from Ceph."""
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, 'volume-%s' % volume_id,
+                                  read_only=True) as image:
+        return (image.read(0, length),
+                rbd_layout.metadata(image, rbd_layout.META_GLANCE_IMAGE_ID))
+
+
+def test_a_location_cannot_reach_another_images_volume(store, cinder,
+                                                       thunder):
+    """Image A's location naming image B's volume: refused, B intact.
+
+    Both images are written through the store, by two projects. Through a
+    location of A that names B's volume (with A's id in the URI, or as
+    Glance's Location.image_id), and through B's own older-form location
+    used by A's project, get, get_size and delete refuse with nothing read
+    or deleted; B's volume, RBD image and bytes are untouched, and B's
+    owner still reads and deletes it.
+    """
+    project_a, project_b = Context('project-a'), Context('project-b')
+    data_a, data_b = os.urandom(MiB + 17), os.urandom(3 * MiB + 5)
+    id_a, url_a, *_rest = _add(store, data_a, context=project_a)
+    id_b, url_b, *_rest, meta_b = _add(store, data_b, context=project_b)
+    volume_b = locations.parse(url_b).volume_id
+    rbd_b = extra_locations.extra_locations(url_b, meta_b)[1]['url']
+    pointing_at_b = [
+        _location(store, locations.thunder_location(volume_b,
+                                                    image_id=id_a).url),
+        _location(store, 'thunder://%s' % volume_b, image_id=id_a),
+        _location(store, 'cinder://%s' % volume_b, image_id=id_a),
+        _location(store, rbd_b, image_id=id_a),
+    ]
+    for loc in pointing_at_b:
+        for context in (project_a, project_b):
+            with pytest.raises(exceptions.NotFound):
+                store.get(loc, context=context)
+            with pytest.raises(exceptions.NotFound):
+                store.get_size(loc, context=context)
+        if loc.store_location.is_alias:
+            store.delete(loc, context=project_a)  # deletes nothing
+        else:
+            with pytest.raises(exceptions.NotFound):
+                store.delete(loc, context=project_a)
+    older_b = _location(store, 'thunder://%s' % volume_b)
+    with pytest.raises(exceptions.NotFound):
+        store.get_size(older_b, context=project_a)
+    for loc in (older_b, _location(store, url_b)):
+        with pytest.raises(exceptions.Forbidden):
+            store.delete(loc, context=project_a)
+    assert not [c for c in cinder.calls
+                if c[0] == 'delete' and c[1] == volume_b]
+
+    assert volume_b in cinder.db and cinder.connections() == 0
+    assert _rbd_image_of(thunder, volume_b, len(data_b)) == (data_b, id_b)
+    assert _download(store, url_b, context=project_a) == data_b
+    assert _download(store, url_a, context=project_a) == data_a
+    store.delete(_location(store, url_b), context=project_b)
+    assert volume_b not in cinder.db
+    store.delete(_location(store, url_a), context=project_a)
     assert cinder.count() == 0
 
 

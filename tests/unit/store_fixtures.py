@@ -140,8 +140,13 @@ class VirtualClock(object):
 class Context(object):
     """The parts of Glance's RequestContext the store reads."""
 
-    def __init__(self, project_id='project-a', service_catalog=None):
+    def __init__(self, project_id='project-a', service_catalog=None,
+                 is_admin=False, roles=('member', 'reader'),
+                 service_roles=()):
         self.project_id = project_id
+        self.is_admin = is_admin
+        self.roles = list(roles)
+        self.service_roles = list(service_roles)
         self.user_id = 'user-a'
         self.auth_token = 'token-a'
         self.service_catalog = service_catalog or [

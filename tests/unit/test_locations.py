@@ -220,15 +220,21 @@ def _check_one(location):
     return True
 
 
-def test_fuzz_mutated_locations():
-    """Every mutation parses to a sane object or raises InvalidLocation."""
-    rng = random.Random(20240611)
+def _fuzz(seeds, seed, rounds):
+    """{parsed: count} over ``rounds`` mutations of the seeds."""
+    rng = random.Random(seed)
     outcomes = {True: 0, False: 0}
-    for _ in range(6000):
-        text = rng.choice(SEEDS)
+    for _ in range(rounds):
+        text = rng.choice(seeds)
         for _ in range(rng.randrange(1, 4)):
             text = _mutate(rng, text)
         outcomes[_check_one(text)] += 1
+    return outcomes
+
+
+def test_fuzz_mutated_locations():
+    """Every mutation parses to a sane object or raises InvalidLocation."""
+    outcomes = _fuzz(SEEDS, 20240611, 6000)
     # The fuzzing is meaningful only if both outcomes happen often.
     assert outcomes[True] > 300, outcomes
     assert outcomes[False] > 3000, outcomes
@@ -242,3 +248,61 @@ def test_fuzz_random_garbage():
                        for _ in range(length))
         for prefix in ('', 'rbd://', 'thunder://', 'cinder://'):
             _check_one(prefix + text)
+
+
+# -- thunder:// with the image id ------------------------------------------
+
+IMG = '9c2e4b6d-1a3f-4e5b-8d7c-6b5a4f3e2d10'
+
+
+def test_location_with_the_image_id():
+    url = 'thunder://store1/%s?image_id=%s' % (VOL, IMG)
+    parsed = locations.parse(url)
+    assert parsed == locations.VolumeLocation('thunder', VOL, 'store1', IMG)
+    assert parsed.url == url
+    assert locations.thunder_location(VOL.upper(), 'store1', IMG).url == url
+    # The image id is kept as Glance wrote it, to be compared exactly.
+    upper = locations.parse('thunder://%s?image_id=%s' % (VOL, IMG.upper()))
+    assert upper.image_id == IMG.upper()
+    assert locations.parse('thunder://' + VOL).image_id is None
+
+
+@pytest.mark.parametrize('image_id', [
+    '', IMG.replace('-', ''), IMG + '\n', IMG[:-1], '{%s}' % IMG, 42,
+    b'x', 'x&image_id=' + IMG])
+def test_thunder_location_helper_refuses_bad_image_ids(image_id):
+    with pytest.raises(ValueError):
+        locations.thunder_location(VOL, image_id=image_id)
+
+
+@pytest.mark.parametrize('location, reason', [
+    ('thunder://%s?image_id=' % VOL, 'image id is not a dashed UUID'),
+    ('thunder://%s?image_id=%s' % (VOL, IMG.replace('-', '')),
+     'image id is not a dashed UUID'),
+    ('thunder://%s?image_id=%s&a=b' % (VOL, IMG),
+     'image id is not a dashed UUID'),
+    ('thunder://%s?image_id=%s%%0A' % (VOL, IMG),
+     'image id is not a dashed UUID'),
+    ('thunder://%s?image=%s' % (VOL, IMG), 'but ?image_id=IMAGE_ID'),
+    ('thunder://%s?image_id' % VOL, 'but ?image_id=IMAGE_ID'),
+    ('cinder://%s?image_id=%s' % (VOL, IMG), 'but ?image_id=IMAGE_ID in a '
+     'thunder:// location'),
+    ('thunder://%s?image_id=%s#x' % (VOL, IMG), 'query or fragment'),
+    ('thunder://a/b/%s?image_id=%s' % (VOL, IMG),
+     'expected thunder://[STORE/]VOLUME_ID'),
+])
+def test_invalid_locations_with_an_image_id(location, reason):
+    # Next to a valid one: the parser tells them apart.
+    assert locations.parse('thunder://%s?image_id=%s' % (VOL, IMG))
+    with pytest.raises(locations.InvalidLocation) as info:
+        locations.parse(location)
+    assert reason in info.value.reason
+
+
+def test_fuzz_mutated_locations_with_an_image_id():
+    """Mutations parse to a sane, stable object or raise InvalidLocation."""
+    seeds = ['thunder://%s?image_id=%s' % (VOL, IMG),
+             'thunder://fast/%s?image_id=%s' % (VOL.upper(), IMG)]
+    outcomes = _fuzz(seeds, 20260801, 4000)
+    assert outcomes[True] > 100, outcomes
+    assert outcomes[False] > 2000, outcomes

@@ -218,3 +218,98 @@ def test_random_volume_ids():
     for _ in range(100):
         volume = str(uuid.uuid4())
         assert _parse('thunder://%s' % volume).volume_id == volume
+
+
+# -- the location with the image id -----------------------------------------
+
+IMAGE = '5e1f0c2a-7d3b-4a9e-b8c6-2f4d6a8e0b13'
+NEW_FORM = ['thunder://%s?image_id=%s' % (VOLUME, IMAGE),
+            'thunder://fast/%s?image_id=%s' % (VOLUME, IMAGE),
+            'thunder://%s?image_id=%s' % (VOLUME, IMAGE.upper())]
+# Each is NEW_FORM[0] or [1] with one thing wrong.
+MALFORMED_NEW_FORM = [
+    'thunder://%s?image_id=' % VOLUME,
+    'thunder://%s?image_id' % VOLUME,
+    'thunder://%s?' % VOLUME,
+    'thunder://%s??image_id=%s' % (VOLUME, IMAGE),
+    'thunder://%s?=%s' % (VOLUME, IMAGE),
+    'thunder://%s?image=%s' % (VOLUME, IMAGE),
+    'thunder://%s?IMAGE_ID=%s' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s&image_id=%s' % (VOLUME, IMAGE, IMAGE),
+    'thunder://%s?image_id=%s&x=1' % (VOLUME, IMAGE),
+    'thunder://%s?x=1&image_id=%s' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s&' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s;x' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s?image_id=%s' % (VOLUME, IMAGE, IMAGE),
+    'thunder://%s?image_id=%s#frag' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s/' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s/%s' % (VOLUME, IMAGE, VOLUME),
+    'thunder://%s?image_id= %s' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s\n' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s\x00' % (VOLUME, IMAGE),
+    'thunder://%s?image_id={%s}' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=urn:uuid:%s' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s' % (VOLUME, IMAGE.replace('-', '')),
+    'thunder://%s?image_id=%s' % (VOLUME, IMAGE[:-1]),
+    'thunder://%s?image_id=%s0' % (VOLUME, IMAGE),
+    'thunder://%s?image_id=%s' % (VOLUME, 'g' + IMAGE[1:]),
+    'thunder://%s?image_id=%s' % (VOLUME, '\uff15' + IMAGE[1:]),
+    'thunder://%s?image_id=%%35%s' % (VOLUME, IMAGE[1:]),
+    'thunder://%s?image_id=%s' % (VOLUME, IMAGE.replace('-', '%2D')),
+    'thunder://?image_id=%s' % IMAGE,
+    'thunder://%s/?image_id=%s' % (VOLUME, IMAGE),
+    'thunder://fast/?image_id=%s' % IMAGE,
+    'thunder://a/fast/%s?image_id=%s' % (VOLUME, IMAGE),
+    'thunder://%s&image_id=%s' % (VOLUME, IMAGE),
+    'cinder://%s?image_id=%s' % (VOLUME, IMAGE),
+    'cinder://fast/%s?image_id=%s' % (VOLUME, IMAGE),
+    'rbd://%s/volumes/volume-%s/snap?image_id=%s' % (FSID, VOLUME, IMAGE),
+]
+
+
+@pytest.mark.parametrize('url', NEW_FORM)
+def test_location_with_the_image_id_round_trips(url):
+    loc = _parse(url)
+    assert loc.get_uri() == url
+    assert loc.volume_id == VOLUME and not loc.is_alias
+    assert loc.image_id in (IMAGE, IMAGE.upper())
+
+
+@pytest.mark.parametrize('url', MALFORMED_NEW_FORM)
+def test_malformed_locations_with_an_image_id_are_refused(url):
+    # The well-formed location parses; this one, one thing off, does not.
+    assert _parse(NEW_FORM[0]).image_id == IMAGE
+    with pytest.raises(exceptions.BadStoreUri) as caught:
+        _parse(url)
+    assert 'Invalid image location' in str(caught.value)
+
+
+def test_from_specs_with_the_image_id():
+    loc = location_mod.StoreLocation(
+        {'volume_id': VOLUME, 'store': 'fast', 'image_id': IMAGE}, cfg.CONF)
+    assert loc.get_uri() == NEW_FORM[1]
+
+
+def test_aliases_name_no_image():
+    for url in VALID[2:] + VALID[:2]:
+        assert _parse(url).image_id is None
+
+
+def test_truncations_of_a_location_with_an_image_id():
+    # Cut anywhere, it is refused, or it is the older form exactly: never
+    # a location naming another image.
+    url = NEW_FORM[1]
+    older = url.split('?')[0]
+    for cut in range(len(url)):
+        try:
+            loc = _parse(url[:cut])
+        except exceptions.BadStoreUri:
+            continue
+        assert loc.get_uri() == older and loc.image_id is None
+
+
+def test_extra_locations_of_a_location_with_an_image_id():
+    extra = extra_locations.extra_locations(NEW_FORM[1],
+                                            dict(RBD_META, store='fast'))
+    assert [e['url'] for e in extra] == ['cinder://fast/%s' % VOLUME,
+                                         VALID[4]]

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from tests.e2e import conftest
+from thunder_common import locations
 from thunder_stack import demo
 
 POOL = 'thunder'
@@ -70,6 +71,35 @@ def test_upload_download_round_trip(request, client, image_file, tmp_path,
     out = tmp_path / 'download.raw'
     client.run('glance', 'image-download', '--file', str(out), image_id)
     assert _sha256(out) == digest
+
+
+def test_a_location_cannot_name_another_images_volume(stack, client,
+                                                      thunder_store,
+                                                      image_file, tmp_path):
+    """Glance refuses image A's location naming image B's volume.
+
+    The store's location names its image; the store's size check, which
+    Glance runs on every location it adds, refuses a location of image A
+    naming B's volume, even from an admin. B still downloads whole.
+    """
+    path, digest = image_file
+    image_a = client.upload(str(path), thunder_store, name='e2e-a')
+    image_b = client.upload(str(path), thunder_store, name='e2e-b')
+    [url_b] = [loc['url'] for loc in demo.image_locations(stack, image_b)
+               if loc['url'].startswith('thunder://')]
+    parsed = locations.parse(url_b)
+    assert parsed.image_id == image_b
+    forged = locations.thunder_location(parsed.volume_id, parsed.store,
+                                        image_a).url
+    out = client.run('glance', 'location-add', '--url', forged,
+                     '--metadata', json.dumps({'store': thunder_store}),
+                     image_a, check=False)
+    assert out.returncode != 0, out.stdout
+    assert forged not in [loc['url'] for loc in
+                          demo.image_locations(stack, image_a)]
+    download = tmp_path / 'b.raw'
+    client.run('glance', 'image-download', '--file', str(download), image_b)
+    assert _sha256(download) == digest
 
 
 def test_volume_from_image_is_a_cow_child(stack, client, thunder_store,

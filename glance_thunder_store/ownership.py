@@ -37,6 +37,7 @@ from glance_store import exceptions
 from oslo_log import log as logging
 
 from glance_thunder_store import upload
+from thunder_common import locations
 
 LOG = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ class ImageVolumeRefused(exceptions.NotFound):
 
 class ImageVolumeDeleteForbidden(exceptions.Forbidden):
     """The request may not delete the image-volume the location names."""
+
+
+def _metadata(volume):
+    """The volume's Cinder metadata, or {} if it has none (or not a dict)."""
+    metadata = getattr(volume, 'metadata', None)
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _describe(location):
@@ -81,8 +88,7 @@ def check_holds_image(volume, location, action, context=None):
     :raises ImageVolumeRefused: if the volume records no Glance image, or
         another image than the location names.
     """
-    held = (getattr(volume, 'metadata', None) or {}).get(
-        upload.META_IMAGE_ID)
+    held = _metadata(volume).get(upload.META_IMAGE_ID)
     if not isinstance(held, str) or not held:
         _refuse(ImageVolumeRefused, location, volume, action,
                 'it is not an image-volume (it records no Glance image)',
@@ -94,8 +100,8 @@ def check_holds_image(volume, location, action, context=None):
 
 
 def _shown(value):
-    text = value if isinstance(value, str) else repr(value)
-    return text[:64]
+    """An image id as given, anything else quoted and cut short."""
+    return value if locations.is_image_id(value) else repr(value)[:64]
 
 
 def is_privileged(context):
@@ -120,8 +126,7 @@ def check_owner(volume, location, action, context, error_class):
     """
     if is_privileged(context):
         return
-    owner = (getattr(volume, 'metadata', None) or {}).get(
-        upload.META_IMAGE_OWNER)
+    owner = _metadata(volume).get(upload.META_IMAGE_OWNER)
     project = getattr(context, 'project_id', None)
     if not owner or not isinstance(project, str) or project != owner:
         _refuse(error_class, location, volume, action,

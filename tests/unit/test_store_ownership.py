@@ -306,3 +306,11 @@ def test_add_refuses_an_image_id_it_cannot_record(store, cinder, image_id):
         store.add(image_id, Upload(b'x' * 100), 100, 'sha256',
                   context=OWNER)
     assert cinder.calls == [] and cinder.count() == 0
+
+
+def test_a_hostile_location_image_id_is_quoted(store, image_b):
+    loc = _location(store, image_b.url, image_id='x\nFAKE LOG LINE' * 20)
+    with pytest.raises(exceptions.NotFound) as caught:
+        store.get(loc, context=OWNER)
+    assert '\n' not in str(caught.value)
+    assert len(str(caught.value)) < 400

@@ -35,7 +35,7 @@ GiB = 1 << 30
 MOUNT_DIR = '/run/thunder-cache/volumes'
 
 
-def origins(entry):
+def origins(entry, origin_volume_id=None):
     """The origin factory: file origins only."""
     return sources.FileOrigin(entry['path'])
 
@@ -411,7 +411,12 @@ def test_over_the_socket(client, image, caplog):
                        size=GiB) == 'ValueError'
     assert _error_kind(client, 'create_volume', volume_id='volume-2',
                        size=GiB, image_id='img-x') == 'KeyError'
+    # A malformed descriptor is a bad request (it was DescriptorError).
     assert _error_kind(client, 'register_image', image_id='img-2',
                        **dict(descriptor,
-                              manifest_digest='x')) == 'DescriptorError'
+                              manifest_digest='x')) == 'BadRequest'
+    # An unverified one is not: the request was well formed.
+    assert _error_kind(client, 'register_image', image_id='img-2',
+                       **dict(descriptor, manifest_digest='b' * 64)) == \
+        'DescriptorError'
     assert not [r for r in caplog.records if r.exc_info]

@@ -47,7 +47,12 @@ def _size(value, limit):
 def _volume_id(value, name='volume_id'):
     if not isinstance(value, str):
         raise control.BadRequest('%s must be a string' % name)
-    return volumes_mod.check_volume_id(value)
+    try:
+        return volumes_mod.check_volume_id(value)
+    except ValueError:
+        raise control.BadRequest(
+            'bad %s %r: 1 to 128 characters of A-Z a-z 0-9 _ . -, not '
+            'starting with . _ or -' % (name, value[:140]))
 
 
 def _image_id(value):

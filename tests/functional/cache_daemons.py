@@ -92,6 +92,8 @@ class Daemon(object):
                 'fetch_timeout = 5', 'relay_timeout = 4',
                 'peer_retry_interval = 30',
                 '[cache]', 'commit_interval = %s' % commit_interval,
+                # The tests' image-volume files live in the work directory.
+                '[origin]', 'file_origin_dirs = %s' % workdir,
                 extra, '']))
         self.proc = None
         self._reader = None
@@ -100,14 +102,17 @@ class Daemon(object):
         return os.path.join(self.dir, 'cache', image_id, name)
 
     def describe(self, image_id, manifest, origin=None, peers=(),
-                 digest=None):
+                 digest=None, origin_volume_id=None):
         """Write the image's descriptor (before start, or then SIGHUP)."""
+        descriptor = {'manifest_digest': digest or manifest.digest(),
+                      'image_size': manifest.image_size,
+                      'origin': origin,
+                      'peers': [getattr(p, 'url', p) for p in peers]}
+        if origin_volume_id is not None:
+            descriptor['origin_volume_id'] = origin_volume_id
         with open(os.path.join(self.dir, 'images.d', image_id + '.json'),
                   'w') as f:
-            json.dump({'manifest_digest': digest or manifest.digest(),
-                       'image_size': manifest.image_size,
-                       'origin': origin,
-                       'peers': [getattr(p, 'url', p) for p in peers]}, f)
+            json.dump(descriptor, f)
 
     def start(self, timeout=30):
         log = open(self.log_path, 'a')

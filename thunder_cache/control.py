@@ -133,6 +133,9 @@ class ControlServer(socketserver.ThreadingMixIn,
     """
 
     daemon_threads = True
+    # Connections waiting to be accepted: a full backlog makes a client's
+    # connect fail at once (EAGAIN), so it takes a burst of calls.
+    request_queue_size = 128
 
     def __init__(self, path, handlers, expected=(), mode=0o660, group=None,
                  max_connections=MAX_CONNECTIONS):

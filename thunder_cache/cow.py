@@ -58,6 +58,7 @@ cost the written part of the volume, not its size.
 import errno
 import logging
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -86,6 +87,8 @@ _CRC = struct.Struct('>I')
 HEADER_SIZE = _HEADER.size + _CRC.size  # 36
 _COPY_STEP = 1024 * 1024
 _FULL = 0xff
+_NOT_EMPTY = re.compile(b'[^\x00]')
+_NOT_FULL = re.compile(b'[^\xff]')
 
 
 class LayerError(ValueError):
@@ -218,26 +221,32 @@ def _check_bitmap(fd, path, data_size):
     return size, written
 
 
+def _bit(bits, index):
+    return bool(bits[index >> 3] & (1 << (index & 7)))
+
+
 def _runs_in(bits, origin, first, stop):
     """(start, end, written) runs of blocks [first, stop).
 
     ``bits`` holds the bits of the blocks from ``origin`` (a multiple of
-    8) on.
+    8) on. Whole bytes of one state are skipped at C speed.
     """
     block = first
     while block < stop:
-        index = block - origin
-        state = bool(bits[index >> 3] & (1 << (index & 7)))
-        full = _FULL if state else 0
+        state = _bit(bits, block - origin)
         end = block + 1
-        while end < stop:
-            index = end - origin
-            if not index & 7 and end + 8 <= stop and bits[index >> 3] == full:
-                end += 8
-                continue
-            if bool(bits[index >> 3] & (1 << (index & 7))) != state:
+        while end < stop and (end - origin) & 7:
+            if _bit(bits, end - origin) != state:
                 break
             end += 1
+        else:
+            if end < stop:
+                whole = (stop - origin) >> 3  # bytes wholly before stop
+                other = (_NOT_FULL if state else _NOT_EMPTY).search(
+                    bits, (end - origin) >> 3, whole)
+                end = origin + 8 * (other.start() if other else whole)
+                while end < stop and _bit(bits, end - origin) == state:
+                    end += 1
         yield block, end, state
         block = end
 

@@ -468,9 +468,12 @@ def test_daemon_serves_volumes_without_root(workdir):
     node = cache_daemons.VolumeDaemon(workdir, 'u', origin_dirs=[images])
     os.chmod(node.secret_path, 0o600)
     _chown_tree(workdir, user.pw_uid, user.pw_gid)
+    # As the systemd unit runs it: no capability but CAP_SYS_ADMIN in the
+    # bounding set, which the set-user-ID fusermount3 needs to mount.
     node.command_prefix = _host_as_deployed(workdir) + [
         'setpriv', '--reuid=%d' % user.pw_uid, '--regid=%d' % user.pw_gid,
-        '--clear-groups', '--inh-caps=-all', '--']
+        '--clear-groups', '--inh-caps=-all',
+        '--bounding-set=-all,+sys_admin', '--']
     node.start()
     try:
         with open('/proc/%d/status' % node.pid) as f:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 
@@ -364,8 +365,15 @@ class Node(object):
     def _activate(self, entry):
         spec = entry.spec
         directory = os.path.join(self.cache_dir, spec.image_id)
+        made = not os.path.isdir(directory)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        manifest = self._load_manifest(spec, directory)
+        try:
+            manifest = self._load_manifest(spec, directory)
+        except sources.ManifestError:
+            if made:
+                # An image never verified leaves nothing behind.
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         upstream = upstream_mod.Upstream(
             spec.image_id, spec.origin, spec.peers, self.client, self.url,
             max_redirects=self.max_redirects,

@@ -19,9 +19,11 @@ a clean error, leaves nothing behind and logs no traceback. Each daemon is
 a ``thunder-cache`` process with its volume files mounted (FUSE).
 """
 
+import errno
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -334,6 +336,25 @@ def test_hostile_arguments_are_bad_requests(node, op, args):
     assert os.listdir(node.paths['layers']) == ['volume-y']
     assert sorted(os.listdir(node.paths['mount'])) == ['volume-y']
     _no_traceback(node)
+
+
+def test_volume_file_grown_past_the_limit(node):
+    """A truncate through the mount is held to the same limit: EFBIG."""
+    node.control.call('create_volume', volume_id='volume-t', size=GiB)
+    path = os.path.join(node.paths['mount'], 'volume-t')
+    for size in (65 * TiB, 2 ** 62):
+        with pytest.raises(OSError) as info:
+            os.truncate(path, size)
+        assert info.value.errno == errno.EFBIG
+    assert os.path.getsize(path) == GiB
+    os.truncate(path, 2 * GiB)
+    assert node.control.call('volume_info', volume_id='volume-t')[
+        'size'] == 2 * GiB
+    # An answer, not a fault: mfusepy notes the errno it returns (at
+    # debug level, with its stack); the daemon logs nothing of its own.
+    log = _full_log(node)
+    assert 'returning errno 27 (File too large)' in log
+    assert not re.search(r' (WARNING|ERROR|CRITICAL) thunder_cache', log)
 
 
 def _rss(pid):

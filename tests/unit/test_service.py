@@ -194,6 +194,8 @@ def test_unverified_registration_is_not_kept(service, image,
         service.register_image(IMAGE_ID, **wrong)
     assert not os.path.exists(os.path.join(descriptors_dir,
                                            IMAGE_ID + '.json'))
+    # Nor is a cache directory left behind for it.
+    assert os.listdir(service.node.cache_dir) == []
     assert service.register_image(IMAGE_ID, **descriptor)[
         'image_size'] == len(data)
 

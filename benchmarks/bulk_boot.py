@@ -348,6 +348,8 @@ class Node(object):
                 'pid_file = %s' % os.path.join(self.dir, 'pid'),
                 '[peer]', 'shared_secret_file = %s' % secret,
                 'max_children = %d' % max_children] + list(peer_options) + [
+                # The origin node reads the image-volume file in workdir.
+                '[origin]', 'file_origin_dirs = %s' % workdir,
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false',
                 'replay = %s' % ('true' if replay else 'false'),

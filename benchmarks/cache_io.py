@@ -195,6 +195,8 @@ class Daemon(object):
                 # Every benchmark reader is a distinct peer: serve them all
                 # rather than redirect them to each other.
                 'max_children = 64',
+                # The image-volume file is in the work directory.
+                '[origin]', 'file_origin_dirs = %s' % workdir,
                 '[blockdev]', 'enabled = true',
                 'mount_dir = %s' % self.mount_dir,
                 'layers_dir = %s' % os.path.join(workdir, 'layers'),

@@ -107,9 +107,10 @@ def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
                 'local_socket =\n'
                 '[peer]\nshared_secret_file = %s\nmax_children = 64\n'
                 '[cache]\ncommit_interval = %s\n'
+                '[origin]\nfile_origin_dirs = %s\n'
                 % (name, port, cache_dir,
                    os.path.join(workdir, name + '.pid'), secret,
-                   commit_interval))
+                   commit_interval, os.path.dirname(os.path.abspath(volume))))
     log = open(os.path.join(workdir, name + '.log'), 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'thunder_cache.daemon',
                              '--config-file', conf], stdout=log,

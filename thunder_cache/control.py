@@ -42,6 +42,10 @@ import threading
 LOG = logging.getLogger(__name__)
 
 MAX_LINE = 65536
+# Connections served at once; more are answered "Busy" and closed.
+MAX_CONNECTIONS = 64
+# Seconds a connection may stay silent before it is closed.
+IDLE_TIMEOUT = 60
 
 
 class ControlError(Exception):
@@ -85,7 +89,7 @@ def _encode(reply):
 
 class _Handler(socketserver.StreamRequestHandler):
 
-    timeout = 600
+    timeout = IDLE_TIMEOUT
 
     def handle(self):
         server = self.server
@@ -124,11 +128,18 @@ class ControlServer(socketserver.ThreadingMixIn,
         (logged without a traceback), besides ValueError, LookupError and
         OSError.
     :param group: name of the group that may use the socket (mode 0660).
+    :param max_connections: connections served at once (a thread each);
+        more are answered ``Busy`` and closed.
     """
 
     daemon_threads = True
+    # Connections waiting to be accepted: a full backlog makes a client's
+    # connect fail at once (EAGAIN), so it takes a burst of calls.
+    request_queue_size = 128
 
-    def __init__(self, path, handlers, expected=(), mode=0o660, group=None):
+    def __init__(self, path, handlers, expected=(), mode=0o660, group=None,
+                 max_connections=MAX_CONNECTIONS):
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.handlers = dict(handlers)
         self.expected = tuple(expected) + (ValueError, LookupError, OSError)
         self.stopping = False
@@ -146,6 +157,28 @@ class ControlServer(socketserver.ThreadingMixIn,
         os.chmod(path, mode)
         if group:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_encode({
+                    'ok': False, 'error': 'Busy',
+                    'message': 'too many control connections at once'}))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def dispatch(self, line):
         try:
@@ -189,7 +222,7 @@ class ControlServer(socketserver.ThreadingMixIn,
             pass
 
 
-class ControlClient(object):
+class ControlClient:
     """Calls the daemon's control socket; one connection per call.
 
     :param path: the daemon's ``control_socket``.

@@ -45,12 +45,22 @@ flushed may be lost in a crash, as on any disk with a volatile cache.
 Bitmaps are only ever created or replaced whole (temporary name, sync,
 rename), so a torn bitmap is an error (:class:`LayerError`), never a
 silently empty layer.
+
+Memory does not grow with the volume's size (a bitmap is 32 MiB per TiB):
+the bitmap is read from its file, a piece at a time, and only the pages
+changed since the last flush are held in memory, at most
+:data:`MAX_DIRTY_PAGES` of them before a write flushes them (data first,
+as always). Opening, copying and growing a layer read and write the
+bitmap in pieces of :data:`BITS_STEP` bytes, skipping its holes, so they
+cost the written part of the volume, not its size.
 """
 
 import errno
 import logging
 import os
+import re
 import struct
+import tempfile
 import threading
 import zlib
 
@@ -65,11 +75,20 @@ DATA_FILE = 'data'
 BITMAP_FILE = 'bitmap'
 BITS_OFFSET = 4096
 PAGE = 4096
+# The largest layer: its data file's size must fit off_t.
+MAX_SIZE = (1 << 63) - BLOCK_SIZE
+# Bytes of bitmap read, counted or copied at a time (32 GiB of volume).
+BITS_STEP = 1024 * 1024
+# Changed bitmap pages (each 128 MiB of volume) a layer holds in memory;
+# a write past this many flushes them.
+MAX_DIRTY_PAGES = 64
 _HEADER = struct.Struct('>8sHHIQQ')
 _CRC = struct.Struct('>I')
 HEADER_SIZE = _HEADER.size + _CRC.size  # 36
 _COPY_STEP = 1024 * 1024
 _FULL = 0xff
+_NOT_EMPTY = re.compile(b'[^\x00]')
+_NOT_FULL = re.compile(b'[^\xff]')
 
 
 class LayerError(ValueError):
@@ -80,9 +99,14 @@ def block_count(size):
     return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
+def bits_length(size):
+    """Length in bytes of the bits of a layer of ``size`` bytes."""
+    return (block_count(size) + 7) // 8
+
+
 def bitmap_size(size):
     """Length in bytes of the bitmap file of a layer of ``size`` bytes."""
-    return BITS_OFFSET + (block_count(size) + 7) // 8
+    return BITS_OFFSET + bits_length(size)
 
 
 def _header(size):
@@ -92,22 +116,62 @@ def _header(size):
 
 
 def check_size(size, what='layer'):
-    """``size`` if it is a positive integer number of bytes."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError('%s size must be a positive integer, not %r'
-                         % (what, size))
+    """``size`` if it is a positive integer number of bytes that fits."""
+    if (not isinstance(size, int) or isinstance(size, bool) or
+            not 0 < size <= MAX_SIZE):
+        raise ValueError('%s size must be a positive integer of at most %d '
+                         'bytes, not %r' % (what, MAX_SIZE, size))
     return size
 
 
-def _write_bitmap(directory, size, bits=None):
-    """Create or replace the bitmap whole: temporary name, sync, rename."""
+def _data_spans(fd, start, end):
+    """(offset, end) of the parts of [start, end) of ``fd`` not holes."""
+    position = start
+    while position < end:
+        try:
+            position = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to the end
+                return
+            raise
+        if position >= end:
+            return
+        stop = min(os.lseek(fd, position, os.SEEK_HOLE), end)
+        yield position, stop
+        position = stop
+
+
+def _pieces(fd, start, end):
+    """(offset, bytes) pieces of [start, end) of ``fd``, holes skipped.
+
+    Each piece is at most :data:`BITS_STEP` bytes.
+    """
+    for position, stop in _data_spans(fd, start, end):
+        while position < stop:
+            piece = os.pread(fd, min(BITS_STEP, stop - position), position)
+            if not piece:
+                raise LayerError('bitmap ends early (torn)')
+            yield position, piece
+            position += len(piece)
+
+
+def _write_bitmap(directory, size, source_fd=None, source_size=None):
+    """Create or replace the bitmap whole: temporary name, sync, rename.
+
+    With ``source_fd``, the bits of the bitmap of a layer of
+    ``source_size`` bytes (at most ``size``) are copied over, a piece at
+    a time; the rest are zeros (holes).
+    """
     path = os.path.join(directory, BITMAP_FILE)
-    tmp = '%s.tmp.%d' % (path, os.getpid())
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % BITMAP_FILE, suffix='.tmp',
+                               dir=directory)
     try:
         os.pwrite(fd, _header(size), 0)
-        if bits and bits.strip(b'\0'):
-            os.pwrite(fd, bytes(bits), BITS_OFFSET)
+        if source_fd is not None:
+            end = BITS_OFFSET + bits_length(source_size)
+            for position, piece in _pieces(source_fd, BITS_OFFSET, end):
+                if piece.count(0) != len(piece):
+                    os.pwrite(fd, piece, position)
         os.ftruncate(fd, bitmap_size(size))
         os.fsync(fd)
     except BaseException:
@@ -119,39 +183,72 @@ def _write_bitmap(directory, size, bits=None):
     fsutil.fsync_dir(directory)
 
 
-def _read_bitmap(path, data_size):
-    with open(path, 'rb') as f:
-        head = f.read(HEADER_SIZE)
-        if len(head) != HEADER_SIZE:
-            raise LayerError('bitmap %s is torn (%d bytes)'
-                             % (path, len(head)))
-        fields = _HEADER.unpack_from(head)
-        crc = _CRC.unpack_from(head, _HEADER.size)[0]
-        magic, version, _reserved, block, size, count = fields
-        if magic != MAGIC:
-            raise LayerError('%s is not a volume layer bitmap' % path)
-        if zlib.crc32(head[:_HEADER.size]) != crc:
-            raise LayerError('bitmap %s has a damaged header' % path)
-        if version != VERSION:
-            raise LayerError('bitmap %s has format version %d, not %d'
-                             % (path, version, VERSION))
-        if block != BLOCK_SIZE or size < 1 or count != block_count(size):
-            raise LayerError('bitmap %s has an inconsistent header '
-                             '(block %d, size %d, %d blocks)'
-                             % (path, block, size, count))
-        f.seek(BITS_OFFSET)
-        bits = bytearray(f.read())
-    expected = bitmap_size(size) - BITS_OFFSET
-    if len(bits) != expected:
+def _check_bitmap(fd, path, data_size):
+    """The layer size a bitmap file holds, and its count of written blocks.
+
+    Reads the header, the length and the last byte, then counts the bits
+    a piece at a time, skipping holes: no more memory than a piece.
+    """
+    head = os.pread(fd, HEADER_SIZE, 0)
+    if len(head) != HEADER_SIZE:
+        raise LayerError('bitmap %s is torn (%d bytes)' % (path, len(head)))
+    fields = _HEADER.unpack_from(head)
+    crc = _CRC.unpack_from(head, _HEADER.size)[0]
+    magic, version, _reserved, block, size, count = fields
+    if magic != MAGIC:
+        raise LayerError('%s is not a volume layer bitmap' % path)
+    if zlib.crc32(head[:_HEADER.size]) != crc:
+        raise LayerError('bitmap %s has a damaged header' % path)
+    if version != VERSION:
+        raise LayerError('bitmap %s has format version %d, not %d'
+                         % (path, version, VERSION))
+    if (block != BLOCK_SIZE or not 0 < size <= MAX_SIZE or
+            count != block_count(size)):
+        raise LayerError('bitmap %s has an inconsistent header' % path)
+    length = os.fstat(fd).st_size
+    if length != bitmap_size(size):
         raise LayerError('bitmap %s holds %d bytes of bits, expected %d '
-                         '(torn)' % (path, len(bits), expected))
+                         '(torn)' % (path, length - BITS_OFFSET,
+                                     bits_length(size)))
     tail = count % 8
-    if tail and bits[-1] >> tail:
+    if tail and os.pread(fd, 1, length - 1)[0] >> tail:
         raise LayerError('bitmap %s marks blocks past the end' % path)
     if data_size < size:
         raise LayerError('data file of %s is %d bytes, smaller than the '
                          'layer (%d bytes)' % (path, data_size, size))
-    return size, bits
+    written = sum(int.from_bytes(piece, 'little').bit_count()
+                  for _position, piece in _pieces(fd, BITS_OFFSET, length))
+    return size, written
+
+
+def _bit(bits, index):
+    return bool(bits[index >> 3] & (1 << (index & 7)))
+
+
+def _runs_in(bits, origin, first, stop):
+    """(start, end, written) runs of blocks [first, stop).
+
+    ``bits`` holds the bits of the blocks from ``origin`` (a multiple of
+    8) on. Whole bytes of one state are skipped at C speed.
+    """
+    block = first
+    while block < stop:
+        state = _bit(bits, block - origin)
+        end = block + 1
+        while end < stop and (end - origin) & 7:
+            if _bit(bits, end - origin) != state:
+                break
+            end += 1
+        else:
+            if end < stop:
+                whole = (stop - origin) >> 3  # bytes wholly before stop
+                other = (_NOT_FULL if state else _NOT_EMPTY).search(
+                    bits, (end - origin) >> 3, whole)
+                end = origin + 8 * (other.start() if other else whole)
+                while end < stop and _bit(bits, end - origin) == state:
+                    end += 1
+        yield block, end, state
+        block = end
 
 
 class CowLayer(object):
@@ -159,19 +256,22 @@ class CowLayer(object):
 
     Use :meth:`create` or :meth:`open`. Reads run concurrently; writes,
     resizes and copies take the layer's lock; flushes are serialized
-    among themselves but let writes go on while the data is synced.
+    among themselves (and with resizes and copies) but let writes go on
+    while the data is synced.
     """
 
-    def __init__(self, directory, size, bits, data_fd, bitmap_fd):
+    def __init__(self, directory, size, written, data_fd, bitmap_fd):
         self.directory = directory
         self.size = size
-        self._bits = bits
         self._data_fd = data_fd
         self._bitmap_fd = bitmap_fd
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._dirty = set()  # bitmap pages changed since the last flush
-        self._written = sum(b.bit_count() for b in bits)
+        # Bitmap pages changed since they were last written to the file:
+        # they, not the file, hold the bits of their blocks.
+        self._pages = {}
+        self._dirty = set()  # pages changed since the last flush began
+        self._written = written
 
     def __repr__(self):
         return '<CowLayer %s: %d bytes, %d blocks written>' % (
@@ -208,63 +308,91 @@ class CowLayer(object):
             its data file is too short.
         :raises FileNotFoundError: if a file is missing.
         """
+        path = os.path.join(directory, BITMAP_FILE)
         data_fd = os.open(os.path.join(directory, DATA_FILE), os.O_RDWR)
         try:
-            size, bits = _read_bitmap(os.path.join(directory, BITMAP_FILE),
-                                      os.fstat(data_fd).st_size)
-            bitmap_fd = os.open(os.path.join(directory, BITMAP_FILE),
-                                os.O_RDWR)
+            bitmap_fd = os.open(path, os.O_RDWR)
+            try:
+                size, written = _check_bitmap(bitmap_fd, path,
+                                              os.fstat(data_fd).st_size)
+            except BaseException:
+                os.close(bitmap_fd)
+                raise
         except BaseException:
             os.close(data_fd)
             raise
-        return cls(directory, size, bits, data_fd, bitmap_fd)
+        return cls(directory, size, written, data_fd, bitmap_fd)
 
     # -- bits -------------------------------------------------------------
 
+    def _bits(self, first, stop):
+        """The bits of blocks [first & ~7, stop), a bytearray.
+
+        The changed pages are looked up before the file is read: a page
+        leaves memory only once the file holds it.
+        """
+        lo, hi = first >> 3, ((stop - 1) >> 3) + 1
+        pages = self._pages
+        held = [(page, pages.get(page))
+                for page in range(lo // PAGE, (hi - 1) // PAGE + 1)]
+        bits = bytearray(os.pread(self._bitmap_fd, hi - lo,
+                                  BITS_OFFSET + lo))
+        if len(bits) != hi - lo:
+            raise IOError(errno.EIO, 'short read from the bitmap in %s'
+                          % self.directory)
+        for page, buf in held:
+            if buf is not None:
+                start, end = max(lo, page * PAGE), min(hi, (page + 1) * PAGE)
+                bits[start - lo:end - lo] = buf[start - page * PAGE:
+                                                end - page * PAGE]
+        return bits
+
     def _is_set(self, block):
-        return bool(self._bits[block >> 3] & (1 << (block & 7)))
+        return bool(self._bits(block, block + 1)[0] & (1 << (block & 7)))
 
     def _any_set(self, first, stop):
         """True if a block in [first, stop) is written."""
-        bits = self._bits
-        lo, hi = first >> 3, (stop - 1) >> 3
-        if lo == hi:
-            mask = ((1 << (stop - first)) - 1) << (first & 7)
-            return bool(bits[lo] & mask)
-        if bits[lo] >> (first & 7):
+        bits = self._bits(first, stop)
+        origin = first & ~7
+        head = first - origin
+        if len(bits) == 1:
+            return bool(bits[0] >> head & ((1 << (stop - first)) - 1))
+        tail = (stop - origin) & 7
+        if bits[0] >> head:
             return True
-        if bits[hi] & ((1 << (((stop - 1) & 7) + 1)) - 1):
+        if bits[-1] & (((1 << tail) - 1) if tail else _FULL):
             return True
-        return hi - lo > 1 and bool(bits[lo + 1:hi].strip(b'\0'))
+        return bits.count(0, 1, len(bits) - 1) != len(bits) - 2
 
     def _runs(self, first, stop):
         """(start block, end block, written) runs covering [first, stop)."""
-        bits = self._bits
-        block = first
-        while block < stop:
-            state = self._is_set(block)
-            end = block + 1
-            while end < stop:
-                if not end & 7 and end + 8 <= stop:
-                    byte = bits[end >> 3]
-                    if byte == (_FULL if state else 0):
-                        end += 8
-                        continue
-                if self._is_set(end) != state:
-                    break
-                end += 1
-            yield block, end, state
-            block = end
+        return _runs_in(self._bits(first, stop), first & ~7, first, stop)
+
+    def _page(self, page):
+        """The in-memory copy of a bitmap page; caller holds the lock."""
+        buf = self._pages.get(page)
+        if buf is None:
+            buf = bytearray(PAGE)
+            length = min(PAGE, bits_length(self.size) - page * PAGE)
+            data = os.pread(self._bitmap_fd, length,
+                            BITS_OFFSET + page * PAGE)
+            if len(data) != length:
+                raise IOError(errno.EIO, 'short read from the bitmap in %s'
+                              % self.directory)
+            buf[:length] = data
+            self._pages[page] = buf
+        return buf
 
     def _mark(self, first, stop):
         """Set the bits of blocks [first, stop); caller holds the lock."""
-        bits = self._bits
         for block in range(first, stop):
-            index, mask = block >> 3, 1 << (block & 7)
-            if not bits[index] & mask:
-                bits[index] |= mask
+            index = block >> 3
+            page, mask = index // PAGE, 1 << (block & 7)
+            buf = self._page(page)
+            if not buf[index % PAGE] & mask:
+                buf[index % PAGE] |= mask
                 self._written += 1
-                self._dirty.add(index // PAGE)
+                self._dirty.add(page)
 
     # -- I/O --------------------------------------------------------------
 
@@ -344,31 +472,43 @@ class CowLayer(object):
             while done < len(data):
                 done += os.pwrite(self._data_fd, data[done:], offset + done)
             self._mark(first, last + 1)
+            too_many = len(self._pages) > MAX_DIRTY_PAGES
+        if too_many:
+            self.flush()
         return len(data)
 
     def flush(self):
         """Make every write so far durable: data first, then the bitmap."""
         with self._flush_lock:
+            self._flush()
+
+    def _flush(self):
+        """:meth:`flush`; the caller holds the flush lock."""
+        with self._lock:
+            if self._data_fd is None:
+                raise ValueError('layer %s is closed' % self.directory)
+            pages = sorted(self._dirty)
+            self._dirty = set()
+            length = bits_length(self.size)
+            snapshot = [(page, bytes(self._pages[page][
+                :min(PAGE, length - page * PAGE)])) for page in pages]
+        try:
+            os.fdatasync(self._data_fd)
+            if not snapshot:
+                return
+            for page, chunk in snapshot:
+                os.pwrite(self._bitmap_fd, chunk, BITS_OFFSET + page * PAGE)
+            os.fdatasync(self._bitmap_fd)
+        except BaseException:
             with self._lock:
-                if self._data_fd is None:
-                    raise ValueError('layer %s is closed' % self.directory)
-                pages = sorted(self._dirty)
-                self._dirty = set()
-                snapshot = [(page, bytes(self._bits[page * PAGE:
-                                                    (page + 1) * PAGE]))
-                            for page in pages]
-            try:
-                os.fdatasync(self._data_fd)
-                if not snapshot:
-                    return
-                for page, chunk in snapshot:
-                    os.pwrite(self._bitmap_fd, chunk,
-                              BITS_OFFSET + page * PAGE)
-                os.fdatasync(self._bitmap_fd)
-            except BaseException:
-                with self._lock:
-                    self._dirty.update(pages)
-                raise
+                self._dirty.update(pages)
+            raise
+        with self._lock:
+            # The file now holds these pages; those not changed since
+            # leave memory.
+            for page in pages:
+                if page not in self._dirty:
+                    self._pages.pop(page, None)
 
     def resize(self, new_size):
         """Grow the layer to ``new_size`` bytes, durably.
@@ -376,30 +516,53 @@ class CowLayer(object):
         :raises ValueError: on a shrink.
         """
         check_size(new_size)
-        self.flush()
-        with self._lock:
-            if new_size < self.size:
-                raise ValueError('layer %s cannot shrink from %d to %d bytes'
-                                 % (self.directory, self.size, new_size))
-            if new_size == self.size:
-                return
-            # The new blocks are holes: the data file may grow first. The
-            # bitmap with the new size replaces the old one whole, so a
-            # crash leaves either size, never a torn bitmap.
-            os.ftruncate(self._data_fd, new_size)
-            os.fsync(self._data_fd)
-            bits = self._bits + bytearray(bitmap_size(new_size) -
-                                          bitmap_size(self.size))
-            _write_bitmap(self.directory, new_size, bits)
-            fd = os.open(os.path.join(self.directory, BITMAP_FILE),
-                         os.O_RDWR)
-            os.close(self._bitmap_fd)
-            self._bitmap_fd = fd
-            self._bits = bits
-            self._dirty = set()
-            old, self.size = self.size, new_size
+        with self._flush_lock:
+            self._flush()
+            with self._lock:
+                self._resize(new_size)
+
+    def _resize(self, new_size):
+        """:meth:`resize`; the caller holds both locks, and flushed."""
+        if new_size < self.size:
+            raise ValueError('layer %s cannot shrink from %d to %d bytes'
+                             % (self.directory, self.size, new_size))
+        if new_size == self.size:
+            return
+        # Writes since the flush: their bits go into the new bitmap.
+        self._write_pages()
+        # The new blocks are holes: the data file may grow first. The
+        # bitmap with the new size replaces the old one whole, so a
+        # crash leaves either size, never a torn bitmap.
+        os.ftruncate(self._data_fd, new_size)
+        os.fsync(self._data_fd)
+        _write_bitmap(self.directory, new_size, self._bitmap_fd, self.size)
+        # Readers do not lock: the descriptor they use now names the new
+        # bitmap (dup2 is atomic), which holds the same bits and more.
+        fd = os.open(os.path.join(self.directory, BITMAP_FILE), os.O_RDWR)
+        try:
+            os.dup2(fd, self._bitmap_fd, inheritable=False)
+        finally:
+            os.close(fd)
+        old, self.size = self.size, new_size
         LOG.info('Layer %s grown from %d to %d bytes', self.directory, old,
                  new_size)
+
+    def _write_pages(self):
+        """Data, then every changed page, synced; caller holds both locks.
+
+        Afterwards the file holds every bit and no page is in memory.
+        """
+        if not self._pages:
+            return
+        os.fdatasync(self._data_fd)
+        length = bits_length(self.size)
+        for page, buf in sorted(self._pages.items()):
+            os.pwrite(self._bitmap_fd, bytes(buf[:min(PAGE, length -
+                                                      page * PAGE)]),
+                      BITS_OFFSET + page * PAGE)
+        os.fdatasync(self._bitmap_fd)
+        self._pages = {}
+        self._dirty = set()
 
     def copy_to(self, directory):
         """A new layer in ``directory`` holding this one's written blocks.
@@ -408,12 +571,12 @@ class CowLayer(object):
         the written bytes, not the size. Writes wait while it copies, so
         the copy is one point in time.
         """
-        self.flush()
         made = False
         try:
-            with self._lock:
+            with self._flush_lock, self._lock:
                 if self._data_fd is None:
                     raise ValueError('layer %s is closed' % self.directory)
+                self._write_pages()
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 data_path = os.path.join(directory, DATA_FILE)
                 fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL,
@@ -421,17 +584,12 @@ class CowLayer(object):
                 made = True
                 try:
                     os.ftruncate(fd, self.size)
-                    stop = block_count(self.size)
-                    for first, end, written in self._runs(0, stop):
-                        if written:
-                            start = first * BLOCK_SIZE
-                            self._copy_range(fd, start,
-                                             min(end * BLOCK_SIZE,
-                                                 self.size) - start)
+                    self._copy_written(fd)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                _write_bitmap(directory, self.size, self._bits)
+                _write_bitmap(directory, self.size, self._bitmap_fd,
+                              self.size)
             fsutil.fsync_parent(directory)
             return CowLayer.open(directory)
         except BaseException:
@@ -442,6 +600,20 @@ class CowLayer(object):
                     except FileNotFoundError:
                         pass
             raise
+
+    def _copy_written(self, fd):
+        """Copy the written blocks to ``fd``, a bitmap piece at a time."""
+        stop = block_count(self.size)
+        end = BITS_OFFSET + bits_length(self.size)
+        for position, piece in _pieces(self._bitmap_fd, BITS_OFFSET, end):
+            origin = (position - BITS_OFFSET) * 8
+            last = min(stop, origin + len(piece) * 8)
+            for first, run_end, written in _runs_in(piece, origin, origin,
+                                                    last):
+                if written:
+                    start = first * BLOCK_SIZE
+                    self._copy_range(fd, start, min(run_end * BLOCK_SIZE,
+                                                    self.size) - start)
 
     def _copy_range(self, fd, offset, length):
         done = 0
@@ -464,7 +636,7 @@ class CowLayer(object):
         """Bytes of the volume this layer holds (written blocks)."""
         written = self._written * BLOCK_SIZE
         tail = self.size % BLOCK_SIZE
-        if tail and self._is_set(block_count(self.size) - 1):
+        if written and tail and self._is_set(block_count(self.size) - 1):
             written -= BLOCK_SIZE - tail
         return written
 
@@ -478,6 +650,7 @@ class CowLayer(object):
             with self._lock:
                 fds = (self._data_fd, self._bitmap_fd)
                 self._data_fd = self._bitmap_fd = None
+                self._pages = {}
             for fd in fds:
                 if fd is not None:
                     os.close(fd)

@@ -36,6 +36,7 @@ from thunder_cache import control
 from thunder_cache import lifecycle
 from thunder_cache import node as node_mod
 from thunder_cache import options
+from thunder_cache import origins
 from thunder_cache import protocol
 from thunder_cache import server as server_mod
 from thunder_cache import service as service_mod
@@ -97,34 +98,11 @@ def remove_pid_file(path):
 
 
 def origin_factory(conf):
-    """Build origins from descriptor entries, with [origin] defaults."""
+    """Builds the origins descriptors may name, from [origin] options.
 
-    def build(spec):
-        kind = spec.get('type')
-        if kind == 'file':
-            path = spec.get('path')
-            if not isinstance(path, str) or not path:
-                raise node_mod.DescriptorError('file origin needs a path')
-            return sources.FileOrigin(path)
-        if kind == 'rbd':
-            for key in ('pool', 'image'):
-                if not isinstance(spec.get(key), str) or not spec[key]:
-                    raise node_mod.DescriptorError('rbd origin needs %s'
-                                                   % key)
-            try:
-                return sources.RbdOrigin(
-                    spec['pool'], spec['image'], spec.get('snapshot'),
-                    ceph_conf=spec.get('ceph_conf',
-                                       conf.origin.rbd_ceph_conf),
-                    user=spec.get('user', conf.origin.rbd_user),
-                    keyring=spec.get('keyring', conf.origin.rbd_keyring),
-                    cluster_name=conf.origin.rbd_cluster_name,
-                    timeout=conf.origin.rbd_connect_timeout)
-            except sources.OriginError as e:
-                raise node_mod.DescriptorError(str(e))
-        raise node_mod.DescriptorError('unknown origin type %r' % (kind,))
-
-    return build
+    :raises ValueError: if the options are malformed.
+    """
+    return origins.OriginPolicy.from_conf(conf)
 
 
 class Daemon(object):
@@ -148,6 +126,7 @@ class Daemon(object):
         self.mount = None
         self.store = None
         self.control_server = None
+        self.origins = origin_factory(conf)
 
     def start(self):
         conf = self.conf
@@ -218,7 +197,9 @@ class Daemon(object):
         from thunder_cache import volumes
 
         conf = self.conf.blockdev
-        self.store = volumes.VolumeStore(conf.layers_dir, self.node)
+        self.store = volumes.VolumeStore(
+            conf.layers_dir, self.node,
+            max_size=conf.max_volume_size * volumes.GiB)
         try:
             self.mount = fusefs.Mount(self.store, conf.mount_dir,
                                       allow_other=conf.allow_other,
@@ -231,7 +212,7 @@ class Daemon(object):
                              % (conf.mount_dir, e))
         service = service_mod.VolumeService(
             self.node, self.store, conf.mount_dir, self.descriptors_dir,
-            origin_factory(self.conf))
+            self.origins)
         self.control_server = control.ControlServer(
             conf.control_socket, service.handlers(),
             expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
@@ -254,7 +235,7 @@ class Daemon(object):
 
     def load_descriptors(self):
         count = self.node.load_descriptors(self.descriptors_dir,
-                                           origin_factory(self.conf))
+                                           self.origins)
         LOG.info('Loaded %d image descriptors from %s', count,
                  self.descriptors_dir)
 

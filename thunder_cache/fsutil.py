@@ -13,6 +13,7 @@
 """Durability helpers shared by the cache's on-disk formats."""
 
 import os
+import tempfile
 
 
 def fsync_dir(path):
@@ -27,3 +28,29 @@ def fsync_dir(path):
 def fsync_parent(path):
     """fsync the directory holding ``path`` (after creating or renaming)."""
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_atomic(path, data):
+    """Replace ``path`` by ``data`` (bytes), durably and atomically.
+
+    The bytes go to a temporary file of a unique name in the same
+    directory (mode 0600), which is synced, renamed over ``path``, and
+    the directory synced. Concurrent writers of one path all succeed (the
+    last rename wins); a failure leaves no temporary file behind.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
+                               suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(directory)

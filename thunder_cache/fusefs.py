@@ -81,6 +81,8 @@ def _errno_of(e):
         return errno.EBUSY
     if isinstance(e, volumes.VolumeExists):
         return errno.EEXIST
+    if isinstance(e, volumes.VolumeTooLarge):
+        return errno.EFBIG
     if isinstance(e, OSError) and e.errno in _IO_ERRNOS:
         return e.errno
     return errno.EIO

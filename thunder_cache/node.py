@@ -29,10 +29,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 
+from thunder_cache import control
 from thunder_cache import fanout
+from thunder_cache import fsutil
 from thunder_cache import image_cache
 from thunder_cache import metrics
 from thunder_cache import protocol
@@ -44,6 +47,10 @@ LOG = logging.getLogger(__name__)
 
 MANIFEST_FILE = 'manifest'
 MAX_DESCRIPTOR_BYTES = 65536
+# What a descriptor may hold (a file's also its ``image_id``).
+DESCRIPTOR_KEYS = frozenset((
+    'manifest_digest', 'manifest_offset', 'manifest_length', 'image_size',
+    'origin', 'peers', 'origin_volume_id'))
 _HEX_DIGEST = re.compile(r'^[0-9a-f]{64}\Z')
 _UUID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
                    r'[0-9a-f]{12}\Z')
@@ -92,6 +99,14 @@ class DescriptorError(ValueError):
     """An image descriptor that cannot be used."""
 
 
+class BadDescriptor(DescriptorError, control.BadRequest):
+    """A descriptor refused outright (``BadRequest`` on the socket).
+
+    A malformed value, an unknown key, or an origin the daemon does not
+    allow.
+    """
+
+
 class ImageSpec(object):
     """What a node needs to know about an image to cache it."""
 
@@ -100,37 +115,37 @@ class ImageSpec(object):
                  image_size=None, origin_volume_id=None):
         if not isinstance(image_id, str) or not protocol.IMAGE_ID.match(
                 image_id):
-            raise DescriptorError('bad image id %r' % (image_id,))
+            raise BadDescriptor('bad image id %r' % (
+                image_id[:80] if isinstance(image_id, str) else image_id,))
         if (not isinstance(manifest_digest, str) or
                 not _HEX_DIGEST.match(manifest_digest)):
-            raise DescriptorError('manifest digest must be a lower-case '
-                                  'sha256 hex digest')
-        for name, value in (('manifest_offset', manifest_offset),
-                            ('manifest_length', manifest_length),
-                            ('image_size', image_size)):
-            if value is not None and (not isinstance(value, int) or
-                                      isinstance(value, bool) or
-                                      value < 0):
-                raise DescriptorError('%s must be a non-negative integer'
-                                      % name)
+            raise BadDescriptor('manifest digest must be a lower-case '
+                                'sha256 hex digest')
         if manifest_offset is None:
             if image_size is None:
-                raise DescriptorError('need manifest_offset or image_size')
-            manifest_offset = manifest_mod.volume_offset(image_size)
+                raise BadDescriptor('need manifest_offset or image_size')
+            if manifest_mod.is_size(image_size):
+                manifest_offset = manifest_mod.volume_offset(image_size)
+        try:
+            manifest_mod.check_placement(manifest_offset, manifest_length,
+                                         image_size)
+        except ValueError as e:
+            raise BadDescriptor(str(e))
         if origin_volume_id is not None and (
                 not isinstance(origin_volume_id, str) or
                 not _UUID.match(origin_volume_id)):
-            raise DescriptorError('origin_volume_id must be a volume UUID')
+            raise BadDescriptor('origin_volume_id must be a volume UUID')
         try:
             self.peers = tuple(protocol.normalize_url(p) for p in peers)
         except ValueError as e:
-            raise DescriptorError(str(e))
+            raise BadDescriptor(str(e))
         self.image_id = image_id
         self.origin_volume_id = origin_volume_id
         self.manifest_digest = manifest_digest
         self.origin = origin
         self.manifest_offset = manifest_offset
         self.manifest_length = manifest_length
+        self.image_size = image_size
 
 
 def load_descriptor(path, origin_factory):
@@ -139,11 +154,14 @@ def load_descriptor(path, origin_factory):
     The file ``<image id>.json`` holds an object with
     ``manifest_digest`` (from the image's location metadata),
     ``manifest_offset`` and optionally ``manifest_length`` (or
-    ``image_size`` to compute the offset), ``origin`` (``{"type": "file",
-    "path": ...}``, ``{"type": "rbd", "pool": ..., "image": ...,
-    "snapshot": ...}`` or null), ``peers`` (a list of peer URLs) and
-    ``origin_volume_id`` (the Cinder id of the image-volume, whose
-    metadata carries the image's peer-cache locations and boot trace).
+    ``image_size`` to compute the offset), ``origin`` (an image-volume
+    the daemon's configuration allows: ``{"type": "rbd"[, "pool": ...,
+    "image": ..., "snapshot": ...]}``, ``{"type": "file", "path": ...}``
+    or null; see :mod:`thunder_cache.origins`), ``peers`` (a list of peer
+    URLs) and ``origin_volume_id`` (the Cinder id of the image-volume,
+    whose metadata carries the image's peer-cache locations and boot
+    trace). It goes through the same checks as a registration over the
+    control socket.
     """
     image_id = os.path.basename(path)[:-len('.json')]
     try:
@@ -153,29 +171,42 @@ def load_descriptor(path, origin_factory):
             raise DescriptorError('descriptor larger than %d bytes'
                                   % MAX_DESCRIPTOR_BYTES)
         data = json.loads(raw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DescriptorError('cannot read %s: %s' % (path, e))
     if not isinstance(data, dict):
         raise DescriptorError('%s does not hold a JSON object' % path)
-    if data.get('image_id', image_id) != image_id:
-        raise DescriptorError('%s names image %r'
-                              % (path, data.get('image_id')))
+    if data.pop('image_id', image_id) != image_id:
+        raise DescriptorError('%s names another image' % path)
     return spec_from_dict(image_id, data, origin_factory)
 
 
 def spec_from_dict(image_id, data, origin_factory):
-    """An :class:`ImageSpec` from a descriptor's JSON object."""
+    """An :class:`ImageSpec` from a descriptor's JSON object.
+
+    ``origin_factory(origin, origin_volume_id=...)`` builds the origin
+    (see :class:`thunder_cache.origins.OriginPolicy`).
+    """
+    if not isinstance(image_id, str):
+        raise BadDescriptor('image id must be a string')
+    unknown = sorted(str(k)[:40] for k in set(data) - DESCRIPTOR_KEYS)
+    if unknown:
+        raise BadDescriptor('unknown descriptor keys: %s (allowed: %s)'
+                            % (', '.join(unknown[:8]),
+                               ', '.join(sorted(DESCRIPTOR_KEYS))))
     peers = data.get('peers') or []
     if not isinstance(peers, list):
-        raise DescriptorError('peers must be a list of URLs')
+        raise BadDescriptor('peers must be a list of URLs')
+    origin_volume_id = data.get('origin_volume_id')
     origin = data.get('origin')
+    spec = ImageSpec(image_id, data.get('manifest_digest'), None, peers,
+                     data.get('manifest_offset'), data.get('manifest_length'),
+                     data.get('image_size'), origin_volume_id)
     if origin is not None:
         if not isinstance(origin, dict):
-            raise DescriptorError('origin must be an object or null')
-        origin = origin_factory(origin)
-    return ImageSpec(image_id, data.get('manifest_digest'), origin, peers,
-                     data.get('manifest_offset'), data.get('manifest_length'),
-                     data.get('image_size'), data.get('origin_volume_id'))
+            raise BadDescriptor('origin must be an object or null')
+        spec.origin = origin_factory(origin,
+                                     origin_volume_id=origin_volume_id)
+    return spec
 
 
 class ImageEntry(object):
@@ -249,6 +280,12 @@ class Node(object):
             raise DescriptorError('image %s is registered with another '
                                   'manifest digest' % spec.image_id)
         with entry.lock:
+            old = entry.spec.origin
+            if old is not None and spec.origin is not None and (
+                    old.name == spec.origin.name):
+                # The same image-volume: keep the origin already open.
+                spec.origin.close()
+                spec.origin = old
             entry.spec = spec
             if entry.cache is not None:
                 entry.cache.upstream.origin = spec.origin
@@ -258,8 +295,12 @@ class Node(object):
         """Forget an image whose cache was never opened (a failed one)."""
         with self._lock:
             entry = self._images.get(image_id)
-            if entry is not None and entry.cache is None:
-                del self._images[image_id]
+            if entry is None or entry.cache is not None:
+                return
+            del self._images[image_id]
+        with entry.lock:
+            if entry.spec.origin is not None:
+                entry.spec.origin.close()
 
     def load_descriptors(self, directory, origin_factory):
         """Register every ``*.json`` descriptor of ``directory``."""
@@ -324,8 +365,15 @@ class Node(object):
     def _activate(self, entry):
         spec = entry.spec
         directory = os.path.join(self.cache_dir, spec.image_id)
+        made = not os.path.isdir(directory)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        manifest = self._load_manifest(spec, directory)
+        try:
+            manifest = self._load_manifest(spec, directory)
+        except sources.ManifestError:
+            if made:
+                # An image never verified leaves nothing behind.
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         upstream = upstream_mod.Upstream(
             spec.image_id, spec.origin, spec.peers, self.client, self.url,
             max_redirects=self.max_redirects,
@@ -351,9 +399,7 @@ class Node(object):
         manifest = None
         if spec.origin is not None:
             try:
-                manifest = sources.load_manifest(
-                    spec.origin.read, spec.manifest_digest,
-                    spec.manifest_offset, spec.manifest_length)
+                manifest = self._origin_manifest(spec)
             except (IOError, sources.ManifestError) as e:
                 errors.append('%s: %s' % (spec.origin.name, e))
         for url in spec.peers if manifest is None else ():
@@ -369,12 +415,21 @@ class Node(object):
             raise sources.ManifestError(
                 'no verified manifest for image %s (%s)'
                 % (spec.image_id, '; '.join(errors) or 'no origin, no peers'))
-        tmp = local + '.tmp'
-        with open(tmp, 'wb') as f:
-            f.write(manifest.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, local)
+        fsutil.write_atomic(local, manifest.to_bytes())
+        return manifest
+
+    @staticmethod
+    def _origin_manifest(spec):
+        """The manifest read from the image-volume, where it must be."""
+        manifest = sources.load_manifest(
+            spec.origin.read, spec.manifest_digest, spec.manifest_offset,
+            spec.manifest_length)
+        if spec.image_size not in (None, manifest.image_size) or (
+                manifest_mod.volume_offset(manifest.image_size) !=
+                spec.manifest_offset):
+            raise sources.ManifestError(
+                'the manifest does not describe the image whose end its '
+                'offset marks')
         return manifest
 
     # -- local reads --------------------------------------------------------

@@ -192,17 +192,37 @@ cache_opts = [
 ]
 
 origin_opts = [
+    cfg.ListOpt('rbd_pools',
+                default=['volumes'],
+                help='RADOS pools this node reads image-volumes from; the '
+                     'first is where an image descriptor without a pool '
+                     'points. A registration naming another pool is '
+                     'refused. Match the Cinder backends\' '
+                     'thunder_rbd_pool.'),
+    cfg.StrOpt('rbd_volume_name_template',
+               default='volume-%s',
+               help='RBD image name of an image-volume, from its Cinder '
+                    'volume id: Cinder\'s volume_name_template. The '
+                    'daemon reads only the image-volume a descriptor\'s '
+                    'origin_volume_id names this way.'),
+    cfg.ListOpt('file_origin_dirs',
+                default=[],
+                help='Directories under which image descriptors may name '
+                     'a file (or block device) as the origin, e.g. where '
+                     'image-volumes are attached locally. Empty: file '
+                     'origins are refused. Paths are opened without '
+                     'following symbolic links.'),
     cfg.StrOpt('rbd_ceph_conf',
                default='/etc/ceph/ceph.conf',
                help='Ceph configuration file used to read RBD '
-                    'image-volumes (descriptors with "origin": {"type": '
-                    '"rbd", ...}).'),
+                    'image-volumes. Descriptors cannot name another.'),
     cfg.StrOpt('rbd_cluster_name',
                default='ceph',
                help='Name of the Ceph cluster.'),
     cfg.StrOpt('rbd_user',
                help='Ceph user (without "client.") reading image-volumes; '
-                    'read access to the volumes pool is enough.'),
+                    'read access to rbd_pools is enough (profile '
+                    'rbd-read-only).'),
     cfg.StrOpt('rbd_keyring',
                help='Keyring of rbd_user; defaults to what the Ceph '
                     'configuration names.'),
@@ -241,6 +261,12 @@ blockdev_opts = [
                     '(e.g. cinder), so that cinder-volume can manage, '
                     'fill and upload volumes without root. Unset: the '
                     'daemon\'s own group.'),
+    cfg.IntOpt('max_volume_size',
+               default=64 * 1024, min=1, max=(1 << 33) - 1,
+               help='Largest volume, in GiB, that the control socket '
+                    'creates or grows a volume to. A volume\'s layer is a '
+                    'sparse file of its size, so the layers_dir '
+                    'filesystem must allow such files (ext4: 16 TiB).'),
     cfg.BoolOpt('allow_other',
                 default=True,
                 help='Mount with allow_other (and default_permissions), '

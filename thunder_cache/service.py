@@ -21,8 +21,12 @@ import json
 import logging
 import os
 
+from oslo_concurrency import lockutils
+
 from thunder_cache import control
+from thunder_cache import fsutil
 from thunder_cache import node as node_mod
+from thunder_cache import protocol
 from thunder_cache import volumes as volumes_mod
 
 LOG = logging.getLogger(__name__)
@@ -32,9 +36,30 @@ EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
                    KeyError)
 
 
-def _size(value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise control.BadRequest('size must be a positive integer')
+def _size(value, limit):
+    if (not isinstance(value, int) or isinstance(value, bool) or
+            not 0 < value <= limit):
+        raise control.BadRequest('size must be a positive integer of at '
+                                 'most %d bytes' % limit)
+    return value
+
+
+def _volume_id(value, name='volume_id'):
+    if not isinstance(value, str):
+        raise control.BadRequest('%s must be a string' % name)
+    try:
+        return volumes_mod.check_volume_id(value)
+    except ValueError:
+        raise control.BadRequest(
+            'bad %s %r: 1 to 128 characters of A-Z a-z 0-9 _ . -, not '
+            'starting with . _ or -' % (name, value[:140]))
+
+
+def _image_id(value):
+    if not isinstance(value, str):
+        raise control.BadRequest('image_id must be a string')
+    if not protocol.IMAGE_ID.match(value):
+        raise control.BadRequest('bad image id %r' % value[:80])
     return value
 
 
@@ -46,7 +71,8 @@ class VolumeService(object):
     :param mount_dir: where the volume files are mounted.
     :param descriptors_dir: where registered images are kept, so that a
         restarted daemon knows them again.
-    :param origin_factory: builds origins from descriptor entries.
+    :param origin_factory: builds origins from descriptor entries (see
+        :class:`thunder_cache.origins.OriginPolicy`).
     """
 
     def __init__(self, node, store, mount_dir, descriptors_dir,
@@ -56,6 +82,8 @@ class VolumeService(object):
         self.mount_dir = mount_dir
         self.descriptors_dir = descriptors_dir
         self.origin_factory = origin_factory
+        # One registration of an image at a time.
+        self._image_locks = lockutils.Semaphores()
 
     def handlers(self):
         return {'ping': self.ping,
@@ -92,11 +120,26 @@ class VolumeService(object):
         Returns the image's size and how much of it this node holds. The
         manifest is read (and checked against the digest) here, so a
         volume is only created over an image this node can serve.
+        Registrations of one image are serialized; each one succeeds or
+        fails on its own.
         """
+        if not isinstance(image_id, str):
+            raise node_mod.BadDescriptor('image_id must be a string')
         spec = node_mod.spec_from_dict(image_id, descriptor,
                                        self.origin_factory)
+        with lockutils.lock(image_id, semaphores=self._image_locks,
+                            do_log=False):
+            return self._register(spec, descriptor)
+
+    def _register(self, spec, descriptor):
+        image_id = spec.image_id
         known = image_id in self.node.image_ids()
-        self.node.register(spec)
+        try:
+            self.node.register(spec)
+        except BaseException:
+            if spec.origin is not None:
+                spec.origin.close()
+            raise
         try:
             cache = self.node.cache(image_id)
         except node_mod.sources.ManifestError as e:
@@ -113,38 +156,35 @@ class VolumeService(object):
 
     def _keep_descriptor(self, image_id, descriptor):
         os.makedirs(self.descriptors_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.descriptors_dir, image_id + '.json')
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(dict(descriptor, image_id=image_id), f,
-                      sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        fsutil.write_atomic(
+            os.path.join(self.descriptors_dir, image_id + '.json'),
+            json.dumps(dict(descriptor, image_id=image_id),
+                       sort_keys=True).encode('utf-8'))
 
     def create_volume(self, volume_id, size, image_id=None, source=None,
                       read_only=False):
-        volumes_mod.check_volume_id(volume_id)
+        _volume_id(volume_id)
+        size = _size(size, self.store.max_size)
         if image_id is not None:
-            self.node.cache(image_id)  # registered and its manifest known
+            self.node.cache(_image_id(image_id))  # known, manifest verified
         if source is not None:
-            volumes_mod.check_volume_id(source)
+            _volume_id(source, 'source')
         if not isinstance(read_only, bool):
             raise control.BadRequest('read_only must be a boolean')
-        info = self.store.create(volume_id, _size(size), image_id=image_id,
+        info = self.store.create(volume_id, size, image_id=image_id,
                                  source=source, read_only=read_only)
         LOG.info('Created volume %s (%d bytes%s)', volume_id, size,
                  ', image %s' % image_id if image_id else '')
         return info
 
     def delete_volume(self, volume_id):
-        self.store.delete(volumes_mod.check_volume_id(volume_id))
+        self.store.delete(_volume_id(volume_id))
         LOG.info('Deleted volume %s', volume_id)
 
     def resize_volume(self, volume_id, size):
-        self.store.resize(volumes_mod.check_volume_id(volume_id),
-                          _size(size))
+        self.store.resize(_volume_id(volume_id),
+                          _size(size, self.store.max_size))
         return self.store.info(volume_id)
 
     def volume_info(self, volume_id):
-        return self.store.info(volumes_mod.check_volume_id(volume_id))
+        return self.store.info(_volume_id(volume_id))

@@ -89,9 +89,13 @@ class FileOrigin(Origin):
         self.path = path
         self.name = 'file:%s' % path
 
+    def _open(self):
+        """A read-only descriptor of the origin (closed by the caller)."""
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
     def read(self, offset, length):
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._open()
         except OSError as e:
             raise OriginError('cannot open origin %s: %s' % (self.path, e))
         try:

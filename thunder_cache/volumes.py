@@ -30,7 +30,9 @@ a blank volume never wrote, a volume reads zeros.
 daemon's control requests use.
 """
 
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -38,12 +40,18 @@ import re
 import shutil
 import threading
 
+from oslo_concurrency import lockutils
+
 from thunder_cache import cow
 from thunder_cache import fsutil
 
 LOG = logging.getLogger(__name__)
 
 META_FILE = 'volume.json'
+GiB = 1024 * 1024 * 1024
+# The largest volume a store serves, whatever it is configured with: the
+# largest layer (a file size that fits off_t, as FUSE and losetup see it).
+MAX_SIZE = cow.MAX_SIZE
 _VOLUME_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z')
 _ZEROS = bytes(1024 * 1024)
 
@@ -66,6 +74,10 @@ class VolumeBusy(VolumeError):
 
 class VolumeReadOnly(VolumeError):
     """A write to (or writable open of) a read-only volume."""
+
+
+class VolumeTooLarge(VolumeError):
+    """A size larger than the store or its filesystem allows."""
 
 
 def check_volume_id(value):
@@ -103,15 +115,9 @@ class _Volume(object):
 
 
 def _write_meta(directory, meta):
-    """Write volume.json atomically: tmp, fsync, rename, fsync dir."""
-    path = os.path.join(directory, META_FILE)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(meta, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsutil.fsync_dir(directory)
+    """Write volume.json atomically (see :func:`fsutil.write_atomic`)."""
+    fsutil.write_atomic(os.path.join(directory, META_FILE),
+                        json.dumps(meta, sort_keys=True).encode('utf-8'))
 
 
 def _read_meta(directory, volume_id):
@@ -137,14 +143,21 @@ class VolumeStore(object):
     :param images: has ``image_size(image_id) -> int`` and
         ``read_image(image_id, offset, length) -> bytes`` (which may raise
         IOError when a chunk cannot be fetched).
+    :param max_size: the largest volume size, in bytes.
+
+    Creates, deletes and resizes of one volume id run one at a time (a
+    lock per id), so racing requests get clean answers: the volume
+    exists, is not found, or the request is done.
     """
 
-    def __init__(self, layers_dir, images):
+    def __init__(self, layers_dir, images, max_size=MAX_SIZE):
         self.layers_dir = layers_dir
         self.images = images
+        self.max_size = min(cow.check_size(max_size, 'maximum volume'),
+                            MAX_SIZE)
         self._lock = threading.Lock()
+        self._id_locks = lockutils.Semaphores()
         self._volumes = {}
-        self._creating = set()
         os.makedirs(layers_dir, mode=0o700, exist_ok=True)
         self._load()
 
@@ -154,6 +167,30 @@ class VolumeStore(object):
 
     def _dir(self, volume_id):
         return os.path.join(self.layers_dir, volume_id)
+
+    @contextlib.contextmanager
+    def _locked(self, *volume_ids):
+        """Hold the locks of these ids (taken in order: no deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for volume_id in sorted(set(volume_ids)):
+                stack.enter_context(lockutils.lock(
+                    volume_id, semaphores=self._id_locks, do_log=False))
+            yield
+
+    def _check_size(self, size):
+        cow.check_size(size, 'volume')
+        if size > self.max_size:
+            raise VolumeTooLarge('volume size %d is larger than the %d bytes '
+                                 'allowed' % (size, self.max_size))
+        return size
+
+    @staticmethod
+    def _too_large(volume_id, size, error):
+        """The error to raise for an OSError from making a layer."""
+        if error.errno == errno.EFBIG:
+            return VolumeTooLarge('the layers filesystem cannot hold volume '
+                                  '%s of %d bytes' % (volume_id, size))
+        return error
 
     # -- start ------------------------------------------------------------
 
@@ -236,10 +273,22 @@ class VolumeStore(object):
         :raises ValueError: for a bad id or size.
         """
         check_volume_id(volume_id)
-        cow.check_size(size, 'volume')
+        self._check_size(size)
+        if source is not None:
+            check_volume_id(source)
+        with self._locked(volume_id, source or volume_id):
+            info = self._create(volume_id, size, image_id, source,
+                                read_only)
+        LOG.info('Created volume %s: %d bytes, %s%s%s', volume_id, size,
+                 'image %s' % image_id if image_id else 'blank',
+                 ', from %s' % source if source else '',
+                 ', read-only' if read_only else '')
+        return info
+
+    def _create(self, volume_id, size, image_id, source, read_only):
         src = None
         if source is not None:
-            src = self._get(check_volume_id(source))
+            src = self._get(source)
             if image_id is not None and image_id != src.image_id:
                 raise ValueError('volume %s reads image %s, not %s'
                                  % (source, src.image_id, image_id))
@@ -252,47 +301,40 @@ class VolumeStore(object):
         elif image_id is not None:
             self._image_size(image_id)
         with self._lock:
-            if volume_id in self._volumes or volume_id in self._creating:
+            if volume_id in self._volumes:
                 raise VolumeExists('volume %s exists' % volume_id)
-            self._creating.add(volume_id)
         directory = self._dir(volume_id)
+        if os.path.exists(os.path.join(directory, META_FILE)):
+            # Left unloaded at start (damaged): never clobber it.
+            raise VolumeExists('volume %s exists (damaged, not served)'
+                               % volume_id)
+        if os.path.lexists(directory):
+            LOG.warning('Replacing half-created volume %s', volume_id)
+            shutil.rmtree(directory)
         try:
-            if os.path.exists(os.path.join(directory, META_FILE)):
-                # Left unloaded at start (damaged): never clobber it.
-                raise VolumeExists('volume %s exists (damaged, not served)'
-                                   % volume_id)
-            if os.path.lexists(directory):
-                LOG.warning('Replacing half-created volume %s', volume_id)
-                shutil.rmtree(directory)
+            if src is not None:
+                layer = src.layer.copy_to(directory)
+                if size > layer.size:
+                    layer.resize(size)
+            else:
+                layer = cow.CowLayer.create(directory, size)
+            created = datetime.datetime.now(
+                datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+            volume = _Volume(volume_id, layer, image_id, bool(read_only),
+                             created)
             try:
-                if src is not None:
-                    layer = src.layer.copy_to(directory)
-                    if size > layer.size:
-                        layer.resize(size)
-                else:
-                    layer = cow.CowLayer.create(directory, size)
-                created = datetime.datetime.now(
-                    datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-                volume = _Volume(volume_id, layer, image_id, bool(read_only),
-                                 created)
-                try:
-                    _write_meta(directory, volume.meta())
-                    fsutil.fsync_dir(self.layers_dir)
-                except BaseException:
-                    layer.close()
-                    raise
+                _write_meta(directory, volume.meta())
+                fsutil.fsync_dir(self.layers_dir)
             except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
+                layer.close()
                 raise
-            with self._lock:
-                self._volumes[volume_id] = volume
-        finally:
-            with self._lock:
-                self._creating.discard(volume_id)
-        LOG.info('Created volume %s: %d bytes, %s%s%s', volume_id, size,
-                 'image %s' % image_id if image_id else 'blank',
-                 ', from %s' % source if source else '',
-                 ', read-only' if read_only else '')
+        except BaseException as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise self._too_large(volume_id, size, e)
+            raise
+        with self._lock:
+            self._volumes[volume_id] = volume
         return self.info(volume_id)
 
     def delete(self, volume_id):
@@ -302,6 +344,11 @@ class VolumeStore(object):
             it open until ``losetup -d``).
         :raises VolumeNotFound: if there is no such volume.
         """
+        with self._locked(volume_id):
+            self._delete(volume_id)
+        LOG.info('Deleted volume %s', volume_id)
+
+    def _delete(self, volume_id):
         with self._lock:
             volume = self._volumes.get(volume_id)
             if volume is None:
@@ -322,14 +369,20 @@ class VolumeStore(object):
             pass
         shutil.rmtree(directory)
         fsutil.fsync_dir(self.layers_dir)
-        LOG.info('Deleted volume %s', volume_id)
 
     def resize(self, volume_id, new_size):
         """Grow a volume to ``new_size`` bytes (ValueError on a shrink)."""
-        cow.check_size(new_size, 'volume')
+        self._check_size(new_size)
+        with self._locked(volume_id):
+            self._resize(volume_id, new_size)
+
+    def _resize(self, volume_id, new_size):
         volume = self._get(volume_id)
         old = volume.layer.size
-        volume.layer.resize(new_size)
+        try:
+            volume.layer.resize(new_size)
+        except OSError as e:
+            raise self._too_large(volume_id, new_size, e)
         if new_size != old:
             _write_meta(self._dir(volume_id), volume.meta())
             LOG.info('Volume %s grown from %d to %d bytes', volume_id, old,

@@ -64,6 +64,10 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 # size. Larger images need a larger chunk size.
 MAX_CHUNKS = 4 * 1024 * 1024
 
+# The largest image a manifest can describe, and the largest manifest.
+MAX_IMAGE_SIZE = MAX_CHUNKS * MAX_CHUNK_SIZE
+MAX_LENGTH = HEADER_SIZE + MAX_CHUNKS * DIGEST_SIZE
+
 # Where the manifest starts in an image-volume: aligned to 1 MiB.
 ALIGNMENT = 1024 * 1024
 
@@ -107,6 +111,55 @@ def volume_bytes_needed(image_size, chunk_size=DEFAULT_CHUNK_SIZE):
     """Bytes an image-volume needs for the image and its manifest."""
     return volume_offset(image_size) + serialized_size(image_size,
                                                        chunk_size)
+
+
+def is_size(value):
+    """True if ``value`` is a non-negative integer (not a boolean)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and
+            value >= 0)
+
+
+def check_placement(offset, length=None, image_size=None):
+    """Raise ValueError unless a manifest may lie where it is said to.
+
+    ``offset`` and ``length`` (None: not known) place the manifest in an
+    image-volume holding ``image_size`` bytes of image (None: not known):
+    a manifest starts at an :data:`ALIGNMENT` boundary, right after the
+    image when its size is known, and holds a whole number of digests, as
+    many as the image has chunks at one of the chunk sizes.
+    """
+    for name, value in (('image size', image_size), ('offset', offset),
+                        ('length', length)):
+        if not is_size(value) and (value is not None or name == 'offset'):
+            raise ValueError('manifest %s must be a non-negative integer'
+                             % name)
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise ValueError('an image of %d bytes is larger than a manifest '
+                         'can describe (%d bytes)'
+                         % (image_size, MAX_IMAGE_SIZE))
+    if offset % ALIGNMENT:
+        raise ValueError('manifest offset %d is not aligned to %d'
+                         % (offset, ALIGNMENT))
+    if offset > volume_offset(MAX_IMAGE_SIZE):
+        raise ValueError('manifest offset %d is past the largest image '
+                         'a manifest can describe' % offset)
+    if image_size is not None and offset != volume_offset(image_size):
+        raise ValueError('manifest offset %d is not where the image-volume '
+                         'of a %d-byte image holds it (%d)'
+                         % (offset, image_size, volume_offset(image_size)))
+    if length is None:
+        return
+    if not HEADER_SIZE <= length <= MAX_LENGTH:
+        raise ValueError('manifest length %d out of range' % length)
+    if (length - HEADER_SIZE) % DIGEST_SIZE:
+        raise ValueError('manifest length %d is not a whole number of '
+                         'digests' % length)
+    if image_size is not None and not any(
+            serialized_size(image_size, MIN_CHUNK_SIZE << shift) == length
+            for shift in range((MAX_CHUNK_SIZE // MIN_CHUNK_SIZE)
+                               .bit_length())):
+        raise ValueError('manifest length %d fits an image of %d bytes at '
+                         'no chunk size' % (length, image_size))
 
 
 class Manifest(object):
@@ -207,7 +260,8 @@ class Manifest(object):
         """Validate a header; return (chunk_size, image_size, total length).
 
         Reading the first :data:`HEADER_SIZE` bytes is enough to know how
-        many more to read.
+        many more to read. The errors say which field is wrong, never its
+        value: the bytes may be anything an origin holds.
         """
         if len(data) < HEADER_SIZE:
             raise ValueError('manifest truncated: %d bytes, its header alone '
@@ -217,16 +271,22 @@ class Manifest(object):
         if magic != MAGIC:
             raise ValueError('not a VMThunder manifest (bad magic)')
         if version != VERSION:
-            raise ValueError('unsupported manifest version %d' % version)
+            raise ValueError('unsupported manifest version (this reader '
+                             'knows version %d)' % VERSION)
         if algorithm not in ALGORITHM_NAMES:
-            raise ValueError('unsupported digest algorithm %d' % algorithm)
-        check_chunk_size(chunk_size)
+            raise ValueError('unsupported manifest digest algorithm')
+        try:
+            check_chunk_size(chunk_size)
+        except ValueError:
+            raise ValueError('manifest chunk size is not a power of two '
+                             'between %d and %d bytes'
+                             % (MIN_CHUNK_SIZE, MAX_CHUNK_SIZE))
         if count > min(max_chunks, MAX_CHUNKS):
-            raise ValueError('manifest claims %d chunks, more than the %d '
-                             'allowed' % (count, min(max_chunks, MAX_CHUNKS)))
+            raise ValueError('manifest chunk count is more than the %d '
+                             'allowed' % min(max_chunks, MAX_CHUNKS))
         if count != chunk_count(image_size, chunk_size):
-            raise ValueError('manifest claims %d chunks for %d bytes in '
-                             'chunks of %d' % (count, image_size, chunk_size))
+            raise ValueError('manifest chunk count does not match its image '
+                             'size and chunk size')
         return chunk_size, image_size, HEADER_SIZE + count * DIGEST_SIZE
 
     @classmethod
@@ -238,11 +298,10 @@ class Manifest(object):
         data = bytes(data)
         chunk_size, image_size, length = cls.parse_header(data, max_chunks)
         if len(data) < length:
-            raise ValueError('manifest truncated: %d of %d bytes'
-                             % (len(data), length))
+            raise ValueError('manifest truncated: %d bytes, fewer than its '
+                             'header announces' % len(data))
         if len(data) > length:
-            raise ValueError('%d unexpected bytes after the manifest'
-                             % (len(data) - length))
+            raise ValueError('unexpected bytes after the manifest')
         return cls(chunk_size, image_size, data[HEADER_SIZE:])
 
     # -- metadata ---------------------------------------------------------
@@ -277,14 +336,7 @@ def from_metadata(metadata):
             raise ValueError('manifest %s is not a decimal number' % name)
         values.append(int(value))
     offset, length = values
-    if offset % ALIGNMENT:
-        raise ValueError('manifest offset %d is not aligned to %d'
-                         % (offset, ALIGNMENT))
-    if not HEADER_SIZE <= length <= HEADER_SIZE + MAX_CHUNKS * DIGEST_SIZE:
-        raise ValueError('manifest length %d out of range' % length)
-    if (length - HEADER_SIZE) % DIGEST_SIZE:
-        raise ValueError('manifest length %d is not a whole number of '
-                         'digests' % length)
+    check_placement(offset, length)
     return offset, length, digest
 
 
@@ -293,10 +345,11 @@ def load_verified(data, expected_digest, max_chunks=MAX_CHUNKS):
 
     :raises ValueError: if the digest differs or the data is malformed.
     """
-    actual = hashlib.sha256(bytes(data)).hexdigest()
-    if actual != expected_digest:
-        raise ValueError('manifest digest %s does not match the image '
-                         'record\'s %s' % (actual, expected_digest))
+    if hashlib.sha256(bytes(data)).hexdigest() != expected_digest:
+        # Never the digest computed: the bytes may be anything an origin
+        # holds, and their digest would tell them apart.
+        raise ValueError('manifest does not match the image record\'s '
+                         'digest %s' % expected_digest)
     return Manifest.from_bytes(data, max_chunks)
 
 

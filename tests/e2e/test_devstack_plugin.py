@@ -174,6 +174,8 @@ source devstack/plugin.sh unstack
     assert ini.iniget(conf, 'node', 'listen_address') == '10.0.0.7'
     assert ini.iniget(conf, 'blockdev', 'enabled') == 'True'
     assert ini.iniget(conf, 'blockdev', 'control_socket') == socket
+    # Image-volumes are read from the backend's pool, and from no other.
+    assert ini.iniget(conf, 'origin', 'rbd_pools') == 'volumes'
     assert ini.iniget(conf, 'blockdev', 'mount_dir') == str(
         state / 'volumes')
     assert ini.iniget(conf, 'advertise', 'enabled') == 'True'

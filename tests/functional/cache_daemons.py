@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.request
 
+from thunder_cache import control
 from thunder_cache import sources
 from thunder_common import manifest as manifest_mod
 
@@ -62,7 +63,7 @@ class Daemon(object):
     """One node: configuration, process, metrics, local reader."""
 
     def __init__(self, workdir, name, max_children=2, upload_rate=0,
-                 commit_interval=0.05, extra=''):
+                 commit_interval=0.05, extra='', origin_dirs=None):
         self.name = name
         self.dir = os.path.join(workdir, name)
         os.makedirs(os.path.join(self.dir, 'images.d'), exist_ok=True)
@@ -92,28 +93,38 @@ class Daemon(object):
                 'fetch_timeout = 5', 'relay_timeout = 4',
                 'peer_retry_interval = 30',
                 '[cache]', 'commit_interval = %s' % commit_interval,
+                # The tests' image-volume files live in the work directory.
+                '[origin]', 'file_origin_dirs = %s' % ','.join(
+                    [workdir] if origin_dirs is None else origin_dirs),
                 extra, '']))
         self.proc = None
         self._reader = None
+        # Run before the daemon's command (e.g. to change its user).
+        self.command_prefix = []
 
     def cache_path(self, image_id, name='data'):
         return os.path.join(self.dir, 'cache', image_id, name)
 
     def describe(self, image_id, manifest, origin=None, peers=(),
-                 digest=None):
+                 digest=None, origin_volume_id=None):
         """Write the image's descriptor (before start, or then SIGHUP)."""
+        descriptor = {'manifest_digest': digest or manifest.digest(),
+                      'image_size': manifest.image_size,
+                      'origin': origin,
+                      'peers': [getattr(p, 'url', p) for p in peers]}
+        if origin_volume_id is not None:
+            descriptor['origin_volume_id'] = origin_volume_id
         with open(os.path.join(self.dir, 'images.d', image_id + '.json'),
                   'w') as f:
-            json.dump({'manifest_digest': digest or manifest.digest(),
-                       'image_size': manifest.image_size,
-                       'origin': origin,
-                       'peers': [getattr(p, 'url', p) for p in peers]}, f)
+            json.dump(descriptor, f)
 
     def start(self, timeout=30):
         log = open(self.log_path, 'a')
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
-             self.conf_path], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.command_prefix + [sys.executable, '-m',
+                                   'thunder_cache.daemon', '--config-file',
+                                   self.conf_path],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -193,6 +204,38 @@ class Daemon(object):
                                       for k, v in labels.items()):
                 total += value
         return total
+
+
+class VolumeDaemon(Daemon):
+    """A daemon that serves volume files ([blockdev]) and its control socket.
+
+    ``paths`` has the ``mount``, ``layers`` and ``control`` paths;
+    ``control`` is a :class:`~thunder_cache.control.ControlClient`.
+    """
+
+    def __init__(self, workdir, name, extra='', **kwargs):
+        base = os.path.join(workdir, name)
+        self.paths = {'mount': os.path.join(base, 'volumes'),
+                      'layers': os.path.join(base, 'layers'),
+                      'control': os.path.join(base, 'control.sock')}
+        super().__init__(workdir, name, extra='\n'.join([
+            '[blockdev]', 'enabled = true',
+            'mount_dir = %s' % self.paths['mount'],
+            'layers_dir = %s' % self.paths['layers'],
+            'control_socket = %s' % self.paths['control'],
+            '[prefetch]', 'record = false', extra]), **kwargs)
+        self.control = control.ControlClient(self.paths['control'])
+
+    def start(self, timeout=30):
+        super().start(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.control.call('ping')
+                return self
+            except control.ControlError:
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -22,14 +22,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import time
 import uuid
 
 from cinder import exception
 import pytest
 
 from tests.functional import cache_daemons
-from thunder_cache import control
 from thunder_common import locations
 from thunder_common import loops
 from thunder_common import manifest as manifest_mod
@@ -67,32 +65,13 @@ def image():
 
 @pytest.fixture
 def node(tmp_path, ceph):
-    base = str(tmp_path)
-    paths = {'mount': os.path.join(base, 'n', 'volumes'),
-             'control': os.path.join(base, 'n', 'control.sock')}
-    daemon = cache_daemons.Daemon(base, 'n', extra='\n'.join([
-        '[origin]', 'rbd_ceph_conf = %s' % ceph,
-        '[blockdev]', 'enabled = true',
-        'mount_dir = %s' % paths['mount'],
-        'layers_dir = %s' % os.path.join(base, 'n', 'layers'),
-        'control_socket = %s' % paths['control'],
-        '[prefetch]', 'record = false']))
+    daemon = cache_daemons.VolumeDaemon(
+        str(tmp_path), 'n', extra='[origin]\nrbd_ceph_conf = %s' % ceph)
     daemon.start()
-    client = control.ControlClient(paths['control'])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.call('ping')
-            break
-        except control.ControlError:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.1)
-    daemon.paths = paths
-    daemon.control = client
     yield daemon
-    _detach_all(paths['mount'])
+    _detach_all(daemon.paths['mount'])
     daemon.stop()
-    assert not os.path.ismount(paths['mount'])
+    assert not os.path.ismount(daemon.paths['mount'])
 
 
 def _loops_under(mount):

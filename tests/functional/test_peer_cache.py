@@ -427,16 +427,19 @@ def pool_read_bytes(conf, pool):
 
 def test_rbd_origin(daemons, ceph, image):
     """Four nodes over an image-volume in RBD on the real Ceph."""
-    name = 'thunder-peer-%s' % uuid.uuid4().hex[:8]
+    volume_id = str(uuid.uuid4())
+    name = 'volume-%s' % volume_id
     manifest = manifest_mod.Manifest.build([image], CHUNK)
     with cache_daemons.rbd_image_volume(ceph, 'volumes', name, image,
                                         manifest):
-        origin = {'type': 'rbd', 'pool': 'volumes', 'image': name,
-                  'ceph_conf': ceph}
-        nodes = [daemons('r%d' % i) for i in range(4)]
+        # The daemons read it with their own [origin] Ceph configuration.
+        origin = {'type': 'rbd', 'pool': 'volumes', 'image': name}
+        extra = '[origin]\nrbd_ceph_conf = %s' % ceph
+        nodes = [daemons('r%d' % i, extra=extra) for i in range(4)]
         for i, d in enumerate(nodes):
             d.describe(IMAGE, manifest, origin,
-                       peers=[] if i == 0 else [nodes[0]])
+                       peers=[] if i == 0 else [nodes[0]],
+                       origin_volume_id=volume_id)
             d.start()
         trace = boot_trace(seed=9)
         before = pool_read_bytes(ceph, 'volumes')
@@ -460,8 +463,9 @@ def test_rbd_origin(daemons, ceph, image):
                            served / touched_bytes))
         assert served <= 1.1 * touched_bytes + overhead
         # A wrong digest for the image record: the image is refused.
-        bad = daemons('liar-record')
-        bad.describe(IMAGE, manifest, origin, digest='0' * 64)
+        bad = daemons('liar-record', extra=extra)
+        bad.describe(IMAGE, manifest, origin, digest='0' * 64,
+                     origin_volume_id=volume_id)
         bad.start()
         with pytest.raises(IOError, match='503'):
             bad.read(IMAGE, 0, 10)

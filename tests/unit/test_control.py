@@ -20,6 +20,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -462,3 +463,32 @@ def test_client_closing_mid_request_does_not_stop_the_server(server):
         sock.sendall(data)
         sock.close()
     assert control.ControlClient(server.path).call('add', a=1, b=2) == 3
+
+
+def test_connections_beyond_the_limit_are_answered_busy(sock_dir):
+    """Idle connections cannot take a thread each without bound."""
+    path = os.path.join(sock_dir, 'c.sock')
+    srv = control.ControlServer(path, HANDLERS, max_connections=3)
+    srv.start()
+    held = [_connect(path) for _ in range(3)]
+    try:
+        # Accepted in order: the three take the slots, waiting for a line.
+        extra = _connect(path)
+        with extra.makefile('rb') as f:
+            reply = json.loads(f.readline())
+        extra.close()
+        assert reply['ok'] is False and reply['error'] == 'Busy'
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert control.ControlClient(path, timeout=5).call(
+                    'add', a=2, b=3) == 5
+                break
+            except control.ControlError as e:
+                assert e.kind == 'Busy' and time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()

@@ -16,7 +16,9 @@ import errno
 import os
 import random
 import threading
+import tracemalloc
 from unittest import mock
+import zlib
 
 import pytest
 
@@ -364,3 +366,178 @@ def test_closed_layer(layer, base):
     layer.close()
     with pytest.raises(ValueError):
         layer.write(0, b'x', base)
+
+
+# -- memory: the bitmap in pieces --------------------------------------------
+
+TiB = 1 << 40
+
+
+def _zeros(offset, length):
+    return bytes(length)
+
+
+def _peak(call):
+    """Peak bytes Python allocated while ``call`` ran."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = call()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_volume_size(tmp_path):
+    """A 2 TiB layer's bitmap is 64 MiB: never held whole in memory."""
+    size = 2 * TiB
+    path = str(tmp_path / 'big')
+    peak, layer = _peak(lambda: cow.CowLayer.create(path, size))
+    assert peak < 4 << 20
+    # Writes all over the volume: each in another bitmap page.
+    step = size // 300 // BS * BS
+    offsets = [n * step for n in range(300)]
+    try:
+        def write_everywhere():
+            for offset in offsets:
+                layer.write(offset, b'w' * BS, _zeros)
+            layer.flush()
+
+        peak, _ = _peak(write_everywhere)
+        assert peak < 4 << 20
+        assert layer.written_bytes() == 300 * BS
+    finally:
+        layer.close()
+    peak, layer = _peak(lambda: cow.CowLayer.open(path))
+    try:
+        assert peak < 4 << 20
+        assert layer.written_bytes() == 300 * BS
+        peak, copy = _peak(lambda: layer.copy_to(str(tmp_path / 'copy')))
+        assert peak < 4 << 20
+        copy.close()
+        peak, _ = _peak(lambda: layer.resize(size + TiB))
+        assert peak < 4 << 20
+        for offset in offsets:
+            assert layer.read(offset, BS, _zeros) == b'w' * BS
+            assert layer.read(offset + BS, BS, _zeros) == bytes(BS)
+    finally:
+        layer.close()
+    copy = cow.CowLayer.open(str(tmp_path / 'copy'))
+    try:
+        assert copy.written_bytes() == 300 * BS
+        assert copy.read(offsets[-1], BS, _zeros) == b'w' * BS
+    finally:
+        copy.close()
+    bitmap = os.stat(os.path.join(path, 'bitmap'))
+    assert bitmap.st_blocks * 512 < 4 << 20  # still sparse
+
+
+def test_too_many_changed_pages_are_flushed_data_first(tmp_path):
+    """Past MAX_DIRTY_PAGES a write flushes: data synced, then bits."""
+    layer = cow.CowLayer.create(str(tmp_path / 'v'), TiB)
+    page_span = cow.PAGE * 8 * BS  # the volume bytes of one bitmap page
+    calls = []
+    real_sync, real_pwrite = os.fdatasync, os.pwrite
+
+    def fdatasync(fd):
+        calls.append('sync data' if fd == layer._data_fd else 'sync bits')
+        return real_sync(fd)
+
+    def pwrite(fd, data, offset):
+        if fd == layer._bitmap_fd:
+            calls.append('write bits')
+        return real_pwrite(fd, data, offset)
+
+    try:
+        with mock.patch('os.fdatasync', fdatasync), \
+                mock.patch('os.pwrite', pwrite):
+            for n in range(cow.MAX_DIRTY_PAGES + 1):
+                layer.write(n * page_span, b'x', _zeros)
+        assert calls[0] == 'sync data'
+        assert calls[1:-1] == ['write bits'] * (cow.MAX_DIRTY_PAGES + 1)
+        assert calls[-1] == 'sync bits'
+        assert len(layer._pages) == 0
+        with open(os.path.join(layer.directory, 'bitmap'), 'rb') as f:
+            f.seek(cow.BITS_OFFSET + cow.MAX_DIRTY_PAGES * cow.PAGE)
+            assert f.read(1) == b'\x01'
+    finally:
+        layer.close()
+
+
+def test_reads_see_writes_while_pages_are_flushed(tmp_path):
+    """A page leaves memory only once the file holds it."""
+    layer = cow.CowLayer.create(str(tmp_path / 'v'), 1 << 36)
+    page_span = cow.PAGE * 8 * BS
+    errors = []
+    stop = threading.Event()
+
+    def flusher():
+        while not stop.is_set():
+            layer.flush()
+
+    def writer_reader(k):
+        try:
+            for n in range(60):
+                offset = (n * 7 + k) % 128 * page_span + k * BS
+                layer.write(offset, bytes([k + 1]) * BS, _zeros)
+                for _ in range(3):
+                    if layer.read(offset, BS, _zeros) != bytes([k + 1]) * BS:
+                        errors.append((k, n))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=flusher)] + [
+        threading.Thread(target=writer_reader, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join(60)
+    finally:
+        stop.set()
+        threads[0].join(60)
+        layer.close()
+    assert not errors
+
+
+def test_resize_while_reading(tmp_path):
+    layer = cow.CowLayer.create(str(tmp_path / 'v'), 64 * BS)
+    layer.write(3 * BS, b'r' * BS, _zeros)
+    errors = []
+    done = threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                assert layer.read(3 * BS, BS, _zeros) == b'r' * BS
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(2, 40):
+            layer.resize(n * 64 * BS)
+    finally:
+        done.set()
+        thread.join(30)
+        layer.close()
+    assert not errors
+
+
+@pytest.mark.parametrize('size', [0, -1, cow.MAX_SIZE + 1, 1 << 64, True,
+                                  2.0])
+def test_check_size_bounds(size):
+    with pytest.raises(ValueError):
+        cow.check_size(size)
+
+
+def test_bitmap_header_past_off_t_rejected(tmp_path):
+    path = str(tmp_path / 'v')
+    cow.CowLayer.create(path, BS).close()
+    head = cow._HEADER.pack(cow.MAGIC, cow.VERSION, 0, BS, 1 << 63,
+                            cow.block_count(1 << 63))
+    with open(os.path.join(path, 'bitmap'), 'r+b') as f:
+        f.write(head + cow._CRC.pack(zlib.crc32(head)))
+    with pytest.raises(cow.LayerError):
+        cow.CowLayer.open(path)

@@ -22,6 +22,7 @@ import pytest
 from thunder_common import manifest
 
 CHUNK = manifest.MIN_CHUNK_SIZE
+MiB = 1024 * 1024
 
 
 def _data(size):
@@ -121,14 +122,38 @@ def _header(**fields):
     (dict(chunk_size=CHUNK + 1), 'power of two'),
     (dict(chunk_size=1024), 'power of two'),
     (dict(chunk_size=1 << 31), 'power of two'),
-    (dict(count=2), 'claims 2 chunks'),
-    (dict(count=0), 'claims 0 chunks'),
-    (dict(image_size=0, count=1), 'claims 1 chunks'),
+    (dict(count=2), 'chunk count does not match'),
+    (dict(count=0), 'chunk count does not match'),
+    (dict(image_size=0, count=1), 'chunk count does not match'),
 ])
 def test_corrupted_header_is_refused(fields, message):
     raw = _header(**fields) + b'\0' * 32
     with pytest.raises(ValueError, match=message):
         manifest.Manifest.from_bytes(raw)
+
+
+@pytest.mark.parametrize('fields', [
+    dict(version=0x1234), dict(algorithm=0x4321),
+    dict(chunk_size=0x12345), dict(count=0x7654321),
+    dict(image_size=0x1234567, count=3)])
+def test_header_errors_do_not_echo_what_was_read(fields):
+    """The header may be any bytes of an origin: never said back."""
+    raw = _header(**fields) + b'\0' * 32
+    with pytest.raises(ValueError) as info:
+        manifest.Manifest.from_bytes(raw)
+    message = str(info.value)
+    for value in fields.values():
+        assert str(value) not in message
+        assert '%x' % value not in message
+
+
+def test_digest_mismatch_does_not_echo_the_digest_read():
+    data = b'secret bytes an origin holds'
+    actual = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError, match='does not match') as info:
+        manifest.load_verified(data, 'a' * 64)
+    assert actual not in str(info.value)
+    assert actual[:16] not in str(info.value)
 
 
 def test_huge_counts_are_refused_before_allocating():
@@ -183,6 +208,39 @@ def test_builder_refuses_more_chunks_than_allowed(monkeypatch):
     builder.update(b'a' * 2 * CHUNK)
     with pytest.raises(ValueError, match='larger than'):
         builder.update(b'a' * CHUNK)
+
+
+@pytest.mark.parametrize('offset, length, image_size', [
+    (0, None, None), (0, 32, 0), (MiB, 64, 5000), (MiB, 96, 5000),
+    (manifest.volume_offset(manifest.MAX_IMAGE_SIZE),
+     manifest.MAX_LENGTH, manifest.MAX_IMAGE_SIZE)])
+def test_placement_accepted(offset, length, image_size):
+    manifest.check_placement(offset, length, image_size)
+
+
+@pytest.mark.parametrize('offset, length, image_size, message', [
+    (1, None, None, 'not aligned'),
+    (MiB + 4096, None, None, 'not aligned'),
+    (-MiB, None, None, 'non-negative'),
+    (True, None, None, 'non-negative'),
+    ('1048576', None, None, 'non-negative'),
+    (MiB, 31, None, 'out of range'),
+    (MiB, 0, None, 'out of range'),
+    (MiB, manifest.MAX_LENGTH + 32, None, 'out of range'),
+    (MiB, 65, None, 'whole number'),
+    (MiB, 1.0, None, 'non-negative'),
+    (2 * MiB, 64, 5000, 'not where'),
+    (0, 64, 5000, 'not where'),
+    (MiB, 32 + 32 * 3, 5000, 'no chunk size'),
+    (MiB, 32, 5000, 'no chunk size'),
+    (manifest.volume_offset(manifest.MAX_IMAGE_SIZE) + MiB, None, None,
+     'past the largest'),
+    (0, None, manifest.MAX_IMAGE_SIZE + 1, 'larger than'),
+    (0, None, -1, 'non-negative'),
+])
+def test_placement_refused(offset, length, image_size, message):
+    with pytest.raises(ValueError, match=message):
+        manifest.check_placement(offset, length, image_size)
 
 
 def test_volume_layout():

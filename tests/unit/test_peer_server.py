@@ -403,7 +403,9 @@ def test_descriptors(tmp_path, volume):
     conf = type('Conf', (), {})()
     conf.origin = type('Origin', (), dict(
         rbd_ceph_conf='/nonexistent', rbd_user=None, rbd_keyring=None,
-        rbd_cluster_name='ceph', rbd_connect_timeout=1))()
+        rbd_cluster_name='ceph', rbd_connect_timeout=1,
+        rbd_pools=['volumes'], rbd_volume_name_template='volume-%s',
+        file_origin_dirs=[os.path.dirname(path)]))()
     assert node.load_descriptors(str(directory),
                                  daemon.origin_factory(conf)) == 1
     assert node.image_ids() == ['img']

@@ -12,11 +12,15 @@
 
 """Tests for thunder_cache.service: what the control socket answers."""
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import stat
 import tempfile
+import threading
+from unittest import mock
 import uuid
 
 import pytest
@@ -35,7 +39,7 @@ GiB = 1 << 30
 MOUNT_DIR = '/run/thunder-cache/volumes'
 
 
-def origins(entry):
+def origins(entry, origin_volume_id=None):
     """The origin factory: file origins only."""
     return sources.FileOrigin(entry['path'])
 
@@ -190,6 +194,8 @@ def test_unverified_registration_is_not_kept(service, image,
         service.register_image(IMAGE_ID, **wrong)
     assert not os.path.exists(os.path.join(descriptors_dir,
                                            IMAGE_ID + '.json'))
+    # Nor is a cache directory left behind for it.
+    assert os.listdir(service.node.cache_dir) == []
     assert service.register_image(IMAGE_ID, **descriptor)[
         'image_size'] == len(data)
 
@@ -363,8 +369,9 @@ def test_stats(service, registered):
 
 # -- over the control socket -------------------------------------------------
 
-@pytest.fixture
-def client(service):
+@contextlib.contextmanager
+def _serving(service):
+    """A client of ``service`` behind a real control socket."""
     with tempfile.TemporaryDirectory(prefix='svc-', dir='/tmp') as d:
         server = control.ControlServer(
             os.path.join(d, 'control.sock'), service.handlers(),
@@ -374,6 +381,12 @@ def client(service):
             yield control.ControlClient(server.path, timeout=10)
         finally:
             server.stop()
+
+
+@pytest.fixture
+def client(service):
+    with _serving(service) as c:
+        yield c
 
 
 def _error_kind(client, op, **args):
@@ -407,11 +420,273 @@ def test_over_the_socket(client, image, caplog):
                        size=True) == 'BadRequest'
     assert _error_kind(client, 'create_volume', volume_id='volume-2',
                        size=GiB, bogus=1) == 'BadRequest'
+    # A malformed id is a bad request (it was ValueError).
     assert _error_kind(client, 'create_volume', volume_id='../x',
-                       size=GiB) == 'ValueError'
+                       size=GiB) == 'BadRequest'
     assert _error_kind(client, 'create_volume', volume_id='volume-2',
                        size=GiB, image_id='img-x') == 'KeyError'
+    # A malformed descriptor is a bad request (it was DescriptorError).
     assert _error_kind(client, 'register_image', image_id='img-2',
                        **dict(descriptor,
-                              manifest_digest='x')) == 'DescriptorError'
+                              manifest_digest='x')) == 'BadRequest'
+    # An unverified one is not: the request was well formed.
+    assert _error_kind(client, 'register_image', image_id='img-2',
+                       **dict(descriptor, manifest_digest='b' * 64)) == \
+        'DescriptorError'
     assert not [r for r in caplog.records if r.exc_info]
+
+
+# -- arguments are checked at the socket --------------------------------------
+
+HOSTILE_SIZES = [2 ** 63, 2 ** 63 - 1, 2 ** 64, 10 ** 40, -(2 ** 63),
+                 service_mod.volumes_mod.MAX_SIZE + 1, {'n': 1}, [1],
+                 '1', None, 1.0, True]
+HOSTILE_IDS = [5, 5.5, True, None, ['volume-1'], {'id': 'volume-1'},
+               'v' * 60000]
+
+
+@pytest.mark.parametrize('size', HOSTILE_SIZES)
+def test_hostile_sizes_are_bad_requests(client, size, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    assert _error_kind(client, 'create_volume', volume_id='volume-1',
+                       size=size) == 'BadRequest'
+    client.call('create_volume', volume_id='volume-2', size=GiB)
+    assert _error_kind(client, 'resize_volume', volume_id='volume-2',
+                       size=size) == 'BadRequest'
+    assert client.call('volume_info', volume_id='volume-2')['size'] == GiB
+    assert os.listdir(tmp_path / 'layers') == ['volume-2']
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_size_limit_is_the_stores(tmp_path, node):
+    store = volumes.VolumeStore(str(tmp_path / 'small'), node,
+                                max_size=2 * GiB)
+    try:
+        service = service_mod.VolumeService(node, store, MOUNT_DIR,
+                                            str(tmp_path / 'd'), origins)
+        service.create_volume('volume-1', 2 * GiB)
+        with pytest.raises(control.BadRequest, match='at most 2147483648'):
+            service.create_volume('volume-2', 2 * GiB + 1)
+        with pytest.raises(control.BadRequest):
+            service.resize_volume('volume-1', 3 * GiB)
+        assert store.list() == ['volume-1']
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize('value', HOSTILE_IDS)
+def test_hostile_ids_are_bad_requests(client, value, caplog):
+    caplog.set_level(logging.DEBUG)
+    client.call('create_volume', volume_id='volume-1', size=GiB)
+    for op, args in [
+            ('create_volume', {'volume_id': value, 'size': GiB}),
+            ('create_volume', {'volume_id': 'volume-2', 'size': GiB,
+                               'source': value}),
+            ('create_volume', {'volume_id': 'volume-2', 'size': GiB,
+                               'image_id': value}),
+            ('delete_volume', {'volume_id': value}),
+            ('resize_volume', {'volume_id': value, 'size': 2 * GiB}),
+            ('volume_info', {'volume_id': value}),
+            ('register_image', {'image_id': value})]:
+        if value is None and op == 'create_volume' and \
+                'volume_id' not in args or (value is None and 'source' in
+                                            args) or (value is None and
+                                                      'image_id' in args and
+                                                      op == 'create_volume'):
+            continue  # None is "no source" / "no image" there
+        kind = _error_kind(client, op, **args)
+        assert kind == 'BadRequest', (op, args, kind)
+    assert client.call('volume_info', volume_id='volume-1')['size'] == GiB
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize('args', [
+    {'read_only': 1}, {'read_only': 0}, {'read_only': 'true'},
+    {'read_only': None}, {'read_only': [True]}, {'bogus': 1},
+    {'size': GiB, 'extra': {'nested': [1, {'deep': True}]}}])
+def test_hostile_create_arguments(client, args, caplog):
+    caplog.set_level(logging.DEBUG)
+    request = dict({'volume_id': 'volume-1', 'size': GiB}, **args)
+    assert _error_kind(client, 'create_volume', **request) == 'BadRequest'
+    assert _error_kind(client, 'volume_info',
+                       volume_id='volume-1') == 'VolumeNotFound'
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+# -- register_image: what a descriptor may name ------------------------------
+
+@pytest.fixture
+def policy(tmp_path):
+    """The daemon's origin policy: image-volume files under tmp_path."""
+    from thunder_cache import origins as origins_mod
+    return origins_mod.OriginPolicy(['volumes'], 'volume-%s',
+                                    [str(tmp_path / 'allowed')])
+
+
+@pytest.fixture
+def guarded(node, store, descriptors_dir, policy):
+    return service_mod.VolumeService(node, store, MOUNT_DIR,
+                                     descriptors_dir, policy)
+
+
+def _secret(tmp_path):
+    path = tmp_path / 'peer-secret'
+    path.write_bytes(b'the shared secret of every node!')
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.mark.parametrize('where', ['outside', 'dotdot', 'symlink'])
+def test_file_oracle_refused(guarded, node, tmp_path, where):
+    """register_image cannot read a file byte by byte through the digest."""
+    secret = _secret(tmp_path)
+    allowed = tmp_path / 'allowed'
+    allowed.mkdir()
+    path = {'outside': str(secret),
+            'dotdot': str(allowed) + '/../peer-secret',
+            'symlink': str(allowed / 'link')}[where]
+    os.symlink(str(secret), str(allowed / 'link'))
+    one_byte = hashlib.sha256(secret.read_bytes()[:1]).hexdigest()
+    with mock.patch('builtins.open', wraps=open) as opened, \
+            mock.patch('os.open', wraps=os.open) as os_opened:
+        for offset in (0, 1, 2):
+            with pytest.raises(node_mod.DescriptorError) as info:
+                guarded.register_image(IMAGE_ID, **{
+                    'manifest_digest': one_byte, 'manifest_offset': offset,
+                    'manifest_length': 1,
+                    'origin': {'type': 'file', 'path': path}})
+            assert one_byte not in str(info.value)
+            assert isinstance(info.value, control.BadRequest)
+    names = [str(c.args[0]) for c in opened.call_args_list +
+             os_opened.call_args_list]
+    assert not [n for n in names if 'peer-secret' in n or n == 'link']
+    assert node.image_ids() == []
+
+
+def test_digest_oracle_closed_in_allowed_files(guarded, node, tmp_path):
+    """Even in an allowed file: whole manifests at aligned offsets only.
+
+    And a mismatch never says what was read.
+    """
+    allowed = tmp_path / 'allowed'
+    allowed.mkdir()
+    path = str(allowed / 'volume')
+    data = os.urandom(2 * 1024 * 1024)
+    with open(path, 'wb') as f:
+        f.write(data)
+    for offset, length in [(1, 32), (0, 1), (0, 33), (4096, 64)]:
+        with pytest.raises(control.BadRequest):
+            guarded.register_image(IMAGE_ID, manifest_digest='a' * 64,
+                                   manifest_offset=offset,
+                                   manifest_length=length,
+                                   origin={'type': 'file', 'path': path})
+    with pytest.raises(node_mod.DescriptorError) as info:
+        guarded.register_image(IMAGE_ID, manifest_digest='a' * 64,
+                               manifest_offset=1024 * 1024,
+                               manifest_length=64,
+                               origin={'type': 'file', 'path': path})
+    read = data[1024 * 1024:1024 * 1024 + 64]
+    assert 'does not match' in str(info.value)
+    assert hashlib.sha256(read).hexdigest() not in str(info.value)
+    assert read.hex() not in str(info.value)
+    assert node.image_ids() == []
+
+
+@pytest.mark.parametrize('origin', [
+    {'type': 'rbd', 'pool': 'volumes', 'ceph_conf': '/tmp/evil.conf'},
+    {'type': 'rbd', 'pool': 'volumes', 'keyring': '/tmp/evil.keyring'},
+    {'type': 'rbd', 'pool': 'volumes', 'user': 'admin'},
+    {'type': 'rbd', 'pool': 'secrets'},
+    {'type': 'rbd', 'image': 'not-the-image-volume'},
+    {'type': 'file', 'path': '/etc/shadow'},
+])
+def test_register_refuses_origins_not_the_daemons(client_guarded, origin,
+                                                  caplog):
+    caplog.set_level(logging.DEBUG)
+    assert _error_kind(client_guarded, 'register_image', image_id=IMAGE_ID,
+                       manifest_digest='a' * 64, image_size=4096,
+                       origin_volume_id=str(uuid.uuid4()),
+                       origin=origin) == 'BadRequest'
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize('change', [
+    {'bogus': 1}, {'manifest_length': 2 ** 40}, {'manifest_length': 1},
+    {'manifest_offset': 12345}, {'image_size': 2 ** 62},
+    {'image_size': 4096, 'manifest_offset': 0}, {'peers': [5]},
+    {'peers': [{'url': 'x'}]}, {'origin_volume_id': 5},
+    {'manifest_digest': ['a' * 64]}, {'origin': ['file']},
+    {'origin': {'type': 'file', 'path': {'p': 1}}}])
+def test_register_hostile_descriptors(client_guarded, change, caplog):
+    caplog.set_level(logging.DEBUG)
+    descriptor = dict({'manifest_digest': 'a' * 64, 'image_size': 4096},
+                      **change)
+    assert _error_kind(client_guarded, 'register_image', image_id=IMAGE_ID,
+                       **descriptor) == 'BadRequest'
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.fixture
+def client_guarded(guarded):
+    with _serving(guarded) as c:
+        yield c
+
+
+def test_persisted_descriptors_go_through_the_same_checks(
+        tmp_path, descriptors_dir, policy, caplog):
+    os.makedirs(descriptors_dir)
+    secret = _secret(tmp_path)
+    for name, body in [
+            ('img-file', {'manifest_digest': 'a' * 64, 'image_size': 4096,
+                          'origin': {'type': 'file', 'path': str(secret)}}),
+            ('img-conf', {'manifest_digest': 'a' * 64, 'image_size': 4096,
+                          'origin_volume_id': str(uuid.uuid4()),
+                          'origin': {'type': 'rbd',
+                                     'ceph_conf': '/tmp/evil.conf'}}),
+            ('img-key', {'manifest_digest': 'a' * 64, 'image_size': 4096,
+                         'extra': 1})]:
+        with open(os.path.join(descriptors_dir, name + '.json'), 'w') as f:
+            json.dump(body, f)
+    restarted = _node(tmp_path, 'cache3')
+    try:
+        assert restarted.load_descriptors(descriptors_dir, policy) == 0
+        assert restarted.image_ids() == []
+    finally:
+        restarted.close()
+
+
+# -- races -------------------------------------------------------------------
+
+def test_concurrent_registrations_of_one_image(service, image, node,
+                                               descriptors_dir):
+    """Registrations writing the descriptor at once all succeed."""
+    data, descriptor = image
+    barrier = threading.Barrier(2)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        target = os.readlink('/proc/self/fd/%d' % fd)
+        if target.startswith(descriptors_dir):
+            try:
+                barrier.wait(1)  # two descriptor writes meet here
+            except threading.BrokenBarrierError:
+                pass
+        return real_fsync(fd)
+
+    results, errors = [], []
+
+    def register():
+        try:
+            results.append(service.register_image(IMAGE_ID, **descriptor))
+        except Exception as e:
+            errors.append(e)
+
+    with mock.patch('os.fsync', fsync):
+        threads = [threading.Thread(target=register) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert [r['image_size'] for r in results] == [len(data)] * 4
+    assert os.listdir(descriptors_dir) == [IMAGE_ID + '.json']

@@ -12,8 +12,10 @@
 
 """Tests for thunder_cache.volumes: the node's volume store."""
 
+import errno
 import json
 import os
+import threading
 from unittest import mock
 
 import pytest
@@ -370,3 +372,164 @@ def test_flush_makes_bits_durable(store, layers):
     with open(os.path.join(layers, 'v', 'bitmap'), 'rb') as f:
         f.seek(cow.BITS_OFFSET)
         assert f.read(1) == b'\x01'
+
+
+# -- limits -----------------------------------------------------------------
+
+def test_max_size(layers, images):
+    store = volumes.VolumeStore(layers, images, max_size=4 * BS)
+    try:
+        store.create('v', 4 * BS)
+        with pytest.raises(volumes.VolumeTooLarge):
+            store.create('w', 4 * BS + 1)
+        with pytest.raises(volumes.VolumeTooLarge):
+            store.resize('v', 5 * BS)
+        assert store.info('v')['size'] == 4 * BS
+        assert store.list() == ['v']
+        assert os.listdir(layers) == ['v']
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize('size', [2 ** 63, 2 ** 64 + 1, 10 ** 30])
+def test_sizes_past_off_t_refused(store, layers, size):
+    with pytest.raises((ValueError, volumes.VolumeError)):
+        store.create('v', size)
+    assert os.listdir(layers) == []
+
+
+def test_filesystem_refusing_the_size_is_a_clean_error(store, layers):
+    def efbig(fd, length):
+        raise OSError(errno.EFBIG, 'File too large')
+
+    with mock.patch('os.ftruncate', efbig):
+        with pytest.raises(volumes.VolumeTooLarge, match='filesystem'):
+            store.create('v', 1 << 44)
+    assert os.listdir(layers) == []
+    store.create('v', BS)
+    with mock.patch('os.ftruncate', efbig):
+        with pytest.raises(volumes.VolumeTooLarge, match='filesystem'):
+            store.resize('v', 1 << 44)
+    assert store.info('v')['size'] == BS
+
+
+# -- races ------------------------------------------------------------------
+
+class PausedRmtree:
+    """shutil.rmtree, paused in the first thread that calls it."""
+
+    def __init__(self):
+        self.real = volumes.shutil.rmtree
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.paused = None
+
+    def __call__(self, path, *args, **kwargs):
+        if self.paused is None:
+            self.paused = threading.current_thread()
+        if self.paused is threading.current_thread():
+            self.entered.set()
+            self.go.wait(10)
+        return self.real(path, *args, **kwargs)
+
+
+def _in_thread(call, *args, **kwargs):
+    result = {}
+
+    def run():
+        try:
+            result['value'] = call(*args, **kwargs)
+        except Exception as e:
+            result['error'] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def _complete(store, layers, volume_id):
+    """The volume is served and all its files are there."""
+    assert volume_id in store.list()
+    assert sorted(os.listdir(os.path.join(layers, volume_id))) == [
+        'bitmap', 'data', volumes.META_FILE]
+    assert store.read(volume_id, 0, 8) is not None
+
+
+def test_create_while_the_same_id_is_being_deleted(store, layers):
+    """A create racing a delete of its id never gets half a volume."""
+    store.create('v', 4 * BS)
+    rmtree = PausedRmtree()
+    with mock.patch.object(volumes.shutil, 'rmtree', rmtree):
+        deleting, deleted = _in_thread(store.delete, 'v')
+        assert rmtree.entered.wait(10)
+        creating, created = _in_thread(store.create, 'v', 8 * BS)
+        creating.join(0.5)
+        rmtree.go.set()
+        deleting.join(10)
+        creating.join(10)
+    assert 'error' not in deleted, deleted
+    assert 'error' not in created, created
+    _complete(store, layers, 'v')
+    assert store.info('v')['size'] == 8 * BS
+    store.close()
+    reopened = volumes.VolumeStore(layers, store.images)
+    try:
+        assert reopened.list() == ['v']
+    finally:
+        reopened.close()
+
+
+def test_delete_while_the_same_id_is_being_created(store, layers):
+    """Answers: deleted (after the create) or not found; nothing half."""
+    real = volumes.cow.CowLayer.create
+    entered, go = threading.Event(), threading.Event()
+
+    def slow_create(directory, size):
+        entered.set()
+        go.wait(10)
+        return real(directory, size)
+
+    with mock.patch.object(volumes.cow.CowLayer, 'create', slow_create):
+        creating, created = _in_thread(store.create, 'v', 4 * BS)
+        assert entered.wait(10)
+        deleting, deleted = _in_thread(store.delete, 'v')
+        deleting.join(0.5)
+        go.set()
+        creating.join(10)
+        deleting.join(10)
+    assert 'error' not in created, created
+    error = deleted.get('error')
+    assert error is None or isinstance(error, volumes.VolumeNotFound)
+    if error is None:
+        assert store.list() == [] and os.listdir(layers) == []
+    else:
+        _complete(store, layers, 'v')
+
+
+@pytest.mark.parametrize('op', ['clone', 'resize'])
+def test_requests_on_a_volume_being_deleted(store, layers, op):
+    """They wait for the delete, then find no volume; nothing is left."""
+    store.create('v', 4 * BS)
+    store.write('v', 0, b's' * BS)
+    call = {'clone': lambda: store.create('clone', 4 * BS, source='v'),
+            'resize': lambda: store.resize('v', 8 * BS)}[op]
+    rmtree = PausedRmtree()
+    with mock.patch.object(volumes.shutil, 'rmtree', rmtree):
+        deleting, deleted = _in_thread(store.delete, 'v')
+        assert rmtree.entered.wait(10)
+        racing, raced = _in_thread(call)
+        racing.join(0.5)
+        rmtree.go.set()
+        deleting.join(10)
+        racing.join(10)
+    assert 'error' not in deleted, deleted
+    assert isinstance(raced.get('error'), volumes.VolumeNotFound), raced
+    assert store.list() == [] and os.listdir(layers) == []
+
+
+def test_meta_rewrites_leave_no_temporary_file(store, layers):
+    store.create('v', BS)
+    for n in range(2, 6):
+        store.resize('v', n * BS)
+    assert sorted(os.listdir(os.path.join(layers, 'v'))) == [
+        'bitmap', 'data', volumes.META_FILE]

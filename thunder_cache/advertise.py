@@ -26,13 +26,19 @@ read the items back as the image's peers, oldest holder first.
 
 Volume metadata is writable by whoever may update the volume, so it is
 parsed as untrusted input: an item that is not exactly of this form, names
-anything but an ``http://HOST:PORT`` URL, or claims to stay valid for
-longer than any node would write is skipped with a warning. Data read from
-peers is verified against the image's manifest anyway; a bogus item can
-only cost a failed connection.
+anything but an ``http://HOST:PORT`` URL, claims to stay valid for
+longer than any node would write, or claims a ``since`` no node could have
+written (in the future, or before the image-volume was created: an item
+claiming to be the oldest holder would be asked first by every node) is
+skipped with a warning. Data read from peers is verified against the
+image's manifest anyway; the URLs left go through the node's peer address
+policy and cap (:mod:`thunder_cache.peerpolicy`,
+:class:`thunder_cache.upstream.Upstream`), and a bogus one costs one
+failed request before it is backed off.
 """
 
 import copy
+import datetime
 import logging
 import re
 import threading
@@ -179,16 +185,32 @@ def _shown(text):
     return repr(text if len(text) <= 80 else text[:77] + '...')
 
 
-def peers_from_metadata(metadata, now=None, exclude=()):
+def unix_time(value):
+    """Unix seconds of an ISO 8601 time (UTC unless it says so), or None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def peers_from_metadata(metadata, now=None, exclude=(), created_at=None):
     """The unexpired peer URLs of an image-volume's metadata.
 
     Oldest ``since`` first, ties by key; a URL listed under several keys
     counts once, at its oldest place. Items whose key is not of a valid
-    node id, whose value is malformed, whose URL is not ``http://HOST:PORT``
-    or whose expiry is further away than :data:`MAX_TTL` are skipped with a
+    node id, whose value is malformed, whose URL is not ``http://HOST:PORT``,
+    whose expiry is further away than :data:`MAX_TTL`, or whose ``since``
+    is in the future or before ``created_at`` (beyond
+    :data:`~thunder_cache.protocol.CLOCK_SKEW`) are skipped with a
     warning; other metadata is ignored.
 
     :param exclude: URLs left out of the result (e.g. the node's own).
+    :param created_at: unix time the image-volume was created, if known.
     """
     if now is None:
         now = time.time()
@@ -223,6 +245,17 @@ def peers_from_metadata(metadata, now=None, exclude=()):
                         'valid for more than %d s', _shown(key), MAX_TTL)
             continue
         if expires <= now:
+            continue
+        if since > now + protocol.CLOCK_SKEW:
+            LOG.warning('Ignoring peer advertisement %s: it claims to hold '
+                        'the image since a time in the future',
+                        _shown(key))
+            continue
+        if created_at is not None and (
+                since < created_at - protocol.CLOCK_SKEW):
+            LOG.warning('Ignoring peer advertisement %s: it claims to hold '
+                        'the image since before its image-volume was '
+                        'created', _shown(key))
             continue
         entries.append((since, key, url))
     entries.sort()
@@ -298,9 +331,14 @@ class CinderRecords(object):
 
     def get_metadata(self, volume_id):
         """The volume's metadata (a dict of strings)."""
+        return self.get_volume(volume_id)[0]
+
+    def get_volume(self, volume_id):
+        """(metadata, created_at in unix seconds or None) of the volume."""
         volume = self._call('read the metadata', volume_id,
                             self.client.volumes.get, volume_id)
-        return dict(getattr(volume, 'metadata', None) or {})
+        return (dict(getattr(volume, 'metadata', None) or {}),
+                unix_time(getattr(volume, 'created_at', None)))
 
     def set_metadata(self, volume_id, metadata):
         """Add or replace these items (others are kept)."""
@@ -456,14 +494,14 @@ class Advertiser(object):
         the list (a node asks the holders before it, then the origin).
         """
         try:
-            metadata = self.records.get_metadata(volume_id)
+            metadata, created_at = self.records.get_volume(volume_id)
         except RecordsError as exc:
             LOG.warning('Could not read the peers of volume %s: %s',
                         volume_id, exc)
             return []
         exclude = () if include_self else (self.url,)
         return peers_from_metadata(metadata, now=self.clock(),
-                                   exclude=exclude)
+                                   exclude=exclude, created_at=created_at)
 
     def refresh(self):
         """Re-write every advertisement with a new expiry."""

@@ -233,6 +233,7 @@ class FakeRecords(object):
 
     def __init__(self):
         self.metadata = {}
+        self.created_at = {}
         self.fail = False
         self.calls = []
 
@@ -244,6 +245,9 @@ class FakeRecords(object):
     def get_metadata(self, volume_id):
         self._check(('get', volume_id))
         return dict(self.metadata.get(volume_id, {}))
+
+    def get_volume(self, volume_id):
+        return self.get_metadata(volume_id), self.created_at.get(volume_id)
 
     def set_metadata(self, volume_id, metadata):
         self._check(('set', volume_id, dict(metadata)))

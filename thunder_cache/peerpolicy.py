@@ -166,14 +166,14 @@ class AddressPolicy(object):
                 address, embedded, special_kind(embedded)[0]))
         inside = [n for n in self.networks
                   if n.version == address.version and address in n]
-        if not inside:
-            raise PeerRefused('%s is not in the allowed peer networks (%s)'
-                              % (address, self.describe()))
         special = special_kind(address)
         if special is not None:
             kind, network = special
             if not any(n.subnet_of(network) for n in inside):
                 raise PeerRefused('%s is %s' % (address, kind))
+        if not inside:
+            raise PeerRefused('%s is not in the allowed peer networks (%s)'
+                              % (address, self.describe()))
         closest = max(inside, key=lambda n: n.prefixlen)
         if closest.version == 4 and closest.prefixlen <= 30 and address in (
                 closest.network_address, closest.broadcast_address):
@@ -238,7 +238,7 @@ class AddressPolicy(object):
             except PeerRefused as e:
                 # One bad address taints the name: it could be the one a
                 # later resolution returns first.
-                return PeerRefused('%s resolves to %s' % (host, e))
+                return PeerRefused('%s: %s' % (host, e))
         return str(checked[0])
 
     def permits(self, host, what):

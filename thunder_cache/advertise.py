@@ -66,6 +66,8 @@ MAX_METADATA_LENGTH = 255
 MAX_TTL = 86400
 # Unix times in items: at most 12 digits, no sign, no leading zero.
 _TIME = re.compile(r'^(0|[1-9][0-9]{0,11})\Z')
+# Ignored items remembered so as to be warned about once.
+MAX_WARNED = 1024
 # Seconds a Cinder request may take unless [advertise] timeout says
 # otherwise: the daemon must not hang on an unreachable Cinder.
 DEFAULT_TIMEOUT = 10
@@ -198,7 +200,33 @@ def unix_time(value):
     return moment.timestamp()
 
 
-def peers_from_metadata(metadata, now=None, exclude=(), created_at=None):
+def _entry(key, value, now, created_at):
+    """(since, url) of an advertisement, None if it expired.
+
+    :raises ValueError: saying why the item is ignored.
+    """
+    if not protocol.NODE_ID.match(key[len(PEER_PREFIX):]):
+        raise ValueError('invalid node id')
+    try:
+        url, since, expires = parse_peer_value(value)
+    except ValueError as exc:
+        raise ValueError('%s: %s' % (_shown(value), exc))
+    if expires > now + MAX_TTL + protocol.CLOCK_SKEW:
+        raise ValueError('it claims to stay valid for more than %d s'
+                         % MAX_TTL)
+    if expires <= now:
+        return None
+    if since > now + protocol.CLOCK_SKEW:
+        raise ValueError('it claims to hold the image since a time in the '
+                         'future')
+    if created_at is not None and since < created_at - protocol.CLOCK_SKEW:
+        raise ValueError('it claims to hold the image since before its '
+                         'image-volume was created')
+    return since, url
+
+
+def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
+                        warned=None):
     """The unexpired peer URLs of an image-volume's metadata.
 
     Oldest ``since`` first, ties by key; a URL listed under several keys
@@ -211,6 +239,8 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None):
 
     :param exclude: URLs left out of the result (e.g. the node's own).
     :param created_at: unix time the image-volume was created, if known.
+    :param warned: a set kept across calls: an item is warned about once
+        while it stays the same (the peers are read every few seconds).
     """
     if now is None:
         now = time.time()
@@ -229,35 +259,13 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None):
     for key, value in metadata.items():
         if not isinstance(key, str) or not key.startswith(PEER_PREFIX):
             continue
-        node_id = key[len(PEER_PREFIX):]
-        if not protocol.NODE_ID.match(node_id):
-            LOG.warning('Ignoring peer advertisement %s: invalid node id',
-                        _shown(key))
-            continue
         try:
-            url, since, expires = parse_peer_value(value)
+            entry = _entry(key, value, now, created_at)
         except ValueError as exc:
-            LOG.warning('Ignoring peer advertisement %s = %s: %s',
-                        _shown(key), _shown(value), exc)
+            _warn_once(warned, key, value, exc)
             continue
-        if expires > now + MAX_TTL + protocol.CLOCK_SKEW:
-            LOG.warning('Ignoring peer advertisement %s: it claims to stay '
-                        'valid for more than %d s', _shown(key), MAX_TTL)
-            continue
-        if expires <= now:
-            continue
-        if since > now + protocol.CLOCK_SKEW:
-            LOG.warning('Ignoring peer advertisement %s: it claims to hold '
-                        'the image since a time in the future',
-                        _shown(key))
-            continue
-        if created_at is not None and (
-                since < created_at - protocol.CLOCK_SKEW):
-            LOG.warning('Ignoring peer advertisement %s: it claims to hold '
-                        'the image since before its image-volume was '
-                        'created', _shown(key))
-            continue
-        entries.append((since, key, url))
+        if entry is not None:
+            entries.append((entry[0], key, entry[1]))
     entries.sort()
     seen = set(excluded)
     result = []
@@ -266,6 +274,17 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None):
             seen.add(url)
             result.append(url)
     return result
+
+
+def _warn_once(warned, key, value, reason):
+    if warned is not None:
+        mark = hash((key, repr(value)[:MAX_METADATA_LENGTH + 2]))
+        if mark in warned:
+            return
+        if len(warned) >= MAX_WARNED:
+            warned.clear()
+        warned.add(mark)
+    LOG.warning('Ignoring peer advertisement %s: %s', _shown(key), reason)
 
 
 # -- Cinder ----------------------------------------------------------------
@@ -394,6 +413,7 @@ class Advertiser(object):
         self.refresh_interval = refresh_interval
         self.clock = clock
         self._adverts = {}
+        self._warned = set()
         self._lock = threading.Lock()
         # Serialises our writes and deletes, so that a withdraw is never
         # followed by a refresh's write of the same item.
@@ -501,7 +521,8 @@ class Advertiser(object):
             return []
         exclude = () if include_self else (self.url,)
         return peers_from_metadata(metadata, now=self.clock(),
-                                   exclude=exclude, created_at=created_at)
+                                   exclude=exclude, created_at=created_at,
+                                   warned=self._warned)
 
     def refresh(self):
         """Re-write every advertisement with a new expiry."""

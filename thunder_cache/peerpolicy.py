@@ -49,6 +49,8 @@ import socket
 import threading
 import time
 
+import psutil
+
 LOG = logging.getLogger(__name__)
 
 #: Seconds the answer for a host name (its checked address, or why it was
@@ -270,8 +272,6 @@ def _prefix(netmask):
 
 def interface_networks():
     """[(interface, ip_interface)] of this host's IP addresses."""
-    import psutil
-
     result = []
     for name, addresses in psutil.net_if_addrs().items():
         for entry in addresses:

@@ -521,6 +521,20 @@ def test_peers_skip_items_older_than_the_volume(records, clock):
     assert make(records, clock).peers(VOL) == [URL_B]
 
 
+def test_an_ignored_item_is_warned_about_once(records, clock, caplog):
+    """The peers are read every few seconds: no warning flood."""
+    records.metadata[VOL] = {'thunder_peer_x': 'garbage',
+                             'thunder_peer_y': item(URL_B, NOW, NOW + 10)}
+    adv = make(records, clock)
+    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+        for _ in range(5):
+            assert adv.peers(VOL) == [URL_B]
+        assert caplog.text.count('thunder_peer_x') == 1
+        records.metadata[VOL]['thunder_peer_x'] = 'other garbage'
+        assert adv.peers(VOL) == [URL_B]
+        assert caplog.text.count('thunder_peer_x') == 2
+
+
 def test_peers_excludes_self(records, clock):
     records.metadata[VOL] = {'thunder_peer_x': item(URL_A, 1, NOW + 10),
                              'thunder_peer_y': item(URL_B, 2, NOW + 10)}

@@ -307,22 +307,22 @@ DNS = {'metadata.internal': ['169.254.169.254'],
 def test_no_connection_to_a_refused_address(monkeypatch, url):
     guard = ConnectGuard(monkeypatch)
     c = client(allowed=['10.0.0.0/24'], resolver=fake_dns(DNS))
-    assert not c.permits(url)
     with pytest.raises(sources.PeerError, match='peer'):
         c.get_chunk(url, IMAGE, 0, LENGTH)
     with pytest.raises(sources.PeerError):
-        c.get_manifest(url, IMAGE, '0' * 64, 1000)
+        c.get_manifest(url, IMAGE, '0' * 64)
     assert guard.attempts == []
+    assert not c.permits(url)
 
 
 def test_no_policy_refuses_everything(monkeypatch):
     guard = ConnectGuard(monkeypatch)
     c = sources.PeerClient(protocol.Signer(cache_helpers.SECRET, 'n',
                                            'http://127.0.0.1:9'), timeout=1)
-    assert not c.permits('http://10.0.0.5:7485')
     with pytest.raises(sources.PeerError, match='no peer address policy'):
         c.get_chunk('http://10.0.0.5:7485', IMAGE, 0, LENGTH)
     assert guard.attempts == []
+    assert not c.permits('http://10.0.0.5:7485')
 
 
 def test_connection_goes_to_the_checked_address(monkeypatch, peers):

@@ -13,10 +13,16 @@
 """The peer address policy: which addresses peer requests may go to."""
 
 import ipaddress
+import os
 import socket
+import subprocess
+import sys
 
+from oslo_config import cfg
 import pytest
 
+from thunder_cache import daemon
+from thunder_cache import options
 from thunder_cache import peerpolicy
 
 # Addresses refused even when every network is allowed.
@@ -250,3 +256,61 @@ def test_no_own_network(host, reason):
 def test_interface_networks_of_this_host():
     found = peerpolicy.interface_networks()
     assert ipaddress.ip_interface('127.0.0.1/8') in [i for _n, i in found]
+
+
+# -- the daemon's policy ------------------------------------------------------
+
+def _daemon(tmp_path, **peer):
+    secret = tmp_path / 'secret'
+    secret.write_text('s' * 32)
+    conf = cfg.ConfigOpts()
+    options.register(conf)
+    conf([], project='thunder-cache-test', default_config_files=[])
+    conf.set_override('shared_secret_file', str(secret), group='peer')
+    for name, value in peer.items():
+        conf.set_override(name, value, group='peer')
+    return daemon.Daemon(conf)
+
+
+def test_daemon_policy_from_allowed_networks(tmp_path):
+    d = _daemon(tmp_path, allowed_networks=['10.0.0.0/24', 'fd00::/64'])
+    policy = d._peer_policy('http://10.0.0.17:7485')
+    assert [str(n) for n in policy.networks] == ['10.0.0.0/24', 'fd00::/64']
+
+
+def test_daemon_policy_defaults_to_its_own_network(tmp_path, monkeypatch,
+                                                   caplog):
+    monkeypatch.setattr(peerpolicy, 'interface_networks', lambda: INTERFACES)
+    d = _daemon(tmp_path)
+    policy = d._peer_policy('http://10.0.0.17:7485')
+    assert [str(n) for n in policy.networks] == ['10.0.0.0/24']
+    # On loopback: no peer at all, and the log says what to set.
+    policy = d._peer_policy('http://127.0.0.1:7485')
+    assert policy.networks == ()
+    with pytest.raises(peerpolicy.PeerRefused):
+        policy.address('127.0.0.1')
+    assert 'allowed_networks' in caplog.text
+    assert 'loopback' in caplog.text
+
+
+def test_daemon_refuses_a_bad_allowed_networks(tmp_path):
+    d = str(tmp_path)
+    with open(os.path.join(d, 'secret'), 'w') as f:
+        f.write('s' * 32)
+    conf = os.path.join(d, 'thunder-cache.conf')
+    with open(conf, 'w') as f:
+        f.write('[node]\nnode_id = t1\nlisten_address = 127.0.0.1\n'
+                'listen_port = 0\ncache_dir = %s/cache\n'
+                'local_socket = %s/local.sock\npid_file = %s/pid\n'
+                '[peer]\nshared_secret_file = %s/secret\n'
+                'allowed_networks = 10.0.0.0/24, 10.1.0.1/16\n'
+                % (d, d, d, d))
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         conf], capture_output=True, text=True, timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert 'Cannot start: [peer] allowed_networks: \'10.1.0.1/16\'' in out
+    assert 'Traceback' not in out
+    for left in ('pid', 'local.sock'):
+        assert not os.path.exists(os.path.join(d, left)), left

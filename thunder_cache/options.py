@@ -161,7 +161,8 @@ peer_opts = [
                     'row doubles the time, up to '
                     'peer_retry_max_interval; a chunk it serves ends the '
                     'series. Busy (503) and loop (508) answers only skip '
-                    'the peer for the chunk.'),
+                    'the peer for the chunk, unless they took more than '
+                    'half of fetch_timeout.'),
     cfg.IntOpt('peer_retry_max_interval',
                default=300, min=1,
                help='Longest time, in seconds, a peer that keeps failing '

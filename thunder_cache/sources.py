@@ -698,6 +698,23 @@ class PeerSource(image_cache.Source):
         return self.upstream.client.time_limit(length)
 
     def read_chunk(self, index, offset, length, via=(), ticket=None):
+        """The chunk from this peer (or the nodes it redirects to).
+
+        A soft error (busy, loop) is one only when it came quickly: one
+        that took more than half of ``fetch_timeout`` costs the reader as
+        much as a failure, and counts as one (so that the peer is backed
+        off, rather than asked again for every chunk).
+        """
+        started = time.monotonic()
+        try:
+            return self._read_chunk(index, length, via, ticket)
+        except PeerError as e:
+            took = time.monotonic() - started
+            if e.soft and took > self.upstream.client.timeout / 2:
+                raise PeerError('%s (after %.1f s)' % (e, took), e.status)
+            raise
+
+    def _read_chunk(self, index, length, via, ticket):
         upstream = self.upstream
         first = self.url
         seen = {self.url}

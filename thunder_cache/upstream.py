@@ -33,7 +33,8 @@ someone else cannot make a node try many bogus peers for every chunk.
 Peers that a request was relayed through (its ``via`` list) and the node
 itself are never asked, so a relayed request cannot come back to a node
 that waits for it. A peer that answers 503 or 508 (busy, or the request
-would loop) is skipped for that chunk only.
+would loop) is skipped for that chunk only, if it answered quickly (see
+:meth:`thunder_cache.sources.PeerSource.read_chunk`).
 """
 
 import logging

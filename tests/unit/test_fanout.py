@@ -353,6 +353,7 @@ def test_redirect_to_a_backed_off_peer_is_skipped():
 
     class Redirecting(object):
         calls = []
+        timeout = 10.0
 
         def time_limit(self, length):
             return 10.0

@@ -421,3 +421,21 @@ def test_no_thread_left_after_transfers(peers):
         time.sleep(0.05)
     assert not any(t.name == 'peer-deadlines'
                    for t in threading.enumerate())
+
+
+# -- soft answers -----------------------------------------------------------
+
+@pytest.mark.parametrize('delay, soft', [(0.0, True), (0.8, False)])
+def test_a_slow_busy_answer_counts_as_a_failure(peers, delay, soft):
+    """503 after most of the deadline, for every chunk: backed off."""
+    peer = peers(lambda path: [hp.pause(delay), hp.head(503, 5), b'busy\n'])
+    c = client()
+    up = upstream_mod.Upstream(IMAGE, None, [peer.url], c,
+                               'http://127.0.0.1:1', retry_interval=30)
+    source = sources.PeerSource(up, peer.url)
+    with pytest.raises(sources.PeerError) as raised:
+        source.read_chunk(0, 0, LENGTH)
+    assert raised.value.soft is soft
+    assert raised.value.status == 503
+    up.report(source, False, raised.value)
+    assert up.banned() == (set() if soft else {peer.url})

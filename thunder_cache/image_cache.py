@@ -27,6 +27,9 @@ on that future and share its result or its error. The fetcher tries the
 upstream's sources in order (parent peer, other peers, origin); every chunk
 is checked against the manifest before it is written, a chunk that does not
 match is thrown away, its source reported bad, and the next source tried.
+The waiters wait as long as the fetch moves on within each source's time
+limit (:meth:`Source.time_limit`); one that overruns it releases them with a
+:class:`FetchError` (a local reader then retries, see ``read_retry``).
 
 Write ordering: the chunk is written to ``data`` with ``pwrite``, the data
 file is ``fdatasync``'ed, and only then is its bit set in the map (which is

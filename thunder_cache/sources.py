@@ -22,7 +22,11 @@ Glance image record.
 
 :class:`PeerClient` speaks the peer protocol (:mod:`thunder_cache.protocol`)
 to other nodes; :class:`PeerSource` is one peer as a chunk source, following
-the 307 redirects of a full node.
+the 307 redirects of a full node. Every peer request has a deadline for its
+whole answer (``fetch_timeout`` plus the expected bytes at the minimum
+transfer rate), enforced by one :class:`Watchdog` thread, and goes only to
+an address the node's :class:`~thunder_cache.peerpolicy.AddressPolicy`
+allows.
 """
 
 import functools

@@ -143,8 +143,7 @@ class AddressPolicy(object):
         self._warned = set()
 
     def __repr__(self):
-        return '<AddressPolicy %s>' % (', '.join(
-            str(n) for n in self.networks) or 'refusing everything')
+        return '<AddressPolicy %s>' % self.describe()
 
     def describe(self):
         return ', '.join(str(n) for n in self.networks) or 'nowhere'

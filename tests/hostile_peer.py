@@ -156,6 +156,23 @@ class HostilePeer(object):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+class Peers(object):
+    """Makes :class:`HostilePeer` objects; :meth:`stop` stops them all."""
+
+    def __init__(self, host='127.0.0.1'):
+        self.host = host
+        self.made = []
+
+    def __call__(self, answer, host=None):
+        peer = HostilePeer(answer, host=host or self.host)
+        self.made.append(peer)
+        return peer
+
+    def stop(self):
+        for peer in self.made:
+            peer.stop()
+
+
 def bounded(call, seconds):
     """Run ``call()`` in a thread; (finished, result or exception, seconds).
 

@@ -485,16 +485,9 @@ READ_BOUND = 40
 @pytest.fixture
 def hostile(daemons):
     """Make scripted peers (tests.hostile_peer); all stopped after."""
-    made = []
-
-    def make(answer, host='127.0.0.3'):
-        peer = hostile_peer.HostilePeer(answer, host=host)
-        made.append(peer)
-        return peer
-
-    yield make
-    for peer in made:
-        peer.stop()
+    made = hostile_peer.Peers('127.0.0.3')
+    yield made
+    made.stop()
 
 
 def _trickle_chunks(manifest, where):

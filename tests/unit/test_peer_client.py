@@ -57,16 +57,9 @@ def limit(length, c=None):
 @pytest.fixture
 def peers():
     """Make hostile peers; all are stopped after the test."""
-    made = []
-
-    def make(answer, host='127.0.0.1'):
-        peer = hp.HostilePeer(answer, host=host)
-        made.append(peer)
-        return peer
-
-    yield make
-    for peer in made:
-        peer.stop()
+    made = hp.Peers()
+    yield made
+    made.stop()
 
 
 def _fails_by_deadline(call, limit):

@@ -108,8 +108,10 @@ HEADROOM = 0.5
 DOWNLOAD_STREAMS = 4
 CALIBRATION_NODES = 4
 GIGABIT = 1e9 / 8
-# The daemons' network timeouts stretched with the links (Bench._timeouts).
+# The daemons' network timeouts stretched with the links, and the rate a
+# peer's answer must keep up slowed down with them (Bench._timeouts).
 SCALED_TIMEOUTS = ('fetch_timeout', 'relay_timeout', 'child_ttl')
+SCALED_RATES = ('min_transfer_rate',)
 
 
 # -- the workload -----------------------------------------------------------
@@ -347,6 +349,9 @@ class Node(object):
                 'local_socket = %s' % self.socket,
                 'pid_file = %s' % os.path.join(self.dir, 'pid'),
                 '[peer]', 'shared_secret_file = %s' % secret,
+                # The testbed's network (Testbed), named rather than
+                # found from the interface.
+                'allowed_networks = %s.0.0/16' % SUBNET,
                 'max_children = %d' % max_children] + list(peer_options) + [
                 # The origin node reads the image-volume file in workdir.
                 '[origin]', 'file_origin_dirs = %s' % workdir,
@@ -687,19 +692,25 @@ class Bench(object):
         8 ms). On links slowed down k times, every transfer, and so every
         wait on one, takes k times longer: with ``--daemon-timeouts
         scaled`` (the default) the timeouts are stretched by the same k,
-        as the links are. ``--fetch-timeout``/``--relay-timeout`` set one
-        outright.
+        and the rate a peer's answer must keep up
+        (``min_transfer_rate``) is divided by it, as the links are.
+        ``--fetch-timeout``/``--relay-timeout`` set one outright.
         """
         lines = []
+        scaled = (self.args.daemon_timeouts == 'scaled' and
+                  self.timeout_factor != 1.0)
         for name in SCALED_TIMEOUTS:
             value = getattr(self.args, name, None)
             if value is None:
-                if self.args.daemon_timeouts != 'scaled' or (
-                        self.timeout_factor == 1.0):
+                if not scaled:
                     continue
                 value = daemon_default(name) * self.timeout_factor
             kind = type(daemon_default(name))
             lines.append('%s = %s' % (name, kind(round(value, 1))))
+        if scaled:
+            for name in SCALED_RATES:
+                lines.append('%s = %.3g' % (
+                    name, daemon_default(name) / self.timeout_factor))
         return lines + ['%s = %s' % tuple(o.split('=', 1))
                         for o in self.args.peer_option]
 

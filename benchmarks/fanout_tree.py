@@ -33,6 +33,7 @@ import threading
 import time
 
 from thunder_cache import node as node_mod
+from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_cache import server as server_mod
 from thunder_cache import sources
@@ -59,6 +60,7 @@ def start(workdir, name, spec, max_children):
     url = 'http://127.0.0.1:%d' % srv.port
     client = sources.PeerClient(protocol.Signer(SECRET, name, url),
                                 timeout=30)
+    client.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
     node = node_mod.Node(name, url, os.path.join(workdir, name), client,
                          max_children=max_children, relay_timeout=25,
                          commit_interval=0.05)

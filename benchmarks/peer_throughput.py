@@ -56,6 +56,7 @@ import tempfile
 import time
 import urllib.request
 
+from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_cache import sources
 from thunder_common import manifest as manifest_mod
@@ -135,6 +136,7 @@ def _peer_reader(args):
     signer = protocol.Signer(SECRET, 'reader-%d' % reader,
                              'http://127.0.0.1:%d' % (20000 + reader))
     client = sources.PeerClient(signer, timeout=30)
+    client.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
     rng = random.Random(seed)
     total = 0
     for _ in range(rounds):

@@ -26,13 +26,19 @@ read the items back as the image's peers, oldest holder first.
 
 Volume metadata is writable by whoever may update the volume, so it is
 parsed as untrusted input: an item that is not exactly of this form, names
-anything but an ``http://HOST:PORT`` URL, or claims to stay valid for
-longer than any node would write is skipped with a warning. Data read from
-peers is verified against the image's manifest anyway; a bogus item can
-only cost a failed connection.
+anything but an ``http://HOST:PORT`` URL, claims to stay valid for
+longer than any node would write, or claims a ``since`` no node could have
+written (in the future, or before the image-volume was created: an item
+claiming to be the oldest holder would be asked first by every node) is
+skipped with a warning. Data read from peers is verified against the
+image's manifest anyway; the URLs left go through the node's peer address
+policy and cap (:mod:`thunder_cache.peerpolicy`,
+:class:`thunder_cache.upstream.Upstream`), and a bogus one costs one
+failed request before it is backed off.
 """
 
 import copy
+import datetime
 import logging
 import re
 import threading
@@ -60,6 +66,8 @@ MAX_METADATA_LENGTH = 255
 MAX_TTL = 86400
 # Unix times in items: at most 12 digits, no sign, no leading zero.
 _TIME = re.compile(r'^(0|[1-9][0-9]{0,11})\Z')
+# Ignored items remembered so as to be warned about once.
+MAX_WARNED = 1024
 # Seconds a Cinder request may take unless [advertise] timeout says
 # otherwise: the daemon must not hang on an unreachable Cinder.
 DEFAULT_TIMEOUT = 10
@@ -179,16 +187,60 @@ def _shown(text):
     return repr(text if len(text) <= 80 else text[:77] + '...')
 
 
-def peers_from_metadata(metadata, now=None, exclude=()):
+def unix_time(value):
+    """Unix seconds of an ISO 8601 time (UTC unless it says so), or None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _entry(key, value, now, created_at):
+    """(since, url) of an advertisement, None if it expired.
+
+    :raises ValueError: saying why the item is ignored.
+    """
+    if not protocol.NODE_ID.match(key[len(PEER_PREFIX):]):
+        raise ValueError('invalid node id')
+    try:
+        url, since, expires = parse_peer_value(value)
+    except ValueError as exc:
+        raise ValueError('%s: %s' % (_shown(value), exc))
+    if expires > now + MAX_TTL + protocol.CLOCK_SKEW:
+        raise ValueError('it claims to stay valid for more than %d s'
+                         % MAX_TTL)
+    if expires <= now:
+        return None
+    if since > now + protocol.CLOCK_SKEW:
+        raise ValueError('it claims to hold the image since a time in the '
+                         'future')
+    if created_at is not None and since < created_at - protocol.CLOCK_SKEW:
+        raise ValueError('it claims to hold the image since before its '
+                         'image-volume was created')
+    return since, url
+
+
+def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
+                        warned=None):
     """The unexpired peer URLs of an image-volume's metadata.
 
     Oldest ``since`` first, ties by key; a URL listed under several keys
     counts once, at its oldest place. Items whose key is not of a valid
-    node id, whose value is malformed, whose URL is not ``http://HOST:PORT``
-    or whose expiry is further away than :data:`MAX_TTL` are skipped with a
+    node id, whose value is malformed, whose URL is not ``http://HOST:PORT``,
+    whose expiry is further away than :data:`MAX_TTL`, or whose ``since``
+    is in the future or before ``created_at`` (beyond
+    :data:`~thunder_cache.protocol.CLOCK_SKEW`) are skipped with a
     warning; other metadata is ignored.
 
     :param exclude: URLs left out of the result (e.g. the node's own).
+    :param created_at: unix time the image-volume was created, if known.
+    :param warned: a set kept across calls: an item is warned about once
+        while it stays the same (the peers are read every few seconds).
     """
     if now is None:
         now = time.time()
@@ -207,24 +259,13 @@ def peers_from_metadata(metadata, now=None, exclude=()):
     for key, value in metadata.items():
         if not isinstance(key, str) or not key.startswith(PEER_PREFIX):
             continue
-        node_id = key[len(PEER_PREFIX):]
-        if not protocol.NODE_ID.match(node_id):
-            LOG.warning('Ignoring peer advertisement %s: invalid node id',
-                        _shown(key))
-            continue
         try:
-            url, since, expires = parse_peer_value(value)
+            entry = _entry(key, value, now, created_at)
         except ValueError as exc:
-            LOG.warning('Ignoring peer advertisement %s = %s: %s',
-                        _shown(key), _shown(value), exc)
+            _warn_once(warned, key, value, exc)
             continue
-        if expires > now + MAX_TTL + protocol.CLOCK_SKEW:
-            LOG.warning('Ignoring peer advertisement %s: it claims to stay '
-                        'valid for more than %d s', _shown(key), MAX_TTL)
-            continue
-        if expires <= now:
-            continue
-        entries.append((since, key, url))
+        if entry is not None:
+            entries.append((entry[0], key, entry[1]))
     entries.sort()
     seen = set(excluded)
     result = []
@@ -233,6 +274,17 @@ def peers_from_metadata(metadata, now=None, exclude=()):
             seen.add(url)
             result.append(url)
     return result
+
+
+def _warn_once(warned, key, value, reason):
+    if warned is not None:
+        mark = hash((key, repr(value)[:MAX_METADATA_LENGTH + 2]))
+        if mark in warned:
+            return
+        if len(warned) >= MAX_WARNED:
+            warned.clear()
+        warned.add(mark)
+    LOG.warning('Ignoring peer advertisement %s: %s', _shown(key), reason)
 
 
 # -- Cinder ----------------------------------------------------------------
@@ -298,9 +350,14 @@ class CinderRecords(object):
 
     def get_metadata(self, volume_id):
         """The volume's metadata (a dict of strings)."""
+        return self.get_volume(volume_id)[0]
+
+    def get_volume(self, volume_id):
+        """(metadata, created_at in unix seconds or None) of the volume."""
         volume = self._call('read the metadata', volume_id,
                             self.client.volumes.get, volume_id)
-        return dict(getattr(volume, 'metadata', None) or {})
+        return (dict(getattr(volume, 'metadata', None) or {}),
+                unix_time(getattr(volume, 'created_at', None)))
 
     def set_metadata(self, volume_id, metadata):
         """Add or replace these items (others are kept)."""
@@ -356,6 +413,7 @@ class Advertiser(object):
         self.refresh_interval = refresh_interval
         self.clock = clock
         self._adverts = {}
+        self._warned = set()
         self._lock = threading.Lock()
         # Serialises our writes and deletes, so that a withdraw is never
         # followed by a refresh's write of the same item.
@@ -456,14 +514,15 @@ class Advertiser(object):
         the list (a node asks the holders before it, then the origin).
         """
         try:
-            metadata = self.records.get_metadata(volume_id)
+            metadata, created_at = self.records.get_volume(volume_id)
         except RecordsError as exc:
             LOG.warning('Could not read the peers of volume %s: %s',
                         volume_id, exc)
             return []
         exclude = () if include_self else (self.url,)
         return peers_from_metadata(metadata, now=self.clock(),
-                                   exclude=exclude)
+                                   exclude=exclude, created_at=created_at,
+                                   warned=self._warned)
 
     def refresh(self):
         """Re-write every advertisement with a new expiry."""

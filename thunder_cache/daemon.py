@@ -37,6 +37,7 @@ from thunder_cache import lifecycle
 from thunder_cache import node as node_mod
 from thunder_cache import options
 from thunder_cache import origins
+from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_cache import server as server_mod
 from thunder_cache import service as service_mod
@@ -142,6 +143,8 @@ class Daemon(object):
         signer = protocol.Signer(self._secret, conf.node.node_id, url,
                                  lifetime=conf.peer.token_lifetime)
         client = sources.PeerClient(signer, timeout=conf.peer.fetch_timeout)
+        client.min_rate = conf.peer.min_transfer_rate * MiB
+        client.policy = self._peer_policy(url)
         self.node = node_mod.Node(
             conf.node.node_id, url, conf.node.cache_dir, client,
             max_children=conf.peer.max_children,
@@ -151,6 +154,8 @@ class Daemon(object):
             relay_timeout=conf.peer.relay_timeout,
             max_redirects=conf.peer.max_redirects,
             retry_interval=conf.peer.peer_retry_interval,
+            retry_max_interval=conf.peer.peer_retry_max_interval,
+            max_peers=conf.peer.max_peers_per_image,
             verify_persisted=conf.cache.verify_persisted,
             commit_interval=conf.cache.commit_interval,
             read_retry=conf.cache.read_retry)
@@ -175,6 +180,35 @@ class Daemon(object):
         LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
                  conf.node.node_id, url, self._bind_address[0], port,
                  len(self.node.image_ids()))
+
+    def _peer_policy(self, url):
+        """Where peer requests may go.
+
+        [peer] allowed_networks, or else the network of this node's own
+        peer address.
+        """
+        listed = self.conf.peer.allowed_networks
+        if listed:
+            try:
+                networks = peerpolicy.parse_networks(listed)
+            except ValueError as e:
+                raise StartError('[peer] allowed_networks: %s' % e)
+            where = '[peer] allowed_networks'
+        else:
+            host = sources.split_url(url)[0]
+            networks, reason = peerpolicy.own_networks(host)
+            if not networks:
+                LOG.warning('Cannot tell this node\'s peer network: %s. '
+                            'No peer is contacted (chunks come from the '
+                            'origin) until [peer] allowed_networks lists '
+                            'the peers\' networks or [node] advertise_url '
+                            'names this node\'s address on the peer '
+                            'network.', reason)
+            where = 'the network of %s' % host
+        policy = peerpolicy.AddressPolicy(networks)
+        LOG.info('Peers may be contacted in %s (%s)', policy.describe(),
+                 where)
+        return policy
 
     def _advertiser(self, url):
         conf = self.conf

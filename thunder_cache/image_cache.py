@@ -27,6 +27,9 @@ on that future and share its result or its error. The fetcher tries the
 upstream's sources in order (parent peer, other peers, origin); every chunk
 is checked against the manifest before it is written, a chunk that does not
 match is thrown away, its source reported bad, and the next source tried.
+The waiters wait as long as the fetch moves on within each source's time
+limit (:meth:`Source.time_limit`); one that overruns it releases them with a
+:class:`FetchError` (a local reader then retries, see ``read_retry``).
 
 Write ordering: the chunk is written to ``data`` with ``pwrite``, the data
 file is ``fdatasync``'ed, and only then is its bit set in the map (which is
@@ -58,6 +61,15 @@ MAP_FILE = 'chunkmap'
 # Back-off of a local read's retries (seconds): first pause, longest.
 RETRY_FIRST = 0.25
 RETRY_MAX = 4.0
+#: Seconds a source may take for one chunk unless it says otherwise
+#: (:meth:`Source.time_limit`).
+SOURCE_TIME_LIMIT = 60.0
+#: Seconds a fetch may spend on its own work (re-verifying a cached chunk,
+#: writing and committing a fetched one) before its waiters give up.
+SETTLE_TIME = 30.0
+#: Seconds waiters allow a fetch beyond its source's time limit, to move on
+#: to the next source.
+WAIT_GRACE = 2.0
 
 
 class FetchError(IOError):
@@ -83,10 +95,17 @@ class Source(object):
     def read_chunk(self, index, offset, length, via=(), ticket=None):
         raise NotImplementedError
 
+    def time_limit(self, length):
+        """Seconds :meth:`read_chunk` of ``length`` bytes may take."""
+        return SOURCE_TIME_LIMIT
+
 
 def _new_fetch(ticket, background=False):
     future = concurrent.futures.Future()
     future.source = None
+    # When waiters stop waiting for it (time.monotonic()); moved on as the
+    # fetch goes from source to source.
+    future.deadline = time.monotonic() + SETTLE_TIME
     future.background = background
     future.ticket = ticket or protocol.new_ticket()
     future.key = protocol.ticket_key(future.ticket)
@@ -402,12 +421,34 @@ class ImageCache(object):
             self.counters.inc('prefetch_hits')
 
     def _join(self, index, future, timeout):
+        """Wait for another thread's fetch of chunk ``index``.
+
+        The wait ends with a :class:`FetchError` after ``timeout`` seconds
+        (if given), or as soon as the fetch overruns its deadline: the time
+        limit of the source it is reading plus :data:`WAIT_GRACE`. A fetch
+        moving from source to source within their limits is waited for.
+        """
         self.counters.inc('inflight_joins')
-        try:
-            future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise FetchError('timed out waiting for chunk %d of image '
-                             '%s' % (index, self.image_id))
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            limit = future.deadline
+            if give_up is not None:
+                limit = min(limit, give_up)
+            try:
+                future.result(max(0.0, limit - time.monotonic()))
+                break
+            except concurrent.futures.TimeoutError:
+                now = time.monotonic()
+                if give_up is not None and now >= give_up:
+                    raise FetchError('timed out waiting for chunk %d of '
+                                     'image %s' % (index, self.image_id))
+                if now >= future.deadline:
+                    self.counters.inc('inflight_overdue')
+                    raise FetchError('the fetch of chunk %d of image %s '
+                                     'from %s is overdue' % (
+                                         index, self.image_id,
+                                         getattr(future.source, 'name',
+                                                 'its sources')))
         if future.background:
             with self._lock:
                 self._prefetched[index] = 0
@@ -489,6 +530,8 @@ class ImageCache(object):
         errors = []
         for source in self.upstream.candidates(via):
             future.source = source
+            future.deadline = (time.monotonic() + source.time_limit(length) +
+                               WAIT_GRACE)
             started = self._clock()
             try:
                 data = source.read_chunk(index, offset, length, via,
@@ -511,6 +554,7 @@ class ImageCache(object):
                     'chunk %d failed verification' % index))
                 continue
             self.counters.inc('chunks_verified')
+            future.deadline = time.monotonic() + SETTLE_TIME
             self.fetch_latency['origin' if source.kind == 'origin'
                                else 'peer'].observe(self._clock() - started)
             self.upstream.report(source, True, None)

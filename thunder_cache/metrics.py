@@ -26,6 +26,9 @@ IMAGE_COUNTERS = {
     'chunk_misses': 'Chunk reads that started a fetch.',
     'inflight_joins': 'Chunk reads that waited for a fetch another reader '
                       'had already started (shared in-flight fetches).',
+    'inflight_overdue': 'Chunk reads that stopped waiting for a fetch in '
+                        'flight because it overran its source\'s time '
+                        'limit.',
     'inflight_bypasses': 'Peer requests served by a fetch of their own '
                          'rather than by joining one whose ticket was '
                          'younger (which could have waited in a cycle).',

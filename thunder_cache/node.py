@@ -234,11 +234,15 @@ class Node(object):
         node must fetch first.
     :param read_retry: seconds a local read retries a chunk no source
         could provide (see :class:`~thunder_cache.image_cache.ImageCache`).
+    :param retry_interval, retry_max_interval, max_peers: the back-off of
+        failing peers and the cap on peers per image (see
+        :class:`~thunder_cache.upstream.Upstream`).
     """
 
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
                  child_ttl=10.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
+                 retry_max_interval=300.0, max_peers=None,
                  verify_persisted=True, commit_interval=0.0,
                  read_retry=0.0, activation_retry=5.0, on_activate=None):
         self.node_id = protocol.check_node_id(node_id)
@@ -250,6 +254,8 @@ class Node(object):
         self.relay_timeout = relay_timeout
         self.max_redirects = max_redirects
         self.retry_interval = retry_interval
+        self.retry_max_interval = retry_max_interval
+        self.max_peers = max_peers
         self.verify_persisted = verify_persisted
         self.commit_interval = commit_interval
         self.read_retry = read_retry
@@ -377,7 +383,9 @@ class Node(object):
         upstream = upstream_mod.Upstream(
             spec.image_id, spec.origin, spec.peers, self.client, self.url,
             max_redirects=self.max_redirects,
-            retry_interval=self.retry_interval)
+            retry_interval=self.retry_interval,
+            retry_max_interval=self.retry_max_interval,
+            max_peers=self.max_peers)
         entry.manifest_bytes = manifest.to_bytes()
         entry.cache = image_cache.ImageCache(
             directory, spec.image_id, manifest, upstream,
@@ -406,8 +414,9 @@ class Node(object):
             if url == self.url:
                 continue
             try:
-                manifest = self.client.get_manifest(url, spec.image_id,
-                                                    spec.manifest_digest)
+                manifest = self.client.get_manifest(
+                    url, spec.image_id, spec.manifest_digest,
+                    spec.manifest_length, spec.manifest_offset)
                 break
             except (IOError, sources.ManifestError) as e:
                 errors.append('peer %s: %s' % (url, e))

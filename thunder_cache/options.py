@@ -122,8 +122,21 @@ peer_opts = [
     cfg.FloatOpt('fetch_timeout',
                  default=10.0, min=0.1,
                  help='Seconds a request to a peer may stay silent '
-                      '(connect or read) before the peer is dropped and '
-                      'the next source is tried.'),
+                      '(connect or read), and the fixed part of the '
+                      'deadline of its whole answer (see '
+                      'min_transfer_rate). A peer that misses either is '
+                      'dropped for the chunk and backed off, and the next '
+                      'source is tried.'),
+    cfg.FloatOpt('min_transfer_rate',
+                 default=1.0, min=0.001,
+                 help='Slowest average rate, in MiB/s, at which a peer '
+                      'must deliver an answer: a request must be answered '
+                      'in full (status, headers and body) within '
+                      'fetch_timeout plus the size of the expected answer '
+                      'at this rate. Set it well below the share of the '
+                      'link one transfer gets when the link is busy; on '
+                      'links slower than 1 Gbit/s lower it with the link '
+                      'speed.'),
     cfg.FloatOpt('relay_timeout',
                  default=8.0, min=0.1,
                  help='Seconds a peer request for a chunk this node does '
@@ -141,10 +154,42 @@ peer_opts = [
                     'and happen once per node and image (the node then '
                     'asks its new parent directly).'),
     cfg.IntOpt('peer_retry_interval',
-               default=30, min=1,
+               default=5, min=1,
                help='Seconds a peer that failed (error, timeout, a chunk '
-                    'that did not verify) is left out before it is asked '
-                    'again.'),
+                    'that did not verify, a refused redirect) is left out '
+                    'before it is asked again. Each further failure in a '
+                    'row doubles the time, up to '
+                    'peer_retry_max_interval; a chunk it serves ends the '
+                    'series. Busy (503) and loop (508) answers only skip '
+                    'the peer for the chunk, unless they took more than '
+                    'half of fetch_timeout.'),
+    cfg.IntOpt('peer_retry_max_interval',
+               default=300, min=1,
+               help='Longest time, in seconds, a peer that keeps failing '
+                    'is left out (see peer_retry_interval).'),
+    cfg.ListOpt('allowed_networks',
+                default=[],
+                sample_default='<the network of this node\'s peer '
+                               'address>',
+                help='Networks (CIDR, e.g. 10.0.0.0/24, fd00:1::/64) '
+                     'other nodes may be reached in. Peer URLs from '
+                     'descriptors, from the image-volumes\' metadata and '
+                     'from redirects outside them are never contacted; '
+                     'host names are resolved once and every address '
+                     'they resolve to must be inside. Empty: the network '
+                     'of the interface carrying this node\'s own peer '
+                     'address (advertise_url, or listen_address). '
+                     'Loopback, link-local, cloud metadata, unspecified, '
+                     'multicast, broadcast and reserved addresses are '
+                     'refused unless a network listed here lies inside '
+                     'their range (e.g. 127.0.0.0/8 for nodes on one '
+                     'host).'),
+    cfg.IntOpt('max_peers_per_image',
+               default=16, min=1, max=1024,
+               help='Peers of an image a node asks at most: the first ones '
+                    'of its descriptor\'s list, then of the image\'s '
+                    'advertisements, oldest first. Redirects from these '
+                    'peers reach the rest of the image\'s tree.'),
     cfg.IntOpt('max_connections',
                default=256, min=1,
                help='Concurrent peer connections; more are answered 503.'),

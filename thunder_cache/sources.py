@@ -22,18 +22,27 @@ Glance image record.
 
 :class:`PeerClient` speaks the peer protocol (:mod:`thunder_cache.protocol`)
 to other nodes; :class:`PeerSource` is one peer as a chunk source, following
-the 307 redirects of a full node.
+the 307 redirects of a full node. Every peer request has a deadline for its
+whole answer (``fetch_timeout`` plus the expected bytes at the minimum
+transfer rate), enforced by one :class:`Watchdog` thread, and goes only to
+an address the node's :class:`~thunder_cache.peerpolicy.AddressPolicy`
+allows.
 """
 
+import functools
+import heapq
 import http.client
+import itertools
 import logging
 import os
 import socket
 import threading
+import time
 
 from oslo_utils import importutils
 
 from thunder_cache import image_cache
+from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_common import manifest as manifest_mod
 
@@ -45,6 +54,9 @@ LOG = logging.getLogger(__name__)
 # Largest error body read from a peer; anything longer closes the
 # connection instead.
 MAX_ERROR_BODY = 4096
+# A manifest from a peer is read in pieces of this many bytes: memory grows
+# with what arrived, not with what the peer announced.
+MANIFEST_PIECE = 1024 * 1024
 
 
 class OriginError(IOError):
@@ -115,7 +127,22 @@ class FileOrigin(Origin):
 
 
 class RbdOrigin(Origin):
-    """An image-volume (or a snapshot of it) in RBD, read with librbd."""
+    """An image-volume (or a snapshot of it) in RBD, read with librbd.
+
+    Every Ceph operation is bounded by ``timeout`` seconds: connecting
+    (``client_mount_timeout``: the binding ignores ``connect``'s own
+    timeout), and every monitor and OSD operation behind opening the
+    ioctx and the image and behind each read (``rados_mon_op_timeout``,
+    ``rados_osd_op_timeout``); an operation that times out fails the read
+    with an :class:`OriginError`, and the next read connects again.
+    Threads that waited for an open that failed fail with its error
+    rather than each trying again in turn.
+    """
+
+    #: Ceph operations behind a read on a fresh handle, one after the
+    #: other at worst: connect, pool lookup, image open (id, header,
+    #: snapshot context), the read itself.
+    SERIAL_OPS = 6
 
     def __init__(self, pool, image, snapshot=None,
                  ceph_conf='/etc/ceph/ceph.conf', user=None, keyring=None,
@@ -135,6 +162,10 @@ class RbdOrigin(Origin):
                                      '@%s' % snapshot if snapshot else '')
         self._lock = threading.Lock()
         self._client = self._ioctx = self._image = None
+        self._failed = (0.0, None)
+
+    def time_limit(self, length):
+        return self.SERIAL_OPS * self.timeout
 
     def _open(self):
         conf = {}
@@ -160,13 +191,19 @@ class RbdOrigin(Origin):
         self._client, self._ioctx, self._image = client, ioctx, image
 
     def _handle(self):
+        asked = time.monotonic()
         with self._lock:
             if self._image is None:
+                failed_at, error = self._failed
+                if failed_at >= asked:
+                    raise OriginError(str(error))
                 try:
                     self._open()
                 except Exception as e:
-                    raise OriginError('cannot open origin %s: %s'
-                                      % (self.name, e))
+                    error = OriginError('cannot open origin %s: %s'
+                                        % (self.name, e))
+                    self._failed = (time.monotonic(), error)
+                    raise error
             return self._image
 
     def read(self, offset, length):
@@ -242,11 +279,145 @@ def split_url(url):
     return host.strip('[]'), int(port)
 
 
+def manifest_limit(length=None, offset=None):
+    """The most bytes an image's manifest may have.
+
+    :param length: the manifest's length from the image's location
+        metadata, when known: exactly this.
+    :param offset: where the manifest starts in the image-volume: the
+        image lies before it, so it has at most ``offset / 4 KiB`` chunks.
+    """
+    most = (manifest_mod.HEADER_SIZE +
+            manifest_mod.MAX_CHUNKS * manifest_mod.DIGEST_SIZE)
+    if length is not None:
+        return min(length, most)
+    if offset is not None:
+        chunks = -(-offset // manifest_mod.MIN_CHUNK_SIZE)
+        return min(most, manifest_mod.HEADER_SIZE +
+                   chunks * manifest_mod.DIGEST_SIZE)
+    return most
+
+
+class Watchdog(object):
+    """Runs actions at their deadlines, from one thread.
+
+    The thread runs while actions are armed. An action returning True is
+    run again :data:`AGAIN` seconds later, until it is disarmed. An action
+    runs with the watchdog's lock held: once :meth:`disarm` returns, it is
+    not running and will not run.
+    """
+
+    AGAIN = 0.05
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._heap = []
+        self._armed = 0
+        self._count = itertools.count()
+        self._thread = None
+
+    def arm(self, deadline, action):
+        """Run ``action()`` at ``deadline`` (a ``clock`` time)."""
+        entry = [deadline, next(self._count), action]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            self._armed += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name='peer-deadlines', daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return entry
+
+    def disarm(self, entry):
+        with self._cond:
+            if entry[2] is not None:
+                entry[2] = None
+                self._armed -= 1
+            if len(self._heap) > 64 and len(self._heap) > 4 * self._armed:
+                self._heap = [e for e in self._heap if e[2] is not None]
+                heapq.heapify(self._heap)
+
+    def _run(self):
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._thread = None
+                    return
+                entry = self._heap[0]
+                wait = entry[0] - self._clock()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                try:
+                    again = entry[2]()
+                except Exception:
+                    LOG.exception('Deadline action %r failed', entry[2])
+                    again = False
+                if again:
+                    entry[0] = self._clock() + self.AGAIN
+                    heapq.heappush(self._heap, entry)
+                else:
+                    entry[2] = None
+                    self._armed -= 1
+
+
+_WATCHDOG = Watchdog()
+
+
+class _Cut(object):
+    """Ends a transfer at its deadline: shuts its connection's socket down.
+
+    Called by the :class:`Watchdog` at the deadline, then every
+    :data:`Watchdog.AGAIN` seconds until the transfer ends, so that a
+    connection opened after the deadline (a retry) is cut too. The socket
+    is held through a ``makefile`` reference while it is shut down, so that
+    a concurrent ``close`` in the requesting thread cannot release its
+    descriptor (and let it be reused) in between.
+    """
+
+    def __init__(self, conns, url):
+        self.conns = conns
+        self.url = url
+        self.fired = False
+
+    def __call__(self):
+        self.fired = True
+        sock = getattr(self.conns.get(self.url), 'sock', None)
+        if sock is not None:
+            hold = sock.makefile('rb', buffering=0)
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed or not connected: nothing to cut
+            finally:
+                hold.close()
+        return True
+
+
 class PeerClient(object):
     """Signed requests to peer nodes.
 
-    One keep-alive connection per peer and thread.
+    One keep-alive connection per peer and thread. Every request has a
+    deadline for its whole answer, head and body: :meth:`time_limit`,
+    ``timeout`` seconds plus the bytes expected at :attr:`min_rate`
+    (``timeout`` also bounds each silent wait on the socket). A peer
+    that has not answered in full by then is cut off. Connections go only
+    to addresses :attr:`policy` allows.
     """
+
+    #: The :class:`~thunder_cache.peerpolicy.AddressPolicy` every peer
+    #: address is checked against before anything is sent to it; None
+    #: refuses every peer.
+    policy = None
+    #: Bytes per second an answer must average beyond its first
+    #: ``timeout`` seconds.
+    min_rate = 1024 * 1024
 
     def __init__(self, signer, timeout=10.0):
         self.signer = signer
@@ -275,10 +446,54 @@ class PeerClient(object):
         for url in list(getattr(self._local, 'conns', {})):
             self._drop(url)
 
+    # -- where requests may go ---------------------------------------------
+
+    def permits(self, url):
+        """True if requests may be sent to ``url`` (refusals are logged)."""
+        if self.policy is None:
+            return False
+        return self.policy.permits(split_url(url)[0], url)
+
+    def _open(self, url, _address, timeout, source_address=None):
+        """Connect to ``url``'s checked address (http.client's connector).
+
+        The host is never resolved again here: the policy's checked
+        address is what the connection goes to.
+        """
+        if self.policy is None:
+            raise peerpolicy.PeerRefused('no peer address policy is set')
+        transfer = getattr(self._local, 'transfer', None)
+        if transfer is not None:
+            left = transfer.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout('deadline passed before connecting')
+            timeout = min(timeout, left)
+        host, port = split_url(url)
+        address = self.policy.address(host)
+        return socket.create_connection((address, port), timeout,
+                                        source_address)
+
+    # -- deadlines ---------------------------------------------------------
+
+    def time_limit(self, length):
+        """Seconds a request answered with ``length`` bytes may take."""
+        return self.timeout + length / self.min_rate
+
+    def _deadline(self, url, deadline):
+        """A context cutting the transfer with ``url`` off at ``deadline``.
+
+        ``deadline`` is a ``time.monotonic()`` time. A transfer cut off
+        raises :class:`PeerError`, and its connection is dropped.
+        """
+        return _Transfer(self, url, deadline)
+
+    # -- requests ----------------------------------------------------------
+
     def _request(self, url, path, via, ticket=None):
         headers = self.signer.headers('GET', path, via, ticket)
         for attempt in (0, 1):
             conn = self._connection(url)
+            conn._create_connection = functools.partial(self._open, url)
             try:
                 conn.request('GET', path, headers=headers)
                 return conn.getresponse()
@@ -293,13 +508,8 @@ class PeerClient(object):
                 self._drop(url)
                 raise PeerError('peer %s: %s' % (url, e))
 
-    def _body(self, url, response, length):
+    def _read(self, url, response, length):
         """Read exactly ``length`` bytes of body; never more."""
-        declared = response.getheader('Content-Length')
-        if declared != str(length):
-            self._drop(url)
-            raise PeerError('peer %s announced %r bytes, expected %d'
-                            % (url, declared, length))
         buf = bytearray(length)
         view = memoryview(buf)
         done = 0
@@ -318,6 +528,15 @@ class PeerClient(object):
                             % (url, done, length))
         return buf
 
+    def _body(self, url, response, length):
+        """The body, which must be exactly ``length`` bytes."""
+        declared = response.getheader('Content-Length')
+        if declared != str(length):
+            self._drop(url)
+            raise PeerError('peer %s announced %r bytes, expected %d'
+                            % (url, declared, length))
+        return self._read(url, response, length)
+
     def _error(self, url, response):
         declared = response.getheader('Content-Length') or ''
         message = ''
@@ -333,30 +552,35 @@ class PeerClient(object):
                                                      message.strip()[:200]),
                          status=status, soft=status in (503, 508))
 
-    def get_chunk(self, url, image_id, index, length, via=(), ticket=None):
+    def get_chunk(self, url, image_id, index, length, via=(), ticket=None,
+                  deadline=None):
         """The bytes of a chunk (unverified: the caller verifies).
 
+        :param deadline: ``time.monotonic()`` time by which the answer
+            must be complete; by default :meth:`time_limit` from now.
         :raises Redirect: on a 307 to another node.
         :raises PeerError: on anything else.
         """
+        if deadline is None:
+            deadline = time.monotonic() + self.time_limit(length)
         path = protocol.chunk_path(image_id, index)
-        try:
-            response = self._request(url, path, via, ticket)
-            if response.status == 200:
-                return self._body(url, response, length)
-            if response.status == 307:
-                location = response.getheader('Location') or ''
-                self._error(url, response)  # drain the (empty) body
-                return self._redirect(url, location, path)
-            raise self._error(url, response)
-        except PeerError:
-            raise
-        except (OSError, http.client.HTTPException) as e:
-            self._drop(url)
-            raise PeerError('peer %s: %s' % (url, e))
+        with self._deadline(url, deadline):
+            try:
+                response = self._request(url, path, via, ticket)
+                if response.status == 200:
+                    return self._body(url, response, length)
+                if response.status == 307:
+                    location = response.getheader('Location') or ''
+                    self._error(url, response)  # drain the (empty) body
+                    return self._redirect(url, location, path)
+                raise self._error(url, response)
+            except PeerError:
+                raise
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(url)
+                raise PeerError('peer %s: %s' % (url, e))
 
-    @staticmethod
-    def _redirect(url, location, path):
+    def _redirect(self, url, location, path):
         if not location.endswith(path):
             raise PeerError('peer %s redirected to another resource: %r'
                             % (url, location[:200]))
@@ -364,26 +588,98 @@ class PeerClient(object):
             target = protocol.normalize_url(location[:-len(path)])
         except ValueError as e:
             raise PeerError('peer %s sent a bad redirect: %s' % (url, e))
+        if not self.permits(target):
+            raise PeerError('peer %s redirected to %s, outside the allowed '
+                            'peer addresses' % (url, target))
         raise Redirect(target)
 
-    def get_manifest(self, url, image_id, expected_digest):
-        """The image's manifest from a peer, verified against the digest."""
+    def get_manifest(self, url, image_id, expected_digest, length=None,
+                     offset=None):
+        """The image's manifest from a peer, verified against the digest.
+
+        :param length: the manifest's length, if known; else it is bounded
+            by :func:`manifest_limit` of ``offset``.
+        :param offset: where the manifest starts in the image-volume.
+        """
+        limit = manifest_limit(length, offset)
         path = protocol.manifest_path(image_id)
-        response = self._request(url, path, ())
-        if response.status != 200:
-            raise self._error(url, response)
-        declared = response.getheader('Content-Length') or ''
-        limit = (manifest_mod.HEADER_SIZE +
-                 manifest_mod.MAX_CHUNKS * manifest_mod.DIGEST_SIZE)
-        if not declared.isdigit() or int(declared) > limit:
-            self._drop(url)
-            raise PeerError('peer %s sent a manifest of %r bytes'
-                            % (url, declared))
-        data = self._body(url, response, int(declared))
+        deadline = time.monotonic() + self.time_limit(limit)
+        with self._deadline(url, deadline):
+            response = self._request(url, path, ())
+            if response.status != 200:
+                raise self._error(url, response)
+            declared = response.getheader('Content-Length') or ''
+            if (not declared.isdigit() or int(declared) > limit or
+                    int(declared) < manifest_mod.HEADER_SIZE or
+                    (length is not None and int(declared) != length)):
+                self._drop(url)
+                raise PeerError('peer %s sent a manifest of %r bytes; at '
+                                'most %d expected' % (url, declared[:20],
+                                                      limit))
+            data = self._manifest_body(url, response, int(declared))
         try:
             return manifest_mod.load_verified(bytes(data), expected_digest)
         except ValueError as e:
             raise ManifestError('manifest from peer %s: %s' % (url, e))
+
+    def _manifest_body(self, url, response, declared):
+        """A manifest body, header first (it must agree with ``declared``).
+
+        The rest is kept only as it arrives.
+        """
+        data = self._read(url, response, manifest_mod.HEADER_SIZE)
+        try:
+            _c, _s, length = manifest_mod.Manifest.parse_header(bytes(data))
+        except ValueError as e:
+            self._drop(url)
+            raise ManifestError('manifest from peer %s: %s' % (url, e))
+        if length != declared:
+            self._drop(url)
+            raise ManifestError('manifest from peer %s: its header says %d '
+                                'bytes, the peer announced %d'
+                                % (url, length, declared))
+        while len(data) < length:
+            data += self._read(url, response,
+                               min(MANIFEST_PIECE, length - len(data)))
+        return data
+
+
+class _Transfer(object):
+    """:meth:`PeerClient._deadline`'s context."""
+
+    def __init__(self, client, url, deadline):
+        self.client = client
+        self.url = url
+        self.deadline = deadline
+        self.cut = None
+        self.entry = None
+
+    def __enter__(self):
+        local = self.client._local
+        if time.monotonic() >= self.deadline:
+            raise PeerError('peer %s: deadline passed before the request'
+                            % self.url)
+        conns = getattr(local, 'conns', None)
+        if conns is None:
+            conns = local.conns = {}
+        self.cut = _Cut(conns, self.url)
+        local.transfer = self
+        self.entry = _WATCHDOG.arm(self.deadline, self.cut)
+        return self
+
+    def __exit__(self, kind, error, _tb):
+        _WATCHDOG.disarm(self.entry)
+        self.client._local.transfer = None
+        if not self.cut.fired:
+            return False
+        self.client._drop(self.url)
+        if isinstance(error, (OSError, http.client.HTTPException)):
+            client = self.client
+            raise PeerError('peer %s: no complete answer by the deadline '
+                            '(%g s, and the expected bytes at %g MiB/s)'
+                            % (self.url, client.timeout,
+                               client.min_rate / 1048576.0)) from None
+        return False
 
 
 class PeerSource(image_cache.Source):
@@ -391,7 +687,8 @@ class PeerSource(image_cache.Source):
 
     ``url`` is the node currently asked. After redirects it is the child
     the full nodes sent us to; if that child serves the chunk, the
-    upstream adopts it as our parent (``redirected`` tells it to).
+    upstream adopts it as our parent (``redirected`` tells it to). The
+    redirects and the final answer share one deadline.
     """
 
     kind = 'peer'
@@ -405,14 +702,36 @@ class PeerSource(image_cache.Source):
     def name(self):
         return 'peer:%s' % self.url
 
+    def time_limit(self, length):
+        return self.upstream.client.time_limit(length)
+
     def read_chunk(self, index, offset, length, via=(), ticket=None):
+        """The chunk from this peer (or the nodes it redirects to).
+
+        A soft error (busy, loop) is one only when it came quickly: one
+        that took more than half of ``fetch_timeout`` costs the reader as
+        much as a failure, and counts as one (so that the peer is backed
+        off, rather than asked again for every chunk).
+        """
+        started = time.monotonic()
+        try:
+            return self._read_chunk(index, length, via, ticket)
+        except PeerError as e:
+            took = time.monotonic() - started
+            if e.soft and took > self.upstream.client.timeout / 2:
+                raise PeerError('%s (after %.1f s)' % (e, took), e.status)
+            raise
+
+    def _read_chunk(self, index, length, via, ticket):
         upstream = self.upstream
         first = self.url
         seen = {self.url}
+        deadline = time.monotonic() + self.time_limit(length)
         for _hop in range(upstream.max_redirects + 1):
             try:
-                return upstream.client.get_chunk(self.url, upstream.image_id,
-                                                 index, length, via, ticket)
+                return upstream.client.get_chunk(
+                    self.url, upstream.image_id, index, length, via, ticket,
+                    deadline=deadline)
             except Redirect as r:
                 if (r.url in seen or r.url in via or
                         r.url == upstream.self_url):
@@ -421,6 +740,10 @@ class PeerSource(image_cache.Source):
                     self.url, self.redirected = first, False
                     raise PeerError('peer %s redirected in a loop to %s'
                                     % (first, r.url), soft=True)
+                if upstream.backed_off(r.url):
+                    self.url, self.redirected = first, False
+                    raise PeerError('peer %s redirected to %s, which failed '
+                                    'lately' % (first, r.url), soft=True)
                 seen.add(r.url)
                 LOG.debug('Image %s: %s redirected us to %s',
                           upstream.image_id, self.url, r.url)

@@ -588,6 +588,8 @@ class Stack(object):
             'THUNDER_CACHE_CONTROL_SOCKET': paths['control'],
             'THUNDER_CACHE_NODE_ID': 'thunder-stack',
             'THUNDER_CACHE_LISTEN': '127.0.0.1',
+            # Peers (none but itself here) on loopback: allowed explicitly.
+            'THUNDER_CACHE_PEER_NETWORKS': '127.0.0.0/8',
             'THUNDER_CACHE_PORT': str(self.ports['thunder_cache']),
             # Short, so that the e2e tests see a trace published.
             'THUNDER_CACHE_RECORD_WINDOW': '10',

@@ -92,6 +92,8 @@ class Daemon(object):
                 'upload_rate_limit = %d' % upload_rate,
                 'fetch_timeout = 5', 'relay_timeout = 4',
                 'peer_retry_interval = 30',
+                # Every node of these tests lives on loopback.
+                'allowed_networks = 127.0.0.0/8',
                 '[cache]', 'commit_interval = %s' % commit_interval,
                 # The tests' image-volume files live in the work directory.
                 '[origin]', 'file_origin_dirs = %s' % ','.join(

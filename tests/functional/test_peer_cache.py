@@ -31,6 +31,7 @@ import uuid
 import pytest
 
 from tests.functional import cache_daemons
+from tests import hostile_peer
 from thunder_cache import chunkmap
 from thunder_common import manifest as manifest_mod
 
@@ -471,3 +472,292 @@ def test_rbd_origin(daemons, ceph, image):
             bad.read(IMAGE, 0, 10)
         for d in nodes + [bad]:
             d.stop()
+
+
+# -- hostile and stuck peers ------------------------------------------------
+#
+# The daemons run with fetch_timeout = 5 and min_transfer_rate = 1 MiB/s:
+# a peer's answer for a 256 KiB chunk must be complete within 5.25 s. The
+# hostile peers listen on other loopback addresses (127.0.0.3 and up).
+
+# The bound on every read below: the deadline, then the next source, with
+# a wide margin. A peer trickling a byte a second would hold the base code
+# for days (each silent wait alone was timed).
+READ_BOUND = 40
+
+
+@pytest.fixture
+def hostile(daemons):
+    """Make scripted peers (tests.hostile_peer); all stopped after."""
+    made = hostile_peer.Peers('127.0.0.3')
+    yield made
+    made.stop()
+
+
+def _trickle_chunks(manifest, where):
+    """Answers of a peer that trickles a byte a second into ``where``."""
+    def answer(path):
+        if path.endswith('/manifest'):
+            return [hostile_peer.head(404)]
+        index = int(path.rsplit('/', 1)[1])
+        length = manifest.chunk_range(index)[1]
+        if where == 'body':
+            return [hostile_peer.head(200, length),
+                    hostile_peer.trickle(b'\0' * length, 1.0)]
+        return [hostile_peer.trickle(hostile_peer.head(200, length) +
+                                     b'\0' * length, 1.0)]
+    return answer
+
+
+def _read_bounded(daemon, offset, length, seconds=READ_BOUND):
+    reader = cache_daemons.sources.LocalClient(daemon.socket_path,
+                                               timeout=seconds + 30)
+    try:
+        done, value, took = hostile_peer.bounded(
+            lambda: reader.read(IMAGE, offset, length), seconds)
+    finally:
+        reader.close()
+    assert done, '%s: the read still waits after %.0f s' % (daemon.name,
+                                                            took)
+    return value
+
+
+@pytest.mark.parametrize('where', ['body', 'head'])
+@pytest.mark.parametrize('fallback', ['origin', 'next-peer'])
+def test_a_trickling_peer_costs_one_deadline(daemons, hostile, volume,
+                                             image, where, fallback):
+    """A peer trickling its answer is cut at its deadline, then backed off.
+
+    The read completes from the next source with the right bytes; a
+    second reader waiting on the same chunk meanwhile is released with
+    them too, and the trickler is asked once.
+    """
+    path, manifest = volume
+    origin = {'type': 'file', 'path': path}
+    trickler = hostile(_trickle_chunks(manifest, where))
+    peers = [trickler.url]
+    if fallback == 'next-peer':
+        seed = daemons('seed')
+        seed.describe(IMAGE, manifest, origin)
+        seed.start()
+        assert seed.read(IMAGE, 0, 8 * CHUNK) == image[:8 * CHUNK]
+        peers.append(seed.url)
+        origin = None
+    node = daemons('reader')
+    node.describe(IMAGE, manifest, origin, peers)
+    node.start()
+    results = {}
+
+    def read(key):
+        results[key] = _read_bounded(node, 0, 2 * CHUNK)
+
+    first = threading.Thread(target=read, args=('first',))
+    first.start()
+    # The waiter joins the fetch held by the trickler.
+    deadline = time.monotonic() + 10
+    while not trickler.paths and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    read('waiter')
+    first.join(READ_BOUND + 5)
+    assert results == {'first': image[:2 * CHUNK],
+                       'waiter': image[:2 * CHUNK]}
+    assert node.metric('thunder_cache_inflight_joins_total',
+                       image=IMAGE) >= 1
+    # The rest comes without asking the trickler again.
+    assert _read_bounded(node, 2 * CHUNK, 6 * CHUNK) == \
+        image[2 * CHUNK:8 * CHUNK]
+    assert len([p for p in trickler.paths if '/chunks/' in p]) == 1
+    assert node.metric('thunder_cache_fetch_errors_total',
+                       image=IMAGE) == 1
+    assert node.metric('thunder_cache_chunks_from_%s_total' % (
+        'origin' if fallback == 'origin' else 'peers'), image=IMAGE) == 8
+
+
+def _rss_kib(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    raise AssertionError('no VmRSS for %d' % pid)
+
+
+@pytest.mark.parametrize('declared', ['oversized', 'exact'])
+def test_a_trickled_manifest_is_cut_and_memory_stays_bounded(
+        daemons, hostile, volume, image, declared):
+    """A hostile manifest: refused, or cut; never kept growing.
+
+    A peer announcing a manifest far beyond what the descriptor allows is
+    refused before its body; one announcing the right size but trickling
+    it is cut at the deadline. Either way the read fails in bounded time
+    (no origin, no other peer) and the daemon does not grow.
+    """
+    _path, manifest = volume
+    raw = manifest.to_bytes()
+    size = 64 * 1024 * 1024 if declared == 'oversized' else len(raw)
+
+    def answer(path):
+        if not path.endswith('/manifest'):
+            return [hostile_peer.head(404)]
+        return [hostile_peer.head(200, size),
+                hostile_peer.trickle(raw + b'\0' * 1024, 1.0)]
+
+    liar = hostile(answer)
+    node = daemons('no-origin')
+    node.describe(IMAGE, manifest, None, [liar.url])
+    node.start()
+    before = _rss_kib(node.pid)
+    error = _read_bounded(node, 0, 10)
+    assert isinstance(error, IOError), error
+    assert '503' in str(error)
+    assert len(liar.paths) == 1
+    # Nothing like the 64 MiB announced was allocated.
+    assert _rss_kib(node.pid) - before < 24 * 1024
+    assert 'manifest' in node.log()
+
+
+def test_redirect_to_a_refused_address_is_not_followed(daemons, hostile,
+                                                       volume, image):
+    """A peer redirecting to an address outside allowed_networks.
+
+    The node's policy allows 127.0.0.3/32 only: the redirect target, a
+    canary listening on 127.0.0.4, must never see a connection; the
+    redirecting peer is backed off and the origin serves.
+    """
+    path, manifest = volume
+    canary = hostile(lambda p: [hostile_peer.head(200, CHUNK),
+                                b'\0' * CHUNK], host='127.0.0.4')
+    redirector = hostile(lambda p: [hostile_peer.head(
+        307, 0, [('Location', canary.url + p)])])
+    node = daemons('redirected', extra='\n'.join([
+        '[peer]', 'allowed_networks = 127.0.0.3/32']))
+    node.describe(IMAGE, manifest, {'type': 'file', 'path': path},
+                  [redirector.url])
+    node.start()
+    assert _read_bounded(node, 0, 4 * CHUNK) == image[:4 * CHUNK]
+    assert canary.connections == 0
+    assert len(redirector.paths) == 1
+    assert 'outside the allowed peer addresses' in node.log()
+
+
+# -- advertisements ---------------------------------------------------------
+
+class _FakeCinder(http.server.ThreadingHTTPServer):
+    """The Cinder volume API the daemon's advertiser uses, in memory."""
+
+    daemon_threads = True
+
+    def __init__(self, volume_id, created_at, metadata):
+        self.volume_id = volume_id
+        self.created_at = created_at
+        self.metadata = dict(metadata)
+        self.gets = 0
+        super().__init__(('127.0.0.1', 0), _CinderHandler)
+
+    @property
+    def endpoint(self):
+        return 'http://127.0.0.1:%d/v3/project' % self.server_address[1]
+
+
+class _CinderHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def _reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _volume(self):
+        parts = self.path.split('/')
+        server = self.server
+        if len(parts) < 5 or parts[4] != server.volume_id:
+            self._reply(404, {'itemNotFound': {'message': 'no volume'}})
+            return None
+        return parts[5:]
+
+    def do_GET(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        self.server.gets += 1
+        self._reply(200, {'volume': {
+            'id': self.server.volume_id, 'status': 'available',
+            'created_at': self.server.created_at,
+            'metadata': self.server.metadata}})
+
+    def do_POST(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        length = int(self.headers.get('Content-Length', 0))
+        body = json.loads(self.rfile.read(length) or b'{}')
+        self.server.metadata.update(body.get('metadata', {}))
+        self._reply(200, {'metadata': self.server.metadata})
+
+    def do_DELETE(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        self.server.metadata.pop(rest[-1], None)
+        self._reply(200, {})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bogus_advertisements_cost_at_most_one_deadline_each(
+        daemons, hostile, volume, image):
+    """Advertised black holes: an implausible since, a cap, back-off.
+
+    The image-volume's metadata (in a fake Cinder) lists four peers that
+    accept connections and never answer: one claiming to hold the image
+    since before its image-volume existed (ignored: never contacted), and
+    three plausible ones, oldest first, of which the node takes two
+    ([peer] max_peers_per_image = 2). Each of those is contacted once,
+    cut at its deadline and backed off: the whole image is read with two
+    failed requests, not one per chunk.
+    """
+    path, manifest = volume
+    volume_id = str(uuid.uuid4())
+    now = int(time.time())
+    created = now - 3600
+    holes = [hostile(lambda p: [hostile_peer.HANG], host='127.0.0.%d' % i)
+             for i in range(5, 9)]
+    metadata = {
+        'thunder_peer_early': '%s %d %d' % (holes[0].url, created - 600,
+                                            now + 300),
+    }
+    for i, hole in enumerate(holes[1:]):
+        metadata['thunder_peer_hole%d' % i] = '%s %d %d' % (
+            hole.url, created + 10 + i, now + 300)
+    cinder = _FakeCinder(volume_id, time.strftime(
+        '%Y-%m-%dT%H:%M:%S.000000', time.gmtime(created)), metadata)
+    threading.Thread(target=cinder.serve_forever, args=(0.1,),
+                     daemon=True).start()
+    try:
+        node = daemons('advertised', extra='\n'.join([
+            '[peer]', 'max_peers_per_image = 2',
+            '[advertise]', 'enabled = true', 'auth_type = none',
+            'cinder_endpoint_override = %s' % cinder.endpoint,
+            'timeout = 5']))
+        with open(os.path.join(node.dir, 'images.d', IMAGE + '.json'),
+                  'w') as f:
+            json.dump({'manifest_digest': manifest.digest(),
+                       'image_size': manifest.image_size,
+                       'origin': {'type': 'file', 'path': path},
+                       'origin_volume_id': volume_id, 'peers': []}, f)
+        node.start()
+        assert _read_bounded(node, 0, SIZE, seconds=90) == image
+        assert cinder.gets >= 1
+        assert holes[0].connections == 0
+        assert [len(h.paths) for h in holes[1:]] == [1, 1, 0]
+        assert node.metric('thunder_cache_fetch_errors_total',
+                           image=IMAGE) == 2
+        # This node advertised itself.
+        assert 'thunder_peer_advertised' in cinder.metadata
+    finally:
+        cinder.shutdown()
+        cinder.server_close()

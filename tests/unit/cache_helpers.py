@@ -17,6 +17,7 @@ import os
 import threading
 
 from thunder_cache import node as node_mod
+from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_cache import server as server_mod
 from thunder_cache import sources
@@ -63,8 +64,7 @@ class Cluster(object):
         srv = server_mod.PeerServer(('127.0.0.1', 0), None, secret,
                                     idle_timeout=5)
         url = 'http://127.0.0.1:%d' % srv.port
-        signer = protocol.Signer(secret, name, url)
-        client = sources.PeerClient(signer, timeout=5)
+        client = peer_client(protocol.Signer(secret, name, url))
         node_kwargs.setdefault('relay_timeout', 4)
         node = node_mod.Node(name, url, str(self.tmp_path / name), client,
                              **node_kwargs)
@@ -89,8 +89,15 @@ class Cluster(object):
             self.stop(node)
 
 
+def peer_client(signer):
+    """A PeerClient allowed to reach the tests' peers on loopback."""
+    client = sources.PeerClient(signer, timeout=5)
+    client.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
+    return client
+
+
 def client(name='tester', url='http://127.0.0.1:9', secret=SECRET):
-    return sources.PeerClient(protocol.Signer(secret, name, url), timeout=5)
+    return peer_client(protocol.Signer(secret, name, url))
 
 
 def remove(path):

@@ -134,6 +134,47 @@ def test_peers_normalized_deduplicated_and_excluded():
             URL_A, URL_B]
 
 
+def test_since_in_the_future_is_ignored(caplog):
+    skew = protocol.CLOCK_SKEW
+    metadata = {
+        'thunder_peer_a': item(URL_A, NOW + skew, NOW + skew + 300),
+        'thunder_peer_b': item(URL_B, NOW + skew + 1, NOW + skew + 300),
+        'thunder_peer_c': item(URL_C, NOW - 10, NOW + 300),
+    }
+    found = advertise.peers_from_metadata(metadata, now=NOW)
+    assert found == [URL_C, URL_A]
+    assert 'in the future' in caplog.text
+
+
+def test_since_before_the_image_volume_is_ignored(caplog):
+    """A claim to be the oldest holder must be possible."""
+    created = NOW - 1000
+    skew = protocol.CLOCK_SKEW
+    metadata = {
+        'thunder_peer_zero': item('http://10.0.0.66:1', 0, NOW + 300),
+        'thunder_peer_early': item('http://10.0.0.77:1', created - skew - 1,
+                                   NOW + 300),
+        'thunder_peer_a': item(URL_A, created - skew, NOW + 300),
+        'thunder_peer_b': item(URL_B, NOW - 5, NOW + 300),
+    }
+    assert advertise.peers_from_metadata(metadata, now=NOW,
+                                         created_at=created) == [URL_A,
+                                                                 URL_B]
+    assert 'before its image-volume was created' in caplog.text
+    # Unknown creation time: only the order counts.
+    assert advertise.peers_from_metadata(metadata, now=NOW)[:2] == [
+        'http://10.0.0.66:1', 'http://10.0.0.77:1']
+
+
+@pytest.mark.parametrize('value, expected', [
+    ('2023-11-14T22:13:20.000000', NOW), ('2023-11-14T22:13:20', NOW),
+    ('2023-11-14T22:13:20Z', NOW), ('2023-11-14T23:13:20+01:00', NOW),
+    ('yesterday', None), ('', None), (NOW, None), (None, None),
+    ('2023-11-14T22:13:20' + ' ' * 100, None)])
+def test_unix_time(value, expected):
+    assert advertise.unix_time(value) == expected
+
+
 def test_peers_default_now_is_the_clock():
     now = int(time.time())
     metadata = {'thunder_peer_a': item(URL_A, now - 5, now + 60),
@@ -233,6 +274,7 @@ class FakeRecords(object):
 
     def __init__(self):
         self.metadata = {}
+        self.created_at = {}
         self.fail = False
         self.calls = []
 
@@ -244,6 +286,9 @@ class FakeRecords(object):
     def get_metadata(self, volume_id):
         self._check(('get', volume_id))
         return dict(self.metadata.get(volume_id, {}))
+
+    def get_volume(self, volume_id):
+        return self.get_metadata(volume_id), self.created_at.get(volume_id)
 
     def set_metadata(self, volume_id, metadata):
         self._check(('set', volume_id, dict(metadata)))
@@ -468,6 +513,28 @@ def test_readvertise_after_withdraw_gets_a_new_since(records, clock):
         URL_A, NOW + 60, NOW + 360)
 
 
+def test_peers_skip_items_older_than_the_volume(records, clock):
+    records.metadata[VOL] = {
+        'thunder_peer_x': item('http://10.0.0.66:1', 5, NOW + 10),
+        'thunder_peer_y': item(URL_B, NOW - 50, NOW + 10)}
+    records.created_at[VOL] = NOW - 100
+    assert make(records, clock).peers(VOL) == [URL_B]
+
+
+def test_an_ignored_item_is_warned_about_once(records, clock, caplog):
+    """The peers are read every few seconds: no warning flood."""
+    records.metadata[VOL] = {'thunder_peer_x': 'garbage',
+                             'thunder_peer_y': item(URL_B, NOW, NOW + 10)}
+    adv = make(records, clock)
+    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+        for _ in range(5):
+            assert adv.peers(VOL) == [URL_B]
+        assert caplog.text.count('thunder_peer_x') == 1
+        records.metadata[VOL]['thunder_peer_x'] = 'other garbage'
+        assert adv.peers(VOL) == [URL_B]
+        assert caplog.text.count('thunder_peer_x') == 2
+
+
 def test_peers_excludes_self(records, clock):
     records.metadata[VOL] = {'thunder_peer_x': item(URL_A, 1, NOW + 10),
                              'thunder_peer_y': item(URL_B, 2, NOW + 10)}
@@ -619,7 +686,8 @@ class FakeVolumes(object):
         if volume_id not in self.cinder.metadata:
             raise cinder_exceptions.NotFound(404, 'Volume not found')
         return mock.Mock(id=volume_id,
-                         metadata=dict(self.cinder.metadata[volume_id]))
+                         metadata=dict(self.cinder.metadata[volume_id]),
+                         created_at=self.cinder.created_at)
 
     def set_metadata(self, volume, metadata):
         self.cinder.maybe_fail()
@@ -649,6 +717,7 @@ class FakeCinderClient(object):
 
     def __init__(self):
         self.metadata = {VOL: {'image_owner': 'p'}}
+        self.created_at = '2023-11-14T22:13:20.000000'
         self.error = None
         self.volumes = FakeVolumes(self)
         self.client = FakeHttp(self)
@@ -673,6 +742,13 @@ def test_records_get_set_delete(cinder):
     assert cinder.client.deleted == [
         '/volumes/%s/metadata/thunder_peer_a' % VOL,
         '/volumes/%s/metadata/absent' % VOL]
+
+
+def test_records_get_volume_with_its_creation_time(cinder):
+    records = advertise.CinderRecords(cinder)
+    assert records.get_volume(VOL) == ({'image_owner': 'p'}, NOW)
+    cinder.created_at = 'not a time'
+    assert records.get_volume(VOL) == ({'image_owner': 'p'}, None)
 
 
 def test_records_quote_keys_in_paths(cinder):

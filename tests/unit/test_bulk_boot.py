@@ -56,7 +56,7 @@ def test_timeouts_stretched_with_the_links(tmp_path):
     bench.timeout_factor = 25.0
     options = dict(line.split(' = ') for line in bench._timeouts())
     assert options == {'fetch_timeout': '250.0', 'relay_timeout': '200.0',
-                       'child_ttl': '250'}
+                       'child_ttl': '250', 'min_transfer_rate': '0.04'}
 
 
 def test_explicit_timeouts_and_peer_options_win(tmp_path):

@@ -212,6 +212,165 @@ def test_peers_after_self_come_after_the_origin():
     assert _names(first)[:2] == ['http://d:1', 'origin']
 
 
+# -- back-off, address policy, cap -----------------------------------------
+
+def test_backoff_schedule():
+    assert [upstream_mod.backoff(n, 5, 300) for n in range(1, 10)] == [
+        5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert upstream_mod.backoff(10 ** 6, 5, 300) == 300
+
+
+def _failing(clock, first=5, longest=300, peers=('http://p1:1',)):
+    return upstream_mod.Upstream('img', _Origin(), list(peers), client=None,
+                                 self_url='http://me:1',
+                                 retry_interval=first,
+                                 retry_max_interval=longest, clock=clock)
+
+
+def _fail(up, url='http://p1:1', error=None):
+    source = sources.PeerSource(up, url)
+    up.report(source, False, error or sources.PeerError('deadline'))
+
+
+def _left_out_for(up, clock, url='http://p1:1'):
+    """Seconds until ``url`` is asked again (clock moved there)."""
+    start = clock.now
+    while url in up.banned():
+        clock.now += 1
+    return clock.now - start
+
+
+def test_failures_in_a_row_double_the_time_left_out():
+    clock = Clock()
+    up = _failing(clock)
+    waits = []
+    for _ in range(8):
+        _fail(up)
+        assert _names(up) == ['origin']
+        waits.append(_left_out_for(up, clock))
+        assert _names(up) == ['http://p1:1', 'origin']
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+def test_a_served_chunk_ends_the_series():
+    clock = Clock()
+    up = _failing(clock)
+    for _ in range(3):
+        _fail(up)
+        _left_out_for(up, clock)
+    up.report(sources.PeerSource(up, 'http://p1:1'), True)
+    _fail(up)
+    assert _left_out_for(up, clock) == 5
+
+
+def test_a_failure_long_after_the_last_starts_a_new_series():
+    clock = Clock()
+    up = _failing(clock)
+    for _ in range(3):
+        _fail(up)
+        _left_out_for(up, clock)
+    clock.now += 601
+    _fail(up)
+    assert _left_out_for(up, clock) == 5
+
+
+def test_bad_chunks_and_refused_redirects_back_off_too():
+    clock = Clock()
+    up = _failing(clock)
+    _fail(up, error=image_cache.BadChunk('bad'))
+    assert _left_out_for(up, clock) == 5
+    _fail(up, error=sources.PeerError('redirected to 169.254.169.254:80, '
+                                      'outside the allowed peer addresses'))
+    assert _left_out_for(up, clock) == 10
+
+
+def test_soft_errors_never_back_off():
+    clock = Clock()
+    up = _failing(clock)
+    for status in (503, 508):
+        _fail(up, error=sources.PeerError('busy', status, soft=True))
+    assert up.banned() == set()
+
+
+def test_forgiven_peers_keep_their_count():
+    clock = Clock()
+    up = _failing(clock)
+    _fail(up)
+    _fail(up)
+    up.forgive()
+    assert up.banned() == set()
+    _fail(up)
+    assert _left_out_for(up, clock) == 20
+
+
+def test_back_off_records_are_bounded():
+    clock = Clock()
+    up = _failing(clock)
+    for i in range(upstream_mod.MAX_TRACKED + 100):
+        _fail(up, url='http://redirected-%d:1' % i)
+    assert len(up._failures) <= upstream_mod.MAX_TRACKED
+
+
+class _Policed(object):
+    """A client whose address policy allows the URLs in ``allowed``."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.asked = []
+
+    def permits(self, url):
+        self.asked.append(url)
+        return url in self.allowed
+
+
+def test_refused_peers_are_left_out():
+    client = _Policed({'http://p1:1', 'http://p3:1'})
+    up = upstream_mod.Upstream(
+        'img', _Origin(), ['http://p1:1', 'http://169.254.169.254:80',
+                           'http://p3:1', 'http://me:1', 'http://p4:1'],
+        client=client, self_url='http://me:1')
+    assert _names(up) == ['http://p1:1', 'http://p3:1', 'origin']
+    assert 'http://me:1' not in client.asked
+
+
+def test_peers_per_image_capped(caplog):
+    holders = ['http://h%d:1' % i for i in range(10)]
+    up = upstream_mod.Upstream('img', _Origin(), holders, client=None,
+                               self_url='http://me:1', max_peers=3)
+    assert _names(up) == holders[:3] + ['origin']
+    # The node's own place is kept; the cap counts the others.
+    up.set_peers(holders[:2] + ['http://me:1'] + holders[2:])
+    assert _names(up) == holders[:2] + ['origin', holders[2]]
+    up.set_peers(holders[:5] + ['http://me:1'])
+    assert _names(up) == holders[:3] + ['origin']
+    assert 'max_peers_per_image' in caplog.text
+
+
+def test_redirect_to_a_backed_off_peer_is_skipped():
+    clock = Clock()
+    up = _failing(clock, peers=['http://p1:1'])
+    _fail(up, url='http://child:1')
+
+    class Redirecting(object):
+        calls = []
+        timeout = 10.0
+
+        def time_limit(self, length):
+            return 10.0
+
+        def get_chunk(self, url, *args, **kwargs):
+            self.calls.append(url)
+            raise sources.Redirect('http://child:1')
+
+    up.client = Redirecting()
+    source = sources.PeerSource(up, 'http://p1:1')
+    with pytest.raises(sources.PeerError) as raised:
+        source.read_chunk(0, 0, 10)
+    assert raised.value.soft
+    assert Redirecting.calls == ['http://p1:1']
+    assert source.url == 'http://p1:1'
+
+
 # -- a tree of real nodes --------------------------------------------------
 
 CHUNK = 64 * 1024

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from tests import hostile_peer
 from thunder_cache import chunkmap
 from thunder_cache import image_cache
 from thunder_cache import protocol
@@ -812,4 +813,84 @@ def test_recorder_as_observer(tmp_path, image, manifest):
     for index in (3, 1, 3, 9, 1, 0):
         cache.read_chunk(index)
     assert recorder.indexes() == [3, 1, 9, 0]
+    cache.close()
+
+
+# -- deadlines of waiters ----------------------------------------------------
+
+@pytest.fixture
+def short_grace(monkeypatch):
+    monkeypatch.setattr(image_cache, 'WAIT_GRACE', 0.2)
+
+
+def _limit(source, seconds):
+    source.time_limit = lambda length: seconds
+    return source
+
+
+def test_waiter_released_when_the_fetch_overruns_its_source(
+        tmp_path, image, manifest, short_grace):
+    """A fetch stuck in a source does not hold its waiters forever."""
+    stuck = _limit(GatedSource(image, hold={0}), 0.5)
+    cache = _cache(tmp_path, manifest, stuck)
+    fetcher = threading.Thread(target=cache.ensure, args=(0,))
+    fetcher.start()
+    stuck.wait_for(lambda: stuck.started == [0])
+    done, error, took = hostile_peer.bounded(lambda: cache.ensure(0), 10)
+    try:
+        assert done, 'the waiter is still waiting after %.0f s' % took
+        assert isinstance(error, image_cache.FetchError), error
+        assert 'overdue' in str(error)
+        assert cache.counters.get('inflight_overdue') == 1
+        assert cache.counters.get('inflight_joins') == 1
+    finally:
+        stuck.release()
+        fetcher.join()
+    # The fetch itself was not disturbed.
+    assert cache.has(0)
+    cache.close()
+
+
+def test_overdue_waiter_retries_within_read_retry(
+        tmp_path, image, manifest, short_grace, fast_retries):
+    stuck = _limit(GatedSource(image, hold={0}), 0.3)
+    cache = _cache(tmp_path, manifest, stuck, read_retry=60)
+    fetcher = threading.Thread(target=cache.ensure, args=(0,))
+    fetcher.start()
+    stuck.wait_for(lambda: stuck.started == [0])
+    offset, length = manifest.chunk_range(0)
+    result = []
+    waiter = threading.Thread(
+        target=lambda: result.append(cache.read(offset, length)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while (cache.counters.get('read_retries') < 2 and
+           time.monotonic() < deadline):
+        time.sleep(0.01)
+    stuck.release()
+    fetcher.join()
+    waiter.join(10)
+    assert result == [image[offset:offset + length]]
+    assert cache.counters.get('inflight_overdue') >= 2
+    assert cache.counters.get('read_retries') >= 2
+    assert stuck.started == [0]
+    cache.close()
+
+
+def test_waiter_follows_a_fetch_from_source_to_source(
+        tmp_path, image, manifest, monkeypatch):
+    """Each source within its limit: the waiter waits the whole fetch."""
+    monkeypatch.setattr(image_cache, 'WAIT_GRACE', 1.0)
+    first = _limit(FakeSource(image, name='p', kind='peer', url='http://p:1',
+                              fail={'all'}, delay=1.0), 1.5)
+    second = _limit(FakeSource(image, name='origin', delay=1.5), 1.5)
+    cache = _cache(tmp_path, manifest, first, second)
+    fetcher = threading.Thread(target=cache.ensure, args=(0,))
+    fetcher.start()
+    time.sleep(0.1)
+    cache.ensure(0)
+    fetcher.join()
+    assert cache.counters.get('inflight_overdue') == 0
+    assert cache.counters.get('inflight_joins') == 1
+    assert second.calls == [0]
     cache.close()

@@ -507,6 +507,7 @@ def test_local_reads(tmp_path, seed, volume):
     '[advertise]\nenabled = true\n',  # no credentials to advertise with
     '[blockdev]\nenabled = true\nmount_dir = {d}/vol\nlayers_dir = {d}/l\n'
     'control_socket = {d}/c.sock\ncontrol_group = no-such-group-vmth\n',
+    '[peer]\nallowed_networks = 10.0.0.0/24, 10.1.0.1/16\n',  # not a network
 ])
 def test_daemon_refuses_to_start_clearly(tmp_path, section):
     """A part that cannot start: exit 1, nothing left behind, no hang."""

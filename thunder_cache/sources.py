@@ -233,20 +233,23 @@ class Redirect(Exception):
 
 def split_url(url):
     """(host, port) of a normalized peer URL."""
-    rest = url[len('http://'):]
-    host, _sep, port = rest.rpartition(':')
-    return host.strip('[]'), int(port)
+    _scheme, host, port = protocol.split_url(url)
+    return host, port
 
 
 class PeerClient(object):
     """Signed requests to peer nodes.
 
-    One keep-alive connection per peer and thread.
+    One keep-alive connection per peer and thread. With ``tls_context``
+    (:func:`thunder_cache.tls.client_context`) peers are reached over TLS
+    (``https://`` URLs), their certificates checked against the
+    deployment's CA and the host of their URL.
     """
 
-    def __init__(self, signer, timeout=10.0):
+    def __init__(self, signer, timeout=10.0, tls_context=None):
         self.signer = signer
         self.timeout = timeout
+        self.tls_context = tls_context
         self._local = threading.local()
 
     def _connection(self, url):
@@ -255,9 +258,18 @@ class PeerClient(object):
             conns = self._local.conns = {}
         conn = conns.get(url)
         if conn is None:
-            host, port = split_url(url)
-            conn = http.client.HTTPConnection(host, port,
-                                              timeout=self.timeout)
+            scheme, host, port = protocol.split_url(url)
+            if (scheme == 'https') != (self.tls_context is not None):
+                raise PeerError('peer %s: this node speaks %s to its peers'
+                                % (url, 'TLS' if self.tls_context else
+                                   'plain HTTP'))
+            if self.tls_context is not None:
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout,
+                    context=self.tls_context)
+            else:
+                conn = http.client.HTTPConnection(host, port,
+                                                  timeout=self.timeout)
             conns[url] = conn
         return conn
 
@@ -272,8 +284,11 @@ class PeerClient(object):
             self._drop(url)
 
     def _request(self, url, path, via, ticket=None):
-        headers = self.signer.headers('GET', path, via, ticket)
         for attempt in (0, 1):
+            # A token per attempt: servers accept each token once, and it
+            # is valid only for the node it is sent to.
+            headers = self.signer.headers('GET', path, via, ticket,
+                                          destination=url)
             conn = self._connection(url)
             try:
                 conn.request('GET', path, headers=headers)

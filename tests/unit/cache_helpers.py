@@ -55,16 +55,22 @@ class CountingOrigin(sources.FileOrigin):
 class Cluster(object):
     """Nodes with their servers; stop() stops them all."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, client_tls=None):
         self.tmp_path = tmp_path
         self.nodes = []
+        # The TLS client context of the nodes' own clients, if TLS is on.
+        self.client_tls = client_tls
 
-    def start(self, name, spec_kwargs, secret=SECRET, **node_kwargs):
+    def start(self, name, spec_kwargs, secret=SECRET, server_kwargs=None,
+              **node_kwargs):
+        server_kwargs = dict(server_kwargs or {})
+        server_kwargs.setdefault('idle_timeout', 5)
         srv = server_mod.PeerServer(('127.0.0.1', 0), None, secret,
-                                    idle_timeout=5)
-        url = 'http://127.0.0.1:%d' % srv.port
+                                    **server_kwargs)
+        url = '%s://127.0.0.1:%d' % (protocol.url_scheme(), srv.port)
         signer = protocol.Signer(secret, name, url)
-        client = sources.PeerClient(signer, timeout=5)
+        client = sources.PeerClient(signer, timeout=5,
+                                    tls_context=self.client_tls)
         node_kwargs.setdefault('relay_timeout', 4)
         node = node_mod.Node(name, url, str(self.tmp_path / name), client,
                              **node_kwargs)

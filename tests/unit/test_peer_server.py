@@ -89,9 +89,10 @@ def _request(path, headers=None, close=True):
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')
 
 
-def _signed(path, name='peer', url='http://127.0.0.1:9', via=(),
+def _signed(path, dest, name='peer', url='http://127.0.0.1:9', via=(),
             secret=cache_helpers.SECRET, **kw):
-    return protocol.Signer(secret, name, url, **kw).headers('GET', path, via)
+    return protocol.Signer(secret, name, url, **kw).headers(
+        'GET', path, via, destination=dest)
 
 
 def _split(response):
@@ -109,7 +110,8 @@ def test_chunk_served(seed, volume):
     node, srv = seed
     path = protocol.chunk_path('img', 2)
     status, headers, body = _split(_raw(srv.port,
-                                        _request(path, _signed(path))))
+                                        _request(path, _signed(path,
+                                                               node.url))))
     assert status == 200
     assert body == image[2 * CHUNK:3 * CHUNK]
     assert headers['Content-Length'] == str(CHUNK)
@@ -123,7 +125,8 @@ def test_keep_alive_many_requests(seed, volume):
     image, manifest, _ = volume
     node, srv = seed
     data = b''.join(_request(protocol.chunk_path('img', i),
-                             _signed(protocol.chunk_path('img', i)),
+                             _signed(protocol.chunk_path('img', i),
+                                     node.url),
                              close=False)
                     for i in range(manifest.chunk_count))
     out = _raw(srv.port, data, read_timeout=1)
@@ -140,32 +143,41 @@ def test_keep_alive_many_requests(seed, volume):
 
 def test_range_request(seed, volume):
     image, _manifest, _ = volume
-    _node, srv = seed
+    node, srv = seed
     path = protocol.chunk_path('img', 1)
-    headers = dict(_signed(path), Range='bytes=10-19')
+    headers = dict(_signed(path, node.url), Range='bytes=10-19')
     status, h, body = _split(_raw(srv.port, _request(path, headers)))
     assert status == 206
     assert h['Content-Range'] == 'bytes 10-19/%d' % CHUNK
     assert body == image[CHUNK + 10:CHUNK + 20]
-    headers['Range'] = 'bytes=%d-' % CHUNK
+    # A fresh token: each is accepted once.
+    headers = dict(_signed(path, node.url), Range='bytes=%d-' % CHUNK)
     assert _split(_raw(srv.port, _request(path, headers)))[0] == 416
 
 
 @pytest.mark.parametrize('mutate', [
-    lambda h: {},
-    lambda h: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
-    lambda h: dict(h, **{'X-Thunder-Node': 'someone-else'}),
-    lambda h: _signed(protocol.chunk_path('img', 1)),   # other path
-    lambda h: _signed(protocol.chunk_path('img', 0), secret=b'w' * 32),
-    lambda h: _signed(protocol.chunk_path('img', 0), lifetime=300,
-                      clock=lambda: time.time() + 200),
-    lambda h: _signed(protocol.chunk_path('img', 0),
-                      clock=lambda: time.time() - 120),    # expired
+    lambda h, d: {},
+    lambda h, d: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
+    lambda h, d: dict(h, **{'X-Thunder-Node': 'someone-else'}),
+    lambda h, d: _signed(protocol.chunk_path('img', 1), d),   # other path
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d,
+                         secret=b'w' * 32),
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d, lifetime=300,
+                         clock=lambda: time.time() + 200),
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d,
+                         clock=lambda: time.time() - 120),    # expired
+    # Made for another node, or claiming to be while signed for it.
+    lambda h, d: _signed(protocol.chunk_path('img', 0),
+                         'http://127.0.0.1:1'),
+    lambda h, d: dict(_signed(protocol.chunk_path('img', 0),
+                              'http://127.0.0.1:1'),
+                      **{'X-Thunder-Destination': d}),
+    lambda h, d: dict(h, **{'X-Thunder-Destination': ''}),
 ])
 def test_bad_tokens_get_401_without_body(seed, mutate):
     node, srv = seed
     path = protocol.chunk_path('img', 0)
-    headers = mutate(_signed(path))
+    headers = mutate(_signed(path, node.url), node.url)
     status, h, body = _split(_raw(srv.port, _request(path, headers)))
     assert status == 401
     assert body == b''
@@ -198,11 +210,13 @@ def test_malformed_requests(seed, data, status):
 
 def test_chunk_index_past_the_image(seed, volume):
     _image, manifest, _ = volume
-    _node, srv = seed
+    node, srv = seed
     path = protocol.chunk_path('img', manifest.chunk_count)
-    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+    assert _split(_raw(srv.port, _request(path, _signed(path, node.url))))[
+        0] == 404
     path = protocol.chunk_path('other', 0)
-    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+    assert _split(_raw(srv.port, _request(path, _signed(path, node.url))))[
+        0] == 404
 
 
 def test_manifest_endpoint(seed, volume):
@@ -241,7 +255,7 @@ def test_metrics_can_require_auth(tmp_path, seed):
     srv.metrics_auth = True
     assert _split(_raw(srv.port, _request('/metrics')))[0] == 401
     status, _h, body = _split(_raw(srv.port, _request(
-        '/metrics', _signed('/metrics'))))
+        '/metrics', _signed('/metrics', node.url))))
     assert status == 200 and b'thunder_cache' in body
 
 
@@ -297,20 +311,22 @@ def test_upload_rate_limit(cluster, volume):
     assert node.bucket.waited >= 0.9
 
 
-def test_connection_limit(tmp_path, volume):
-    srv = server_mod.PeerServer(('127.0.0.1', 0), None,
-                                cache_helpers.SECRET, max_connections=1)
-    t = threading.Thread(target=srv.serve_forever, args=(0.05,),
-                         daemon=True)
-    t.start()
-    try:
-        first = socket.create_connection(('127.0.0.1', srv.port))
-        time.sleep(0.2)
-        status = _split(_raw(srv.port, b''))[0]
+def test_connection_limit(cluster, volume):
+    """Authenticated connections beyond max_connections get 503."""
+    _image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    node, srv = cluster.start('n', _spec(manifest, origin),
+                              server_kwargs={'max_connections': 1})
+    chunk = protocol.chunk_path('img', 0)
+    with socket.create_connection(('127.0.0.1', srv.port)) as first:
+        # A keep-alive connection that authenticated holds the only slot.
+        first.sendall(_request(chunk, _signed(chunk, node.url), close=False))
+        first.settimeout(5)
+        assert first.recv(65536).startswith(b'HTTP/1.1 200 OK')
+        status = _split(_raw(srv.port, _request(chunk, _signed(
+            chunk, node.url), close=False)))[0]
         assert status == 503
-        first.close()
-    finally:
-        srv.stop(grace=1)
+    assert srv.slots.authenticated <= 1
 
 
 def test_peer_killed_mid_transfer_is_an_error(tmp_path):

@@ -22,6 +22,7 @@ from thunder_cache import protocol
 SECRET = b's' * 32
 NOW = 1_800_000_000
 URL = 'http://10.0.0.5:7485'
+DEST = 'http://10.0.0.8:7485'
 PATH = '/v1/images/img-1/chunks/3'
 
 
@@ -288,16 +289,18 @@ def test_fuzz_range():
 # -- tokens -------------------------------------------------------------------
 
 def _signed(path=PATH, via=(), now=NOW, node='node-1', url=URL,
-            secret=SECRET, lifetime=60):
+            secret=SECRET, lifetime=60, dest=DEST):
     signer = protocol.Signer(secret, node, url, lifetime=lifetime,
                              clock=lambda: now)
-    return {k.lower(): v for k, v in signer.headers('GET', path,
-                                                    via).items()}
+    return {k.lower(): v for k, v in signer.headers(
+        'GET', path, via, destination=dest).items()}
 
 
-def _auth(headers, path=PATH, now=NOW, method='GET', secret=SECRET):
+def _auth(headers, path=PATH, now=NOW, method='GET', secret=SECRET,
+          dest=DEST, **kwargs):
     return protocol.authenticate(secret, method, path, headers,
-                                 clock=lambda: now)
+                                 clock=lambda: now, destination=dest,
+                                 **kwargs)
 
 
 def test_token_ok():
@@ -332,7 +335,9 @@ def _tamper(name, value):
     (_tamper('x-thunder-via', 'http://10.0.0.7:1'), {}),
     (_tamper('x-thunder-auth', ''), {}),
     (_tamper('x-thunder-auth', 'v1:%d:%s' % (NOW + 30, 'a' * 64)), {}),
-    (_tamper('x-thunder-auth', 'v2' + _signed()['x-thunder-auth'][2:]),
+    (_tamper('x-thunder-auth', 'v1' + _signed()['x-thunder-auth'][2:]),
+     {}),
+    (_tamper('x-thunder-auth', 'v3' + _signed()['x-thunder-auth'][2:]),
      {}),
     (_tamper('x-thunder-auth', _signed()['x-thunder-auth'].upper()), {}),
     (_tamper('x-thunder-auth', _signed()['x-thunder-auth'] + '0'), {}),
@@ -348,8 +353,9 @@ def test_token_refused(headers, kwargs):
 
 def test_token_expiry_changed_is_refused():
     headers = _signed()
-    _v, expiry, mac = headers['x-thunder-auth'].split(':')
-    headers['x-thunder-auth'] = 'v1:%d:%s' % (int(expiry) + 10, mac)
+    _v, expiry, nonce, mac = headers['x-thunder-auth'].split(':')
+    headers['x-thunder-auth'] = 'v2:%d:%s:%s' % (int(expiry) + 10, nonce,
+                                                 mac)
     with pytest.raises(protocol.AuthError):
         _auth(headers)
 
@@ -426,7 +432,7 @@ def test_ticket_is_signed():
     ticket = protocol.new_ticket()
     signer = protocol.Signer(SECRET, 'node-1', URL, clock=lambda: NOW)
     headers = {k.lower(): v for k, v in signer.headers(
-        'GET', PATH, (), ticket).items()}
+        'GET', PATH, (), ticket, destination=DEST).items()}
     assert _auth(headers).ticket == ticket
     assert _auth(_signed()).ticket is None
     headers['x-thunder-ticket'] = protocol.new_ticket()

@@ -31,15 +31,22 @@ peer, warm
     and keep-alive connection, fetch chunks from the daemon (served with
     ``sendfile`` from its cache file);
 peer, warm, 1 reader
-    the same with a single reader.
+    the same with a single reader;
+over TLS (``--tls``)
+    a second daemon with ``[peer] tls_enabled`` (a CA and certificates made
+    with openssl in the temporary directory, mutual TLS, EC P-256) is
+    filled by one reader, then read by the same warm readers, over TLS:
+    bodies go through ``pread`` and TLS in slices instead of ``sendfile``.
 
 Readers are separate processes (``--mode threads`` to use threads), each
 reading every chunk ``--rounds`` times in its own random order. Prints a
 table with the aggregate MB/s and the ratio to the plain-file baseline,
-and checks the goal: at least 1 GB/s aggregate with 8 readers.
+with ``--tls`` a second one with the warm rates in plain HTTP and over TLS
+and their ratio, and checks the goal: at least 1 GB/s aggregate with 8
+readers (in plain HTTP).
 
     python benchmarks/peer_throughput.py [--size-mib 256] [--chunk-kib 1024]
-        [--readers 8] [--rounds 4]
+        [--readers 8] [--rounds 4] [--tls]
 """
 
 import argparse
@@ -58,7 +65,9 @@ import urllib.request
 
 from thunder_cache import protocol
 from thunder_cache import sources
+from thunder_cache import tls as tls_mod
 from thunder_common import manifest as manifest_mod
+from thunder_stack import pki
 
 SECRET = b'peer-throughput-benchmark-secret'
 IMAGE_ID = 'bench'
@@ -89,7 +98,8 @@ def write_volume(path, size, chunk_size):
 
 
 def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
-                 name='server'):
+                 name='server', tls=None):
+    """Start a daemon; ``tls``: (CA file, certificate, key) for TLS."""
     cache_dir = os.path.join(workdir, name)
     os.makedirs(os.path.join(cache_dir, 'images.d'))
     with open(os.path.join(cache_dir, 'images.d', IMAGE_ID + '.json'),
@@ -110,15 +120,22 @@ def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
                 % (name, port, cache_dir,
                    os.path.join(workdir, name + '.pid'), secret,
                    commit_interval))
+        if tls:
+            f.write('[peer]\ntls_enabled = true\ntls_ca_file = %s\n'
+                    'tls_certificate = %s\ntls_key = %s\n' % tls)
     log = open(os.path.join(workdir, name + '.log'), 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'thunder_cache.daemon',
                              '--config-file', conf], stdout=log,
                             stderr=subprocess.STDOUT)
+    context = None
+    if tls:
+        context = tls_mod.client_context(tls[1], tls[2], tls[0])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen('http://127.0.0.1:%d/metrics' % port,
-                                   timeout=1).read()
+            urllib.request.urlopen('%s://127.0.0.1:%d/metrics' % (
+                'https' if tls else 'http', port), timeout=1,
+                context=context).read()
             return proc, os.path.join(cache_dir, IMAGE_ID, 'data')
         except OSError:
             if proc.poll() is not None:
@@ -130,10 +147,15 @@ def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
 
 
 def _peer_reader(args):
-    url, reader, chunks, sizes, rounds, seed = args
-    signer = protocol.Signer(SECRET, 'reader-%d' % reader,
-                             'http://127.0.0.1:%d' % (20000 + reader))
-    client = sources.PeerClient(signer, timeout=30)
+    """Bytes read; ``args[6]``, if given: (CA, certificate, key) for TLS."""
+    url, reader, chunks, sizes, rounds, seed = args[:6]
+    tls = args[6] if len(args) > 6 else None
+    # The readers of one run use one scheme at a time.
+    protocol.use_tls(bool(tls))
+    signer = protocol.Signer(SECRET, 'reader-%d' % reader, '%s://127.0.0.1:%d'
+                             % (protocol.url_scheme(), 20000 + reader))
+    context = tls_mod.client_context(tls[1], tls[2], tls[0]) if tls else None
+    client = sources.PeerClient(signer, timeout=30, tls_context=context)
     rng = random.Random(seed)
     total = 0
     for _ in range(rounds):
@@ -182,6 +204,47 @@ def run(func, jobs, mode):
     return sum(totals), elapsed
 
 
+def measure_tls(args, workdir, manifest, volume, sizes, procs):
+    """The TLS rows: a TLS daemon's cold fill, then its warm readers."""
+    authority = pki.Pki(os.path.join(workdir, 'pki'))
+    files = (authority.ca_file,) + authority.node('tls', ['127.0.0.1'])
+    port = free_port()
+    url = 'https://127.0.0.1:%d' % port
+    proc, _path = start_daemon(workdir, port, manifest, volume, name='tls',
+                               tls=files)
+    procs.append(proc)
+    chunks = manifest.chunk_count
+    rows = []
+    total, elapsed = run(_peer_reader, [(url, 0, chunks, sizes, 1, 0, files)],
+                         'inline')
+    assert total == manifest.image_size
+    rows.append(('cold fill over TLS, grouped commits', 1, total, elapsed))
+    jobs = [(url, r + 1, chunks, sizes, args.rounds, r, files)
+            for r in range(args.readers)]
+    total, elapsed = run(_peer_reader, jobs, args.mode)
+    rows.append(('peer, warm over TLS (pread slices)', args.readers, total,
+                 elapsed))
+    total, elapsed = run(_peer_reader, [(url, 99, chunks, sizes, args.rounds,
+                                         99, files)], 'inline')
+    rows.append(('peer, warm over TLS (pread slices)', 1, total, elapsed))
+    return rows
+
+
+def print_tls_cost(pairs):
+    """Rates in plain HTTP and over TLS, side by side: (plain, TLS) rows."""
+    print()
+    print('%-40s %7s %10s %10s %10s' % ('TLS cost', 'readers', 'plain MB/s',
+                                        'TLS MB/s', 'TLS/plain'))
+    for plain, secure in pairs:
+        name, readers, total, elapsed = plain
+        plain_rate = total / elapsed
+        secure_rate = secure[2] / secure[3]
+        print('%-40s %7d %10.0f %10.0f %9.2fx' % (
+            name.split(',')[0] if name.startswith('cold') else 'peer, warm',
+            readers, plain_rate / 1e6, secure_rate / 1e6,
+            secure_rate / plain_rate))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=256)
@@ -192,13 +255,17 @@ def main(argv=None):
                         default='processes')
     parser.add_argument('--workdir', help='directory for the image and '
                         'the cache (default: a temporary directory)')
+    parser.add_argument('--tls', action='store_true',
+                        help='also measure the warm peer reads over TLS, '
+                        'and print their cost')
     args = parser.parse_args(argv)
 
     chunk_size = args.chunk_kib * 1024
     size = args.size_mib * 1024 * 1024
     workdir = tempfile.mkdtemp(prefix='thunder-peer-bench-',
                                dir=args.workdir)
-    proc = None
+    procs = []
+    tls_rows = []
     try:
         volume = os.path.join(workdir, 'volume')
         manifest = write_volume(volume, size, chunk_size)
@@ -222,6 +289,7 @@ def main(argv=None):
         port = free_port()
         url = 'http://127.0.0.1:%d' % port
         proc, data_path = start_daemon(workdir, port, manifest, volume)
+        procs.append(proc)
         total, elapsed = run(_peer_reader,
                              [(url, 0, chunks, sizes, 1, 0)], 'inline')
         assert total == size
@@ -245,8 +313,15 @@ def main(argv=None):
                              [(url, 99, chunks, sizes, args.rounds, 99)],
                              'inline')
         rows.append(('peer, warm (sendfile)', 1, total, elapsed))
+        if args.tls:
+            tls_rows = measure_tls(args, workdir, manifest, volume, sizes,
+                                   procs)
+            # The plain rows they compare with: the same order.
+            tls_pairs = list(zip([rows[1], rows[3], rows[4]], tls_rows))
+            rows += tls_rows
     finally:
-        if proc is not None:
+        protocol.use_tls(False)
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(10)
@@ -265,6 +340,8 @@ def main(argv=None):
         rate = total / elapsed
         print('%-40s %7d %10.0f %9.2f %9.2fx' % (name, readers, rate / 1e6,
                                                  elapsed, rate / baseline))
+    if tls_rows:
+        print_tls_cost(tls_pairs)
     ok = peer_rate >= GOAL_BYTES_PER_SECOND
     print()
     print('goal: >= %.0f MB/s with %d readers: %s (%.0f MB/s)'

@@ -14,6 +14,8 @@
 
 import collections
 import os
+import subprocess
+import sys
 import threading
 
 from thunder_cache import node as node_mod
@@ -104,3 +106,24 @@ def remove(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def run_daemon(directory, extra):
+    """Run ``thunder-cache`` with a minimal configuration plus ``extra``.
+
+    A process of its own (main() installs signal handlers and logging)
+    that is expected to exit: its CompletedProcess, output as text.
+    """
+    with open(os.path.join(directory, 'secret'), 'w') as f:
+        f.write('s' * 32)
+    conf = os.path.join(directory, 'thunder-cache.conf')
+    with open(conf, 'w') as f:
+        f.write('[node]\nnode_id = t1\nlisten_address = 127.0.0.1\n'
+                'listen_port = 0\ncache_dir = {d}/cache\n'
+                'local_socket = {d}/local.sock\npid_file = {d}/pid\n'
+                '[peer]\nshared_secret_file = {d}/secret\n'.format(
+                    d=directory))
+        f.write(extra)
+    return subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         conf], capture_output=True, text=True, timeout=60)

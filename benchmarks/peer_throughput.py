@@ -204,6 +204,27 @@ def run(func, jobs, mode):
     return sum(totals), elapsed
 
 
+def cpu_seconds(proc):
+    """User and system CPU seconds a process has used so far."""
+    with open('/proc/%d/stat' % proc.pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def warm_rows(args, proc, url, chunks, sizes, name, files=None):
+    """``--readers`` readers, then one, of a warm daemon; with its CPU."""
+    rows = []
+    for readers, first, mode in ((args.readers, 1, args.mode),
+                                 (1, 99, 'inline')):
+        jobs = [(url, first + r, chunks, sizes, args.rounds, first + r) +
+                ((files,) if files else ()) for r in range(readers)]
+        before = cpu_seconds(proc)
+        total, elapsed = run(_peer_reader, jobs, mode)
+        rows.append((name, readers, total, elapsed,
+                     cpu_seconds(proc) - before))
+    return rows
+
+
 def measure_tls(args, workdir, manifest, volume, sizes, procs):
     """The TLS rows: a TLS daemon's cold fill, then its warm readers."""
     authority = pki.Pki(os.path.join(workdir, 'pki'))
@@ -214,35 +235,32 @@ def measure_tls(args, workdir, manifest, volume, sizes, procs):
                                tls=files)
     procs.append(proc)
     chunks = manifest.chunk_count
-    rows = []
     total, elapsed = run(_peer_reader, [(url, 0, chunks, sizes, 1, 0, files)],
                          'inline')
     assert total == manifest.image_size
-    rows.append(('cold fill over TLS, grouped commits', 1, total, elapsed))
-    jobs = [(url, r + 1, chunks, sizes, args.rounds, r, files)
-            for r in range(args.readers)]
-    total, elapsed = run(_peer_reader, jobs, args.mode)
-    rows.append(('peer, warm over TLS (pread slices)', args.readers, total,
-                 elapsed))
-    total, elapsed = run(_peer_reader, [(url, 99, chunks, sizes, args.rounds,
-                                         99, files)], 'inline')
-    rows.append(('peer, warm over TLS (pread slices)', 1, total, elapsed))
-    return rows
+    return [('cold fill over TLS, grouped commits', 1, total, elapsed,
+             None)] + warm_rows(args, proc, url, chunks, sizes,
+                                'peer, warm over TLS (pread slices)', files)
 
 
 def print_tls_cost(pairs):
-    """Rates in plain HTTP and over TLS, side by side: (plain, TLS) rows."""
+    """Plain HTTP and TLS side by side: (plain row, TLS row) pairs."""
     print()
-    print('%-40s %7s %10s %10s %10s' % ('TLS cost', 'readers', 'plain MB/s',
-                                        'TLS MB/s', 'TLS/plain'))
+    print('%-22s %7s %10s %10s %9s %16s' % (
+        'TLS cost', 'readers', 'plain MB/s', 'TLS MB/s', 'TLS/plain',
+        'daemon CPU s/GiB'))
     for plain, secure in pairs:
-        name, readers, total, elapsed = plain
+        name, readers, total, elapsed, cpu = plain
         plain_rate = total / elapsed
         secure_rate = secure[2] / secure[3]
-        print('%-40s %7d %10.0f %10.0f %9.2fx' % (
-            name.split(',')[0] if name.startswith('cold') else 'peer, warm',
+        per_gib = '-'
+        if cpu is not None:
+            per_gib = '%.2f / %.2f' % (cpu / total * 2 ** 30,
+                                       secure[4] / secure[2] * 2 ** 30)
+        print('%-22s %7d %10.0f %10.0f %8.2fx %16s' % (
+            'cold fill' if name.startswith('cold') else 'peer, warm',
             readers, plain_rate / 1e6, secure_rate / 1e6,
-            secure_rate / plain_rate))
+            secure_rate / plain_rate, per_gib))
 
 
 def main(argv=None):
@@ -284,7 +302,8 @@ def main(argv=None):
         finally:
             strict.send_signal(signal.SIGTERM)
             strict.wait(30)
-        rows.append(('cold fill, commit per chunk', 1, total, elapsed))
+        rows.append(('cold fill, commit per chunk', 1, total, elapsed,
+                     None))
 
         port = free_port()
         url = 'http://127.0.0.1:%d' % port
@@ -294,25 +313,18 @@ def main(argv=None):
                              [(url, 0, chunks, sizes, 1, 0)], 'inline')
         assert total == size
         rows.append(('cold fill, grouped commits (0.05 s)', 1, total,
-                     elapsed))
+                     elapsed, None))
 
         jobs = [(data_path, r, chunks, sizes, args.rounds, r, chunk_size)
                 for r in range(args.readers)]
         total, elapsed = run(_file_reader, jobs, args.mode)
         baseline = total / elapsed
         rows.append(('plain file pread (baseline)', args.readers, total,
-                     elapsed))
+                     elapsed, None))
 
-        jobs = [(url, r + 1, chunks, sizes, args.rounds, r)
-                for r in range(args.readers)]
-        total, elapsed = run(_peer_reader, jobs, args.mode)
-        peer_rate = total / elapsed
-        rows.append(('peer, warm (sendfile)', args.readers, total, elapsed))
-
-        total, elapsed = run(_peer_reader,
-                             [(url, 99, chunks, sizes, args.rounds, 99)],
-                             'inline')
-        rows.append(('peer, warm (sendfile)', 1, total, elapsed))
+        rows += warm_rows(args, proc, url, chunks, sizes,
+                          'peer, warm (sendfile)')
+        peer_rate = rows[3][2] / rows[3][3]
         if args.tls:
             tls_rows = measure_tls(args, workdir, manifest, volume, sizes,
                                    procs)
@@ -336,7 +348,7 @@ def main(argv=None):
     print()
     print('%-40s %7s %10s %9s %10s' % ('', 'readers', 'MB/s', 'seconds',
                                        'vs. file'))
-    for name, readers, total, elapsed in rows:
+    for name, readers, total, elapsed, _cpu in rows:
         rate = total / elapsed
         print('%-40s %7d %10.0f %9.2f %9.2fx' % (name, readers, rate / 1e6,
                                                  elapsed, rate / baseline))

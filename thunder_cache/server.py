@@ -75,6 +75,7 @@ LISTEN_BACKLOG = 512
 LOG_INTERVAL = 10.0
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REFUSED = protocol.response_head(503, [('Connection', 'close')])
+_slice_buffers = threading.local()
 
 
 class _Unlimited(object):
@@ -643,17 +644,22 @@ class _Serving(object):
 
     @staticmethod
     def _send_slices(sock, fd, offset, length, bucket):
-        """The body through TLS: sendfile cannot encrypt."""
+        """The body through TLS (sendfile cannot encrypt), in slices."""
+        buffer = getattr(_slice_buffers, 'buffer', None)
+        if buffer is None:
+            # One per connection thread, reused for every slice.
+            buffer = _slice_buffers.buffer = memoryview(bytearray(
+                RATE_SLICE))
         sent = 0
         while sent < length:
             step = min(length - sent, RATE_SLICE)
             if bucket.rate:
                 bucket.consume(step)
-            data = os.pread(fd, step, offset + sent)
-            if not data:
+            n = os.preadv(fd, [buffer[:step]], offset + sent)
+            if not n:
                 break
-            sock.sendall(data)
-            sent += len(data)
+            sock.sendall(buffer[:n])
+            sent += n
         return sent
 
     def stop(self, grace=5.0):

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 from thunder_cache import node as node_mod
 from thunder_cache import protocol
@@ -99,6 +100,16 @@ class Cluster(object):
 
 def client(name='tester', url='http://127.0.0.1:9', secret=SECRET):
     return sources.PeerClient(protocol.Signer(secret, name, url), timeout=5)
+
+
+def eventually(predicate, timeout=10):
+    """True once ``predicate()`` is (polled until ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def remove(path):

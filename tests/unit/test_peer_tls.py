@@ -104,6 +104,34 @@ def test_chunks_over_tls(seed, certs, volume):
     client.close()
 
 
+def test_pipelined_requests_over_tls(seed, certs, volume):
+    """Requests sent at once with the handshake: all answered, in order."""
+    image, _manifest, _ = volume
+    node, srv = seed
+    signer = protocol.Signer(cache_helpers.SECRET, 'piper',
+                             'https://127.0.0.9:9')
+    data = b''
+    for index in (2, 0, 1):
+        path = protocol.chunk_path('img', index)
+        data += ('GET %s HTTP/1.1\r\n%s\r\n' % (path, ''.join(
+            '%s: %s\r\n' % item for item in signer.headers(
+                'GET', path, destination=node.url).items()))).encode()
+    context = _client_context(certs)
+    with socket.create_connection(('127.0.0.1', srv.port), timeout=10) as s:
+        with context.wrap_socket(s, server_hostname='127.0.0.1') as t:
+            t.sendall(data)
+            reader = t.makefile('rb')
+            bodies = []
+            for _ in range(3):
+                assert reader.readline() == b'HTTP/1.1 200 OK\r\n'
+                headers = dict(line.rstrip(b'\r\n').split(b': ', 1)
+                               for line in iter(reader.readline, b'\r\n'))
+                bodies.append(reader.read(int(headers[b'Content-Length'])))
+            reader.close()
+    assert bodies == [image[2 * CHUNK:3 * CHUNK], image[:CHUNK],
+                      image[CHUNK:2 * CHUNK]]
+
+
 def test_rate_limited_upload_over_tls(tmp_path, certs, https, volume):
     image, manifest, path = volume
     cluster = cache_helpers.Cluster(tmp_path)

@@ -249,7 +249,7 @@ class _Incomplete(Exception):
     pass
 
 
-class HeadBuffer(object):
+class HeadBuffer:
     """Bytes received on a connection, cut into request heads.
 
     Bytes are fed as they arrive (:meth:`feed`); :meth:`take` returns the
@@ -631,7 +631,7 @@ def _check_destination(value, destination):
                         % (value, destination))
 
 
-class ReplayCache(object):
+class ReplayCache:
     """The nonces of the tokens a server accepted, until the tokens expire.
 
     A nonce seen again while its token is valid is a replay

@@ -97,7 +97,7 @@ class _Fd(object):
         return self._fd
 
 
-class Slots(object):
+class Slots:
     """Connection accounting: unauthenticated, authenticated, per address.
 
     Every connection counts for its address from accept to close, first as
@@ -159,7 +159,7 @@ class Slots(object):
             return self._per_address.get(address, 0)
 
 
-class _Conn(object):
+class _Conn:
     """One accepted connection."""
 
     __slots__ = ('sock', 'address', 'buffer', 'deadline', 'state', 'out',
@@ -176,7 +176,7 @@ class _Conn(object):
         self.events = selectors.EVENT_READ
 
 
-class _Request(object):
+class _Request:
     """An admitted request: its route, headers, peer and keep-alive."""
 
     __slots__ = ('route', 'headers', 'peer', 'keep_alive')
@@ -188,7 +188,7 @@ class _Request(object):
         self.keep_alive = keep_alive
 
 
-class _LogLimiter(object):
+class _LogLimiter:
     """At most one line per interval and key; counts what it holds back."""
 
     def __init__(self, interval=LOG_INTERVAL, clock=time.monotonic):

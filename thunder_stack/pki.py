@@ -23,7 +23,7 @@ import os
 import subprocess
 
 
-class Pki(object):
+class Pki:
     """A CA in ``directory``; :meth:`node` signs node certificates."""
 
     def __init__(self, directory, name='thunder-cache peer CA'):

@@ -479,7 +479,7 @@ HALF_HEAD = ('GET /v1/images/%s/chunks/0 HTTP/1.1\r\nHost: x\r\n'
              'X-Slow: ' % IMAGE).encode()
 
 
-class _Slowloris(object):
+class _Slowloris:
     """Keeps ``count`` half-sent request heads open, from many addresses.
 
     Connections come from 127.0.0.2 onwards, ``per_source`` each; every
@@ -602,7 +602,7 @@ def test_slowloris_flood_does_not_stop_peer_serving(daemons, volume, image):
     assert seed.metric('thunder_cache_head_timeouts_total') > 0
 
 
-class _Recorder(object):
+class _Recorder:
     """A TCP relay to ``port`` that records the bytes clients send."""
 
     def __init__(self, port=None):

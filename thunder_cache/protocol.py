@@ -38,14 +38,14 @@ Every request for image data carries these headers::
     X-Thunder-Via: <URLs of the nodes this request is fetched for, comma
                    separated; may be empty>
     X-Thunder-Ticket: <the ticket of the fetch it serves> (optional)
-    X-Thunder-Auth: v2:<expiry, unix seconds>:<nonce, 32 hex digits>:
-                    <hex HMAC-SHA256>
+    X-Thunder-Auth: v2:<issued>:<expiry>:<nonce, 32 hex digits>:
+                    <hex HMAC-SHA256>      (times in unix seconds)
 
 The HMAC, keyed with the secret shared by the nodes of a deployment,
 covers the method, the path, the destination, the node id, the URL, the
-via list, the ticket, the expiry and the nonce. A server accepts a token
-only if the destination is its own URL, and each nonce only once
-(:class:`ReplayCache`). A request whose token is missing, malformed,
+via list, the ticket, the issue and expiry times and the nonce. A server
+accepts a token only if the destination is its own URL, and each nonce
+only once (:class:`ReplayCache`). A request whose token is missing, malformed,
 wrong, expired, valid for longer than the server allows, made for another
 node or already used is answered 401 with no body. Version 1 tokens
 (``v1:<expiry>:<mac>``, no destination, no nonce) are refused unless the
@@ -104,8 +104,8 @@ _PEER_URL = re.compile(
     r'(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*'
     r'):([1-9][0-9]{0,4})\Z')
 _AUTH_V1 = re.compile(r'^v1:([1-9][0-9]{0,11}):([0-9a-f]{64})\Z')
-_AUTH_V2 = re.compile(
-    r'^v2:([1-9][0-9]{0,11}):([0-9a-f]{32}):([0-9a-f]{64})\Z')
+_AUTH_V2 = re.compile(r'^v2:([1-9][0-9]{0,11}):([1-9][0-9]{0,11}):'
+                      r'([0-9a-f]{32}):([0-9a-f]{64})\Z')
 _RANGE = re.compile(r'^bytes=([0-9]{0,19})-([0-9]{0,19})\Z')
 _TICKET = re.compile(r'^([0-9]{1,12})\.([0-9]{6})-([0-9a-f]{8})\Z')
 
@@ -495,10 +495,10 @@ def _mac_v1(secret, method, path, node_id, url, via, ticket, expiry):
 
 
 def _mac(secret, method, path, destination, node_id, url, via, ticket,
-         expiry, nonce):
+         issued, expiry, nonce):
     message = '\n'.join(('thunder-peer-v2', method, path, destination,
                          node_id, url, ','.join(via), ticket or '',
-                         str(expiry), nonce))
+                         str(issued), str(expiry), nonce))
     return hmac.new(secret, message.encode('ascii'),
                     hashlib.sha256).hexdigest()
 
@@ -542,7 +542,8 @@ class Signer(object):
         request, to one node.
         """
         destination = normalize_url(destination)
-        expiry = int(self._clock()) + self.lifetime
+        issued = int(self._clock())
+        expiry = issued + self.lifetime
         nonce = os.urandom(16).hex()
         via = tuple(via)
         headers = {
@@ -550,9 +551,9 @@ class Signer(object):
             'X-Thunder-Node-URL': self.url,
             'X-Thunder-Destination': destination,
             'X-Thunder-Via': ','.join(via),
-            'X-Thunder-Auth': 'v2:%d:%s:%s' % (expiry, nonce, _mac(
+            'X-Thunder-Auth': 'v2:%d:%d:%s:%s' % (issued, expiry, nonce, _mac(
                 self.secret, method, path, destination, self.node_id,
-                self.url, via, ticket, expiry, nonce)),
+                self.url, via, ticket, issued, expiry, nonce)),
         }
         if ticket:
             headers['X-Thunder-Ticket'] = ticket
@@ -573,8 +574,8 @@ def authenticate(secret, method, path, headers, clock=time.time,
         rolling upgrade from nodes that only sign those.
     :raises AuthError: if the token is missing, malformed, wrong, expired,
         made for another node or already used (:class:`ReplayError`).
-    :raises ReplayWindowError: for a valid token older than the nonces the
-        replay cache had to forget.
+    :raises ReplayWindowError: for a valid token made before this node
+        started, or older than the nonces the replay cache had to forget.
     :raises ProtocolError: if the via list or the ticket is malformed, or
         the via list too long.
     """
@@ -600,8 +601,16 @@ def authenticate(secret, method, path, headers, clock=time.time,
     ticket = headers.get(HEADER_TICKET) or None
     if ticket is not None and not _TICKET.match(ticket):
         raise ProtocolError(400, 'malformed %s header' % HEADER_TICKET)
-    expiry = int(match.group(1))
     now = clock()
+    if version == 1:
+        expiry, mac = int(match.group(1)), match.group(2)
+    else:
+        issued, expiry = int(match.group(1)), int(match.group(2))
+        nonce, mac = match.group(3), match.group(4)
+        if (not 0 < expiry - issued <= max_lifetime or
+                issued > now + CLOCK_SKEW):
+            raise AuthError('token issued in the future or valid for '
+                            'too long')
     if expiry < now:
         raise AuthError('token expired')
     if expiry > now + max_lifetime + CLOCK_SKEW:
@@ -609,15 +618,13 @@ def authenticate(secret, method, path, headers, clock=time.time,
     if version == 1:
         expected = _mac_v1(secret, method, path, node_id, url, via, ticket,
                            expiry)
-        mac = match.group(2)
     else:
-        nonce, mac = match.group(2), match.group(3)
         expected = _mac(secret, method, path, destination, node_id, url,
-                        via, ticket, expiry, nonce)
+                        via, ticket, issued, expiry, nonce)
     if not hmac.compare_digest(expected, mac):
         raise AuthError('bad token')
     if version == 2 and replays is not None:
-        replays.check(nonce, expiry, now)
+        replays.check(nonce, issued, expiry, now)
     return Peer(node_id, url, via, ticket, version)
 
 
@@ -635,7 +642,11 @@ class ReplayCache:
     """The nonces of the tokens a server accepted, until the tokens expire.
 
     A nonce seen again while its token is valid is a replay
-    (:class:`ReplayError`). At most ``capacity`` nonces are kept, in
+    (:class:`ReplayError`). Nonces live in memory only: tokens issued
+    before the second the cache was made in (the node's start) are
+    refused (:class:`ReplayWindowError`, 503), as the node cannot know
+    which it accepted before. At most ``capacity``
+    nonces are kept, in
     buckets by expiry second. When one more would exceed it, the bucket
     expiring first is forgotten and every token expiring no later than it
     is refused from then on (:class:`ReplayWindowError`, 503): a replay is
@@ -644,10 +655,12 @@ class ReplayCache:
     their requesters sign new ones.
     """
 
-    def __init__(self, capacity=100000):
+    def __init__(self, capacity=100000, clock=time.time):
         if capacity < 1:
             raise ValueError('replay cache capacity must be positive')
         self.capacity = capacity
+        # Tokens issued before this time are refused.
+        self.started = int(clock())
         # Tokens expiring at or before this time are refused.
         self.floor = 0
         self.overflows = 0
@@ -659,13 +672,17 @@ class ReplayCache:
     def __len__(self):
         return self._size
 
-    def check(self, nonce, expiry, now):
-        """Record the nonce of a valid token expiring at ``expiry``.
+    def check(self, nonce, issued, expiry, now):
+        """Record the nonce of a valid token.
 
         :raises ReplayError: if the nonce was recorded before.
-        :raises ReplayWindowError: if the token expires no later than
-            tokens whose nonces were forgotten.
+        :raises ReplayWindowError: if the token was issued before this
+            cache was made, or expires no later than tokens whose nonces
+            were forgotten.
         """
+        if issued < self.started:
+            raise ReplayWindowError('token made before this node started; '
+                                    'sign a new one')
         key = int(nonce, 16)
         with self._lock:
             while self._expiries and self._expiries[0] < now:

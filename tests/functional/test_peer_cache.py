@@ -23,6 +23,7 @@ import http.server
 import json
 import os
 import random
+import re
 import selectors
 import socket
 import ssl
@@ -708,6 +709,18 @@ def test_captured_request_cannot_be_replayed(daemons, volume, image):
                             image=IMAGE) == 0
         assert target.metric('thunder_cache_chunks_served_to_peers_total',
                              image=IMAGE) == 1
+        # Restarted, the target has forgotten the nonces it saw: it
+        # refuses every token made before the second it started in.
+        issued = int(re.search(rb'X-Thunder-Auth: v2:([0-9]+):',
+                               captured[0]).group(1))
+        target.stop()
+        while int(time.time()) <= issued:
+            time.sleep(0.05)
+        target.start()
+        assert _replay(target.port, captured[0]) == (
+            b'HTTP/1.1 503 Service Unavailable')
+        assert target.metric('thunder_cache_chunks_served_to_peers_total',
+                             image=IMAGE) == 0
     finally:
         recorder.close()
 

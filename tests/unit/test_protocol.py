@@ -353,11 +353,13 @@ def test_token_refused(headers, kwargs):
 
 def test_token_expiry_changed_is_refused():
     headers = _signed()
-    _v, expiry, nonce, mac = headers['x-thunder-auth'].split(':')
-    headers['x-thunder-auth'] = 'v2:%d:%s:%s' % (int(expiry) + 10, nonce,
-                                                 mac)
-    with pytest.raises(protocol.AuthError):
-        _auth(headers)
+    _v, issued, expiry, nonce, mac = headers['x-thunder-auth'].split(':')
+    for changed in ((issued, int(expiry) + 10), (int(issued) - 10, expiry),
+                    (int(issued) + 1, expiry)):
+        headers['x-thunder-auth'] = 'v2:%s:%s:%s:%s' % (changed + (nonce,
+                                                                   mac))
+        with pytest.raises(protocol.AuthError):
+            _auth(headers)
 
 
 def test_via_limits():
@@ -561,6 +563,33 @@ def test_replay_cache_bound():
     assert _auth(_signed(), replays=replays).node_id == 'node-1'
 
 
+@pytest.mark.parametrize('issued,expiry', [
+    # Issued after it expires, valid for longer than allowed, or issued
+    # in the future: well signed, refused all the same.
+    (NOW + 10, NOW + 5), (NOW - 400, NOW + 5), (NOW + 40, NOW + 60)])
+def test_token_times_refused(issued, expiry):
+    nonce = 'ab' * 16
+    mac = protocol._mac(SECRET, 'GET', PATH, DEST, 'node-1', URL, (), None,
+                        issued, expiry, nonce)
+    signed = dict(_signed(), **{'x-thunder-auth': 'v2:%d:%d:%s:%s' % (
+        issued, expiry, nonce, mac)})
+    with pytest.raises(protocol.AuthError):
+        _auth(signed)
+
+
+def test_tokens_made_before_a_restart_are_refused():
+    """Nonces live in memory: a node refuses what it may have accepted."""
+    replays = protocol.ReplayCache(1000, clock=lambda: NOW + 0.5)
+    for made in (NOW - 30, NOW - 1):
+        with pytest.raises(protocol.ReplayWindowError) as e:
+            _auth(_signed(now=made), replays=replays, now=NOW + 1)
+        assert _status(e) == 503
+    for made in (NOW, NOW + 1):
+        assert _auth(_signed(now=made), replays=replays,
+                     now=NOW + 1).node_id == 'node-1'
+    assert len(replays) == 2
+
+
 def test_replay_cache_forgets_expired_tokens():
     replays = protocol.ReplayCache(1000)
     for i in range(500):
@@ -594,7 +623,8 @@ def test_v1_tokens_only_when_accepted():
         with pytest.raises(protocol.AuthError, match='bad token'):
             _auth(tampered, accept_v1=True)
     # A v2 token cut down to v1's shape is no v1 token.
-    _v, expiry, _nonce, mac = _signed()['x-thunder-auth'].split(':')
+    _v, _issued, expiry, _nonce, mac = _signed()['x-thunder-auth'].split(
+        ':')
     with pytest.raises(protocol.AuthError):
         _auth(dict(_signed(), **{'x-thunder-auth': 'v1:%s:%s' % (expiry,
                                                                  mac)}),

@@ -162,7 +162,9 @@ peer_opts = [
     cfg.IntOpt('max_connections_per_address',
                default=64, min=1,
                help='Concurrent connections, authenticated or not, from '
-                    'one source address; more are closed at once. A peer '
+                    'one source address. Beyond, a new connection closes '
+                    'the oldest unauthenticated one of its address, or is '
+                    'closed at once if they are all authenticated. A peer '
                     'node opens at most one connection per thread reading '
                     'from this node.'),
     cfg.FloatOpt('head_timeout',

@@ -23,11 +23,12 @@ unauthenticated
     ``head_timeout`` of being accepted, and holds one of
     ``max_unauthenticated`` slots meanwhile: a socket and at most
     :data:`~thunder_cache.protocol.MAX_HEAD_BYTES` of buffer, no thread.
-    When they are all taken the oldest is closed for the newcomer; an
-    address that already holds ``max_per_address`` connections gets no
-    more (closed at accept). The reactor answers refusals (400, 401, ...)
-    and unauthenticated ``GET /metrics`` itself, and closes the
-    connection after them.
+    When they are all taken the oldest is closed for the newcomer. An
+    address holds at most ``max_per_address`` connections: beyond, its
+    oldest unauthenticated one is closed for the newcomer, or if all of
+    them are authenticated the newcomer is (at accept). The reactor
+    answers refusals (400, 401, ...) and unauthenticated ``GET /metrics``
+    itself, and closes the connection after them.
 authenticated
     A request with a valid token moves its connection to a thread of its
     own, one of ``max_connections`` (beyond: 503). The thread serves that
@@ -239,6 +240,8 @@ class _Serving(object):
         # Reactor thread only: unauthenticated connections, oldest
         # deadline first (they all get the same head_timeout).
         self._pending = collections.OrderedDict()
+        # The same, by address: {address: OrderedDict}, oldest first.
+        self._pending_of = {}
         # Connections served by threads.
         self._served = set()
         self._served_lock = threading.Lock()
@@ -336,7 +339,8 @@ class _Serving(object):
                               'accept connections (%s); closing the oldest '
                               'unauthenticated one and pausing', e)
                     if self._pending:
-                        self._drop(next(iter(self._pending)))
+                        self._drop(next(iter(self._pending)),
+                                   'out of file descriptors')
                     self._pause_accept()
                 return
             self._admit(sock, address)
@@ -352,12 +356,21 @@ class _Serving(object):
     def _admit(self, sock, address):
         host = self._address_of(address)
         if not self.slots.open(host):
-            self._count('connections_dropped')
-            self._log(logging.WARNING, 'address', 'Peer server: %s holds '
-                      '%d connections already; closing a new one', host,
-                      self.slots.max_per_address)
-            self._refuse(sock)
-            return
+            # The oldest unauthenticated connection of the address makes
+            # room: half-sent heads cannot lock out a peer that shares
+            # their address.
+            oldest = self._pending_of.get(host)
+            if oldest:
+                self._drop(next(iter(oldest)), '%s holds %d connections'
+                           % (host, self.slots.max_per_address))
+            if not oldest or not self.slots.open(host):
+                self._count('connections_dropped')
+                self._log(logging.WARNING, 'address', 'Peer server: %s '
+                          'holds %d authenticated connections already; '
+                          'closing a new one', host,
+                          self.slots.max_per_address)
+                self._refuse(sock)
+                return
         conn = _Conn(sock, host)
         if self.local:
             if not self.slots.promote():
@@ -367,7 +380,8 @@ class _Serving(object):
             self._start_thread(conn, None)
             return
         if self.slots.unauthenticated_full() and self._pending:
-            self._drop(next(iter(self._pending)))
+            self._drop(next(iter(self._pending)), '%d unauthenticated '
+                       'connections' % self.slots.max_unauthenticated)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -382,6 +396,8 @@ class _Serving(object):
             return
         conn.deadline = time.monotonic() + self.head_timeout
         self._pending[conn] = None
+        self._pending_of.setdefault(host, collections.OrderedDict())[
+            conn] = None
         self._selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def _refuse(self, sock):
@@ -396,13 +412,21 @@ class _Serving(object):
                 pass
         sock.close()
 
-    def _drop(self, conn):
-        """Close the oldest unauthenticated connection for a newcomer."""
+    def _drop(self, conn, why):
+        """Close an unauthenticated connection for a newcomer."""
         self._count('connections_dropped')
-        self._log(logging.WARNING, 'full', 'Peer server: %d unauthenticated '
-                  'connections; closing the oldest (from %s)',
-                  self.slots.max_unauthenticated, conn.address)
+        self._log(logging.WARNING, 'drop', 'Peer server: %s; closing the '
+                  'oldest unauthenticated one (from %s)', why, conn.address)
         self._close(conn)
+
+    def _unpend(self, conn):
+        """Forget an unauthenticated connection (closed, or promoted)."""
+        self._pending.pop(conn, None)
+        of_address = self._pending_of.get(conn.address)
+        if of_address is not None:
+            of_address.pop(conn, None)
+            if not of_address:
+                del self._pending_of[conn.address]
 
     def _expire(self):
         now = time.monotonic()
@@ -424,7 +448,7 @@ class _Serving(object):
         if conn.state in ('closed', 'served'):
             return
         conn.state = 'closed'
-        self._pending.pop(conn, None)
+        self._unpend(conn)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -506,7 +530,7 @@ class _Serving(object):
             self._queue(conn, node_mod._error(503, 'too many connections'))
             return
         # The connection leaves the reactor for a thread of its own.
-        del self._pending[conn]
+        self._unpend(conn)
         self._selector.unregister(conn.sock)
         self._start_thread(conn, request)
 

@@ -481,18 +481,17 @@ HALF_HEAD = ('GET /v1/images/%s/chunks/0 HTTP/1.1\r\nHost: x\r\n'
 
 
 class _Slowloris:
-    """Keeps ``count`` half-sent request heads open, from many addresses.
+    """Keeps half-sent request heads open, from many addresses.
 
-    Connections come from 127.0.0.2 onwards, ``per_source`` each; every
-    one the server closes is opened again at once, and the open ones get
-    one more byte of their head every 0.5 s (no wait is long enough for
-    an idle timeout). ``lifetimes`` are the seconds each lived.
+    ``sources`` has the source address of each connection; every one the
+    server closes is opened again at once, and the open ones get one more
+    byte of their head every 0.5 s (no wait is long enough for an idle
+    timeout). ``lifetimes`` are the seconds each lived.
     """
 
-    def __init__(self, port, count=300, per_source=30):
+    def __init__(self, port, sources):
         self.port = port
-        self.sources = ['127.0.0.%d' % (2 + i // per_source)
-                        for i in range(count)]
+        self.sources = sources
         self.lifetimes = []
         self.opened = 0
         self._stop = threading.Event()
@@ -568,11 +567,13 @@ def _threads(pid):
 
 
 def test_slowloris_flood_does_not_stop_peer_serving(daemons, volume, image):
-    """300 half-sent heads from 10 addresses; a real peer still reads.
+    """300 half-sent heads from 11 addresses; a real peer still reads.
 
-    The flooded node answers its peer with chunks (200, never 503), keeps
-    no thread per hostile connection, and closes each of them at the head
-    deadline however slowly it trickles.
+    100 of them come from the peer's own address (more than an address
+    may hold), 200 from 127.0.0.2 to 127.0.0.11. The flooded node answers
+    its peer with chunks (200, never 503), keeps no thread per hostile
+    connection, and closes each of them at the head deadline however
+    slowly it trickles.
     """
     path, manifest = volume
     seed = daemons('flooded', peer_options=['head_timeout = 2'])
@@ -583,7 +584,9 @@ def test_slowloris_flood_does_not_stop_peer_serving(daemons, volume, image):
     peer.describe(IMAGE, manifest, None, peers=[seed])
     peer.start()
     threads = _threads(seed.pid)
-    with _Slowloris(seed.port) as flood:
+    sources = ['127.0.0.1'] * 100 + ['127.0.0.%d' % (2 + i // 20)
+                                     for i in range(200)]
+    with _Slowloris(seed.port, sources) as flood:
         assert peer.read(IMAGE, 0, SIZE) == image
         # No thread per hostile connection (a few for the peer's).
         assert _threads(seed.pid) <= threads + 8

@@ -447,6 +447,16 @@ def _closed_within(sock, seconds, trickle=None):
     return False
 
 
+def _authenticated(node, srv, source='127.0.0.1'):
+    """A keep-alive connection that was served a chunk (holds a slot)."""
+    path = protocol.chunk_path('img', 0)
+    s = _connect(srv.port, source)
+    s.sendall(_request(path, _signed(path, node.url), close=False))
+    s.settimeout(5)
+    assert s.recv(65536).startswith(b'HTTP/1.1 200 OK')
+    return s
+
+
 def _get(node, srv, index=0, source='127.0.0.1'):
     """Status of one signed request from ``source``."""
     path = protocol.chunk_path('img', index)
@@ -471,11 +481,7 @@ def test_half_sent_head_is_closed_at_the_head_deadline(guarded):
 def test_head_deadline_on_keep_alive_connections(guarded):
     """Idle between requests up to idle_timeout, then head_timeout."""
     node, srv = guarded
-    path = protocol.chunk_path('img', 0)
-    with _connect(srv.port) as s:
-        s.sendall(_request(path, _signed(path, node.url), close=False))
-        s.settimeout(5)
-        assert s.recv(65536).startswith(b'HTTP/1.1 200 OK')
+    with _authenticated(node, srv) as s:
         # Idle longer than head_timeout: still open.
         assert not _closed_within(s, 2.5)
         s.sendall(HALF_HEAD)
@@ -526,22 +532,50 @@ def test_full_unauthenticated_pool_never_blocks_a_peer(crowded):
 
 
 def test_connections_per_address(crowded):
+    """Half-sent heads of an address give way to its newcomers."""
     node, srv = crowded
     socks = [_connect(srv.port, '127.0.0.2') for _ in range(6)]
     try:
+        for s in socks:
+            s.sendall(HALF_HEAD)
         assert cache_helpers.eventually(
             lambda: srv.slots.of_address('127.0.0.2') == 6)
+        # A peer sharing the address is served; the oldest half-sent
+        # head of the address made room for it.
+        assert _get(node, srv, source='127.0.0.2') == 200
+        assert node.counters.get('connections_dropped') == 1
+        assert _closed_within(socks[0], 1)
+        assert not any(_closed_within(s, 0.1) for s in socks[1:])
+        # Other addresses are not affected.
+        assert _get(node, srv, source='127.0.0.3') == 200
+        assert srv.slots.of_address('127.0.0.2') == 5
+    finally:
+        for s in socks:
+            s.close()
+    assert cache_helpers.eventually(
+        lambda: srv.slots.of_address('127.0.0.2') == 0)
+
+
+def test_authenticated_connections_per_address(cluster, volume):
+    """An address whose connections all authenticated gets no more."""
+    _image, manifest, path = volume
+    node, srv = cluster.start('seed', _spec(
+        manifest, cache_helpers.CountingOrigin(path)), server_kwargs={
+            'max_connections': 8, 'max_per_address': 3})
+    held = []
+    try:
+        for _ in range(3):
+            held.append(_authenticated(node, srv, '127.0.0.2'))
         extra = _connect(srv.port, '127.0.0.2')
         # Closed at once, with a 503 (plain HTTP).
         extra.settimeout(5)
         assert extra.recv(65536).startswith(b'HTTP/1.1 503')
         extra.close()
-        assert srv.slots.of_address('127.0.0.2') == 6
         assert node.counters.get('connections_dropped') == 1
-        # Other addresses are not affected.
+        assert srv.slots.of_address('127.0.0.2') == 3
         assert _get(node, srv, source='127.0.0.3') == 200
     finally:
-        for s in socks:
+        for s in held:
             s.close()
     assert cache_helpers.eventually(
         lambda: srv.slots.of_address('127.0.0.2') == 0)
@@ -555,11 +589,7 @@ def test_authenticated_slots_are_apart(crowded):
     held = []
     try:
         for _ in range(4):
-            s = _connect(srv.port, '127.0.0.5')
-            s.sendall(_request(path, _signed(path, node.url), close=False))
-            s.settimeout(5)
-            assert s.recv(65536).startswith(b'HTTP/1.1 200 OK')
-            held.append(s)
+            held.append(_authenticated(node, srv, '127.0.0.5'))
         assert srv.slots.authenticated == 4
         assert _get(node, srv) == 503
         # A bad token gets its 401 from the reactor, full or not.

@@ -31,15 +31,22 @@ peer, warm
     and keep-alive connection, fetch chunks from the daemon (served with
     ``sendfile`` from its cache file);
 peer, warm, 1 reader
-    the same with a single reader.
+    the same with a single reader;
+over TLS (``--tls``)
+    a second daemon with ``[peer] tls_enabled`` (a CA and certificates made
+    with openssl in the temporary directory, mutual TLS, EC P-256) is
+    filled by one reader, then read by the same warm readers, over TLS:
+    bodies go through ``pread`` and TLS in slices instead of ``sendfile``.
 
 Readers are separate processes (``--mode threads`` to use threads), each
 reading every chunk ``--rounds`` times in its own random order. Prints a
 table with the aggregate MB/s and the ratio to the plain-file baseline,
-and checks the goal: at least 1 GB/s aggregate with 8 readers.
+with ``--tls`` a second one with the warm rates in plain HTTP and over TLS
+and their ratio, and checks the goal: at least 1 GB/s aggregate with 8
+readers (in plain HTTP).
 
     python benchmarks/peer_throughput.py [--size-mib 256] [--chunk-kib 1024]
-        [--readers 8] [--rounds 4]
+        [--readers 8] [--rounds 4] [--tls]
 """
 
 import argparse
@@ -59,7 +66,9 @@ import urllib.request
 from thunder_cache import peerpolicy
 from thunder_cache import protocol
 from thunder_cache import sources
+from thunder_cache import tls as tls_mod
 from thunder_common import manifest as manifest_mod
+from thunder_stack import pki
 
 SECRET = b'peer-throughput-benchmark-secret'
 IMAGE_ID = 'bench'
@@ -90,7 +99,8 @@ def write_volume(path, size, chunk_size):
 
 
 def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
-                 name='server'):
+                 name='server', tls=None):
+    """Start a daemon; ``tls``: (CA file, certificate, key) for TLS."""
     cache_dir = os.path.join(workdir, name)
     os.makedirs(os.path.join(cache_dir, 'images.d'))
     with open(os.path.join(cache_dir, 'images.d', IMAGE_ID + '.json'),
@@ -112,15 +122,22 @@ def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
                 % (name, port, cache_dir,
                    os.path.join(workdir, name + '.pid'), secret,
                    commit_interval, os.path.dirname(os.path.abspath(volume))))
+        if tls:
+            f.write('[peer]\ntls_enabled = true\ntls_ca_file = %s\n'
+                    'tls_certificate = %s\ntls_key = %s\n' % tls)
     log = open(os.path.join(workdir, name + '.log'), 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'thunder_cache.daemon',
                              '--config-file', conf], stdout=log,
                             stderr=subprocess.STDOUT)
+    context = None
+    if tls:
+        context = tls_mod.client_context(tls[1], tls[2], tls[0])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen('http://127.0.0.1:%d/metrics' % port,
-                                   timeout=1).read()
+            urllib.request.urlopen('%s://127.0.0.1:%d/metrics' % (
+                'https' if tls else 'http', port), timeout=1,
+                context=context).read()
             return proc, os.path.join(cache_dir, IMAGE_ID, 'data')
         except OSError:
             if proc.poll() is not None:
@@ -132,10 +149,15 @@ def start_daemon(workdir, port, manifest, volume, commit_interval=0.05,
 
 
 def _peer_reader(args):
-    url, reader, chunks, sizes, rounds, seed = args
-    signer = protocol.Signer(SECRET, 'reader-%d' % reader,
-                             'http://127.0.0.1:%d' % (20000 + reader))
-    client = sources.PeerClient(signer, timeout=30)
+    """Bytes read; ``args[6]``, if given: (CA, certificate, key) for TLS."""
+    url, reader, chunks, sizes, rounds, seed = args[:6]
+    tls = args[6] if len(args) > 6 else None
+    # The readers of one run use one scheme at a time.
+    protocol.use_tls(bool(tls))
+    signer = protocol.Signer(SECRET, 'reader-%d' % reader, '%s://127.0.0.1:%d'
+                             % (protocol.url_scheme(), 20000 + reader))
+    context = tls_mod.client_context(tls[1], tls[2], tls[0]) if tls else None
+    client = sources.PeerClient(signer, timeout=30, tls_context=context)
     client.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
     rng = random.Random(seed)
     total = 0
@@ -185,6 +207,65 @@ def run(func, jobs, mode):
     return sum(totals), elapsed
 
 
+def cpu_seconds(proc):
+    """User and system CPU seconds a process has used so far."""
+    with open('/proc/%d/stat' % proc.pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def warm_rows(args, proc, url, chunks, sizes, name, files=None):
+    """``--readers`` readers, then one, of a warm daemon; with its CPU."""
+    rows = []
+    for readers, first, mode in ((args.readers, 1, args.mode),
+                                 (1, 99, 'inline')):
+        jobs = [(url, first + r, chunks, sizes, args.rounds, first + r) +
+                ((files,) if files else ()) for r in range(readers)]
+        before = cpu_seconds(proc)
+        total, elapsed = run(_peer_reader, jobs, mode)
+        rows.append((name, readers, total, elapsed,
+                     cpu_seconds(proc) - before))
+    return rows
+
+
+def measure_tls(args, workdir, manifest, volume, sizes, procs):
+    """The TLS rows: a TLS daemon's cold fill, then its warm readers."""
+    authority = pki.Pki(os.path.join(workdir, 'pki'))
+    files = (authority.ca_file,) + authority.node('tls', ['127.0.0.1'])
+    port = free_port()
+    url = 'https://127.0.0.1:%d' % port
+    proc, _path = start_daemon(workdir, port, manifest, volume, name='tls',
+                               tls=files)
+    procs.append(proc)
+    chunks = manifest.chunk_count
+    total, elapsed = run(_peer_reader, [(url, 0, chunks, sizes, 1, 0, files)],
+                         'inline')
+    assert total == manifest.image_size
+    return [('cold fill over TLS, grouped commits', 1, total, elapsed,
+             None)] + warm_rows(args, proc, url, chunks, sizes,
+                                'peer, warm over TLS (pread slices)', files)
+
+
+def print_tls_cost(pairs):
+    """Plain HTTP and TLS side by side: (plain row, TLS row) pairs."""
+    print()
+    print('%-22s %7s %10s %10s %9s %16s' % (
+        'TLS cost', 'readers', 'plain MB/s', 'TLS MB/s', 'TLS/plain',
+        'daemon CPU s/GiB'))
+    for plain, secure in pairs:
+        name, readers, total, elapsed, cpu = plain
+        plain_rate = total / elapsed
+        secure_rate = secure[2] / secure[3]
+        per_gib = '-'
+        if cpu is not None:
+            per_gib = '%.2f / %.2f' % (cpu / total * 2 ** 30,
+                                       secure[4] / secure[2] * 2 ** 30)
+        print('%-22s %7d %10.0f %10.0f %8.2fx %16s' % (
+            'cold fill' if name.startswith('cold') else 'peer, warm',
+            readers, plain_rate / 1e6, secure_rate / 1e6,
+            secure_rate / plain_rate, per_gib))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=256)
@@ -195,13 +276,17 @@ def main(argv=None):
                         default='processes')
     parser.add_argument('--workdir', help='directory for the image and '
                         'the cache (default: a temporary directory)')
+    parser.add_argument('--tls', action='store_true',
+                        help='also measure the warm peer reads over TLS, '
+                        'and print their cost')
     args = parser.parse_args(argv)
 
     chunk_size = args.chunk_kib * 1024
     size = args.size_mib * 1024 * 1024
     workdir = tempfile.mkdtemp(prefix='thunder-peer-bench-',
                                dir=args.workdir)
-    proc = None
+    procs = []
+    tls_rows = []
     try:
         volume = os.path.join(workdir, 'volume')
         manifest = write_volume(volume, size, chunk_size)
@@ -220,36 +305,38 @@ def main(argv=None):
         finally:
             strict.send_signal(signal.SIGTERM)
             strict.wait(30)
-        rows.append(('cold fill, commit per chunk', 1, total, elapsed))
+        rows.append(('cold fill, commit per chunk', 1, total, elapsed,
+                     None))
 
         port = free_port()
         url = 'http://127.0.0.1:%d' % port
         proc, data_path = start_daemon(workdir, port, manifest, volume)
+        procs.append(proc)
         total, elapsed = run(_peer_reader,
                              [(url, 0, chunks, sizes, 1, 0)], 'inline')
         assert total == size
         rows.append(('cold fill, grouped commits (0.05 s)', 1, total,
-                     elapsed))
+                     elapsed, None))
 
         jobs = [(data_path, r, chunks, sizes, args.rounds, r, chunk_size)
                 for r in range(args.readers)]
         total, elapsed = run(_file_reader, jobs, args.mode)
         baseline = total / elapsed
         rows.append(('plain file pread (baseline)', args.readers, total,
-                     elapsed))
+                     elapsed, None))
 
-        jobs = [(url, r + 1, chunks, sizes, args.rounds, r)
-                for r in range(args.readers)]
-        total, elapsed = run(_peer_reader, jobs, args.mode)
-        peer_rate = total / elapsed
-        rows.append(('peer, warm (sendfile)', args.readers, total, elapsed))
-
-        total, elapsed = run(_peer_reader,
-                             [(url, 99, chunks, sizes, args.rounds, 99)],
-                             'inline')
-        rows.append(('peer, warm (sendfile)', 1, total, elapsed))
+        rows += warm_rows(args, proc, url, chunks, sizes,
+                          'peer, warm (sendfile)')
+        peer_rate = rows[3][2] / rows[3][3]
+        if args.tls:
+            tls_rows = measure_tls(args, workdir, manifest, volume, sizes,
+                                   procs)
+            # The plain rows they compare with: the same order.
+            tls_pairs = list(zip([rows[1], rows[3], rows[4]], tls_rows))
+            rows += tls_rows
     finally:
-        if proc is not None:
+        protocol.use_tls(False)
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(10)
@@ -264,10 +351,12 @@ def main(argv=None):
     print()
     print('%-40s %7s %10s %9s %10s' % ('', 'readers', 'MB/s', 'seconds',
                                        'vs. file'))
-    for name, readers, total, elapsed in rows:
+    for name, readers, total, elapsed, _cpu in rows:
         rate = total / elapsed
         print('%-40s %7d %10.0f %9.2f %9.2fx' % (name, readers, rate / 1e6,
                                                  elapsed, rate / baseline))
+    if tls_rows:
+        print_tls_cost(tls_pairs)
     ok = peer_rate >= GOAL_BYTES_PER_SECOND
     print()
     print('goal: >= %.0f MB/s with %d readers: %s (%.0f MB/s)'

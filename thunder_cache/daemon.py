@@ -42,6 +42,7 @@ from thunder_cache import protocol
 from thunder_cache import server as server_mod
 from thunder_cache import service as service_mod
 from thunder_cache import sources
+from thunder_cache import tls
 
 LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -112,6 +113,14 @@ class Daemon(object):
     def __init__(self, conf):
         self.conf = conf
         secret = protocol.load_secret(conf.peer.shared_secret_file)
+        # Before any URL is read: the scheme of every peer URL.
+        protocol.use_tls(conf.peer.tls_enabled)
+        self._tls_server, self._tls_client = tls.contexts(conf.peer)
+        if conf.node.advertise_url:
+            try:
+                protocol.normalize_url(conf.node.advertise_url)
+            except ValueError as e:
+                raise ValueError('[node] advertise_url: %s' % e)
         self.server = None
         self.local_server = None
         host = conf.node.listen_address
@@ -136,13 +145,20 @@ class Daemon(object):
             self._bind_address, placeholder, self._secret,
             idle_timeout=conf.peer.idle_timeout,
             max_connections=conf.peer.max_connections,
-            metrics_auth=conf.peer.metrics_require_auth)
+            metrics_auth=conf.peer.metrics_require_auth,
+            head_timeout=conf.peer.head_timeout,
+            max_unauthenticated=conf.peer.max_unauthenticated_connections,
+            max_per_address=conf.peer.max_connections_per_address,
+            tls_context=self._tls_server,
+            replay_cache_size=conf.peer.replay_cache_size,
+            accept_v1_tokens=conf.peer.accept_v1_tokens)
         port = self.server.port
-        url = conf.node.advertise_url or 'http://%s:%d' % (
-            self._advertised_host(), port)
+        url = conf.node.advertise_url or '%s://%s:%d' % (
+            protocol.url_scheme(), self._advertised_host(), port)
         signer = protocol.Signer(self._secret, conf.node.node_id, url,
                                  lifetime=conf.peer.token_lifetime)
-        client = sources.PeerClient(signer, timeout=conf.peer.fetch_timeout)
+        client = sources.PeerClient(signer, timeout=conf.peer.fetch_timeout,
+                                    tls_context=self._tls_client)
         client.min_rate = conf.peer.min_transfer_rate * MiB
         client.policy = self._peer_policy(url)
         self.node = node_mod.Node(
@@ -177,8 +193,9 @@ class Daemon(object):
                              daemon=True).start()
         if conf.blockdev.enabled:
             self._start_blockdev()
-        LOG.info('thunder-cache %s serving %s on %s:%d (%d images)',
+        LOG.info('thunder-cache %s serving %s on %s:%d (%s, %d images)',
                  conf.node.node_id, url, self._bind_address[0], port,
+                 'TLS' if self._tls_server else 'plain HTTP',
                  len(self.node.image_ids()))
 
     def _peer_policy(self, url):

@@ -65,6 +65,18 @@ NODE_COUNTERS = {
     'relay_failures': 'Peer requests for a chunk this node could not get '
                       'in time (503).',
     'upload_bytes': 'Bytes of chunk data sent to peers.',
+    'head_timeouts': 'Connections closed for not completing a request head '
+                     '(or their TLS handshake) within [peer] head_timeout.',
+    'connections_dropped': 'Connections closed unserved: beyond [peer] '
+                           'max_connections_per_address, or the oldest '
+                           'unauthenticated one when '
+                           'max_unauthenticated_connections were open.',
+    'tls_handshake_failures': 'TLS handshakes that failed (no or a bad '
+                              'client certificate, plain HTTP).',
+    'replays_refused': 'Requests refused because their token had been '
+                       'used before.',
+    'v1_tokens': 'Requests accepted with a version 1 token (no destination '
+                 'or replay protection; see [peer] accept_v1_tokens).',
 }
 
 

@@ -48,11 +48,13 @@ node_opts = [
                      '(tests only: peers must know the port).'),
     cfg.StrOpt('advertise_url',
                help='URL other nodes reach this node at, '
-                    'http://HOST:PORT. It is signed into every request '
-                    'this node makes and is where full nodes redirect new '
-                    'peers to, so it must be the URL peers list this node '
-                    'under. Defaults to http://<listen_address or host '
-                    'name>:<listen_port>.'),
+                    'http://HOST:PORT (https:// with [peer] tls_enabled). '
+                    'It is signed into every request this node makes, is '
+                    'where full nodes redirect new peers to, and tokens '
+                    'are accepted only if made for it, so it must be the '
+                    'URL peers list this node under. Defaults to '
+                    'http(s)://<listen_address or host name>:'
+                    '<listen_port>.'),
     cfg.StrOpt('cache_dir',
                default='/var/lib/thunder-cache',
                help='Directory of the image caches: one sub-directory per '
@@ -192,11 +194,66 @@ peer_opts = [
                     'peers reach the rest of the image\'s tree.'),
     cfg.IntOpt('max_connections',
                default=256, min=1,
-               help='Concurrent peer connections; more are answered 503.'),
+               help='Concurrent authenticated peer connections, each '
+                    'served by a thread of its own; more are answered '
+                    '503. A connection counts once its first request '
+                    'carried a valid token.'),
+    cfg.IntOpt('max_unauthenticated_connections',
+               default=256, min=1,
+               help='Concurrent connections that have not yet sent a '
+                    'request with a valid token. They hold no thread; '
+                    'when all are taken, the oldest is closed for a new '
+                    'one.'),
+    cfg.IntOpt('max_connections_per_address',
+               default=64, min=1,
+               help='Concurrent connections, authenticated or not, from '
+                    'one source address. Beyond, a new connection closes '
+                    'the oldest unauthenticated one of its address, or is '
+                    'closed at once if they are all authenticated. A peer '
+                    'node opens at most one connection per thread reading '
+                    'from this node.'),
+    cfg.FloatOpt('head_timeout',
+                 default=5.0, min=0.1, max=60.0,
+                 help='Seconds a request head may take from its first '
+                      'byte. A new connection must complete its TLS '
+                      'handshake and its first request head within this '
+                      'time of being accepted, or it is closed.'),
     cfg.IntOpt('idle_timeout',
                default=60, min=1,
                help='Seconds an idle keep-alive peer connection stays '
-                    'open.'),
+                    'open between two requests.'),
+    cfg.IntOpt('replay_cache_size',
+               default=100000, min=1000,
+               help='Token nonces remembered to refuse replayed requests, '
+                    'each until its token expires. '
+                    'When full, the nonces expiring first are forgotten '
+                    'and tokens expiring no later than them are refused '
+                    'with 503 (the requester signs a new one): replays '
+                    'stay refused.'),
+    cfg.BoolOpt('accept_v1_tokens',
+                default=False,
+                help='Also accept version 1 tokens, which are neither bound '
+                     'to this node nor protected against replay, from '
+                     'nodes not yet upgraded. For the time of a rolling '
+                     'upgrade only.'),
+    cfg.BoolOpt('tls_enabled',
+                default=False,
+                help='Speak TLS to peers: serve https://, require a client '
+                     'certificate signed by tls_ca_file, and check every '
+                     'peer\'s certificate against tls_ca_file and the host '
+                     'of its URL. Every node of a deployment must have the '
+                     'same setting; peer URLs are then https://.'),
+    cfg.StrOpt('tls_certificate',
+               help='PEM certificate of this node (with its intermediate '
+                    'CAs), signed by tls_ca_file, naming the host of '
+                    'advertise_url in its subjectAltName (DNS name or IP '
+                    'address). Presented as server and as client.'),
+    cfg.StrOpt('tls_key',
+               help='PEM private key of tls_certificate. Keep it readable '
+                    'by the daemon only.'),
+    cfg.StrOpt('tls_ca_file',
+               help='PEM certificate(s) of the CA that signs the '
+                    'certificates of the deployment\'s nodes.'),
     cfg.BoolOpt('metrics_require_auth',
                 default=False,
                 help='Require a peer token on GET /metrics. Off by '

@@ -34,22 +34,34 @@ Every request for image data carries these headers::
 
     X-Thunder-Node: <node id>
     X-Thunder-Node-URL: <the requester's own serving URL>
+    X-Thunder-Destination: <the URL of the node the request is sent to>
     X-Thunder-Via: <URLs of the nodes this request is fetched for, comma
                    separated; may be empty>
     X-Thunder-Ticket: <the ticket of the fetch it serves> (optional)
-    X-Thunder-Auth: v1:<expiry, unix seconds>:<hex HMAC-SHA256>
+    X-Thunder-Auth: v2:<issued>:<expiry>:<nonce, 32 hex digits>:
+                    <hex HMAC-SHA256>      (times in unix seconds)
 
 The HMAC, keyed with the secret shared by the nodes of a deployment,
-covers the method, the path, the node id, the URL, the via list, the
-ticket and the expiry. A request whose token is missing, malformed, wrong,
-expired or valid for longer than the server allows is answered 401 with
-no body.
+covers the method, the path, the destination, the node id, the URL, the
+via list, the ticket, the issue and expiry times and the nonce. A server
+accepts a token only if the destination is its own URL, and each nonce
+only once (:class:`ReplayCache`). A request whose token is missing, malformed,
+wrong, expired, valid for longer than the server allows, made for another
+node or already used is answered 401 with no body. Version 1 tokens
+(``v1:<expiry>:<mac>``, no destination, no nonce) are refused unless the
+server accepts them for a rolling upgrade.
+
+Peer URLs are ``http://HOST:PORT``, or ``https://HOST:PORT`` in a
+deployment whose nodes speak TLS (:func:`use_tls`); one scheme per
+deployment: a URL of the other scheme is refused wherever it comes from.
 """
 
 import hashlib
+import heapq
 import hmac
 import os
 import re
+import threading
 import time
 
 API_VERSION = 'v1'
@@ -62,6 +74,9 @@ MAX_HEADER_BYTES = 16384
 # an image's tree (2**16 nodes with 2 children each).
 MAX_HOPS = 16
 MAX_URL_LENGTH = 200
+# Longest request head a server buffers: a few blank lines, the request
+# line and the headers. A head still incomplete at this size is refused.
+MAX_HEAD_BYTES = 16 + MAX_REQUEST_LINE + MAX_HEADER_BYTES
 # Tokens are short-lived; a server refuses one that claims to stay valid
 # longer than this (plus clock skew), whatever its signature.
 MAX_TOKEN_LIFETIME = 300
@@ -73,6 +88,7 @@ HEADER_URL = 'x-thunder-node-url'
 HEADER_VIA = 'x-thunder-via'
 HEADER_AUTH = 'x-thunder-auth'
 HEADER_TICKET = 'x-thunder-ticket'
+HEADER_DESTINATION = 'x-thunder-destination'
 
 IMAGE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z')
 NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
@@ -81,19 +97,21 @@ _INDEX = re.compile(r'^(0|[1-9][0-9]{0,6})\Z')
 _TOKEN_CHARS = re.compile(r'^[!#$%&\'*+.^_`|~0-9A-Za-z-]+\Z')
 _HEADER_VALUE = re.compile(r'^[\x20-\x7e\t]*\Z')
 _PEER_URL = re.compile(
-    r'^http://('
+    r'^(https?)://('
     r'(?:[0-9]{1,3}\.){3}[0-9]{1,3}'          # IPv4
     r'|\[[0-9A-Fa-f:.]{2,45}\]'                # [IPv6]
     r'|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})'      # host name
     r'(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*'
     r'):([1-9][0-9]{0,4})\Z')
-_AUTH = re.compile(r'^v1:([1-9][0-9]{0,11}):([0-9a-f]{64})\Z')
+_AUTH_V1 = re.compile(r'^v1:([1-9][0-9]{0,11}):([0-9a-f]{64})\Z')
+_AUTH_V2 = re.compile(r'^v2:([1-9][0-9]{0,11}):([1-9][0-9]{0,11}):'
+                      r'([0-9a-f]{32}):([0-9a-f]{64})\Z')
 _RANGE = re.compile(r'^bytes=([0-9]{0,19})-([0-9]{0,19})\Z')
 _TICKET = re.compile(r'^([0-9]{1,12})\.([0-9]{6})-([0-9a-f]{8})\Z')
 
 SINGLE_VALUED = ('host', 'range', 'connection', 'content-length',
                  'transfer-encoding', HEADER_NODE, HEADER_URL, HEADER_VIA,
-                 HEADER_AUTH, HEADER_TICKET)
+                 HEADER_AUTH, HEADER_TICKET, HEADER_DESTINATION)
 
 
 class ProtocolError(Exception):
@@ -108,6 +126,21 @@ class ProtocolError(Exception):
 class AuthError(ProtocolError):
     def __init__(self, reason):
         super().__init__(401, reason)
+
+
+class ReplayError(AuthError):
+    """A token whose nonce this server has already accepted."""
+
+
+class ReplayWindowError(ProtocolError):
+    """A valid token older than the nonces the server had to forget.
+
+    Answered 503: the requester asks elsewhere, or again with a fresh
+    token (see :class:`ReplayCache`).
+    """
+
+    def __init__(self, reason):
+        super().__init__(503, reason)
 
 
 # -- request parsing -------------------------------------------------------
@@ -212,6 +245,62 @@ def read_head(readline):
     return method, target, version, headers
 
 
+class _Incomplete(Exception):
+    pass
+
+
+class HeadBuffer:
+    """Bytes received on a connection, cut into request heads.
+
+    Bytes are fed as they arrive (:meth:`feed`); :meth:`take` returns the
+    next complete head, parsed by :func:`read_head`, or None while it is
+    incomplete. The buffer never holds more than :data:`MAX_HEAD_BYTES`
+    of an incomplete head: :meth:`room` says how much more to receive.
+    """
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def __len__(self):
+        return len(self._data)
+
+    def room(self):
+        return max(0, MAX_HEAD_BYTES - len(self._data))
+
+    def feed(self, data):
+        self._data += data
+
+    def take(self):
+        """The next head, or None if incomplete.
+
+        :raises ProtocolError: if the head is malformed or too large.
+        """
+        data = self._data
+        if not data:
+            return None
+        position = 0
+
+        def readline(limit):
+            nonlocal position
+            end = data.find(b'\n', position, position + limit)
+            if end < 0:
+                if len(data) - position < limit:
+                    raise _Incomplete()
+                end = position + limit - 1
+            line = bytes(data[position:end + 1])
+            position = end + 1
+            return line
+
+        try:
+            head = read_head(readline)
+        except _Incomplete:
+            if len(data) >= MAX_HEAD_BYTES:
+                raise ProtocolError(431, 'request head too large')
+            return None
+        del data[:position]
+        return head
+
+
 class Route(object):
     """What a request path names."""
 
@@ -305,6 +394,26 @@ def check_node_id(node_id):
     return node_id
 
 
+_scheme = 'http'
+
+
+def use_tls(enabled):
+    """Make this process's peer URLs https:// (True) or http:// (False).
+
+    Called once at start from ``[peer] tls_enabled``: every node of a
+    deployment speaks the same scheme, and :func:`normalize_url` refuses
+    URLs of the other one wherever they come from (descriptors,
+    advertisements, redirects, request headers).
+    """
+    global _scheme
+    _scheme = 'https' if enabled else 'http'
+
+
+def url_scheme():
+    """``'https'`` if this process's peers speak TLS, else ``'http'``."""
+    return _scheme
+
+
 def normalize_url(url):
     """A peer's base URL, validated; raises ValueError."""
     if not isinstance(url, str):
@@ -314,10 +423,24 @@ def normalize_url(url):
         raise ValueError('peer URL longer than %d characters'
                          % MAX_URL_LENGTH)
     match = _PEER_URL.match(url)
-    if not match or not 0 < int(match.group(2)) < 65536:
-        raise ValueError('peer URL must be http://HOST:PORT, not %r'
-                         % url[:80])
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise ValueError('peer URL must be %s://HOST:PORT, not %r'
+                         % (_scheme, url[:80]))
+    if match.group(1) != _scheme:
+        raise ValueError(
+            'peer URL %r is %s:// but the peers of this node speak %s '
+            '([peer] tls_enabled is %s): every node of a deployment must '
+            'use the same scheme' % (url[:80], match.group(1), _scheme,
+                                     'on' if _scheme == 'https' else 'off'))
     return url
+
+
+def split_url(url):
+    """(scheme, host, port) of a normalized peer URL (no IPv6 brackets)."""
+    match = _PEER_URL.match(url)
+    if not match:
+        raise ValueError('not a peer URL: %r' % url[:80])
+    return match.group(1), match.group(2).strip('[]'), int(match.group(3))
 
 
 def parse_via(value):
@@ -364,23 +487,33 @@ def load_secret(path):
     return secret
 
 
-def _mac(secret, method, path, node_id, url, via, ticket, expiry):
+def _mac_v1(secret, method, path, node_id, url, via, ticket, expiry):
     message = '\n'.join(('thunder-peer-v1', method, path, node_id, url,
                          ','.join(via), ticket or '', str(expiry)))
     return hmac.new(secret, message.encode('ascii'),
                     hashlib.sha256).hexdigest()
 
 
+def _mac(secret, method, path, destination, node_id, url, via, ticket,
+         issued, expiry, nonce):
+    message = '\n'.join(('thunder-peer-v2', method, path, destination,
+                         node_id, url, ','.join(via), ticket or '',
+                         str(issued), str(expiry), nonce))
+    return hmac.new(secret, message.encode('ascii'),
+                    hashlib.sha256).hexdigest()
+
+
 class Peer(object):
-    """An authenticated requester."""
+    """An authenticated requester; ``version`` is its token's version."""
 
-    __slots__ = ('node_id', 'url', 'via', 'ticket')
+    __slots__ = ('node_id', 'url', 'via', 'ticket', 'version')
 
-    def __init__(self, node_id, url, via, ticket=None):
+    def __init__(self, node_id, url, via, ticket=None, version=2):
         self.node_id = node_id
         self.url = url
         self.via = via
         self.ticket = ticket
+        self.version = version
 
     def __repr__(self):
         return '<Peer %s at %s>' % (self.node_id, self.url)
@@ -402,16 +535,25 @@ class Signer(object):
         self.lifetime = lifetime
         self._clock = clock
 
-    def headers(self, method, path, via=(), ticket=None):
-        expiry = int(self._clock()) + self.lifetime
+    def headers(self, method, path, via=(), ticket=None, *, destination):
+        """Headers of one request to the node at ``destination``.
+
+        Every call makes a new token (a fresh nonce): a token serves one
+        request, to one node.
+        """
+        destination = normalize_url(destination)
+        issued = int(self._clock())
+        expiry = issued + self.lifetime
+        nonce = os.urandom(16).hex()
         via = tuple(via)
         headers = {
             'X-Thunder-Node': self.node_id,
             'X-Thunder-Node-URL': self.url,
+            'X-Thunder-Destination': destination,
             'X-Thunder-Via': ','.join(via),
-            'X-Thunder-Auth': 'v1:%d:%s' % (expiry, _mac(
-                self.secret, method, path, self.node_id, self.url, via,
-                ticket, expiry)),
+            'X-Thunder-Auth': 'v2:%d:%d:%s:%s' % (issued, expiry, nonce, _mac(
+                self.secret, method, path, destination, self.node_id,
+                self.url, via, ticket, issued, expiry, nonce)),
         }
         if ticket:
             headers['X-Thunder-Ticket'] = ticket
@@ -419,37 +561,152 @@ class Signer(object):
 
 
 def authenticate(secret, method, path, headers, clock=time.time,
-                 max_lifetime=MAX_TOKEN_LIFETIME):
-    """The Peer that signed a request.
+                 max_lifetime=MAX_TOKEN_LIFETIME, *, destination,
+                 replays=None, accept_v1=False):
+    """The Peer that signed a request sent to this node.
 
-    :raises AuthError: if the token is missing, malformed, wrong or
-        expired.
-    :raises ProtocolError: if the via list is malformed or too long.
+    :param destination: this node's own URL: a token is valid only for
+        the node it was made for.
+    :param replays: the :class:`ReplayCache` of this node; None checks
+        no nonce (tests of the MAC only).
+    :param accept_v1: accept version 1 tokens (no destination, no nonce:
+        neither bound to this node nor protected against replay), for a
+        rolling upgrade from nodes that only sign those.
+    :raises AuthError: if the token is missing, malformed, wrong, expired,
+        made for another node or already used (:class:`ReplayError`).
+    :raises ReplayWindowError: for a valid token made before this node
+        started, or older than the nonces the replay cache had to forget.
+    :raises ProtocolError: if the via list or the ticket is malformed, or
+        the via list too long.
     """
     node_id = headers.get(HEADER_NODE, '')
-    url = headers.get(HEADER_URL, '')
     token = headers.get(HEADER_AUTH, '')
-    match = _AUTH.match(token)
+    match = _AUTH_V2.match(token)
+    version = 2
+    if match is None and accept_v1:
+        match = _AUTH_V1.match(token)
+        version = 1
     if not match or not NODE_ID.match(node_id):
+        if token.startswith('v1:') and not accept_v1:
+            raise AuthError('version 1 token refused ([peer] '
+                            'accept_v1_tokens is off)')
         raise AuthError('missing or malformed token')
     try:
-        url = normalize_url(url)
+        url = normalize_url(headers.get(HEADER_URL, ''))
     except ValueError:
         raise AuthError('missing or malformed node URL')
+    if version == 2:
+        _check_destination(headers.get(HEADER_DESTINATION, ''), destination)
     via = parse_via(headers.get(HEADER_VIA, ''))
     ticket = headers.get(HEADER_TICKET) or None
     if ticket is not None and not _TICKET.match(ticket):
         raise ProtocolError(400, 'malformed %s header' % HEADER_TICKET)
-    expiry = int(match.group(1))
     now = clock()
+    if version == 1:
+        expiry, mac = int(match.group(1)), match.group(2)
+    else:
+        issued, expiry = int(match.group(1)), int(match.group(2))
+        nonce, mac = match.group(3), match.group(4)
+        if (not 0 < expiry - issued <= max_lifetime or
+                issued > now + CLOCK_SKEW):
+            raise AuthError('token issued in the future or valid for '
+                            'too long')
     if expiry < now:
         raise AuthError('token expired')
     if expiry > now + max_lifetime + CLOCK_SKEW:
         raise AuthError('token valid for too long')
-    expected = _mac(secret, method, path, node_id, url, via, ticket, expiry)
-    if not hmac.compare_digest(expected, match.group(2)):
+    if version == 1:
+        expected = _mac_v1(secret, method, path, node_id, url, via, ticket,
+                           expiry)
+    else:
+        expected = _mac(secret, method, path, destination, node_id, url,
+                        via, ticket, issued, expiry, nonce)
+    if not hmac.compare_digest(expected, mac):
         raise AuthError('bad token')
-    return Peer(node_id, url, via, ticket)
+    if version == 2 and replays is not None:
+        replays.check(nonce, issued, expiry, now)
+    return Peer(node_id, url, via, ticket, version)
+
+
+def _check_destination(value, destination):
+    try:
+        value = normalize_url(value)
+    except ValueError:
+        raise AuthError('missing or malformed destination')
+    if value != destination:
+        raise AuthError('token made for %s, not for this node (%s)'
+                        % (value, destination))
+
+
+class ReplayCache:
+    """The nonces of the tokens a server accepted, until the tokens expire.
+
+    A nonce seen again while its token is valid is a replay
+    (:class:`ReplayError`). Nonces live in memory only: tokens issued
+    before the second the cache was made in (the node's start) are
+    refused (:class:`ReplayWindowError`, 503), as the node cannot know
+    which it accepted before. At most ``capacity``
+    nonces are kept, in
+    buckets by expiry second. When one more would exceed it, the bucket
+    expiring first is forgotten and every token expiring no later than it
+    is refused from then on (:class:`ReplayWindowError`, 503): a replay is
+    never accepted; under more than ``capacity / token lifetime`` requests
+    a second, tokens older than the freshest ones are turned away and
+    their requesters sign new ones.
+    """
+
+    def __init__(self, capacity=100000, clock=time.time):
+        if capacity < 1:
+            raise ValueError('replay cache capacity must be positive')
+        self.capacity = capacity
+        # Tokens issued before this time are refused.
+        self.started = int(clock())
+        # Tokens expiring at or before this time are refused.
+        self.floor = 0
+        self.overflows = 0
+        self._buckets = {}
+        self._expiries = []
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return self._size
+
+    def check(self, nonce, issued, expiry, now):
+        """Record the nonce of a valid token.
+
+        :raises ReplayError: if the nonce was recorded before.
+        :raises ReplayWindowError: if the token was issued before this
+            cache was made, or expires no later than tokens whose nonces
+            were forgotten.
+        """
+        if issued < self.started:
+            raise ReplayWindowError('token made before this node started; '
+                                    'sign a new one')
+        key = int(nonce, 16)
+        with self._lock:
+            while self._expiries and self._expiries[0] < now:
+                self._drop_first()
+            if expiry <= self.floor:
+                raise ReplayWindowError(
+                    'token too old for the replay cache (full); sign a '
+                    'new one')
+            bucket = self._buckets.get(expiry)
+            if bucket is None:
+                bucket = self._buckets[expiry] = set()
+                heapq.heappush(self._expiries, expiry)
+            elif key in bucket:
+                raise ReplayError('token already used')
+            bucket.add(key)
+            self._size += 1
+            while self._size > self.capacity:
+                self.floor = max(self.floor, self._drop_first())
+                self.overflows += 1
+
+    def _drop_first(self):
+        expiry = heapq.heappop(self._expiries)
+        self._size -= len(self._buckets.pop(expiry))
+        return expiry
 
 
 # -- responses -------------------------------------------------------------

@@ -274,9 +274,8 @@ class Redirect(Exception):
 
 def split_url(url):
     """(host, port) of a normalized peer URL."""
-    rest = url[len('http://'):]
-    host, _sep, port = rest.rpartition(':')
-    return host.strip('[]'), int(port)
+    _scheme, host, port = protocol.split_url(url)
+    return host, port
 
 
 def manifest_limit(length=None, offset=None):
@@ -408,7 +407,10 @@ class PeerClient(object):
     ``timeout`` seconds plus the bytes expected at :attr:`min_rate`
     (``timeout`` also bounds each silent wait on the socket). A peer
     that has not answered in full by then is cut off. Connections go only
-    to addresses :attr:`policy` allows.
+    to addresses :attr:`policy` allows. With ``tls_context``
+    (:func:`thunder_cache.tls.client_context`) peers are reached over TLS
+    (``https://`` URLs), their certificates checked against the
+    deployment's CA and the host of their URL.
     """
 
     #: The :class:`~thunder_cache.peerpolicy.AddressPolicy` every peer
@@ -419,9 +421,10 @@ class PeerClient(object):
     #: ``timeout`` seconds.
     min_rate = 1024 * 1024
 
-    def __init__(self, signer, timeout=10.0):
+    def __init__(self, signer, timeout=10.0, tls_context=None):
         self.signer = signer
         self.timeout = timeout
+        self.tls_context = tls_context
         self._local = threading.local()
 
     def _connection(self, url):
@@ -430,9 +433,18 @@ class PeerClient(object):
             conns = self._local.conns = {}
         conn = conns.get(url)
         if conn is None:
-            host, port = split_url(url)
-            conn = http.client.HTTPConnection(host, port,
-                                              timeout=self.timeout)
+            scheme, host, port = protocol.split_url(url)
+            if (scheme == 'https') != (self.tls_context is not None):
+                raise PeerError('peer %s: this node speaks %s to its peers'
+                                % (url, 'TLS' if self.tls_context else
+                                   'plain HTTP'))
+            if self.tls_context is not None:
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout,
+                    context=self.tls_context)
+            else:
+                conn = http.client.HTTPConnection(host, port,
+                                                  timeout=self.timeout)
             conns[url] = conn
         return conn
 
@@ -490,8 +502,11 @@ class PeerClient(object):
     # -- requests ----------------------------------------------------------
 
     def _request(self, url, path, via, ticket=None):
-        headers = self.signer.headers('GET', path, via, ticket)
         for attempt in (0, 1):
+            # A token per attempt: servers accept each token once, and it
+            # is valid only for the node it is sent to.
+            headers = self.signer.headers('GET', path, via, ticket,
+                                          destination=url)
             conn = self._connection(url)
             conn._create_connection = functools.partial(self._open, url)
             try:

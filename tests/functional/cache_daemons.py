@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -63,12 +64,21 @@ class Daemon(object):
     """One node: configuration, process, metrics, local reader."""
 
     def __init__(self, workdir, name, max_children=2, upload_rate=0,
-                 commit_interval=0.05, extra='', origin_dirs=None):
+                 commit_interval=0.05, extra='', origin_dirs=None,
+                 peer_options=(), tls=None):
+        """``tls``: (CA file, certificate, key) to speak TLS to peers."""
         self.name = name
         self.dir = os.path.join(workdir, name)
         os.makedirs(os.path.join(self.dir, 'images.d'), exist_ok=True)
         self.port = free_port()
-        self.url = 'http://127.0.0.1:%d' % self.port
+        self.tls = tls
+        self.url = '%s://127.0.0.1:%d' % ('https' if tls else 'http',
+                                          self.port)
+        peer_options = list(peer_options)
+        if tls:
+            peer_options += ['tls_enabled = true', 'tls_ca_file = %s' % tls[0],
+                             'tls_certificate = %s' % tls[1],
+                             'tls_key = %s' % tls[2]]
         self.secret_path = os.path.join(workdir, 'secret')
         if not os.path.exists(self.secret_path):
             with open(self.secret_path, 'wb') as f:
@@ -93,7 +103,7 @@ class Daemon(object):
                 'fetch_timeout = 5', 'relay_timeout = 4',
                 'peer_retry_interval = 30',
                 # Every node of these tests lives on loopback.
-                'allowed_networks = 127.0.0.0/8',
+                'allowed_networks = 127.0.0.0/8'] + list(peer_options) + [
                 '[cache]', 'commit_interval = %s' % commit_interval,
                 # The tests' image-volume files live in the work directory.
                 '[origin]', 'file_origin_dirs = %s' % ','.join(
@@ -194,8 +204,13 @@ class Daemon(object):
     # -- metrics --------------------------------------------------------------
 
     def metrics_text(self):
-        return urllib.request.urlopen(self.url + '/metrics',
-                                      timeout=5).read().decode()
+        context = None
+        if self.tls:
+            # The daemon wants a client certificate of its CA.
+            context = ssl.create_default_context(cafile=self.tls[0])
+            context.load_cert_chain(self.tls[1], self.tls[2])
+        return urllib.request.urlopen(self.url + '/metrics', timeout=5,
+                                      context=context).read().decode()
 
     def metric(self, name, **labels):
         """Sum of the samples of ``name`` whose labels include ``labels``."""

@@ -23,6 +23,10 @@ import http.server
 import json
 import os
 import random
+import re
+import selectors
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -34,6 +38,7 @@ from tests.functional import cache_daemons
 from tests import hostile_peer
 from thunder_cache import chunkmap
 from thunder_common import manifest as manifest_mod
+from thunder_stack import pki
 
 IMAGE = 'img-functional'
 CHUNK = 256 * 1024
@@ -761,3 +766,307 @@ def test_bogus_advertisements_cost_at_most_one_deadline_each(
     finally:
         cinder.shutdown()
         cinder.server_close()
+
+# -- hostile clients of the peer server --------------------------------------
+
+HALF_HEAD = ('GET /v1/images/%s/chunks/0 HTTP/1.1\r\nHost: x\r\n'
+             'X-Slow: ' % IMAGE).encode()
+
+
+class _Slowloris:
+    """Keeps half-sent request heads open, from many addresses.
+
+    ``sources`` has the source address of each connection; every one the
+    server closes is opened again at once, and the open ones get one more
+    byte of their head every 0.5 s (no wait is long enough for an idle
+    timeout). ``lifetimes`` are the seconds each lived.
+    """
+
+    def __init__(self, port, sources):
+        self.port = port
+        self.sources = sources
+        self.lifetimes = []
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while self.opened < len(self.sources):
+            assert time.monotonic() < deadline, 'the flood did not start'
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _open(self, source):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.settimeout(5)
+        try:
+            s.connect(('127.0.0.1', self.port))
+            s.sendall(HALF_HEAD)
+        except OSError:
+            s.close()
+            return None
+        s.setblocking(False)
+        self.opened += 1
+        return s
+
+    def _run(self):
+        live = {}
+        selector = selectors.DefaultSelector()
+        trickle = 0.0
+        try:
+            while not self._stop.is_set():
+                for source in self.sources[len(live):]:
+                    s = self._open(source)
+                    if s is not None:
+                        live[s] = time.monotonic()
+                        selector.register(s, selectors.EVENT_READ)
+                closed = [key.fileobj for key, _ in selector.select(0.1)]
+                if time.monotonic() >= trickle:
+                    trickle = time.monotonic() + 0.5
+                    for s in live:
+                        try:
+                            s.send(b'z')
+                        except OSError:
+                            closed.append(s)
+                for s in set(closed):
+                    try:
+                        if s.recv(4096):
+                            continue
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass
+                    self.lifetimes.append(time.monotonic() - live.pop(s))
+                    selector.unregister(s)
+                    s.close()
+        finally:
+            for s in live:
+                s.close()
+            selector.close()
+
+
+def _threads(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('Threads:'):
+                return int(line.split()[1])
+
+
+def test_slowloris_flood_does_not_stop_peer_serving(daemons, volume, image):
+    """300 half-sent heads from 11 addresses; a real peer still reads.
+
+    100 of them come from the peer's own address (more than an address
+    may hold), 200 from 127.0.0.2 to 127.0.0.11. The flooded node answers
+    its peer with chunks (200, never 503), keeps no thread per hostile
+    connection, and closes each of them at the head deadline however
+    slowly it trickles.
+    """
+    path, manifest = volume
+    seed = daemons('flooded', peer_options=['head_timeout = 2'])
+    seed.describe(IMAGE, manifest, {'type': 'file', 'path': path})
+    seed.start()
+    # No origin: every chunk must come from the flooded node.
+    peer = daemons('peer', extra='read_retry = 5')
+    peer.describe(IMAGE, manifest, None, peers=[seed])
+    peer.start()
+    threads = _threads(seed.pid)
+    sources = ['127.0.0.1'] * 100 + ['127.0.0.%d' % (2 + i // 20)
+                                     for i in range(200)]
+    with _Slowloris(seed.port, sources) as flood:
+        assert peer.read(IMAGE, 0, SIZE) == image
+        # No thread per hostile connection (a few for the peer's).
+        assert _threads(seed.pid) <= threads + 8
+        time.sleep(3)   # past the head deadline of every hostile head
+    assert peer.metric('thunder_cache_chunks_from_peers_total') == (
+        manifest.chunk_count)
+    assert seed.metric('thunder_cache_responses_total', status='503') == 0
+    assert seed.metric('thunder_cache_chunks_served_to_peers_total') == (
+        manifest.chunk_count)
+    print('flood: %d hostile connections, %d closed by the server, longest '
+          'lived %.1f s; flooded node at %d threads' % (
+              flood.opened, len(flood.lifetimes), max(flood.lifetimes),
+              threads))
+    assert len(flood.lifetimes) >= 300
+    # head_timeout is 2 s; the base code never closed them.
+    assert max(flood.lifetimes) < 2 + 10
+    assert seed.metric('thunder_cache_head_timeouts_total') > 0
+
+
+class _Recorder:
+    """A TCP relay to ``port`` that records the bytes clients send."""
+
+    def __init__(self, port=None):
+        self.port = port
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.url = 'http://127.0.0.1:%d' % self.listener.getsockname()[1]
+        self.sent = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(('127.0.0.1', self.port))
+            record = bytearray()
+            self.sent.append(record)
+            threading.Thread(target=self._pump, args=(client, upstream,
+                                                      record),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client,
+                                                      None),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink, record):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if record is not None:
+                    record += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def requests(self):
+        """The request heads clients sent, in order."""
+        heads = []
+        for record in self.sent:
+            heads += [bytes(h) + b'\r\n\r\n' for h in bytes(record).split(
+                b'\r\n\r\n') if h]
+        return heads
+
+    def close(self):
+        self.listener.close()
+
+
+def _replay(port, request):
+    """Send captured bytes as they are; the answer's status line."""
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        answer = b''
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer.split(b'\r\n', 1)[0]
+
+
+def test_captured_request_cannot_be_replayed(daemons, volume, image):
+    """A request seen on the wire is refused by its node and by others."""
+    path, manifest = volume
+    origin = {'type': 'file', 'path': path}
+    recorder = _Recorder()
+    try:
+        # The target is known to its peers by the recorder's address,
+        # which sees every byte they send it.
+        target = daemons('target', extra='[node]\nadvertise_url = %s'
+                         % recorder.url)
+        recorder.port = target.port
+        target.describe(IMAGE, manifest, origin)
+        target.start()
+        other = daemons('other')
+        other.describe(IMAGE, manifest, origin)
+        other.start()
+        requester = daemons('requester')
+        requester.describe(IMAGE, manifest, None, peers=[recorder.url])
+        requester.start()
+        assert requester.read(IMAGE, 0, CHUNK) == image[:CHUNK]
+        captured = [r for r in recorder.requests() if r.startswith(
+            b'GET /v1/images/%s/chunks/0 ' % IMAGE.encode())]
+        assert len(captured) == 1
+        # The same bytes again, to the node they were sent to, and to
+        # another node of the deployment.
+        assert _replay(target.port, captured[0]) == (
+            b'HTTP/1.1 401 Unauthorized')
+        assert _replay(other.port, captured[0]) == (
+            b'HTTP/1.1 401 Unauthorized')
+        assert target.metric('thunder_cache_replays_refused_total') == 1
+        assert other.metric('thunder_cache_auth_failures_total') == 1
+        assert other.metric('thunder_cache_chunks_served_to_peers_total',
+                            image=IMAGE) == 0
+        assert target.metric('thunder_cache_chunks_served_to_peers_total',
+                             image=IMAGE) == 1
+        # Restarted, the target has forgotten the nonces it saw: it
+        # refuses every token made before the second it started in.
+        issued = int(re.search(rb'X-Thunder-Auth: v2:([0-9]+):',
+                               captured[0]).group(1))
+        target.stop()
+        while int(time.time()) <= issued:
+            time.sleep(0.05)
+        target.start()
+        assert _replay(target.port, captured[0]) == (
+            b'HTTP/1.1 503 Service Unavailable')
+        assert target.metric('thunder_cache_chunks_served_to_peers_total',
+                             image=IMAGE) == 0
+    finally:
+        recorder.close()
+
+
+def test_tls_between_daemons(daemons, volume, image, workdir):
+    """Image bytes over TLS; a node of another CA and plain HTTP get none."""
+    path, manifest = volume
+    ours = pki.Pki(str(workdir / 'pki'))
+    seed = daemons('tls-seed', tls=(ours.ca_file,) + ours.node(
+        'tls-seed', ['127.0.0.1']))
+    seed.describe(IMAGE, manifest, {'type': 'file', 'path': path})
+    seed.start()
+    reader = daemons('tls-reader', tls=(ours.ca_file,) + ours.node(
+        'tls-reader', ['127.0.0.1']))
+    reader.describe(IMAGE, manifest, None, peers=[seed])
+    reader.start()
+    assert reader.url.startswith('https://')
+    assert reader.read(IMAGE, 0, SIZE) == image
+    assert reader.metric('thunder_cache_chunks_from_peers_total') == (
+        manifest.chunk_count)
+    served = seed.metric('thunder_cache_bytes_served_to_peers_total')
+    assert served == SIZE
+
+    # A node whose certificate another CA signed: refused both ways.
+    theirs = pki.Pki(str(workdir / 'other-pki'), name='another CA')
+    rogue_files = theirs.node('rogue', ['127.0.0.1'])
+    rogue = daemons('tls-rogue', tls=(theirs.ca_file,) + rogue_files,
+                    extra='read_retry = 2')
+    rogue.describe(IMAGE, manifest, None, peers=[seed])
+    rogue.start()
+    with pytest.raises(IOError, match='503'):
+        rogue.read(IMAGE, 0, CHUNK)
+    context = ssl.create_default_context(cafile=ours.ca_file)
+    context.load_cert_chain(*rogue_files)
+    failures = seed.metric('thunder_cache_tls_handshake_failures_total')
+    with socket.create_connection(('127.0.0.1', seed.port), timeout=10) as s:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with context.wrap_socket(s, server_hostname='127.0.0.1') as t:
+                t.sendall(b'GET /metrics HTTP/1.1\r\n\r\n')
+                # TLS 1.3: the refusal arrives with the first read.
+                assert t.recv(100) == b''
+                raise ConnectionError('closed without an answer')
+    # Plain HTTP to the TLS port: no HTTP answer at all.
+    with socket.create_connection(('127.0.0.1', seed.port), timeout=10) as s:
+        s.sendall(b'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n')
+        try:
+            answer = s.recv(65536)
+        except ConnectionResetError:
+            answer = b''
+        assert b'HTTP/1.1' not in answer
+    assert seed.metric('thunder_cache_tls_handshake_failures_total') >= (
+        failures + 2)
+    assert seed.metric('thunder_cache_bytes_served_to_peers_total') == served

@@ -14,7 +14,10 @@
 
 import collections
 import os
+import subprocess
+import sys
 import threading
+import time
 
 from thunder_cache import node as node_mod
 from thunder_cache import peerpolicy
@@ -56,15 +59,21 @@ class CountingOrigin(sources.FileOrigin):
 class Cluster(object):
     """Nodes with their servers; stop() stops them all."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, client_tls=None):
         self.tmp_path = tmp_path
         self.nodes = []
+        # The TLS client context of the nodes' own clients, if TLS is on.
+        self.client_tls = client_tls
 
-    def start(self, name, spec_kwargs, secret=SECRET, **node_kwargs):
+    def start(self, name, spec_kwargs, secret=SECRET, server_kwargs=None,
+              **node_kwargs):
+        server_kwargs = dict(server_kwargs or {})
+        server_kwargs.setdefault('idle_timeout', 5)
         srv = server_mod.PeerServer(('127.0.0.1', 0), None, secret,
-                                    idle_timeout=5)
-        url = 'http://127.0.0.1:%d' % srv.port
-        client = peer_client(protocol.Signer(secret, name, url))
+                                    **server_kwargs)
+        url = '%s://127.0.0.1:%d' % (protocol.url_scheme(), srv.port)
+        client = peer_client(protocol.Signer(secret, name, url),
+                             tls_context=self.client_tls)
         node_kwargs.setdefault('relay_timeout', 4)
         node = node_mod.Node(name, url, str(self.tmp_path / name), client,
                              **node_kwargs)
@@ -89,9 +98,9 @@ class Cluster(object):
             self.stop(node)
 
 
-def peer_client(signer):
+def peer_client(signer, tls_context=None):
     """A PeerClient allowed to reach the tests' peers on loopback."""
-    client = sources.PeerClient(signer, timeout=5)
+    client = sources.PeerClient(signer, timeout=5, tls_context=tls_context)
     client.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
     return client
 
@@ -100,8 +109,39 @@ def client(name='tester', url='http://127.0.0.1:9', secret=SECRET):
     return peer_client(protocol.Signer(secret, name, url))
 
 
+def eventually(predicate, timeout=10):
+    """True once ``predicate()`` is (polled until ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def remove(path):
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def run_daemon(directory, extra):
+    """Run ``thunder-cache`` with a minimal configuration plus ``extra``.
+
+    A process of its own (main() installs signal handlers and logging)
+    that is expected to exit: its CompletedProcess, output as text.
+    """
+    with open(os.path.join(directory, 'secret'), 'w') as f:
+        f.write('s' * 32)
+    conf = os.path.join(directory, 'thunder-cache.conf')
+    with open(conf, 'w') as f:
+        f.write('[node]\nnode_id = t1\nlisten_address = 127.0.0.1\n'
+                'listen_port = 0\ncache_dir = {d}/cache\n'
+                'local_socket = {d}/local.sock\npid_file = {d}/pid\n'
+                '[peer]\nshared_secret_file = {d}/secret\n'.format(
+                    d=directory))
+        f.write(extra)
+    return subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         conf], capture_output=True, text=True, timeout=60)

@@ -30,6 +30,7 @@ from cinder_thunder_driver import driver
 from cinder_thunder_driver import flattener
 from cinder_thunder_driver import options
 from tests.unit import fakes
+from thunder_cache import protocol
 
 BACKEND = 'thunder_unit'
 
@@ -51,6 +52,16 @@ def fake_ceph():
         yield ceph
     assert ceph.open_count() == 0, 'test leaked open RBD images'
     assert all(i.closed for i in ceph.open_ioctxs), 'test leaked ioctxs'
+
+
+@pytest.fixture
+def https():
+    """Peer URLs are https:// for the test (``[peer] tls_enabled``)."""
+    protocol.use_tls(True)
+    try:
+        yield
+    finally:
+        protocol.use_tls(False)
 
 
 @pytest.fixture

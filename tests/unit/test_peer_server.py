@@ -15,8 +15,6 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -63,9 +61,11 @@ def seed(cluster, volume):
     return node, srv
 
 
-def _raw(port, data, read_timeout=5):
+def _raw(port, data, read_timeout=5, source=None):
     """Send raw bytes; return everything the server sends until close."""
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+    with socket.create_connection(('127.0.0.1', port), timeout=5,
+                                  source_address=(source, 0) if source
+                                  else None) as s:
         s.sendall(data)
         s.settimeout(read_timeout)
         out = b''
@@ -89,9 +89,10 @@ def _request(path, headers=None, close=True):
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')
 
 
-def _signed(path, name='peer', url='http://127.0.0.1:9', via=(),
+def _signed(path, dest, name='peer', url='http://127.0.0.1:9', via=(),
             secret=cache_helpers.SECRET, **kw):
-    return protocol.Signer(secret, name, url, **kw).headers('GET', path, via)
+    return protocol.Signer(secret, name, url, **kw).headers(
+        'GET', path, via, destination=dest)
 
 
 def _split(response):
@@ -109,7 +110,8 @@ def test_chunk_served(seed, volume):
     node, srv = seed
     path = protocol.chunk_path('img', 2)
     status, headers, body = _split(_raw(srv.port,
-                                        _request(path, _signed(path))))
+                                        _request(path, _signed(path,
+                                                               node.url))))
     assert status == 200
     assert body == image[2 * CHUNK:3 * CHUNK]
     assert headers['Content-Length'] == str(CHUNK)
@@ -123,7 +125,8 @@ def test_keep_alive_many_requests(seed, volume):
     image, manifest, _ = volume
     node, srv = seed
     data = b''.join(_request(protocol.chunk_path('img', i),
-                             _signed(protocol.chunk_path('img', i)),
+                             _signed(protocol.chunk_path('img', i),
+                                     node.url),
                              close=False)
                     for i in range(manifest.chunk_count))
     out = _raw(srv.port, data, read_timeout=1)
@@ -140,32 +143,41 @@ def test_keep_alive_many_requests(seed, volume):
 
 def test_range_request(seed, volume):
     image, _manifest, _ = volume
-    _node, srv = seed
+    node, srv = seed
     path = protocol.chunk_path('img', 1)
-    headers = dict(_signed(path), Range='bytes=10-19')
+    headers = dict(_signed(path, node.url), Range='bytes=10-19')
     status, h, body = _split(_raw(srv.port, _request(path, headers)))
     assert status == 206
     assert h['Content-Range'] == 'bytes 10-19/%d' % CHUNK
     assert body == image[CHUNK + 10:CHUNK + 20]
-    headers['Range'] = 'bytes=%d-' % CHUNK
+    # A fresh token: each is accepted once.
+    headers = dict(_signed(path, node.url), Range='bytes=%d-' % CHUNK)
     assert _split(_raw(srv.port, _request(path, headers)))[0] == 416
 
 
 @pytest.mark.parametrize('mutate', [
-    lambda h: {},
-    lambda h: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
-    lambda h: dict(h, **{'X-Thunder-Node': 'someone-else'}),
-    lambda h: _signed(protocol.chunk_path('img', 1)),   # other path
-    lambda h: _signed(protocol.chunk_path('img', 0), secret=b'w' * 32),
-    lambda h: _signed(protocol.chunk_path('img', 0), lifetime=300,
-                      clock=lambda: time.time() + 200),
-    lambda h: _signed(protocol.chunk_path('img', 0),
-                      clock=lambda: time.time() - 120),    # expired
+    lambda h, d: {},
+    lambda h, d: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
+    lambda h, d: dict(h, **{'X-Thunder-Node': 'someone-else'}),
+    lambda h, d: _signed(protocol.chunk_path('img', 1), d),   # other path
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d,
+                         secret=b'w' * 32),
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d, lifetime=300,
+                         clock=lambda: time.time() + 200),
+    lambda h, d: _signed(protocol.chunk_path('img', 0), d,
+                         clock=lambda: time.time() - 120),    # expired
+    # Made for another node, or claiming to be while signed for it.
+    lambda h, d: _signed(protocol.chunk_path('img', 0),
+                         'http://127.0.0.1:1'),
+    lambda h, d: dict(_signed(protocol.chunk_path('img', 0),
+                              'http://127.0.0.1:1'),
+                      **{'X-Thunder-Destination': d}),
+    lambda h, d: dict(h, **{'X-Thunder-Destination': ''}),
 ])
 def test_bad_tokens_get_401_without_body(seed, mutate):
     node, srv = seed
     path = protocol.chunk_path('img', 0)
-    headers = mutate(_signed(path))
+    headers = mutate(_signed(path, node.url), node.url)
     status, h, body = _split(_raw(srv.port, _request(path, headers)))
     assert status == 401
     assert body == b''
@@ -198,11 +210,13 @@ def test_malformed_requests(seed, data, status):
 
 def test_chunk_index_past_the_image(seed, volume):
     _image, manifest, _ = volume
-    _node, srv = seed
+    node, srv = seed
     path = protocol.chunk_path('img', manifest.chunk_count)
-    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+    assert _split(_raw(srv.port, _request(path, _signed(path, node.url))))[
+        0] == 404
     path = protocol.chunk_path('other', 0)
-    assert _split(_raw(srv.port, _request(path, _signed(path))))[0] == 404
+    assert _split(_raw(srv.port, _request(path, _signed(path, node.url))))[
+        0] == 404
 
 
 def test_manifest_endpoint(seed, volume):
@@ -241,7 +255,7 @@ def test_metrics_can_require_auth(tmp_path, seed):
     srv.metrics_auth = True
     assert _split(_raw(srv.port, _request('/metrics')))[0] == 401
     status, _h, body = _split(_raw(srv.port, _request(
-        '/metrics', _signed('/metrics'))))
+        '/metrics', _signed('/metrics', node.url))))
     assert status == 200 and b'thunder_cache' in body
 
 
@@ -297,20 +311,22 @@ def test_upload_rate_limit(cluster, volume):
     assert node.bucket.waited >= 0.9
 
 
-def test_connection_limit(tmp_path, volume):
-    srv = server_mod.PeerServer(('127.0.0.1', 0), None,
-                                cache_helpers.SECRET, max_connections=1)
-    t = threading.Thread(target=srv.serve_forever, args=(0.05,),
-                         daemon=True)
-    t.start()
-    try:
-        first = socket.create_connection(('127.0.0.1', srv.port))
-        time.sleep(0.2)
-        status = _split(_raw(srv.port, b''))[0]
+def test_connection_limit(cluster, volume):
+    """Authenticated connections beyond max_connections get 503."""
+    _image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    node, srv = cluster.start('n', _spec(manifest, origin),
+                              server_kwargs={'max_connections': 1})
+    chunk = protocol.chunk_path('img', 0)
+    with socket.create_connection(('127.0.0.1', srv.port)) as first:
+        # A keep-alive connection that authenticated holds the only slot.
+        first.sendall(_request(chunk, _signed(chunk, node.url), close=False))
+        first.settimeout(5)
+        assert first.recv(65536).startswith(b'HTTP/1.1 200 OK')
+        status = _split(_raw(srv.port, _request(chunk, _signed(
+            chunk, node.url), close=False)))[0]
         assert status == 503
-        first.close()
-    finally:
-        srv.stop(grace=1)
+    assert srv.slots.authenticated <= 1
 
 
 def test_peer_killed_mid_transfer_is_an_error(tmp_path):
@@ -370,6 +386,278 @@ def test_stop_is_graceful(cluster, volume):
     assert time.monotonic() - started < 1.0
     with pytest.raises(sources.PeerError):
         client.get_chunk(node.url, 'img', 0, CHUNK)
+
+
+# -- resources before authentication ----------------------------------------
+
+HALF_HEAD = b'GET /v1/images/img/chunks/0 HTTP/1.1\r\nHost: x\r\n'
+
+
+def _guarded(cluster, volume, head_timeout):
+    """A seed whose limits are small enough to reach in a test."""
+    _image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    return cluster.start('seed', _spec(manifest, origin), server_kwargs={
+        'head_timeout': head_timeout, 'idle_timeout': 30,
+        'max_connections': 4, 'max_unauthenticated': 8,
+        'max_per_address': 6})
+
+
+@pytest.fixture
+def guarded(cluster, volume):
+    return _guarded(cluster, volume, head_timeout=1.0)
+
+
+@pytest.fixture
+def crowded(cluster, volume):
+    """The same, with a head deadline longer than any test."""
+    return _guarded(cluster, volume, head_timeout=60.0)
+
+
+def _connect(port, source='127.0.0.1'):
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(30)
+    s.connect(('127.0.0.1', port))
+    return s
+
+
+def _closed_within(sock, seconds, trickle=None):
+    """True if the server closes ``sock`` within ``seconds``.
+
+    ``trickle``, if given, is sent a byte at a time every 0.2 s meanwhile
+    (a slowloris: every single wait is short).
+    """
+    deadline = time.monotonic() + seconds
+    data = list(trickle or b'')
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            return True
+        if data:
+            try:
+                sock.send(bytes([data.pop(0)]))
+            except OSError:
+                return True
+    return False
+
+
+def _authenticated(node, srv, source='127.0.0.1'):
+    """A keep-alive connection that was served a chunk (holds a slot)."""
+    path = protocol.chunk_path('img', 0)
+    s = _connect(srv.port, source)
+    s.sendall(_request(path, _signed(path, node.url), close=False))
+    s.settimeout(5)
+    assert s.recv(65536).startswith(b'HTTP/1.1 200 OK')
+    return s
+
+
+def _get(node, srv, index=0, source='127.0.0.1'):
+    """Status of one signed request from ``source``."""
+    path = protocol.chunk_path('img', index)
+    return _split(_raw(srv.port, _request(path, _signed(path, node.url)),
+                       source=source))[0]
+
+
+def test_half_sent_head_is_closed_at_the_head_deadline(guarded):
+    node, srv = guarded
+    with _connect(srv.port) as s:
+        s.sendall(HALF_HEAD)
+        # A header byte every 0.2 s: no wait is ever idle_timeout long,
+        # the head is never complete.
+        assert _closed_within(s, 10, trickle=b'X-Slow: ' + b'z' * 100)
+    assert node.counters.get('head_timeouts') == 1
+    # A connection that sends nothing at all too.
+    with _connect(srv.port) as s:
+        assert _closed_within(s, 10)
+    assert node.counters.get('head_timeouts') == 2
+
+
+def test_head_deadline_on_keep_alive_connections(guarded):
+    """Idle between requests up to idle_timeout, then head_timeout."""
+    node, srv = guarded
+    with _authenticated(node, srv) as s:
+        # Idle longer than head_timeout: still open.
+        assert not _closed_within(s, 2.5)
+        s.sendall(HALF_HEAD)
+        assert _closed_within(s, 10, trickle=b'X-Slow: ' + b'z' * 100)
+    assert node.counters.get('head_timeouts') == 1
+
+
+def test_unauthenticated_connections_hold_no_thread(crowded):
+    node, srv = crowded
+    before = threading.active_count()
+    socks = []
+    try:
+        for i in range(40):
+            s = _connect(srv.port, '127.0.0.%d' % (10 + i % 10))
+            s.sendall(HALF_HEAD)
+            socks.append(s)
+        # The oldest were closed for the newest.
+        assert cache_helpers.eventually(
+            lambda: node.counters.get('connections_dropped') == 32)
+        assert threading.active_count() <= before
+        assert srv.slots.unauthenticated == 8
+        # A peer with the secret is served all the same.
+        assert _get(node, srv) == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_full_unauthenticated_pool_never_blocks_a_peer(crowded):
+    node, srv = crowded
+    socks = [_connect(srv.port, '127.0.0.%d' % (20 + i % 4))
+             for i in range(8)]
+    try:
+        for s in socks:
+            s.sendall(HALF_HEAD)
+        assert cache_helpers.eventually(
+            lambda: srv.slots.unauthenticated == 8)
+        for index in range(4):
+            assert _get(node, srv, index) == 200
+        # The first newcomer closed the oldest half-sent head; the others
+        # found its place free.
+        assert node.counters.get('connections_dropped') == 1
+        assert _closed_within(socks[0], 1)
+        assert not any(_closed_within(s, 0.1) for s in socks[1:])
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_connections_per_address(crowded):
+    """Half-sent heads of an address give way to its newcomers."""
+    node, srv = crowded
+    socks = [_connect(srv.port, '127.0.0.2') for _ in range(6)]
+    try:
+        for s in socks:
+            s.sendall(HALF_HEAD)
+        assert cache_helpers.eventually(
+            lambda: srv.slots.of_address('127.0.0.2') == 6)
+        # A peer sharing the address is served; the oldest half-sent
+        # head of the address made room for it.
+        assert _get(node, srv, source='127.0.0.2') == 200
+        assert node.counters.get('connections_dropped') == 1
+        assert _closed_within(socks[0], 1)
+        assert not any(_closed_within(s, 0.1) for s in socks[1:])
+        # Other addresses are not affected.
+        assert _get(node, srv, source='127.0.0.3') == 200
+        assert srv.slots.of_address('127.0.0.2') == 5
+    finally:
+        for s in socks:
+            s.close()
+    assert cache_helpers.eventually(
+        lambda: srv.slots.of_address('127.0.0.2') == 0)
+
+
+def test_authenticated_connections_per_address(cluster, volume):
+    """An address whose connections all authenticated gets no more."""
+    _image, manifest, path = volume
+    node, srv = cluster.start('seed', _spec(
+        manifest, cache_helpers.CountingOrigin(path)), server_kwargs={
+            'max_connections': 8, 'max_per_address': 3})
+    held = []
+    try:
+        for _ in range(3):
+            held.append(_authenticated(node, srv, '127.0.0.2'))
+        extra = _connect(srv.port, '127.0.0.2')
+        # Closed at once, with a 503 (plain HTTP).
+        extra.settimeout(5)
+        assert extra.recv(65536).startswith(b'HTTP/1.1 503')
+        extra.close()
+        assert node.counters.get('connections_dropped') == 1
+        assert srv.slots.of_address('127.0.0.2') == 3
+        assert _get(node, srv, source='127.0.0.3') == 200
+    finally:
+        for s in held:
+            s.close()
+    assert cache_helpers.eventually(
+        lambda: srv.slots.of_address('127.0.0.2') == 0)
+    assert _get(node, srv, source='127.0.0.2') == 200
+
+
+def test_authenticated_slots_are_apart(crowded):
+    """A slot is taken only by a valid token, and given back at close."""
+    node, srv = crowded
+    path = protocol.chunk_path('img', 0)
+    held = []
+    try:
+        for _ in range(4):
+            held.append(_authenticated(node, srv, '127.0.0.5'))
+        assert srv.slots.authenticated == 4
+        assert _get(node, srv) == 503
+        # A bad token gets its 401 from the reactor, full or not.
+        with _connect(srv.port) as s:
+            s.sendall(_request(path, _signed(path, node.url,
+                                             secret=b'w' * 32)))
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b'HTTP/1.1 401')
+    finally:
+        for s in held:
+            s.close()
+    assert cache_helpers.eventually(lambda: srv.slots.authenticated == 0)
+    assert _get(node, srv) == 200
+
+
+def test_replayed_request_is_refused(seed):
+    node, srv = seed
+    path = protocol.chunk_path('img', 0)
+    request = _request(path, _signed(path, node.url))
+    assert _split(_raw(srv.port, request))[0] == 200
+    status, _h, body = _split(_raw(srv.port, request))
+    assert (status, body) == (401, b'')
+    assert node.counters.get('replays_refused') == 1
+    assert node.cache('img').counters.get('chunks_served_to_peers') == 1
+
+
+def test_v1_tokens_accepted_only_when_configured(cluster, volume):
+    _image, manifest, path = volume
+    expiry = int(time.time()) + 60
+    chunk = protocol.chunk_path('img', 0)
+    v1 = {'X-Thunder-Node': 'old', 'X-Thunder-Node-URL': 'http://127.0.0.1:9',
+          'X-Thunder-Via': '', 'X-Thunder-Auth': 'v1:%d:%s' % (
+              expiry, protocol._mac_v1(cache_helpers.SECRET, 'GET', chunk,
+                                       'old', 'http://127.0.0.1:9', (), None,
+                                       expiry))}
+    strict, strict_srv = cluster.start('strict', _spec(
+        manifest, cache_helpers.CountingOrigin(path)))
+    assert _split(_raw(strict_srv.port, _request(chunk, v1)))[0] == 401
+    lenient, srv = cluster.start('lenient', _spec(
+        manifest, cache_helpers.CountingOrigin(path)),
+        server_kwargs={'accept_v1_tokens': True})
+    assert _split(_raw(srv.port, _request(chunk, v1)))[0] == 200
+    assert lenient.counters.get('v1_tokens') == 1
+    assert _get(lenient, srv) == 200
+    assert lenient.counters.get('v1_tokens') == 1
+
+
+def test_slots_accounting():
+    slots = server_mod.Slots(max_authenticated=2, max_unauthenticated=3,
+                             max_per_address=2)
+    assert slots.open('a') and slots.open('a')
+    assert not slots.open('a')
+    assert slots.open('b') and slots.open('c')
+    assert slots.unauthenticated == 4 and slots.unauthenticated_full()
+    assert slots.promote() and slots.promote()
+    assert not slots.promote()           # authenticated slots all taken
+    assert (slots.authenticated, slots.unauthenticated) == (2, 2)
+    assert not slots.unauthenticated_full()
+    slots.close('a', True)
+    assert slots.of_address('a') == 1 and slots.open('a')
+    assert slots.promote()
+    for address, authenticated in (('a', True), ('a', True), ('b', False),
+                                   ('c', False)):
+        slots.close(address, authenticated)
+    assert (slots.authenticated, slots.unauthenticated) == (0, 0)
+    assert slots.of_address('a') == 0
+    unlimited = server_mod.Slots(1, 1, None)
+    assert all(unlimited.open('local') for _ in range(1000))
 
 
 # -- registration and descriptors ------------------------------------------
@@ -512,19 +800,7 @@ def test_local_reads(tmp_path, seed, volume):
 def test_daemon_refuses_to_start_clearly(tmp_path, section):
     """A part that cannot start: exit 1, nothing left behind, no hang."""
     d = str(tmp_path)
-    with open(os.path.join(d, 'secret'), 'w') as f:
-        f.write('s' * 32)
-    conf = os.path.join(d, 'thunder-cache.conf')
-    with open(conf, 'w') as f:
-        f.write('[node]\nnode_id = t1\nlisten_address = 127.0.0.1\n'
-                'listen_port = 0\ncache_dir = %s/cache\n'
-                'local_socket = %s/local.sock\npid_file = %s/pid\n'
-                '[peer]\nshared_secret_file = %s/secret\n' % (d, d, d, d))
-        f.write(section.format(d=d))
-    # A process of its own: main() installs signal handlers and logging.
-    result = subprocess.run(
-        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
-         conf], capture_output=True, text=True, timeout=60)
+    result = cache_helpers.run_daemon(d, section.format(d=d))
     assert result.returncode == 1, result.stderr
     assert 'Cannot start: ' in result.stdout + result.stderr
     assert 'Traceback' not in result.stdout + result.stderr

@@ -22,6 +22,7 @@ from thunder_cache import protocol
 SECRET = b's' * 32
 NOW = 1_800_000_000
 URL = 'http://10.0.0.5:7485'
+DEST = 'http://10.0.0.8:7485'
 PATH = '/v1/images/img-1/chunks/3'
 
 
@@ -288,16 +289,18 @@ def test_fuzz_range():
 # -- tokens -------------------------------------------------------------------
 
 def _signed(path=PATH, via=(), now=NOW, node='node-1', url=URL,
-            secret=SECRET, lifetime=60):
+            secret=SECRET, lifetime=60, dest=DEST):
     signer = protocol.Signer(secret, node, url, lifetime=lifetime,
                              clock=lambda: now)
-    return {k.lower(): v for k, v in signer.headers('GET', path,
-                                                    via).items()}
+    return {k.lower(): v for k, v in signer.headers(
+        'GET', path, via, destination=dest).items()}
 
 
-def _auth(headers, path=PATH, now=NOW, method='GET', secret=SECRET):
+def _auth(headers, path=PATH, now=NOW, method='GET', secret=SECRET,
+          dest=DEST, **kwargs):
     return protocol.authenticate(secret, method, path, headers,
-                                 clock=lambda: now)
+                                 clock=lambda: now, destination=dest,
+                                 **kwargs)
 
 
 def test_token_ok():
@@ -332,7 +335,9 @@ def _tamper(name, value):
     (_tamper('x-thunder-via', 'http://10.0.0.7:1'), {}),
     (_tamper('x-thunder-auth', ''), {}),
     (_tamper('x-thunder-auth', 'v1:%d:%s' % (NOW + 30, 'a' * 64)), {}),
-    (_tamper('x-thunder-auth', 'v2' + _signed()['x-thunder-auth'][2:]),
+    (_tamper('x-thunder-auth', 'v1' + _signed()['x-thunder-auth'][2:]),
+     {}),
+    (_tamper('x-thunder-auth', 'v3' + _signed()['x-thunder-auth'][2:]),
      {}),
     (_tamper('x-thunder-auth', _signed()['x-thunder-auth'].upper()), {}),
     (_tamper('x-thunder-auth', _signed()['x-thunder-auth'] + '0'), {}),
@@ -348,10 +353,13 @@ def test_token_refused(headers, kwargs):
 
 def test_token_expiry_changed_is_refused():
     headers = _signed()
-    _v, expiry, mac = headers['x-thunder-auth'].split(':')
-    headers['x-thunder-auth'] = 'v1:%d:%s' % (int(expiry) + 10, mac)
-    with pytest.raises(protocol.AuthError):
-        _auth(headers)
+    _v, issued, expiry, nonce, mac = headers['x-thunder-auth'].split(':')
+    for changed in ((issued, int(expiry) + 10), (int(issued) - 10, expiry),
+                    (int(issued) + 1, expiry)):
+        headers['x-thunder-auth'] = 'v2:%s:%s:%s:%s' % (changed + (nonce,
+                                                                   mac))
+        with pytest.raises(protocol.AuthError):
+            _auth(headers)
 
 
 def test_via_limits():
@@ -426,7 +434,7 @@ def test_ticket_is_signed():
     ticket = protocol.new_ticket()
     signer = protocol.Signer(SECRET, 'node-1', URL, clock=lambda: NOW)
     headers = {k.lower(): v for k, v in signer.headers(
-        'GET', PATH, (), ticket).items()}
+        'GET', PATH, (), ticket, destination=DEST).items()}
     assert _auth(headers).ticket == ticket
     assert _auth(_signed()).ticket is None
     headers['x-thunder-ticket'] = protocol.new_ticket()
@@ -436,3 +444,215 @@ def test_ticket_is_signed():
     with pytest.raises(protocol.ProtocolError) as e:
         _auth(headers)
     assert _status(e) == 400
+
+
+# -- request heads as they arrive --------------------------------------------
+
+HEAD = (b'GET /v1/images/img-1/chunks/3 HTTP/1.1\r\nHost: x\r\n'
+        b'X-Thunder-Node: n\r\n\r\n')
+
+
+def test_head_buffer_byte_by_byte():
+    buffer = protocol.HeadBuffer()
+    for i in range(len(HEAD) - 1):
+        buffer.feed(HEAD[i:i + 1])
+        assert buffer.take() is None
+    buffer.feed(HEAD[-1:] + HEAD + b'GET /met')
+    first = buffer.take()
+    assert first[:3] == ('GET', PATH, 'HTTP/1.1')
+    assert first[3] == {'host': 'x', 'x-thunder-node': 'n'}
+    assert buffer.take() == first
+    # What follows stays for the next head.
+    assert buffer.take() is None and len(buffer) == len(b'GET /met')
+    buffer.feed(b'rics HTTP/1.0\n\n')
+    assert buffer.take()[:2] == ('GET', '/metrics')
+    assert len(buffer) == 0 and buffer.take() is None
+
+
+@pytest.mark.parametrize('data,status', [
+    (b'GET /' + b'a' * 2000, 414),                     # no end of line yet
+    (b'GET / HTTP/1.1\r\nX: ' + b'a' * 5000, 431),
+    (b'GET / HTTP/1.1\r\n' + b'X: y\r\n' * 3000, 431),
+    (b'\r\n' * 6, 400),
+    (b'GET / HTTP/1.1\r\n\x80: y\r\n', 400),
+])
+def test_head_buffer_refuses(data, status):
+    buffer = protocol.HeadBuffer()
+    buffer.feed(data)
+    with pytest.raises(protocol.ProtocolError) as e:
+        buffer.take()
+    assert _status(e) == status
+
+
+def test_head_buffer_is_bounded():
+    """However a head is cut, an incomplete one never exceeds the bound."""
+    buffer = protocol.HeadBuffer()
+    rng = random.Random(5)
+    line = b'X-Pad: ' + b'p' * 200 + b'\r\n'
+    data = b'GET / HTTP/1.1\r\n' + line * 100
+    with pytest.raises(protocol.ProtocolError) as e:
+        position = 0
+        while True:
+            step = min(rng.randint(1, 300), buffer.room())
+            buffer.feed(data[position:position + step])
+            position += step
+            assert len(buffer) <= protocol.MAX_HEAD_BYTES
+            assert buffer.take() is None
+    assert _status(e) == 431
+
+
+# -- tokens for one node, once ------------------------------------------------
+
+def test_token_is_for_its_destination_only():
+    headers = _signed(dest=DEST)
+    with pytest.raises(protocol.AuthError, match='made for'):
+        _auth(headers, dest='http://10.0.0.9:7485')
+    # Claiming the other destination does not help: it is signed.
+    headers['x-thunder-destination'] = 'http://10.0.0.9:7485'
+    with pytest.raises(protocol.AuthError, match='bad token'):
+        _auth(headers, dest='http://10.0.0.9:7485')
+    for value in ('', 'http://10.0.0.9', 'ftp://10.0.0.9:1'):
+        headers['x-thunder-destination'] = value
+        with pytest.raises(protocol.AuthError):
+            _auth(headers, dest=DEST)
+
+
+def test_signer_makes_a_new_nonce_each_time():
+    signer = protocol.Signer(SECRET, 'node-1', URL, clock=lambda: NOW)
+    tokens = {signer.headers('GET', PATH, destination=DEST)['X-Thunder-Auth']
+              for _ in range(100)}
+    assert len(tokens) == 100
+    with pytest.raises(ValueError):
+        signer.headers('GET', PATH, destination='http://x')
+    with pytest.raises(TypeError):
+        signer.headers('GET', PATH)
+
+
+def test_replayed_token_is_refused():
+    replays = protocol.ReplayCache(1000)
+    headers = _signed()
+    assert _auth(headers, replays=replays).node_id == 'node-1'
+    with pytest.raises(protocol.ReplayError) as e:
+        _auth(headers, replays=replays, now=NOW + 30)
+    assert _status(e) == 401
+    # Another token of the same node for the same request is fine.
+    assert _auth(_signed(), replays=replays).node_id == 'node-1'
+    # A refused token does not take a place in the cache.
+    with pytest.raises(protocol.AuthError):
+        _auth(_signed(secret=b'x' * 32), replays=replays)
+    assert len(replays) == 2
+
+
+def test_replay_cache_bound():
+    """Memory stays bounded; a replay is refused even after the bound."""
+    replays = protocol.ReplayCache(100)
+    first = _signed(now=NOW - 50)
+    _auth(first, replays=replays)
+    for i in range(1000):
+        # Tokens made over 50 seconds, all still valid.
+        _auth(_signed(now=NOW - 50 + i // 20), replays=replays)
+        assert len(replays) <= 100
+    assert replays.overflows > 0
+    # The first nonce was forgotten: its token is refused all the same.
+    with pytest.raises(protocol.ReplayWindowError) as e:
+        _auth(first, replays=replays)
+    assert _status(e) == 503
+    # An older, never seen token too; a fresh one passes.
+    with pytest.raises(protocol.ReplayWindowError):
+        _auth(_signed(now=NOW - 40), replays=replays)
+    assert _auth(_signed(), replays=replays).node_id == 'node-1'
+
+
+@pytest.mark.parametrize('issued,expiry', [
+    # Issued after it expires, valid for longer than allowed, or issued
+    # in the future: well signed, refused all the same.
+    (NOW + 10, NOW + 5), (NOW - 400, NOW + 5), (NOW + 40, NOW + 60)])
+def test_token_times_refused(issued, expiry):
+    nonce = 'ab' * 16
+    mac = protocol._mac(SECRET, 'GET', PATH, DEST, 'node-1', URL, (), None,
+                        issued, expiry, nonce)
+    signed = dict(_signed(), **{'x-thunder-auth': 'v2:%d:%d:%s:%s' % (
+        issued, expiry, nonce, mac)})
+    with pytest.raises(protocol.AuthError):
+        _auth(signed)
+
+
+def test_tokens_made_before_a_restart_are_refused():
+    """Nonces live in memory: a node refuses what it may have accepted."""
+    replays = protocol.ReplayCache(1000, clock=lambda: NOW + 0.5)
+    for made in (NOW - 30, NOW - 1):
+        with pytest.raises(protocol.ReplayWindowError) as e:
+            _auth(_signed(now=made), replays=replays, now=NOW + 1)
+        assert _status(e) == 503
+    for made in (NOW, NOW + 1):
+        assert _auth(_signed(now=made), replays=replays,
+                     now=NOW + 1).node_id == 'node-1'
+    assert len(replays) == 2
+
+
+def test_replay_cache_forgets_expired_tokens():
+    replays = protocol.ReplayCache(1000)
+    for i in range(500):
+        _auth(_signed(now=NOW + i // 100), replays=replays)
+    assert len(replays) == 500
+    # 61 s later the first 100 tokens have expired, and they are gone.
+    _auth(_signed(now=NOW + 61), replays=replays, now=NOW + 61)
+    assert len(replays) == 401
+    assert replays.overflows == 0 and replays.floor == 0
+
+
+def _v1_headers(path=PATH, node='node-1', url=URL, now=NOW):
+    """What a node of the previous release sends."""
+    expiry = now + 60
+    return {'x-thunder-node': node, 'x-thunder-node-url': url,
+            'x-thunder-via': '',
+            'x-thunder-auth': 'v1:%d:%s' % (expiry, protocol._mac_v1(
+                SECRET, 'GET', path, node, url, (), None, expiry))}
+
+
+def test_v1_tokens_only_when_accepted():
+    with pytest.raises(protocol.AuthError, match='accept_v1_tokens'):
+        _auth(_v1_headers())
+    peer = _auth(_v1_headers(), accept_v1=True)
+    assert (peer.node_id, peer.version) == ('node-1', 1)
+    assert _auth(_signed(), accept_v1=True).version == 2
+    for tampered in (_v1_headers(),
+                     dict(_v1_headers(), **{'x-thunder-auth': 'v1:%d:%s' % (
+                         NOW + 60, 'a' * 64)})):
+        tampered['x-thunder-node'] = 'node-2'
+        with pytest.raises(protocol.AuthError, match='bad token'):
+            _auth(tampered, accept_v1=True)
+    # A v2 token cut down to v1's shape is no v1 token.
+    _v, _issued, expiry, _nonce, mac = _signed()['x-thunder-auth'].split(
+        ':')
+    with pytest.raises(protocol.AuthError):
+        _auth(dict(_signed(), **{'x-thunder-auth': 'v1:%s:%s' % (expiry,
+                                                                 mac)}),
+              accept_v1=True)
+
+
+# -- one scheme per deployment ----------------------------------------------
+
+def test_https_urls_refused_without_tls():
+    with pytest.raises(ValueError, match='tls_enabled is off'):
+        protocol.normalize_url('https://10.0.0.5:7485')
+    assert protocol.split_url('http://[::1]:80') == ('http', '::1', 80)
+
+
+def test_http_urls_refused_with_tls(https):
+    assert protocol.url_scheme() == 'https'
+    assert protocol.normalize_url('https://node-3:7485/') == (
+        'https://node-3:7485')
+    with pytest.raises(ValueError, match='tls_enabled is on'):
+        protocol.normalize_url(URL)
+    # Requesters and relays must speak the same scheme.
+    signer = protocol.Signer(SECRET, 'n', 'https://10.0.0.5:1',
+                             clock=lambda: NOW)
+    headers = {k.lower(): v for k, v in signer.headers(
+        'GET', PATH, ('https://10.0.0.6:1',),
+        destination='https://10.0.0.8:1').items()}
+    assert _auth(headers, dest='https://10.0.0.8:1').via == (
+        'https://10.0.0.6:1',)
+    headers['x-thunder-via'] = URL
+    with pytest.raises(protocol.ProtocolError):
+        _auth(headers, dest='https://10.0.0.8:1')

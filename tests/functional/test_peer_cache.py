@@ -767,6 +767,7 @@ def test_bogus_advertisements_cost_at_most_one_deadline_each(
         cinder.shutdown()
         cinder.server_close()
 
+
 # -- hostile clients of the peer server --------------------------------------
 
 HALF_HEAD = ('GET /v1/images/%s/chunks/0 HTTP/1.1\r\nHost: x\r\n'

@@ -60,8 +60,8 @@ def _client_context(certs, which='client', ca='ca'):
 def _client(certs, which='client', ca='ca', name='tester',
             url='https://127.0.0.9:9'):
     signer = protocol.Signer(cache_helpers.SECRET, name, url)
-    return sources.PeerClient(signer, timeout=5, tls_context=_client_context(
-        certs, which, ca))
+    return cache_helpers.peer_client(
+        signer, tls_context=_client_context(certs, which, ca))
 
 
 @pytest.fixture

@@ -195,7 +195,7 @@ def test_file_origin_in_the_allowed_directory_works(node, images):
                       image_id='img-ok')
     with open(os.path.join(node.paths['mount'], 'volume-ok'), 'rb') as f:
         assert f.read(len(data)) == data
-    node.control.call('delete_volume', volume_id='volume-ok')
+    node.delete_volume('volume-ok')
 
 
 # -- races --------------------------------------------------------------------
@@ -402,7 +402,7 @@ def test_memory_of_a_huge_sparse_volume_is_bounded(node):
           % (before / 2 ** 20, grown / 2 ** 20, after_restart / 2 ** 20))
     assert grown < 24 * 2 ** 20
     assert _rss(node.pid) < before + 24 * 2 ** 20
-    node.control.call('delete_volume', volume_id='volume-huge')
+    node.delete_volume('volume-huge')
     _no_traceback(node)
 
 
@@ -533,7 +533,7 @@ def test_daemon_serves_volumes_without_root(workdir):
         layers = os.stat(os.path.join(node.paths['layers'],
                                       'volume-nonroot', 'data'))
         assert (layers.st_uid, layers.st_gid) == (user.pw_uid, user.pw_gid)
-        node.control.call('delete_volume', volume_id='volume-nonroot')
+        node.delete_volume('volume-nonroot')
         _no_traceback(node)
     finally:
         node.stop()

@@ -253,14 +253,7 @@ class Daemon(object):
         A detached loop device may close its backing file a little later
         (while udev still probes the device), so a busy volume is retried.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.client.call('delete_volume', volume_id=volume_id)
-            except control.ControlError as e:
-                if e.kind != 'VolumeBusy' or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
+        return self.client.delete_volume(volume_id, busy_wait=timeout)
 
     def cache_data(self, image_id):
         return os.path.join(self.cache_dir, image_id, 'data')

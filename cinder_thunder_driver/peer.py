@@ -30,7 +30,6 @@ from a thunder image copies nothing: O(1) whatever the image's size.
 """
 
 import os
-import time
 
 from cinder import exception
 from cinder.i18n import _
@@ -203,21 +202,16 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
             loopdev.detach(device)
         # The kernel lets go of a file a moment after its loop device is
         # detached: a volume just detached may look busy briefly.
-        deadline = time.monotonic() + self.busy_wait
-        while True:
-            try:
-                self.daemon.call('delete_volume', volume_id=name)
+        try:
+            self.daemon.delete_volume(name, busy_wait=self.busy_wait,
+                                      interval=0.2)
+        except control.ControlError as e:
+            if e.kind == 'VolumeNotFound':
+                LOG.info('Peer-mode volume %s is already gone.', name)
                 return
-            except control.ControlError as e:
-                if e.kind == 'VolumeNotFound':
-                    LOG.info('Peer-mode volume %s is already gone.', name)
-                    return
-                if e.kind != 'VolumeBusy':
-                    raise _fail('thunder-cache delete_volume failed: '
-                                '%(err)s', err=e)
-                if time.monotonic() >= deadline:
-                    raise exception.VolumeIsBusy(volume_name=name)
-            time.sleep(0.2)
+            if e.kind == 'VolumeBusy':
+                raise exception.VolumeIsBusy(volume_name=name)
+            raise _fail('thunder-cache delete_volume failed: %(err)s', err=e)
 
     def delete_volume(self, volume):
         self._delete(volume.name)

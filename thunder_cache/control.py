@@ -38,6 +38,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 
 LOG = logging.getLogger(__name__)
 
@@ -250,11 +251,21 @@ class ControlClient:
                     % (self.path, e))
             try:
                 sock.sendall(line)
+            except OSError as e:
+                # A daemon refusing the connection (Busy) answers and closes
+                # without reading: its answer may be waiting all the same.
+                sent_error = e
+            else:
+                sent_error = None
+            try:
                 with sock.makefile('rb') as f:
                     answer = f.readline(MAX_LINE + 1)
             except OSError as e:
+                answer = b''
+                sent_error = sent_error or e
+            if not answer and sent_error is not None:
                 raise ControlError('Unavailable', 'thunder-cache at %s: %s'
-                                   % (self.path, e))
+                                   % (self.path, sent_error))
         finally:
             sock.close()
         try:
@@ -267,3 +278,19 @@ class ControlClient:
             raise ControlError(str(reply.get('error', 'Error')),
                                str(reply.get('message', '')))
         return reply.get('result')
+
+    def delete_volume(self, volume_id, busy_wait=0.0, interval=0.1):
+        """Delete a volume, waiting up to ``busy_wait`` s while it is open.
+
+        The kernel tells the daemon of a close asynchronously: a volume
+        file closed, or a loop device detached, a moment ago may still be
+        open for the daemon, which answers ``VolumeBusy`` meanwhile.
+        """
+        deadline = time.monotonic() + busy_wait
+        while True:
+            try:
+                return self.call('delete_volume', volume_id=volume_id)
+            except ControlError as e:
+                if e.kind != 'VolumeBusy' or time.monotonic() >= deadline:
+                    raise
+            time.sleep(interval)

@@ -255,20 +255,8 @@ class VolumeDaemon(Daemon):
                 time.sleep(0.1)
 
     def delete_volume(self, volume_id, timeout=10):
-        """Delete a volume once the kernel has released its file.
-
-        FUSE tells the daemon of a close asynchronously: a volume file
-        closed (or a loop device detached) a moment ago may still be open
-        for the daemon, which answers VolumeBusy meanwhile.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.control.call('delete_volume', volume_id=volume_id)
-            except control.ControlError as e:
-                if e.kind != 'VolumeBusy' or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        """Delete a volume once the kernel has released its file."""
+        return self.control.delete_volume(volume_id, busy_wait=timeout)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ conversion_dir = test_driver_clones.conversion_dir
 mount_dir = test_loopdev.mount_dir
 
 
-class FakeDaemon(object):
+class FakeDaemon(control.ControlClient):
     """The driver's ControlClient: records calls, answers from tables."""
 
     def __init__(self, mount_dir, events):

@@ -495,7 +495,7 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
             if location.fsid != self.cluster.fsid():
                 LOG.debug('%s is on another Ceph cluster.', url)
                 return None
-            return self._verified_rbd_source(location)
+            return self._verified_rbd_source(location, image_meta.get('id'))
         name = CONF.volume_name_template % location.volume_id
         pool = self.configuration.thunder_rbd_pool
         try:
@@ -514,17 +514,32 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
             return None
         return pool, name, None
 
-    def _verified_rbd_source(self, location):
-        """An rbd:// location is usable if its snapshot can be opened."""
+    def _verified_rbd_source(self, location, image_id):
+        """An rbd:// location is usable if its snapshot holds the image.
+
+        That is: a thunder image-volume sealed for this image, or else an
+        RBD image named after it, as Glance's rbd store names its images.
+        Anything else on the cluster (another image's volume, a tenant's
+        volume) is refused: whoever can set image locations must not get
+        another image's bytes cloned into a volume of theirs.
+        """
         try:
             with self.cluster.ioctx(location.pool) as ioctx, \
                     self.cluster.image(ioctx, location.image,
                                        snapshot=location.snapshot,
-                                       read_only=True):
-                pass
+                                       read_only=True) as img:
+                owner = rbd_layout.metadata(img,
+                                            rbd_layout.META_GLANCE_IMAGE_ID)
         except (rbd.Error, exception.VolumeBackendAPIException) as e:
             LOG.debug('Cannot open %(url)s: %(err)s',
                       {'url': location.url, 'err': e})
+            return None
+        if (owner or location.image) != image_id:
+            LOG.warning('Location %(url)s of image %(id)s names an RBD image '
+                        'that holds %(owner)s: not cloning it.',
+                        {'url': location.url, 'id': image_id,
+                         'owner': 'image %s' % owner if owner else
+                         'no image of this name'})
             return None
         return location.pool, location.image, location.snapshot
 

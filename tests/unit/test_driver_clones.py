@@ -285,10 +285,10 @@ def test_clone_of_a_sealed_image_volume_drops_the_manifest_tail(drv,
 
 
 def test_clone_of_an_unsealed_snapshot_is_never_shrunk(drv, fake_ceph):
-    glance = fake_ceph.add_image('img-2', pool='images', size=2 * GiB)
+    glance = fake_ceph.add_image(RAW['id'], pool='images', size=2 * GiB)
     fake_ceph.add_snap(glance, 'snap')
     volume = fakes.Volume(size=1)
-    url = locations.RbdLocation(fakes.FSID, 'images', 'img-2', 'snap').url
+    url = locations.RbdLocation(fakes.FSID, 'images', RAW['id'], 'snap').url
     assert clone_image(drv, volume, [url])[1] is True
     assert fake_ceph.find(volume.name).size == 2 * GiB
 
@@ -302,10 +302,10 @@ def test_clone_image_from_direct_url(drv, fake_ceph, image_volume):
 
 
 def test_clone_image_from_rbd_location(drv, fake_ceph):
-    glance = fake_ceph.add_image('img-1', pool='images')
+    glance = fake_ceph.add_image(RAW['id'], pool='images')
     fake_ceph.add_snap(glance, 'snap')
     volume = fakes.Volume(size=2)
-    url = locations.RbdLocation(fakes.FSID, 'images', 'img-1', 'snap').url
+    url = locations.RbdLocation(fakes.FSID, 'images', RAW['id'], 'snap').url
     assert clone_image(drv, volume, [url])[1] is True
     state = fake_ceph.find(volume.name)
     assert state.parent[:2] == ('images', glance.id)
@@ -384,16 +384,46 @@ def test_clone_image_foreign_cluster(drv, fake_ceph):
 
 
 @pytest.mark.parametrize('pool, image, snap', [
-    ('images', 'img-1', 'other-snap'),
+    ('images', RAW['id'], 'other-snap'),
     ('images', 'img-2', 'snap'),
-    ('no-such-pool', 'img-1', 'snap'),
+    ('no-such-pool', RAW['id'], 'snap'),
 ])
 def test_clone_image_unusable_rbd_location(drv, fake_ceph, pool, image,
                                            snap):
-    glance = fake_ceph.add_image('img-1', pool='images')
+    glance = fake_ceph.add_image(RAW['id'], pool='images')
     fake_ceph.add_snap(glance, 'snap')
     url = locations.RbdLocation(fakes.FSID, pool, image, snap).url
     assert clone_image(drv, fakes.Volume(), [url]) == ({}, False)
+
+
+@pytest.mark.parametrize('holder', ['another-image', None])
+def test_rbd_location_of_another_image_is_not_cloned(drv, fake_ceph, holder):
+    """An rbd:// location naming what is not this image's is refused.
+
+    Another image's image-volume (sealed for it), or any other RBD image
+    of the cluster whose name is not the image's (a tenant's volume).
+    """
+    victim = fake_ceph.add_image('volume-%s' % uuid.uuid4(), pool='images')
+    if holder:
+        victim.metadata[rbd_layout.META_GLANCE_IMAGE_ID] = holder
+    fake_ceph.add_snap(victim, 'snap')
+    volume = fakes.Volume()
+    url = locations.RbdLocation(fakes.FSID, 'images', victim.name,
+                                'snap').url
+    with mock.patch.object(driver.LOG, 'warning') as warning:
+        assert clone_image(drv, volume, [url]) == ({}, False)
+    assert RAW['id'] in str(warning.call_args)
+    assert fake_ceph.find(volume.name) is None
+
+
+def test_rbd_location_of_this_images_volume_is_cloned(drv, fake_ceph):
+    mine = fake_ceph.add_image('volume-%s' % uuid.uuid4(), pool='images')
+    mine.metadata[rbd_layout.META_GLANCE_IMAGE_ID] = RAW['id']
+    fake_ceph.add_snap(mine, 'snap')
+    volume = fakes.Volume()
+    url = locations.RbdLocation(fakes.FSID, 'images', mine.name, 'snap').url
+    assert clone_image(drv, volume, [url])[1] is True
+    assert fake_ceph.find(volume.name).parent[:2] == ('images', mine.id)
 
 
 def test_clone_image_volume_sealed_for_another_image(drv, fake_ceph,

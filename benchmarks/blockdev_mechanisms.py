@@ -1375,7 +1375,7 @@ def build_guest(debs, workdir):
     """
     # Here, not at the top: nbdkit's python plugin imports this module
     # with Debian's python3, which need not see this checkout.
-    from thunder_stack import guest
+    from thunder_stack.guest import rootfs
     root = os.path.join(workdir, 'guest')
     for deb in os.listdir(debs):
         if deb.endswith('.deb') and (deb.startswith('busybox-static') or
@@ -1402,7 +1402,7 @@ def build_guest(debs, workdir):
     entries.append(('init', 0o100755, GUEST_INIT.encode()))
     initrd = os.path.join(workdir, 'guest-initrd.gz')
     with open(initrd, 'wb') as f:
-        f.write(guest.newc_archive(entries))
+        f.write(rootfs.newc_archive(entries))
     return os.path.join(root, 'boot', kernels[0]), initrd
 
 

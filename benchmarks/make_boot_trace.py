@@ -53,9 +53,9 @@ What it does:
 Debian packages on the host (installed with apt-get when missing):
 ``debootstrap``, ``qemu-system-x86``, ``extlinux`` (and its
 ``syslinux-common``, the MBR), ``e2fsprogs``, ``mount`` (losetup); the
-partition table is written by ``thunder_stack.guest.mbr``. If debootstrap cannot reach the mirror the run stops
-with its error (apt's mirror is the same one, so there is no offline
-fallback to fall back on).
+partition table is written by ``thunder_stack.guest.disk.mbr``. If
+debootstrap cannot reach the mirror the run stops with its error (apt's
+mirror is the same one, so there is no offline fallback to fall back on).
 
 ``--reuse-image`` boots the image an earlier run left at ``--image``
 again (its metadata is in ``IMAGE.json``, the consoles of the boots in
@@ -78,8 +78,9 @@ import time
 
 import blockdev_mechanisms as bm
 
-from thunder_stack import guest
-from thunder_stack import guest_qemu
+from thunder_stack.guest import common as guest_common
+from thunder_stack.guest import disk as guest_disk
+from thunder_stack.guest import qemu as guest_qemu
 
 MiB = bm.MiB
 CHUNK = bm.CHUNK      # thunder_common.manifest.DEFAULT_CHUNK_SIZE
@@ -176,7 +177,7 @@ run = bm.run
 
 
 def ensure_tools():
-    guest.ensure_tools(HOST_TOOLS, say=log)
+    guest_common.ensure_tools(HOST_TOOLS, say=log)
 
 
 # -- the image -------------------------------------------------------------
@@ -266,7 +267,7 @@ def build_image(args, workdir):
     finally:
         inner.close()
     with open(MBR, 'rb') as f:      # syslinux's boot code, one partition
-        mbr = guest.mbr(f.read(), PART_START, size - PART_START)
+        mbr = guest_disk.mbr(f.read(), PART_START, size - PART_START)
     with open(tmp, 'r+b') as f:
         f.write(mbr)
     os.rename(tmp, args.image)
@@ -537,7 +538,7 @@ def main():
             meta = build_image(args, workdir)
         kernel, initrd = args.image + '.vmlinuz', args.image + '.initrd'
         size = os.path.getsize(args.image)
-        image_sha = guest.file_sha256(args.image)
+        image_sha = guest_common.file_sha256(args.image)
         accels = ['kvm', 'tcg'] if args.accel == 'auto' else [args.accel]
         if 'kvm' in accels and not os.access('/dev/kvm', os.R_OK | os.W_OK):
             accels.remove('kvm')

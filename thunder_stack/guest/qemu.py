@@ -28,10 +28,12 @@ import subprocess
 import tempfile
 import time
 
-from thunder_stack import guest
+from thunder_stack.guest import common
+from thunder_stack.guest import marker
 
 #: Console lines whose first appearance is timed: the kernel's banner (the
 #: time before it is the firmware's and GRUB's), the initramfs's start.
+BOOT_TOOLS = {'qemu-system-x86_64': 'qemu-system-x86'}
 MILESTONES = {'kernel': 'Linux version', 'initramfs': 'Run /init as init'}
 
 
@@ -119,26 +121,27 @@ class QemuGuest(object):
                     self.seen[name] = round(now - self.started, 2)
             if needle in text:
                 return now - self.started
-            why = guest.failure_seen(text)
+            why = marker.failure_seen(text)
             if why:
-                raise guest.GuestError('the guest failed to boot: %s (%s)' % (
-                    why, self._tail()))
+                raise common.GuestError('the guest failed to boot: %s (%s)' %
+                                        (why, self._tail()))
             if self.proc.poll() is not None:
-                raise guest.GuestError(
+                raise common.GuestError(
                     'qemu exited (%s) before %r was on the console; %s' % (
                         self.proc.returncode, needle, self._tail()))
             if now > deadline:
-                raise guest.GuestError('no %r on the console within %d s; '
-                                       '%s' % (needle, timeout, self._tail()))
+                raise common.GuestError('no %r on the console within %d s; '
+                                        '%s' % (needle, timeout,
+                                                self._tail()))
             time.sleep(0.1)
 
     def wait_for_marker(self, timeout=120):
         """(seconds from qemu's start, the marker's fields)."""
-        seconds = self.wait_for(guest.MARKER + ' ', timeout)
-        fields = guest.parse_marker(self.console())
+        seconds = self.wait_for(marker.MARKER + ' ', timeout)
+        fields = marker.parse_marker(self.console())
         if fields is None:      # the line is not complete yet
             time.sleep(0.5)
-            fields = guest.parse_marker(self.console()) or {}
+            fields = marker.parse_marker(self.console()) or {}
         return seconds, fields
 
     def qmp(self, command, timeout=10, **arguments):
@@ -146,7 +149,7 @@ class QemuGuest(object):
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.qmp_path):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise guest.GuestError('no QMP socket from qemu: %s' % (
+                raise common.GuestError('no QMP socket from qemu: %s' % (
                     self._tail()))
             time.sleep(0.1)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -162,11 +165,11 @@ class QemuGuest(object):
                 for line in reader:
                     reply = json.loads(line)
                     if 'error' in reply:
-                        raise guest.GuestError('QMP %s: %s' % (
+                        raise common.GuestError('QMP %s: %s' % (
                             name, reply['error']))
                     if 'return' in reply:
                         return reply['return']
-                raise guest.GuestError('QMP closed during %s' % name)
+                raise common.GuestError('QMP closed during %s' % name)
 
             json.loads(reader.readline())     # the greeting
             call('qmp_capabilities')
@@ -177,8 +180,8 @@ class QemuGuest(object):
         stats = [dev['stats'] for dev in self.qmp('query-blockstats')
                  if 'stats' in dev]
         if len(stats) != 1:
-            raise guest.GuestError('expected one disk in query-blockstats, '
-                                   'got %d' % len(stats))
+            raise common.GuestError('expected one disk in '
+                                    'query-blockstats, got %d' % len(stats))
         return {key: stats[0][key] for key in (
             'rd_bytes', 'rd_operations', 'wr_bytes', 'wr_operations')}
 
@@ -189,9 +192,9 @@ class QemuGuest(object):
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise guest.GuestError('the guest did not power off within %d s '
-                                   'of the ACPI power button; %s' % (
-                                       timeout, self._tail()))
+            raise common.GuestError(
+                'the guest did not power off within %d s of the ACPI power '
+                'button; %s' % (timeout, self._tail()))
         return time.monotonic() - started
 
     def stop(self):
@@ -216,14 +219,15 @@ def boot_copy(image, fmt='raw', timeout=120, accel='tcg', memory_mib=256,
 
     ``seconds``: qemu's start to the marker line; ``kernel_seconds``,
     ``initramfs_seconds``: to the kernel's banner (before it: the firmware
-    and GRUB) and to the initramfs's start (MILESTONES); ``marker``: the marker's fields; ``rd_bytes`` ...: the disk's
-    statistics at the marker. The copy and qemu are gone afterwards.
+    and GRUB) and to the initramfs's start (MILESTONES); ``marker``: the
+    marker's fields; ``rd_bytes`` ...: the disk's statistics at the
+    marker. The copy and qemu are gone afterwards.
     """
-    guest.ensure_tools(guest.BOOT_TOOLS)
+    common.ensure_tools(BOOT_TOOLS)
     work = tempfile.mkdtemp(prefix='thunder-guest-boot-', dir=workdir)
     try:
         disk = os.path.join(work, 'disk.' + fmt)
-        guest.run(['cp', '--sparse=always', image, disk])
+        common.run(['cp', '--sparse=always', image, disk])
         with QemuGuest(disk, work, fmt, accel, memory_mib, uuid) as vm:
             seconds, fields = vm.wait_for_marker(timeout)
             result = {'seconds': round(seconds, 2), 'marker': fields}

@@ -238,9 +238,6 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
                     'filler' % (size_mib, content // common.MiB,
                                 filler // common.MiB)) from exc
             raise
-        for tree in (root, unpacked):
-            shutil.rmtree(tree)
-        os.unlink(initrd)
         image = _image_fields(raw, 'raw', size)
         image['path'] = os.path.join(final, 'guest.raw')
         meta = {
@@ -252,8 +249,12 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
             'partition_offset': disk.PART_START,
             'initramfs_modules': [name for name, _ko in modules],
             'builtin_modules': builtin,
+            'boot_set_dir': rootfs.BOOT_SET_DIR,
             'boot_set_bytes': sum(rootfs.boot_set_sizes()),
             'boot_set_files': len(rootfs.boot_set_sizes()),
+            'kernel_bytes': os.path.getsize(os.path.join(
+                unpacked, 'boot', 'vmlinuz-' + version)),
+            'initrd_bytes': os.path.getsize(initrd),
             'content_bytes': content,
             'filler_bytes': filler,
             'fs_bytes': fs_bytes,
@@ -262,6 +263,9 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
             'min_disk_gib': -(-size // common.GiB),
             'build_seconds': round(time.monotonic() - started, 1),
         }
+        for tree in (root, unpacked):
+            shutil.rmtree(tree)
+        os.unlink(initrd)
         common.write_json(os.path.join(work, 'guest.raw.json'), meta)
         if os.path.exists(final):      # an older, incomplete attempt
             shutil.rmtree(final)

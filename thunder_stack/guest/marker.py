@@ -19,7 +19,7 @@ MARKER = 'THUNDER-GUEST-READY'
 #: The first word of the line a failed boot prints (then stays up).
 FAILURE_MARKER = 'THUNDER-GUEST-FAILED'
 
-_MARKER_RE = re.compile(r'%s((?: +[A-Za-z_]+=\S*)*)' % MARKER)
+_MARKER_RE = re.compile(r'%s(?=\s|$)((?: +[A-Za-z_]+=\S*)*)' % MARKER)
 _FAILURE_RE = re.compile(r'%s +(.*)' % FAILURE_MARKER)
 
 

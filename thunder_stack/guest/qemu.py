@@ -37,12 +37,19 @@ BOOT_TOOLS = {'qemu-system-x86_64': 'qemu-system-x86'}
 MILESTONES = {'kernel': 'Linux version', 'initramfs': 'Run /init as init'}
 
 
-def qemu_command(accel, volume, memory_mib=1024, fmt='raw'):
+#: How libvirt attaches the disk: virtio-blk (Nova's default disk bus),
+#: or a SCSI disk on virtio-scsi (image property hw_scsi_model).
+BUSES = {'virtio': ['-device', 'virtio-blk-pci,drive=fmt,bootindex=1'],
+         'scsi': ['-device', 'virtio-scsi-pci,id=scsi0',
+                  '-device', 'scsi-hd,bus=scsi0.0,drive=fmt,bootindex=1']}
+
+
+def qemu_command(accel, volume, memory_mib=1024, fmt='raw', bus='virtio'):
     """qemu booting ``volume`` as libvirt sets up Nova's volumes.
 
-    virtio-blk, ``fmt`` (raw), ``cache=none``, ``aio=threads``; one vCPU,
-    no network, the serial console on stdout, no reboot (a power-off ends
-    qemu).
+    virtio-blk (or ``bus`` scsi: virtio-scsi), ``fmt`` (raw),
+    ``cache=none``, ``aio=threads``; one vCPU, no network, the serial
+    console on stdout, no reboot (a power-off ends qemu).
     """
     # Without arch-capabilities: nested KVM here refuses its MSR (0x10a).
     return ['qemu-system-x86_64', '-accel', accel,
@@ -52,9 +59,8 @@ def qemu_command(accel, volume, memory_mib=1024, fmt='raw'):
             '-no-reboot', '-msg', 'timestamp=on',
             '-blockdev', 'driver=file,node-name=disk,filename=%s,'
             'cache.direct=on,cache.no-flush=off,aio=threads' % volume,
-            '-blockdev', 'driver=%s,node-name=fmt,file=disk' % fmt,
-            '-device', 'virtio-blk-pci,drive=fmt,bootindex=1',
-            '-nic', 'none']
+            '-blockdev', 'driver=%s,node-name=fmt,file=disk' % fmt
+            ] + BUSES[bus] + ['-nic', 'none']
 
 
 class QemuGuest(object):
@@ -65,13 +71,13 @@ class QemuGuest(object):
     """
 
     def __init__(self, disk, workdir, fmt='raw', accel='tcg',
-                 memory_mib=256, uuid=None):
+                 memory_mib=256, uuid=None, bus='virtio'):
         self.disk = disk
         self.workdir = workdir
         self.console_path = os.path.join(workdir, 'console.log')
         self.stderr_path = os.path.join(workdir, 'qemu.log')
         self.qmp_path = os.path.join(workdir, 'qmp.sock')
-        self.cmd = qemu_command(accel, disk, memory_mib, fmt) + [
+        self.cmd = qemu_command(accel, disk, memory_mib, fmt, bus) + [
             '-qmp', 'unix:%s,server=on,wait=off' % self.qmp_path]
         if uuid:
             self.cmd += ['-uuid', uuid]   # SMBIOS, as libvirt sets Nova's
@@ -136,13 +142,19 @@ class QemuGuest(object):
             time.sleep(0.1)
 
     def wait_for_marker(self, timeout=120):
-        """(seconds from qemu's start, the marker's fields)."""
+        """(seconds from qemu's start, the marker's fields).
+
+        The seconds are those until the marker's first word was on the
+        console; the fields are read once its line is complete.
+        """
         seconds = self.wait_for(marker.MARKER + ' ', timeout)
-        fields = marker.parse_marker(self.console())
-        if fields is None:      # the line is not complete yet
-            time.sleep(0.5)
-            fields = marker.parse_marker(self.console()) or {}
-        return seconds, fields
+        deadline = time.monotonic() + 5
+        while True:
+            text = self.console()
+            line = text[text.rindex(marker.MARKER):]
+            if '\n' in line or time.monotonic() > deadline:
+                return seconds, marker.parse_marker(text)
+            time.sleep(0.1)
 
     def qmp(self, command, timeout=10, **arguments):
         """Run one QMP command; its return value."""

@@ -19,6 +19,7 @@ and ``acpid`` (power button: power-off).
 """
 
 import gzip
+import lzma
 import os
 import random
 import shutil
@@ -74,6 +75,13 @@ def _module_name(path):
     return os.path.basename(path).split('.ko')[0].replace('-', '_')
 
 
+def read_module(path):
+    """A module file's ELF bytes (``.ko``, or ``.ko.xz`` decompressed)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    return lzma.decompress(data) if path.endswith('.xz') else data
+
+
 def module_closure(moddir, wanted):
     """Modules to load, dependencies first, and those built in.
 
@@ -83,7 +91,7 @@ def module_closure(moddir, wanted):
     files = {}
     for dirpath, _dirs, names in os.walk(os.path.join(moddir, 'kernel')):
         for name in names:
-            if name.endswith('.ko'):
+            if name.endswith(('.ko', '.ko.xz')):
                 files[_module_name(name)] = os.path.join(dirpath, name)
     builtin = set()
     path = os.path.join(moddir, 'modules.builtin')
@@ -105,8 +113,7 @@ def module_closure(moddir, wanted):
             return
         if name not in files:
             raise common.GuestError('the kernel has no module %s' % name)
-        with open(files[name], 'rb') as f:
-            deps = modinfo(f.read()).get('depends', [''])[0]
+        deps = modinfo(read_module(files[name])).get('depends', [''])[0]
         for dep in filter(None, deps.split(',')):
             visit(dep.replace('-', '_'), chain + (name,))
         done.add(name)
@@ -184,11 +191,11 @@ def build_initramfs(busybox, modules, path):
     with open(busybox, 'rb') as f:
         entries.append(('bin/busybox', 0o100755, f.read()))
     for name, ko in modules:
-        with open(ko, 'rb') as f:
-            entries.append(('lib/modules/%s.ko' % name, 0o100644, f.read()))
+        entries.append(('lib/modules/%s.ko' % name, 0o100644,
+                        read_module(ko)))
     init = INITRAMFS_INIT % {
         'failure': marker.FAILURE_MARKER,
-        'modules': ' '.join(name for name, _ko in modules) or ':'}
+        'modules': ' '.join(name for name, _ko in modules)}
     entries.append(('init', 0o100755, init.encode()))
     with open(path, 'wb') as f:
         f.write(newc_archive(entries))

@@ -84,7 +84,7 @@ from thunder_stack.guest import qemu as guest_qemu
 
 MiB = bm.MiB
 CHUNK = bm.CHUNK      # thunder_common.manifest.DEFAULT_CHUNK_SIZE
-PART_START = MiB      # the partition's offset in the disk
+PART_START = guest_disk.PART_START     # the partition's offset in the disk
 SUITE = 'bookworm'
 MIRROR = 'http://deb.debian.org/debian'
 # On top of minbase: what a small Debian cloud image runs on its first
@@ -94,12 +94,12 @@ PACKAGES = ('linux-image-cloud-amd64', 'systemd-sysv', 'udev', 'dbus',
             'openssh-server', 'python3', 'perl', 'iproute2', 'procps',
             'kmod', 'ca-certificates', 'sudo', 'less', 'cron', 'logrotate',
             'netbase', 'ifupdown', 'isc-dhcp-client', 'e2fsprogs')
+MBR = '/usr/lib/syslinux/mbr/mbr.bin'     # syslinux-common
 HOST_TOOLS = {'debootstrap': 'debootstrap',
               'qemu-system-x86_64': 'qemu-system-x86',
               'mkfs.ext4': 'e2fsprogs',
               'losetup': 'mount', 'fstrim': 'util-linux',
-              'extlinux': 'extlinux'}
-MBR = '/usr/lib/syslinux/mbr/mbr.bin'     # syslinux-common
+              'extlinux': 'extlinux', MBR: 'syslinux-common'}
 CMDLINE = 'root=LABEL=root ro console=ttyS0 panic=-1'
 MARK = 'THUNDER-FIRSTBOOT'
 

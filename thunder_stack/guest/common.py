@@ -43,10 +43,19 @@ def run(cmd, check=True, **kwargs):
     return proc
 
 
+def _present(tool):
+    return os.path.exists(tool) if os.path.isabs(tool) else bool(
+        shutil.which(tool))
+
+
 def ensure_tools(tools, say=log):
-    """Install the Debian packages of missing ``tools`` ({tool: package})."""
+    """Install the Debian packages of missing ``tools``.
+
+    ``tools``: {command, or absolute path of a file: Debian package}.
+    Only as root; otherwise GuestError naming the packages.
+    """
     missing = sorted(set(pkg for tool, pkg in tools.items()
-                         if not shutil.which(tool)))
+                         if not _present(tool)))
     if not missing:
         return
     if os.geteuid():

@@ -339,6 +339,21 @@ def test_parse_apt_show():
         debs.kernel_package({'Package': 'x', 'Depends': 'libc6'})
 
 
+def test_apt_fingerprint(tmp_path):
+    lists = tmp_path / 'lists'
+    (lists / 'partial').mkdir(parents=True)
+    index = lists / 'deb.debian.org_debian_dists_bookworm_main_Packages'
+    index.write_text('Package: a\n')
+    roots = (str(lists),)
+    first = debs.apt_fingerprint(roots)
+    (lists / 'lock').write_text('')
+    (lists / 'partial' / 'x').write_text('half')
+    assert debs.apt_fingerprint(roots) == first
+    index.write_text('Package: b\n')
+    os.utime(index, ns=(1, 2))
+    assert debs.apt_fingerprint(roots) != first
+
+
 def _apt(show=APT_SHOW):
     calls = []
 

@@ -80,6 +80,8 @@ ROOT_LABEL = rootfs.ROOT_LABEL
 
 DEFAULT_SIZE_MIB = 64
 MIN_SIZE_MIB = 32
+#: Memory the guest needs (it boots with 96 MiB under qemu 7.2).
+MIN_RAM_MIB = 128
 FORMATS = ('raw', 'qcow2')
 #: Host tools and the Debian packages that have them.
 HOST_TOOLS = {'apt-get': 'apt', 'dpkg-deb': 'dpkg', 'mke2fs': 'e2fsprogs',
@@ -261,6 +263,7 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
             'fs_used_bytes': (sb['Block count'] - sb['Free blocks']) *
             disk.BLOCK,
             'min_disk_gib': -(-size // common.GiB),
+            'min_ram_mib': MIN_RAM_MIB,
             'build_seconds': round(time.monotonic() - started, 1),
         }
         for tree in (root, unpacked):

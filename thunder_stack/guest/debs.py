@@ -77,7 +77,7 @@ def apt_fingerprint(roots=('/var/lib/apt/lists', '/etc/apt')):
     for root in roots:
         for dirpath, dirs, names in os.walk(root):
             dirs[:] = sorted(d for d in dirs if d != 'partial')
-            for name in sorted(names):
+            for name in sorted(set(names) - {'lock'}):
                 path = os.path.join(dirpath, name)
                 try:
                     st = os.stat(path)

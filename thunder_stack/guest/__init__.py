@@ -272,6 +272,7 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
         common.write_json(os.path.join(work, 'guest.raw.json'), meta)
         if os.path.exists(final):      # an older, incomplete attempt
             shutil.rmtree(final)
+        os.chmod(work, 0o755)           # mkdtemp's 0700: others read it too
         os.rename(work, final)
         common.log('built %s in %.0f s' % (image['path'],
                                            meta['build_seconds']))

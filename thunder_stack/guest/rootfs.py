@@ -141,8 +141,8 @@ def newc_archive(entries):
 
 
 INITRAMFS_INIT = r'''#!/bin/busybox sh
-# Initramfs of the thunder guest (thunder_stack/guest.py): load the disk
-# drivers, find the root file system named by root= (LABEL=, UUID= or a
+# Initramfs of the thunder guest (thunder_stack/guest/rootfs.py): load the
+# disk drivers, find the root file system named by root= (LABEL=, UUID= or a
 # device), mount it from the disk and switch to it.
 /bin/busybox mkdir -p /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -202,8 +202,8 @@ def build_initramfs(busybox, modules, path):
 
 
 RCS = r'''#!/bin/sh
-# The thunder guest's boot (thunder_stack/guest.py), run by busybox init:
-# read and check the boot set from the disk, note the boot on the disk,
+# The thunder guest's boot (thunder_stack/guest/rootfs.py), run by busybox
+# init: read and check the boot set from the disk, note the boot on the disk,
 # print the marker line on the console; init then keeps the guest up.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -242,7 +242,7 @@ mount -o remount,ro / 2>/dev/null
 sync
 '''
 
-INITTAB = '''# busybox init (thunder_stack/guest.py)
+INITTAB = '''# busybox init (thunder_stack/guest/rootfs.py)
 ::sysinit:/etc/init.d/rcS
 ::respawn:/sbin/acpid -f
 ::shutdown:/etc/init.d/rcK

@@ -507,6 +507,18 @@ def test_build_reuses_a_complete_build(tmp_path):
     assert built.as_dict()['size'] == 64 * MiB
 
 
+def test_prune_removes_superseded_builds_only(tmp_path):
+    for key, options in (('new', {'size_mib': 64, 'filler_mib': 0}),
+                         ('old', {'size_mib': 64, 'filler_mib': 0}),
+                         ('big', {'size_mib': 1024, 'filler_mib': 'max'})):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / 'guest.raw.json').write_text(json.dumps(
+            {'image': {}, 'options': options}))
+    (tmp_path / 'debs').mkdir()
+    guest.prune(str(tmp_path), 'new', {'size_mib': 64, 'filler_mib': 0})
+    assert sorted(os.listdir(tmp_path)) == ['big', 'debs', 'new']
+
+
 # -- qemu ---------------------------------------------------------------------
 
 def test_qemu_command_as_libvirt_sets_up_nova_volumes():

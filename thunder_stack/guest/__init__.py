@@ -244,6 +244,7 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
         image['path'] = os.path.join(final, 'guest.raw')
         meta = {
             'image': image, 'key': key,
+            'options': {'size_mib': size_mib, 'filler_mib': filler_mib},
             'kernel_version': version,
             'packages': packages,
             'cmdline': disk.CMDLINE,
@@ -279,6 +280,28 @@ def _build_raw(dest_dir, final, packages, size_mib, filler_mib, key):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    prune(dest_dir, key, meta['options'])
+
+
+def prune(dest_dir, key, options):
+    """Remove the builds ``key`` supersedes: same options, other inputs.
+
+    Those of other sizes and filler stay. (A process still reading a
+    removed image file, an upload say, reads on: Linux keeps an open file.)
+    """
+    for name in sorted(os.listdir(dest_dir)):
+        meta_path = os.path.join(dest_dir, name, 'guest.raw.json')
+        if name == key or not os.path.exists(meta_path):
+            continue
+        try:
+            with open(meta_path) as f:
+                older = json.load(f).get('options')
+        except (OSError, ValueError):
+            continue
+        if older == options:
+            common.log('removing %s, which this build supersedes' % (
+                os.path.join(dest_dir, name)))
+            shutil.rmtree(os.path.join(dest_dir, name), ignore_errors=True)
 
 
 def _convert(final, raw_meta):

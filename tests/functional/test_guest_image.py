@@ -44,7 +44,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('guest-cache'))
+    path = tmp_path_factory.mktemp('guest-cache')
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -85,9 +87,12 @@ def test_build_is_cached_and_reproducible(image, cache, tmp_path):
     # shared to spare the mirror).
     other = tmp_path / 'other'
     shutil.copytree(os.path.join(cache, 'debs'), str(other / 'debs'))
-    twin = guest.build(str(other))
-    assert not twin.cached and twin.path != image.path
-    assert twin.sha256 == image.sha256
+    try:
+        twin = guest.build(str(other))
+        assert not twin.cached and twin.path != image.path
+        assert twin.sha256 == image.sha256
+    finally:
+        shutil.rmtree(other)
 
 
 def test_boots_from_its_disk_to_the_marker(image, tmp_path):

@@ -68,7 +68,6 @@ cold
 import argparse
 import contextlib
 import errno
-import gzip
 import hashlib
 import os
 import re
@@ -1368,25 +1367,15 @@ GUEST_MODULES = ('virtio/virtio_ring', 'virtio/virtio',
                  'block/virtio_blk')
 
 
-def newc_archive(entries):
-    """A gzip'ed newc cpio archive (an initramfs) of (name, mode, data)."""
-    out = []
-    for ino, (name, mode, data) in enumerate(
-            list(entries) + [('TRAILER!!!', 0, b'')], 1):
-        header = '070701' + ''.join('%08X' % x for x in (
-            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0))
-        entry = header.encode() + name.encode() + b'\0'
-        entry += b'\0' * (-len(entry) % 4)
-        out.append(entry + data + b'\0' * (-len(data) % 4))
-    return gzip.compress(b''.join(out), 1)
-
-
 def build_guest(debs, workdir):
     """Kernel and initramfs from Debian's cloud kernel and busybox-static.
 
     ``debs`` holds what ``apt-get download linux-image-cloud-amd64
     linux-image-<version>-cloud-amd64 busybox-static`` fetched.
     """
+    # Here, not at the top: nbdkit's python plugin imports this module
+    # with Debian's python3, which need not see this checkout.
+    from thunder_stack.guest import rootfs
     root = os.path.join(workdir, 'guest')
     for deb in os.listdir(debs):
         if deb.endswith('.deb') and (deb.startswith('busybox-static') or
@@ -1413,7 +1402,7 @@ def build_guest(debs, workdir):
     entries.append(('init', 0o100755, GUEST_INIT.encode()))
     initrd = os.path.join(workdir, 'guest-initrd.gz')
     with open(initrd, 'wb') as f:
-        f.write(newc_archive(entries))
+        f.write(rootfs.newc_archive(entries))
     return os.path.join(root, 'boot', kernels[0]), initrd
 
 

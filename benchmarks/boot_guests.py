@@ -29,7 +29,8 @@ replayed traces, for small N. Run as root::
    their network namespace only (``nsenter --net``), so their FUSE mounts
    are in the initial mount namespace, where qemu runs.
 3. For every N and strategy, every node creates a volume of the image over
-   its control socket and N qemu guests (``make_boot_trace.qemu_command``:
+   its control socket and N qemu guests
+   (``thunder_stack.guest.qemu.qemu_command``:
    virtio-blk, raw, ``cache=none``, ``aio=threads``, one vCPU, TCG unless
    ``--accel kvm``) boot those files at once. Strategies: ``local-copy``
    (each guest boots its own copy of the image file: what a full copy
@@ -70,6 +71,7 @@ import make_boot_trace as mbt
 
 from thunder_cache import control
 from thunder_common import manifest as manifest_mod
+from thunder_stack.guest import qemu as guest_qemu
 
 REPO = bulk_boot.REPO
 MiB = bulk_boot.MiB
@@ -276,7 +278,8 @@ class Guest(object):
 
     def __init__(self, name, disk, logdir, args):
         self.name = name
-        self.cmd = mbt.qemu_command(args.accel, disk, args.memory_mib)
+        self.cmd = guest_qemu.qemu_command(args.accel, disk,
+                                           args.memory_mib)
         self.console_log = os.path.join(logdir, name + '.console.log')
         self.stderr_log = os.path.join(logdir, name + '.qemu.log')
         self.proc = None

@@ -52,10 +52,10 @@ What it does:
 
 Debian packages on the host (installed with apt-get when missing):
 ``debootstrap``, ``qemu-system-x86``, ``extlinux`` (and its
-``syslinux-common``, the MBR), ``e2fsprogs``, ``fdisk`` (sfdisk),
-``mount`` (losetup). If debootstrap cannot reach the mirror the run stops
-with its error (apt's mirror is the same one, so there is no offline
-fallback to fall back on).
+``syslinux-common``, the MBR), ``e2fsprogs``, ``mount`` (losetup); the
+partition table is written by ``thunder_stack.guest.disk.mbr``. If
+debootstrap cannot reach the mirror the run stops with its error (apt's
+mirror is the same one, so there is no offline fallback to fall back on).
 
 ``--reuse-image`` boots the image an earlier run left at ``--image``
 again (its metadata is in ``IMAGE.json``, the consoles of the boots in
@@ -64,7 +64,6 @@ again (its metadata is in ``IMAGE.json``, the consoles of the boots in
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -79,9 +78,13 @@ import time
 
 import blockdev_mechanisms as bm
 
+from thunder_stack.guest import common as guest_common
+from thunder_stack.guest import disk as guest_disk
+from thunder_stack.guest import qemu as guest_qemu
+
 MiB = bm.MiB
 CHUNK = bm.CHUNK      # thunder_common.manifest.DEFAULT_CHUNK_SIZE
-PART_START = MiB      # the partition's offset in the disk
+PART_START = guest_disk.PART_START     # the partition's offset in the disk
 SUITE = 'bookworm'
 MIRROR = 'http://deb.debian.org/debian'
 # On top of minbase: what a small Debian cloud image runs on its first
@@ -91,12 +94,12 @@ PACKAGES = ('linux-image-cloud-amd64', 'systemd-sysv', 'udev', 'dbus',
             'openssh-server', 'python3', 'perl', 'iproute2', 'procps',
             'kmod', 'ca-certificates', 'sudo', 'less', 'cron', 'logrotate',
             'netbase', 'ifupdown', 'isc-dhcp-client', 'e2fsprogs')
+MBR = '/usr/lib/syslinux/mbr/mbr.bin'     # syslinux-common
 HOST_TOOLS = {'debootstrap': 'debootstrap',
               'qemu-system-x86_64': 'qemu-system-x86',
-              'mkfs.ext4': 'e2fsprogs', 'sfdisk': 'fdisk',
+              'mkfs.ext4': 'e2fsprogs',
               'losetup': 'mount', 'fstrim': 'util-linux',
-              'extlinux': 'extlinux'}
-MBR = '/usr/lib/syslinux/mbr/mbr.bin'     # syslinux-common
+              'extlinux': 'extlinux', MBR: 'syslinux-common'}
 CMDLINE = 'root=LABEL=root ro console=ttyS0 panic=-1'
 MARK = 'THUNDER-FIRSTBOOT'
 
@@ -174,11 +177,7 @@ run = bm.run
 
 
 def ensure_tools():
-    missing = sorted(set(pkg for tool, pkg in HOST_TOOLS.items()
-                         if not shutil.which(tool)))
-    if missing:
-        log('apt-get install %s' % ' '.join(missing))
-        run(['apt-get', 'install', '-y', '-q'] + missing)
+    guest_common.ensure_tools(HOST_TOOLS, say=log)
 
 
 # -- the image -------------------------------------------------------------
@@ -224,9 +223,6 @@ def build_image(args, workdir):
         os.unlink(tmp)
     with open(tmp, 'wb') as f:
         f.truncate(size)
-    run(['sfdisk', '--quiet', tmp],
-        input='label: dos\nstart=%d, type=83, bootable\n' % (
-            PART_START // 512))
     inner = bm.Cleanup()
     try:
         dev = loop_attach(inner, tmp, size)
@@ -270,11 +266,9 @@ def build_image(args, workdir):
         fs_used = (st.f_blocks - st.f_bfree) * st.f_frsize
     finally:
         inner.close()
-    with open(MBR, 'rb') as f:
-        mbr = f.read()
-    if len(mbr) > 440:
-        raise RuntimeError('%s is %d bytes' % (MBR, len(mbr)))
-    with open(tmp, 'r+b') as f:     # the boot code, not the partition table
+    with open(MBR, 'rb') as f:      # syslinux's boot code, one partition
+        mbr = guest_disk.mbr(f.read(), PART_START, size - PART_START)
+    with open(tmp, 'r+b') as f:
         f.write(mbr)
     os.rename(tmp, args.image)
     meta = {'packages': packages, 'kernel_version': version,
@@ -361,25 +355,6 @@ class Console(threading.Thread):
         self.out.close()
 
 
-def qemu_command(accel, volume, memory_mib=1024):
-    """qemu booting ``volume`` as libvirt sets up Nova's volumes.
-
-    virtio-blk, raw, ``cache=none``, ``aio=threads``; one vCPU, no network,
-    the serial console on stdout, no reboot (a power-off ends qemu).
-    """
-    # Without arch-capabilities: nested KVM here refuses its MSR (0x10a).
-    return ['qemu-system-x86_64', '-accel', accel,
-            '-cpu', 'host,-arch-capabilities' if accel == 'kvm' else 'max',
-            '-m', str(memory_mib), '-smp', '1', '-nodefaults',
-            '-display', 'none', '-serial', 'stdio', '-monitor', 'none',
-            '-no-reboot', '-msg', 'timestamp=on',
-            '-blockdev', 'driver=file,node-name=disk,filename=%s,'
-            'cache.direct=on,cache.no-flush=off,aio=threads' % volume,
-            '-blockdev', 'driver=raw,node-name=fmt,file=disk',
-            '-device', 'virtio-blk-pci,drive=fmt,bootindex=1',
-            '-nic', 'none']
-
-
 def boot(args, accel, kernel, initrd, volume, workdir):
     """Boot the volume once; returns a dict, or raises if the boot failed."""
     trace = os.path.join(workdir, 'trace-%s.log' % accel)
@@ -391,7 +366,7 @@ def boot(args, accel, kernel, initrd, volume, workdir):
             os.unlink(path)
     # One -trace option: a later one would reset the output file.
     write(events, 'blk_co_preadv\nblk_co_pwritev\n')
-    cmd = qemu_command(accel, volume) + [
+    cmd = guest_qemu.qemu_command(accel, volume) + [
         '-trace', 'events=%s,file=%s' % (events, trace)]
     if args.no_boot_loader:
         cmd += ['-kernel', kernel, '-initrd', initrd, '-append', CMDLINE]
@@ -492,14 +467,6 @@ def summarize(reads, size):
             'last_read_seconds': reads[-1][0] if reads else 0}
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(4 * MiB), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def allocated(path):
     return os.stat(path).st_blocks * 512
 
@@ -571,7 +538,7 @@ def main():
             meta = build_image(args, workdir)
         kernel, initrd = args.image + '.vmlinuz', args.image + '.initrd'
         size = os.path.getsize(args.image)
-        image_sha = sha256(args.image)
+        image_sha = guest_common.file_sha256(args.image)
         accels = ['kvm', 'tcg'] if args.accel == 'auto' else [args.accel]
         if 'kvm' in accels and not os.access('/dev/kvm', os.R_OK | os.W_OK):
             accels.remove('kvm')

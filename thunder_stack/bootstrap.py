@@ -26,6 +26,7 @@ creates one volume type per Cinder backend; ``services`` prints Cinder's
 services as JSON; ``pools`` the pools the scheduler knows, as JSON.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -181,16 +182,38 @@ def flavors(s):
             'instances': -1, 'cores': -1, 'ram': -1}})
 
 
-def _compute_status(s, host):
-    """(ok, reason): is ``host`` a compute host servers can be placed on?"""
+def _process_start(pid):
+    """When process ``pid`` started (UTC, naive, as Nova's timestamps)."""
+    with open('/proc/%d/stat' % pid) as f:
+        ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/stat') as f:
+        boot = next(int(line.split()[1]) for line in f
+                    if line.startswith('btime '))
+    return datetime.datetime.fromtimestamp(
+        boot + ticks / os.sysconf('SC_CLK_TCK'), datetime.timezone.utc
+    ).replace(tzinfo=None)
+
+
+def _compute_status(s, host, since=None):
+    """(ok, reason): is ``host`` a compute host servers can be placed on?
+
+    ``since``: the compute service must have reported after this time
+    (a restarted nova-compute is not up until it reports; its record
+    still looks up for a minute after the old process stopped).
+    """
     nova = _api(s, 'compute', '2.53')
     services = nova.get('/os-services?binary=nova-compute&host=%s'
                         % host).json()['services']
     if not services:
         return False, 'no nova-compute service registered on %s' % host
-    if services[0]['state'] != 'up' or services[0]['status'] != 'enabled':
+    service = services[0]
+    if service['state'] != 'up' or service['status'] != 'enabled':
         return False, 'nova-compute on %s is %s and %s' % (
-            host, services[0]['state'], services[0]['status'])
+            host, service['state'], service['status'])
+    if since and datetime.datetime.fromisoformat(
+            service['updated_at']) < since:
+        return False, 'nova-compute on %s has not reported since it ' \
+            'started' % host
     hypervisors = [h for h in nova.get('/os-hypervisors/detail').json()[
         'hypervisors'] if h['service']['host'] == host]
     if not hypervisors:
@@ -221,13 +244,15 @@ def compute_status(s, host):
 def wait_compute(s, host, pid, timeout):
     """Wait until servers can be placed on ``host``; exit 1 if not."""
     deadline = time.monotonic() + float(timeout)
+    pid = int(pid)
+    since = _process_start(pid)
     reason = 'not checked'
     while time.monotonic() < deadline:
-        if int(pid) and not os.path.exists('/proc/%s' % pid):
-            raise SystemExit('nova-compute (pid %s) exited while waiting '
+        if not os.path.exists('/proc/%d' % pid):
+            raise SystemExit('nova-compute (pid %d) exited while waiting '
                              'for it: %s' % (pid, reason))
         try:
-            ok, reason = _compute_status(s, host)
+            ok, reason = _compute_status(s, host, since)
         except ks_exceptions.ClientException as e:
             ok, reason = False, str(e)
         if ok:

@@ -37,6 +37,7 @@ domain, so libvirt is left without the stack's domains (those named by
 and undefines them after stopping nova-compute, ``up`` before starting it.
 """
 
+import grp
 import json
 import os
 import re
@@ -58,6 +59,7 @@ HOST = 'thunder-stack'
 LIBVIRT_URI = 'qemu:///system'
 LIBVIRT_SOCKET = '/run/libvirt/libvirt-sock'
 VIRTLOGD_SOCKET = '/run/libvirt/virtlogd-sock'
+KVM_DEVICE = '/dev/kvm'
 INSTANCE_NAME_TEMPLATE = 'instance-%08x'
 #: The names INSTANCE_NAME_TEMPLATE gives, and only those.
 INSTANCE_NAME = re.compile(r'^instance-[0-9a-f]{8}$')
@@ -222,7 +224,7 @@ def _write_neutron_conf(stack):
     })
     ini.write(_uwsgi_ini(stack, 'neutron-api'), {
         'uwsgi': svc.uwsgi_options(
-            'neutron.wsgi.api:application', stack.ports['neutron'],
+            'thunder_stack.neutron_wsgi:application', stack.ports['neutron'],
             processes=1, env='OS_NEUTRON_CONFIG_DIR=%s' % etc)})
 
 
@@ -328,7 +330,30 @@ def _once(stack, marker, what):
             f.write('ok\n')
 
 
+def _kvm_device():
+    """/dev/kvm as Debian's udev rules leave it: group kvm, mode 0660.
+
+    Without udev (these machines) it is root's alone. libvirt runs qemu as
+    libvirt-qemu (group kvm): its qemu probe finds KVM, but before each use
+    of its cached qemu capabilities it checks whether that user may open
+    /dev/kvm, finds it may not, throws the cache away and probes qemu again
+    (4 to 12 s, several times per call: a server took a minute to be
+    defined). Guests still run under TCG (``virt_type = qemu``).
+    """
+    try:
+        st = os.stat(KVM_DEVICE)
+        gid = grp.getgrnam('kvm').gr_gid
+    except (OSError, KeyError):
+        return
+    if st.st_gid != gid or st.st_mode & 0o060 != 0o060:
+        svc.log('giving %s to group kvm, mode 0660 (as udev would)'
+                % KVM_DEVICE)
+        os.chown(KVM_DEVICE, -1, gid)
+        os.chmod(KVM_DEVICE, 0o660)
+
+
 def _libvirt(stack):
+    _kvm_device()
     for name, sock in (('virtlogd', VIRTLOGD_SOCKET),
                        ('libvirtd', LIBVIRT_SOCKET)):
         if stack.service(name).pid() is None and \
@@ -391,7 +416,7 @@ def _wait_compute(stack):
     """Until servers can be placed on the compute host (or its timeout)."""
     compute = stack.service('nova-compute')
     try:
-        out = stack._bootstrap('wait-compute', HOST, str(compute.pid() or 0),
+        out = stack._bootstrap('wait-compute', HOST, str(compute.pid()),
                                str(COMPUTE_TIMEOUT),
                                timeout=COMPUTE_TIMEOUT + 60)
     except svc.StackError as e:

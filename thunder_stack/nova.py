@@ -247,6 +247,15 @@ def _write_nova_conf(stack):
             # Many tiny TCG guests on 2 cores: the benchmarks boot up to
             # 20 one-vCPU servers at once.
             'initial_cpu_allocation_ratio': 16.0,
+            # down destroys the servers' domains (nova-compute refuses to
+            # start beside domains it does not know); when nova-compute
+            # starts again it recreates those of the servers that ran, as
+            # after a reboot of a compute host.
+            'resume_guests_state_on_host_boot': True,
+            # nova-compute's graceful shutdown waits this long for its
+            # thread pools (which never finish: its default of 180 s
+            # would outlast the stack's SIGKILL after 30 s).
+            'graceful_shutdown_timeout': 5,
             'debug': True,
         },
         'api': {'auth_strategy': 'keystone'},

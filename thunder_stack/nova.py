@@ -184,19 +184,30 @@ def _write_placement_conf(stack):
         'placement_database': {'connection': stack.db_url('placement')},
         'keystone_authtoken': stack._authtoken('placement'),
     })
-    ini.write(_uwsgi_ini(stack, 'placement-api'), {
-        'uwsgi': svc.uwsgi_options(
-            'placement.wsgi.api:application', stack.ports['placement'],
-            processes=2, env='OS_PLACEMENT_CONFIG_DIR=%s' % etc)})
+    _write_uwsgi_ini(stack, 'placement-api', 'placement.wsgi.api', 2,
+                     'OS_PLACEMENT_CONFIG_DIR=%s' % etc)
+
+
+def _write_uwsgi_ini(stack, name, module, processes, env):
+    ini.write(_uwsgi_ini(stack, name), {'uwsgi': svc.uwsgi_options(
+        module + ':application', stack.ports[name.split('-')[0]],
+        processes=processes, env=env)})
+
+
+def _project_dirs(stack, project, *state_dirs):
+    """etc/PROJECT with the package's api-paste.ini; data/PROJECT/..."""
+    etc = stack.path('etc', project)
+    state = stack.path('data', project)
+    for sub in state_dirs:
+        os.makedirs(os.path.join(state, sub), exist_ok=True)
+    os.makedirs(etc, exist_ok=True)
+    shutil.copy(os.path.join(stack.venv, 'etc', project, 'api-paste.ini'),
+                os.path.join(etc, 'api-paste.ini'))
+    return etc, state
 
 
 def _write_neutron_conf(stack):
-    etc = stack.path('etc', 'neutron')
-    state = stack.path('data', 'neutron')
-    os.makedirs(os.path.join(state, 'locks'), exist_ok=True)
-    os.makedirs(etc, exist_ok=True)
-    shutil.copy(os.path.join(stack.venv, 'etc', 'neutron', 'api-paste.ini'),
-                os.path.join(etc, 'api-paste.ini'))
+    etc, state = _project_dirs(stack, 'neutron', 'locks')
     ini.write(os.path.join(etc, 'neutron.conf'), {
         'DEFAULT': {
             'log_file': stack.path('log', 'neutron-app.log'),
@@ -222,19 +233,12 @@ def _write_neutron_conf(stack):
                 'mechanism_drivers': '', 'extension_drivers': ''},
         'ml2_type_flat': {'flat_networks': ''},
     })
-    ini.write(_uwsgi_ini(stack, 'neutron-api'), {
-        'uwsgi': svc.uwsgi_options(
-            'thunder_stack.neutron_wsgi:application', stack.ports['neutron'],
-            processes=1, env='OS_NEUTRON_CONFIG_DIR=%s' % etc)})
+    _write_uwsgi_ini(stack, 'neutron-api', 'thunder_stack.neutron_wsgi', 1,
+                     'OS_NEUTRON_CONFIG_DIR=%s' % etc)
 
 
 def _write_nova_conf(stack):
-    etc = stack.path('etc', 'nova')
-    state = stack.path('data', 'nova')
-    os.makedirs(os.path.join(state, 'instances'), exist_ok=True)
-    os.makedirs(etc, exist_ok=True)
-    shutil.copy(os.path.join(stack.venv, 'etc', 'nova', 'api-paste.ini'),
-                os.path.join(etc, 'api-paste.ini'))
+    etc, state = _project_dirs(stack, 'nova', 'instances', 'locks')
     helper = os.path.join(stack.venv, 'bin', 'privsep-helper')
     conf = {
         'DEFAULT': {
@@ -290,10 +294,8 @@ def _write_nova_conf(stack):
         section: options for section, options in conf.items()
         if section not in ('database', 'api_database',
                            'keystone_authtoken')})
-    ini.write(_uwsgi_ini(stack, 'nova-api'), {
-        'uwsgi': svc.uwsgi_options(
-            'nova.wsgi.osapi_compute:application', stack.ports['nova'],
-            processes=2, env='OS_NOVA_CONFIG_DIR=%s' % etc)})
+    _write_uwsgi_ini(stack, 'nova-api', 'nova.wsgi.osapi_compute', 2,
+                     'OS_NOVA_CONFIG_DIR=%s' % etc)
 
 
 # -- up -----------------------------------------------------------------------

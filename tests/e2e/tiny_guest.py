@@ -12,8 +12,8 @@
 
 """A stand-in guest for the Nova e2e tests, until thunder_stack.guest lands.
 
-A raw disk that BIOS boots: syslinux on an unpartitioned FAT file system
-loads Debian's cloud kernel and a busybox initramfs from the disk (so the
+A raw disk that BIOS boots: syslinux's MBR, then syslinux on the FAT
+partition loads Debian's cloud kernel and a busybox initramfs from it (so the
 boot reads the volume, through SeaBIOS and the boot loader, but userspace
 lives in the initramfs). ``/init`` prints :data:`MARKER` on the serial
 console and then idles. Built without root and without installing
@@ -27,11 +27,13 @@ import gzip
 import io
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 
 MARKER = 'THUNDER-TINY-GUEST-READY'
 SIZE = 32 << 20
+PART_START = 1 << 20
 KERNEL_META = 'linux-image-cloud-amd64'
 PACKAGES = ('busybox-static', 'syslinux', 'syslinux-common', 'mtools')
 
@@ -70,8 +72,8 @@ def _kernel_package():
         line = line.strip()
         if line.startswith('Depends: linux-image-'):
             return line.split(':', 1)[1].strip()
-    raise RuntimeError('no kernel package behind %s:\n%s' % (KERNEL_META,
-                                                              out))
+    raise RuntimeError('no kernel package behind %s:\n%s'
+                       % (KERNEL_META, out))
 
 
 def _cpio(entries):
@@ -101,6 +103,16 @@ def _initramfs(busybox):
     return gzip.compress(_cpio(entries), 9)
 
 
+def _mbr(boot_code):
+    """Boot code and a partition table with one bootable FAT16 partition."""
+    first, count = PART_START // 512, (SIZE - PART_START) // 512
+    # CHS fields unused (LBA); 0x0e: FAT16 with LBA.
+    entry = struct.pack('<B3sB3sII', 0x80, b'\xfe\xff\xff', 0x0e,
+                        b'\xfe\xff\xff', first, count)
+    return (boot_code[:440].ljust(440, b'\0') + b'\0' * 6 + entry +
+            b'\0' * 48 + b'\x55\xaa')
+
+
 def build(path):
     """Write the bootable raw disk to ``path``; returns :data:`MARKER`."""
     work = tempfile.mkdtemp(prefix='tiny-guest-')
@@ -126,16 +138,23 @@ def build(path):
                    PATH=os.path.join(root, 'usr', 'bin') + ':' +
                    os.environ['PATH'])
         tmp = path + '.part'
+        with open(os.path.join(root, 'usr', 'lib', 'syslinux', 'mbr',
+                               'mbr.bin'), 'rb') as f:
+            mbr = f.read()
         with open(tmp, 'wb') as f:
             f.truncate(SIZE)
-        # An unpartitioned ("superfloppy") FAT: SeaBIOS runs syslinux's
-        # boot sector at LBA 0 like an MBR.
-        _run(['mformat', '-i', tmp, '-T', str(SIZE // 512), '-h', '64',
-              '-s', '32', '-v', 'TINYGUEST', '::'], env=env)
+            f.write(_mbr(mbr))
+        # One bootable FAT16 partition from 1 MiB (a real partition
+        # table: Glance's format inspector checks a raw image's MBR).
+        part = '%s@@%d' % (tmp, PART_START)
+        _run(['mformat', '-i', part, '-T', str((SIZE - PART_START) // 512),
+              '-h', '64', '-s', '32', '-H', str(PART_START // 512), '-v',
+              'TINYGUEST', '::'], env=env)
         for name in ('vmlinuz', 'initrd.gz', 'syslinux.cfg'):
-            _run(['mcopy', '-i', tmp, os.path.join(files, name),
+            _run(['mcopy', '-i', part, os.path.join(files, name),
                   '::' + name], env=env)
-        _run(['syslinux', '--install', tmp], env=env)
+        _run(['syslinux', '--offset', str(PART_START), '--install', tmp],
+             env=env)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -210,8 +210,9 @@ def _compute_status(s, host, since=None):
     if service['state'] != 'up' or service['status'] != 'enabled':
         return False, 'nova-compute on %s is %s and %s' % (
             host, service['state'], service['status'])
-    if since and datetime.datetime.fromisoformat(
-            service['updated_at']) < since:
+    reported = service['updated_at']
+    if since and (not reported or
+                  datetime.datetime.fromisoformat(reported) < since):
         return False, 'nova-compute on %s has not reported since it ' \
             'started' % host
     hypervisors = [h for h in nova.get('/os-hypervisors/detail').json()[

@@ -17,12 +17,14 @@ removes, the configuration it writes and how ``down`` orders things. The
 e2e tests (tests/e2e/test_nova.py) run the real services.
 """
 
+import datetime
 import os
 import stat
 from unittest import mock
 
 import pytest
 
+from thunder_stack import bootstrap
 from thunder_stack import ini
 from thunder_stack import nova
 from thunder_stack import services as svc
@@ -212,3 +214,65 @@ def test_stack_installs_and_serves_nova(stack):
     assert names[-len(nova.services(stack)):] == [
         s.name for s in nova.services(stack)]
     assert set(nova.PORTS) <= set(stack_mod.DEFAULT_PORTS)
+
+
+class FakeApi(object):
+    """keystoneauth's Adapter over canned JSON, by path prefix."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def get(self, path, raise_exc=True):
+        for prefix, body in self.answers.items():
+            if path.startswith(prefix):
+                return mock.Mock(ok=body is not None,
+                                 json=mock.Mock(return_value=body or {}))
+        raise AssertionError('unexpected GET %s' % path)
+
+
+def compute_status(services, hypervisors=(), inventories=None, since=None):
+    answers = {
+        '/os-services': {'services': services},
+        '/os-hypervisors/detail': {'hypervisors': list(hypervisors)},
+        '/resource_providers/': inventories,
+    }
+    with mock.patch.object(bootstrap, '_api',
+                           return_value=FakeApi(answers)):
+        return bootstrap._compute_status({}, nova.HOST, since)
+
+
+SERVICE = {'state': 'up', 'status': 'enabled',
+           'updated_at': '2026-12-02T20:13:05.000000'}
+HYPERVISOR = {'id': 'rp-uuid', 'hypervisor_hostname': 'vm', 'state': 'up',
+              'service': {'host': nova.HOST}}
+INVENTORY = {'inventories': {'VCPU': {'total': 2},
+                             'MEMORY_MB': {'total': 1024}}}
+
+
+def test_compute_ready():
+    assert compute_status([SERVICE], [HYPERVISOR], INVENTORY) == (
+        True, 'vm: 2 vCPUs, 1024 MiB')
+
+
+def test_compute_not_registered():
+    ok, reason = compute_status([])
+    assert not ok and 'no nova-compute service' in reason
+
+
+def test_a_restarted_compute_is_not_ready_before_it_reports():
+    started = datetime.datetime(2026, 12, 2, 20, 14)
+    ok, reason = compute_status([SERVICE], [HYPERVISOR], INVENTORY,
+                                since=started)
+    assert not ok and 'has not reported since it started' in reason
+    ok, reason = compute_status([dict(SERVICE, updated_at=None)],
+                                [HYPERVISOR], INVENTORY, since=started)
+    assert not ok and 'has not reported since it started' in reason
+    assert compute_status([SERVICE], [HYPERVISOR], INVENTORY,
+                          since=started - datetime.timedelta(minutes=5))[0]
+
+
+def test_compute_not_mapped_or_without_inventory():
+    ok, reason = compute_status([SERVICE], [])
+    assert not ok and 'mapped to a cell' in reason
+    ok, reason = compute_status([SERVICE], [HYPERVISOR], None)
+    assert not ok and 'no VCPU inventory' in reason

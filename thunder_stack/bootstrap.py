@@ -24,6 +24,14 @@ glance and cinder (admin and service roles in the service project, as
 devstack gives them) and the image and volume endpoints; ``volume-types``
 creates one volume type per Cinder backend; ``services`` prints Cinder's
 services as JSON; ``pools`` the pools the scheduler knows, as JSON.
+
+For Nova (thunder_stack.nova): ``nova-keystone`` creates the users nova,
+placement and neutron and the compute, placement and network endpoints;
+``flavors`` the stack's flavors (and lifts the compute quotas);
+``wait-compute SETTINGS HOST PID TIMEOUT`` waits until servers can be
+placed on the compute host (nova-compute PID has reported since it started,
+its hypervisor is mapped and up, Placement has its inventory);
+``compute-status SETTINGS HOST`` prints that check as JSON.
 """
 
 import datetime

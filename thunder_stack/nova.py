@@ -69,14 +69,13 @@ FLAVORS = {'tiny': (1, 256, 1)}
 NOVA_SERVICES = ('nova-api', 'nova-conductor', 'nova-scheduler',
                  'nova-compute')
 #: How long nova-compute may take to register its hypervisor and its
-#: resource provider (about 40 s here on an idle machine).
+#: resource provider (about 50 s here: libvirt probes qemu at its start).
 COMPUTE_TIMEOUT = 300
 
 
 def services(stack):
     """The processes of this module, in start order."""
     bin_ = os.path.join(stack.venv, 'bin')
-    p = stack.ports
 
     def console_script(name):
         return svc.Service(
@@ -85,13 +84,13 @@ def services(stack):
                    '--log-file', stack.path('log', '%s.log' % name)],
             stack.root)
 
-    def uwsgi(name, port, health_path):
+    def uwsgi(name):
+        project = name.split('-')[0]
         return svc.Service(
             name, [os.path.join(bin_, 'uwsgi'), '--ini',
                    _uwsgi_ini(stack, name)],
-            stack.root, port=port,
-            health=lambda: svc.http_reason(stack.url(name.split('-')[0]) +
-                                           health_path))
+            stack.root, port=stack.ports[project],
+            health=lambda: svc.http_reason(stack.url(project) + '/'))
 
     return [
         svc.Service('virtlogd', [
@@ -104,17 +103,13 @@ def services(stack):
                                                             'libvirtd'),
             '--pid-file', stack.path('run', 'libvirtd-own.pid')],
             stack.root, health=_libvirt_reason),
-        uwsgi('placement-api', p['placement'], '/'),
-        uwsgi('neutron-api', p['neutron'], '/'),
-        uwsgi('nova-api', p['nova'], '/'),
+        uwsgi('placement-api'),
+        uwsgi('neutron-api'),
+        uwsgi('nova-api'),
         console_script('nova-conductor'),
         console_script('nova-scheduler'),
         console_script('nova-compute'),
     ]
-
-
-def service_names(stack):
-    return [s.name for s in services(stack)]
 
 
 # -- configuration ------------------------------------------------------------

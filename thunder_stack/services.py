@@ -27,9 +27,65 @@ import time
 import urllib.error
 import urllib.request
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class ServiceError(RuntimeError):
     """A service did not start, or died."""
+
+
+class StackError(RuntimeError):
+    """A step of the stack (a command, a wait) failed."""
+
+
+def log(msg):
+    print('thunder-stack: %s' % msg, flush=True)
+
+
+def run(cmd, env=None, timeout=900, check=True, quiet=False, cwd=None):
+    """Run a command; StackError with its output's tail if it fails."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run([str(c) for c in cmd], capture_output=True,
+                            text=True, env=full_env, timeout=timeout,
+                            cwd=cwd or CHECKOUT)
+    if check and result.returncode:
+        raise StackError('%s failed (%d):\n%s' % (
+            ' '.join(str(c) for c in cmd), result.returncode,
+            (result.stdout + result.stderr)[-3000:]))
+    return result
+
+
+def uwsgi_options(module, port, processes, env):
+    """The [uwsgi] section serving the WSGI app ``module`` on ``port``."""
+    options = {
+        'module': module,
+        'http-socket': '127.0.0.1:%d' % port,
+        'processes': processes,
+        'threads': 4,
+        'master': True,
+        'die-on-term': True,
+        'exit-on-reload': False,
+        'hook-master-start': 'unix_signal:15 gracefully_kill_them_all',
+        'worker-reload-mercy': 30,
+        'enable-threads': True,
+        'thunder-lock': True,
+        'buffer-size': 65535,
+        'add-header': 'Connection: close',
+        'lazy-apps': True,
+        'http-raw-body': True,
+        'http-chunked-input': True,
+        'http-auto-chunked': True,
+        'http-keepalive': False,
+        'socket-timeout': 300,
+        # glanceclient uploads with chunked transfer encoding.
+        'chunked-input-limit': 20971520,
+        'chunked-input-timeout': 300,
+        'env': env,
+        'need-app': True,
+    }
+    return {k: (str(v).lower() if isinstance(v, bool) else v)
+            for k, v in options.items()}
 
 
 class Service(object):

@@ -44,20 +44,22 @@ from thunder_cache import control
 from thunder_common import loops
 from thunder_stack import ceph as ceph_mod
 from thunder_stack import ini
+from thunder_stack import nova as nova_mod
 from thunder_stack import services as svc
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKOUT = svc.CHECKOUT
 
 APT_PACKAGES = ('mariadb-server', 'rabbitmq-server', 'ceph-mon', 'ceph-osd',
                 'ceph-mgr', 'ceph-common', 'python3-rados', 'python3-rbd',
-                'qemu-utils', 'fuse3')
+                'qemu-utils', 'fuse3') + nova_mod.APT_PACKAGES
 PIP_PACKAGES = ('cinder==29.0.0', 'glance==33.0.0', 'keystone==30.0.0',
                 'glance-store>=5.7,<6', 'os-brick>=7.1', 'python-cinderclient',
                 'python-glanceclient', 'python-openstackclient', 'uwsgi',
-                'PyMySQL', 'mfusepy>=3.1')
+                'PyMySQL', 'mfusepy>=3.1') + nova_mod.PIP_PACKAGES
 DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
                  'rabbit_dist': 16673, 'ceph': 16789, 'keystone': 16500,
-                 'glance': 16292, 'cinder': 16776, 'thunder_cache': 16485}
+                 'glance': 16292, 'cinder': 16776, 'thunder_cache': 16485,
+                 **nova_mod.PORTS}
 POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images'}
 THUNDER_BACKEND = 'thunder'
 PEER_BACKEND = 'thunder-peer'
@@ -67,33 +69,14 @@ CINDER_STORE = 'cinder'
 CEPH_SIZE_GIB = int(os.environ.get('THUNDER_STACK_CEPH_GIB', '40'))
 
 
-def log(msg):
-    print('thunder-stack: %s' % msg, flush=True)
-
-
-class StackError(RuntimeError):
-    pass
+log = svc.log
+StackError = svc.StackError
+run = svc.run
 
 
 def stack_dir():
     return os.path.abspath(os.environ.get('THUNDER_STACK_DIR') or
                            os.path.join(CHECKOUT, '.stack'))
-
-
-def run(cmd, env=None, timeout=900, check=True, quiet=False, cwd=None):
-    """Run a command; StackError with its output's tail if it fails."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    result = subprocess.run([str(c) for c in cmd], capture_output=True,
-                            text=True, env=full_env, timeout=timeout,
-                            cwd=cwd or CHECKOUT)
-    if check and result.returncode:
-        raise StackError('%s failed (%d):\n%s' % (
-            ' '.join(str(c) for c in cmd), result.returncode,
-            (result.stdout + result.stderr)[-3000:]))
-    if not quiet and result.returncode == 0:
-        pass
-    return result
 
 
 class Stack(object):
@@ -305,7 +288,7 @@ class Stack(object):
                  self.path('etc', 'cinder', 'cinder.conf'),
                  '--log-file', self.path('log', 'cinder-volume.log')],
                 self.root),
-        ]
+        ] + nova_mod.services(self)
 
     @property
     def thunder_cache_conf(self):
@@ -365,6 +348,7 @@ class Stack(object):
         # Cinder when it starts.
         self._cinder()
         self._glance()
+        nova_mod.up(self)
         self._write_openrc()
         log('stack up in %.0f s; credentials in %s'
             % (time.monotonic() - started, self.path('openrc')))
@@ -391,7 +375,7 @@ class Stack(object):
                "IDENTIFIED BY '{pw}'",
                "ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{pw}'",
                "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION"]
-        for db in ('keystone', 'glance', 'cinder'):
+        for db in ('keystone', 'glance', 'cinder') + nova_mod.DATABASES:
             sql.append('CREATE DATABASE IF NOT EXISTS %s CHARACTER SET '
                        'utf8mb4' % db)
         statement = ';'.join(sql).format(pw=self.password)
@@ -432,7 +416,7 @@ class Stack(object):
             'credential': {'key_repository': os.path.join(
                 etc, 'credential-keys')},
         })
-        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': _uwsgi(
+        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': svc.uwsgi_options(
             'keystone.wsgi.api:application', self.ports['keystone'],
             processes=2,
             env='OS_KEYSTONE_CONFIG_FILES=%s' % conf)})
@@ -467,14 +451,15 @@ class Stack(object):
             'cinder_url': self.url('cinder'),
             'volume_types': {name: name for name in BACKENDS},
         }
+        settings.update(nova_mod.settings(self))
         with open(path, 'w') as f:
             json.dump(settings, f)
         os.chmod(path, 0o600)
         return path
 
-    def _bootstrap(self, what):
+    def _bootstrap(self, what, *args, **kwargs):
         return run([self.python, '-m', 'thunder_stack.bootstrap', what,
-                    self._settings_file()]).stdout
+                    self._settings_file()] + list(args), **kwargs).stdout
 
     # -- configuration through the devstack plugin -------------------------
 
@@ -557,6 +542,8 @@ class Stack(object):
             'keystone_authtoken': self._authtoken('cinder'),
             'oslo_concurrency': {'lock_path': os.path.join(state, 'locks')},
             'oslo_messaging_rabbit': {'heartbeat_timeout_threshold': 0},
+            # How Cinder calls Nova (volume events).
+            'nova': nova_mod.cinder_nova_section(self),
             'cinder_sys_admin': {'helper_command': os.path.join(
                 self.venv, 'bin', 'privsep-helper')},
             'privsep_osbrick': {'helper_command': os.path.join(
@@ -663,7 +650,7 @@ class Stack(object):
             'privsep_osbrick': {'helper_command': os.path.join(
                 self.venv, 'bin', 'privsep-helper')},
         })
-        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': _uwsgi(
+        ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': svc.uwsgi_options(
             'glance.wsgi.api:application', self.ports['glance'],
             processes=2, env='OS_GLANCE_CONFIG_DIR=%s' % etc)})
         if self.thunder_store_available():
@@ -780,6 +767,7 @@ class Stack(object):
                 log('stopping %s (pid %d)' % (service.name, service.pid()))
             if service.name == 'thunder-cache':
                 self._detach_loop_devices()
+            nova_mod.before_stop(self, service)
             service.stop()
         if 'ports' in self.state:
             cluster = self.ceph()
@@ -829,42 +817,12 @@ class Stack(object):
                                      else s['state']})
             except StackError:
                 pass
+        rows.extend(nova_mod.status_rows(self))
         return rows
 
     def is_up(self):
         rows = self.status()
         return bool(rows) and all(r['state'] == 'ok' for r in rows)
-
-
-def _uwsgi(module, port, processes, env):
-    options = {
-        'module': module,
-        'http-socket': '127.0.0.1:%d' % port,
-        'processes': processes,
-        'threads': 4,
-        'master': True,
-        'die-on-term': True,
-        'exit-on-reload': False,
-        'hook-master-start': 'unix_signal:15 gracefully_kill_them_all',
-        'worker-reload-mercy': 30,
-        'enable-threads': True,
-        'thunder-lock': True,
-        'buffer-size': 65535,
-        'add-header': 'Connection: close',
-        'lazy-apps': True,
-        'http-raw-body': True,
-        'http-chunked-input': True,
-        'http-auto-chunked': True,
-        'http-keepalive': False,
-        'socket-timeout': 300,
-        # glanceclient uploads with chunked transfer encoding.
-        'chunked-input-limit': 20971520,
-        'chunked-input-timeout': 300,
-        'env': env,
-        'need-app': True,
-    }
-    return {k: (str(v).lower() if isinstance(v, bool) else v)
-            for k, v in options.items()}
 
 
 def _rabbitmq_server():

@@ -40,7 +40,10 @@ def test_status_reports_every_service(stack):
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ('mysql', 'rabbitmq', 'ceph', 'keystone', 'glance-api',
                  'cinder-api', 'cinder-scheduler', 'cinder-volume',
-                 'thunder-stack@thunder', 'thunder-stack@rbd'):
+                 'thunder-stack@thunder', 'thunder-stack@rbd', 'virtlogd',
+                 'libvirtd', 'placement-api', 'neutron-api', 'nova-api',
+                 'nova-conductor', 'nova-scheduler', 'nova-compute',
+                 'compute thunder-stack'):
         assert name in result.stdout
 
 

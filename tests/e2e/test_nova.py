@@ -1,0 +1,328 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Servers through Nova, booted from thunder volumes (shared mode).
+
+Each test boots one tiny server with the real ``openstack`` CLI, from a
+volume of the thunder type (an RBD clone of the image-volume, which qemu
+reads through librbd), waits until it is ACTIVE and until the guest's
+marker is in ``openstack console log show``, checks the libvirt disk, then
+deletes the server (``delete_on_termination``) and checks that nothing is
+left: no Cinder volume, no RBD image or snapshot but the image-volume's,
+no libvirt domain. Bad input (an image larger than the volume, a deleted
+image) fails clearly and leaves nothing either.
+"""
+
+import json
+import os
+import subprocess
+import time
+from xml.etree import ElementTree
+
+import pytest
+
+from tests.e2e import conftest
+from thunder_stack import demo
+from thunder_stack import nova
+from thunder_stack import services as svc
+from thunder_stack import stack as stack_mod
+
+FLAVOR = 'tiny'
+VOLUME_TYPE = stack_mod.THUNDER_BACKEND
+POOL = stack_mod.POOLS['thunder']
+ACTIVE_TIMEOUT = 300
+MARKER_TIMEOUT = 300
+DELETE_TIMEOUT = 180
+
+
+def guest_image(stack):
+    """(path of a bootable raw image, the marker its console prints).
+
+    The one place that knows which guest the tests boot: for now the
+    stand-in of tests/e2e/tiny_guest.py, built once into the stack's data
+    directory.
+    """
+    from tests.e2e import tiny_guest
+    path = stack.path('data', 'e2e', 'tiny-guest.raw')
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tiny_guest.build(path)
+    return path, tiny_guest.MARKER
+
+
+class Servers(object):
+    """Servers and volumes through the CLIs; the evidence when one fails."""
+
+    def __init__(self, stack, client):
+        self.stack = stack
+        self.client = client
+        self.servers = []
+        self.volumes = []
+
+    def openstack(self, *args, check=True, timeout=300):
+        return self.client.run('openstack', *args, check=check,
+                               timeout=timeout)
+
+    def json(self, *args):
+        return json.loads(self.openstack(*(args + ('-f', 'json'))).stdout)
+
+    def create(self, name, *args, check=True):
+        """``openstack server create``; the server's id (or the result)."""
+        started = time.monotonic()
+        result = self.openstack('server', 'create', '--flavor', FLAVOR,
+                                '--nic', 'none', '-f', 'json', *args, name,
+                                check=check)
+        if result.returncode:
+            return result
+        server = json.loads(result.stdout)
+        self.servers.append(server['id'])
+        return server['id'], started
+
+    def show(self, server_id):
+        result = self.openstack('server', 'show', '-f', 'json', server_id,
+                                check=False)
+        if result.returncode:
+            if 'No Server found' in result.stderr:
+                return None
+            raise AssertionError('openstack server show %s failed: %s'
+                                 % (server_id, result.stderr[-2000:]))
+        return json.loads(result.stdout)
+
+    def console(self, server_id, check=True):
+        result = self.openstack('console', 'log', 'show', server_id,
+                                check=check)
+        return result.stdout + result.stderr
+
+    def evidence(self, server_id):
+        """What to read when a server did not do what it should."""
+        server = self.show(server_id) or {}
+        log = os.path.join(self.stack.root, 'log', 'nova-compute.log')
+        return ('server %s: status %s, fault %s\n--- console log:\n%s\n'
+                '--- %s (tail):\n%s' % (
+                    server_id, server.get('status'), server.get('fault'),
+                    self.console(server_id, check=False)[-3000:], log,
+                    svc.tail(log, 40)))
+
+    def wait_status(self, server_id, status, timeout=ACTIVE_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        server = None
+        while time.monotonic() < deadline:
+            server = self.show(server_id)
+            if server and server['status'] == status:
+                return server
+            if server and server['status'] == 'ERROR' and status != 'ERROR':
+                break
+            time.sleep(1)
+        raise AssertionError('server %s is not %s (waited up to %ss)\n%s' % (
+            server_id, status, timeout, self.evidence(server_id)))
+
+    def wait_marker(self, server_id, marker, timeout=MARKER_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.console(server_id):
+                return
+            time.sleep(1)
+        raise AssertionError('no %r on the console of server %s after %ss\n'
+                             '%s' % (marker, server_id, timeout,
+                                     self.evidence(server_id)))
+
+    def delete(self, server_id, timeout=DELETE_TIMEOUT):
+        self.openstack('server', 'delete', server_id)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.show(server_id) is None:
+                self.servers.remove(server_id)
+                return
+            time.sleep(1)
+        raise AssertionError('server %s still exists %ss after its delete\n'
+                             '%s' % (server_id, timeout,
+                                     self.evidence(server_id)))
+
+    def cleanup(self):
+        for server_id in list(self.servers):
+            self.openstack('server', 'delete', '--wait', server_id,
+                           check=False)
+        for volume_id in self.volumes:
+            self.openstack('volume', 'delete', '--force', volume_id,
+                           check=False)
+
+
+@pytest.fixture(scope='module')
+def guest(stack, thunder_store):
+    """The guest image in the thunder store: (image id, marker)."""
+    path, marker = guest_image(stack)
+    api = demo.Api(stack)
+    client = conftest.Client(stack, api)
+    image_id = client.upload(path, thunder_store, name='e2e-nova-guest')
+    yield image_id, marker
+    client.cleanup()
+
+
+@pytest.fixture
+def servers(stack, client):
+    s = Servers(stack, client)
+    yield s
+    s.cleanup()
+
+
+def resources(stack, client):
+    """What a server may leave behind, keyed by kind."""
+    images = set(conftest.rbd(stack, 'ls', POOL).split())
+    snapshots = {name: {s['name'] for s in conftest.rbd_json(
+        stack, 'snap', 'ls', '%s/%s' % (POOL, name))} for name in images}
+    return {'volumes': set(client.all_volumes()),
+            'rbd': images,
+            'trash': conftest.rbd(stack, 'trash', 'ls', POOL).split(),
+            'snapshots': snapshots,
+            'domains': set(nova.domains())}
+
+
+def assert_nothing_left(before, after, parent_image=None):
+    """``after`` has nothing ``before`` had not; the parent may gain a snap.
+
+    The image-volume's one sealed snapshot (made by the first clone of the
+    image) is the only thing a server's volume may leave.
+    """
+    assert after['volumes'] == before['volumes'], \
+        'Cinder volumes left: %s' % (after['volumes'] - before['volumes'])
+    assert after['rbd'] == before['rbd'], \
+        'RBD images left in %s: %s' % (POOL, after['rbd'] - before['rbd'])
+    assert after['trash'] == before['trash'], 'RBD trash: %s' % after[
+        'trash']
+    for name, snaps in after['snapshots'].items():
+        if name != parent_image:
+            assert snaps == before['snapshots'].get(name, set()), \
+                'snapshots left on %s/%s: %s' % (POOL, name, snaps)
+    assert after['domains'] == before['domains'], \
+        'libvirt domains left: %s' % (after['domains'] - before['domains'])
+
+
+def rbd_disk(instance_name):
+    """(source name, [(host, port)]) of the domain's rbd disk."""
+    xml = subprocess.run(['virsh', '--connect', nova.LIBVIRT_URI, 'dumpxml',
+                          instance_name], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    for disk in ElementTree.fromstring(xml).iter('disk'):
+        source = disk.find('source')
+        if source is not None and source.get('protocol') == 'rbd':
+            return source.get('name'), [
+                (h.get('name'), int(h.get('port')))
+                for h in source.findall('host')]
+    raise AssertionError('no rbd disk in the domain %s:\n%s'
+                         % (instance_name, xml))
+
+
+def boot_and_delete(stack, client, servers, marker, name, *args,
+                    before=None):
+    """Boot, see the marker, check the disk, delete; nothing left.
+
+    ``before``: the resources to compare with at the end (default: now).
+    """
+    before = before or resources(stack, client)
+    server_id, _ = servers.create(name, *args)
+    server = servers.wait_status(server_id, 'ACTIVE')
+    servers.wait_marker(server_id, marker)
+
+    attached = server['volumes_attached']
+    assert len(attached) == 1, attached
+    volume_id = attached[0]['id']
+    assert attached[0]['delete_on_termination'] is True
+    volume = servers.json('volume', 'show', volume_id)
+    assert volume['type'] == VOLUME_TYPE
+    # A copy-on-write clone of the image-volume's snapshot...
+    parent = demo.parent_of(stack, POOL, 'volume-%s' % volume_id)
+    assert parent and parent.startswith(POOL + '/volume-'), parent
+    parent_image = parent.split('/', 1)[1].split('@')[0]
+    # ... that qemu reads from the local Ceph's monitor (its own port).
+    source, hosts = rbd_disk(server['OS-EXT-SRV-ATTR:instance_name'])
+    assert source == '%s/volume-%s' % (POOL, volume_id)
+    assert hosts == [('127.0.0.1', stack.ports['ceph'])]
+
+    servers.delete(server_id)
+    deadline = time.monotonic() + DELETE_TIMEOUT
+    while volume_id in client.all_volumes() and \
+            time.monotonic() < deadline:
+        time.sleep(1)
+    assert_nothing_left(before, resources(stack, client), parent_image)
+
+
+def test_boot_from_volume_of_the_default_type(stack, client, servers, guest):
+    """``--image --boot-from-volume``: Cinder's default type, thunder."""
+    image_id, marker = guest
+    boot_and_delete(stack, client, servers, marker, 'e2e-bfv',
+                    '--image', image_id, '--boot-from-volume', '1',
+                    '--delete-on-termination')
+
+
+def test_boot_from_image_mapping_with_the_thunder_type(stack, client,
+                                                       servers, guest):
+    """``--block-device`` image to volume, ``volume_type=thunder``."""
+    image_id, marker = guest
+    boot_and_delete(stack, client, servers, marker, 'e2e-bdm',
+                    '--block-device',
+                    'source_type=image,uuid=%s,destination_type=volume,'
+                    'volume_size=1,volume_type=%s,boot_index=0,'
+                    'delete_on_termination=true' % (image_id, VOLUME_TYPE))
+
+
+def test_boot_from_existing_thunder_volume(stack, client, servers, guest):
+    """A volume made from the image first, then mapped as the boot disk."""
+    image_id, marker = guest
+    before = resources(stack, client)
+    volume_id = client.create_volume(image_id, VOLUME_TYPE)
+    client.wait_volume(volume_id)
+    boot_and_delete(stack, client, servers, marker, 'e2e-volume',
+                    '--block-device',
+                    'source_type=volume,uuid=%s,destination_type=volume,'
+                    'boot_index=0,delete_on_termination=true' % volume_id,
+                    before=before)
+    client.volumes.remove(volume_id)
+
+
+def test_image_larger_than_the_volume(stack, client, servers,
+                                      thunder_store, tmp_path):
+    """The build fails with Cinder's reason; nothing is left."""
+    big = tmp_path / 'big.raw'
+    with open(big, 'wb') as f:
+        f.truncate((1 << 30) + (1 << 20))   # 1 GiB + 1 MiB: > 1 GB volume
+    image_id = client.upload(str(big), thunder_store, name='e2e-too-big')
+    big.unlink()
+    before = resources(stack, client)
+    server_id, _ = servers.create('e2e-too-big', '--image', image_id,
+                                  '--boot-from-volume', '1',
+                                  '--delete-on-termination')
+    server = servers.wait_status(server_id, 'ERROR')
+    # Cinder refuses the volume; Nova aborts the build with its reason.
+    fault = server['fault']['message']
+    assert 'Size of specified image 2GB is larger than volume size 1GB' \
+        in fault, fault
+    servers.delete(server_id)
+    assert_nothing_left(before, resources(stack, client))
+
+
+def test_deleted_image(stack, client, servers):
+    """Nova's API refuses at once: no server, no volume."""
+    image_id = client.api.create_image('e2e-deleted')
+    client.run('glance', 'image-delete', image_id)
+    before = resources(stack, client)
+    # A mapping, not --image: the CLI would look the image up itself.
+    result = servers.create(
+        'e2e-deleted', '--block-device',
+        'source_type=image,uuid=%s,destination_type=volume,volume_size=1,'
+        'boot_index=0,delete_on_termination=true' % image_id, check=False)
+    assert result.returncode != 0
+    assert ('400' in result.stderr and 'Block Device Mapping is Invalid: '
+            'failed to get image %s' % image_id in result.stderr), \
+        result.stderr
+    listed = servers.json('server', 'list', '--name', 'e2e-deleted')
+    assert listed == []
+    assert_nothing_left(before, resources(stack, client))

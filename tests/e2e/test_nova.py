@@ -32,6 +32,7 @@ import pytest
 
 from tests.e2e import conftest
 from thunder_stack import demo
+from thunder_stack import guest as guest_mod
 from thunder_stack import nova
 from thunder_stack import services as svc
 from thunder_stack import stack as stack_mod
@@ -47,16 +48,12 @@ DELETE_TIMEOUT = 180
 def guest_image(stack):
     """(path of a bootable raw image, the marker its console prints).
 
-    The one place that knows which guest the tests boot: for now the
-    stand-in of tests/e2e/tiny_guest.py, built once into the stack's data
-    directory.
+    The one place that knows which guest the tests boot: the guest image
+    of :mod:`thunder_stack.guest` (root file system on the disk), built
+    once into the stack's data directory.
     """
-    from tests.e2e import tiny_guest
-    path = stack.path('data', 'e2e', 'tiny-guest.raw')
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tiny_guest.build(path)
-    return path, tiny_guest.MARKER
+    image = guest_mod.build(stack.path('data', 'guest'))
+    return image.path, image.marker
 
 
 class Servers(object):
@@ -128,8 +125,11 @@ class Servers(object):
     def wait_marker(self, server_id, marker, timeout=MARKER_TIMEOUT):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if marker in self.console(server_id):
+            console = self.console(server_id)
+            if marker in console:
                 return
+            if guest_mod.failure_seen(console):
+                break
             time.sleep(1)
         raise AssertionError('no %r on the console of server %s after %ss\n'
                              '%s' % (marker, server_id, timeout,

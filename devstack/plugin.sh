@@ -35,6 +35,9 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
     if is_service_enabled g-api; then
         configure_thunder_glance_store
     fi
+    if is_service_enabled n-api n-cpu; then
+        configure_thunder_nova
+    fi
     if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
         configure_thunder_cache
         # Started now, before devstack starts cinder-volume, whose peer
@@ -44,6 +47,12 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
         run_process thunder-cache \
             "$(command -v thunder-cache) --config-file $THUNDER_CACHE_CONF" \
             "" root
+    fi
+elif [[ "$1" == "stack" && "$2" == "extra" ]]; then
+    if is_service_enabled n-cpu && [[ -n "$THUNDER_NODE_AVAILABILITY_ZONE" ]]
+    then
+        echo_summary "Adding this compute node to its availability zone"
+        join_thunder_availability_zone
     fi
 elif [[ "$1" == "stack" && "$2" == "test-config" ]]; then
     if is_service_enabled tempest; then

@@ -80,7 +80,7 @@ def services(stack):
     def console_script(name):
         return svc.Service(
             name, [os.path.join(bin_, name), '--config-file',
-                   _nova_conf(stack, name),
+                   nova_conf(stack, name),
                    '--log-file', stack.path('log', '%s.log' % name)],
             stack.root)
 
@@ -114,7 +114,7 @@ def services(stack):
 
 # -- configuration ------------------------------------------------------------
 
-def _nova_conf(stack, service=None):
+def nova_conf(stack, service=None):
     """nova-compute's file has no database: it must not touch one."""
     name = 'nova-compute.conf' if service == 'nova-compute' else 'nova.conf'
     return stack.path('etc', 'nova', name)
@@ -284,8 +284,8 @@ def _write_nova_conf(stack):
         'privsep_osbrick': {'helper_command': helper},
         'os_brick': {'lock_path': os.path.join(state, 'locks')},
     }
-    ini.write(_nova_conf(stack), conf)
-    ini.write(_nova_conf(stack, 'nova-compute'), {
+    ini.write(nova_conf(stack), conf)
+    ini.write(nova_conf(stack, 'nova-compute'), {
         section: options for section, options in conf.items()
         if section not in ('database', 'api_database',
                            'keystone_authtoken')})
@@ -309,7 +309,7 @@ def up(stack):
                         _uwsgi_ini(stack, 'neutron-api')],
     }
     for name in NOVA_SERVICES:
-        files[name] = [_nova_conf(stack, name)]
+        files[name] = [nova_conf(stack, name)]
     files['nova-api'].append(_uwsgi_ini(stack, 'nova-api'))
     for name, paths in files.items():
         stack._restart_if_config_changed(name, paths)
@@ -377,7 +377,7 @@ def _sync_databases(stack):
     """Schemas, cell0 and cell1; each step only once (markers in data/)."""
     bin_ = os.path.join(stack.venv, 'bin')
     nova_manage = [os.path.join(bin_, 'nova-manage'), '--config-file',
-                   _nova_conf(stack)]
+                   nova_conf(stack)]
     steps = [
         ('placement-db-synced', 'the Placement database',
          [[os.path.join(bin_, 'placement-manage'), '--config-dir',

@@ -14,14 +14,18 @@
 
 devstack itself cannot run here; these tests stand in for the few devstack
 functions the plugin calls and run its phases in the order stack.sh does,
-on a devstack-plugin-ceph style configuration. They need no stack.
+on a devstack-plugin-ceph style configuration. They need no stack, except
+the one that puts the stack's compute node in an availability zone through
+its real Nova.
 """
 
+import json
 import os
 import subprocess
 import sys
 
 from thunder_stack import ini
+from thunder_stack import nova as nova_mod
 from thunder_stack import stack as stack_mod
 
 DEVSTACK_STUBS = r'''
@@ -207,3 +211,107 @@ source devstack/plugin.sh stack post-config
     assert not (tmp_path / 'etc').exists()
     assert not ini.iniget(str(tmp_path / 'cinder.conf'), 'thunder-peer',
                           'thunder_mode')
+
+
+def test_node_availability_zone(tmp_path):
+    """THUNDER_NODE_AVAILABILITY_ZONE: backends, Nova and the extra phase."""
+    calls = _run_plugin(tmp_path, r'''
+function run_process { :; }
+source devstack/override-defaults
+source devstack/settings
+source devstack/plugin.sh source
+''' + STUB_INSTALL + r'''
+function join_thunder_availability_zone { echo "join" >> "$CALLS"; }
+configure_cinder_backend_thunder thunder
+source devstack/plugin.sh stack post-config
+source devstack/plugin.sh stack extra
+''', THUNDER_PEER_MODE='True', THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
+        NOVA_CONF=str(tmp_path / 'nova.conf'),
+        THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'),
+        THUNDER_CACHE_STATE_DIR=str(tmp_path / 'state'),
+        THUNDER_CACHE_RUN_DIR=str(tmp_path / 'run'))
+    cinder = str(tmp_path / 'cinder.conf')
+    for backend in ('thunder', 'thunder-peer'):
+        assert ini.iniget(cinder, backend,
+                          'backend_availability_zone') == 'az-c1'
+    nova = str(tmp_path / 'nova.conf')
+    assert ini.iniget(nova, 'cinder', 'cross_az_attach') == 'False'
+    assert calls.splitlines().count('join') == 1
+
+
+def test_no_availability_zone_by_default(tmp_path):
+    calls = _run_plugin(tmp_path, r'''
+source devstack/override-defaults
+source devstack/settings
+source devstack/plugin.sh source
+''' + STUB_INSTALL + r'''
+function join_thunder_availability_zone { echo "join" >> "$CALLS"; }
+configure_cinder_backend_thunder thunder
+source devstack/plugin.sh stack post-config
+source devstack/plugin.sh stack extra
+''', NOVA_CONF=str(tmp_path / 'nova.conf'))
+    assert not ini.iniget(str(tmp_path / 'cinder.conf'), 'thunder',
+                          'backend_availability_zone')
+    assert not ini.iniget(str(tmp_path / 'nova.conf'), 'cinder',
+                          'cross_az_attach')
+    assert 'join' not in calls
+
+
+def _join_zone(stack, tmp_path, zone, nova_conf, timeout=60):
+    """join_thunder_availability_zone against the stack's real Nova."""
+    env = dict(os.environ, PYTHONPATH=stack_mod.CHECKOUT,
+               THUNDER_PYTHON=sys.executable, NOVA_CONF=nova_conf,
+               THUNDER_NODE_AVAILABILITY_ZONE=zone,
+               THUNDER_COMPUTE_TIMEOUT=str(timeout),
+               PATH=os.path.join(stack.venv, 'bin') + ':' + os.environ['PATH'])
+    env.pop('OS_CLOUD', None)
+    env.update(stack.openrc_env())
+    return subprocess.run(
+        ['bash', '-c', 'set -euo pipefail\n'
+         'source thunder_stack/devstack-shim.sh\n'
+         'source devstack/settings\n'
+         'source devstack/lib/thunder\n'
+         'join_thunder_availability_zone\n'],
+        cwd=stack_mod.CHECKOUT, env=env, capture_output=True, text=True,
+        timeout=timeout + 120)
+
+
+def test_compute_node_joins_its_zone(stack, tmp_path):
+    """The extra phase's zone, on the stack's real Nova; twice is once."""
+    zone = 'thunder-e2e-zone'
+    client = [os.path.join(stack.venv, 'bin', 'openstack')]
+    env = dict(os.environ, **stack.openrc_env())
+    env.pop('OS_CLOUD', None)
+
+    def openstack(*args, check=True):
+        return subprocess.run(client + list(args), env=env, check=check,
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        for _ in range(2):
+            result = _join_zone(stack, tmp_path, zone,
+                                nova_mod.nova_conf(stack))
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert 'is in availability zone %s' % zone in result.stdout
+        aggregate = json.loads(openstack('aggregate', 'show', zone,
+                                         '-f', 'json').stdout)
+        assert aggregate['availability_zone'] == zone
+        assert aggregate['hosts'] == [nova_mod.HOST]
+        zones = openstack('availability', 'zone', 'list', '--compute',
+                          '-f', 'value', '-c', 'Zone Name').stdout.split()
+        assert zone in zones
+
+        # A host that never registers: an error, and no zone for it.
+        other = tmp_path / 'nova.conf'
+        ini.write(str(other), {'DEFAULT': {'host': 'not-a-compute-node'}})
+        result = _join_zone(stack, tmp_path, zone + '-2', str(other),
+                            timeout=3)
+        assert result.returncode == 1
+        assert 'not-a-compute-node did not register within 3s' in \
+            result.stderr
+        assert openstack('aggregate', 'show', zone + '-2',
+                         check=False).returncode
+    finally:
+        openstack('aggregate', 'remove', 'host', zone, nova_mod.HOST,
+                  check=False)
+        openstack('aggregate', 'delete', zone, check=False)

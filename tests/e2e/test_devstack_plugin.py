@@ -215,6 +215,11 @@ source devstack/plugin.sh stack post-config
 
 def test_node_availability_zone(tmp_path):
     """THUNDER_NODE_AVAILABILITY_ZONE: backends, Nova and the extra phase."""
+    env = dict(THUNDER_PEER_MODE='True', THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
+               NOVA_CONF=str(tmp_path / 'nova.conf'),
+               THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'),
+               THUNDER_CACHE_STATE_DIR=str(tmp_path / 'state'),
+               THUNDER_CACHE_RUN_DIR=str(tmp_path / 'run'))
     calls = _run_plugin(tmp_path, r'''
 function run_process { :; }
 source devstack/override-defaults
@@ -225,11 +230,7 @@ function join_thunder_availability_zone { echo "join" >> "$CALLS"; }
 configure_cinder_backend_thunder thunder
 source devstack/plugin.sh stack post-config
 source devstack/plugin.sh stack extra
-''', THUNDER_PEER_MODE='True', THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
-        NOVA_CONF=str(tmp_path / 'nova.conf'),
-        THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'),
-        THUNDER_CACHE_STATE_DIR=str(tmp_path / 'state'),
-        THUNDER_CACHE_RUN_DIR=str(tmp_path / 'run'))
+''', **env)
     cinder = str(tmp_path / 'cinder.conf')
     for backend in ('thunder', 'thunder-peer'):
         assert ini.iniget(cinder, backend,

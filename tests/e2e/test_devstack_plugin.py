@@ -215,7 +215,8 @@ source devstack/plugin.sh stack post-config
 
 def test_node_availability_zone(tmp_path):
     """THUNDER_NODE_AVAILABILITY_ZONE: backends, Nova and the extra phase."""
-    env = dict(THUNDER_PEER_MODE='True', THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
+    env = dict(THUNDER_PEER_MODE='True',
+               THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
                NOVA_CONF=str(tmp_path / 'nova.conf'),
                THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'),
                THUNDER_CACHE_STATE_DIR=str(tmp_path / 'state'),

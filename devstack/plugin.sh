@@ -27,7 +27,8 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
         if [[ ",$CINDER_ENABLED_BACKENDS," != *",thunder:"* ]]; then
             configure_thunder_cinder_backend "$THUNDER_CINDER_BACKEND"
         fi
-        if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
+        if [[ "$THUNDER_PEER_MODE" == "True" &&
+              ",$CINDER_ENABLED_BACKENDS," != *",thunder_peer:"* ]]; then
             configure_thunder_peer_backend "$THUNDER_PEER_BACKEND"
         fi
         configure_thunder_cinder_glance

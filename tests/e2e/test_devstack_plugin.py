@@ -40,6 +40,15 @@ function setup_develop { echo "setup_develop $*" >> "$CALLS"; }
 STUB_INSTALL = r'''
 function install_thunder { echo "install_thunder $*" >> "$CALLS"; }
 '''
+# What devstack's configure_cinder does with CINDER_ENABLED_BACKENDS.
+CONFIGURE_BACKENDS = r'''
+echo "enabled_backends $CINDER_ENABLED_BACKENDS" >> "$CALLS"
+for be in ${CINDER_ENABLED_BACKENDS//,/ }; do
+    if type "configure_cinder_backend_${be%%:*}" >/dev/null 2>&1; then
+        "configure_cinder_backend_${be%%:*}" "${be##*:}"
+    fi
+done
+'''
 
 
 def _run_plugin(tmp_path, script, **env):
@@ -71,13 +80,7 @@ def test_plugin_phases_configure_cinder_and_glance(tmp_path):
 source devstack/override-defaults
 source devstack/settings
 source devstack/plugin.sh source
-''' + STUB_INSTALL + r'''
-# devstack's configure_cinder, for each CINDER_ENABLED_BACKENDS entry:
-for be in ${CINDER_ENABLED_BACKENDS//,/ }; do
-    if type "configure_cinder_backend_${be%%:*}" >/dev/null 2>&1; then
-        "configure_cinder_backend_${be%%:*}" "${be##*:}"
-    fi
-done
+''' + STUB_INSTALL + CONFIGURE_BACKENDS + r'''
 source devstack/plugin.sh stack install
 source devstack/plugin.sh stack post-config
 source devstack/plugin.sh stack test-config
@@ -160,11 +163,14 @@ function stop_process { echo "stop_process $*" >> "$CALLS"; }
 source devstack/override-defaults
 source devstack/settings
 source devstack/plugin.sh source
-''' + STUB_INSTALL + r'''
+''' + STUB_INSTALL + CONFIGURE_BACKENDS + r'''
 source devstack/plugin.sh stack install
 source devstack/plugin.sh stack post-config
 source devstack/plugin.sh unstack
 ''', **env)
+    # devstack enables the peer backend and makes its volume type.
+    assert 'enabled_backends thunder:thunder,thunder_peer:thunder-peer' in \
+        calls.splitlines()
     cinder = str(tmp_path / 'cinder.conf')
     assert ini.iniget(cinder, 'thunder-peer', 'thunder_mode') == 'peer'
     assert ini.iniget(cinder, 'thunder-peer', 'volume_driver') == \
@@ -226,9 +232,8 @@ function run_process { :; }
 source devstack/override-defaults
 source devstack/settings
 source devstack/plugin.sh source
-''' + STUB_INSTALL + r'''
+''' + STUB_INSTALL + CONFIGURE_BACKENDS + r'''
 function join_thunder_availability_zone { echo "join" >> "$CALLS"; }
-configure_cinder_backend_thunder thunder
 source devstack/plugin.sh stack post-config
 source devstack/plugin.sh stack extra
 ''', **env)

@@ -219,9 +219,10 @@ source devstack/plugin.sh stack post-config
                           'thunder_mode')
 
 
-def test_node_availability_zone(tmp_path):
-    """THUNDER_NODE_AVAILABILITY_ZONE: backends, Nova and the extra phase."""
-    env = dict(THUNDER_PEER_MODE='True',
+def test_peer_node_of_several(tmp_path):
+    """A node's zone (backends, Nova, the extra phase); the shared secret."""
+    secret = 'c0ffee' * 11
+    env = dict(THUNDER_PEER_MODE='True', THUNDER_CACHE_SHARED_SECRET=secret,
                THUNDER_NODE_AVAILABILITY_ZONE='az-c1',
                NOVA_CONF=str(tmp_path / 'nova.conf'),
                THUNDER_CACHE_CONF_DIR=str(tmp_path / 'etc'),
@@ -244,6 +245,9 @@ source devstack/plugin.sh stack extra
     nova = str(tmp_path / 'nova.conf')
     assert ini.iniget(nova, 'cinder', 'cross_az_attach') == 'False'
     assert calls.splitlines().count('join') == 1
+    secret_file = tmp_path / 'etc' / 'peer-secret'
+    assert secret_file.read_text() == secret + '\n'
+    assert secret_file.stat().st_mode & 0o077 == 0
 
 
 def test_no_availability_zone_by_default(tmp_path):

@@ -91,6 +91,7 @@ from thunder_cache import options as cache_options
 from thunder_cache import sources
 from thunder_cache import trace as trace_mod
 from thunder_common import manifest as manifest_mod
+from thunder_stack import netlab
 
 REPO = cache_io.REPO
 MiB = 1024 * 1024
@@ -101,7 +102,7 @@ SECRET = b'bulk-boot-benchmark-shared-secret'
 DEFAULT_TRACE = os.path.join(REPO, 'benchmarks', 'data', 'boot-trace.json')
 DEFAULT_OUT = os.path.join(REPO, 'doc', 'source', 'bulk-boot')
 STRATEGIES = ('full-copy', 'on-demand', 'peer', 'peer+prefetch')
-SUBNET = '10.213'
+SUBNET = netlab.SUBNET
 #: Share of the measured capacity the busiest run may use.
 HEADROOM = 0.5
 #: Concurrent chunk requests of a full copy's download, per node.
@@ -237,84 +238,9 @@ def expected_digest(path, reads):
 
 # -- the emulated network ---------------------------------------------------
 
-def sh(*cmd):
-    return bm.run([str(c) for c in cmd]).stdout
-
-
-class Testbed(object):
-    """The switch, the origin's namespace and the nodes' namespaces.
-
-    Addresses are in 10.213.0.0/16, inside namespaces this object creates;
-    nothing is added to the initial namespace.
-    """
-
-    def __init__(self, prefix, nodes):
-        self.prefix = prefix
-        self.switch = prefix + 'sw'
-        self.names = []
-        self.hosts = []     # (namespace, address, switch port)
-        for k in range(nodes + 1):
-            ns = prefix + ('o' if k == 0 else 'n%d' % (k - 1))
-            address = '%s.%d.%d' % (SUBNET, k // 250, k % 250 + 1)
-            self.hosts.append((ns, address, 'p%d' % k))
-        self.rate = None
-
-    @property
-    def namespaces(self):
-        return [self.switch] + [h[0] for h in self.hosts]
-
-    def create(self):
-        self._add(self.switch)
-        sh('ip', '-n', self.switch, 'link', 'add', 'br0', 'type', 'bridge')
-        sh('ip', '-n', self.switch, 'link', 'set', 'br0', 'up')
-        for ns, address, port in self.hosts:
-            self._add(ns)
-            sh('ip', '-n', self.switch, 'link', 'add', port, 'type', 'veth',
-               'peer', 'name', 'e0', 'netns', ns)
-            sh('ip', '-n', self.switch, 'link', 'set', port, 'master', 'br0',
-               'up')
-            sh('ip', '-n', ns, 'addr', 'add', address + '/16', 'dev', 'e0')
-            sh('ip', '-n', ns, 'link', 'set', 'e0', 'up')
-            sh('ip', '-n', ns, 'link', 'set', 'lo', 'up')
-
-    def _add(self, ns):
-        self.names.append(ns)
-        sh('ip', 'netns', 'add', ns)
-
-    def _qdiscs(self):
-        for ns, _address, port in self.hosts:
-            yield ns, 'e0'                  # the host's upload
-            yield self.switch, port         # its download
-
-    def shape(self, rate_bps):
-        """tbf at ``rate_bps`` bits/s both ways on every link; None: off."""
-        self.rate = rate_bps
-        for ns, dev in self._qdiscs():
-            if rate_bps is None:
-                bm.run(['tc', '-n', ns, 'qdisc', 'del', 'dev', dev, 'root'],
-                       check=False)
-                continue
-            burst = max(64 * KiB, int(rate_bps / 8 / 100))
-            sh('tc', '-n', ns, 'qdisc', 'replace', 'dev', dev, 'root', 'tbf',
-               'rate', '%dbit' % rate_bps, 'burst', burst, 'latency', '100ms')
-
-    def sent_bytes(self, k):
-        """Bytes host ``k`` (0: the origin) sent through its qdisc."""
-        ns, _address, _port = self.hosts[k]
-        out = json.loads(sh('tc', '-n', ns, '-s', '-j', 'qdisc', 'show',
-                            'dev', 'e0'))
-        return sum(q.get('bytes', 0) for q in out)
-
-    def close(self):
-        for ns in reversed(self.names):
-            bm.run(['ip', 'netns', 'del', ns], check=False)
-        self.names = []
-
-
-def leftover_namespaces(prefix):
-    out = bm.run(['ip', 'netns', 'list'], check=False).stdout
-    return [line.split()[0] for line in out.splitlines()
-            if line.startswith(prefix)]
+sh = netlab.sh
+Testbed = netlab.Testbed
+leftover_namespaces = netlab.leftover_namespaces
 
 
 # -- the daemons ------------------------------------------------------------

@@ -102,7 +102,7 @@ def services(stack):
             '/usr/sbin/libvirtd', '--config', _libvirt_conf(stack,
                                                             'libvirtd'),
             '--pid-file', stack.path('run', 'libvirtd-own.pid')],
-            stack.root, health=_libvirt_reason),
+            stack.root, health=libvirt_reason),
         uwsgi('placement-api'),
         uwsgi('neutron-api'),
         uwsgi('nova-api'),
@@ -233,7 +233,17 @@ def _write_neutron_conf(stack):
 
 
 def _write_nova_conf(stack):
-    etc, state = _project_dirs(stack, 'nova', 'instances', 'locks')
+    _project_dirs(stack, 'nova', 'instances', 'locks')
+    conf = full_conf(stack)
+    ini.write(nova_conf(stack), conf)
+    ini.write(nova_conf(stack, 'nova-compute'), compute_conf(conf))
+    _write_uwsgi_ini(stack, 'nova-api', 'nova.wsgi.osapi_compute', 2,
+                     'OS_NOVA_CONFIG_DIR=%s' % stack.path('etc', 'nova'))
+
+
+def full_conf(stack):
+    """nova.conf of the stack, ``{section: {option: value}}``."""
+    etc, state = stack.path('etc', 'nova'), stack.path('data', 'nova')
     helper = os.path.join(stack.venv, 'bin', 'privsep-helper')
     conf = {
         'DEFAULT': {
@@ -284,13 +294,14 @@ def _write_nova_conf(stack):
         'privsep_osbrick': {'helper_command': helper},
         'os_brick': {'lock_path': os.path.join(state, 'locks')},
     }
-    ini.write(nova_conf(stack), conf)
-    ini.write(nova_conf(stack, 'nova-compute'), {
-        section: options for section, options in conf.items()
-        if section not in ('database', 'api_database',
-                           'keystone_authtoken')})
-    _write_uwsgi_ini(stack, 'nova-api', 'nova.wsgi.osapi_compute', 2,
-                     'OS_NOVA_CONFIG_DIR=%s' % etc)
+    return conf
+
+
+def compute_conf(conf):
+    """nova-compute's sections of the full ``conf``: no database."""
+    return {section: dict(options) for section, options in conf.items()
+            if section not in ('database', 'api_database',
+                               'keystone_authtoken')}
 
 
 # -- up -----------------------------------------------------------------------
@@ -444,17 +455,25 @@ def _socket_reason(path):
     return None
 
 
-def _virsh(*args, check=True, timeout=60):
-    return svc.run(['virsh', '--connect', LIBVIRT_URI, '--quiet'] +
+def libvirt_uri(sock=LIBVIRT_SOCKET):
+    """qemu:///system, through ``sock`` when it is not the system's."""
+    if sock == LIBVIRT_SOCKET:
+        return LIBVIRT_URI
+    return '%s?socket=%s' % (LIBVIRT_URI, sock)
+
+
+def _virsh(*args, check=True, timeout=60, sock=LIBVIRT_SOCKET):
+    return svc.run(['virsh', '--connect', libvirt_uri(sock), '--quiet'] +
                    list(args), check=check, timeout=timeout)
 
 
-def _libvirt_reason():
-    reason = _socket_reason(LIBVIRT_SOCKET)
+def libvirt_reason(sock=LIBVIRT_SOCKET):
+    """None if the libvirtd of ``sock`` answers."""
+    reason = _socket_reason(sock)
     if reason:
         return reason
     try:
-        result = _virsh('version', check=False, timeout=10)
+        result = _virsh('version', check=False, timeout=10, sock=sock)
     except subprocess.TimeoutExpired:
         return 'virsh version: no answer within 10 s'
     if result.returncode:
@@ -462,34 +481,34 @@ def _libvirt_reason():
     return None
 
 
-def domains():
+def domains(sock=LIBVIRT_SOCKET):
     """Names of the libvirt domains, running or not; [] without libvirt."""
-    if _socket_reason(LIBVIRT_SOCKET):
+    if _socket_reason(sock):
         return []
-    out = _virsh('list', '--all', '--name').stdout
+    out = _virsh('list', '--all', '--name', sock=sock).stdout
     return [name.strip() for name in out.splitlines() if name.strip()]
 
 
-def stack_domains():
-    return [name for name in domains() if INSTANCE_NAME.match(name)]
+def stack_domains(sock=LIBVIRT_SOCKET):
+    return [name for name in domains(sock) if INSTANCE_NAME.match(name)]
 
 
-def remove_domains(stack):
+def remove_domains(stack, sock=LIBVIRT_SOCKET):
     """Destroy and undefine the stack's domains (Nova's instance names).
 
     Other domains are left alone; nova-compute would refuse to start as a
     new service beside them, so they are an error here.
     """
-    for name in stack_domains():
+    for name in stack_domains(sock):
         svc.log('removing the libvirt domain %s' % name)
-        _virsh('destroy', name, check=False)
+        _virsh('destroy', name, check=False, sock=sock)
         # --nvram: a UEFI guest's variables go with its definition.
-        _virsh('undefine', '--nvram', name, check=False)
-    left = stack_domains()
+        _virsh('undefine', '--nvram', name, check=False, sock=sock)
+    left = stack_domains(sock)
     if left:
         raise svc.StackError('libvirt domains %s could not be removed'
                              % ', '.join(left))
-    others = domains()
+    others = domains(sock)
     if others:
         raise svc.StackError(
             'libvirt holds domains that are not the stack\'s (%s): '

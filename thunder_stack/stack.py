@@ -306,8 +306,13 @@ class Stack(object):
         paths = self.thunder_cache_paths
         if not os.path.ismount(paths['mount']):
             return '%s is not mounted' % paths['mount']
+        return self._thunder_cache_ping(paths['control'])
+
+    @staticmethod
+    def _thunder_cache_ping(control_socket):
+        """None if the daemon of ``control_socket`` answers, else why."""
         try:
-            control.ControlClient(paths['control'], timeout=5).call('ping')
+            control.ControlClient(control_socket, timeout=5).call('ping')
         except control.ControlError as e:
             return str(e)
         return None
@@ -533,6 +538,9 @@ class Stack(object):
                 'enabled_backends': ','.join(BACKENDS),
                 'default_volume_type': THUNDER_BACKEND,
                 'image_conversion_dir': os.path.join(state, 'conversion'),
+                # The zones of emulated compute nodes (thunder_stack.nodes)
+                # come and go: the API must not keep a list an hour old.
+                'az_cache_duration': 5,
                 'rootwrap_config': self.path('etc', 'cinder',
                                              'rootwrap.conf'),
                 'debug': True,
@@ -565,25 +573,40 @@ class Stack(object):
 
     def _thunder_cache(self):
         """Write thunder-cache.conf (devstack's function) and start it."""
-        paths = self.thunder_cache_paths
-        self._devstack('configure_thunder_cache', env={
-            'THUNDER_CACHE_CONF': self.thunder_cache_conf,
+        # Peers (none but itself here) on loopback: allowed explicitly.
+        self._devstack('configure_thunder_cache', env=self.thunder_cache_env(
+            self.thunder_cache_conf, self.thunder_cache_paths,
+            'thunder-stack', '127.0.0.1', self.ports['thunder_cache'],
+            '127.0.0.0/8'))
+        self._restart_if_config_changed('thunder-cache',
+                                        [self.thunder_cache_conf])
+        self._start('thunder-cache', timeout=60)
+
+    def thunder_cache_env(self, conf, paths, node_id, listen, port,
+                          networks):
+        """devstack's variables for configure_thunder_cache (one node)."""
+        return {
+            'THUNDER_CACHE_CONF': conf,
+            # One secret for the deployment: every node's is this file.
             'THUNDER_CACHE_SECRET_FILE': self.path('etc', 'thunder',
                                                    'peer-secret'),
             'THUNDER_CACHE_STATE_DIR': paths['state'],
             'THUNDER_CACHE_RUN_DIR': paths['run'],
             'THUNDER_CACHE_CONTROL_SOCKET': paths['control'],
-            'THUNDER_CACHE_NODE_ID': 'thunder-stack',
-            'THUNDER_CACHE_LISTEN': '127.0.0.1',
-            # Peers (none but itself here) on loopback: allowed explicitly.
-            'THUNDER_CACHE_PEER_NETWORKS': '127.0.0.0/8',
-            'THUNDER_CACHE_PORT': str(self.ports['thunder_cache']),
+            'THUNDER_CACHE_NODE_ID': node_id,
+            'THUNDER_CACHE_LISTEN': listen,
+            'THUNDER_CACHE_PEER_NETWORKS': networks,
+            'THUNDER_CACHE_PORT': str(port),
             # Short, so that the e2e tests see a trace published.
             'THUNDER_CACHE_RECORD_WINDOW': '10',
-        })
-        self._restart_if_config_changed('thunder-cache',
-                                        [self.thunder_cache_conf])
-        self._start('thunder-cache', timeout=60)
+        }
+
+    def openstack(self, *args, check=True, timeout=300):
+        """The ``openstack`` CLI of the virtualenv, as admin."""
+        env = dict(self.openrc_env(), PATH=os.path.join(self.venv, 'bin') +
+                   ':' + os.environ.get('PATH', ''))
+        return run([os.path.join(self.venv, 'bin', 'openstack')] +
+                   list(args), env=env, check=check, timeout=timeout)
 
     def _authtoken(self, user):
         return {'www_authenticate_uri': self.auth_url,
@@ -762,6 +785,9 @@ class Stack(object):
         if 'ports' not in self.state:
             log('no stack in %s' % self.root)
             return
+        if self.state.get('nodes'):
+            from thunder_stack import nodes as nodes_mod
+            nodes_mod.Nodes(self).down()
         for service in reversed(self.services()):
             if service.pid() is not None:
                 log('stopping %s (pid %d)' % (service.name, service.pid()))
@@ -818,6 +844,9 @@ class Stack(object):
             except StackError:
                 pass
         rows.extend(nova_mod.status_rows(self))
+        if self.state.get('nodes'):
+            from thunder_stack import nodes as nodes_mod
+            rows.extend(nodes_mod.Nodes(self).status())
         return rows
 
     def is_up(self):
@@ -910,6 +939,16 @@ def main(argv=None):
     tempest.add_argument('--exclude', default=None,
                          help='tests to leave out (a regex)')
     tempest.add_argument('--concurrency', type=int, default=2)
+    nodes = sub.add_parser('nodes', help='add emulated compute nodes to '
+                                         'the running stack (up), or remove '
+                                         'them (down): see '
+                                         'thunder_stack/nodes.py')
+    nodes.add_argument('action', choices=('up', 'down'))
+    nodes.add_argument('--count', type=int, default=2,
+                       help='compute nodes node-1..node-N (default 2)')
+    nodes.add_argument('--link-mbit', type=int, default=None,
+                       help='shape every node\'s link to this rate, both '
+                            'ways (default: unshaped)')
     args = parser.parse_args(argv)
     stack = Stack()
     try:
@@ -929,6 +968,13 @@ def main(argv=None):
             if not stack.is_up():
                 stack.up()
             return demo_mod.run_demo(stack, args)
+        elif args.command == 'nodes':
+            from thunder_stack import nodes as nodes_mod
+            if args.action == 'up':
+                nodes_mod.Nodes(stack, args.count, args.link_mbit).up()
+                print_status(stack.status())
+            else:
+                nodes_mod.Nodes(stack).down()
         elif args.command == 'tempest':
             from thunder_stack import tempest as tempest_mod
             if not stack.is_up():

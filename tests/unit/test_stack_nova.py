@@ -63,7 +63,7 @@ class FakeVirsh(object):
         self.stuck = set(stuck)
         self.calls = []
 
-    def __call__(self, *args, check=True, timeout=60):
+    def __call__(self, *args, check=True, timeout=60, sock=None):
         self.calls.append(args)
         if args[0] == 'list':
             return mock.Mock(stdout='\n'.join(self.names) + '\n\n')

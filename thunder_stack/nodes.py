@@ -141,6 +141,7 @@ class Node(object):
         self.netns, self.address, _port = host
         self.dir = stack.path('nodes', self.name)
         self.mount_ns = stack.path('nodes', 'ns', self.name)
+        self.uts_ns = stack.path('nodes', 'ns', self.name + '.uts')
         self.libvirt_socket = self.path('libvirt', 'run', 'libvirt-sock')
         self.cache_paths = {
             'state': self.path('data', 'thunder-cache'),
@@ -154,7 +155,8 @@ class Node(object):
     def enter(self, argv):
         """``argv`` in the node's network and mount namespaces."""
         return ['nsenter', '--net=/run/netns/%s' % self.netns,
-                '--mount=%s' % self.mount_ns, '--'] + list(argv)
+                '--mount=%s' % self.mount_ns, '--uts=%s' % self.uts_ns,
+                '--'] + list(argv)
 
     def _service(self, name, argv, **kwargs):
         return svc.Service(name, self.enter(argv), self.dir,
@@ -211,30 +213,45 @@ class Node(object):
 
     # -- namespaces -------------------------------------------------------
 
-    def create_mount_namespace(self):
-        """A persistent mount namespace with the node's libvirt dirs."""
-        if os.path.exists(self.mount_ns) and os.path.ismount(self.mount_ns):
+    def create_namespaces(self):
+        """Persistent mount and UTS namespaces of the node.
+
+        The mount namespace has the node's libvirt directories and an
+        /etc/hosts naming the node; the UTS namespace its host name. libvirt
+        reports that name, which Nova gives the node's resource provider
+        (unique in Placement: the machine's name is the stack's).
+        """
+        if os.path.ismount(self.mount_ns):
             return
-        with open(self.mount_ns, 'w'):
-            pass
-        svc.run(['unshare', '--mount=%s' % self.mount_ns, '--propagation',
-                 'private', 'true'])
+        for path in (self.mount_ns, self.uts_ns):
+            with open(path, 'w'):
+                pass
+        svc.run(['unshare', '--mount=%s' % self.mount_ns,
+                 '--uts=%s' % self.uts_ns, '--propagation', 'private',
+                 'hostname', self.name])
+        hosts = self.path('etc', 'hosts')
+        with open('/etc/hosts') as f, open(hosts, 'w') as out:
+            out.write(f.read() + '%s %s\n' % (self.address, self.name))
+        binds = [(hosts, '/etc/hosts')]
         for target, sub in sorted(LIBVIRT_DIRS.items()):
             source = self.path('libvirt', sub)
             _copy_dirs(target, source, files=sub == 'etc',
                        depth=0 if sub == 'run' else 2)
+            binds.append((source, target))
+        for source, target in binds:
             svc.run(['nsenter', '--mount=%s' % self.mount_ns, '--',
                      'mount', '--bind', source, target])
 
-    def remove_mount_namespace(self):
-        if os.path.ismount(self.mount_ns):
-            svc.run(['umount', self.mount_ns], check=False)
-        if os.path.exists(self.mount_ns):
-            os.unlink(self.mount_ns)
+    def remove_namespaces(self):
+        for path in (self.mount_ns, self.uts_ns):
+            if os.path.ismount(path):
+                svc.run(['umount', path], check=False)
+            if os.path.exists(path):
+                os.unlink(path)
 
     # -- configuration ----------------------------------------------------
 
-    def write_config(self, ceph_gateway):
+    def write_config(self):
         stack = self.stack
         for sub in ('etc', 'log', 'run', 'data/nova/locks',
                     'data/cinder/locks', 'etc/libvirt-daemons'):
@@ -405,8 +422,8 @@ class Nodes(object):
         self.stack._save_state()
         relays = self.relays(ceph)
         for node in self.nodes:
-            node.create_mount_namespace()
-            node.write_config(self.gateway[1])
+            node.write_config()
+            node.create_namespaces()
         for service in [s for group in relays.values() for s in group]:
             service.start()
         # libvirtd and thunder-cache answer before nova-compute and
@@ -475,7 +492,7 @@ class Nodes(object):
                         for s in group]:
             service.stop()
         for node in self.nodes:
-            node.remove_mount_namespace()
+            node.remove_namespaces()
             # Caches, volumes' layers, instances: the next nodes start
             # empty (logs are kept).
             for sub in ('data', 'libvirt'):

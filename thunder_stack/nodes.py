@@ -34,15 +34,17 @@ Control plane: the stack's services listen on the machine's 127.0.0.1.
 In a node, 127.0.0.1 is the node's own loopback: a ``socat`` relay per
 port listens there and forwards through a Unix socket (reachable from
 every network namespace) to a relay of the host, which connects to the
-service (MariaDB, RabbitMQ, Keystone, Glance, Cinder, Nova, Placement,
-Neutron). Unshaped.
+service (MariaDB, RabbitMQ, Keystone, Cinder, Nova, Placement, Neutron).
+Unshaped.
 
-Data plane: peers talk over the shaped links (``10.214.0.0/16``). Ceph
-(the origin: the image-volumes) is reached through the testbed's origin
-namespace ``<prefix>o``: the node's relay of each Ceph port (monitor, OSD,
-manager) connects to the origin namespace's relay over the node's link,
-which forwards to Ceph on the host. So what a node reads from Ceph
-crosses its shaped link, and the origin's link counts every node's reads.
+Data plane: peers talk over the shaped links (``10.214.0.0/16``). The
+origins of image data, Ceph (the image-volumes) and Glance (Nova's image
+downloads), are reached through the testbed's origin namespace
+``<prefix>o``: the node's relay of Glance's port and of each Ceph port
+(monitor, OSD, manager) connects to the origin namespace's relay over the
+node's link, which forwards to the service on the host. So what a node
+reads from an origin crosses its shaped link, and the origin's link counts
+every node's reads.
 """
 
 import json
@@ -60,9 +62,12 @@ PREFIX = 'thn-'
 SUBNET = '10.214'
 PEER_PORT = 7485
 PEER_BACKEND = 'thunder-peer'
-#: The stack's services a node reaches through its relays.
-CONTROL_PORTS = ('mysql', 'amqp', 'keystone', 'glance', 'cinder', 'nova',
-                 'placement', 'neutron')
+#: The stack's services a node reaches through its relays, unshaped.
+CONTROL_PORTS = ('mysql', 'amqp', 'keystone', 'cinder', 'nova', 'placement',
+                 'neutron')
+#: ... and through the origin's namespace and the node's shaped link: the
+#: origins of image data (Glance, and Ceph's ports, found at nodes up).
+DATA_PORTS = ('glance',)
 #: libvirt's system directories, each the node's own (under libvirt/):
 #: the system's directory tree is copied (with files for etc).
 LIBVIRT_DIRS = {'/run/libvirt': 'run', '/var/lib/libvirt': 'lib',
@@ -356,34 +361,33 @@ class Nodes(object):
         return svc.Service(name, argv, self.root, marker=self.relay_dir)
 
     def relays(self, ceph):
-        """Host, gateway and per-node relay services: {where: [Service]}."""
-        ports = self.stack.ports
+        """Host, gateway and per-node relay services: {where: [Service]}.
+
+        ``ceph``: Ceph's ports. A control port is relayed node -> Unix
+        socket -> host; a data port node -> gateway (over the node's link)
+        -> Unix socket -> host.
+        """
+        ports = {name: self.stack.ports[name]
+                 for name in CONTROL_PORTS + DATA_PORTS}
+        data = {name: ports[name] for name in DATA_PORTS}
+        data.update(('ceph-%d' % port, port) for port in ceph)
         out = {'host': [], 'gateway': []}
         sock = {}
-        for name in CONTROL_PORTS:
+        for name, port in sorted(dict(ports, **data).items()):
             sock[name] = os.path.join(self.relay_dir, '%s.sock' % name)
             out['host'].append(self._relay('relay-%s' % name,
-                                           unix_relay(sock[name],
-                                                      ports[name])))
+                                           unix_relay(sock[name], port)))
         gw_ns, gw_address, _port = self.gateway
-        for port in ceph:
-            path = os.path.join(self.relay_dir, 'ceph-%d.sock' % port)
-            out['host'].append(self._relay('relay-ceph-%d' % port,
-                                           unix_relay(path, port)))
+        for name, port in sorted(data.items()):
             out['gateway'].append(self._relay(
-                'gateway-ceph-%d' % port, tcp_relay(gw_address, port, path),
+                'gateway-%s' % name, tcp_relay(gw_address, port, sock[name]),
                 netns=gw_ns))
         for node in self.nodes:
-            own = []
-            for name in CONTROL_PORTS:
-                own.append(node._service('relay-%s' % name, tcp_relay(
-                    '127.0.0.1', ports[name], sock[name]),
-                    marker=self.relay_dir))
-            for port in ceph:
-                own.append(node._service('relay-ceph-%d' % port, tcp_relay(
-                    '127.0.0.1', port, gw_address), marker='TCP-LISTEN:%d'
-                    % port))
-            out[node.name] = own
+            out[node.name] = [
+                node._service('relay-%s' % name, tcp_relay(
+                    '127.0.0.1', port, gw_address if name in data
+                    else sock[name]), marker='TCP-LISTEN:%d' % port)
+                for name, port in sorted(dict(ports, **data).items())]
         return out
 
     def _ceph_ports(self):
@@ -506,12 +510,20 @@ class Nodes(object):
         svc.log('nodes removed')
 
     def _forget(self, node):
-        """The node's aggregate, compute service (and provider), Cinder."""
-        client = self.stack.openstack
-        if client('aggregate', 'show', node.name, check=False).returncode \
-                == 0:
-            client('aggregate', 'remove', 'host', node.name, node.name,
-                   check=False)
+        """The node's aggregate, compute service (and provider), Cinder.
+
+        A step that fails (a server left on the node, say) is reported and
+        the others are still done.
+        """
+        def client(*args):
+            result = self.stack.openstack(*args, check=False)
+            if result.returncode:
+                svc.log('%s: openstack %s failed: %s' % (
+                    node.name, ' '.join(args), result.stderr.strip()[-500:]))
+            return result
+
+        if client('aggregate', 'show', node.name).returncode == 0:
+            client('aggregate', 'remove', 'host', node.name, node.name)
             client('aggregate', 'delete', node.name)
         ids = client('compute', 'service', 'list', '--service',
                      'nova-compute', '--host', node.name, '-f', 'value',

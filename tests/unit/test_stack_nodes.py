@@ -119,8 +119,15 @@ def test_every_relay_service_has_its_own_pid_file(stack):
     n = nodes.Nodes(stack, count=2)
     relays = n.relays([3300, 6802])
     assert set(relays) == {'host', 'gateway', 'node-1', 'node-2'}
-    assert len(relays['host']) == len(nodes.CONTROL_PORTS) + 2
-    assert len(relays['gateway']) == 2
+    assert len(relays['host']) == len(nodes.CONTROL_PORTS) + len(
+        nodes.DATA_PORTS) + 2
+    assert len(relays['gateway']) == len(nodes.DATA_PORTS) + 2
+    # Glance, an origin of image data, crosses the node's link.
+    glance = [s for s in relays['node-1'] if s.name == 'relay-glance'][0]
+    assert glance.argv[-1] == 'TCP:10.214.0.1:%d' % stack.ports['glance']
+    amqp = [s for s in relays['node-1'] if s.name == 'relay-amqp'][0]
+    assert amqp.argv[-1] == 'UNIX-CONNECT:%s' % stack.path(
+        'nodes', 'relay', 'amqp.sock')
     pid_files = [s.pid_file for group in relays.values() for s in group]
     assert len(pid_files) == len(set(pid_files))
     ceph = [s for s in relays['node-2'] if s.name == 'relay-ceph-6802'][0]

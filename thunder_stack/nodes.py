@@ -515,19 +515,22 @@ class Nodes(object):
         A step that fails (a server left on the node, say) is reported and
         the others are still done.
         """
-        def client(*args):
-            result = self.stack.openstack(*args, check=False)
-            if result.returncode:
-                svc.log('%s: openstack %s failed: %s' % (
-                    node.name, ' '.join(args), result.stderr.strip()[-500:]))
-            return result
+        from thunder_stack import demo
 
-        if client('aggregate', 'show', node.name).returncode == 0:
+        def client(*args):
+            try:
+                return demo.cli(self.stack, 'openstack', *args, timeout=300)
+            except svc.StackError as e:
+                svc.log('%s: %s' % (node.name, e))
+                return ''
+
+        aggregates = client('aggregate', 'list', '-f', 'value', '-c', 'Name')
+        if node.name in aggregates.split():
             client('aggregate', 'remove', 'host', node.name, node.name)
             client('aggregate', 'delete', node.name)
         ids = client('compute', 'service', 'list', '--service',
                      'nova-compute', '--host', node.name, '-f', 'value',
-                     '-c', 'ID').stdout.split()
+                     '-c', 'ID').split()
         for service_id in ids:
             client('compute', 'service', 'delete', service_id)
         svc.run([os.path.join(self.stack.venv, 'bin', 'cinder-manage'),

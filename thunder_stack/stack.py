@@ -601,13 +601,6 @@ class Stack(object):
             'THUNDER_CACHE_RECORD_WINDOW': '10',
         }
 
-    def openstack(self, *args, check=True, timeout=300):
-        """The ``openstack`` CLI of the virtualenv, as admin."""
-        env = dict(self.openrc_env(), PATH=os.path.join(self.venv, 'bin') +
-                   ':' + os.environ.get('PATH', ''))
-        return run([os.path.join(self.venv, 'bin', 'openstack')] +
-                   list(args), env=env, check=check, timeout=timeout)
-
     def _authtoken(self, user):
         return {'www_authenticate_uri': self.auth_url,
                 'auth_url': self.auth_url, 'auth_type': 'password',

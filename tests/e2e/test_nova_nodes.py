@@ -38,6 +38,7 @@ from tests.e2e.test_nova import Servers
 from tests.functional import cache_daemons
 from thunder_cache import sources
 from thunder_common import loops
+from thunder_stack import demo
 from thunder_stack import netlab
 from thunder_stack import nodes as nodes_mod
 from thunder_stack import nova
@@ -94,8 +95,7 @@ def counters(node, image_id):
 
 
 def _placement(stack, path):
-    token = stack.openstack('token', 'issue', '-f', 'value', '-c',
-                            'id').stdout.strip()
+    token = demo.Api(stack).token
     request = urllib.request.Request(stack.url('placement') + path, headers={
         'X-Auth-Token': token, 'OpenStack-API-Version': 'placement 1.0'})
     with urllib.request.urlopen(request, timeout=30) as resp:
@@ -160,7 +160,7 @@ def test_one_server_per_node_second_from_the_first(stack, client, nodes,
         assert loops.backed_by(out, under=node.cache_paths['mount']) == []
 
 
-def test_nodes_down_leaves_nothing(stack, nodes):
+def test_nodes_down_leaves_nothing(stack, client, nodes):
     pids = [s.pid() for n in nodes.nodes for s in n.services()]
     assert all(pids), 'a node process is not running: %s' % pids
     _tool('nodes', 'down')
@@ -174,15 +174,15 @@ def test_nodes_down_leaves_nothing(stack, nodes):
         mounts = f.read()
     assert stack.path('nodes') not in mounts
     hosts = {n.name for n in nodes.nodes}
-    listed = stack.openstack('compute', 'service', 'list', '-f', 'value',
-                             '-c', 'Host').stdout.split()
+    listed = client.run('openstack', 'compute', 'service', 'list', '-f',
+                        'value', '-c', 'Host').stdout.split()
     assert not hosts & set(listed), listed
     providers = {p['name'] for p in _placement(stack, '/resource_providers')[
         'resource_providers']}
     # The stack's own provider (named after the machine) stays.
     assert providers and not hosts & providers, providers
-    aggregates = stack.openstack('aggregate', 'list', '-f', 'value', '-c',
-                                 'Name').stdout.split()
+    aggregates = client.run('openstack', 'aggregate', 'list', '-f',
+                            'value', '-c', 'Name').stdout.split()
     assert not hosts & set(aggregates), aggregates
     assert not [s for s in stack.volume_services()
                 if s['host'].split('@')[0] in hosts]

@@ -49,9 +49,11 @@ every node's reads.
 
 import json
 import os
+import re
 import shutil
 import time
 
+from thunder_cache import sources
 from thunder_common import loops
 from thunder_stack import ini
 from thunder_stack import netlab
@@ -116,6 +118,9 @@ def node_nova_conf(base, name, address, state):
     conf = nova_mod.compute_conf(base)
     locks = os.path.join(state, 'locks')
     conf['DEFAULT'].update(host=name, my_ip=address, state_path=state)
+    # Servers from images: Nova's own image cache (_base) on the node's
+    # disk, what operators without shared storage have.
+    conf['libvirt']['images_type'] = 'qcow2'
     conf['oslo_concurrency'] = {'lock_path': locks}
     conf['os_brick'] = {'lock_path': locks}
     return conf
@@ -300,6 +305,30 @@ class Node(object):
                 svc.log('%s: stopping %s (pid %d)' % (
                     self.name, service.name, service.pid()))
             service.stop()
+
+
+def image_counters(node, image_id):
+    """The counters of ``node``'s thunder-cache for ``image_id``.
+
+    ``{name: value}`` (``bytes_from_origin``, ``bytes_from_peers``, ...),
+    read from its ``/metrics`` over its local socket.
+    """
+    client = sources.LocalClient(
+        os.path.join(node.cache_paths['run'], 'local.sock'), timeout=10)
+    try:
+        text = client._get('/metrics').decode()
+    finally:
+        client.close()
+    totals = {}
+    for match in _SAMPLE.finditer(text):
+        name, labels, value = match.groups()
+        if 'image="%s"' % image_id in labels.split(','):
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+_SAMPLE = re.compile(r'^thunder_cache_(\w+?)(?:_total)?\{([^}]*)\} (\S+)$',
+                     re.M)
 
 
 def _copy_dirs(source, target, files=False, depth=2):

@@ -35,8 +35,6 @@ import pytest
 from tests.e2e import conftest
 from tests.e2e.test_nova import guest  # noqa: F401 (a fixture)
 from tests.e2e.test_nova import Servers
-from tests.functional import cache_daemons
-from thunder_cache import sources
 from thunder_common import loops
 from thunder_stack import demo
 from thunder_stack import netlab
@@ -76,24 +74,6 @@ def servers(stack, client):
     s.cleanup()
 
 
-def counters(node, image_id):
-    """The node's thunder-cache counters of ``image_id``."""
-    client = sources.LocalClient(
-        os.path.join(node.cache_paths['run'], 'local.sock'), timeout=10)
-    try:
-        text = client._get('/metrics').decode()
-    finally:
-        client.close()
-    totals = {}
-    for name, labels, value in cache_daemons.parse_metrics(text):
-        if labels.get('image') == image_id:
-            name = name[len('thunder_cache_'):]
-            if name.endswith('_total'):
-                name = name[:-len('_total')]
-            totals[name] = totals.get(name, 0.0) + value
-    return totals
-
-
 def _placement(stack, path):
     token = demo.Api(stack).token
     request = urllib.request.Request(stack.url('placement') + path, headers={
@@ -130,12 +110,12 @@ def test_one_server_per_node_second_from_the_first(stack, client, nodes,
     id_1, domain_1 = boot_on(servers, first, image_id, marker)
     assert domain_1 in nova.domains(first.libvirt_socket)
     assert domain_1 not in nova.domains()      # not the stack's libvirt
-    one = counters(first, image_id)
+    one = nodes_mod.image_counters(first, image_id)
     assert one['bytes_from_origin'] > 0, one
     id_2, domain_2 = boot_on(servers, second, image_id, marker)
     assert domain_2 in nova.domains(second.libvirt_socket)
-    two = counters(second, image_id)
-    one = counters(first, image_id)
+    two = nodes_mod.image_counters(second, image_id)
+    one = nodes_mod.image_counters(first, image_id)
     print('node-1: %s\nnode-2: %s' % (one, two))
     # node-2 found node-1 through the advertisement: its chunks came from
     # there, verified; the origin served about one boot's working set.

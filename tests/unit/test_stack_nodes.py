@@ -169,3 +169,27 @@ def test_testbed_subnet():
     assert [h[1] for h in bed.hosts] == [
         '10.99.0.1', '10.99.0.2', '10.99.0.3']
     assert bed.network == '10.99.0.0/16'
+
+
+def test_image_counters_of_one_image(stack, monkeypatch):
+    page = (b'# HELP thunder_cache_bytes_from_peers_total x\n'
+            b'thunder_cache_bytes_from_peers_total{image="a"} 5\n'
+            b'thunder_cache_bytes_from_peers_total{image="b"} 7\n'
+            b'thunder_cache_bytes_from_origin_total{image="a",k="v"} 3.0\n'
+            b'thunder_cache_images 2\n')
+
+    class Client(object):
+        def __init__(self, path, timeout):
+            assert path.endswith('node-1/run/thunder-cache/local.sock')
+
+        def _get(self, path):
+            assert path == '/metrics'
+            return page
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(nodes.sources, 'LocalClient', Client)
+    node = nodes.Nodes(stack, count=1).nodes[0]
+    assert nodes.image_counters(node, 'a') == {'bytes_from_peers': 5.0,
+                                               'bytes_from_origin': 3.0}

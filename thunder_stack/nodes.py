@@ -53,7 +53,6 @@ import re
 import shutil
 import time
 
-from thunder_cache import sources
 from thunder_common import loops
 from thunder_stack import ini
 from thunder_stack import netlab
@@ -263,7 +262,7 @@ class Node(object):
 
     def write_config(self):
         stack = self.stack
-        for sub in ('etc', 'log', 'run', 'data/nova/locks',
+        for sub in ('etc', 'log', 'run', 'data/nova/locks', 'data/nova/instances',
                     'data/cinder/locks', 'etc/libvirt-daemons'):
             os.makedirs(self.path(sub), exist_ok=True)
         for daemon in ('virtlogd', 'libvirtd'):
@@ -311,8 +310,11 @@ def image_counters(node, image_id):
     """The counters of ``node``'s thunder-cache for ``image_id``.
 
     ``{name: value}`` (``bytes_from_origin``, ``bytes_from_peers``, ...),
-    read from its ``/metrics`` over its local socket.
+    read from its ``/metrics`` over its local socket (the stack's
+    virtualenv's Python: thunder_cache needs oslo).
     """
+    from thunder_cache import sources
+
     client = sources.LocalClient(
         os.path.join(node.cache_paths['run'], 'local.sock'), timeout=10)
     try:

@@ -230,7 +230,7 @@ class Node(object):
         reports that name, which Nova gives the node's resource provider
         (unique in Placement: the machine's name is the stack's).
         """
-        if os.path.ismount(self.mount_ns):
+        if mounted(self.mount_ns):
             return
         for path in (self.mount_ns, self.uts_ns):
             with open(path, 'w'):
@@ -253,8 +253,7 @@ class Node(object):
 
     def remove_namespaces(self):
         for path in (self.mount_ns, self.uts_ns):
-            if os.path.ismount(path):
-                svc.run(['umount', path], check=False)
+            _unmount(path)
             if os.path.exists(path):
                 os.unlink(path)
 
@@ -532,9 +531,7 @@ class Nodes(object):
             # empty (logs are kept).
             for sub in ('data', 'libvirt'):
                 shutil.rmtree(node.path(sub), ignore_errors=True)
-        ns_dir = os.path.join(self.root, 'ns')
-        if os.path.ismount(ns_dir):
-            svc.run(['umount', ns_dir], check=False)
+        _unmount(os.path.join(self.root, 'ns'))
         self.testbed.close()
         del self.stack.state['nodes']
         self.stack._save_state()
@@ -582,6 +579,18 @@ class Nodes(object):
 
 def _private_mount(path):
     """Make ``path`` a private mount: persistent namespaces live there."""
-    if not os.path.ismount(path):
+    if not mounted(path):
         svc.run(['mount', '--bind', path, path])
     svc.run(['mount', '--make-private', path])
+
+
+def mounted(path):
+    """Whether something is mounted on ``path`` (bind mounts too)."""
+    with open('/proc/self/mounts') as f:
+        return any(line.split()[1] == path for line in f)
+
+
+def _unmount(path):
+    """Unmount ``path``, every layer."""
+    while mounted(path):
+        svc.run(['umount', path])

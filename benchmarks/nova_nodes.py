@@ -132,33 +132,25 @@ class Bench(object):
 
     def wait(self, servers):
         """{node: (seconds to ACTIVE, seconds to the marker)}."""
-        times = {}
+        active, marker = {}, {}
         deadline = time.monotonic() + TIMEOUT
-        while len(times) < len(servers) and time.monotonic() < deadline:
+        while len(marker) < len(servers):
+            if time.monotonic() > deadline:
+                raise SystemExit('no marker on %s after %ds' % (
+                    sorted(set(servers) - set(marker)), TIMEOUT))
             for name, (server_id, started) in servers.items():
-                if name in times and times[name][1] is not None:
-                    continue
-                active = times.get(name, (None, None))[0]
-                if active is None:
+                if name not in active:
                     status = self.json('server', 'show', server_id)['status']
                     if status == 'ERROR':
                         raise SystemExit('server %s on %s: ERROR'
                                          % (server_id, name))
                     if status == 'ACTIVE':
-                        active = time.monotonic() - started
-                    times[name] = (active, None)
-                    continue
-                console = self.cli('console', 'log', 'show', server_id)
-                if self.marker in console:
-                    times[name] = (active, time.monotonic() - started)
-            times = {k: v for k, v in times.items() if v[0] is not None}
-            if all(times.get(n, (0, None))[1] is not None for n in servers):
-                break
+                        active[name] = time.monotonic() - started
+                elif name not in marker and self.marker in self.cli(
+                        'console', 'log', 'show', server_id):
+                    marker[name] = time.monotonic() - started
             time.sleep(0.5)
-        missing = [n for n in servers if times.get(n, (0, None))[1] is None]
-        if missing:
-            raise SystemExit('no marker on %s after %ds' % (missing, TIMEOUT))
-        return times
+        return {name: (active[name], marker[name]) for name in servers}
 
     def delete(self, servers):
         for server_id, _ in servers.values():
@@ -186,6 +178,7 @@ class Bench(object):
 
     def run_flow(self, round_, flow):
         image_id = self.upload('bench-%s-%d' % (flow, round_))
+        servers = {}
         try:
             before_link = self.nodes.testbed.sent_bytes(0)
             before = {n.name: self.counters(n, image_id)
@@ -214,8 +207,8 @@ class Bench(object):
                                     if os.path.exists(base) else 0)})
                 log('%s round %d %s: ACTIVE %.1f s, marker %.1f s' % (
                     flow, round_, node.name, *times[node.name]))
-            self.delete(servers)
         finally:
+            self.delete(servers)
             demo.cli(self.stack, 'glance', 'image-delete', image_id)
 
     def counters(self, node, image_id):

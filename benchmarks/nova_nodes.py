@@ -222,32 +222,41 @@ class Bench(object):
 
 
 def table(rows, image_bytes):
-    lines = ['%-12s %6s %10s %10s %8s %14s %14s %14s' % (
+    """The side-by-side table, one line per flow.
+
+    Times over the servers (median/max); bytes per round (the origin's
+    link; the nodes' caches, summed over the nodes), median over rounds.
+    """
+    lines = ['%-12s %5s %12s %12s %8s %15s %15s %15s' % (
         'flow', 'nodes', 'ACTIVE s', 'marker s', 'warm s',
-        'origin link MB', 'node origin MB', 'node peers MB')]
+        'origin link MB', 'cache origin MB', 'cache peers MB')]
     for flow in FLOWS:
         mine = [r for r in rows if r['flow'] == flow]
         if not mine:
             continue
-        rounds = {r['round'] for r in mine}
-        warm = [r['warm_s'] for r in mine if r['warm_s'] is not None]
+        rounds = sorted({r['round'] for r in mine})
 
-        def med(key):
-            return statistics.median(r[key] for r in mine)
+        def times(key):
+            values = [float(r[key]) for r in mine]
+            return '%.1f/%.1f' % (statistics.median(values), max(values))
 
-        link = statistics.median(
-            next(r['origin_link_bytes'] for r in mine if r['round'] == k)
-            for k in rounds)
-        lines.append('%-12s %6d %5.1f/%-4.1f %5.1f/%-4.1f %8s %14.1f %14.1f '
-                     '%14.1f' % (
-                         flow, len(mine) // len(rounds), med('active_s'),
-                         max(r['active_s'] for r in mine), med('marker_s'),
-                         max(r['marker_s'] for r in mine),
-                         '%.1f' % statistics.median(warm) if warm else '-',
-                         link / 1e6, med('node_origin_bytes') / 1e6,
-                         med('node_peer_bytes') / 1e6))
-    lines.append('(median/max over servers; image %.1f MB)'
-                 % (image_bytes / 1e6))
+        def per_round(key, total=True):
+            sums = []
+            for k in rounds:
+                values = [float(r[key]) for r in mine if r['round'] == k]
+                sums.append(sum(values) if total else values[0])
+            return statistics.median(sums) / 1e6
+
+        warm = [float(r['warm_s']) for r in mine if r['warm_s'] not in
+                (None, '')]
+        lines.append('%-12s %5d %12s %12s %8s %15.1f %15.1f %15.1f' % (
+            flow, len(mine) // len(rounds), times('active_s'),
+            times('marker_s'),
+            '%.1f' % statistics.median(warm) if warm else '-',
+            per_round('origin_link_bytes', total=False),
+            per_round('node_origin_bytes'), per_round('node_peer_bytes')))
+    lines.append('(times: median/max over servers, from the request; bytes: '
+                 'per round; image %.1f MB)' % (image_bytes / 1e6))
     return lines
 
 

@@ -261,8 +261,9 @@ class Node(object):
 
     def write_config(self):
         stack = self.stack
-        for sub in ('etc', 'log', 'run', 'data/nova/locks', 'data/nova/instances',
-                    'data/cinder/locks', 'etc/libvirt-daemons'):
+        for sub in ('etc', 'log', 'run', 'data/nova/locks',
+                    'data/nova/instances', 'data/cinder/locks',
+                    'etc/libvirt-daemons'):
             os.makedirs(self.path(sub), exist_ok=True)
         for daemon in ('virtlogd', 'libvirtd'):
             shutil.copy(nova_mod._libvirt_conf(stack, daemon),

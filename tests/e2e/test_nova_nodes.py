@@ -143,6 +143,10 @@ def test_one_server_per_node_second_from_the_first(stack, client, nodes,
 def test_nodes_down_leaves_nothing(stack, client, nodes):
     pids = [s.pid() for n in nodes.nodes for s in n.services()]
     assert all(pids), 'a node process is not running: %s' % pids
+    relays = [s.pid() for group in nodes.relays(
+        stack.state['nodes']['ceph_ports']).values() for s in group]
+    assert all(relays), 'a relay is not running: %s' % relays
+    pids += relays
     _tool('nodes', 'down')
     stack.state = stack._load_state()
     assert 'nodes' not in stack.state

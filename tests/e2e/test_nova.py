@@ -350,17 +350,19 @@ def test_boot_from_image_mapping_with_the_type(stack, client, servers, guest,
                     volume_type=volume_type)
 
 
-def test_boot_from_existing_thunder_volume(stack, client, servers, guest):
+@BOTH_TYPES
+def test_boot_from_existing_volume(stack, client, servers, guest,
+                                   volume_type):
     """A volume made from the image first, then mapped as the boot disk."""
     image_id, marker = guest
     before = resources(stack, client)
-    volume_id = client.create_volume(image_id, VOLUME_TYPE)
+    volume_id = client.create_volume(image_id, volume_type)
     client.wait_volume(volume_id)
     boot_and_delete(stack, client, servers, marker, 'e2e-volume',
                     '--block-device',
                     'source_type=volume,uuid=%s,destination_type=volume,'
                     'boot_index=0,delete_on_termination=true' % volume_id,
-                    before=before)
+                    before=before, volume_type=volume_type)
     client.volumes.remove(volume_id)
 
 

@@ -299,6 +299,8 @@ class Stack(object):
         base = self.path('data', 'thunder-cache')
         return {'state': base, 'run': self.path('run', 'thunder-cache'),
                 'mount': os.path.join(base, 'volumes'),
+                # devstack's configure_thunder_cache puts them there.
+                'layers': os.path.join(base, 'layers'),
                 'control': self.path('run', 'thunder-cache', 'control.sock')}
 
     def _thunder_cache_reason(self):

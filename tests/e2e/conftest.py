@@ -28,6 +28,7 @@ import time
 
 import pytest
 
+from thunder_common import loops
 from thunder_stack import demo
 from thunder_stack import stack as stack_mod
 
@@ -156,6 +157,13 @@ def rbd(stack, *args, **kwargs):
 
 def rbd_json(stack, *args):
     return json.loads(rbd(stack, '--format', 'json', *args) or 'null')
+
+
+def loop_devices(path=None, under=None):
+    """Loop devices over the file ``path`` or the files ``under`` a dir."""
+    out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return loops.backed_by(out, path=path, under=under)
 
 
 def rbd_sha256(stack, spec, length, tmp_path):

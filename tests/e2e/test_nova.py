@@ -10,20 +10,24 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Servers through Nova, booted from thunder volumes (shared mode).
+"""Servers through Nova, booted from thunder volumes (both modes).
 
 Each test boots one tiny server with the real ``openstack`` CLI, from a
-volume of the thunder type (an RBD clone of the image-volume, which qemu
-reads through librbd), waits until it is ACTIVE and until the guest's
-marker is in ``openstack console log show``, checks the libvirt disk, then
-deletes the server (``delete_on_termination``) and checks that nothing is
-left: no Cinder volume, no RBD image or snapshot but the image-volume's,
-no libvirt domain. Bad input (an image larger than the volume, a deleted
-image) fails clearly and leaves nothing either.
+volume of the thunder type (shared mode: an RBD clone of the image-volume,
+which qemu reads through librbd) or of the thunder-peer type (peer mode: a
+layer over the node's thunder-cache, which qemu reads as a loop device),
+waits until it is ACTIVE and until the guest's marker is in ``openstack
+console log show``, checks the libvirt disk, then deletes the server
+(``delete_on_termination``) and checks that nothing is left: no Cinder
+volume, no RBD image or snapshot but the image-volume's, no loop device or
+layer of a peer-mode volume, no libvirt domain. Bad input (an image larger
+than the volume, a deleted image) fails clearly and leaves nothing either,
+in both modes.
 """
 
 import json
 import os
+import re
 import subprocess
 import time
 from xml.etree import ElementTree
@@ -31,6 +35,7 @@ from xml.etree import ElementTree
 import pytest
 
 from tests.e2e import conftest
+from thunder_cache import control
 from thunder_stack import demo
 from thunder_stack import guest as guest_mod
 from thunder_stack import nova
@@ -39,6 +44,7 @@ from thunder_stack import stack as stack_mod
 
 FLAVOR = 'tiny'
 VOLUME_TYPE = stack_mod.THUNDER_BACKEND
+PEER_TYPE = stack_mod.PEER_BACKEND
 POOL = stack_mod.POOLS['thunder']
 ACTIVE_TIMEOUT = 300
 MARKER_TIMEOUT = 300
@@ -174,15 +180,27 @@ def servers(stack, client):
     s.cleanup()
 
 
+def _listdir(path):
+    try:
+        return set(os.listdir(path))
+    except FileNotFoundError:
+        return set()
+
+
 def resources(stack, client):
     """What a server may leave behind, keyed by kind."""
     images = set(conftest.rbd(stack, 'ls', POOL).split())
     snapshots = {name: {s['name'] for s in conftest.rbd_json(
         stack, 'snap', 'ls', '%s/%s' % (POOL, name))} for name in images}
+    peer = stack.thunder_cache_paths
     return {'volumes': set(client.all_volumes()),
             'rbd': images,
             'trash': conftest.rbd(stack, 'trash', 'ls', POOL).split(),
             'snapshots': snapshots,
+            # Peer mode: volume files, their layers, loop devices on them.
+            'volume files': _listdir(peer['mount']),
+            'layers': _listdir(peer['layers']),
+            'loop devices': set(conftest.loop_devices(under=peer['mount'])),
             'domains': set(nova.domains())}
 
 
@@ -204,50 +222,90 @@ def assert_nothing_left(before, after, parent_image=None):
         if name != parent_image:
             assert snaps == before['snapshots'].get(name, set()), \
                 'snapshots left on %s/%s: %s' % (POOL, name, snaps)
-    assert after['domains'] == before['domains'], \
-        'libvirt domains left: %s' % (after['domains'] - before['domains'])
+    for kind in ('volume files', 'layers', 'loop devices', 'domains'):
+        assert after[kind] == before[kind], \
+            '%s left: %s' % (kind, after[kind] - before[kind])
 
 
-def rbd_disk(instance_name):
-    """(source name, [(host, port)]) of the domain's rbd disk."""
+def domain_disk(instance_name, accept):
+    """The first ``<disk>`` of the domain for which ``accept(disk)``."""
     xml = subprocess.run(['virsh', '--connect', nova.LIBVIRT_URI, 'dumpxml',
                           instance_name], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     for disk in ElementTree.fromstring(xml).iter('disk'):
-        source = disk.find('source')
-        if source is not None and source.get('protocol') == 'rbd':
-            return source.get('name'), [
-                (h.get('name'), int(h.get('port')))
-                for h in source.findall('host')]
-    raise AssertionError('no rbd disk in the domain %s:\n%s'
+        if accept(disk):
+            return disk
+    raise AssertionError('no such disk in the domain %s:\n%s'
                          % (instance_name, xml))
 
 
+def rbd_disk(instance_name):
+    """(source name, [(host, port)]) of the domain's rbd disk."""
+    source = domain_disk(instance_name, lambda d: d.find(
+        'source') is not None and d.find('source').get('protocol') ==
+        'rbd').find('source')
+    return source.get('name'), [
+        (h.get('name'), int(h.get('port'))) for h in source.findall('host')]
+
+
+def check_shared_disk(stack, server, volume):
+    """An RBD clone that qemu reads; returns its parent image's name."""
+    volume_id = volume['id']
+    # A copy-on-write clone of the image-volume's snapshot...
+    parent = demo.parent_of(stack, POOL, 'volume-%s' % volume_id)
+    assert parent and parent.startswith(POOL + '/volume-'), parent
+    # ... that qemu reads from the local Ceph's monitor (its own port).
+    source, hosts = rbd_disk(server['OS-EXT-SRV-ATTR:instance_name'])
+    assert source == '%s/volume-%s' % (POOL, volume_id)
+    assert hosts == [('127.0.0.1', stack.ports['ceph'])]
+    return parent.split('/', 1)[1].split('@')[0]
+
+
+def check_peer_disk(stack, server, volume):
+    """A loop device over the volume's file in the thunder-cache mount."""
+    name = 'volume-%s' % volume['id']
+    daemon = control.ControlClient(stack.thunder_cache_paths['control'])
+    info = daemon.call('volume_info', volume_id=name)
+    # A layer over the node's cache of the image (nothing copied).
+    assert info['image_id'] == volume['volume_image_metadata']['image_id'], \
+        info
+    disk = domain_disk(server['OS-EXT-SRV-ATTR:instance_name'],
+                       lambda d: d.get('device') == 'disk')
+    assert disk.get('type') == 'block', ElementTree.tostring(disk)
+    device = disk.find('source').get('dev')
+    assert re.match(r'^/dev/loop[0-9]+$', device), device
+    path = os.path.join(stack.thunder_cache_paths['mount'], name)
+    assert conftest.loop_devices(path=path) == [device]
+    return None
+
+
+CHECK_DISK = {VOLUME_TYPE: check_shared_disk, PEER_TYPE: check_peer_disk}
+
+
 def boot_and_delete(stack, client, servers, marker, name, *args,
-                    before=None):
+                    before=None, volume_type=VOLUME_TYPE):
     """Boot, see the marker, check the disk, delete; nothing left.
 
     ``before``: the resources to compare with at the end (default: now).
+    Prints (``pytest -s``) and returns the seconds from the request to
+    ACTIVE and to the marker.
     """
     before = before or resources(stack, client)
-    server_id, _ = servers.create(name, *args)
+    server_id, started = servers.create(name, *args)
     server = servers.wait_status(server_id, 'ACTIVE')
+    active = time.monotonic() - started
     servers.wait_marker(server_id, marker)
+    ready = time.monotonic() - started
+    print('\n%s (%s): ACTIVE after %.1f s, marker after %.1f s'
+          % (name, volume_type, active, ready))
 
     attached = server['volumes_attached']
     assert len(attached) == 1, attached
     volume_id = attached[0]['id']
     assert attached[0]['delete_on_termination'] is True
     volume = servers.json('volume', 'show', volume_id)
-    assert volume['type'] == VOLUME_TYPE
-    # A copy-on-write clone of the image-volume's snapshot...
-    parent = demo.parent_of(stack, POOL, 'volume-%s' % volume_id)
-    assert parent and parent.startswith(POOL + '/volume-'), parent
-    parent_image = parent.split('/', 1)[1].split('@')[0]
-    # ... that qemu reads from the local Ceph's monitor (its own port).
-    source, hosts = rbd_disk(server['OS-EXT-SRV-ATTR:instance_name'])
-    assert source == '%s/volume-%s' % (POOL, volume_id)
-    assert hosts == [('127.0.0.1', stack.ports['ceph'])]
+    assert volume['type'] == volume_type
+    parent_image = CHECK_DISK[volume_type](stack, server, volume)
 
     servers.delete(server_id)
     deadline = time.monotonic() + DELETE_TIMEOUT
@@ -255,6 +313,19 @@ def boot_and_delete(stack, client, servers, marker, name, *args,
             time.monotonic() < deadline:
         time.sleep(1)
     assert_nothing_left(before, resources(stack, client), parent_image)
+    return active, ready
+
+
+def image_mapping(image_id, volume_type):
+    """``--block-device``: the image to a new 1 GB volume of the type."""
+    return ('--block-device',
+            'source_type=image,uuid=%s,destination_type=volume,'
+            'volume_size=1,volume_type=%s,boot_index=0,'
+            'delete_on_termination=true' % (image_id, volume_type))
+
+
+BOTH_TYPES = pytest.mark.parametrize('volume_type', (VOLUME_TYPE,
+                                                     PEER_TYPE))
 
 
 def test_boot_from_volume_of_the_default_type(stack, client, servers, guest):
@@ -265,43 +336,56 @@ def test_boot_from_volume_of_the_default_type(stack, client, servers, guest):
                     '--delete-on-termination')
 
 
-def test_boot_from_image_mapping_with_the_thunder_type(stack, client,
-                                                       servers, guest):
-    """``--block-device`` image to volume, ``volume_type=thunder``."""
+@BOTH_TYPES
+def test_boot_from_image_mapping_with_the_type(stack, client, servers, guest,
+                                               volume_type):
+    """``--block-device`` image to volume, ``volume_type=`` each mode's.
+
+    Peer mode: Cinder's connection is ``local``, a loop device over the
+    volume's file, which Nova's libvirt driver gives qemu as a block disk.
+    """
     image_id, marker = guest
     boot_and_delete(stack, client, servers, marker, 'e2e-bdm',
-                    '--block-device',
-                    'source_type=image,uuid=%s,destination_type=volume,'
-                    'volume_size=1,volume_type=%s,boot_index=0,'
-                    'delete_on_termination=true' % (image_id, VOLUME_TYPE))
+                    *image_mapping(image_id, volume_type),
+                    volume_type=volume_type)
 
 
-def test_boot_from_existing_thunder_volume(stack, client, servers, guest):
+@BOTH_TYPES
+def test_boot_from_existing_volume(stack, client, servers, guest,
+                                   volume_type):
     """A volume made from the image first, then mapped as the boot disk."""
     image_id, marker = guest
     before = resources(stack, client)
-    volume_id = client.create_volume(image_id, VOLUME_TYPE)
+    volume_id = client.create_volume(image_id, volume_type)
     client.wait_volume(volume_id)
     boot_and_delete(stack, client, servers, marker, 'e2e-volume',
                     '--block-device',
                     'source_type=volume,uuid=%s,destination_type=volume,'
                     'boot_index=0,delete_on_termination=true' % volume_id,
-                    before=before)
+                    before=before, volume_type=volume_type)
     client.volumes.remove(volume_id)
 
 
-def test_image_larger_than_the_volume(stack, client, servers,
-                                      thunder_store, tmp_path):
-    """The build fails with Cinder's reason; nothing is left."""
-    big = tmp_path / 'big.raw'
+@pytest.fixture(scope='module')
+def big_image(stack, thunder_store, tmp_path_factory):
+    """An image of 1 GiB + 1 MiB (more than a 1 GB volume) in the store."""
+    big = tmp_path_factory.mktemp('big') / 'big.raw'
     with open(big, 'wb') as f:
-        f.truncate((1 << 30) + (1 << 20))   # 1 GiB + 1 MiB: > 1 GB volume
+        f.truncate((1 << 30) + (1 << 20))
+    client = conftest.Client(stack, demo.Api(stack))
     image_id = client.upload(str(big), thunder_store, name='e2e-too-big')
     big.unlink()
+    yield image_id
+    client.cleanup()
+
+
+@BOTH_TYPES
+def test_image_larger_than_the_volume(stack, client, servers, big_image,
+                                      volume_type):
+    """The build fails with Cinder's reason; nothing is left."""
     before = resources(stack, client)
-    server_id, _ = servers.create('e2e-too-big', '--image', image_id,
-                                  '--boot-from-volume', '1',
-                                  '--delete-on-termination')
+    server_id, _ = servers.create('e2e-too-big',
+                                  *image_mapping(big_image, volume_type))
     server = servers.wait_status(server_id, 'ERROR')
     # Cinder refuses the volume; Nova aborts the build with its reason.
     fault = server['fault']['message']
@@ -311,16 +395,16 @@ def test_image_larger_than_the_volume(stack, client, servers,
     assert_nothing_left(before, resources(stack, client))
 
 
-def test_deleted_image(stack, client, servers):
+@BOTH_TYPES
+def test_deleted_image(stack, client, servers, volume_type):
     """Nova's API refuses at once: no server, no volume."""
     image_id = client.api.create_image('e2e-deleted')
     client.run('glance', 'image-delete', image_id)
     before = resources(stack, client)
     # A mapping, not --image: the CLI would look the image up itself.
-    result = servers.create(
-        'e2e-deleted', '--block-device',
-        'source_type=image,uuid=%s,destination_type=volume,volume_size=1,'
-        'boot_index=0,delete_on_termination=true' % image_id, check=False)
+    result = servers.create('e2e-deleted',
+                            *image_mapping(image_id, volume_type),
+                            check=False)
     assert result.returncode != 0
     assert ('400' in result.stderr and 'Block Device Mapping is Invalid: '
             'failed to get image %s' % image_id in result.stderr), \

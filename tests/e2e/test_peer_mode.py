@@ -21,21 +21,21 @@ os-brick's ``local`` connector turns it into the device to read.
 import hashlib
 import os
 import re
-import subprocess
 import time
 import urllib.request
 
 from cinderclient import client as cinder_client
+from cinderclient import exceptions as cinder_exceptions
 from keystoneauth1 import loading
 from keystoneauth1 import session as ks_session
 from os_brick.initiator import connector as brick_connector
 import pytest
 
+from tests.e2e import conftest
 from thunder_cache import advertise
 from thunder_cache import control
 from thunder_cache import trace
 from thunder_common import locations
-from thunder_common import loops
 from thunder_common import manifest
 from thunder_stack import demo
 from thunder_stack import standalone
@@ -112,12 +112,6 @@ def _read_device(path, image_size):
     return digest.hexdigest(), tail_zero, offset
 
 
-def _loop_devices_of(path):
-    out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
-                         check=True).stdout
-    return loops.backed_by(out, path=path)
-
-
 class Attached(object):
     """A volume attached on this host as Nova would: attachment + os-brick."""
 
@@ -126,8 +120,7 @@ class Attached(object):
         self.volume_id = volume_id
         self.brick = brick_connector.InitiatorConnector.factory(
             'LOCAL', root_helper=None)
-        props = brick_connector.get_connector_properties(
-            None, '127.0.0.1', False, False, host='thunder-stack')
+        props = _connector('thunder-stack')
         attachment = cinder.attachments.create(volume_id, props, mode='rw')
         # cinderclient gives a dict here.
         self.attachment_id = attachment['id']
@@ -140,6 +133,12 @@ class Attached(object):
     def detach(self):
         self.brick.disconnect_volume(self.connection, None)
         self.cinder.attachments.delete(self.attachment_id)
+
+
+def _connector(host):
+    """os-brick's connector properties of this machine, as ``host``."""
+    return brick_connector.get_connector_properties(
+        None, '127.0.0.1', False, False, host=host)
 
 
 def _wait_status(cinder, volume_id, status='available', timeout=300):
@@ -190,7 +189,7 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
     finally:
         attached.detach()
     mount = stack.thunder_cache_paths['mount']
-    assert _loop_devices_of(os.path.join(mount, name)) == []
+    assert conftest.loop_devices(path=os.path.join(mount, name)) == []
     # Bytes came from the origin (the image-volume in Ceph), verified.
     fetched = _image_counter(stack, 'bytes_from_origin_total', image_id)
     assert fetched >= size - MiB
@@ -321,3 +320,35 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     with pytest.raises(control.ControlError) as e:
         daemon.call('volume_info', volume_id='snapshot-%s' % snap.id)
     assert e.value.kind == 'VolumeNotFound'
+
+
+def test_peer_volume_refuses_another_node(stack, client, cinder,
+                                          thunder_store, image_file):
+    """Attaching on a node that does not hold the volume: a clear error.
+
+    As Nova attaches (an attachment reserved first, then updated with the
+    compute node's connector, deleted when that fails), with a connector
+    that names another host. The driver refuses before it makes a loop
+    device; Cinder's API answers 500 with the driver's reason.
+    """
+    path, _digest = image_file
+    image_id = client.upload(str(path), thunder_store,
+                             name='e2e-peer-elsewhere')
+    vid = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(vid)
+    attachment = cinder.attachments.create(vid, None, mode='rw')
+    try:
+        with pytest.raises(cinder_exceptions.ClientException) as e:
+            cinder.attachments.update(attachment['id'],
+                                      _connector('other-node'))
+    finally:
+        cinder.attachments.delete(attachment['id'])
+    assert e.value.code == 500
+    assert ('Volume %s lives on thunder-stack and can only be attached '
+            'there, not on other-node' % vid) in e.value.message, \
+        e.value.message
+    assert cinder.attachments.list(search_opts={'volume_id': vid}) == []
+    assert _wait_status(cinder, vid).attachments == []
+    mount = stack.thunder_cache_paths['mount']
+    assert conftest.loop_devices(
+        path=os.path.join(mount, 'volume-%s' % vid)) == []

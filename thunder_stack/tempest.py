@@ -85,7 +85,12 @@ def _flavor(stack):
                     'value', '-c', 'id').strip()
 
 
-def write_config(stack, workspace, image_id, flavor_id):
+def write_config(stack, workspace, image_id, flavor_id, volume_type=None):
+    """tempest.conf for the stack; ``volume_type``: of the test volumes.
+
+    Without ``volume_type`` Tempest's volumes get Cinder's default type
+    (thunder: shared mode); ``thunder-peer`` runs the tests in peer mode.
+    """
     lock = os.path.join(workspace, 'locks')
     os.makedirs(lock, exist_ok=True)
     ini.write(os.path.join(workspace, 'etc', 'tempest.conf'), {
@@ -124,7 +129,9 @@ def write_config(stack, workspace, image_id, flavor_id):
                                     'spice_console': False,
                                     'serial_console': False,
                                     'console_output': True,
-                                    'volume_multiattach': False,
+                                    # ThunderDriver (shared mode) reports
+                                    # multiattach, qemu shares the disk.
+                                    'volume_multiattach': True,
                                     'attach_encrypted_volume': False},
         # No SSH into the guests: no network, no keys in the image.
         'validation': {'run_validation': False},
@@ -134,6 +141,7 @@ def write_config(stack, workspace, image_id, flavor_id):
                    'storage_protocol': 'ceph',
                    'vendor_name': 'VMThunder',
                    'volume_size': 1,
+                   'volume_type': volume_type,
                    'build_timeout': 300,
                    'max_microversion': 'latest',
                    'manage_volume_ref': 'source-name,volume-%s'},
@@ -157,7 +165,8 @@ def run_tempest(stack, args):
     tempest = os.path.join(venv, 'bin', 'tempest')
     if not os.path.exists(os.path.join(workspace, 'etc')):
         stack_mod.run([tempest, 'init', workspace])
-    write_config(stack, workspace, _image(stack), _flavor(stack))
+    write_config(stack, workspace, _image(stack), _flavor(stack),
+                 args.volume_type)
     cmd = [tempest, 'run', '--regex', args.regex, '--concurrency',
            str(args.concurrency)]
     if args.exclude:

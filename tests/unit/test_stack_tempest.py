@@ -63,8 +63,7 @@ def test_servers_boot_without_network_and_ssh(conf):
 
 
 @pytest.mark.parametrize('feature', ['live_migration', 'cold_migration',
-                                     'resize', 'interface_attach',
-                                     'volume_multiattach'])
+                                     'resize', 'interface_attach'])
 def test_one_node_features_are_off(conf, feature):
     assert conf('compute-feature-enabled', feature) == 'False'
 
@@ -73,6 +72,20 @@ def test_attached_volumes_extend_but_not_encrypted_ones(conf):
     assert conf('volume-feature-enabled', 'extend_attached_volume') == 'True'
     assert conf('volume-feature-enabled',
                 'extend_attached_encrypted_volume') == 'False'
+
+
+def test_volumes_attach_to_several_servers(conf):
+    assert conf('compute-feature-enabled', 'volume_multiattach') == 'True'
+
+
+def test_volumes_have_cinders_default_type_unless_told(conf, stack,
+                                                       tmp_path):
+    assert conf('volume', 'volume_type') == ''
+    workspace = str(tmp_path / 'peer')
+    tempest.write_config(stack, workspace, 'IMAGE', 'FLAVOR',
+                         stack_mod.PEER_BACKEND)
+    path = os.path.join(workspace, 'etc', 'tempest.conf')
+    assert ini.iniget(path, 'volume', 'volume_type') == 'thunder-peer'
 
 
 class FakeCli(object):

@@ -129,9 +129,9 @@ def write_config(stack, workspace, image_id, flavor_id, volume_type=None):
                                     'spice_console': False,
                                     'serial_console': False,
                                     'console_output': True,
-                                    # ThunderDriver (shared mode) reports
-                                    # multiattach, qemu shares the disk.
-                                    'volume_multiattach': True,
+                                    # Not run here yet (the thunder
+                                    # backend reports multiattach).
+                                    'volume_multiattach': False,
                                     'attach_encrypted_volume': False},
         # No SSH into the guests: no network, no keys in the image.
         'validation': {'run_validation': False},

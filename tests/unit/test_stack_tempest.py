@@ -63,7 +63,8 @@ def test_servers_boot_without_network_and_ssh(conf):
 
 
 @pytest.mark.parametrize('feature', ['live_migration', 'cold_migration',
-                                     'resize', 'interface_attach'])
+                                     'resize', 'interface_attach',
+                                     'volume_multiattach'])
 def test_one_node_features_are_off(conf, feature):
     assert conf('compute-feature-enabled', feature) == 'False'
 
@@ -72,10 +73,6 @@ def test_attached_volumes_extend_but_not_encrypted_ones(conf):
     assert conf('volume-feature-enabled', 'extend_attached_volume') == 'True'
     assert conf('volume-feature-enabled',
                 'extend_attached_encrypted_volume') == 'False'
-
-
-def test_volumes_attach_to_several_servers(conf):
-    assert conf('compute-feature-enabled', 'volume_multiattach') == 'True'
 
 
 def test_volumes_have_cinders_default_type_unless_told(conf, stack,

@@ -934,6 +934,10 @@ def main(argv=None):
     tempest.add_argument('--exclude', default=None,
                          help='tests to leave out (a regex)')
     tempest.add_argument('--concurrency', type=int, default=2)
+    tempest.add_argument('--volume-type', default=None,
+                         help="volume type of Tempest's volumes (default: "
+                              "Cinder's, %s; %s: peer mode)"
+                              % (THUNDER_BACKEND, PEER_BACKEND))
     nodes = sub.add_parser('nodes', help='add emulated compute nodes to '
                                          'the running stack (up), or remove '
                                          'them (down): see '

@@ -16,7 +16,8 @@ Runs against the local stack (``tools/thunder-stack up``; also
 ``tools/thunder-stack demo --nova``)::
 
     python benchmarks/nova_boot.py [--counts 1,4,8] [--rounds 3]
-        [--flows thunder,ephemeral,rbd-volume] [--out DIR]
+        [--flows thunder,ephemeral,rbd-volume] [--budget-minutes M]
+        [--out DIR]
 
 The guest image of :mod:`thunder_stack.guest` is uploaded once per flow:
 
@@ -125,6 +126,23 @@ def flow_order(flows, round_index):
     """The flows rotated by the round: each runs first in turn."""
     k = round_index % len(flows)
     return flows[k:] + flows[:k]
+
+
+def another_round_fits(elapsed, rounds_done, budget):
+    """Whether a round as long as the mean so far ends within ``budget``."""
+    if budget is None or rounds_done == 0:
+        return True
+    return elapsed + elapsed / rounds_done <= budget
+
+
+def run_line(row):
+    """A run's figures in one line, for the progress."""
+    line = '%d/%d ready, marker mean %s s, max %s s, copied %s, %d ' \
+        'snapshots, %.0f s' % (row['ok'], row['n'], _cell(row['marker_mean']),
+                               _cell(row['marker_max']),
+                               human(row['copied_bytes']), row['snapshots'],
+                               row['seconds'])
+    return line + ('; FAILED: %s' % row['error'] if row['error'] else '')
 
 
 def run_row(round_index, flow, n, order, servers, snapshots, seconds,
@@ -435,6 +453,7 @@ class Bench(object):
         self.server_rows = []
         self.runs = []
         self.volumes_left = set()
+        self.rounds_done = 0
         self.pools = sorted({FLOWS[f]['pool'] for f in FLOWS} |
                             {stack_mod.POOLS['images']})
 
@@ -463,23 +482,26 @@ class Bench(object):
             self.images[flow] = image_id
 
     def run_all(self):
-        plan = [(r, n, flow) for r in range(self.args.rounds)
-                for n in self.args.counts
-                for flow in flow_order(self.args.flows, r)]
-        for i, (r, n, flow) in enumerate(plan):
-            log('run %d/%d: round %d, N=%d, %s' % (
-                i + 1, len(plan), r + 1, n, flow))
-            order = ','.join(flow_order(self.args.flows, r))
-            row = self.run_one(r + 1, flow, n, order)
-            self.runs.append(row)
-            log('  %s' % (('%d/%d ready, marker mean %s s, max %s s, '
-                           'copied %s, %d snapshots, %.0f s' % (
-                               row['ok'], n, _cell(row['marker_mean']),
-                               _cell(row['marker_max']),
-                               human(row['copied_bytes']),
-                               row['snapshots'], row['seconds'])) +
-                          (('; FAILED: %s' % row['error'])
-                           if row['error'] else '')))
+        total = self.args.rounds * len(self.args.counts) * len(
+            self.args.flows)
+        budget = (self.args.budget_minutes * 60
+                  if self.args.budget_minutes else None)
+        started = time.monotonic()
+        for r in range(self.args.rounds):
+            if not another_round_fits(time.monotonic() - started, r,
+                                      budget):
+                log('stopping after %d round(s): another would end past '
+                    '--budget-minutes %s' % (r, self.args.budget_minutes))
+                break
+            order = flow_order(self.args.flows, r)
+            for n in self.args.counts:
+                for flow in order:
+                    log('run %d/%d: round %d, N=%d, %s' % (
+                        len(self.runs) + 1, total, r + 1, n, flow))
+                    row = self.run_one(r + 1, flow, n, ','.join(order))
+                    self.runs.append(row)
+                    log('  ' + run_line(row))
+            self.rounds_done = r + 1
 
     def run_one(self, round_index, flow, n, order):
         spec = FLOWS[flow]
@@ -643,6 +665,9 @@ def parse_args(argv):
         stack_mod.stack_dir(), 'data', 'demo', 'nova-boot'),
         help='results directory (default: data/demo/nova-boot of the '
         'stack)')
+    parser.add_argument('--budget-minutes', type=float,
+                        help='start no round that would end after this '
+                        'many minutes (judged by the rounds so far)')
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error('--rounds must be at least 1')
@@ -685,7 +710,7 @@ def report(bench, args, started, load_start, argv):
     lines = [
         'Servers through Nova, N at once (flavor %s, no network), guest '
         'image of thunder_stack.guest; medians over %d round(s)'
-        % (FLAVOR, args.rounds),
+        % (FLAVOR, bench.rounds_done),
         'command: %s' % command.strip(),
         'machine: %s; %s; load average %s at the start, %s at the end' % (
             cache_io.machine(),

@@ -194,3 +194,20 @@ def test_args_namespace_of_the_demo():
     args = nova_boot.parse_args(['--counts', '1', '--rounds', '1',
                                  '--out=/tmp/x'])
     assert isinstance(args, argparse.Namespace) and args.out == '/tmp/x'
+
+
+def test_another_round_fits():
+    assert nova_boot.another_round_fits(1000.0, 0, 10.0)
+    assert nova_boot.another_round_fits(1000.0, 5, None)
+    # Two rounds took 600 s: a third ends at 900 s.
+    assert nova_boot.another_round_fits(600.0, 2, 900.0)
+    assert not nova_boot.another_round_fits(600.0, 2, 899.0)
+
+
+def test_run_line():
+    [row] = runs_of('thunder', 2, [12.0])
+    assert nova_boot.run_line(row) == (
+        '2/2 ready, marker mean 12.0 s, max 12.0 s, copied 0 B, 1 '
+        'snapshots, 10 s')
+    row['error'] = 'boom'
+    assert nova_boot.run_line(row).endswith('; FAILED: boom')

@@ -395,8 +395,9 @@ class Compute(object):
                          % reservation_id)['servers']
 
     def console(self, server_id):
+        """The console log ('' while the guest has none yet)."""
         out = self.call('POST', '/servers/%s/action' % server_id,
-                        {'os-getConsoleOutput': {}})
+                        {'os-getConsoleOutput': {}}, ok=(404, 409))
         return (out or {}).get('output') or ''
 
     def delete(self, server_id):
@@ -515,8 +516,8 @@ class Bench(object):
             res = self.compute.create('nova-boot-%s-%d-r%d' % (flow, n,
                                                                round_index),
                                       self.images[flow], n, spec['type'])
-            rows = self.wait(res['reservation_id'], flow, n, sent,
-                             round_index)
+            self.wait(res['reservation_id'], flow, n, sent, round_index,
+                      rows)
             after = rbd_state(self.stack, self.pools)
             snapshots = snapshot_count(after) - snapshot_count(before)
             images = after[spec['pool']][0]
@@ -535,10 +536,9 @@ class Bench(object):
         return run_row(round_index, flow, n, order, servers, snapshots,
                        time.monotonic() - started, error)
 
-    def wait(self, reservation_id, flow, n, sent, round_index):
-        """Poll until every server shows its marker; {id: row}."""
+    def wait(self, reservation_id, flow, n, sent, round_index, rows):
+        """Poll until every server shows its marker; rows: {id: row}."""
         spec = FLOWS[flow]
-        rows = {}
         deadline = sent + self.args.timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -576,7 +576,7 @@ class Bench(object):
             self.progress(flow, n, len(servers), active, ready,
                           time.monotonic() - sent)
             if len(rows) == n and ready == n:
-                return rows
+                return
             time.sleep(POLL)
         raise stack_mod.StackError('%d of %d servers not ready after %d s'
                                    % (n - sum(1 for r in rows.values()
@@ -690,16 +690,19 @@ def main(argv=None):
     bench = Bench(stack, args)
     started = time.monotonic()
     load_start = bm.load_average()
+    failed = False
     try:
         bench.prepare()
         bench.run_all()
     except (stack_mod.StackError, OSError, guest_mod.GuestError) as e:
         print('\nnova_boot: FAILED: %s' % e, file=sys.stderr)
-        return 1
+        failed = True
     finally:
         log('deleting what the benchmark made')
         bench.cleanup()
-    return report(bench, args, started, load_start, argv)
+    if not bench.runs:
+        return 1
+    return report(bench, args, started, load_start, argv) or int(failed)
 
 
 def report(bench, args, started, load_start, argv):

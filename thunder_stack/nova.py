@@ -278,8 +278,11 @@ def _write_nova_conf(stack):
                     # pool. Servers booted from volumes are unaffected.
                     'images_type': 'rbd',
                     'images_rbd_pool': EPHEMERAL_POOL,
-                    'images_rbd_ceph_conf': stack.ceph_conf,
-                    'rbd_user': 'admin'},
+                    # No rbd_user: with one, Nova writes an <auth> of the
+                    # secret rbd_secret_uuid into the domain (the local
+                    # Ceph has no cephx, hence no secret) and librbd
+                    # connects as client.admin anyway.
+                    'images_rbd_ceph_conf': stack.ceph_conf},
         'vnc': {'enabled': False},
         'conductor': {'workers': 1},
         'scheduler': {'workers': 1,

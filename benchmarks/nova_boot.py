@@ -12,12 +12,12 @@
 
 """N servers at once through Nova: thunder against Nova's own RBD paths.
 
-Runs against the local stack (``tools/thunder-stack up``; also
-``tools/thunder-stack demo --nova``)::
+Runs against the local stack (``tools/thunder-stack up``), with the
+stack's Python (also ``tools/thunder-stack demo --nova``)::
 
-    python benchmarks/nova_boot.py [--counts 1,4,8] [--rounds 3]
-        [--flows thunder,ephemeral,rbd-volume] [--budget-minutes M]
-        [--out DIR]
+    .stack/venv/bin/python benchmarks/nova_boot.py [--counts 1,4,8]
+        [--rounds 3] [--flows thunder,ephemeral,rbd-volume]
+        [--budget-minutes M] [--out DIR]
 
 The guest image of :mod:`thunder_stack.guest` is uploaded once per flow:
 
@@ -63,12 +63,12 @@ import time
 import urllib.error
 import urllib.request
 
-import blockdev_mechanisms as bm
-import cache_io
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+import blockdev_mechanisms as bm  # noqa: E402
+import cache_io  # noqa: E402
 
 from thunder_stack import demo  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402

@@ -128,6 +128,7 @@ class LocalCeph(object):
         """
         deadline = time.monotonic() + timeout
         if self.running() == list(DAEMONS):
+            self._add_pools()
             self.wait_ready(deadline)
             return self
         self.stop()
@@ -140,6 +141,7 @@ class LocalCeph(object):
             else:
                 for daemon in DAEMONS:
                     self._spawn(daemon)
+                self._add_pools()
                 self.wait_ready(deadline)
         except Exception:
             self.stop()
@@ -233,17 +235,32 @@ class LocalCeph(object):
         self._spawn('mgr.x')
         self._create_osd()
         self._wait_for(self._osd_up, deadline, 'the OSD to come up')
-        for pool in self.pools:
-            self.ceph('osd', 'pool', 'create', pool, '16', '16')
-            self.rbd('pool', 'init', pool)
-        caps = ', '.join('profile rbd pool=%s' % p for p in self.pools)
+        self._create_pools(self.pools)
         self._key_file('client.%s' % self.user, self.user_keyring,
-                       'mon', 'profile rbd', 'osd', caps,
-                       'mgr', caps)
+                       'mon', 'profile rbd', 'osd', self._caps(),
+                       'mgr', self._caps())
         self.wait_ready(deadline)
         with open(self._path('created'), 'w') as marker:
             json.dump({'fsid': fsid, 'objectstore': self.objectstore,
                        'auth': self.auth}, marker)
+
+    def _create_pools(self, pools):
+        for pool in pools:
+            self.ceph('osd', 'pool', 'create', pool, '16', '16')
+            self.rbd('pool', 'init', pool)
+
+    def _caps(self):
+        return ', '.join('profile rbd pool=%s' % p for p in self.pools)
+
+    def _add_pools(self):
+        """Create the pools a cluster made before they were wanted lacks."""
+        missing = [p for p in self.pools
+                   if p not in self.ceph_json('osd', 'pool', 'ls')]
+        if not missing:
+            return
+        self._create_pools(missing)
+        self.ceph('auth', 'caps', 'client.%s' % self.user, 'mon',
+                  'profile rbd', 'osd', self._caps(), 'mgr', self._caps())
 
     def _write_conf(self, fsid, addr):
         auth = 'cephx' if self.auth == 'cephx' else 'none'

@@ -59,6 +59,7 @@ FLOWS = {
 }
 BLOCK = 4 * 1024 * 1024
 BULK_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'bulk_boot.py')
+NOVA_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_boot.py')
 
 
 def make_image(path, size_mib, seed=20140417):
@@ -382,6 +383,29 @@ def print_table(results, args):
           'parent snaps: snapshots on the images the clones hang from.')
 
 
+def benchmark_command(stack, script, arg_string, option, results):
+    """[the stack's Python, script, args...] and the results directory.
+
+    The results go to the stack's ``data/demo/RESULTS`` unless the
+    arguments say ``--out``. StackError if ``arg_string`` (given as
+    ``option``) does not split.
+    """
+    try:
+        extra = shlex.split(arg_string or '')
+    except ValueError as e:
+        raise stack_mod.StackError('%s %r: %s' % (option, arg_string, e))
+    out = None
+    for i, arg in enumerate(extra):
+        if arg == '--out' and i + 1 < len(extra):
+            out = extra[i + 1]
+        elif arg.startswith('--out='):
+            out = arg[len('--out='):]
+    if out is None:
+        out = stack.path('data', 'demo', results)
+        extra += ['--out', out]
+    return [stack.python, script] + extra, os.path.abspath(out)
+
+
 def bulk_boot_command(stack, args):
     """The benchmark's command line and results directory.
 
@@ -392,32 +416,26 @@ def bulk_boot_command(stack, args):
         raise stack_mod.StackError(
             '--bulk-boot needs root: the benchmark creates network '
             'namespaces and tc qdiscs')
-    try:
-        extra = shlex.split(args.bulk_boot_args or '')
-    except ValueError as e:
-        raise stack_mod.StackError('--bulk-boot-args %r: %s'
-                                   % (args.bulk_boot_args, e))
-    out = None
-    for i, arg in enumerate(extra):
-        if arg == '--out' and i + 1 < len(extra):
-            out = extra[i + 1]
-        elif arg.startswith('--out='):
-            out = arg[len('--out='):]
-    if out is None:
-        out = stack.path('data', 'demo', 'bulk-boot')
-        extra += ['--out', out]
-    return [stack.python, BULK_BOOT] + extra, os.path.abspath(out)
+    return benchmark_command(stack, BULK_BOOT, args.bulk_boot_args,
+                             '--bulk-boot-args', 'bulk-boot')
 
 
-def run_bulk_boot(stack, command, out):
-    """Run the benchmark, its output streamed; its outcome as a dict."""
-    result = {'flow': 'bulk-boot', 'command': command, 'results_dir': out,
+def nova_boot_command(stack, args):
+    """``benchmarks/nova_boot.py``'s command line and results directory."""
+    return benchmark_command(stack, NOVA_BOOT, args.nova_args,
+                             '--nova-args', 'nova-boot')
+
+
+def run_benchmark(stack, flow, command, out):
+    """Run a benchmark script, its output streamed; its outcome as a dict."""
+    result = {'flow': flow, 'command': command, 'results_dir': out,
               'returncode': None, 'error': None}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [stack_mod.CHECKOUT] + [p for p in [os.environ.get('PYTHONPATH')]
                                 if p]))
-    stack_mod.log('bulk boot: %s' % ' '.join(shlex.quote(c) for c in [
-        os.path.relpath(command[1], stack_mod.CHECKOUT)] + command[2:]))
+    script = os.path.relpath(command[1], stack_mod.CHECKOUT)
+    stack_mod.log('%s: %s' % (flow, ' '.join(shlex.quote(c) for c in [
+        script] + command[2:])))
     sys.stdout.flush()
     started = time.time()
     try:
@@ -430,11 +448,36 @@ def run_bulk_boot(stack, command, out):
     except OSError as e:
         result['error'] = 'cannot start %s: %s' % (command[0], e)
         return result
+    result['started'] = started
     result['seconds'] = round(time.time() - started, 1)
-    result.update(_bulk_boot_runs(out, started))
     if result['returncode']:
-        result['error'] = 'benchmarks/bulk_boot.py exited with %d' % (
-            result['returncode'])
+        result['error'] = '%s exited with %d' % (script,
+                                                 result['returncode'])
+    return result
+
+
+def run_bulk_boot(stack, command, out):
+    """Run the bulk boot benchmark; its outcome with its run.json's."""
+    result = run_benchmark(stack, 'bulk-boot', command, out)
+    if 'started' in result:
+        result.update(_bulk_boot_runs(out, result.pop('started')))
+    return result
+
+
+def run_nova_boot(stack, command, out):
+    """Run the Nova boot benchmark; its outcome with its goals missed."""
+    result = run_benchmark(stack, 'nova-boot', command, out)
+    started = result.pop('started', None)
+    path = os.path.join(out, 'results.txt')
+    try:
+        if started and os.path.getmtime(path) >= started:
+            with open(path) as f:
+                goals = [line for line in f if line.startswith('goal: ')]
+            result['goals'] = len(goals)
+            result['goals_missed'] = [g[6:].strip() for g in goals
+                                      if ' MISSED ' in g]
+    except OSError:
+        pass
     return result
 
 
@@ -457,8 +500,8 @@ def _bulk_boot_runs(out, since):
                              if not g['met']]}
 
 
-def print_bulk_boot(result):
-    """One line: how the benchmark ended and where its results are."""
+def print_benchmark(result, what):
+    """One line: how a benchmark ended and where its results are."""
     if result['error']:
         status = 'FAILED: %s' % result['error']
     else:
@@ -467,11 +510,14 @@ def print_bulk_boot(result):
         status += '; %d runs, %s' % (result['runs'], (
             'every node verified its bytes' if not result['unverified_nodes']
             else '%d nodes NOT verified' % result['unverified_nodes']))
-        if result['goals']:
-            status += '; goals met: %d of %d (results.txt)' % (
-                result['goals'] - len(result['goals_missed']),
-                result['goals'])
-    print('bulk boot: %s; results in %s' % (status, result['results_dir']))
+    if result.get('goals'):
+        status += '; goals met: %d of %d (results.txt)' % (
+            result['goals'] - len(result['goals_missed']), result['goals'])
+    print('%s: %s; results in %s' % (what, status, result['results_dir']))
+
+
+def print_bulk_boot(result):
+    print_benchmark(result, 'bulk boot')
 
 
 def run_demo(stack, args):
@@ -482,6 +528,8 @@ def run_demo(stack, args):
                                        % (name, ', '.join(FLOWS)))
     bulk = (bulk_boot_command(stack, args)
             if getattr(args, 'bulk_boot', False) else None)
+    nova = (nova_boot_command(stack, args)
+            if getattr(args, 'nova', False) else None)
     results = []
     if names:
         image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
@@ -493,6 +541,10 @@ def run_demo(stack, args):
                           % (name, args.image_size_mib, args.volumes))
             results.append(run_flow(stack, api, name, image, args))
         print_table(results, args)
+    if nova:
+        results.append(run_nova_boot(stack, *nova))
+        print()
+        print_benchmark(results[-1], 'nova boot')
     if bulk:
         results.append(run_bulk_boot(stack, *bulk))
         print()

@@ -56,6 +56,8 @@ PORTS = {'placement': 16778, 'nova': 16774, 'neutron': 16696}
 DATABASES = ('placement', 'neutron', 'nova_api', 'nova', 'nova_cell0')
 
 HOST = 'thunder-stack'
+#: The Ceph pool of Nova's ephemeral disks (``[libvirt] images_type = rbd``).
+EPHEMERAL_POOL = 'vms'
 LIBVIRT_URI = 'qemu:///system'
 LIBVIRT_SOCKET = '/run/libvirt/libvirt-sock'
 VIRTLOGD_SOCKET = '/run/libvirt/virtlogd-sock'
@@ -280,7 +282,17 @@ def full_conf(stack):
         'cinder': dict(_keystone_auth(stack, 'nova'),
                        os_region_name='RegionOne',
                        catalog_info='volumev3::publicURL'),
-        'libvirt': {'virt_type': 'qemu', 'connection_uri': LIBVIRT_URI},
+        'libvirt': {'virt_type': 'qemu', 'connection_uri': LIBVIRT_URI,
+                    # Ephemeral disks in Ceph: Nova clones images of
+                    # Glance's rbd store (their direct_url) into this
+                    # pool. Servers booted from volumes are unaffected.
+                    'images_type': 'rbd',
+                    'images_rbd_pool': EPHEMERAL_POOL,
+                    # No rbd_user: with one, Nova writes an <auth> of the
+                    # secret rbd_secret_uuid into the domain (the local
+                    # Ceph has no cephx, hence no secret) and librbd
+                    # connects as client.admin anyway.
+                    'images_rbd_ceph_conf': stack.ceph_conf},
         'vnc': {'enabled': False},
         'conductor': {'workers': 1},
         'scheduler': {'workers': 1,

@@ -60,7 +60,8 @@ DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
                  'rabbit_dist': 16673, 'ceph': 16789, 'keystone': 16500,
                  'glance': 16292, 'cinder': 16776, 'thunder_cache': 16485,
                  **nova_mod.PORTS}
-POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images'}
+POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images',
+         'nova': nova_mod.EPHEMERAL_POOL}
 THUNDER_BACKEND = 'thunder'
 PEER_BACKEND = 'thunder-peer'
 RBD_BACKEND = 'rbd'
@@ -926,6 +927,17 @@ def main(argv=None):
                            '--bulk-boot-args=--quick); results go to '
                            'data/demo/bulk-boot of the stack unless it '
                            'has --out')
+    demo.add_argument('--nova', action='store_true',
+                      help='after the flows (alone with --flows ""), run '
+                           'benchmarks/nova_boot.py: N servers at once '
+                           'through Nova, thunder against Nova\'s own RBD '
+                           'paths')
+    demo.add_argument('--nova-args', default='',
+                      help='arguments of benchmarks/nova_boot.py, one '
+                           'string (default "": the full comparison; e.g. '
+                           '"--counts 1 --rounds 1"); results go to '
+                           'data/demo/nova-boot of the stack unless it has '
+                           '--out')
     tempest = sub.add_parser('tempest', help="run Tempest's volume tests "
                                              'against the stack')
     tempest.add_argument('--regex', default=None,
@@ -964,6 +976,8 @@ def main(argv=None):
             from thunder_stack import demo as demo_mod
             if args.bulk_boot:
                 demo_mod.bulk_boot_command(stack, args)     # before "up"
+            if args.nova:
+                demo_mod.nova_boot_command(stack, args)
             if not stack.is_up():
                 stack.up()
             return demo_mod.run_demo(stack, args)

@@ -25,10 +25,12 @@ than the volume, a deleted image) fails clearly and leaves nothing either,
 in both modes.
 """
 
+import importlib
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 from xml.etree import ElementTree
 
@@ -49,6 +51,7 @@ POOL = stack_mod.POOLS['thunder']
 ACTIVE_TIMEOUT = 300
 MARKER_TIMEOUT = 300
 DELETE_TIMEOUT = 180
+BENCHMARKS = os.path.join(stack_mod.CHECKOUT, 'benchmarks')
 
 
 def guest_image(stack):
@@ -412,3 +415,43 @@ def test_deleted_image(stack, client, servers, volume_type):
     listed = servers.json('server', 'list', '--name', 'e2e-deleted')
     assert listed == []
     assert_nothing_left(before, resources(stack, client))
+
+
+def test_nova_boot_benchmark_short_run(stack, client, thunder_store,
+                                       tmp_path):
+    """``benchmarks/nova_boot.py --counts 1 --rounds 1``, as the demo runs it.
+
+    Each flow boots one server as a copy-on-write clone that copied
+    nothing; the results are written; the benchmark leaves no server,
+    volume, image, Nova disk or libvirt domain behind.
+    """
+    sys.path.insert(0, BENCHMARKS)
+    nova_boot = importlib.import_module('nova_boot')
+    ephemeral_pool = stack_mod.POOLS['nova']
+
+    def left():
+        return {'volumes': set(client.all_volumes()),
+                'images': {i['ID'] for i in json.loads(client.run(
+                    'openstack', 'image', 'list', '-f', 'json').stdout)},
+                'disks': set(conftest.rbd(stack, 'ls',
+                                          ephemeral_pool).split()),
+                'domains': set(nova.domains())}
+
+    before = left()
+    out = tmp_path / 'results'
+    result = subprocess.run(
+        [stack.python, os.path.join(BENCHMARKS, 'nova_boot.py'), '--counts',
+         '1', '--rounds', '1', '--out', str(out)], capture_output=True,
+        text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout[-3000:] +
+                                    result.stderr[-3000:])
+    runs = nova_boot.read_runs(str(out / 'runs.csv'))
+    assert sorted(r['flow'] for r in runs) == sorted(nova_boot.FLOWS)
+    for run in runs:
+        assert (run['ok'], run['clones'], run['copied_bytes'],
+                run['error']) == (1, 1, 0, ''), run
+        assert 0 < run['active_mean'] <= run['marker_mean'], run
+    with open(out / 'results.txt') as f:
+        text = f.read()
+    assert 'N  flow' in text and 'ephemeral' in text
+    assert left() == before

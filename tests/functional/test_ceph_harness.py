@@ -64,6 +64,22 @@ def test_start_is_idempotent_and_stop_ends_every_daemon(cephx_cluster):
     assert cephx_cluster.fsid() != fsid
 
 
+def test_start_adds_the_pools_a_cluster_lacks(cephx_cluster):
+    """A cluster made before a pool was wanted gets it (and the caps)."""
+    wider = local_ceph.LocalCeph(cephx_cluster.workdir,
+                                 pools=('volumes', 'vms'), auth='cephx')
+    wider.start()
+    assert wider.running() == list(local_ceph.DAEMONS)
+    assert 'vms' in wider.ceph_json('osd', 'pool', 'ls')
+    caps = wider.ceph_json('auth', 'get', 'client.%s' % wider.user)
+    assert caps[0]['caps']['osd'] == (
+        'profile rbd pool=volumes, profile rbd pool=vms')
+    # And client.cinder may write there with its key.
+    wider.rbd('create', '--size', '4M', 'vms/probe', '--id', wider.user,
+              '--keyring', wider.user_keyring)
+    wider.rbd('rm', 'vms/probe')
+
+
 def test_cephx_cluster_refuses_clients_without_a_key(cephx_cluster,
                                                      tmp_path):
     conf = tmp_path / 'ceph.conf'

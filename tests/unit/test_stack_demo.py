@@ -227,3 +227,68 @@ def test_no_flag_no_benchmark(stack, tmp_path):
     assert not popen.called
     with open(args.json) as f:
         assert json.load(f) == []
+
+
+# -- demo --nova --------------------------------------------------------------
+
+NOVA_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_boot.py')
+
+
+def nova_args(tmp_path, nova_args=''):
+    args = demo_args(tmp_path)
+    args.bulk_boot = False
+    args.nova, args.nova_args = True, nova_args
+    return args
+
+
+def test_nova_command(stack, tmp_path):
+    command, out = demo.nova_boot_command(stack, nova_args(tmp_path))
+    assert out == stack.path('data', 'demo', 'nova-boot')
+    assert command == [stack.python, NOVA_BOOT, '--out', out]
+    command, out = demo.nova_boot_command(stack, nova_args(
+        tmp_path, '--counts 1 --rounds 1 --out=x'))
+    assert command[2:] == ['--counts', '1', '--rounds', '1', '--out=x']
+    assert out == os.path.abspath('x')
+    with pytest.raises(stack_mod.StackError, match='--nova-args'):
+        demo.nova_boot_command(stack, nova_args(tmp_path, "--counts '1"))
+
+
+def test_main_parses_the_nova_flags():
+    args = parsed(['demo', '--nova', '--nova-args', '--counts 1'])
+    assert args.nova and args.nova_args == '--counts 1'
+    args = parsed(['demo'])
+    assert not args.nova and args.nova_args == ''
+
+
+def fake_nova_boot(returncode, goal_lines):
+    """A Popen stand-in whose process writes results.txt into its --out."""
+    def popen(command, env):
+        out = command[command.index('--out') + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, 'results.txt'), 'w') as f:
+            f.write('table\n' + ''.join(line + '\n' for line in goal_lines))
+        return mock.Mock(**{'wait.return_value': returncode})
+    return mock.patch.object(demo.subprocess, 'Popen', side_effect=popen)
+
+
+def test_nova_boot_reports_its_goals(stack, tmp_path, capsys):
+    args = nova_args(tmp_path, '--counts 1')
+    goals = ['goal: N=8 marker  met     a', 'goal: N=8 0 bytes  MISSED  b']
+    with fake_nova_boot(0, goals) as popen:
+        assert demo.run_demo(stack, args) == 0
+    assert popen.call_args[0][0][:4] == [stack.python, NOVA_BOOT,
+                                         '--counts', '1']
+    out = stack.path('data', 'demo', 'nova-boot')
+    assert ('nova boot: ok; goals met: 1 of 2 (results.txt); results in '
+            '%s' % out) in capsys.readouterr().out
+    with open(args.json) as f:
+        [result] = json.load(f)
+    assert result['flow'] == 'nova-boot' and result['error'] is None
+    assert result['goals_missed'] == ['N=8 0 bytes  MISSED  b']
+
+
+def test_nova_boot_failure_fails_the_demo(stack, tmp_path, capsys):
+    with fake_nova_boot(1, []):
+        assert demo.run_demo(stack, nova_args(tmp_path)) == 1
+    assert ('nova boot: FAILED: benchmarks/nova_boot.py exited with 1'
+            in capsys.readouterr().out)

@@ -147,6 +147,16 @@ def test_nova_compute_has_no_database(stack):
         assert conf.get('placement', 'username') == 'nova'
 
 
+def test_ephemeral_disks_in_the_stacks_ceph_pool(stack):
+    nova.write_config(stack)
+    compute = ini.load(stack.path('etc', 'nova', 'nova-compute.conf'))
+    assert compute.get('libvirt', 'images_type') == 'rbd'
+    assert compute.get('libvirt', 'images_rbd_pool') == nova.EPHEMERAL_POOL
+    assert compute.get('libvirt', 'images_rbd_ceph_conf') == stack.ceph_conf
+    # The stack's Ceph creates the pool with the others.
+    assert nova.EPHEMERAL_POOL in stack.ceph().pools
+
+
 def test_every_service_has_its_config_files(stack):
     nova.write_config(stack)
     for service in nova.services(stack):

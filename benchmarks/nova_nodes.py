@@ -44,8 +44,9 @@ origin namespace) sent through the origin's shaped link, and per node the
 bytes the node's thunder-cache fetched from the origin and from peers
 (peer) or the size of its ``_base`` copy (image-cache, pre-cache).
 
-Writes ``results.csv`` (one row per server) and ``results.txt`` (the
-table, the command, the date) into ``--out``.
+Writes ``results.csv`` (one row per server), ``results.txt`` (the
+table, the goals, the command, the date) and ``results.png`` into
+``--out``.
 """
 
 import argparse
@@ -260,6 +261,85 @@ def table(rows, image_bytes):
     return lines
 
 
+def _flow_rows(rows, flow):
+    return [r for r in rows if r['flow'] == flow]
+
+
+def _round_values(rows, key):
+    """Per round, ``key`` of the round's first row (a per-round figure)."""
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r['round'], float(r[key]))
+    return [firsts[k] for k in sorted(firsts)]
+
+
+def working_set(rows):
+    """Bytes one peer-mode boot reads: the most any node's cache fetched."""
+    return max((float(r['node_origin_bytes']) + float(r['node_peer_bytes'])
+                for r in _flow_rows(rows, 'peer')), default=0.0)
+
+
+def goals(rows):
+    """The issue's two peer-mode goals, measured in this run.
+
+    Origin bytes of the whole run's peer boots (the origin's link, all
+    rounds) at most 1.2 times the boots' working set (one per round), and
+    servers ready at least 2 times sooner than with Nova's image cache
+    (median request -> marker).
+    """
+    peer = _flow_rows(rows, 'peer')
+    cache = _flow_rows(rows, 'image-cache')
+    lines = []
+    if peer and working_set(rows):
+        links = _round_values(peer, 'origin_link_bytes')
+        ratio = sum(links) / (working_set(rows) * len(links))
+        lines.append('goal origin bytes <= 1.2x the working set: %.2fx '
+                     '(%.1f MB per round, working set %.1f MB): %s' % (
+                         ratio, sum(links) / len(links) / 1e6,
+                         working_set(rows) / 1e6,
+                         'met' if ratio <= 1.2 else 'MISSED'))
+    if peer and cache:
+        ratio = (statistics.median(float(r['marker_s']) for r in cache) /
+                 statistics.median(float(r['marker_s']) for r in peer))
+        lines.append('goal ready >= 2x sooner than the image cache: %.1fx: '
+                     '%s' % (ratio, 'met' if ratio >= 2 else 'MISSED'))
+    return lines
+
+
+def plot(rows, out):
+    """results.png: request -> marker and origin bytes, per flow."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        from matplotlib import pyplot
+    except ImportError:
+        return 'matplotlib is not installed: no plot'
+    flows = [f for f in FLOWS if _flow_rows(rows, f)]
+    fig, (left, right) = pyplot.subplots(1, 2, figsize=(9, 4))
+    for i, flow in enumerate(flows):
+        mine = _flow_rows(rows, flow)
+        markers = [float(r['marker_s']) for r in mine]
+        median = statistics.median(markers)
+        left.bar(i, median, color='C%d' % i)
+        left.vlines(i, min(markers), max(markers), color='black')
+        links = _round_values(mine, 'origin_link_bytes')
+        right.bar(i, statistics.median(links) / 1e6, color='C%d' % i)
+        right.vlines(i, min(links) / 1e6, max(links) / 1e6, color='black')
+    for ax, label in ((left, 'request -> marker (s)'),
+                      (right, "origin's link, per round (MB)")):
+        ax.set_xticks(range(len(flows)))
+        ax.set_xticklabels(flows)
+        ax.set_ylabel(label)
+        ax.grid(True, axis='y', alpha=0.3)
+    right.set_yscale('log')
+    fig.suptitle('one server per node at once; bars: medians, lines: '
+                 'min-max', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'results.png'), dpi=100)
+    pyplot.close(fig)
+    return 'plot: results.png'
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--rounds', type=int, default=1)
@@ -282,7 +362,9 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(bench.rows)
     lines = table(bench.rows, os.path.getsize(bench.image_path))
-    lines += ['', 'nodes: %d, links %s Mbit/s; %s' % (
+    lines += goals(bench.rows)
+    lines += ['', plot(bench.rows, args.out),
+              'nodes: %d, links %s Mbit/s; %s' % (
         bench.nodes.count, bench.nodes.link_mbit,
         datetime.datetime.now(datetime.timezone.utc).strftime(
             '%Y-%m-%d %H:%M UTC')),

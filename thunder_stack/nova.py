@@ -279,9 +279,14 @@ def full_conf(stack):
         'placement': _keystone_auth(stack, 'nova'),
         'neutron': _keystone_auth(stack, 'nova'),
         'glance': {'region_name': 'RegionOne'},
+        # A server and its volumes in one zone: a peer-mode volume lives
+        # on its node, the zone of its own of an emulated compute node
+        # (thunder_stack/nodes.py). The API then schedules a server booted
+        # from an existing volume into the volume's zone.
         'cinder': dict(_keystone_auth(stack, 'nova'),
                        os_region_name='RegionOne',
-                       catalog_info='volumev3::publicURL'),
+                       catalog_info='volumev3::publicURL',
+                       cross_az_attach=False),
         'libvirt': {'virt_type': 'qemu', 'connection_uri': LIBVIRT_URI,
                     # Ephemeral disks in Ceph: Nova clones images of
                     # Glance's rbd store (their direct_url) into this

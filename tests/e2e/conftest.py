@@ -105,10 +105,11 @@ class Client(object):
                        image_id).stdout
         return json.loads(out)
 
-    def create_volume(self, image_id, volume_type, size=1):
+    def create_volume(self, image_id, volume_type, size=1, zone=None):
+        zone_args = ('--availability-zone', zone) if zone else ()
         out = self.run('cinder', 'create', '--image-id', image_id,
                        '--volume-type', volume_type, '--name', 'e2e-volume',
-                       str(size)).stdout
+                       *zone_args, str(size)).stdout
         volume_id = demo.table_value(out, 'id')
         self.volumes.append(volume_id)
         return volume_id

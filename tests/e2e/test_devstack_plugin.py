@@ -156,7 +156,8 @@ def test_peer_mode_configures_and_starts_thunder_cache(tmp_path):
            'THUNDER_CACHE_CONF_DIR': str(tmp_path / 'etc'),
            'THUNDER_CACHE_STATE_DIR': str(state),
            'THUNDER_CACHE_RUN_DIR': str(tmp_path / 'run'),
-           'THUNDER_CACHE_NODE_ID': 'compute-1', 'HOST_IP': '10.0.0.7'}
+           'THUNDER_CACHE_NODE_ID': 'compute-1', 'HOST_IP': '10.0.0.7',
+           'NOVA_CONF': str(tmp_path / 'nova.conf')}
     calls = _run_plugin(tmp_path, r'''
 function run_process { echo "run_process $1|$2|$3|$4" >> "$CALLS"; }
 function stop_process { echo "stop_process $*" >> "$CALLS"; }
@@ -191,6 +192,10 @@ source devstack/plugin.sh unstack
     assert ini.iniget(conf, 'advertise', 'enabled') == 'True'
     assert ini.iniget(conf, 'advertise', 'username') == 'glance'
     assert ini.iniget(conf, 'advertise', 'password') == 'secret'
+    # A server and its peer-mode volumes in one zone, even without zones
+    # of their own per node.
+    assert ini.iniget(str(tmp_path / 'nova.conf'), 'cinder',
+                      'cross_az_attach') == 'False'
     secret = tmp_path / 'etc' / 'peer-secret'
     assert len(secret.read_text().strip()) == 64
     assert secret.stat().st_mode & 0o077 == 0

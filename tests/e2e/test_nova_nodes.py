@@ -140,6 +140,35 @@ def test_one_server_per_node_second_from_the_first(stack, client, nodes,
         assert loops.backed_by(out, under=node.cache_paths['mount']) == []
 
 
+def test_server_follows_its_volume_to_its_node(stack, client, nodes,
+                                               servers, guest):  # noqa
+    """A server from an existing peer-mode volume, no zone asked for.
+
+    With ``[cinder] cross_az_attach = False`` on the API, Nova schedules
+    the server into the zone of its volume: the volume's node.
+    """
+    image_id, marker = guest
+    node = nodes.nodes[-1]
+    volume_id = client.create_volume(image_id, nodes_mod.PEER_BACKEND,
+                                     zone=node.name)
+    volume = client.wait_volume(volume_id)
+    assert volume['os-vol-host-attr:host'].startswith(node.name + '@')
+    server_id, _ = servers.create(
+        'e2e-follows', '--block-device',
+        'source_type=volume,uuid=%s,destination_type=volume,boot_index=0,'
+        'delete_on_termination=true' % volume_id)
+    server = servers.wait_status(server_id, 'ACTIVE')
+    servers.wait_marker(server_id, marker)
+    assert server['OS-EXT-SRV-ATTR:host'] == node.name
+    assert server['OS-EXT-AZ:availability_zone'] == node.name
+    servers.delete(server_id)
+    deadline = time.monotonic() + 180
+    while volume_id in client.all_volumes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert volume_id not in client.all_volumes()
+    client.volumes.remove(volume_id)
+
+
 def test_nodes_down_leaves_nothing(stack, client, nodes):
     pids = [s.pid() for n in nodes.nodes for s in n.services()]
     assert all(pids), 'a node process is not running: %s' % pids

@@ -145,6 +145,8 @@ def test_nova_compute_has_no_database(stack):
     for conf in (api, compute):
         assert conf.get('service_user', 'send_service_user_token') == 'True'
         assert conf.get('placement', 'username') == 'nova'
+        # Servers and volumes in one zone (the nodes' peer-mode volumes).
+        assert conf.get('cinder', 'cross_az_attach') == 'False'
 
 
 def test_ephemeral_disks_in_the_stacks_ceph_pool(stack):

@@ -131,14 +131,19 @@ class Client(object):
         return {v['id']: v for v in self.api.get(
             '/volumes/detail?all_tenants=1')['volumes']}
 
+    def wait_volumes_gone(self, ids, timeout):
+        """Wait until none of ``ids`` is a volume; those still there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = set(ids) & set(self.all_volumes())
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(1)
+
     def cleanup(self):
         for vid in self.volumes:
             self.run('cinder', 'delete', vid, check=False)
-        deadline = time.monotonic() + 120
-        while self.volumes and time.monotonic() < deadline:
-            if not set(self.volumes) & set(self.all_volumes()):
-                break
-            time.sleep(1)
+        self.wait_volumes_gone(self.volumes, 120)
         for image_id in self.images:
             self.run('glance', 'image-delete', image_id, check=False)
 

@@ -311,10 +311,7 @@ def boot_and_delete(stack, client, servers, marker, name, *args,
     parent_image = CHECK_DISK[volume_type](stack, server, volume)
 
     servers.delete(server_id)
-    deadline = time.monotonic() + DELETE_TIMEOUT
-    while volume_id in client.all_volumes() and \
-            time.monotonic() < deadline:
-        time.sleep(1)
+    client.wait_volumes_gone({volume_id}, DELETE_TIMEOUT)
     assert_nothing_left(before, resources(stack, client), parent_image)
     return active, ready
 

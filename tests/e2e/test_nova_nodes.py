@@ -27,7 +27,6 @@ removes the nodes, and nothing is left.
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 import pytest
@@ -128,10 +127,7 @@ def test_one_server_per_node_second_from_the_first(stack, client, nodes,
 
     for server_id in (id_1, id_2):
         servers.delete(server_id)
-    deadline = time.monotonic() + 180
-    while set(client.all_volumes()) - volumes_before and \
-            time.monotonic() < deadline:
-        time.sleep(1)
+    client.wait_volumes_gone(set(client.all_volumes()) - volumes_before, 180)
     assert set(client.all_volumes()) == volumes_before
     for node in (first, second):
         assert nova.domains(node.libvirt_socket) == []
@@ -162,10 +158,7 @@ def test_server_follows_its_volume_to_its_node(stack, client, nodes,
     assert server['OS-EXT-SRV-ATTR:host'] == node.name
     assert server['OS-EXT-AZ:availability_zone'] == node.name
     servers.delete(server_id)
-    deadline = time.monotonic() + 180
-    while volume_id in client.all_volumes() and time.monotonic() < deadline:
-        time.sleep(1)
-    assert volume_id not in client.all_volumes()
+    assert client.wait_volumes_gone({volume_id}, 180) == set()
     client.volumes.remove(volume_id)
 
 

@@ -60,6 +60,9 @@ FLOWS = {
 BLOCK = 4 * 1024 * 1024
 BULK_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'bulk_boot.py')
 NOVA_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_boot.py')
+NOVA_NODES = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_nodes.py')
+NOVA_NODES_COUNT = 2
+NOVA_NODES_LINK_MBIT = 100
 
 
 def make_image(path, size_mib, seed=20140417):
@@ -426,6 +429,20 @@ def nova_boot_command(stack, args):
                              '--nova-args', 'nova-boot')
 
 
+def nova_nodes_command(stack, args):
+    """``benchmarks/nova_nodes.py``'s command line and results directory.
+
+    StackError unless run as root (the emulated nodes are network
+    namespaces) or if ``--nova-nodes-args`` does not split.
+    """
+    if os.geteuid() != 0:
+        raise stack_mod.StackError(
+            '--nova-nodes needs root: the compute nodes are network '
+            'namespaces')
+    return benchmark_command(stack, NOVA_NODES, args.nova_nodes_args,
+                             '--nova-nodes-args', 'nova-nodes')
+
+
 def run_benchmark(stack, flow, command, out):
     """Run a benchmark script, its output streamed; its outcome as a dict."""
     result = {'flow': flow, 'command': command, 'results_dir': out,
@@ -464,9 +481,9 @@ def run_bulk_boot(stack, command, out):
     return result
 
 
-def run_nova_boot(stack, command, out):
-    """Run the Nova boot benchmark; its outcome with its goals missed."""
-    result = run_benchmark(stack, 'nova-boot', command, out)
+def run_nova_boot(stack, command, out, flow='nova-boot'):
+    """Run a Nova benchmark; its outcome with its goals missed."""
+    result = run_benchmark(stack, flow, command, out)
     started = result.pop('started', None)
     path = os.path.join(out, 'results.txt')
     try:
@@ -479,6 +496,24 @@ def run_nova_boot(stack, command, out):
     except OSError:
         pass
     return result
+
+
+def run_nova_nodes(stack, command, out):
+    """Run ``benchmarks/nova_nodes.py`` on the stack's compute nodes.
+
+    Brings up :data:`NOVA_NODES_COUNT` nodes behind
+    :data:`NOVA_NODES_LINK_MBIT` Mbit/s links when none are up, and
+    takes down those it brought up, even when the benchmark fails.
+    """
+    from thunder_stack import nodes as nodes_mod
+    started_nodes = not stack.state.get('nodes')
+    if started_nodes:
+        nodes_mod.Nodes(stack, NOVA_NODES_COUNT, NOVA_NODES_LINK_MBIT).up()
+    try:
+        return run_nova_boot(stack, command, out, flow='nova-nodes')
+    finally:
+        if started_nodes:
+            nodes_mod.Nodes(stack).down()
 
 
 def _bulk_boot_runs(out, since):
@@ -530,6 +565,8 @@ def run_demo(stack, args):
             if getattr(args, 'bulk_boot', False) else None)
     nova = (nova_boot_command(stack, args)
             if getattr(args, 'nova', False) else None)
+    nova_nodes = (nova_nodes_command(stack, args)
+                  if getattr(args, 'nova_nodes', False) else None)
     results = []
     if names:
         image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
@@ -545,6 +582,10 @@ def run_demo(stack, args):
         results.append(run_nova_boot(stack, *nova))
         print()
         print_benchmark(results[-1], 'nova boot')
+    if nova_nodes:
+        results.append(run_nova_nodes(stack, *nova_nodes))
+        print()
+        print_benchmark(results[-1], 'nova nodes')
     if bulk:
         results.append(run_bulk_boot(stack, *bulk))
         print()

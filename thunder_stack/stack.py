@@ -55,7 +55,9 @@ APT_PACKAGES = ('mariadb-server', 'rabbitmq-server', 'ceph-mon', 'ceph-osd',
 PIP_PACKAGES = ('cinder==29.0.0', 'glance==33.0.0', 'keystone==30.0.0',
                 'glance-store>=5.7,<6', 'os-brick>=7.1', 'python-cinderclient',
                 'python-glanceclient', 'python-openstackclient', 'uwsgi',
-                'PyMySQL', 'mfusepy>=3.1') + nova_mod.PIP_PACKAGES
+                'PyMySQL', 'mfusepy>=3.1',
+                # the benchmarks' plots (demo --bulk-boot, --nova ...)
+                'matplotlib') + nova_mod.PIP_PACKAGES
 DEFAULT_PORTS = {'mysql': 16306, 'epmd': 16369, 'amqp': 16672,
                  'rabbit_dist': 16673, 'ceph': 16789, 'keystone': 16500,
                  'glance': 16292, 'cinder': 16776, 'thunder_cache': 16485,
@@ -938,6 +940,20 @@ def main(argv=None):
                            '"--counts 1 --rounds 1"); results go to '
                            'data/demo/nova-boot of the stack unless it has '
                            '--out')
+    demo.add_argument('--nova-nodes', action='store_true',
+                      help='after the flows (alone with --flows ""), run '
+                           'benchmarks/nova_nodes.py: one server per '
+                           'emulated compute node at once, peer mode '
+                           'against Nova\'s image cache (needs root; '
+                           'brings up 2 nodes behind 100 Mbit/s links '
+                           'unless nodes are up)')
+    demo.add_argument('--nova-nodes-args',
+                      default='--rounds 3 --image-mib 1024',
+                      help='arguments of benchmarks/nova_nodes.py, one '
+                           'string (default "--rounds 3 --image-mib 1024", '
+                           'about half an hour); results '
+                           'go to data/demo/nova-nodes of the stack unless '
+                           'it has --out')
     tempest = sub.add_parser('tempest', help="run Tempest's volume tests "
                                              'against the stack')
     tempest.add_argument('--regex', default=None,
@@ -978,6 +994,8 @@ def main(argv=None):
                 demo_mod.bulk_boot_command(stack, args)     # before "up"
             if args.nova:
                 demo_mod.nova_boot_command(stack, args)
+            if args.nova_nodes:
+                demo_mod.nova_nodes_command(stack, args)
             if not stack.is_up():
                 stack.up()
             return demo_mod.run_demo(stack, args)

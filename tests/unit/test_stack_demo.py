@@ -292,3 +292,68 @@ def test_nova_boot_failure_fails_the_demo(stack, tmp_path, capsys):
         assert demo.run_demo(stack, nova_args(tmp_path)) == 1
     assert ('nova boot: FAILED: benchmarks/nova_boot.py exited with 1'
             in capsys.readouterr().out)
+
+
+# -- demo --nova-nodes --------------------------------------------------------
+
+NOVA_NODES = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_nodes.py')
+
+
+def nova_nodes_args(tmp_path, nova_nodes_args='--rounds 1'):
+    args = demo_args(tmp_path)
+    args.bulk_boot = False
+    args.nova_nodes, args.nova_nodes_args = True, nova_nodes_args
+    return args
+
+
+def test_nova_nodes_command(stack, tmp_path, root):
+    command, out = demo.nova_nodes_command(stack, nova_nodes_args(tmp_path))
+    assert out == stack.path('data', 'demo', 'nova-nodes')
+    assert command == [stack.python, NOVA_NODES, '--rounds', '1', '--out',
+                       out]
+    with pytest.raises(stack_mod.StackError, match='--nova-nodes-args'):
+        demo.nova_nodes_command(stack, nova_nodes_args(tmp_path, "--x '1"))
+
+
+def test_nova_nodes_needs_root(stack, tmp_path):
+    with mock.patch.object(os, 'geteuid', return_value=1000):
+        with pytest.raises(stack_mod.StackError, match='needs root'):
+            demo.nova_nodes_command(stack, nova_nodes_args(tmp_path))
+
+
+def test_main_parses_the_nova_nodes_flags():
+    args = parsed(['demo', '--nova-nodes', '--nova-nodes-args',
+                   '--image-mib 64'])
+    assert args.nova_nodes and args.nova_nodes_args == '--image-mib 64'
+    args = parsed(['demo'])
+    assert not args.nova_nodes
+    assert args.nova_nodes_args == '--rounds 3 --image-mib 1024'
+
+
+@pytest.mark.parametrize('returncode', [0, 1])
+def test_nova_nodes_brings_up_and_down_its_nodes(stack, tmp_path, root,
+                                                  capsys, returncode):
+    goals = ['goal: peer ready 2x sooner  met  a']
+    with mock.patch('thunder_stack.nodes.Nodes') as nodes, \
+            fake_nova_boot(returncode, goals) as popen:
+        nodes.return_value.up.side_effect = lambda: popen.assert_not_called()
+        assert demo.run_demo(stack, nova_nodes_args(tmp_path)) == returncode
+    assert nodes.call_args_list == [
+        mock.call(stack, demo.NOVA_NODES_COUNT, demo.NOVA_NODES_LINK_MBIT),
+        mock.call(stack)]
+    nodes.return_value.up.assert_called_once_with()
+    nodes.return_value.down.assert_called_once_with()
+    out = capsys.readouterr().out
+    if returncode:
+        assert ('nova nodes: FAILED: benchmarks/nova_nodes.py exited with 1'
+                in out)
+    else:
+        assert 'nova nodes: ok; goals met: 1 of 1 (results.txt)' in out
+
+
+def test_nova_nodes_keeps_nodes_that_were_up(stack, tmp_path, root):
+    stack.state['nodes'] = {'count': 3, 'link_mbit': 40}
+    with mock.patch('thunder_stack.nodes.Nodes') as nodes, \
+            fake_nova_boot(0, []):
+        assert demo.run_demo(stack, nova_nodes_args(tmp_path)) == 0
+    nodes.assert_not_called()

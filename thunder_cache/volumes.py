@@ -255,6 +255,7 @@ class VolumeStore(object):
         return {'id': volume.id, 'size': volume.layer.size,
                 'image_id': volume.image_id, 'read_only': volume.read_only,
                 'written_bytes': volume.layer.written_bytes(),
+                'allocated_bytes': volume.layer.allocated_bytes(),
                 'open_count': volume.open_count}
 
     # -- life cycle -------------------------------------------------------
@@ -467,6 +468,18 @@ class VolumeStore(object):
         if volume.read_only:
             raise VolumeReadOnly('volume %s is read-only' % volume_id)
         return volume.layer.write(offset, data, self._base(volume))
+
+    def zero(self, volume_id, offset, length):
+        """Discard (or write zeros to) a range: it reads zeros afterwards.
+
+        See :meth:`thunder_cache.cow.CowLayer.zero`.
+        """
+        volume = self._get(volume_id)
+        if volume.read_only:
+            raise VolumeReadOnly('volume %s is read-only' % volume_id)
+        base = self._base(volume)
+        zeros_from = 0 if volume.image_id is None else volume.image_size
+        volume.layer.zero(offset, length, base, zeros_from)
 
     def flush(self, volume_id):
         """Make the volume's writes so far durable."""

@@ -315,7 +315,8 @@ def test_volume_info(service):
     service.create_volume('volume-1', GiB)
     assert service.volume_info('volume-1') == {
         'id': 'volume-1', 'size': GiB, 'image_id': None,
-        'read_only': False, 'written_bytes': 0, 'open_count': 0}
+        'read_only': False, 'written_bytes': 0, 'allocated_bytes': 0,
+        'open_count': 0}
     with pytest.raises(volumes.VolumeNotFound):
         service.volume_info('volume-2')
     with pytest.raises(ValueError):

@@ -69,7 +69,7 @@ def test_image_backed_volume_reads_the_image(store, images):
     info = store.create('vol-a', len(image), image_id=IMAGE)
     assert info == {'id': 'vol-a', 'size': len(image), 'image_id': IMAGE,
                     'read_only': False, 'written_bytes': 0,
-                    'open_count': 0}
+                    'allocated_bytes': 0, 'open_count': 0}
     assert store.read('vol-a', 0, len(image)) == image
     assert store.read('vol-a', 5, 10) == image[5:15]
     assert store.read('vol-a', len(image), 10) == b''
@@ -106,6 +106,33 @@ def test_writes_stay_in_the_volume(store, images):
     assert store.read('b', 0, len(image)) == image
     assert images.images[IMAGE] == image
     assert store.info('a')['written_bytes'] == BS
+
+
+def test_zero_reads_zeros_over_the_image_and_past_it(store, images):
+    image = images.images[IMAGE]
+    store.create('a', 20 * BS, image_id=IMAGE)
+    store.write('a', 0, b'w' * 20 * BS)
+    store.zero('a', BS, 18 * BS)
+    assert store.read('a', 0, 20 * BS) == (
+        b'w' * BS + bytes(18 * BS) + b'w' * BS)
+    # Blocks wholly past the image (its last one is partial) read zeros
+    # from the base again: their bits are cleared.
+    assert store.info('a')['written_bytes'] == (10 + 1 + 1) * BS
+    assert store.info('a')['allocated_bytes'] <= 2 * BS
+    assert len(image) < 11 * BS
+
+
+def test_zero_blank_volume_and_read_only(store):
+    store.create('blank', 8 * BS)
+    store.write('blank', 0, b'w' * 8 * BS)
+    store.zero('blank', 0, 8 * BS)
+    assert store.info('blank')['written_bytes'] == 0
+    assert store.read('blank', 0, 8 * BS) == bytes(8 * BS)
+    store.create('snap', 8 * BS, source='blank', read_only=True)
+    with pytest.raises(volumes.VolumeReadOnly):
+        store.zero('snap', 0, BS)
+    with pytest.raises(volumes.VolumeNotFound):
+        store.zero('nope', 0, BS)
 
 
 def test_create_files_and_meta(store, layers, images):

@@ -24,6 +24,15 @@ and with attribute timeouts of 0, so that a resize made through the store
 is what the next ``stat`` sees (and ``losetup -c`` after it). Files are
 opened without ``direct_io``, so the kernel accepts ``O_DIRECT`` opens.
 
+Discard and write-zeroes reach the layers through ``fallocate``: FUSE has
+the operation, so the loop driver advertises both (granularity: this
+filesystem's ``f_bsize``), and on Linux 6.18 sends a discard as
+``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` and a write-zeroes as the
+same (``ZERO_RANGE | KEEP_SIZE`` when the caller asked not to unmap,
+e.g. ``BLKZEROOUT``). Both become
+:meth:`~thunder_cache.volumes.VolumeStore.zero`; a file's ``st_blocks``
+is its layer's allocated size, so ``du`` shows what a ``fstrim`` freed.
+
 libfuse installs handlers for SIGHUP, SIGINT and SIGTERM that end the
 mount, but only for signals whose handler is still the default: a daemon
 must install its own handlers before :meth:`Mount.start`.

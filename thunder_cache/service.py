@@ -92,6 +92,9 @@ class VolumeService(object):
                 'create_volume': self.create_volume,
                 'delete_volume': self.delete_volume,
                 'resize_volume': self.resize_volume,
+                'revert_volume': self.revert_volume,
+                'rename_volume': self.rename_volume,
+                'list_volumes': self.list_volumes,
                 'volume_info': self.volume_info}
 
     def ping(self):
@@ -185,6 +188,24 @@ class VolumeService(object):
         self.store.resize(_volume_id(volume_id),
                           _size(size, self.store.max_size))
         return self.store.info(volume_id)
+
+    def revert_volume(self, volume_id, snapshot_id):
+        return self.store.revert(_volume_id(volume_id),
+                                 _volume_id(snapshot_id, 'snapshot_id'))
+
+    def rename_volume(self, volume_id, new_id):
+        return self.store.rename(_volume_id(volume_id),
+                                 _volume_id(new_id, 'new_id'))
+
+    def list_volumes(self):
+        """The info of every volume."""
+        volumes = []
+        for volume_id in self.store.list():
+            try:
+                volumes.append(self.store.info(volume_id))
+            except volumes_mod.VolumeNotFound:
+                continue
+        return volumes
 
     def volume_info(self, volume_id):
         return self.store.info(_volume_id(volume_id))

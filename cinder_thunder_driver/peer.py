@@ -25,8 +25,12 @@ cache of its image, which the daemon fills on demand from peer nodes and
 the image-volume (the *origin*), verifying every chunk. The driver asks
 the daemon, over its control socket, to register images and to create,
 resize and delete layers; it attaches a volume as a loop device (through
-Cinder's privsep) and hands Nova a ``local`` connection. Creating a volume
-from a thunder image copies nothing: O(1) whatever the image's size.
+Cinder's privsep) and hands Nova a ``local`` connection, with discard on
+(a guest's TRIM frees the layer's blocks). Creating a volume from a
+thunder image copies nothing: O(1) whatever the image's size. Reverting
+to a snapshot swaps in a copy of the snapshot's layer atomically;
+unmanaging leaves the layer on the node, and managing adopts a layer of
+the node by its volume id.
 """
 
 import os

@@ -747,9 +747,17 @@ class CowLayer(object):
             done += n
 
     def allocated_bytes(self):
-        """Bytes the layer's data file takes on its filesystem."""
-        self._check_open()
-        return os.fstat(self._data_fd).st_blocks * 512
+        """Bytes the layer's data file takes on its filesystem.
+
+        0 once closed, as a volume being deleted may be asked about.
+        """
+        fd = self._data_fd
+        try:
+            return 0 if fd is None else os.fstat(fd).st_blocks * 512
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+            return 0
 
     def written_bytes(self):
         """Bytes of the volume this layer holds (written blocks)."""

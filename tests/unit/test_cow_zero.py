@@ -208,6 +208,7 @@ def test_bad_arguments_and_closed_layer(layer, image):
     layer.close()
     with pytest.raises(ValueError):
         layer.zero(0, BS, image, 0)
+    assert layer.allocated_bytes() == 0
 
 
 def test_unsupported_punch_changes_nothing(layer, image):

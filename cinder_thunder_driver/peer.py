@@ -256,11 +256,12 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
 
     # -- manage / unmanage --------------------------------------------
 
-    def _existing(self, existing_ref):
+    def _existing(self, existing_ref, snapshot=False):
         """The daemon's info of the layer ``existing_ref`` names.
 
         :raises ManageExistingInvalidReference: if it names no layer on
-            this node, or one that cannot be managed.
+            this node, or one that cannot be managed (as a snapshot, with
+            ``snapshot``).
         """
         name = (existing_ref or {}).get('source-name')
         if not name or not isinstance(name, str):
@@ -277,16 +278,18 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
             raise exception.ManageExistingInvalidReference(
                 existing_ref=existing_ref,
                 reason=_('no volume %s on this node') % name)
-        reason = self._not_manageable(info)
+        reason = self._not_manageable(info, snapshot)
         if reason:
             raise exception.ManageExistingInvalidReference(
                 existing_ref=existing_ref, reason=reason)
         return info
 
     @staticmethod
-    def _not_manageable(info):
-        if info['read_only']:
+    def _not_manageable(info, snapshot=False):
+        if info['read_only'] and not snapshot:
             return _('a snapshot (read-only layer)')
+        if snapshot and not info['read_only']:
+            return _('a volume (writable layer), not a snapshot')
         if info['open_count']:
             return _('in use (its file is open, a loop device over it?)')
         return None
@@ -318,6 +321,32 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         """
         LOG.info('Unmanaged peer-mode volume %s: its layer stays on the '
                  'node.', volume.name)
+
+    def manage_existing_snapshot_get_size(self, snapshot, existing_ref):
+        return -(-self._existing(existing_ref, snapshot=True)['size'] //
+                 units.Gi)
+
+    def manage_existing_snapshot(self, snapshot, existing_ref):
+        """Adopt a read-only layer of the volume's image as the snapshot."""
+        info = self._existing(existing_ref, snapshot=True)
+        volume = self._call('volume_info', volume_id=snapshot.volume_name)
+        if info['image_id'] != volume['image_id']:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_('it reads image %(layer)s, volume %(vol)s reads '
+                         '%(image)s') % {'layer': info['image_id'],
+                                         'vol': snapshot.volume_name,
+                                         'image': volume['image_id']})
+        self._call('rename_volume', volume_id=info['id'],
+                   new_id=snapshot.name)
+        LOG.info('Managed peer-mode snapshot %(old)s as %(name)s.',
+                 {'old': info['id'], 'name': snapshot.name})
+        return {}
+
+    def unmanage_snapshot(self, snapshot):
+        """Cinder forgets the snapshot; its read-only layer stays."""
+        LOG.info('Unmanaged peer-mode snapshot %s: its layer stays on the '
+                 'node.', snapshot.name)
 
     def get_manageable_volumes(self, cinder_volumes, marker, limit, offset,
                                sort_keys, sort_dirs):

@@ -161,7 +161,25 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
         assert _read(device, BLOCK) == _block(b'mine')
     finally:
         driver.terminate_connection(adopted, CONNECTOR)
+    # The snapshot too, under the adopted volume.
+    driver.unmanage_snapshot(snap)
+    adopted_snap = standalone.Snapshot(adopted)
+    ref = {'source-name': snap.name}
+    assert driver.manage_existing_snapshot_get_size(adopted_snap, ref) == 1
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match='not a snapshot'):
+        driver.manage_existing_snapshot(adopted_snap,
+                                        {'source-name': adopted.name})
+    assert driver.manage_existing_snapshot(adopted_snap, ref) == {}
+    from_snap = _volume()
+    driver.create_volume_from_snapshot(from_snap, adopted_snap)
+    device = _attach(driver, from_snap)
+    try:
+        assert _read(device, BLOCK) == _block(b'mine')
+    finally:
+        driver.terminate_connection(from_snap, CONNECTOR)
     assert _loops_under(node.paths['mount']) == []
-    driver.delete_volume(adopted)
-    driver.delete_snapshot(snap)
+    for v in (adopted, from_snap):
+        driver.delete_volume(v)
+    driver.delete_snapshot(adopted_snap)
     assert os.listdir(node.paths['layers']) == []

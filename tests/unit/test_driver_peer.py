@@ -63,7 +63,8 @@ class FakeDaemon(control.ControlClient):
         self.calls.append((op, args))
         if op in self.errors:
             raise self.errors[op]
-        return self.answers.get(op)
+        answer = self.answers.get(op)
+        return answer(**args) if callable(answer) else answer
 
     def ops(self):
         """The calls other than pings and loop device events."""
@@ -417,6 +418,32 @@ def test_unmanage_keeps_the_layer(drv, loop):
     drv.unmanage(_volume())
     assert _calls(drv) == []
     loop['detach'].assert_not_called()
+
+
+def test_manage_existing_snapshot(drv):
+    snapshot = fakes.Snapshot(_volume())
+    answers = {'orphan': _layer('orphan', GiB - 1, read_only=True,
+                                image_id='img-1'),
+               snapshot.volume_name: _layer(snapshot.volume_name,
+                                            image_id='img-1')}
+    drv.daemon.answers['volume_info'] = lambda volume_id: answers[volume_id]
+    ref = {'source-name': 'orphan'}
+    assert drv.manage_existing_snapshot_get_size(snapshot, ref) == 1
+    assert drv.manage_existing_snapshot(snapshot, ref) == {}
+    assert _calls(drv)[-1] == ('rename_volume', {'volume_id': 'orphan',
+                                                 'new_id': snapshot.name})
+    # A writable layer, or one of another image, is not its snapshot.
+    answers['orphan'] = _layer('orphan', read_only=False)
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match='not a snapshot'):
+        drv.manage_existing_snapshot(snapshot, ref)
+    answers['orphan'] = _layer('orphan', read_only=True, image_id='img-2')
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match='reads image img-2'):
+        drv.manage_existing_snapshot(snapshot, ref)
+    assert [op for op, _ in _calls(drv)].count('rename_volume') == 1
+    drv.unmanage_snapshot(snapshot)
+    assert _calls(drv)[-1][0] == 'volume_info'
 
 
 def test_get_manageable_volumes(drv):

@@ -59,6 +59,15 @@ def _block(text):
     return text.ljust(BLOCK, b'.')
 
 
+def _head(drv, volume):
+    """The first block of a volume, read through its loop device."""
+    device = _attach(drv, volume)
+    try:
+        return _read(device, BLOCK)
+    finally:
+        drv.terminate_connection(volume, CONNECTOR)
+
+
 def test_revert_to_snapshot(driver, node):  # noqa: F811
     vol = _volume()
     driver.create_volume(vol)
@@ -97,11 +106,7 @@ def test_revert_to_snapshot(driver, node):  # noqa: F811
     # The snapshot is untouched and still usable.
     other = _volume()
     driver.create_volume_from_snapshot(other, snap)
-    device = _attach(driver, other)
-    try:
-        assert _read(device, BLOCK) == _block(b'before')
-    finally:
-        driver.terminate_connection(other, CONNECTOR)
+    assert _head(driver, other) == _block(b'before')
     for v in (vol, other):
         driver.delete_volume(v)
     driver.delete_snapshot(snap)
@@ -156,11 +161,7 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
     # Kept across a restart of the daemon, under its new name.
     node.stop()
     node.start()
-    device = _attach(driver, adopted)
-    try:
-        assert _read(device, BLOCK) == _block(b'mine')
-    finally:
-        driver.terminate_connection(adopted, CONNECTOR)
+    assert _head(driver, adopted) == _block(b'mine')
     # The snapshot too, under the adopted volume.
     driver.unmanage_snapshot(snap)
     adopted_snap = standalone.Snapshot(adopted)
@@ -173,11 +174,7 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
     assert driver.manage_existing_snapshot(adopted_snap, ref) == {}
     from_snap = _volume()
     driver.create_volume_from_snapshot(from_snap, adopted_snap)
-    device = _attach(driver, from_snap)
-    try:
-        assert _read(device, BLOCK) == _block(b'mine')
-    finally:
-        driver.terminate_connection(from_snap, CONNECTOR)
+    assert _head(driver, from_snap) == _block(b'mine')
     assert _loops_under(node.paths['mount']) == []
     for v in (adopted, from_snap):
         driver.delete_volume(v)

@@ -14,7 +14,8 @@
 
 The real thing of :mod:`tests.functional.test_peer_volumes` (a node, its
 volume store on FUSE, ``losetup --direct-io=on``), with ``blkdiscard``,
-and an ext4 file system on the loop device trimmed with ``fstrim``.
+qemu's block layer (``qemu-io``) as Nova configures it, and an ext4 file
+system on the loop device trimmed with ``fstrim``.
 """
 
 import os
@@ -91,6 +92,31 @@ def test_blkdiscard_and_zeroout_read_zeros(env, image):  # noqa: F811
     env.stop()
     env.start()
     assert sha(read_direct(env.path('vol'))) == sha(bytes(expected))
+
+
+@pytest.mark.skipif(not shutil.which('qemu-io'), reason='no qemu-io')
+@pytest.mark.parametrize('discard', ['unmap', 'ignore'])
+def test_qemu_passes_discards_with_unmap(env, image, discard):  # noqa: F811
+    """qemu's block layer on the loop device, as Nova sets a local volume.
+
+    raw on a host device, cache=none, aio=threads; ``discard=unmap`` is
+    what the connection's ``discard`` makes Nova ask for, ``ignore``
+    qemu's default without it.
+    """
+    env.store.create('vol', 32 * MiB, image_id=IMAGE)
+    device = env.attach('vol')
+    out = run('qemu-io', '--image-opts',
+              'driver=raw,file.driver=host_device,file.filename=%s,'
+              'file.aio=threads,cache.direct=on,discard=%s'
+              % (device, discard),
+              '-c', 'write -P 0x5a 0 4M', '-c', 'discard 0 4M')
+    assert 'error' not in out.lower(), out
+    if discard == 'unmap':
+        assert _allocated(env, 'vol') == 0
+        assert read_direct(device, 0, 4 * MiB) == bytes(4 * MiB)
+    else:
+        assert _allocated(env, 'vol') >= 4 * MiB
+        assert read_direct(device, 0, 4 * MiB) == b'\x5a' * 4 * MiB
 
 
 def _extents(path):

@@ -427,8 +427,13 @@ class CowLayer(object):
         while block < stop:
             page = block // (PAGE * 8)
             page_stop = min(stop, (page + 1) * PAGE * 8)
-            bits = self._bits(block, page_stop)
             origin = block & ~7
+            held = self._pages.get(page)
+            if held is None:
+                bits = self._bits(block, page_stop)
+            else:  # a copy of the held page's bytes: no read
+                bits = held[origin // 8 - page * PAGE:
+                            ((page_stop - 1) >> 3) + 1 - page * PAGE]
             new = bytearray(bits)
             lo = (block - origin + 7) >> 3  # whole bytes in the range
             hi = (page_stop - origin) >> 3

@@ -348,11 +348,21 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         LOG.info('Unmanaged peer-mode snapshot %s: its layer stays on the '
                  'node.', snapshot.name)
 
+    def _layers(self):
+        """The info of every layer on the node, a page at a time."""
+        marker = None
+        while True:
+            page = self._call('list_volumes', marker=marker)
+            yield from page
+            if not page:
+                return
+            marker = page[-1]['id']
+
     def get_manageable_volumes(self, cinder_volumes, marker, limit, offset,
                                sort_keys, sort_dirs):
         managed = {v['id'] for v in cinder_volumes}
         entries = []
-        for info in self._call('list_volumes'):
+        for info in self._layers():
             cinder_id = volume_utils.extract_id_from_volume_name(info['id'])
             reason = (_('already managed') if cinder_id in managed else
                       self._not_manageable(info))

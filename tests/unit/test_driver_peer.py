@@ -449,11 +449,14 @@ def test_manage_existing_snapshot(drv):
 def test_get_manageable_volumes(drv):
     managed = _volume()
     orphan = 'volume-%s' % uuid.uuid4()
-    drv.daemon.answers['list_volumes'] = [
+    layers = sorted([
         _layer(managed.name, open_count=1),
         _layer(orphan, 2 * GiB + 1, image_id='img-1'),
         _layer('snapshot-1', read_only=True),
-        _layer('hand-made', open_count=2)]
+        _layer('hand-made', open_count=2)], key=lambda v: v['id'])
+    # Pages of two.
+    drv.daemon.answers['list_volumes'] = lambda marker: [
+        v for v in layers if marker is None or v['id'] > marker][:2]
     entries = drv.get_manageable_volumes([{'id': managed.id}], None, 10, 0,
                                          ['size'], ['desc'])
     by_name = {e['reference']['source-name']: e for e in entries}
@@ -466,6 +469,9 @@ def test_get_manageable_volumes(drv):
     assert by_name['snapshot-1']['reason_not_safe'].startswith('a snapshot')
     assert by_name['hand-made']['reason_not_safe'].startswith('in use')
     assert [e['size'] for e in entries] == [3, 1, 1, 1]
+    assert [args['marker'] for op, args in _calls(drv)
+            if op == 'list_volumes'] == [None, layers[1]['id'],
+                                         layers[3]['id']]
 
 
 # -- clone_image -------------------------------------------------------------

@@ -450,6 +450,18 @@ def test_revert_rename_list_over_the_socket(client):
     listed = client.call('list_volumes')
     assert [(v['id'], v['read_only']) for v in listed] == [
         ('snapshot-1', True), ('volume-2', False)]
+    assert [v['id'] for v in client.call(
+        'list_volumes', marker='snapshot-1', limit=1)] == ['volume-2']
+    assert client.call('list_volumes', marker='volume-2') == []
+    for bad in (0, service_mod.LIST_LIMIT + 1, True, '5'):
+        assert _error_kind(client, 'list_volumes', limit=bad) == \
+            'BadRequest'
+    assert _error_kind(client, 'list_volumes', marker='a/b') == 'BadRequest'
+    # A full page fits a control line, with the longest ids.
+    for n in range(service_mod.LIST_LIMIT):
+        client.call('create_volume', volume_id='%03d' % n + 'v' * 125,
+                    size=GiB)
+    assert len(client.call('list_volumes')) == service_mod.LIST_LIMIT
     assert _error_kind(client, 'rename_volume', volume_id='volume-2',
                        new_id='snapshot-1') == 'VolumeExists'
     assert _error_kind(client, 'revert_volume', volume_id='volume-2',

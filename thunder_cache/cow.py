@@ -51,12 +51,13 @@ and free the layer's space under it; the loop device promises zeros after
 both, so neither may ever let the base's bytes or older data show again.
 A block wholly inside the range:
 
-* where the base reads zeros anyway (past the image's end, everywhere for
-  a blank volume: from ``zeros_from`` on), loses its bit, and its bytes
-  in ``data`` are punched out;
 * over the image, keeps (or gets) its bit, and its bytes in ``data`` are
   punched out: a hole reads zeros. Clearing its bit would read the image
-  again.
+  again;
+* where the base reads zeros anyway (past the image's end, everywhere for
+  a blank volume: from ``zeros_from`` on), its bytes are punched out too,
+  and its bit *may* be cleared: this layer clears it (the block is
+  unwritten again); keeping it set, as over the image, is also correct.
 
 A block the range covers only partly is written with zeros as any write
 (copied up from the base first), unless it reads zeros already (no bit,

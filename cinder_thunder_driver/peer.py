@@ -295,7 +295,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         return None
 
     def manage_existing_get_size(self, volume, existing_ref):
-        return -(-self._existing(existing_ref)['size'] // units.Gi)
+        return base.gib(self._existing(existing_ref)['size'])
 
     def manage_existing(self, volume, existing_ref):
         """Adopt a layer on this node: renamed to the volume's name.
@@ -323,8 +323,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                  'node.', volume.name)
 
     def manage_existing_snapshot_get_size(self, snapshot, existing_ref):
-        return -(-self._existing(existing_ref, snapshot=True)['size'] //
-                 units.Gi)
+        return base.gib(self._existing(existing_ref, snapshot=True)['size'])
 
     def manage_existing_snapshot(self, snapshot, existing_ref):
         """Adopt a read-only layer of the volume's image as the snapshot."""
@@ -368,7 +367,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                       self._not_manageable(info))
             entries.append({
                 'reference': {'source-name': info['id']},
-                'size': -(-info['size'] // units.Gi),
+                'size': base.gib(info['size']),
                 'cinder_id': cinder_id if cinder_id in managed else None,
                 'extra_info': ('image %s' % info['image_id']
                                if info['image_id'] else None),

@@ -12,7 +12,14 @@
 
 """What both modes of ThunderDriver share: identity, options, stats."""
 
+from oslo_utils import units
+
 from cinder_thunder_driver import options
+
+
+def gib(size_bytes):
+    """Bytes as whole GiB, rounded up (Cinder's sizes)."""
+    return -(-size_bytes // units.Gi)
 
 
 class ThunderBase(object):

@@ -31,7 +31,6 @@ size or the number of clones. How clones, deletion and flattening fit
 together is described in ``cinder_thunder_driver.clones``.
 """
 
-import math
 import os
 
 from cinder.common import constants
@@ -78,10 +77,6 @@ QOS_KEYS = {
     'read_bytes_sec_max': 'rbd_qos_read_bps_burst',
     'write_bytes_sec_max': 'rbd_qos_write_bps_burst',
 }
-
-
-def _gib(size_bytes):
-    return int(math.ceil(float(size_bytes) / units.Gi))
 
 
 @interface.volumedriver
@@ -178,7 +173,7 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
             stats['total_capacity_gb'] = round(total / units.Gi, 2)
             with self.cluster.ioctx() as ioctx:
                 usage = self.cluster.rbd().pool_stats_get(ioctx)
-            stats['provisioned_capacity_gb'] = _gib(
+            stats['provisioned_capacity_gb'] = base.gib(
                 usage['image_provisioned_bytes'])
             stats['total_volumes'] = usage['image_count']
             stats['location_info'] = '%s:%s' % (self.cluster.fsid(),
@@ -667,7 +662,7 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
         with self.cluster.ioctx() as ioctx:
             try:
                 with self.cluster.image(ioctx, name, read_only=True) as image:
-                    return _gib(image.size())
+                    return base.gib(image.size())
             except rbd.ImageNotFound:
                 raise exception.ManageExistingInvalidReference(
                     existing_ref=existing_ref,
@@ -706,7 +701,7 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
     def _manageable_entry(name, image, managed):
         cinder_id = volume_utils.extract_id_from_volume_name(name)
         entry = {'reference': {'source-name': name},
-                 'size': _gib(image.size()),
+                 'size': base.gib(image.size()),
                  'cinder_id': cinder_id if cinder_id in managed else None,
                  'extra_info': None,
                  'safe_to_manage': False,

@@ -25,8 +25,12 @@ cache of its image, which the daemon fills on demand from peer nodes and
 the image-volume (the *origin*), verifying every chunk. The driver asks
 the daemon, over its control socket, to register images and to create,
 resize and delete layers; it attaches a volume as a loop device (through
-Cinder's privsep) and hands Nova a ``local`` connection. Creating a volume
-from a thunder image copies nothing: O(1) whatever the image's size.
+Cinder's privsep) and hands Nova a ``local`` connection, with discard on
+(a guest's TRIM frees the layer's blocks). Creating a volume from a
+thunder image copies nothing: O(1) whatever the image's size. Reverting
+to a snapshot swaps in a copy of the snapshot's layer atomically;
+unmanaging leaves the layer on the node, and managing adopts a layer of
+the node by its volume id.
 """
 
 import os
@@ -234,6 +238,144 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     def delete_snapshot(self, snapshot):
         self._delete(snapshot.name)
 
+    def revert_to_snapshot(self, context, volume, snapshot):
+        """The volume's layer replaced by a copy of the snapshot's.
+
+        O(the snapshot's written blocks), atomic on the node (the old
+        layer or the new one, never a mix), so Cinder needs no temporary
+        snapshot. The volume keeps its size. An attached (open) volume is
+        refused, nothing changed.
+        """
+        self._call('revert_volume', volume_id=volume.name,
+                   snapshot_id=snapshot.name)
+        LOG.info('Reverted peer-mode volume %(vol)s to %(snap)s.',
+                 {'vol': volume.name, 'snap': snapshot.name})
+
+    def snapshot_revert_use_temp_snapshot(self):
+        return False
+
+    # -- manage / unmanage --------------------------------------------
+
+    def _existing(self, existing_ref, snapshot=False):
+        """The daemon's info of the layer ``existing_ref`` names.
+
+        :raises ManageExistingInvalidReference: if it names no layer on
+            this node, or one that cannot be managed (as a snapshot, with
+            ``snapshot``).
+        """
+        name = (existing_ref or {}).get('source-name')
+        if not name or not isinstance(name, str):
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_('a reference needs source-name: the id of a '
+                         'volume on this node (thunder-cache)'))
+        try:
+            info = self.daemon.call('volume_info', volume_id=name)
+        except control.ControlError as e:
+            if e.kind not in ('VolumeNotFound', 'BadRequest'):
+                raise _fail('thunder-cache volume_info failed: %(err)s',
+                            err=e)
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_('no volume %s on this node') % name)
+        reason = self._not_manageable(info, snapshot)
+        if reason:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref, reason=reason)
+        return info
+
+    @staticmethod
+    def _not_manageable(info, snapshot=False):
+        if info['read_only'] and not snapshot:
+            return _('a snapshot (read-only layer)')
+        if snapshot and not info['read_only']:
+            return _('a volume (writable layer), not a snapshot')
+        if info['open_count']:
+            return _('in use (its file is open, a loop device over it?)')
+        return None
+
+    def manage_existing_get_size(self, volume, existing_ref):
+        return base.gib(self._existing(existing_ref)['size'])
+
+    def manage_existing(self, volume, existing_ref):
+        """Adopt a layer on this node: renamed to the volume's name.
+
+        A layer whose size is not a whole number of GiB grows to the
+        volume's size.
+        """
+        info = self._existing(existing_ref)
+        self._call('rename_volume', volume_id=info['id'],
+                   new_id=volume.name)
+        if info['size'] < volume.size * units.Gi:
+            self._call('resize_volume', volume_id=volume.name,
+                       size=volume.size * units.Gi)
+        LOG.info('Managed peer-mode volume %(old)s as %(name)s.',
+                 {'old': info['id'], 'name': volume.name})
+        return {}
+
+    def unmanage(self, volume):
+        """Cinder forgets the volume; its layer stays on the node.
+
+        ``manage_existing`` with ``source-name`` = the volume's name
+        adopts it again.
+        """
+        LOG.info('Unmanaged peer-mode volume %s: its layer stays on the '
+                 'node.', volume.name)
+
+    def manage_existing_snapshot_get_size(self, snapshot, existing_ref):
+        return base.gib(self._existing(existing_ref, snapshot=True)['size'])
+
+    def manage_existing_snapshot(self, snapshot, existing_ref):
+        """Adopt a read-only layer of the volume's image as the snapshot."""
+        info = self._existing(existing_ref, snapshot=True)
+        volume = self._call('volume_info', volume_id=snapshot.volume_name)
+        if info['image_id'] != volume['image_id']:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_('it reads image %(layer)s, volume %(vol)s reads '
+                         '%(image)s') % {'layer': info['image_id'],
+                                         'vol': snapshot.volume_name,
+                                         'image': volume['image_id']})
+        self._call('rename_volume', volume_id=info['id'],
+                   new_id=snapshot.name)
+        LOG.info('Managed peer-mode snapshot %(old)s as %(name)s.',
+                 {'old': info['id'], 'name': snapshot.name})
+        return {}
+
+    def unmanage_snapshot(self, snapshot):
+        """Cinder forgets the snapshot; its read-only layer stays."""
+        LOG.info('Unmanaged peer-mode snapshot %s: its layer stays on the '
+                 'node.', snapshot.name)
+
+    def _layers(self):
+        """The info of every layer on the node, a page at a time."""
+        marker = None
+        while True:
+            page = self._call('list_volumes', marker=marker)
+            yield from page
+            if not page:
+                return
+            marker = page[-1]['id']
+
+    def get_manageable_volumes(self, cinder_volumes, marker, limit, offset,
+                               sort_keys, sort_dirs):
+        managed = {v['id'] for v in cinder_volumes}
+        entries = []
+        for info in self._layers():
+            cinder_id = volume_utils.extract_id_from_volume_name(info['id'])
+            reason = (_('already managed') if cinder_id in managed else
+                      self._not_manageable(info))
+            entries.append({
+                'reference': {'source-name': info['id']},
+                'size': base.gib(info['size']),
+                'cinder_id': cinder_id if cinder_id in managed else None,
+                'extra_info': ('image %s' % info['image_id']
+                               if info['image_id'] else None),
+                'safe_to_manage': reason is None,
+                'reason_not_safe': reason})
+        return volume_utils.paginate_entries_list(
+            entries, marker, limit, offset, sort_keys, sort_dirs)
+
     # -- images -------------------------------------------------------
 
     def clone_image(self, context, volume, image_location, image_meta,
@@ -318,8 +460,11 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                         {'dev': device, 'path': path})
         LOG.info('Volume %(name)s attached as %(dev)s.',
                  {'name': volume.name, 'dev': device})
+        # discard: Nova sets discard='unmap' on the disk, so a guest's
+        # TRIM reaches the loop device and frees the layer's blocks.
         return {'driver_volume_type': 'local',
-                'data': {'device_path': device, 'volume_id': volume.id}}
+                'data': {'device_path': device, 'volume_id': volume.id,
+                         'discard': True}}
 
     def terminate_connection(self, volume, connector, **kwargs):
         path = self._path(volume.name)

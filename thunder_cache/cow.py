@@ -46,6 +46,38 @@ Bitmaps are only ever created or replaced whole (temporary name, sync,
 rename), so a torn bitmap is an error (:class:`LayerError`), never a
 silently empty layer.
 
+Discard and write-zeroes (:meth:`CowLayer.zero`) make a range read zeros
+and free the layer's space under it; the loop device promises zeros after
+both, so neither may ever let the base's bytes or older data show again.
+A block wholly inside the range:
+
+* over the image, keeps (or gets) its bit, and its bytes in ``data`` are
+  punched out: a hole reads zeros. Clearing its bit would read the image
+  again;
+* where the base reads zeros anyway (past the image's end, everywhere for
+  a blank volume: from ``zeros_from`` on), its bytes are punched out too,
+  and its bit *may* be cleared: this layer clears it (the block is
+  unwritten again); keeping it set, as over the image, is also correct.
+
+A block the range covers only partly is written with zeros as any write
+(copied up from the base first), unless it reads zeros already (no bit,
+base zeros there). ``FALLOC_FL_ZERO_RANGE``'s wish to keep the space
+allocated is not honoured: a layer is thin and never reserved it.
+
+The crash rule, the same as for writes: *a bit set on disk vouches for
+the block's bytes in* ``data``, *so it reaches the disk only after them*.
+Holes are punched before the bits are set, in memory, and
+:meth:`CowLayer.flush` syncs ``data`` (``fdatasync`` commits a punched
+range's block map, ext4 and XFS) before it writes the bitmap: a set bit on
+disk never names bytes the guest discarded. A cleared bit vouches for
+nothing (the block reads the base's zeros whatever ``data`` holds), so it
+may reach the disk in any order; bytes left under a clear bit by a crash
+are never read, and a partial write of such a block copies the block up
+from the base first. A discard not yet flushed may be lost in a crash,
+leaving the range's bytes from before it, like a write. Discards of very
+large ranges are done a step of :data:`ZERO_STEP` blocks at a time,
+flushing when too many bitmap pages have changed.
+
 Memory does not grow with the volume's size (a bitmap is 32 MiB per TiB):
 the bitmap is read from its file, a piece at a time, and only the pages
 changed since the last flush are held in memory, at most
@@ -56,6 +88,7 @@ cost the written part of the volume, not its size.
 """
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -82,6 +115,8 @@ BITS_STEP = 1024 * 1024
 # Changed bitmap pages (each 128 MiB of volume) a layer holds in memory;
 # a write past this many flushes them.
 MAX_DIRTY_PAGES = 64
+# Blocks zeroed under one hold of the lock (1 GiB, 8 bitmap pages).
+ZERO_STEP = 8 * PAGE * 8
 _HEADER = struct.Struct('>8sHHIQQ')
 _CRC = struct.Struct('>I')
 HEADER_SIZE = _HEADER.size + _CRC.size  # 36
@@ -383,16 +418,44 @@ class CowLayer(object):
             self._pages[page] = buf
         return buf
 
-    def _mark(self, first, stop):
-        """Set the bits of blocks [first, stop); caller holds the lock."""
-        for block in range(first, stop):
-            index = block >> 3
-            page, mask = index // PAGE, 1 << (block & 7)
-            buf = self._page(page)
-            if not buf[index % PAGE] & mask:
-                buf[index % PAGE] |= mask
-                self._written += 1
+    def _set_bits(self, first, stop, on=True):
+        """Set (or clear) the bits of blocks [first, stop); lock held.
+
+        Only pages whose bits change are taken into memory.
+        """
+        value = _FULL if on else 0
+        block = first
+        while block < stop:
+            page = block // (PAGE * 8)
+            page_stop = min(stop, (page + 1) * PAGE * 8)
+            origin = block & ~7
+            held = self._pages.get(page)
+            if held is None:
+                bits = self._bits(block, page_stop)
+            else:  # a copy of the held page's bytes: no read
+                bits = held[origin // 8 - page * PAGE:
+                            ((page_stop - 1) >> 3) + 1 - page * PAGE]
+            new = bytearray(bits)
+            lo = (block - origin + 7) >> 3  # whole bytes in the range
+            hi = (page_stop - origin) >> 3
+            if lo < hi:
+                new[lo:hi] = bytes([value]) * (hi - lo)
+                edges = itertools.chain(range(block, origin + 8 * lo),
+                                        range(origin + 8 * hi, page_stop))
+            else:
+                edges = range(block, page_stop)
+            for index in edges:
+                mask = 1 << (index & 7)
+                byte = (index - origin) >> 3
+                new[byte] = (new[byte] | mask) if on else (new[byte] & ~mask)
+            if new != bits:
+                buf = self._page(page)
+                start = origin // 8 - page * PAGE
+                buf[start:start + len(new)] = new
+                self._written += (int.from_bytes(new, 'little').bit_count() -
+                                  int.from_bytes(bits, 'little').bit_count())
                 self._dirty.add(page)
+            block = page_stop
 
     # -- I/O --------------------------------------------------------------
 
@@ -453,29 +516,85 @@ class CowLayer(object):
             raise OSError(errno.ENOSPC, 'write at %d beyond the end of the '
                           'volume (%d bytes)' % (offset, self.size))
         with self._lock:
-            if self._data_fd is None:
-                raise ValueError('layer %s is closed' % self.directory)
-            size = self.size
-            data = memoryview(data)[:size - offset]
-            end = offset + len(data)
-            first = offset // BLOCK_SIZE
-            last = (end - 1) // BLOCK_SIZE
-            for block in sorted({first, last}):
-                start = block * BLOCK_SIZE
-                block_end = min(start + BLOCK_SIZE, size)
-                covered = offset <= start and end >= block_end
-                if not covered and not self._is_set(block):
-                    os.pwrite(self._data_fd,
-                              self._base(base, start, block_end - start),
-                              start)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self._data_fd, data[done:], offset + done)
-            self._mark(first, last + 1)
+            self._check_open()
+            done = self._write(offset, data, base)
             too_many = len(self._pages) > MAX_DIRTY_PAGES
         if too_many:
             self.flush()
+        return done
+
+    def _check_open(self):
+        if self._data_fd is None:
+            raise ValueError('layer %s is closed' % self.directory)
+
+    def _write(self, offset, data, base):
+        """:meth:`write` of a range inside the layer; lock held."""
+        size = self.size
+        data = memoryview(data)[:size - offset]
+        end = offset + len(data)
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        for block in sorted({first, last}):
+            start = block * BLOCK_SIZE
+            block_end = min(start + BLOCK_SIZE, size)
+            covered = offset <= start and end >= block_end
+            if not covered and not self._is_set(block):
+                os.pwrite(self._data_fd,
+                          self._base(base, start, block_end - start), start)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._data_fd, data[done:], offset + done)
+        self._set_bits(first, last + 1)
         return len(data)
+
+    def zero(self, offset, length, base, zeros_from):
+        """Make [offset, offset + length) read zeros; free its space.
+
+        Discard and write-zeroes, as the module's docstring describes.
+        ``base`` is the layer's base (for partly covered blocks), which
+        reads zeros from ``zeros_from`` on. The part past the end is
+        ignored.
+
+        :raises OSError: ``EOPNOTSUPP`` if the layer's filesystem cannot
+            punch holes (nothing changed then).
+        """
+        if offset < 0 or length < 0 or zeros_from < 0:
+            raise ValueError('negative offset, length or zeros_from')
+        size = self.size
+        end = min(size, offset + length)
+        if offset >= end:
+            return
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        whole_first = first if offset == first * BLOCK_SIZE else first + 1
+        whole_stop = (last + 1 if end == min((last + 1) * BLOCK_SIZE, size)
+                      else last)
+        zero_block = -(-zeros_from // BLOCK_SIZE)  # first wholly in zeros
+        block = whole_first
+        while block < whole_stop:
+            stop = min(whole_stop, block + ZERO_STEP)
+            with self._lock:
+                self._check_open()
+                fsutil.punch_hole(self._data_fd, block * BLOCK_SIZE,
+                                  min(stop * BLOCK_SIZE, size) -
+                                  block * BLOCK_SIZE)
+                split = max(block, min(stop, zero_block))
+                self._set_bits(block, split, on=True)
+                self._set_bits(split, stop, on=False)
+                too_many = len(self._pages) > MAX_DIRTY_PAGES
+            if too_many:
+                self.flush()
+            block = stop
+        for block in sorted({first, last}):
+            if whole_first <= block < whole_stop:
+                continue
+            start = max(offset, block * BLOCK_SIZE)
+            stop_at = min(end, (block + 1) * BLOCK_SIZE)
+            with self._lock:
+                self._check_open()
+                if block >= zero_block and not self._is_set(block):
+                    continue  # reads zeros already
+                self._write(start, bytes(stop_at - start), base)
 
     def flush(self):
         """Make every write so far durable: data first, then the bitmap."""
@@ -485,8 +604,7 @@ class CowLayer(object):
     def _flush(self):
         """:meth:`flush`; the caller holds the flush lock."""
         with self._lock:
-            if self._data_fd is None:
-                raise ValueError('layer %s is closed' % self.directory)
+            self._check_open()
             pages = sorted(self._dirty)
             self._dirty = set()
             length = bits_length(self.size)
@@ -574,8 +692,7 @@ class CowLayer(object):
         made = False
         try:
             with self._flush_lock, self._lock:
-                if self._data_fd is None:
-                    raise ValueError('layer %s is closed' % self.directory)
+                self._check_open()
                 self._write_pages()
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 data_path = os.path.join(directory, DATA_FILE)
@@ -610,10 +727,13 @@ class CowLayer(object):
             last = min(stop, origin + len(piece) * 8)
             for first, run_end, written in _runs_in(piece, origin, origin,
                                                     last):
-                if written:
-                    start = first * BLOCK_SIZE
-                    self._copy_range(fd, start, min(run_end * BLOCK_SIZE,
-                                                    self.size) - start)
+                if not written:
+                    continue
+                # Discarded blocks are holes: the copy's holes read zeros.
+                for start, span_end in _data_spans(
+                        self._data_fd, first * BLOCK_SIZE,
+                        min(run_end * BLOCK_SIZE, self.size)):
+                    self._copy_range(fd, start, span_end - start)
 
     def _copy_range(self, fd, offset, length):
         done = 0
@@ -631,6 +751,19 @@ class CowLayer(object):
                 chunk = self._pread(step, offset + done)
                 n = os.pwrite(fd, chunk, offset + done)
             done += n
+
+    def allocated_bytes(self):
+        """Bytes the layer's data file takes on its filesystem.
+
+        0 once closed, as a volume being deleted may be asked about.
+        """
+        fd = self._data_fd
+        try:
+            return 0 if fd is None else os.fstat(fd).st_blocks * 512
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+            return 0
 
     def written_bytes(self):
         """Bytes of the volume this layer holds (written blocks)."""

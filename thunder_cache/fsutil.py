@@ -12,8 +12,22 @@
 
 """Durability helpers shared by the cache's on-disk formats."""
 
+import ctypes
+import ctypes.util
 import os
 import tempfile
+
+# linux/falloc.h and linux/fs.h.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+RENAME_EXCHANGE = 1 << 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                            ctypes.c_int64)
+_libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                            ctypes.c_char_p, ctypes.c_uint)
 
 
 def fsync_dir(path):
@@ -54,3 +68,30 @@ def write_atomic(path, data):
             pass
         raise
     fsync_dir(directory)
+
+
+def _check(result, *names):
+    if result:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), *names)
+
+
+def punch_hole(fd, offset, length):
+    """Deallocate [offset, offset + length) of ``fd``: it reads zeros.
+
+    The file keeps its size.
+
+    :raises OSError: ``EOPNOTSUPP`` where the filesystem cannot punch.
+    """
+    _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           offset, length))
+
+
+def exchange(first, second):
+    """Swap two paths of one filesystem atomically (renameat2).
+
+    :raises OSError: ``EINVAL`` where the filesystem cannot exchange.
+    """
+    _check(_libc.renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD,
+                           os.fsencode(second), RENAME_EXCHANGE),
+           first, second)

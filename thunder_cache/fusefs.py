@@ -24,6 +24,15 @@ and with attribute timeouts of 0, so that a resize made through the store
 is what the next ``stat`` sees (and ``losetup -c`` after it). Files are
 opened without ``direct_io``, so the kernel accepts ``O_DIRECT`` opens.
 
+Discard and write-zeroes reach the layers through ``fallocate``: FUSE has
+the operation, so the loop driver advertises both (granularity: this
+filesystem's ``f_bsize``), and on Linux 6.18 sends a discard as
+``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` and a write-zeroes as the
+same (``ZERO_RANGE | KEEP_SIZE`` when the caller asked not to unmap,
+e.g. ``BLKZEROOUT``). Both become
+:meth:`~thunder_cache.volumes.VolumeStore.zero`; a file's ``st_blocks``
+is its layer's allocated size, so ``du`` shows what a ``fstrim`` freed.
+
 libfuse installs handlers for SIGHUP, SIGINT and SIGTERM that end the
 mount, but only for signals whose handler is still the default: a daemon
 must install its own handlers before :meth:`Mount.start`.
@@ -45,6 +54,7 @@ import time
 os.environ.setdefault('FUSE_LIBRARY_NAME', 'fuse3')
 import mfusepy  # noqa: E402,I202
 
+from thunder_cache import fsutil  # noqa: E402
 from thunder_cache import volumes  # noqa: E402
 
 LOG = logging.getLogger(__name__)
@@ -62,7 +72,11 @@ FUSE_DEVICE = '/dev/fuse'
 
 _S_IFDIR = 0o040000
 _S_IFREG = 0o100000
-_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EOPNOTSUPP)
+# What the loop driver sends: discard, write-zeroes (cow.py's docstring).
+_ZERO_MODES = (fsutil.FALLOC_FL_PUNCH_HOLE | fsutil.FALLOC_FL_KEEP_SIZE,
+               fsutil.FALLOC_FL_ZERO_RANGE | fsutil.FALLOC_FL_KEEP_SIZE,
+               fsutil.FALLOC_FL_ZERO_RANGE)
 _OCTAL = re.compile(r'\\([0-7]{3})')
 
 
@@ -167,7 +181,7 @@ class VolumeFS(mfusepy.Operations):
         mode = self._file_modes[0 if info['read_only'] else 1]
         return {'st_mode': _S_IFREG | mode, 'st_nlink': 1,
                 'st_uid': 0, 'st_gid': self.gid, 'st_size': info['size'],
-                'st_blocks': (info['written_bytes'] + 511) // 512,
+                'st_blocks': info['allocated_bytes'] // 512,
                 'st_blksize': 4096,
                 'st_atime': now, 'st_mtime': now, 'st_ctime': now}
 
@@ -241,6 +255,22 @@ class VolumeFS(mfusepy.Operations):
     @_errors
     def write(self, path, data, offset, fh):
         return self.store.write(self._handle(fh, write=True), offset, data)
+
+    @_errors
+    def fallocate(self, path, mode, offset, length, fh):
+        """Punch a hole or zero a range: it reads zeros afterwards.
+
+        A volume's size changes only by a resize, and a layer reserves no
+        space: other modes, and a range past the end without
+        ``FALLOC_FL_KEEP_SIZE``, are ``EOPNOTSUPP``.
+        """
+        volume_id = self._handle(fh, write=True)
+        if mode not in _ZERO_MODES or (
+                not mode & fsutil.FALLOC_FL_KEEP_SIZE and
+                offset + length > self.store.info(volume_id)['size']):
+            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+        self.store.zero(volume_id, offset, length)
+        return 0
 
     @_errors
     def fsync(self, path, datasync, fh):

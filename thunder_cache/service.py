@@ -31,6 +31,9 @@ from thunder_cache import volumes as volumes_mod
 
 LOG = logging.getLogger(__name__)
 
+# Volumes a list_volumes answer holds at most (each ~250 bytes of JSON; an
+# answer is one line of at most control.MAX_LINE bytes).
+LIST_LIMIT = 100
 # Errors answered by their class name and message (no traceback logged).
 EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
                    KeyError)
@@ -92,6 +95,9 @@ class VolumeService(object):
                 'create_volume': self.create_volume,
                 'delete_volume': self.delete_volume,
                 'resize_volume': self.resize_volume,
+                'revert_volume': self.revert_volume,
+                'rename_volume': self.rename_volume,
+                'list_volumes': self.list_volumes,
                 'volume_info': self.volume_info}
 
     def ping(self):
@@ -185,6 +191,37 @@ class VolumeService(object):
         self.store.resize(_volume_id(volume_id),
                           _size(size, self.store.max_size))
         return self.store.info(volume_id)
+
+    def revert_volume(self, volume_id, snapshot_id):
+        return self.store.revert(_volume_id(volume_id),
+                                 _volume_id(snapshot_id, 'snapshot_id'))
+
+    def rename_volume(self, volume_id, new_id):
+        return self.store.rename(_volume_id(volume_id),
+                                 _volume_id(new_id, 'new_id'))
+
+    def list_volumes(self, marker=None, limit=LIST_LIMIT):
+        """A page of volumes' info: ids after ``marker``, in order.
+
+        At most ``limit`` of them: an answer must fit a control line.
+        """
+        if marker is not None:
+            _volume_id(marker, 'marker')
+        if (not isinstance(limit, int) or isinstance(limit, bool) or
+                not 0 < limit <= LIST_LIMIT):
+            raise control.BadRequest('limit must be an integer from 1 to '
+                                     '%d' % LIST_LIMIT)
+        volumes = []
+        for volume_id in self.store.list():
+            if marker is not None and volume_id <= marker:
+                continue
+            try:
+                volumes.append(self.store.info(volume_id))
+            except volumes_mod.VolumeNotFound:
+                continue
+            if len(volumes) == limit:
+                break
+        return volumes
 
     def volume_info(self, volume_id):
         return self.store.info(_volume_id(volume_id))

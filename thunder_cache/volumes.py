@@ -48,6 +48,8 @@ from thunder_cache import fsutil
 LOG = logging.getLogger(__name__)
 
 META_FILE = 'volume.json'
+# A revert builds the new layer here, beside the volume (not a volume id).
+STAGING_PREFIX = '.revert-'
 GiB = 1024 * 1024 * 1024
 # The largest volume a store serves, whatever it is configured with: the
 # largest layer (a file size that fits off_t, as FUSE and losetup see it).
@@ -123,9 +125,16 @@ def _write_meta(directory, meta):
 def _read_meta(directory, volume_id):
     with open(os.path.join(directory, META_FILE), 'rb') as f:
         meta = json.loads(f.read(65536))
-    if not isinstance(meta, dict) or meta.get('id') != volume_id:
-        raise ValueError('volume.json does not describe volume %s'
-                         % volume_id)
+    if not isinstance(meta, dict):
+        raise ValueError('volume.json is not an object')
+    if meta.get('id') != volume_id:
+        if meta.get('previous_id') != volume_id:
+            raise ValueError('volume.json does not describe volume %s'
+                             % volume_id)
+        # A rename that ended before its directory moved: it never was.
+        LOG.warning('Volume %s: its rename to %s did not finish; it keeps '
+                    'its id', volume_id, meta.get('id'))
+        meta['id'] = volume_id
     cow.check_size(meta.get('size'), 'volume')
     image_id = meta.get('image_id')
     if image_id is not None and not isinstance(image_id, str):
@@ -197,6 +206,11 @@ class VolumeStore(object):
     def _load(self):
         for name in sorted(os.listdir(self.layers_dir)):
             directory = self._dir(name)
+            if name.startswith(STAGING_PREFIX):
+                LOG.warning('Removing %s, left by a revert that did not '
+                            'finish', directory)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
             try:
                 check_volume_id(name)
             except ValueError:
@@ -255,6 +269,7 @@ class VolumeStore(object):
         return {'id': volume.id, 'size': volume.layer.size,
                 'image_id': volume.image_id, 'read_only': volume.read_only,
                 'written_bytes': volume.layer.written_bytes(),
+                'allocated_bytes': volume.layer.allocated_bytes(),
                 'open_count': volume.open_count}
 
     # -- life cycle -------------------------------------------------------
@@ -311,31 +326,41 @@ class VolumeStore(object):
         if os.path.lexists(directory):
             LOG.warning('Replacing half-created volume %s', volume_id)
             shutil.rmtree(directory)
-        try:
-            if src is not None:
-                layer = src.layer.copy_to(directory)
-                if size > layer.size:
-                    layer.resize(size)
-            else:
-                layer = cow.CowLayer.create(directory, size)
-            created = datetime.datetime.now(
-                datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-            volume = _Volume(volume_id, layer, image_id, bool(read_only),
-                             created)
-            try:
-                _write_meta(directory, volume.meta())
-                fsutil.fsync_dir(self.layers_dir)
-            except BaseException:
-                layer.close()
-                raise
-        except BaseException as e:
-            shutil.rmtree(directory, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise self._too_large(volume_id, size, e)
-            raise
+        created = datetime.datetime.now(
+            datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+        volume = self._build(directory, _Volume(
+            volume_id, None, image_id, bool(read_only), created), size, src)
         with self._lock:
             self._volumes[volume_id] = volume
         return self.info(volume_id)
+
+    def _build(self, directory, volume, size, src):
+        """Make ``volume``'s layer and volume.json in ``directory``.
+
+        A copy of ``src``'s layer grown to ``size``, or a new empty one.
+        On failure the directory is removed.
+        """
+        try:
+            if src is not None:
+                volume.layer = src.layer.copy_to(directory)
+                if size > volume.layer.size:
+                    volume.layer.resize(size)
+            else:
+                volume.layer = cow.CowLayer.create(directory, size)
+            _write_meta(directory, volume.meta())
+            fsutil.fsync_dir(self.layers_dir)
+        except BaseException as e:
+            if volume.layer is not None:
+                try:
+                    volume.layer.close()
+                except (OSError, ValueError) as close_error:
+                    LOG.warning('Volume %s: closing its unfinished layer: '
+                                '%s', volume.id, close_error)
+            shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise self._too_large(volume.id, size, e)
+            raise
+        return volume
 
     def delete(self, volume_id):
         """Delete a volume that is not open.
@@ -387,6 +412,115 @@ class VolumeStore(object):
             _write_meta(self._dir(volume_id), volume.meta())
             LOG.info('Volume %s grown from %d to %d bytes', volume_id, old,
                      new_size)
+
+    def revert(self, volume_id, snapshot_id):
+        """Make a volume read what its snapshot reads; O(snapshot's writes).
+
+        The snapshot's layer is copied beside the volume (grown to the
+        volume's size), then exchanged with the volume's directory in one
+        atomic ``renameat2(RENAME_EXCHANGE)``: a crash leaves the old
+        volume or the reverted one, never a mix, and the leftover
+        directory is removed at the next start. The volume keeps its id,
+        size and creation time.
+
+        :raises VolumeBusy: while the volume is open (attached).
+        :raises VolumeNotFound: if either does not exist.
+        :raises VolumeError: if the snapshot reads another image or is
+            larger than the volume.
+        """
+        check_volume_id(volume_id)
+        check_volume_id(snapshot_id)
+        with self._locked(volume_id, snapshot_id):
+            self._revert(volume_id, snapshot_id)
+        LOG.info('Reverted volume %s to %s', volume_id, snapshot_id)
+        return self.info(volume_id)
+
+    def _check_closed(self, volume):
+        """Raise VolumeBusy if the volume is open; caller holds _lock."""
+        if volume.open_count:
+            raise VolumeBusy('volume %s is open %d times (attached?)'
+                             % (volume.id, volume.open_count))
+
+    def _revert(self, volume_id, snapshot_id):
+        volume, snap = self._get(volume_id), self._get(snapshot_id)
+        if snap.image_id != volume.image_id or (
+                snap.layer.size > volume.layer.size):
+            raise VolumeError('%s is not a snapshot of volume %s (image %s, '
+                              '%d bytes; the volume: image %s, %d bytes)'
+                              % (snapshot_id, volume_id, snap.image_id,
+                                 snap.layer.size, volume.image_id,
+                                 volume.layer.size))
+        with self._lock:
+            self._check_closed(volume)
+        staging = os.path.join(self.layers_dir, STAGING_PREFIX + volume_id)
+        shutil.rmtree(staging, ignore_errors=True)
+        new = self._build(staging, _Volume(
+            volume_id, None, volume.image_id, volume.read_only,
+            volume.created_at), volume.layer.size, snap)
+        try:
+            with self._lock:
+                self._check_closed(volume)
+                fsutil.exchange(staging, self._dir(volume_id))
+                new.layer.directory = self._dir(volume_id)
+                self._volumes[volume_id] = new
+        except BaseException:
+            new.layer.close()
+            shutil.rmtree(staging)
+            raise
+        fsutil.fsync_dir(self.layers_dir)
+        try:
+            volume.layer.close()
+        except (OSError, ValueError) as e:
+            LOG.warning('Volume %s: closing its replaced layer: %s',
+                        volume_id, e)
+        shutil.rmtree(staging)
+
+    def rename(self, volume_id, new_id):
+        """Give a volume that is not open another id (Cinder's manage).
+
+        volume.json first names the new id (and the previous one), then
+        the directory is renamed: a crash in between leaves the volume
+        under its old id (see :func:`_read_meta`).
+
+        :raises VolumeBusy: while it is open.
+        :raises VolumeExists: if ``new_id`` is taken.
+        :raises VolumeNotFound: if there is no such volume.
+        """
+        check_volume_id(volume_id)
+        check_volume_id(new_id)
+        with self._locked(volume_id, new_id):
+            self._rename(volume_id, new_id)
+        LOG.info('Renamed volume %s to %s', volume_id, new_id)
+        return self.info(new_id)
+
+    def _rename(self, volume_id, new_id):
+        volume = self._get(volume_id)
+        old_dir, new_dir = self._dir(volume_id), self._dir(new_id)
+        with self._lock:
+            if new_id in self._volumes or os.path.lexists(new_dir):
+                raise VolumeExists('volume %s exists' % new_id)
+            self._check_closed(volume)
+            # Not served while it moves.
+            del self._volumes[volume_id]
+        try:
+            volume.layer.close()
+            _write_meta(old_dir, dict(volume.meta(), id=new_id,
+                                      previous_id=volume_id))
+            os.rename(old_dir, new_dir)
+        except BaseException:
+            try:
+                _write_meta(old_dir, volume.meta())
+            finally:
+                volume.layer = cow.CowLayer.open(old_dir)
+                with self._lock:
+                    self._volumes[volume_id] = volume
+            raise
+        volume.id = new_id
+        volume.layer = cow.CowLayer.open(new_dir)
+        with self._lock:
+            self._volumes[new_id] = volume
+        _write_meta(new_dir, volume.meta())
+        fsutil.fsync_dir(self.layers_dir)
 
     # -- opens (FUSE) -----------------------------------------------------
 
@@ -467,6 +601,18 @@ class VolumeStore(object):
         if volume.read_only:
             raise VolumeReadOnly('volume %s is read-only' % volume_id)
         return volume.layer.write(offset, data, self._base(volume))
+
+    def zero(self, volume_id, offset, length):
+        """Discard (or write zeros to) a range: it reads zeros afterwards.
+
+        See :meth:`thunder_cache.cow.CowLayer.zero`.
+        """
+        volume = self._get(volume_id)
+        if volume.read_only:
+            raise VolumeReadOnly('volume %s is read-only' % volume_id)
+        base = self._base(volume)
+        zeros_from = 0 if volume.image_id is None else volume.image_size
+        volume.layer.zero(offset, length, base, zeros_from)
 
     def flush(self, volume_id):
         """Make the volume's writes so far durable."""

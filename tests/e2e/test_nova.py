@@ -275,6 +275,10 @@ def check_peer_disk(stack, server, volume):
     disk = domain_disk(server['OS-EXT-SRV-ATTR:instance_name'],
                        lambda d: d.get('device') == 'disk')
     assert disk.get('type') == 'block', ElementTree.tostring(disk)
+    # The connection says discard: a guest's TRIM reaches the loop device
+    # (and frees the layer's blocks).
+    assert disk.find('driver').get('discard') == 'unmap', \
+        ElementTree.tostring(disk)
     device = disk.find('source').get('dev')
     assert re.match(r'^/dev/loop[0-9]+$', device), device
     path = os.path.join(stack.thunder_cache_paths['mount'], name)

@@ -63,7 +63,8 @@ class FakeDaemon(control.ControlClient):
         self.calls.append((op, args))
         if op in self.errors:
             raise self.errors[op]
-        return self.answers.get(op)
+        answer = self.answers.get(op)
+        return answer(**args) if callable(answer) else answer
 
     def ops(self):
         """The calls other than pings and loop device events."""
@@ -338,6 +339,141 @@ def test_extend_volume_failure(drv, loop):
     loop['refresh_size'].assert_not_called()
 
 
+# -- revert_to_snapshot ------------------------------------------------------
+
+def test_revert_to_snapshot(drv, loop):
+    volume = _volume(size=3)
+    snapshot = fakes.Snapshot(_volume(size=2))
+    drv.revert_to_snapshot(None, volume, snapshot)
+    assert _calls(drv) == [('revert_volume', {
+        'volume_id': volume.name, 'snapshot_id': snapshot.name})]
+    # Atomic on the node: no temporary snapshot; attached devices are
+    # never detached behind the VM's back.
+    assert drv.snapshot_revert_use_temp_snapshot() is False
+    loop['detach'].assert_not_called()
+
+
+def test_revert_to_snapshot_refused(drv):
+    drv.daemon.errors['revert_volume'] = _error(
+        'VolumeBusy', 'volume volume-x is open 1 times (attached?)')
+    with pytest.raises(VBAE, match='open 1 times'):
+        drv.revert_to_snapshot(None, _volume(), fakes.Snapshot(_volume()))
+
+
+# -- manage / unmanage -------------------------------------------------------
+
+def _layer(name, size=GiB, read_only=False, open_count=0, image_id=None):
+    return {'id': name, 'size': size, 'image_id': image_id,
+            'read_only': read_only, 'written_bytes': 0,
+            'allocated_bytes': 0, 'open_count': open_count}
+
+
+def test_manage_existing(drv):
+    drv.daemon.answers['volume_info'] = _layer('orphan', GiB + 1)
+    volume = _volume(size=2)
+    ref = {'source-name': 'orphan'}
+    assert drv.manage_existing_get_size(volume, ref) == 2
+    assert drv.manage_existing(volume, ref) == {}
+    assert _calls(drv) == [
+        ('volume_info', {'volume_id': 'orphan'}),
+        ('volume_info', {'volume_id': 'orphan'}),
+        ('rename_volume', {'volume_id': 'orphan', 'new_id': volume.name}),
+        ('resize_volume', {'volume_id': volume.name, 'size': 2 * GiB})]
+
+
+def test_manage_existing_whole_gib_is_not_resized(drv):
+    drv.daemon.answers['volume_info'] = _layer('orphan', 3 * GiB)
+    drv.manage_existing(_volume(size=3), {'source-name': 'orphan'})
+    assert [op for op, _ in _calls(drv)] == ['volume_info', 'rename_volume']
+
+
+@pytest.mark.parametrize('ref, answer, reason', [
+    ({}, None, 'needs source-name'),
+    ({'source-name': 7}, None, 'needs source-name'),
+    ({'source-name': 'gone'}, _error('VolumeNotFound'), 'no volume gone'),
+    ({'source-name': '../x'}, _error('BadRequest'), 'no volume ../x'),
+    ({'source-name': 'snap'}, _layer('snap', read_only=True), 'a snapshot'),
+    ({'source-name': 'busy'}, _layer('busy', open_count=1), 'in use'),
+])
+def test_manage_existing_invalid_reference(drv, ref, answer, reason):
+    if isinstance(answer, control.ControlError):
+        drv.daemon.errors['volume_info'] = answer
+    else:
+        drv.daemon.answers['volume_info'] = answer
+    for call in (drv.manage_existing, drv.manage_existing_get_size):
+        with pytest.raises(exception.ManageExistingInvalidReference,
+                           match=reason):
+            call(_volume(), ref)
+    assert [op for op, _ in _calls(drv)
+            if op != 'volume_info'] == []
+
+
+def test_manage_existing_daemon_down(drv):
+    drv.daemon.errors['volume_info'] = _error('ConnectionError', 'down')
+    with pytest.raises(VBAE, match='down'):
+        drv.manage_existing_get_size(_volume(), {'source-name': 'a'})
+
+
+def test_unmanage_keeps_the_layer(drv, loop):
+    drv.unmanage(_volume())
+    assert _calls(drv) == []
+    loop['detach'].assert_not_called()
+
+
+def test_manage_existing_snapshot(drv):
+    snapshot = fakes.Snapshot(_volume())
+    answers = {'orphan': _layer('orphan', GiB - 1, read_only=True,
+                                image_id='img-1'),
+               snapshot.volume_name: _layer(snapshot.volume_name,
+                                            image_id='img-1')}
+    drv.daemon.answers['volume_info'] = lambda volume_id: answers[volume_id]
+    ref = {'source-name': 'orphan'}
+    assert drv.manage_existing_snapshot_get_size(snapshot, ref) == 1
+    assert drv.manage_existing_snapshot(snapshot, ref) == {}
+    assert _calls(drv)[-1] == ('rename_volume', {'volume_id': 'orphan',
+                                                 'new_id': snapshot.name})
+    # A writable layer, or one of another image, is not its snapshot.
+    answers['orphan'] = _layer('orphan', read_only=False)
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match='not a snapshot'):
+        drv.manage_existing_snapshot(snapshot, ref)
+    answers['orphan'] = _layer('orphan', read_only=True, image_id='img-2')
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match='reads image img-2'):
+        drv.manage_existing_snapshot(snapshot, ref)
+    assert [op for op, _ in _calls(drv)].count('rename_volume') == 1
+    drv.unmanage_snapshot(snapshot)
+    assert _calls(drv)[-1][0] == 'volume_info'
+
+
+def test_get_manageable_volumes(drv):
+    managed = _volume()
+    orphan = 'volume-%s' % uuid.uuid4()
+    layers = sorted([
+        _layer(managed.name, open_count=1),
+        _layer(orphan, 2 * GiB + 1, image_id='img-1'),
+        _layer('snapshot-1', read_only=True),
+        _layer('hand-made', open_count=2)], key=lambda v: v['id'])
+    # Pages of two.
+    drv.daemon.answers['list_volumes'] = lambda marker: [
+        v for v in layers if marker is None or v['id'] > marker][:2]
+    entries = drv.get_manageable_volumes([{'id': managed.id}], None, 10, 0,
+                                         ['size'], ['desc'])
+    by_name = {e['reference']['source-name']: e for e in entries}
+    assert by_name[orphan] == {
+        'reference': {'source-name': orphan}, 'size': 3, 'cinder_id': None,
+        'extra_info': 'image img-1', 'safe_to_manage': True,
+        'reason_not_safe': None}
+    assert by_name[managed.name]['cinder_id'] == managed.id
+    assert by_name[managed.name]['reason_not_safe'] == 'already managed'
+    assert by_name['snapshot-1']['reason_not_safe'].startswith('a snapshot')
+    assert by_name['hand-made']['reason_not_safe'].startswith('in use')
+    assert [e['size'] for e in entries] == [3, 1, 1, 1]
+    assert [args['marker'] for op, args in _calls(drv)
+            if op == 'list_volumes'] == [None, layers[1]['id'],
+                                         layers[3]['id']]
+
+
 # -- clone_image -------------------------------------------------------------
 
 RBD_META = {locations.META_RBD_FSID: fakes.FSID,
@@ -540,7 +676,7 @@ def test_initialize_connection(drv, loop, mount_dir):
     info = drv.initialize_connection(volume, {'host': HOST})
     assert info == {'driver_volume_type': 'local',
                     'data': {'device_path': '/dev/loop3',
-                             'volume_id': volume.id}}
+                             'volume_id': volume.id, 'discard': True}}
     loop['attach'].assert_called_once_with(
         os.path.join(mount_dir, volume.name), mount_dir, direct_io=True)
 

@@ -110,8 +110,9 @@ def test_ping(service):
 def test_handlers(service):
     handlers = service.handlers()
     assert sorted(handlers) == [
-        'create_volume', 'delete_volume', 'ping', 'register_image',
-        'resize_volume', 'stats', 'volume_info']
+        'create_volume', 'delete_volume', 'list_volumes', 'ping',
+        'register_image', 'rename_volume', 'resize_volume',
+        'revert_volume', 'stats', 'volume_info']
     assert handlers['create_volume'] == service.create_volume
     assert handlers['stats'] == service.stats
 
@@ -315,7 +316,8 @@ def test_volume_info(service):
     service.create_volume('volume-1', GiB)
     assert service.volume_info('volume-1') == {
         'id': 'volume-1', 'size': GiB, 'image_id': None,
-        'read_only': False, 'written_bytes': 0, 'open_count': 0}
+        'read_only': False, 'written_bytes': 0, 'allocated_bytes': 0,
+        'open_count': 0}
     with pytest.raises(volumes.VolumeNotFound):
         service.volume_info('volume-2')
     with pytest.raises(ValueError):
@@ -434,6 +436,38 @@ def test_over_the_socket(client, image, caplog):
                        **dict(descriptor, manifest_digest='b' * 64)) == \
         'DescriptorError'
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_revert_rename_list_over_the_socket(client):
+    client.call('create_volume', volume_id='volume-1', size=GiB)
+    client.call('create_volume', volume_id='snapshot-1', size=GiB,
+                source='volume-1', read_only=True)
+    client.call('resize_volume', volume_id='volume-1', size=2 * GiB)
+    assert client.call('revert_volume', volume_id='volume-1',
+                       snapshot_id='snapshot-1')['size'] == 2 * GiB
+    assert client.call('rename_volume', volume_id='volume-1',
+                       new_id='volume-2')['id'] == 'volume-2'
+    listed = client.call('list_volumes')
+    assert [(v['id'], v['read_only']) for v in listed] == [
+        ('snapshot-1', True), ('volume-2', False)]
+    assert [v['id'] for v in client.call(
+        'list_volumes', marker='snapshot-1', limit=1)] == ['volume-2']
+    assert client.call('list_volumes', marker='volume-2') == []
+    for bad in (0, service_mod.LIST_LIMIT + 1, True, '5'):
+        assert _error_kind(client, 'list_volumes', limit=bad) == \
+            'BadRequest'
+    assert _error_kind(client, 'list_volumes', marker='a/b') == 'BadRequest'
+    # A full page fits a control line, with the longest ids.
+    for n in range(service_mod.LIST_LIMIT):
+        client.call('create_volume', volume_id='%03d' % n + 'v' * 125,
+                    size=GiB)
+    assert len(client.call('list_volumes')) == service_mod.LIST_LIMIT
+    assert _error_kind(client, 'rename_volume', volume_id='volume-2',
+                       new_id='snapshot-1') == 'VolumeExists'
+    assert _error_kind(client, 'revert_volume', volume_id='volume-2',
+                       snapshot_id='../x') == 'BadRequest'
+    assert _error_kind(client, 'rename_volume', volume_id='volume-9',
+                       new_id='volume-3') == 'VolumeNotFound'
 
 
 # -- arguments are checked at the socket --------------------------------------

@@ -69,7 +69,7 @@ def test_image_backed_volume_reads_the_image(store, images):
     info = store.create('vol-a', len(image), image_id=IMAGE)
     assert info == {'id': 'vol-a', 'size': len(image), 'image_id': IMAGE,
                     'read_only': False, 'written_bytes': 0,
-                    'open_count': 0}
+                    'allocated_bytes': 0, 'open_count': 0}
     assert store.read('vol-a', 0, len(image)) == image
     assert store.read('vol-a', 5, 10) == image[5:15]
     assert store.read('vol-a', len(image), 10) == b''
@@ -106,6 +106,33 @@ def test_writes_stay_in_the_volume(store, images):
     assert store.read('b', 0, len(image)) == image
     assert images.images[IMAGE] == image
     assert store.info('a')['written_bytes'] == BS
+
+
+def test_zero_reads_zeros_over_the_image_and_past_it(store, images):
+    image = images.images[IMAGE]
+    store.create('a', 20 * BS, image_id=IMAGE)
+    store.write('a', 0, b'w' * 20 * BS)
+    store.zero('a', BS, 18 * BS)
+    assert store.read('a', 0, 20 * BS) == (
+        b'w' * BS + bytes(18 * BS) + b'w' * BS)
+    # Blocks wholly past the image (its last one is partial) read zeros
+    # from the base again: their bits are cleared.
+    assert store.info('a')['written_bytes'] == (10 + 1 + 1) * BS
+    assert store.info('a')['allocated_bytes'] <= 2 * BS
+    assert len(image) < 11 * BS
+
+
+def test_zero_blank_volume_and_read_only(store):
+    store.create('blank', 8 * BS)
+    store.write('blank', 0, b'w' * 8 * BS)
+    store.zero('blank', 0, 8 * BS)
+    assert store.info('blank')['written_bytes'] == 0
+    assert store.read('blank', 0, 8 * BS) == bytes(8 * BS)
+    store.create('snap', 8 * BS, source='blank', read_only=True)
+    with pytest.raises(volumes.VolumeReadOnly):
+        store.zero('snap', 0, BS)
+    with pytest.raises(volumes.VolumeNotFound):
+        store.zero('nope', 0, BS)
 
 
 def test_create_files_and_meta(store, layers, images):
@@ -533,3 +560,161 @@ def test_meta_rewrites_leave_no_temporary_file(store, layers):
         store.resize('v', n * BS)
     assert sorted(os.listdir(os.path.join(layers, 'v'))) == [
         'bitmap', 'data', volumes.META_FILE]
+
+
+# -- revert and rename (Cinder's revert_to_snapshot, manage) --------------
+
+def _snapshotted(store):
+    """A volume with a write before and after its snapshot, then grown."""
+    store.create('vol', 16 * BS, image_id=IMAGE)
+    store.write('vol', 0, b'before' * 100)
+    store.create('snap', 16 * BS, source='vol', read_only=True)
+    store.write('vol', 0, b'after!' * 100)
+    store.write('vol', 5 * BS, b'x' * BS)
+    store.resize('vol', 32 * BS)
+    store.write('vol', 31 * BS, b'y' * BS)
+    return store.read('snap', 0, 16 * BS)
+
+
+def test_revert_reads_the_snapshot_and_keeps_the_size(store, layers,
+                                                      images):
+    expected = _snapshotted(store)
+    meta_path = os.path.join(layers, 'vol', volumes.META_FILE)
+    before = json.load(open(meta_path))
+    info = store.revert('vol', 'snap')
+    assert info['size'] == 32 * BS
+    assert store.read('vol', 0, 16 * BS) == expected
+    assert store.read('vol', 16 * BS, 16 * BS) == bytes(16 * BS)
+    assert info['written_bytes'] == BS  # the snapshot's one block
+    assert sorted(os.listdir(layers)) == ['snap', 'vol']
+    # The volume stays writable and independent of the snapshot, and
+    # the reverted layer is the one a new store loads.
+    store.write('vol', 0, b'later')
+    assert store.read('snap', 0, 6) == b'before'
+    store.close()
+    again = volumes.VolumeStore(layers, images)
+    try:
+        assert again.read('vol', 0, 5) == b'later'
+        assert again.read('vol', BS, 15 * BS) == expected[BS:]
+        assert json.load(open(meta_path)) == before
+    finally:
+        again.close()
+
+
+def test_revert_refused_while_open(store, layers):
+    _snapshotted(store)
+    before = store.read('vol', 0, 32 * BS)
+    store.open('vol', writable=True)
+    with pytest.raises(volumes.VolumeBusy):
+        store.revert('vol', 'snap')
+    assert store.read('vol', 0, 32 * BS) == before
+    assert sorted(os.listdir(layers)) == ['snap', 'vol']
+
+
+def test_revert_to_a_foreign_snapshot(store, layers):
+    _snapshotted(store)
+    store.create('blank', 16 * BS)
+    with pytest.raises(volumes.VolumeError, match='not a snapshot'):
+        store.revert('vol', 'blank')
+    store.create('big', 64 * BS, source='vol')
+    with pytest.raises(volumes.VolumeError, match='not a snapshot'):
+        store.revert('vol', 'big')
+    with pytest.raises(volumes.VolumeNotFound):
+        store.revert('vol', 'missing')
+    assert sorted(os.listdir(layers)) == ['big', 'blank', 'snap', 'vol']
+
+
+def test_failed_exchange_changes_nothing(store, layers):
+    _snapshotted(store)
+    before = store.read('vol', 0, 32 * BS)
+    error = OSError(errno.EINVAL, 'no exchange here')
+    with mock.patch('thunder_cache.fsutil.exchange', side_effect=error):
+        with pytest.raises(OSError):
+            store.revert('vol', 'snap')
+    assert store.read('vol', 0, 32 * BS) == before
+    assert sorted(os.listdir(layers)) == ['snap', 'vol']
+
+
+def test_revert_leftover_removed_at_start(store, layers, images):
+    _snapshotted(store)
+    store.close()
+    leftover = os.path.join(layers, volumes.STAGING_PREFIX + 'vol')
+    os.makedirs(leftover)
+    open(os.path.join(leftover, 'data'), 'w').close()
+    again = volumes.VolumeStore(layers, images)
+    try:
+        assert again.list() == ['snap', 'vol']
+        assert sorted(os.listdir(layers)) == ['snap', 'vol']
+    finally:
+        again.close()
+
+
+def test_rename(store, layers, images):
+    store.create('old', 8 * BS, image_id=IMAGE)
+    store.write('old', 0, b'mine')
+    info = store.rename('old', 'new')
+    assert info['id'] == 'new' and store.list() == ['new']
+    assert store.read('new', 0, 4) == b'mine'
+    store.write('new', BS, b'more')
+    with pytest.raises(volumes.VolumeNotFound):
+        store.read('old', 0, 1)
+    store.close()
+    again = volumes.VolumeStore(layers, images)
+    try:
+        assert again.list() == ['new']
+        assert again.read('new', BS, 4) == b'more'
+        meta = json.load(open(os.path.join(layers, 'new',
+                                           volumes.META_FILE)))
+        assert meta['id'] == 'new' and 'previous_id' not in meta
+    finally:
+        again.close()
+
+
+def test_rename_refusals(store, layers):
+    store.create('a', BS)
+    store.create('b', BS)
+    with pytest.raises(volumes.VolumeExists):
+        store.rename('a', 'b')
+    store.open('a', writable=False)
+    with pytest.raises(volumes.VolumeBusy):
+        store.rename('a', 'c')
+    with pytest.raises(volumes.VolumeNotFound):
+        store.rename('missing', 'c')
+    with pytest.raises(ValueError):
+        store.rename('b', '../c')
+    assert store.list() == ['a', 'b']
+    assert sorted(os.listdir(layers)) == ['a', 'b']
+
+
+def test_failed_rename_keeps_the_volume(store, layers):
+    store.create('a', BS)
+    store.write('a', 0, b'keep')
+    real = os.rename
+
+    def rename(src, dst):
+        if os.path.isdir(src):
+            raise OSError(errno.EIO, 'boom')
+        return real(src, dst)
+
+    with mock.patch.object(volumes.os, 'rename', rename):
+        with pytest.raises(OSError):
+            store.rename('a', 'c')
+    assert store.list() == ['a'] and store.read('a', 0, 4) == b'keep'
+    meta = json.load(open(os.path.join(layers, 'a', volumes.META_FILE)))
+    assert meta['id'] == 'a' and 'previous_id' not in meta
+
+
+def test_rename_interrupted_before_the_directory_moved(store, layers,
+                                                       images):
+    store.create('a', BS)
+    store.write('a', 0, b'keep')
+    store.close()
+    path = os.path.join(layers, 'a', volumes.META_FILE)
+    meta = json.load(open(path))
+    with open(path, 'w') as f:
+        json.dump(dict(meta, id='c', previous_id='a'), f)
+    again = volumes.VolumeStore(layers, images)
+    try:
+        assert again.list() == ['a'] and again.read('a', 0, 4) == b'keep'
+    finally:
+        again.close()

@@ -110,8 +110,8 @@ def test_ping(service):
 def test_handlers(service):
     handlers = service.handlers()
     assert sorted(handlers) == [
-        'create_volume', 'delete_volume', 'ping', 'register_image',
-        'resize_volume', 'stats', 'volume_info']
+        'cache_status', 'create_volume', 'delete_volume', 'evict_image',
+        'ping', 'register_image', 'resize_volume', 'stats', 'volume_info']
     assert handlers['create_volume'] == service.create_volume
     assert handlers['stats'] == service.stats
 

@@ -462,14 +462,23 @@ class Node(object):
         spec = entry.spec
         directory = os.path.join(self.cache_dir, spec.image_id)
         made = not os.path.isdir(directory)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
-            manifest = self._load_manifest(spec, directory)
-        except sources.ManifestError:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._open(entry, directory)
+        except (OSError, sources.ManifestError) as e:
             if made:
                 # An image never verified leaves nothing behind.
                 shutil.rmtree(directory, ignore_errors=True)
-            raise
+            if not isinstance(e, OSError):
+                raise
+            if e.errno in image_cache.FULL_ERRNOS and self.on_full:
+                self.on_full(None)
+            raise sources.ManifestError('cannot open the cache of image %s: '
+                                        '%s' % (spec.image_id, e))
+
+    def _open(self, entry, directory):
+        spec = entry.spec
+        manifest = self._load_manifest(spec, directory)
         upstream = upstream_mod.Upstream(
             spec.image_id, spec.origin, spec.peers, self.client, self.url,
             max_redirects=self.max_redirects,

@@ -33,7 +33,7 @@ SIZE = CHUNK * 6 + 100
 C = eviction.Candidate
 
 
-# -- the policy ----------------------------------------------------------------
+# -- the policy ---------------------------------------------------------------
 
 def test_nothing_under_the_limit():
     cands = [C('a', 40, 1.0, None), C('b', 60, 2.0, None)]

@@ -133,6 +133,31 @@ def disk_usage(directory):
     return total
 
 
+def cache_dirs(cache_dir, exclude=()):
+    """{image id: directory} of the image caches in ``cache_dir``.
+
+    A directory counts if it is named as an image id and holds a chunk
+    map or a manifest; ``exclude`` lists directories never to count (the
+    layers, the mount, the descriptors).
+    """
+    skip = {os.path.realpath(p) for p in exclude if p}
+    found = {}
+    try:
+        names = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        if (not protocol.IMAGE_ID.match(name) or
+                os.path.realpath(path) in skip or
+                os.path.islink(path) or os.path.ismount(path)):
+            continue
+        if any(os.path.isfile(os.path.join(path, f)) for f in
+               (image_cache.MAP_FILE, MANIFEST_FILE)):
+            found[name] = path
+    return found
+
+
 def _held(cache, answer, *args):
     """``answer(*args)``, ``cache`` pinned until its file span is sent."""
     try:
@@ -564,28 +589,8 @@ class Node(object):
             return dict(self._images)
 
     def cache_dirs(self, exclude=()):
-        """{image id: directory} of the image caches in ``cache_dir``.
-
-        A directory counts if it is named as an image id and holds a
-        chunk map or a manifest; ``exclude`` lists directories never to
-        count (the layers, the mount, the descriptors).
-        """
-        skip = {os.path.realpath(p) for p in exclude if p}
-        found = {}
-        try:
-            names = os.listdir(self.cache_dir)
-        except FileNotFoundError:
-            return found
-        for name in names:
-            path = os.path.join(self.cache_dir, name)
-            if (not protocol.IMAGE_ID.match(name) or
-                    os.path.realpath(path) in skip or
-                    os.path.islink(path) or os.path.ismount(path)):
-                continue
-            if any(os.path.isfile(os.path.join(path, f)) for f in
-                   (image_cache.MAP_FILE, MANIFEST_FILE)):
-                found[name] = path
-        return found
+        """{image id: directory} of the caches (:func:`cache_dirs`)."""
+        return cache_dirs(self.cache_dir, exclude)
 
     def evict(self, image_id, in_use=None, forget=False):
         """Remove an image's cache from this node.

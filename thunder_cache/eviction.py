@@ -18,7 +18,8 @@ image caches take on disk. Over the limit (``max_size`` bytes and/or
 ``max_size_percent`` of the filesystem, the lower one), it evicts images,
 least recently used first, until they take at most ``low_water_percent``
 of the limit. Disk full, it evicts the same way as if the limit were just
-below what the caches take now.
+below what the caches take now, sparing the images whose fetches found it
+full (evicting them would only fetch them again).
 
 Never evicted: an image a volume of this node reads (a layer reads its
 image for every block it has not written; snapshots are volumes too), one
@@ -169,7 +170,9 @@ class Evictor(object):
         self.exclude = tuple(exclude)
         self.counters = metrics.Counters(COUNTERS)
         self.used = 0
-        self._full = False
+        # Images whose fetches found the filesystem full since the last
+        # check; None: not full.
+        self._full = None
         self._checked_gone = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -244,7 +247,7 @@ class Evictor(object):
 
     def check(self):
         """Remove gone images, then evict down to the limit; evicted ids."""
-        full, self._full = self._full, False
+        full, self._full = self._full, None
         evicted = self._remove_gone()
         candidates = [c for c in self.candidates()
                       if c.image_id not in evicted]
@@ -252,9 +255,12 @@ class Evictor(object):
         limit = self.limit()
         why = 'the caches take %d bytes, over the limit of %d' % (
             self.used, limit)
-        if full and self.used and not (limit and limit < self.used):
+        if full is not None and self.used and not (limit and
+                                                   limit < self.used):
             limit = self.used - 1
             why = 'the cache filesystem is full'
+            candidates = [c._replace(busy=c.busy or 'being fetched')
+                          if c.image_id in full else c for c in candidates]
         for victim in plan(candidates, limit, self.low_water_percent):
             try:
                 self.used -= self.evict(victim.image_id, why)
@@ -294,10 +300,13 @@ class Evictor(object):
 
     # -- thread -------------------------------------------------------------
 
-    def cache_full(self, _cache=None):
+    def cache_full(self, cache=None):
         """A fetch found the filesystem full: check now (never blocks)."""
         self.counters.inc('cache_full_events')
-        self._full = True
+        full = self._full or set()
+        if cache is not None:
+            full.add(cache.image_id)
+        self._full = full
         self._wake.set()
 
     def _run(self):

@@ -259,9 +259,11 @@ def test_disk_full_evicts_idle_images(images):
         images.fill(image_id, 100.0 + n)
     evictor = eviction.Evictor(images.node, conf(low_water_percent=60))
     assert evictor.check() == []  # no limit configured
-    evictor.cache_full()
-    assert evictor.check() == ['img-0', 'img-1']
+    evictor.cache_full(images.node.cache('img-0'))
+    # img-0 was being fetched: spared.
+    assert evictor.check() == ['img-1', 'img-2']
     assert evictor.counters.get('cache_full_events') == 1
+    assert evictor.check() == []  # not full any more
 
 
 def test_gone_image_removed_once_unused(images, tmp_path):

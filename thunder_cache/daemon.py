@@ -324,6 +324,9 @@ class Daemon(object):
 
     def stop(self):
         LOG.info('thunder-cache %s stopping', self.conf.node.node_id)
+        if self.evictor is not None:
+            # First: the volumes it must not evict for are closed below.
+            self.evictor.stop()
         if self.control_server is not None:
             self.control_server.stop()
         if self.mount is not None:
@@ -337,8 +340,6 @@ class Daemon(object):
             self.mount.stop()
         if self.store is not None:
             self.store.close()
-        if self.evictor is not None:
-            self.evictor.stop()
         if self.lifecycle is not None:
             self.lifecycle.stop()
         if self.local_server is not None:

@@ -219,7 +219,7 @@ class VolumeService(object):
         _image_id(image_id)
         if self.evictor is None:
             raise control.BadRequest('this daemon does not evict')
-        if image_id not in self.node.cache_dirs():
+        if image_id not in self.node.cache_dirs(self.evictor.exclude):
             raise KeyError('image %s is not cached here' % image_id)
         freed = self.evictor.evict(image_id, 'asked over the control '
                                    'socket')

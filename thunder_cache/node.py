@@ -674,14 +674,17 @@ class Node(object):
 
     def serve_manifest(self, peer, image_id):
         try:
-            self.cache(image_id)
+            self.cache(image_id, reopen=False)
         except KeyError:
             return _error(404, 'unknown image')
         except sources.ManifestError:
             return _error(503, 'manifest not available')
         entry = self._entry(image_id)
+        manifest = entry.manifest_bytes if entry is not None else None
+        if manifest is None:  # evicted meanwhile
+            return _error(404, 'image not cached here')
         return Reply(200, [('Content-Type', 'application/octet-stream')],
-                     entry.manifest_bytes)
+                     manifest)
 
     def serve_chunk(self, peer, image_id, index, range_header=None):
         """The answer to an authenticated chunk request."""

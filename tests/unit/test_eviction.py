@@ -140,6 +140,7 @@ def test_evicted_image_is_not_reopened_by_peers(images):
     peer = types.SimpleNamespace(via=(), url='http://127.0.0.2:1',
                                  node_id='peer', ticket=None)
     assert images.node.serve_chunk(peer, 'img-0', 0).status == 404
+    assert images.node.serve_manifest(peer, 'img-0').status == 404
     assert not os.path.exists(images.dir('img-0'))
 
 

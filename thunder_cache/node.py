@@ -388,6 +388,9 @@ class Node(object):
                 spec.origin.close()
                 spec.origin = old
             entry.spec = spec
+            # Registered again (by the driver, from Glance's record): not
+            # gone after all.
+            entry.gone = None
             if entry.cache is not None:
                 entry.cache.upstream.origin = spec.origin
                 entry.cache.upstream.set_peers(spec.peers)
@@ -597,8 +600,10 @@ class Node(object):
 
         :param in_use: callable(image_id) -> why the image must stay (its
             volumes) or None; asked under the image's lock.
-        :param forget: unregister the image too (it is gone).
-        :raises ImageBusy: if it is in use or its cache busy.
+        :param forget: unregister the image too; only if it is still
+            marked gone (see :meth:`mark_gone`) under its lock.
+        :raises ImageBusy: if it is in use or its cache busy, or registered
+            again when ``forget`` is set.
         :returns: the bytes the cache took on disk.
         """
         entry = self._entry(image_id)
@@ -609,6 +614,8 @@ class Node(object):
             return self.evict(image_id, in_use, forget)
         with entry.lock:
             reason = in_use(image_id) if in_use is not None else None
+            if forget and entry.gone is None:
+                reason = 'registered again'
             cache = entry.cache
             if reason is None and cache is not None:
                 reason = cache.retire()

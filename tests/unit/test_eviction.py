@@ -197,14 +197,28 @@ def test_fetch_in_flight_refuses(images):
 
 def test_evict_forget_unregisters(images):
     images.fill('img-1', 1.0)
+    images.node.mark_gone('img-1', 'test')
     images.node.evict('img-1', forget=True)
     assert 'img-1' not in images.node.image_ids()
     with pytest.raises(KeyError):
         images.node.cache('img-1')
 
 
+def test_registered_again_is_not_gone(images):
+    images.fill('img-1', 1.0)
+    images.node.mark_gone('img-1', 'test')
+    spec = images.node.entries()['img-1'].spec
+    images.node.register(node_mod.ImageSpec(
+        'img-1', spec.manifest_digest, spec.origin, image_size=SIZE))
+    assert images.node.entries()['img-1'].gone is None
+    with pytest.raises(node_mod.ImageBusy, match='registered again'):
+        images.node.evict('img-1', forget=True)
+    assert 'img-1' in images.node.image_ids()
+
+
 def test_unregistered_directory_is_evicted(images, tmp_path):
     images.fill('img-2', 1.0)
+    images.node.mark_gone('img-2', 'test')
     images.node.evict('img-2', forget=True)
     orphan = os.path.join(images.node.cache_dir, 'orphan')
     os.makedirs(orphan)

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -170,6 +171,48 @@ def test_eviction_under_a_small_limit(workdir):
     leftovers = [n for n in os.listdir(os.path.join(daemon.dir, 'cache'))
                  if n.startswith('.evicted-')]
     assert leftovers == []
+
+
+@pytest.mark.skipif(_no_fuse() is not None, reason=str(_no_fuse()))
+def test_image_deleted_in_glance_leaves_once_unused(workdir):
+    """The image-volume gone from Cinder: cache and advertisement go.
+
+    The node advertises itself on the image-volume (a fake Cinder); once
+    the volume answers 404 the image is marked gone, kept while a volume
+    reads it, and removed with its descriptor when that volume goes.
+    """
+    image = _image(workdir, 'img-g', 2 * MiB)
+    volume_id = str(uuid.uuid4())
+    cinder = cache_daemons.FakeCinder(volume_id, time.strftime(
+        '%Y-%m-%dT%H:%M:%S.000000', time.gmtime(time.time() - 60)), {})
+    cinder.start()
+    daemon = cache_daemons.VolumeDaemon(
+        workdir, 'n1', extra='\n'.join(
+            ['[cache]', 'check_interval = 0.2'] + cinder.options()))
+    daemon.describe(image['id'], image['manifest'], origin=image['origin'],
+                    origin_volume_id=volume_id)
+    descriptor = os.path.join(daemon.dir, 'images.d', 'img-g.json')
+    daemon.start()
+    try:
+        daemon.control.call('create_volume', volume_id='vol-g',
+                            size=2 * MiB, image_id='img-g')
+        _read_all(daemon, image)
+        _wait(lambda: 'thunder_peer_n1' in cinder.metadata, daemon)
+        cinder.deleted = True  # the thunder store deleted it
+        _wait(lambda: 'is gone (its image-volume' in daemon.log(), daemon,
+              timeout=30)
+        time.sleep(1)  # checks go on: the volume keeps the image
+        assert _cached(daemon) == ['img-g'] and os.path.exists(descriptor)
+        assert _read_volume(daemon, 'vol-g', 2 * MiB) == image['data']
+        daemon.delete_volume('vol-g')
+        _wait(lambda: _cached(daemon) == [], daemon)
+        assert not os.path.exists(descriptor)
+        assert daemon.control.call('stats')['images'] == 0
+        assert 'deleted in Glance' in daemon.log()
+        _no_traceback(daemon)
+    finally:
+        daemon.stop()
+        cinder.stop()
 
 
 # -- the cache filesystem full ------------------------------------------------

@@ -412,3 +412,30 @@ def test_disk_full_opening_a_cache(images):
             images.node.cache('img-0')
     assert told == [None]
     assert not os.path.exists(images.dir('img-0'))  # nothing left
+
+
+def test_real_server_unpins_after_sending(tmp_path):
+    """A chunk sent through the peer server leaves its cache evictable."""
+    image = os.urandom(SIZE)
+    path = str(tmp_path / 'vol')
+    manifest = cache_helpers.write_volume(path, image, CHUNK)
+    cluster = cache_helpers.Cluster(tmp_path)
+    try:
+        node, srv = cluster.start('seed', {
+            'image_id': 'img', 'manifest_digest': manifest.digest(),
+            'origin': sources.FileOrigin(path), 'image_size': SIZE})
+        client = cache_helpers.client()
+        for index in (0, 1, 0):
+            offset, length = manifest.chunk_range(index)
+            assert client.get_chunk(node.url, 'img', index, length) == (
+                image[offset:offset + length])
+        cache = node.cache('img')
+        assert cache_helpers.eventually(lambda: cache.busy() is None)
+        assert node.evict('img') > 0
+        offset, length = manifest.chunk_range(2)
+        # Evicted: peers are told it is not here.
+        with pytest.raises(sources.PeerError, match='404'):
+            client.get_chunk(node.url, 'img', 2, length)
+        client.close()
+    finally:
+        cluster.stop_all()

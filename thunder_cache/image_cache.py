@@ -205,6 +205,9 @@ class ImageCache(object):
         self._committer = None
         self._closing = False
         self._wake = threading.Condition(self._lock)
+        # Whether a full filesystem was logged and not yet followed by a
+        # stored chunk.
+        self._full_logged = False
         # Users holding the cache open (pin()), and whether it is retired.
         self._pins = 0
         self.retired = False
@@ -656,15 +659,22 @@ class ImageCache(object):
             if e.errno not in FULL_ERRNOS:
                 raise
             self._full(index, e)
+        if self._full_logged:
+            self._full_logged = False
+            LOG.info('Image %s: the cache filesystem has room again',
+                     self.image_id)
         if written != length:
             raise FetchError('short write to the cache file of image %s'
                              % self.image_id)
 
     def _full(self, index, error):
         self.counters.inc('cache_full_errors')
-        LOG.error('Image %s: the cache filesystem is full (%s): chunk %d '
-                  'not stored; evicting unused images', self.image_id,
-                  os.strerror(error.errno), index)
+        # Once per episode at ERROR: every chunk fails alike meanwhile.
+        LOG.log(logging.DEBUG if self._full_logged else logging.ERROR,
+                'Image %s: the cache filesystem is full (%s): chunk %d not '
+                'stored; evicting unused images', self.image_id,
+                os.strerror(error.errno), index)
+        self._full_logged = True
         on_full = self.on_full
         if on_full is not None:
             try:

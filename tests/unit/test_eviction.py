@@ -13,6 +13,7 @@
 """The bounded cache: the policy, evictions on real caches, disk full."""
 
 import errno
+import logging
 import os
 import threading
 import types
@@ -351,19 +352,26 @@ def _full(*args):
 
 
 @pytest.mark.parametrize('commit_interval', [0.0, 0.01])
-def test_disk_full_never_marks_nor_serves(images, commit_interval):
+def test_disk_full_never_marks_nor_serves(images, commit_interval, caplog):
+    caplog.set_level(logging.INFO, logger=image_cache.__name__)
     images.node.commit_interval = commit_interval
     told = []
     images.node.on_full = told.append
     cache = images.node.cache('img-0')
     with mock.patch.object(image_cache.os, 'posix_fallocate', _full):
-        with pytest.raises(image_cache.CacheFull, match='no room'):
-            cache.read(0, 10)
-    assert told == [cache]
+        for index in (0, 1):
+            with pytest.raises(image_cache.CacheFull, match='no room'):
+                cache.read(index * CHUNK, 10)
+    assert told == [cache, cache]
     assert not cache.has(0) and not cache.map.has(0)
-    assert cache.counters.get('cache_full_errors') == 1
+    assert cache.counters.get('cache_full_errors') == 2
+    errors = [r for r in caplog.records if r.levelname == 'ERROR']
+    assert len(errors) == 1  # once per episode
+    assert 'the cache filesystem is full (No space left on device)' in (
+        errors[0].getMessage())
     # Space is back: the same read succeeds, bytes verified.
     assert cache.read(0, SIZE) == images.data['img-0']
+    assert 'has room again' in caplog.text
 
 
 def test_disk_full_local_read_retries_then_succeeds(images):

@@ -215,9 +215,11 @@ class Evictor(object):
 
     # -- evicting -----------------------------------------------------------
 
-    def evict(self, image_id, why, gone=False):
+    def evict(self, image_id, why, gone=False, withdraw=True):
         """Evict one image now (see :meth:`Node.evict`); bytes freed.
 
+        :param withdraw: call ``forget`` now (Cinder requests); False
+            leaves it to the caller, who evicts more first.
         :raises node.ImageBusy: if it is in use.
         """
         with self._lock:
@@ -237,16 +239,23 @@ class Evictor(object):
         self.counters.inc('bytes_evicted', freed)
         LOG.info('Evicted image %s (%d bytes on disk): %s', image_id, freed,
                  why)
-        if self.forget is not None:
+        if withdraw:
+            self._forget([image_id])
+        return freed
+
+    def _forget(self, image_ids):
+        for image_id in image_ids if self.forget is not None else ():
             try:
                 self.forget(image_id)
             except Exception:
                 LOG.exception('Image %s: withdrawing it after its eviction '
                               'failed', image_id)
-        return freed
 
     def check(self):
-        """Remove gone images, then evict down to the limit; evicted ids."""
+        """Remove gone images, then evict down to the limit; evicted ids.
+
+        The space first: advertisements are withdrawn after the evictions.
+        """
         full, self._full = self._full, None
         evicted = self._remove_gone()
         candidates = [c for c in self.candidates()
@@ -263,10 +272,11 @@ class Evictor(object):
                           if c.image_id in full else c for c in candidates]
         for victim in plan(candidates, limit, self.low_water_percent):
             try:
-                self.used -= self.evict(victim.image_id, why)
+                self.used -= self.evict(victim.image_id, why, withdraw=False)
                 evicted.append(victim.image_id)
             except node_mod.ImageBusy as e:
                 LOG.info('Not evicting image %s: %s', victim.image_id, e)
+        self._forget(evicted)
         return evicted
 
     def _remove_gone(self):
@@ -277,7 +287,7 @@ class Evictor(object):
                 continue
             try:
                 self.evict(image_id, 'deleted in Glance: %s' % entry.gone,
-                           gone=True)
+                           gone=True, withdraw=False)
                 removed.append(image_id)
             except node_mod.ImageBusy as e:
                 LOG.debug('Keeping gone image %s: %s', image_id, e)

@@ -174,6 +174,8 @@ class Evictor(object):
         # check; None: not full.
         self._full = None
         self._checked_gone = 0.0
+        # Whether "over the limit, nothing to evict" was logged.
+        self._over_logged = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -277,7 +279,19 @@ class Evictor(object):
             except node_mod.ImageBusy as e:
                 LOG.info('Not evicting image %s: %s', victim.image_id, e)
         self._forget(evicted)
+        self._log_over(limit if full is None else 0)
         return evicted
+
+    def _log_over(self, limit):
+        """Warn once while in-use images keep the caches over the limit."""
+        over = bool(limit) and self.used > limit
+        if over and not self._over_logged:
+            LOG.warning('The image caches take %d bytes, over the limit of '
+                        '%d, and the images left are in use: they stay',
+                        self.used, limit)
+        elif not over and self._over_logged:
+            LOG.info('The image caches are within their limit again')
+        self._over_logged = over
 
     def _remove_gone(self):
         self._note_gone()

@@ -260,7 +260,7 @@ def test_evictor_keeps_the_limit_lru(images):
     assert eviction.last_used(images.dir('img-1')) == 101.0
 
 
-def test_evictor_never_evicts_in_use(images):
+def test_evictor_never_evicts_in_use(images, caplog):
     for n, image_id in enumerate(['img-0', 'img-1', 'img-2']):
         images.fill(image_id, 100.0 + n)
     evictor = eviction.Evictor(
@@ -268,6 +268,9 @@ def test_evictor_never_evicts_in_use(images):
         in_use=lambda i: 'volume' if i == 'img-1' else None)
     assert evictor.check() == ['img-0', 'img-2']
     assert sorted(images.node.cache_dirs()) == ['img-1']
+    assert evictor.check() == []
+    # Said once, not at every check.
+    assert caplog.text.count('the images left are in use') == 1
 
 
 def test_disk_full_evicts_idle_images(images):

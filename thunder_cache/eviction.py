@@ -23,11 +23,15 @@ full (evicting them would only fetch them again).
 
 Never evicted: an image a volume of this node reads (a layer reads its
 image for every block it has not written; snapshots are volumes too), one
-with a fetch in flight (a read, a prefetch or hydration) and one a peer
-transfer or a local reader holds (:meth:`ImageCache.pin`). The last use
-is a plain store per read in memory (:attr:`ImageCache.last_used`), saved
-here as the mtime of the image's ``last_used`` file at most once per
-check, so the order survives a restart.
+with a fetch in flight (a read, a prefetch or hydration), one a peer
+transfer or a local reader holds (:meth:`ImageCache.pin`), and one peers
+are fetching from this node (a child node of its fan-out table, which
+holds a child ``[peer] child_ttl`` seconds after its last request).
+
+The last use is a plain store per read in memory
+(:attr:`ImageCache.last_used`), saved here as the mtime of the image's
+``last_used`` file at most once per check, so the order survives a
+restart.
 
 An image deleted in Glance (its image-volume gone from Cinder, or its
 descriptor removed before a SIGHUP) is marked gone
@@ -192,10 +196,12 @@ class Evictor(object):
 
     # -- what is there ------------------------------------------------------
 
-    def _busy(self, image_id, cache):
+    def _busy(self, image_id, entry):
         reason = self.in_use(image_id) if self.in_use is not None else None
-        if reason is None and cache is not None:
-            reason = cache.busy()
+        if reason is None and entry is not None:
+            reason = entry.serving()
+            if reason is None and entry.cache is not None:
+                reason = entry.cache.busy()
         return reason
 
     def candidates(self):
@@ -212,7 +218,7 @@ class Evictor(object):
             else:
                 used_at = last_used(path)
             result.append(Candidate(image_id, node_mod.disk_usage(path),
-                                    used_at, self._busy(image_id, cache)))
+                                    used_at, self._busy(image_id, entry)))
         return result
 
     # -- evicting -----------------------------------------------------------

@@ -312,6 +312,14 @@ class ImageEntry(object):
         # Why the image is gone (deleted in Glance), or None.
         self.gone = None
 
+    def serving(self):
+        """Why peers still fetch the image here (children), or None."""
+        children = self.children.children()
+        if children:
+            return 'serving %d peers (%s)' % (
+                len(children), ', '.join(sorted(children)[:5]))
+        return None
+
 
 class Node(object):
     """The caches of one node and its side of the peer protocol.
@@ -616,6 +624,8 @@ class Node(object):
             reason = in_use(image_id) if in_use is not None else None
             if forget and entry.gone is None:
                 reason = 'registered again'
+            if reason is None:
+                reason = entry.serving()
             cache = entry.cache
             if reason is None and cache is not None:
                 reason = cache.retire()

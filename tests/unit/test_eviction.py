@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import types
 from unittest import mock
 
@@ -157,11 +158,27 @@ def test_peer_reply_pins_until_sent(images):
     images.fill('img-0', 1.0)
     peer = types.SimpleNamespace(via=(), url='http://127.0.0.2:1',
                                  node_id='peer', ticket=None)
+    images.node.entries()['img-0'].children.child_ttl = 0  # not counted
     reply = images.node.serve_chunk(peer, 'img-0', 1)
     assert reply.status == 200 and reply.span is not None
-    with pytest.raises(node_mod.ImageBusy):
+    time.sleep(0.01)
+    with pytest.raises(node_mod.ImageBusy, match='in progress'):
         images.node.evict('img-0')
     reply.release()
+    assert images.node.evict('img-0') > 0
+
+
+def test_children_being_served_refuse(images):
+    images.fill('img-0', 1.0)
+    peer = types.SimpleNamespace(via=(), url='http://127.0.0.2:1',
+                                 node_id='child-1', ticket=None)
+    images.node.serve_chunk(peer, 'img-0', 1).release()
+    with pytest.raises(node_mod.ImageBusy, match='serving 1 peers'):
+        images.node.evict('img-0')
+    [candidate] = eviction.Evictor(images.node, conf()).candidates()
+    assert candidate.busy == 'serving 1 peers (child-1)'
+    images.node.entries()['img-0'].children.child_ttl = 0
+    time.sleep(0.01)
     assert images.node.evict('img-0') > 0
 
 
@@ -434,7 +451,8 @@ def test_real_server_unpins_after_sending(tmp_path):
     try:
         node, srv = cluster.start('seed', {
             'image_id': 'img', 'manifest_digest': manifest.digest(),
-            'origin': sources.FileOrigin(path), 'image_size': SIZE})
+            'origin': sources.FileOrigin(path), 'image_size': SIZE},
+            child_ttl=0.2)
         client = cache_helpers.client()
         for index in (0, 1, 0):
             offset, length = manifest.chunk_range(index)
@@ -442,6 +460,9 @@ def test_real_server_unpins_after_sending(tmp_path):
                 image[offset:offset + length])
         cache = node.cache('img')
         assert cache_helpers.eventually(lambda: cache.busy() is None)
+        with pytest.raises(node_mod.ImageBusy, match='serving 1 peers'):
+            node.evict('img')
+        time.sleep(0.3)  # the child's place expires
         assert node.evict('img') > 0
         offset, length = manifest.chunk_range(2)
         # Evicted: peers are told it is not here.

@@ -330,7 +330,10 @@ def parse(argv):
     conf = cfg.ConfigOpts()
     options.register(conf)
     conf.register_cli_opt(command_opt)
-    conf(argv, project='thunder', prog='thunder-cache-manage')
+    # Without --config-file: the daemon's (/etc/thunder/thunder-cache.conf).
+    daemons = cfg.find_config_files(project='thunder', prog='thunder-cache')
+    conf(argv, project='thunder', prog='thunder-cache-manage',
+         default_config_files=daemons)
     return conf
 
 

@@ -15,6 +15,7 @@
 import io
 import json
 import os
+from unittest import mock
 
 import pytest
 
@@ -209,3 +210,11 @@ def test_table_cells():
     text = manage.table([{'a': None, 'b': [1, 2], 'c': True}],
                         (('A', 'a'), ('B', 'b'), ('C', 'c')))
     assert text.split('\n') == ['A  B    C', '-  1,2  yes']
+
+
+def test_default_config_file_is_the_daemons():
+    with mock.patch.object(manage.cfg, 'find_config_files',
+                           return_value=[]) as find:
+        conf = manage.parse(['volume', 'list'])
+    find.assert_called_once_with(project='thunder', prog='thunder-cache')
+    assert conf.command.name == 'volume'

@@ -276,6 +276,7 @@ class Daemon(object):
             self.node, self.store, conf.mount_dir, self.descriptors_dir,
             self.origins)
         service.evictor = self.evictor
+        service.trace_state = self.lifecycle.trace_state
         self.evictor.in_use = service.image_in_use
         self.control_server = control.ControlServer(
             conf.control_socket, service.handlers(),

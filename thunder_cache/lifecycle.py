@@ -276,6 +276,24 @@ class ImageLifecycle(object):
                 LOG.info('Image %s: withdrew this node\'s advertisement '
                          'from volume %s', image_id, volume_id)
 
+    def trace_state(self, image_id):
+        """The image's boot trace here: what the node does with it, or None.
+
+        ``recording`` (this boot), ``recorded`` (published or kept),
+        ``replaying`` or ``replayed`` (a published trace), ``none``.
+        """
+        with self._lock:
+            state = self._images.get(image_id)
+        if state is None:
+            return None
+        if state.prefetcher is not None:
+            return 'replayed' if state.prefetcher.done else 'replaying'
+        if state.published:
+            return 'recorded'
+        if state.recorder is not None:
+            return 'recording'
+        return 'none'
+
     def volume_gone(self, volume_id):
         """True if Cinder says the image-volume does not exist."""
         if self.advertiser is None:

@@ -181,8 +181,9 @@ def image_list(conf, files):
                'volumes': users.get(image_id, []),
                'peers': known.get('peers',
                                   files.descriptor(image_id).get('peers')),
-               'trace': ('recorded' if os.path.exists(os.path.join(
-                   directory, lifecycle.TRACE_FILE)) else 'none'),
+               'trace': known.get('trace') or (
+                   'recorded' if os.path.exists(os.path.join(
+                       directory, lifecycle.TRACE_FILE)) else 'none'),
                'last_used': _when(known.get('last_used') or
                                   eviction.last_used(directory)),
                'state': ('gone' if known.get('gone') else

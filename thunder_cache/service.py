@@ -86,6 +86,8 @@ class VolumeService(object):
         self._image_locks = lockutils.Semaphores()
         #: the daemon's :class:`~thunder_cache.eviction.Evictor`, if any.
         self.evictor = None
+        #: callable(image_id) -> the image's boot-trace state, or None.
+        self.trace_state = None
 
     def handlers(self):
         return {'ping': self.ping,
@@ -240,5 +242,7 @@ class VolumeService(object):
                 'gone': entry.gone,
                 'peers': [p for p in peers if p != self.node.url],
                 'last_used': cache.last_used if cache is not None else None,
+                'trace': (self.trace_state(image_id)
+                          if self.trace_state is not None else None),
                 'volumes': self.volumes_of(image_id)}
         return {'images': images}

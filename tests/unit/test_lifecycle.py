@@ -590,6 +590,17 @@ def test_forget_stops_workers_and_withdraws(node, cache, workers):
     assert IMAGE_ID in life._images
 
 
+def test_trace_state(node, advertiser, cache, workers):
+    life = _lifecycle(node, advertiser)
+    assert life.trace_state(IMAGE_ID) is None
+    life.activated(make_spec(), cache)
+    assert life.trace_state(IMAGE_ID) == 'recording'
+    life._images[IMAGE_ID].published = True
+    assert life.trace_state(IMAGE_ID) == 'recorded'
+    life._images[IMAGE_ID].prefetcher = mock.Mock(done=False)
+    assert life.trace_state(IMAGE_ID) == 'replaying'
+
+
 def test_volume_gone(node):
     advertiser = FakeAdvertiser()
     life = _lifecycle(node, advertiser)

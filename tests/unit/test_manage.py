@@ -167,7 +167,7 @@ def daemon(tmp_path):
 
     status = {IMAGE: {'open': True, 'busy': None, 'gone': None,
                       'peers': ['http://127.0.0.1:8'], 'last_used': 0,
-                      'volumes': ['vol-1']}}
+                      'volumes': ['vol-1'], 'trace': 'replaying'}}
     server = control.ControlServer(
         files.control, {'evict_image': evict_image,
                         'cache_status': lambda: {'images': status},
@@ -195,7 +195,7 @@ def test_evict_refused(daemon, capsys):
 
 def test_list_with_the_daemon(daemon):
     [image] = json.loads(daemon.run('image', 'list', '--json')[1])
-    assert image['state'] == 'open'
+    assert image['state'] == 'open' and image['trace'] == 'replaying'
     assert image['peers'] == ['http://127.0.0.1:8']
     [volume] = json.loads(daemon.run('volume', 'list', '--json')[1])
     assert volume['open'] == 1

@@ -732,5 +732,7 @@ def test_cache_status(service, registered):
     status = service.cache_status()['images'][IMAGE_ID]
     assert status['open'] is True and status['busy'] is None
     assert status['volumes'] == ['vol-1'] and status['gone'] is None
-    assert status['last_used'] > 0
+    assert status['last_used'] > 0 and status['trace'] is None
+    service.trace_state = {IMAGE_ID: 'recording'}.get
+    assert service.cache_status()['images'][IMAGE_ID]['trace'] == 'recording'
     json.dumps(status)  # it goes over the socket

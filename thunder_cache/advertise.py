@@ -297,6 +297,10 @@ class RecordsError(Exception):
         self.cause = cause
 
 
+class VolumeGone(RecordsError):
+    """Cinder answered that the image-volume does not exist (404)."""
+
+
 _ERRORS = (cinder_exceptions.ClientException,
            ks_exceptions.ClientException)
 
@@ -343,6 +347,9 @@ class CinderRecords(object):
         check_volume_id(volume_id)
         try:
             return func(*args)
+        except cinder_exceptions.NotFound as exc:
+            raise VolumeGone('Cinder: volume %s not found: %s'
+                             % (volume_id, exc), exc)
         except _ERRORS as exc:
             raise RecordsError('Cinder: could not %s of volume %s: %s: %s'
                                % (what, volume_id, type(exc).__name__, exc),
@@ -512,9 +519,13 @@ class Advertiser(object):
 
         With ``include_self``, this node's own URL stays at its place in
         the list (a node asks the holders before it, then the origin).
+
+        :raises VolumeGone: if the image-volume does not exist.
         """
         try:
             metadata, created_at = self.records.get_volume(volume_id)
+        except VolumeGone:
+            raise
         except RecordsError as exc:
             LOG.warning('Could not read the peers of volume %s: %s',
                         volume_id, exc)

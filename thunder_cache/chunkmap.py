@@ -185,6 +185,8 @@ def create_map(path, manifest_digest, chunk_size, image_size, chunk_count):
     try:
         os.pwrite(fd, header, 0)
         os.ftruncate(fd, map_size(chunk_count))
+        # Blocks reserved now: setting a bit never needs room on disk.
+        os.posix_fallocate(fd, 0, map_size(chunk_count))
         os.fsync(fd)
     finally:
         os.close(fd)

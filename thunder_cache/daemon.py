@@ -33,6 +33,7 @@ from oslo_log import log as logging
 
 from thunder_cache import advertise
 from thunder_cache import control
+from thunder_cache import eviction
 from thunder_cache import lifecycle
 from thunder_cache import node as node_mod
 from thunder_cache import options
@@ -132,6 +133,7 @@ class Daemon(object):
         self._reload = False
         self.node = None
         self.lifecycle = None
+        self.evictor = None
         self._thread = None
         self.mount = None
         self.store = None
@@ -179,6 +181,14 @@ class Daemon(object):
         self.lifecycle = lifecycle.ImageLifecycle(
             self.node, conf.prefetch, self._advertiser(url))
         self.node.on_activate = self.lifecycle.activated
+        self.evictor = eviction.Evictor(
+            self.node, conf.cache, forget=self.lifecycle.forget,
+            volume_gone=self.lifecycle.volume_gone,
+            descriptors_dir=self.descriptors_dir,
+            exclude=(self.descriptors_dir, conf.blockdev.layers_dir,
+                     conf.blockdev.mount_dir))
+        self.node.on_full = self.evictor.cache_full
+        self.node.metrics_hooks.append(self.evictor.add_metrics)
         self.lifecycle.start()
         self.load_descriptors()
         self._thread = threading.Thread(target=self.server.serve_forever,
@@ -193,6 +203,7 @@ class Daemon(object):
                              daemon=True).start()
         if conf.blockdev.enabled:
             self._start_blockdev()
+        self.evictor.start()
         LOG.info('thunder-cache %s serving %s on %s:%d (%s, %d images)',
                  conf.node.node_id, url, self._bind_address[0], port,
                  'TLS' if self._tls_server else 'plain HTTP',
@@ -264,6 +275,9 @@ class Daemon(object):
         service = service_mod.VolumeService(
             self.node, self.store, conf.mount_dir, self.descriptors_dir,
             self.origins)
+        service.evictor = self.evictor
+        service.trace_state = self.lifecycle.trace_state
+        self.evictor.in_use = service.image_in_use
         self.control_server = control.ControlServer(
             conf.control_socket, service.handlers(),
             expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
@@ -311,6 +325,9 @@ class Daemon(object):
 
     def stop(self):
         LOG.info('thunder-cache %s stopping', self.conf.node.node_id)
+        if self.evictor is not None:
+            # First: the volumes it must not evict for are closed below.
+            self.evictor.stop()
         if self.control_server is not None:
             self.control_server.stop()
         if self.mount is not None:

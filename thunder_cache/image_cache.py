@@ -41,9 +41,24 @@ Chunks already marked in a map found at start are verified again before
 their first use (``verify_persisted``), so a cache file damaged behind the
 daemon's back (disk error, a stray write) is never served: a chunk that
 fails is cleared from the map and fetched again.
+
+A full cache filesystem: a chunk's blocks are reserved (``fallocate``)
+before its bytes are written, so ENOSPC or EDQUOT comes before any byte
+lands. The chunk is then not stored, its bit never set, the failure counted
+(``cache_full_errors``) and :attr:`ImageCache.on_full` told (the node's
+evictor makes room); the read fails with :class:`CacheFull`, which a local
+reader retries like any failed fetch. A commit whose ``fdatasync`` fails
+makes the chunks it was committing unusable again (fetched anew), so a
+chunk whose bytes may not have reached the disk is never served from it.
+
+Eviction (:mod:`thunder_cache.eviction`): users of a cache :meth:`pin` it
+while they read it; :meth:`ImageCache.retire` succeeds only for a cache
+nobody pins and nothing fetches, and a retired cache can be pinned no more
+(its users look the image up again and open a new cache).
 """
 
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
@@ -82,6 +97,18 @@ class LoopError(FetchError):
 
 class BadChunk(FetchError):
     """A source returned bytes that do not match the manifest."""
+
+
+class CacheFull(FetchError):
+    """The cache filesystem has no room for a fetched chunk."""
+
+
+class Retired(FetchError):
+    """The cache was evicted; look the image up again."""
+
+
+#: errno values of a full filesystem (or quota).
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Source(object):
@@ -150,6 +177,9 @@ class ImageCache(object):
 
     #: callable(index) told of every local demand read; see above.
     observer = None
+    #: callable(cache) told when a chunk could not be stored for want of
+    #: space (the node's evictor); it must not block.
+    on_full = None
 
     def __init__(self, directory, image_id, manifest, upstream,
                  verify_persisted=True, commit_interval=0.0,
@@ -175,6 +205,15 @@ class ImageCache(object):
         self._committer = None
         self._closing = False
         self._wake = threading.Condition(self._lock)
+        # Whether a full filesystem was logged and not yet followed by a
+        # stored chunk.
+        self._full_logged = False
+        # Users holding the cache open (pin()), and whether it is retired.
+        self._pins = 0
+        self.retired = False
+        #: time.time() of the last read (local or peer); a plain store per
+        #: read, persisted by the evictor at most once per check.
+        self.last_used = time.time()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.data_path = os.path.join(directory, DATA_FILE)
         self.map_path = os.path.join(directory, MAP_FILE)
@@ -250,6 +289,40 @@ class ImageCache(object):
         """Background fetches in flight."""
         return self._background
 
+    # -- pins (eviction) ----------------------------------------------------
+
+    def pin(self):
+        """Hold the cache open; False if it is retired (evicted)."""
+        with self._lock:
+            if self.retired:
+                return False
+            self._pins += 1
+            return True
+
+    def unpin(self):
+        with self._lock:
+            self._pins -= 1
+
+    def busy(self):
+        """Why the cache cannot be retired now, or None."""
+        if self._pins:
+            return '%d reads or transfers in progress' % self._pins
+        if self._inflight or self._demand or self._background:
+            return 'a fetch in flight'
+        return None
+
+    def retire(self):
+        """Refuse new pins if nothing uses the cache; the reason if busy.
+
+        :returns: None once retired (close it, then remove its files), or
+            why it is busy (nothing changed).
+        """
+        with self._lock:
+            reason = self.busy()
+            if reason is None:
+                self.retired = True
+            return reason
+
     # -- reading ----------------------------------------------------------
 
     def read(self, offset, length):
@@ -319,6 +392,7 @@ class ImageCache(object):
         self.manifest.chunk_range(index)  # validates the index
         if background:
             return self._ensure_background(index)
+        self.last_used = time.time()
         if ticket is not None or via:
             return self._ensure_demand(index, via, timeout, ticket)
         observer = self.observer
@@ -361,6 +435,9 @@ class ImageCache(object):
             if self.has(index):
                 self._hit(index, locked=True)
                 return
+            if self.retired:
+                raise Retired('the cache of image %s was evicted'
+                              % self.image_id)
             future = self._inflight.get(index)
             bypass = False
             if future is None:
@@ -458,7 +535,7 @@ class ImageCache(object):
         if self.has(index):
             return False
         with self._lock:
-            if self.has(index) or index in self._inflight:
+            if self.has(index) or index in self._inflight or self.retired:
                 return False
             future = _new_fetch(None, background=True)
             self._inflight[index] = future
@@ -504,10 +581,7 @@ class ImageCache(object):
         if not future.background:
             self.counters.inc('chunk_misses')
         data, source = self._fetch(index, offset, length, via, future)
-        written = os.pwrite(self._fd, data, offset)
-        if written != length:
-            raise FetchError('short write to the cache file of image %s'
-                             % self.image_id)
+        self._store(index, offset, data)
         with self._lock:
             self._pending.add(index)
             if future.background:
@@ -518,7 +592,13 @@ class ImageCache(object):
                 self._usable[index] = 1
                 self._wake.notify()
         if self._committer is None:
-            self._commit()
+            try:
+                self._commit()
+            except OSError as e:
+                if e.errno in FULL_ERRNOS:
+                    self._full(index, e)
+                raise FetchError('chunk %d of image %s: cannot commit it to '
+                                 'the cache: %s' % (index, self.image_id, e))
         kind = source.kind
         self.counters.inc('chunks_from_%s' % ('origin' if kind == 'origin'
                                               else 'peers'))
@@ -565,6 +645,46 @@ class ImageCache(object):
                                  (' (%s)' % '; '.join(errors))
                                  if errors else ''))
 
+    def _store(self, index, offset, data):
+        """Write a verified chunk; :class:`CacheFull` if there is no room.
+
+        The blocks are reserved first, so a full filesystem fails before
+        any byte is written (the chunk's bit stays clear either way).
+        """
+        length = len(data)
+        try:
+            os.posix_fallocate(self._fd, offset, length)
+            written = os.pwrite(self._fd, data, offset)
+        except OSError as e:
+            if e.errno not in FULL_ERRNOS:
+                raise
+            self._full(index, e)
+        if self._full_logged:
+            self._full_logged = False
+            LOG.info('Image %s: the cache filesystem has room again',
+                     self.image_id)
+        if written != length:
+            raise FetchError('short write to the cache file of image %s'
+                             % self.image_id)
+
+    def _full(self, index, error):
+        self.counters.inc('cache_full_errors')
+        # Once per episode at ERROR: every chunk fails alike meanwhile.
+        LOG.log(logging.DEBUG if self._full_logged else logging.ERROR,
+                'Image %s: the cache filesystem is full (%s): chunk %d not '
+                'stored; evicting unused images', self.image_id,
+                os.strerror(error.errno), index)
+        self._full_logged = True
+        on_full = self.on_full
+        if on_full is not None:
+            try:
+                on_full(self)
+            except Exception:
+                LOG.exception('Image %s: the disk-full hook failed',
+                              self.image_id)
+        raise CacheFull('chunk %d of image %s: no room in the cache (%s)'
+                        % (index, self.image_id, os.strerror(error.errno)))
+
     def _commit(self):
         """Make every written chunk durable, then mark it present."""
         with self._commit_lock:
@@ -572,7 +692,14 @@ class ImageCache(object):
                 pending, self._pending = self._pending, set()
             if not pending:
                 return  # another fetcher committed ours
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                # Their bytes may not be on disk: never serve them from it.
+                with self._lock:
+                    for index in pending:
+                        self._usable[index] = 0
+                raise
             self.map.set_durable(pending)
             for index in pending:
                 self._usable[index] = 1
@@ -588,12 +715,12 @@ class ImageCache(object):
             time.sleep(self.commit_interval)
             try:
                 self._commit()
-            except OSError:
-                LOG.exception('Image %s: cannot commit the cache; chunks '
-                              'will be fetched again after a restart',
-                              self.image_id)
-                with self._lock:
-                    self._pending.clear()
+            except OSError as e:
+                if e.errno in FULL_ERRNOS:
+                    self.counters.inc('cache_full_errors')
+                LOG.error('Image %s: cannot commit the cache (%s); its '
+                          'last chunks will be fetched again', self.image_id,
+                          e)
 
     # -- lifecycle --------------------------------------------------------
 

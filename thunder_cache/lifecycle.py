@@ -31,7 +31,12 @@ records its boot meanwhile (the recording is dropped if a published trace
 turns up).
 
 A periodic tick publishes finished traces and refreshes each image's peer
-list from the advertisements, so nodes that arrive later are found.
+list from the advertisements, so nodes that arrive later are found. An
+image-volume that Cinder answers 404 for at :data:`GONE_AFTER` refreshes
+in a row marks its image gone (deleted in Glance,
+:meth:`thunder_cache.node.Node.mark_gone`); the evictor removes it once no
+volume uses it and calls :meth:`ImageLifecycle.forget`, which stops its
+prefetch and withdraws its advertisement (as after any eviction).
 """
 
 import logging
@@ -48,6 +53,8 @@ TRACE_FILE = 'trace'
 #: Seconds the read that opened an image waits for the Cinder calls of its
 #: activation (peers found before the first fetch); they go on behind it.
 ACTIVATION_WAIT = 5.0
+#: Refreshes in a row that must find the image-volume gone (404).
+GONE_AFTER = 2
 
 
 class _Image(object):
@@ -59,6 +66,8 @@ class _Image(object):
         self.prefetcher = None
         self.hydrator = None
         self.published = False
+        # Refreshes in a row that found the image-volume gone.
+        self.missing = 0
 
 
 class ImageLifecycle(object):
@@ -231,8 +240,16 @@ class ImageLifecycle(object):
         state.published = True
 
     def _refresh_peers(self, state):
-        advertised = self.advertiser.peers(state.spec.origin_volume_id,
-                                           include_self=True)
+        volume_id = state.spec.origin_volume_id
+        try:
+            advertised = self.advertiser.peers(volume_id, include_self=True)
+        except advertise.VolumeGone:
+            state.missing += 1
+            if state.missing >= GONE_AFTER:
+                self.node.mark_gone(state.spec.image_id, 'its image-volume '
+                                    '%s was deleted' % volume_id)
+            return
+        state.missing = 0
         peers = list(state.spec.peers)
         peers += [url for url in advertised if url not in peers]
         try:
@@ -240,6 +257,54 @@ class ImageLifecycle(object):
         except (KeyError, ValueError) as e:
             LOG.warning('Image %s: cannot update its peers: %s',
                         state.spec.image_id, e)
+
+    # -- eviction ---------------------------------------------------------
+
+    def forget(self, image_id):
+        """The image's cache was evicted: stop its work, withdraw it."""
+        with self._lock:
+            state = self._images.pop(image_id, None)
+        if state is None:
+            return
+        state.cache.observer = None
+        for worker in (state.prefetcher, state.hydrator):
+            if worker is not None:
+                worker.stop()
+        volume_id = state.spec.origin_volume_id
+        if self.advertiser is not None and volume_id:
+            if self.advertiser.withdraw(volume_id):
+                LOG.info('Image %s: withdrew this node\'s advertisement '
+                         'from volume %s', image_id, volume_id)
+
+    def trace_state(self, image_id):
+        """The image's boot trace here: what the node does with it, or None.
+
+        ``recording`` (this boot), ``recorded`` (published or kept),
+        ``replaying`` or ``replayed`` (a published trace), ``none``.
+        """
+        with self._lock:
+            state = self._images.get(image_id)
+        if state is None:
+            return None
+        if state.prefetcher is not None:
+            return 'replayed' if state.prefetcher.done else 'replaying'
+        if state.published:
+            return 'recorded'
+        if state.recorder is not None:
+            return 'recording'
+        return 'none'
+
+    def volume_gone(self, volume_id):
+        """True if Cinder says the image-volume does not exist."""
+        if self.advertiser is None:
+            return False
+        try:
+            self.advertiser.records.get_volume(volume_id)
+        except advertise.VolumeGone:
+            return True
+        except advertise.RecordsError as e:
+            LOG.debug('Cannot check volume %s: %s', volume_id, e)
+        return False
 
     # -- thread -----------------------------------------------------------
 

@@ -49,6 +49,10 @@ IMAGE_COUNTERS = {
     'fetch_errors': 'Fetch attempts that failed (error, timeout, refused, '
                     'bad data) before another source was tried.',
     'fetch_failures': 'Chunk fetches that failed on every source.',
+    'cache_full_errors': 'Fetched chunks not stored because the cache '
+                         'filesystem was full (ENOSPC or EDQUOT); the read '
+                         'is retried or fails, the chunk is never served '
+                         'half-written.',
     'read_retries': 'Local reads retried after their chunk\'s fetch '
                     'failed on every source (see [cache] read_retry).',
     'chunks_prefetched': 'Chunks fetched ahead of the readers by the '

@@ -23,8 +23,18 @@ digest. Registration comes from descriptor files (see
 The request logic (authentication aside, which the server does) lives here
 so that it can be tested without sockets: :meth:`Node.serve_chunk` returns
 a :class:`Reply` saying what to send.
+
+Eviction (:meth:`Node.evict`, driven by :mod:`thunder_cache.eviction`):
+readers pin the cache they read (:meth:`Node.using`; a peer's reply until
+it is sent), and an image is evicted only when its cache can be retired
+(no pin, no fetch in flight). Its directory is renamed away under the
+image's lock, then deleted: a concurrent activation either got the old
+cache before (and holds a pin, so the eviction is refused) or opens a new,
+empty one after. Peers asking for an evicted image get 404 rather than
+bringing it back; a local use (a volume, a registration) reopens it.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +42,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 
 from thunder_cache import control
 from thunder_cache import fanout
@@ -46,6 +57,8 @@ from thunder_common import manifest as manifest_mod
 LOG = logging.getLogger(__name__)
 
 MANIFEST_FILE = 'manifest'
+#: Prefix of a cache directory being deleted (see :meth:`Node.evict`).
+EVICTED_PREFIX = '.evicted-'
 MAX_DESCRIPTOR_BYTES = 65536
 # What a descriptor may hold (a file's also its ``image_id``).
 DESCRIPTOR_KEYS = frozenset((
@@ -83,10 +96,12 @@ NODE_COUNTERS = {
 class Reply(object):
     """What to answer: a status, headers and a body or a file span."""
 
-    __slots__ = ('status', 'headers', 'body', 'span', 'on_sent')
+    __slots__ = ('status', 'headers', 'body', 'span', 'on_sent', 'release')
 
     def __init__(self, status, headers=(), body=b'', span=None,
                  on_sent=None):
+        # Called once the reply is sent or dropped (unpins its cache).
+        self.release = None
         self.status = status
         self.headers = list(headers)
         self.body = body
@@ -99,6 +114,62 @@ class Reply(object):
     @property
     def length(self):
         return self.span[2] if self.span else len(self.body)
+
+
+def disk_usage(directory):
+    """Bytes the files of ``directory`` (not its sub-directories) take."""
+    total = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        try:
+            st = os.lstat(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue
+        if not os.path.isdir(os.path.join(directory, name)):
+            total += st.st_blocks * 512
+    return total
+
+
+def cache_dirs(cache_dir, exclude=()):
+    """{image id: directory} of the image caches in ``cache_dir``.
+
+    A directory counts if it is named as an image id and holds a chunk
+    map or a manifest; ``exclude`` lists directories never to count (the
+    layers, the mount, the descriptors).
+    """
+    skip = {os.path.realpath(p) for p in exclude if p}
+    found = {}
+    try:
+        names = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        if (not protocol.IMAGE_ID.match(name) or
+                os.path.realpath(path) in skip or
+                os.path.islink(path) or os.path.ismount(path)):
+            continue
+        if any(os.path.isfile(os.path.join(path, f)) for f in
+               (image_cache.MAP_FILE, MANIFEST_FILE)):
+            found[name] = path
+    return found
+
+
+def _held(cache, answer, *args):
+    """``answer(*args)``, ``cache`` pinned until its file span is sent."""
+    try:
+        reply = answer(*args)
+    except BaseException:
+        cache.unpin()
+        raise
+    if reply.span is None:
+        cache.unpin()
+    else:
+        reply.release = cache.unpin
+    return reply
 
 
 def _error(status, message=''):
@@ -117,6 +188,10 @@ class BadDescriptor(DescriptorError, control.BadRequest):
     A malformed value, an unknown key, or an origin the daemon does not
     allow.
     """
+
+
+class ImageBusy(Exception):
+    """An image that cannot be evicted now (the message says why)."""
 
 
 class ImageSpec(object):
@@ -232,6 +307,18 @@ class ImageEntry(object):
         self.lock = threading.Lock()
         self.retry_at = 0.0
         self.last_error = None
+        # Evicted: peers get 404 until a local use opens it again.
+        self.evicted = False
+        # Why the image is gone (deleted in Glance), or None.
+        self.gone = None
+
+    def serving(self):
+        """Why peers still fetch the image here (children), or None."""
+        children = self.children.children()
+        if children:
+            return 'serving %d peers (%s)' % (
+                len(children), ', '.join(sorted(children)[:5]))
+        return None
 
 
 class Node(object):
@@ -274,6 +361,10 @@ class Node(object):
         self.activation_retry = activation_retry
         # Called as on_activate(spec, cache) once an image's cache opens.
         self.on_activate = on_activate
+        # Set on every cache opened: see ImageCache.on_full.
+        self.on_full = None
+        # callable(page, labels) adding node-wide samples to /metrics.
+        self.metrics_hooks = []
         self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
         self.counters = metrics.Counters(NODE_COUNTERS)
         self.responses = metrics.Counters(protocol.REASONS)
@@ -305,6 +396,9 @@ class Node(object):
                 spec.origin.close()
                 spec.origin = old
             entry.spec = spec
+            # Registered again (by the driver, from Glance's record): not
+            # gone after all.
+            entry.gone = None
             if entry.cache is not None:
                 entry.cache.upstream.origin = spec.origin
                 entry.cache.upstream.set_peers(spec.peers)
@@ -320,13 +414,27 @@ class Node(object):
             if entry.spec.origin is not None:
                 entry.spec.origin.close()
 
+    def mark_gone(self, image_id, reason):
+        """Note that an image was deleted (see :mod:`.eviction`)."""
+        entry = self._entry(image_id)
+        if entry is not None and entry.gone is None:
+            entry.gone = reason
+            LOG.info('Image %s is gone (%s): its cache is removed once no '
+                     'volume uses it', image_id, reason)
+
     def load_descriptors(self, directory, origin_factory):
-        """Register every ``*.json`` descriptor of ``directory``."""
+        """Register every ``*.json`` descriptor of ``directory``.
+
+        A registered image whose descriptor was removed is marked gone.
+        """
         loaded = 0
         try:
             names = sorted(os.listdir(directory))
         except FileNotFoundError:
             return 0
+        for image_id in set(self.image_ids()) - {
+                n[:-len('.json')] for n in names if n.endswith('.json')}:
+            self.mark_gone(image_id, 'its descriptor was removed')
         for name in names:
             if not name.endswith('.json'):
                 continue
@@ -348,9 +456,11 @@ class Node(object):
         with self._lock:
             return self._images.get(image_id)
 
-    def cache(self, image_id):
+    def cache(self, image_id, reopen=True):
         """The activated cache of a registered image.
 
+        :param reopen: False for peers: an evicted image is not opened
+            again (KeyError).
         :raises KeyError: if the image is not registered.
         :raises sources.ManifestError: if its manifest cannot be loaded.
         """
@@ -362,6 +472,8 @@ class Node(object):
         with entry.lock:
             if entry.cache is not None:
                 return entry.cache
+            if entry.evicted and not reopen:
+                raise KeyError(image_id)
             now = time.monotonic()
             if now < entry.retry_at:
                 raise sources.ManifestError(entry.last_error)
@@ -372,6 +484,8 @@ class Node(object):
                 entry.retry_at = now + self.activation_retry
                 raise
             cache = entry.cache
+            cache.on_full = self.on_full
+            entry.evicted = False
         if self.on_activate is not None:
             try:
                 self.on_activate(entry.spec, cache)
@@ -384,14 +498,23 @@ class Node(object):
         spec = entry.spec
         directory = os.path.join(self.cache_dir, spec.image_id)
         made = not os.path.isdir(directory)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
-            manifest = self._load_manifest(spec, directory)
-        except sources.ManifestError:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._open(entry, directory)
+        except (OSError, sources.ManifestError) as e:
             if made:
                 # An image never verified leaves nothing behind.
                 shutil.rmtree(directory, ignore_errors=True)
-            raise
+            if not isinstance(e, OSError):
+                raise
+            if e.errno in image_cache.FULL_ERRNOS and self.on_full:
+                self.on_full(None)
+            raise sources.ManifestError('cannot open the cache of image %s: '
+                                        '%s' % (spec.image_id, e))
+
+    def _open(self, entry, directory):
+        spec = entry.spec
+        manifest = self._load_manifest(spec, directory)
         upstream = upstream_mod.Upstream(
             spec.image_id, spec.origin, spec.peers, self.client, self.url,
             max_redirects=self.max_redirects,
@@ -453,11 +576,103 @@ class Node(object):
                 'offset marks')
         return manifest
 
+    @contextlib.contextmanager
+    def using(self, image_id, reopen=True):
+        """The image's cache, pinned (not evicted) while in use."""
+        cache = self._pinned(image_id, reopen)
+        try:
+            yield cache
+        finally:
+            cache.unpin()
+
+    def _pinned(self, image_id, reopen=True):
+        while True:
+            cache = self.cache(image_id, reopen)
+            if cache.pin():
+                return cache
+            time.sleep(0.001)  # being evicted: the next one is new
+
+    # -- eviction -----------------------------------------------------------
+
+    def entries(self):
+        """{image id: ImageEntry} of the registered images."""
+        with self._lock:
+            return dict(self._images)
+
+    def cache_dirs(self, exclude=()):
+        """{image id: directory} of the caches (:func:`cache_dirs`)."""
+        return cache_dirs(self.cache_dir, exclude)
+
+    def evict(self, image_id, in_use=None, forget=False):
+        """Remove an image's cache from this node.
+
+        :param in_use: callable(image_id) -> why the image must stay (its
+            volumes) or None; asked under the image's lock.
+        :param forget: unregister the image too; only if it is still
+            marked gone (see :meth:`mark_gone`) under its lock.
+        :raises ImageBusy: if it is in use or its cache busy, or registered
+            again when ``forget`` is set.
+        :returns: the bytes the cache took on disk.
+        """
+        entry = self._entry(image_id)
+        if entry is None:
+            with self._lock:
+                if image_id not in self._images:
+                    return self._remove_dir(image_id)
+            return self.evict(image_id, in_use, forget)
+        with entry.lock:
+            reason = in_use(image_id) if in_use is not None else None
+            if forget and entry.gone is None:
+                reason = 'registered again'
+            if reason is None:
+                reason = entry.serving()
+            cache = entry.cache
+            if reason is None and cache is not None:
+                reason = cache.retire()
+            if reason is not None:
+                raise ImageBusy('image %s is in use: %s' % (image_id, reason))
+            entry.cache = None
+            entry.manifest_bytes = None
+            entry.evicted = True
+            if cache is not None:
+                cache.close()
+            freed = self._remove_dir(image_id)
+        if forget:
+            with self._lock:
+                if self._images.get(image_id) is entry:
+                    del self._images[image_id]
+            if entry.spec.origin is not None:
+                entry.spec.origin.close()
+        return freed
+
+    def _remove_dir(self, image_id):
+        """Rename the cache directory away, then delete it; its bytes."""
+        directory = os.path.join(self.cache_dir, image_id)
+        trash = os.path.join(self.cache_dir, '%s%s.%s' % (
+            EVICTED_PREFIX, image_id, uuid.uuid4().hex[:8]))
+        try:
+            os.rename(directory, trash)
+        except FileNotFoundError:
+            return 0
+        fsutil.fsync_dir(self.cache_dir)
+        freed = disk_usage(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        fsutil.fsync_dir(self.cache_dir)
+        return freed
+
+    def remove_trash(self):
+        """Delete what an eviction interrupted by a crash left."""
+        for name in os.listdir(self.cache_dir):
+            if name.startswith(EVICTED_PREFIX):
+                shutil.rmtree(os.path.join(self.cache_dir, name),
+                              ignore_errors=True)
+
     # -- local reads --------------------------------------------------------
 
     def read_image(self, image_id, offset, length):
         """Bytes of a registered image (fetching missing chunks)."""
-        return self.cache(image_id).read(offset, length)
+        with self.using(image_id) as cache:
+            return cache.read(offset, length)
 
     def image_size(self, image_id):
         return self.cache(image_id).manifest.image_size
@@ -476,14 +691,17 @@ class Node(object):
 
     def serve_manifest(self, peer, image_id):
         try:
-            self.cache(image_id)
+            self.cache(image_id, reopen=False)
         except KeyError:
             return _error(404, 'unknown image')
         except sources.ManifestError:
             return _error(503, 'manifest not available')
         entry = self._entry(image_id)
+        manifest = entry.manifest_bytes if entry is not None else None
+        if manifest is None:  # evicted meanwhile
+            return _error(404, 'image not cached here')
         return Reply(200, [('Content-Type', 'application/octet-stream')],
-                     entry.manifest_bytes)
+                     manifest)
 
     def serve_chunk(self, peer, image_id, index, range_header=None):
         """The answer to an authenticated chunk request."""
@@ -491,9 +709,16 @@ class Node(object):
         if entry is None:
             return _error(404, 'unknown image')
         try:
-            cache = self.cache(image_id)
+            cache = self._pinned(image_id, reopen=False)
+        except KeyError:
+            return _error(404, 'image not cached here')
         except sources.ManifestError:
             return _error(503, 'manifest not available')
+        return _held(cache, self._serve_chunk, entry, cache, peer, image_id,
+                     index, range_header)
+
+    def _serve_chunk(self, entry, cache, peer, image_id, index,
+                     range_header):
         if index >= cache.manifest.chunk_count:
             return _error(404, 'no such chunk')
         waiting = peer.via + (peer.url,)
@@ -526,11 +751,15 @@ class Node(object):
     def serve_local(self, image_id, index, range_header=None):
         """The answer to a local reader's chunk request."""
         try:
-            cache = self.cache(image_id)
+            cache = self._pinned(image_id)
         except KeyError:
             return _error(404, 'unknown image')
         except sources.ManifestError:
             return _error(503, 'manifest not available')
+        return _held(cache, self._serve_local, cache, image_id, index,
+                     range_header)
+
+    def _serve_local(self, cache, image_id, index, range_header):
         if index >= cache.manifest.chunk_count:
             return _error(404, 'no such chunk')
         try:
@@ -542,6 +771,7 @@ class Node(object):
         return self._chunk_reply(cache, index, range_header, local=True)
 
     def _chunk_reply(self, cache, index, range_header, local):
+        cache.last_used = time.time()
         offset, length = cache.manifest.chunk_range(index)
         status = 200
         headers = [('Content-Type', 'application/octet-stream')]
@@ -580,6 +810,8 @@ class Node(object):
         page.add('thunder_cache_upload_throttled_seconds_total', 'counter',
                  'Seconds uploads waited for the upload rate limit.',
                  self.bucket.waited, node)
+        for hook in self.metrics_hooks:
+            hook(page, node)
         with self._lock:
             entries = sorted(self._images.items())
         for image_id, entry in entries:

@@ -27,6 +27,7 @@ import socket
 from oslo_config import cfg
 
 from thunder_cache import advertise
+from thunder_cache import eviction
 from thunder_cache import prefetch
 
 DEFAULT_PORT = 7485
@@ -378,7 +379,8 @@ blockdev_opts = [
                      '/etc/fuse.conf.'),
 ]
 
-GROUPS = (('node', node_opts), ('peer', peer_opts), ('cache', cache_opts),
+GROUPS = (('node', node_opts), ('peer', peer_opts),
+          ('cache', cache_opts + eviction.opts),
           ('origin', origin_opts), ('blockdev', blockdev_opts),
           ('prefetch', prefetch.opts))
 

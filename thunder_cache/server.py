@@ -661,6 +661,9 @@ class _Serving(object):
         except OSError as e:
             LOG.debug('Peer %s: send failed: %s', conn.address, e)
             return False
+        finally:
+            if getattr(reply, 'release', None) is not None:
+                reply.release()
 
     @staticmethod
     def _sendfile(sock, fd, offset, length, bucket):

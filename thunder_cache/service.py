@@ -36,7 +36,7 @@ LOG = logging.getLogger(__name__)
 LIST_LIMIT = 100
 # Errors answered by their class name and message (no traceback logged).
 EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
-                   KeyError)
+                   node_mod.ImageBusy, KeyError)
 
 
 def _size(value, limit):
@@ -87,6 +87,10 @@ class VolumeService(object):
         self.origin_factory = origin_factory
         # One registration of an image at a time.
         self._image_locks = lockutils.Semaphores()
+        #: the daemon's :class:`~thunder_cache.eviction.Evictor`, if any.
+        self.evictor = None
+        #: callable(image_id) -> the image's boot-trace state, or None.
+        self.trace_state = None
 
     def handlers(self):
         return {'ping': self.ping,
@@ -98,7 +102,9 @@ class VolumeService(object):
                 'revert_volume': self.revert_volume,
                 'rename_volume': self.rename_volume,
                 'list_volumes': self.list_volumes,
-                'volume_info': self.volume_info}
+                'volume_info': self.volume_info,
+                'evict_image': self.evict_image,
+                'cache_status': self.cache_status}
 
     def ping(self):
         return {'node_id': self.node.node_id, 'url': self.node.url,
@@ -225,3 +231,55 @@ class VolumeService(object):
 
     def volume_info(self, volume_id):
         return self.store.info(_volume_id(volume_id))
+
+    # -- the image caches -------------------------------------------------
+
+    def volumes_of(self, image_id):
+        """Ids of the volumes (and snapshots) reading ``image_id``."""
+        found = []
+        for volume_id in self.store.list():
+            try:
+                if self.store.info(volume_id)['image_id'] == image_id:
+                    found.append(volume_id)
+            except volumes_mod.VolumeNotFound:
+                continue
+        return found
+
+    def image_in_use(self, image_id):
+        """Why the image's cache must stay (its volumes), or None."""
+        used_by = self.volumes_of(image_id)
+        if not used_by:
+            return None
+        return '%d volumes read it (%s)' % (len(used_by),
+                                            ', '.join(used_by[:5]))
+
+    def evict_image(self, image_id):
+        """Evict an image's cache if nothing uses it (``ImageBusy``)."""
+        _image_id(image_id)
+        if self.evictor is None:
+            raise control.BadRequest('this daemon does not evict')
+        if image_id not in self.node.cache_dirs(self.evictor.exclude):
+            raise KeyError('image %s is not cached here' % image_id)
+        freed = self.evictor.evict(image_id, 'asked over the control '
+                                   'socket')
+        return {'image_id': image_id, 'freed_bytes': freed}
+
+    def cache_status(self):
+        """What the daemon knows of each image beyond its files."""
+        images = {}
+        for image_id, entry in self.node.entries().items():
+            cache = entry.cache
+            if cache is not None:
+                peers = cache.upstream.peers + cache.upstream.later_peers
+            else:
+                peers = entry.spec.peers
+            images[image_id] = {
+                'open': cache is not None,
+                'busy': cache.busy() if cache is not None else None,
+                'gone': entry.gone,
+                'peers': [p for p in peers if p != self.node.url],
+                'last_used': cache.last_used if cache is not None else None,
+                'trace': (self.trace_state(image_id)
+                          if self.trace_state is not None else None),
+                'volumes': self.volumes_of(image_id)}
+        return {'images': images}

@@ -18,6 +18,7 @@ stopped by its PID (SIGTERM, or SIGKILL to simulate a crash).
 """
 
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -257,6 +259,93 @@ class VolumeDaemon(Daemon):
     def delete_volume(self, volume_id, timeout=10):
         """Delete a volume once the kernel has released its file."""
         return self.control.delete_volume(volume_id, busy_wait=timeout)
+
+
+class FakeCinder(http.server.ThreadingHTTPServer):
+    """The Cinder volume API the daemon's advertiser uses, in memory.
+
+    One image-volume, ``volume_id``; ``deleted = True`` makes it answer
+    404 as a deleted volume does. Options for the daemon: :meth:`options`.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, volume_id, created_at, metadata):
+        self.volume_id = volume_id
+        self.created_at = created_at
+        self.metadata = dict(metadata)
+        self.gets = 0
+        self.deleted = False
+        super().__init__(('127.0.0.1', 0), CinderHandler)
+
+    @property
+    def endpoint(self):
+        return 'http://127.0.0.1:%d/v3/project' % self.server_address[1]
+
+    def options(self):
+        """The daemon's ``[advertise]`` lines to use this Cinder."""
+        return ['[advertise]', 'enabled = true', 'auth_type = none',
+                'cinder_endpoint_override = %s' % self.endpoint,
+                'timeout = 5']
+
+    def start(self):
+        threading.Thread(target=self.serve_forever, args=(0.1,),
+                         daemon=True).start()
+        return self
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class CinderHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def _reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _volume(self):
+        parts = self.path.split('/')
+        server = self.server
+        if (len(parts) < 5 or parts[4] != server.volume_id or
+                server.deleted):
+            self._reply(404, {'itemNotFound': {'message': 'no volume'}})
+            return None
+        return parts[5:]
+
+    def do_GET(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        self.server.gets += 1
+        self._reply(200, {'volume': {
+            'id': self.server.volume_id, 'status': 'available',
+            'created_at': self.server.created_at,
+            'metadata': self.server.metadata}})
+
+    def do_POST(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        length = int(self.headers.get('Content-Length', 0))
+        body = json.loads(self.rfile.read(length) or b'{}')
+        self.server.metadata.update(body.get('metadata', {}))
+        self._reply(200, {'metadata': self.server.metadata})
+
+    def do_DELETE(self):
+        rest = self._volume()
+        if rest is None:
+            return
+        self.server.metadata.pop(rest[-1], None)
+        self._reply(200, {})
+
+    def log_message(self, *args):
+        pass
 
 
 @contextlib.contextmanager

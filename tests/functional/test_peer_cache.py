@@ -647,72 +647,6 @@ def test_redirect_to_a_refused_address_is_not_followed(daemons, hostile,
 
 # -- advertisements ---------------------------------------------------------
 
-class _FakeCinder(http.server.ThreadingHTTPServer):
-    """The Cinder volume API the daemon's advertiser uses, in memory."""
-
-    daemon_threads = True
-
-    def __init__(self, volume_id, created_at, metadata):
-        self.volume_id = volume_id
-        self.created_at = created_at
-        self.metadata = dict(metadata)
-        self.gets = 0
-        super().__init__(('127.0.0.1', 0), _CinderHandler)
-
-    @property
-    def endpoint(self):
-        return 'http://127.0.0.1:%d/v3/project' % self.server_address[1]
-
-
-class _CinderHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-
-    def _reply(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _volume(self):
-        parts = self.path.split('/')
-        server = self.server
-        if len(parts) < 5 or parts[4] != server.volume_id:
-            self._reply(404, {'itemNotFound': {'message': 'no volume'}})
-            return None
-        return parts[5:]
-
-    def do_GET(self):
-        rest = self._volume()
-        if rest is None:
-            return
-        self.server.gets += 1
-        self._reply(200, {'volume': {
-            'id': self.server.volume_id, 'status': 'available',
-            'created_at': self.server.created_at,
-            'metadata': self.server.metadata}})
-
-    def do_POST(self):
-        rest = self._volume()
-        if rest is None:
-            return
-        length = int(self.headers.get('Content-Length', 0))
-        body = json.loads(self.rfile.read(length) or b'{}')
-        self.server.metadata.update(body.get('metadata', {}))
-        self._reply(200, {'metadata': self.server.metadata})
-
-    def do_DELETE(self):
-        rest = self._volume()
-        if rest is None:
-            return
-        self.server.metadata.pop(rest[-1], None)
-        self._reply(200, {})
-
-    def log_message(self, *args):
-        pass
-
-
 def test_bogus_advertisements_cost_at_most_one_deadline_each(
         daemons, hostile, volume, image):
     """Advertised black holes: an implausible since, a cap, back-off.
@@ -738,16 +672,12 @@ def test_bogus_advertisements_cost_at_most_one_deadline_each(
     for i, hole in enumerate(holes[1:]):
         metadata['thunder_peer_hole%d' % i] = '%s %d %d' % (
             hole.url, created + 10 + i, now + 300)
-    cinder = _FakeCinder(volume_id, time.strftime(
+    cinder = cache_daemons.FakeCinder(volume_id, time.strftime(
         '%Y-%m-%dT%H:%M:%S.000000', time.gmtime(created)), metadata)
-    threading.Thread(target=cinder.serve_forever, args=(0.1,),
-                     daemon=True).start()
+    cinder.start()
     try:
         node = daemons('advertised', extra='\n'.join([
-            '[peer]', 'max_peers_per_image = 2',
-            '[advertise]', 'enabled = true', 'auth_type = none',
-            'cinder_endpoint_override = %s' % cinder.endpoint,
-            'timeout = 5']))
+            '[peer]', 'max_peers_per_image = 2'] + cinder.options()))
         with open(os.path.join(node.dir, 'images.d', IMAGE + '.json'),
                   'w') as f:
             json.dump({'manifest_digest': manifest.digest(),
@@ -764,8 +694,7 @@ def test_bogus_advertisements_cost_at_most_one_deadline_each(
         # This node advertised itself.
         assert 'thunder_peer_advertised' in cinder.metadata
     finally:
-        cinder.shutdown()
-        cinder.server_close()
+        cinder.stop()
 
 
 # -- hostile clients of the peer server --------------------------------------

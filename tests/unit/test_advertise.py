@@ -437,6 +437,13 @@ def test_a_node_that_stops_refreshing_expires(records, clock):
     assert dead.peers(VOL) == [URL_A]
 
 
+def test_peers_of_a_deleted_image_volume_raise(records, clock):
+    adv = make(records, clock)
+    records.get_volume = mock.Mock(side_effect=advertise.VolumeGone('404'))
+    with pytest.raises(advertise.VolumeGone):
+        adv.peers(VOL)
+
+
 def test_cinder_errors_never_raise_and_are_retried(records, clock, caplog):
     adv = make(records, clock)
     records.fail = True
@@ -778,8 +785,9 @@ def test_records_wrap_client_errors(cinder, error):
 
 
 def test_records_missing_volume_is_an_error_on_read(cinder):
-    with pytest.raises(advertise.RecordsError) as info:
+    with pytest.raises(advertise.VolumeGone) as info:
         advertise.CinderRecords(cinder).get_metadata(VOL2)
+    assert isinstance(info.value, advertise.RecordsError)
     assert isinstance(info.value.cause, cinder_exceptions.NotFound)
 
 

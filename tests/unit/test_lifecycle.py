@@ -545,3 +545,68 @@ def test_with_a_real_node(tmp_path):
     finally:
         life.stop()
         node.close()
+
+
+# -- images gone, eviction ---------------------------------------------------
+
+class GoneAdvertiser(FakeAdvertiser):
+    """Cinder answers 404 for the image-volume."""
+
+    def __init__(self):
+        super().__init__()
+        self.withdrawn = []
+
+    def peers(self, volume_id, include_self=False):
+        raise advertise.VolumeGone('gone')
+
+    def withdraw(self, volume_id, lock_timeout=-1):
+        self.withdrawn.append(volume_id)
+        return True
+
+
+def test_image_gone_after_two_refreshes(node, cache, workers):
+    advertiser = GoneAdvertiser()
+    spec = make_spec()
+    life = _lifecycle(node, advertiser)
+    life.activated(spec, cache)  # the first 404
+    node.mark_gone.assert_not_called()
+    life.tick()
+    node.mark_gone.assert_called_once_with(
+        IMAGE_ID, 'its image-volume %s was deleted' % spec.origin_volume_id)
+
+
+def test_forget_stops_workers_and_withdraws(node, cache, workers):
+    advertiser = GoneAdvertiser()
+    spec = make_spec()
+    life = _lifecycle(node, advertiser, hydrate=True)
+    life.activated(spec, cache)
+    life.forget(IMAGE_ID)
+    workers.hydrator.return_value.stop.assert_called_once_with()
+    assert advertiser.withdrawn == [spec.origin_volume_id]
+    life.forget(IMAGE_ID)  # twice is harmless
+    assert advertiser.withdrawn == [spec.origin_volume_id]
+    # Opened again later: activated anew (advertised again).
+    life.activated(spec, cache)
+    assert IMAGE_ID in life._images
+
+
+def test_trace_state(node, advertiser, cache, workers):
+    life = _lifecycle(node, advertiser)
+    assert life.trace_state(IMAGE_ID) is None
+    life.activated(make_spec(), cache)
+    assert life.trace_state(IMAGE_ID) == 'recording'
+    life._images[IMAGE_ID].published = True
+    assert life.trace_state(IMAGE_ID) == 'recorded'
+    life._images[IMAGE_ID].prefetcher = mock.Mock(done=False)
+    assert life.trace_state(IMAGE_ID) == 'replaying'
+
+
+def test_volume_gone(node):
+    advertiser = FakeAdvertiser()
+    life = _lifecycle(node, advertiser)
+    advertiser.records.get_volume = mock.Mock(
+        side_effect=advertise.VolumeGone('404'))
+    assert life.volume_gone('v') is True
+    advertiser.records.get_volume.side_effect = advertise.RecordsError('x')
+    assert life.volume_gone('v') is False
+    assert _lifecycle(node, None).volume_gone('v') is False

@@ -110,9 +110,9 @@ def test_ping(service):
 def test_handlers(service):
     handlers = service.handlers()
     assert sorted(handlers) == [
-        'create_volume', 'delete_volume', 'list_volumes', 'ping',
-        'register_image', 'rename_volume', 'resize_volume',
-        'revert_volume', 'stats', 'volume_info']
+        'cache_status', 'create_volume', 'delete_volume', 'evict_image',
+        'list_volumes', 'ping', 'register_image', 'rename_volume',
+        'resize_volume', 'revert_volume', 'stats', 'volume_info']
     assert handlers['create_volume'] == service.create_volume
     assert handlers['stats'] == service.stats
 
@@ -724,3 +724,49 @@ def test_concurrent_registrations_of_one_image(service, image, node,
     assert not errors, errors
     assert [r['image_size'] for r in results] == [len(data)] * 4
     assert os.listdir(descriptors_dir) == [IMAGE_ID + '.json']
+
+
+# -- the image caches -------------------------------------------------------
+
+def _with_evictor(service):
+    from thunder_cache import eviction
+    conf = mock.Mock(max_size=0, max_size_percent=0, low_water_percent=90,
+                     check_interval=10.0)
+    service.evictor = eviction.Evictor(service.node, conf,
+                                       in_use=service.image_in_use,
+                                       descriptors_dir=service.descriptors_dir)
+    return service.evictor
+
+
+def test_evict_image_refused_while_a_volume_reads_it(service, registered):
+    _with_evictor(service)
+    service.create_volume('vol-1', GiB, image_id=IMAGE_ID)
+    assert service.image_in_use(IMAGE_ID) == '1 volumes read it (vol-1)'
+    with pytest.raises(node_mod.ImageBusy, match='vol-1'):
+        service.evict_image(IMAGE_ID)
+    # The volume still reads its image.
+    assert service.store.read('vol-1', 0, 100) == registered[:100]
+    service.delete_volume('vol-1')
+    result = service.evict_image(IMAGE_ID)
+    assert result['image_id'] == IMAGE_ID and result['freed_bytes'] > 0
+    assert not os.path.exists(os.path.join(service.node.cache_dir, IMAGE_ID))
+    with pytest.raises(KeyError, match='not cached here'):
+        service.evict_image(IMAGE_ID)
+
+
+def test_evict_image_checks_its_arguments(service):
+    with pytest.raises(control.BadRequest):
+        service.evict_image('../etc')
+    with pytest.raises(control.BadRequest, match='does not evict'):
+        service.evict_image(IMAGE_ID)
+
+
+def test_cache_status(service, registered):
+    service.create_volume('vol-1', GiB, image_id=IMAGE_ID)
+    status = service.cache_status()['images'][IMAGE_ID]
+    assert status['open'] is True and status['busy'] is None
+    assert status['volumes'] == ['vol-1'] and status['gone'] is None
+    assert status['last_used'] > 0 and status['trace'] is None
+    service.trace_state = {IMAGE_ID: 'recording'}.get
+    assert service.cache_status()['images'][IMAGE_ID]['trace'] == 'recording'
+    json.dumps(status)  # it goes over the socket

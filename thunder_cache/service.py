@@ -31,6 +31,8 @@ from thunder_cache import volumes as volumes_mod
 
 LOG = logging.getLogger(__name__)
 
+# Chunks one ensure_chunks request may name (the native server's limit).
+MAX_ENSURE = 64
 # Errors answered by their class name and message (no traceback logged).
 EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
                    KeyError)
@@ -53,6 +55,12 @@ def _volume_id(value, name='volume_id'):
         raise control.BadRequest(
             'bad %s %r: 1 to 128 characters of A-Z a-z 0-9 _ . -, not '
             'starting with . _ or -' % (name, value[:140]))
+
+
+def _index(value, name):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise control.BadRequest('%s must be a non-negative integer' % name)
+    return value
 
 
 def _image_id(value):
@@ -92,7 +100,8 @@ class VolumeService(object):
                 'create_volume': self.create_volume,
                 'delete_volume': self.delete_volume,
                 'resize_volume': self.resize_volume,
-                'volume_info': self.volume_info}
+                'volume_info': self.volume_info,
+                'ensure_chunks': self.ensure_chunks}
 
     def ping(self):
         return {'node_id': self.node.node_id, 'url': self.node.url,
@@ -188,3 +197,23 @@ class VolumeService(object):
 
     def volume_info(self, volume_id):
         return self.store.info(_volume_id(volume_id))
+
+    def ensure_chunks(self, image_id, first, last):
+        """Make chunks [first, last] of an image present, for the native
+        volume server (its reads of missing chunks); answer which chunks
+        of the image it may now read from the cache's data file.
+        """
+        cache = self.node.cache(_image_id(image_id))
+        first, last = _index(first, 'first'), _index(last, 'last')
+        if not first <= last < cache.manifest.chunk_count:
+            raise control.BadRequest(
+                'chunks %d-%d are not within the image\'s %d chunks'
+                % (first, last, cache.manifest.chunk_count))
+        if last - first >= MAX_ENSURE:
+            raise control.BadRequest('at most %d chunks per request'
+                                     % MAX_ENSURE)
+        for index in range(first, last + 1):
+            cache.ensure(index)
+        return {'image_size': cache.manifest.image_size,
+                'chunk_size': cache.manifest.chunk_size,
+                'usable': cache.usable_map()}

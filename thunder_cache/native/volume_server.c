@@ -732,9 +732,21 @@ static int volume_zero(struct volume *v, off_t off, off_t len)
 
 /* -- FUSE operations ------------------------------------------------------- */
 
+/* An open file: its volume, and whether it was opened for writing (the
+ * kernel does not tell fallocate and flush requests how). */
+struct handle {
+    struct volume *v;
+    int writable;
+};
+
 static struct volume *of(struct fuse_file_info *fi)
 {
-    return (struct volume *)(uintptr_t)fi->fh;
+    return ((struct handle *)(uintptr_t)fi->fh)->v;
+}
+
+static int writable(struct fuse_file_info *fi)
+{
+    return ((struct handle *)(uintptr_t)fi->fh)->writable;
 }
 
 /* Run I/O on an open volume unless it is held; EIO once it is gone. */
@@ -750,13 +762,17 @@ static int t_getattr(const char *path, struct stat *st,
     memset(st, 0, sizeof(*st));
     st->st_gid = file_gid;
     st->st_atime = st->st_mtime = st->st_ctime = started;
-    if (strcmp(path, "/") == 0) {
+    /* With nullpath_ok, an open file may come without its path. */
+    struct handle *h = fi ? (struct handle *)(uintptr_t)fi->fh : NULL;
+    if (!h && !path)
+        return -ENOENT;
+    if (!h && strcmp(path, "/") == 0) {
         st->st_mode = S_IFDIR | 0755;
         st->st_nlink = 2;
         return 0;
     }
-    int err;
-    struct volume *v = fi ? of(fi) : volume_get(path + 1, &err);
+    int err = -ENOENT;
+    struct volume *v = h ? h->v : volume_get(path + 1, &err);
     if (!v)
         return err;
     pthread_rwlock_rdlock(&v->hold);
@@ -775,7 +791,7 @@ static int t_readdir(const char *path, void *buf, fuse_fill_dir_t fill,
                      off_t off, struct fuse_file_info *fi,
                      enum fuse_readdir_flags flags)
 {
-    if (strcmp(path, "/"))
+    if (path && strcmp(path, "/"))
         return -ENOTDIR;
     fill(buf, ".", NULL, 0, 0);
     fill(buf, "..", NULL, 0, 0);
@@ -800,17 +816,26 @@ static int t_open(const char *path, struct fuse_file_info *fi)
     struct volume *v = volume_get(path + 1, &err);
     if (!v)
         return err;
-    int writable = (fi->flags & O_ACCMODE) != O_RDONLY;
+    int wr = (fi->flags & O_ACCMODE) != O_RDONLY;
     pthread_rwlock_rdlock(&v->hold);
     pthread_mutex_lock(&v->mu);
-    err = v->gone ? -ENOENT : (writable && v->read_only) ? -EROFS : 0;
+    err = v->gone ? -ENOENT : (wr && v->read_only) ? -EROFS : 0;
     if (!err)
         v->opens++;
     pthread_mutex_unlock(&v->mu);
     pthread_rwlock_unlock(&v->hold);
+    struct handle *h = err ? NULL : malloc(sizeof(*h));
+    if (!err && !h) {
+        err = -ENOMEM;
+        pthread_mutex_lock(&v->mu);
+        v->opens--;
+        pthread_mutex_unlock(&v->mu);
+    }
     if (err)
         return err;
-    fi->fh = (uintptr_t)v;
+    h->v = v;
+    h->writable = wr;
+    fi->fh = (uintptr_t)h;
     return 0;
 }
 
@@ -820,6 +845,7 @@ static int t_release(const char *path, struct fuse_file_info *fi)
     pthread_mutex_lock(&v->mu);
     v->opens--;
     pthread_mutex_unlock(&v->mu);
+    free((struct handle *)(uintptr_t)fi->fh);
     return 0;
 }
 
@@ -834,7 +860,7 @@ static int t_write(const char *path, const char *buf, size_t size,
                    off_t off, struct fuse_file_info *fi)
 {
     struct volume *v = of(fi);
-    if ((fi->flags & O_ACCMODE) == O_RDONLY)
+    if (!writable(fi))
         return -EBADF;
     return WITH_VOLUME(v, volume_write(v, buf, size, off));
 }
@@ -848,7 +874,7 @@ static int t_fsync(const char *path, int datasync, struct fuse_file_info *fi)
 static int t_flush(const char *path, struct fuse_file_info *fi)
 {
     struct volume *v = of(fi);
-    if ((fi->flags & O_ACCMODE) == O_RDONLY)
+    if (!writable(fi))
         return 0;
     return WITH_VOLUME(v, layer_flush(v));
 }
@@ -857,7 +883,7 @@ static int t_fallocate(const char *path, int mode, off_t off, off_t len,
                        struct fuse_file_info *fi)
 {
     struct volume *v = of(fi);
-    if ((fi->flags & O_ACCMODE) == O_RDONLY || v->read_only)
+    if (!writable(fi))
         return -EBADF;
     if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) &&
         mode != FALLOC_FL_ZERO_RANGE &&
@@ -871,9 +897,10 @@ static int t_fallocate(const char *path, int mode, off_t off, off_t len,
 static int t_truncate(const char *path, off_t size, struct fuse_file_info *fi)
 {
     int err;
-    struct volume *v = fi ? of(fi) : volume_get(path + 1, &err);
+    struct handle *h = fi ? (struct handle *)(uintptr_t)fi->fh : NULL;
+    struct volume *v = h ? h->v : path ? volume_get(path + 1, &err) : NULL;
     if (!v)
-        return err;
+        return -ENOENT;
     /* Volumes grow through thunder-cache's resize_volume only. */
     return size == v->size ? 0 : -EPERM;
 }
@@ -1125,11 +1152,13 @@ int main(int argc, char **argv)
         fprintf(f, "%d\n", (int)getpid());
         fclose(f);
     }
-    char *fargv[8];
+    char *fargv[10];
     int fargc = 0;
     fargv[fargc++] = argv[0];
     fargv[fargc++] = (char *)mount_dir;
     fargv[fargc++] = "-f";
+    fargv[fargc++] = "-o";
+    fargv[fargc++] = "max_threads=64";
     fargv[fargc++] = "-o";
     fargv[fargc++] = allow_other ?
         "fsname=thunder-volumes,allow_other,default_permissions" :

@@ -71,6 +71,7 @@
 static const char *layers_dir, *cache_dir, *control_path, *listen_path;
 static double fetch_wait = 60.0;
 static gid_t file_gid;
+static int use_splice = 1;         /* --no-splice: copy replies instead */
 static time_t started;
 
 static void logmsg(const char *fmt, ...)
@@ -316,18 +317,15 @@ static int ensure_chunks(struct image *img, long first, long last)
     }
 }
 
-/* len bytes of the image at off; zeros past its end. */
-static int image_read(struct image *img, char *buf, size_t len, off_t off)
+/* Make the chunks under [off, off+len) of the image readable from its
+ * data file; how many of the len bytes lie inside the image (the rest
+ * reads zeros), or -errno. */
+static ssize_t image_ensure(struct image *img, size_t len, off_t off)
 {
-    if (!img) {
-        memset(buf, 0, len);
-        return 0;
-    }
     size_t inside = 0;
-    if (off < img->size)
+    if (img && off < img->size)
         inside = (off + (off_t)len <= img->size) ? len
                                                  : (size_t)(img->size - off);
-    memset(buf + inside, 0, len - inside);
     if (!inside)
         return 0;
     long first = off / img->chunk, last = (off + inside - 1) / img->chunk;
@@ -343,7 +341,17 @@ static int image_read(struct image *img, char *buf, size_t len, off_t off)
             return rc;
         c = end;
     }
-    return pread_full(img->fd, buf, inside, off);
+    return (ssize_t)inside;
+}
+
+/* len bytes of the image at off; zeros past its end. */
+static int image_read(struct image *img, char *buf, size_t len, off_t off)
+{
+    ssize_t inside = image_ensure(img, len, off);
+    if (inside < 0)
+        return (int)inside;
+    memset(buf + inside, 0, len - inside);
+    return inside ? pread_full(img->fd, buf, inside, off) : 0;
 }
 
 /* -- volumes -------------------------------------------------------------- */
@@ -352,7 +360,7 @@ struct volume {
     char id[MAX_ID + 1];
     int data_fd, bm_fd;         /* -1 while held */
     off_t size;
-    int read_only, gone;
+    int read_only, gone, open;  /* open: the layer's files are */
     struct image *img;          /* NULL: a blank volume */
     unsigned char *map;         /* the bitmap file, mapped read-only */
     size_t map_len, bits_len;
@@ -426,16 +434,22 @@ static int read_meta(struct volume *v, char *image_id)
     return 0;
 }
 
-static void layer_close(struct volume *v)
+/* Close the layer's files. keep_data: all but the data file, whose inode
+ * never changes (cow.py grows it in place) and which replies being
+ * spliced to the kernel may still read. */
+static void layer_close(struct volume *v, int keep_data)
 {
     if (v->map)
         munmap(v->map, v->map_len);
     v->map = NULL;
-    if (v->data_fd >= 0)
+    if (v->data_fd >= 0 && !keep_data) {
         close(v->data_fd);
+        v->data_fd = -1;
+    }
     if (v->bm_fd >= 0)
         close(v->bm_fd);
-    v->data_fd = v->bm_fd = -1;
+    v->bm_fd = -1;
+    v->open = 0;
     for (long i = 0; i < v->nheld; i++) {
         free(v->pages[v->held[i]]);
         v->pages[v->held[i]] = NULL;
@@ -457,7 +471,8 @@ static int layer_open(struct volume *v)
     if (rc)
         return rc;
     snprintf(path, sizeof(path), "%s/%s/data", layers_dir, v->id);
-    v->data_fd = open(path, O_RDWR | O_CLOEXEC);
+    if (v->data_fd < 0)
+        v->data_fd = open(path, O_RDWR | O_CLOEXEC);
     snprintf(path, sizeof(path), "%s/%s/bitmap", layers_dir, v->id);
     v->bm_fd = open(path, O_RDWR | O_CLOEXEC);
     unsigned char head[36];
@@ -493,9 +508,10 @@ static int layer_open(struct volume *v)
     v->img = NULL;
     if (image_id[0] && !(v->img = image_get(image_id)))
         goto bad;
+    v->open = 1;
     return 0;
 bad:
-    layer_close(v);
+    layer_close(v, 0);
     return -EIO;
 }
 
@@ -646,6 +662,93 @@ static int volume_read(struct volume *v, char *buf, size_t len, off_t off)
     return (int)len;
 }
 
+#define MAX_BUFS 64
+
+static int add_buf(struct fuse_bufvec *bv, int fd, size_t len, off_t pos)
+{
+    if (bv->count == MAX_BUFS)
+        return -E2BIG;
+    struct fuse_buf *b = &bv->buf[bv->count];
+    memset(b, 0, sizeof(*b));
+    b->size = len;
+    if (fd >= 0) {
+        b->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        b->fd = fd;
+        b->pos = pos;
+    } else if (!(b->mem = calloc(1, len))) {
+        return -ENOMEM;
+    }
+    bv->count++;
+    return 0;
+}
+
+static void free_bufs(struct fuse_bufvec *bv)
+{
+    for (size_t i = 0; i < bv->count; i++)
+        if (!(bv->buf[i].flags & FUSE_BUF_IS_FD))
+            free(bv->buf[i].mem);
+    free(bv);
+}
+
+/* volume_read as buffers naming the files (the kernel splices them):
+ * written runs from the layer's data, the rest from the image's. */
+static int volume_bufs(struct volume *v, struct fuse_bufvec **bufp,
+                       size_t len, off_t off)
+{
+    struct fuse_bufvec *bv = calloc(1, sizeof(*bv) +
+                                    MAX_BUFS * sizeof(struct fuse_buf));
+    if (!bv)
+        return -ENOMEM;
+    bv->count = 0;
+    if (off >= v->size)
+        len = 0;
+    else if (off + (off_t)len > v->size)
+        len = v->size - off;
+    uint64_t stop = len ? (off + len - 1) / BLOCK + 1 : 0;
+    size_t done = 0;
+    int rc = 0;
+    while (!rc && done < len) {
+        uint64_t b = (off + done) / BLOCK;
+        pthread_mutex_lock(&v->mu);
+        int written = bit_set(v, b);
+        uint64_t e = b + 1;
+        while (e < stop && bit_set(v, e) == written)
+            e++;
+        pthread_mutex_unlock(&v->mu);
+        size_t n = (e * BLOCK < (uint64_t)(off + len) ? e * BLOCK :
+                    (uint64_t)(off + len)) - (off + done);
+        if (written) {
+            rc = add_buf(bv, v->data_fd, n, off + done);
+        } else {
+            ssize_t inside = image_ensure(v->img, n, off + done);
+            rc = inside < 0 ? (int)inside : 0;
+            if (!rc && inside)
+                rc = add_buf(bv, v->img->fd, inside, off + done);
+            if (!rc && (size_t)inside < n)
+                rc = add_buf(bv, -1, n - inside, 0);
+        }
+        done += n;
+    }
+    if (rc == -E2BIG) {         /* too fragmented: one buffer, read here */
+        free_bufs(bv);
+        bv = calloc(1, sizeof(*bv));
+        if (!bv || !(bv->buf[0].mem = malloc(len ? len : 1))) {
+            free(bv);
+            return -ENOMEM;
+        }
+        bv->count = 1;
+        rc = volume_read(v, bv->buf[0].mem, len, off);
+        bv->buf[0].size = rc > 0 ? (size_t)rc : 0;
+        rc = rc < 0 ? rc : 0;
+    }
+    if (rc) {
+        free_bufs(bv);
+        return rc;
+    }
+    *bufp = bv;
+    return 0;
+}
+
 /* Copy block b up from the image unless written; caller holds v->mu. */
 static int copy_up(struct volume *v, uint64_t b)
 {
@@ -752,7 +855,7 @@ static int writable(struct fuse_file_info *fi)
 /* Run I/O on an open volume unless it is held; EIO once it is gone. */
 #define WITH_VOLUME(v, expr) ({                                         \
         pthread_rwlock_rdlock(&(v)->hold);                              \
-        int _rc = ((v)->gone || (v)->data_fd < 0) ? -EIO : (expr);      \
+        int _rc = ((v)->gone || !(v)->open) ? -EIO : (expr);            \
         pthread_rwlock_unlock(&(v)->hold);                              \
         _rc; })
 
@@ -856,6 +959,13 @@ static int t_read(const char *path, char *buf, size_t size, off_t off,
     return WITH_VOLUME(v, volume_read(v, buf, size, off));
 }
 
+static int t_read_buf(const char *path, struct fuse_bufvec **bufp,
+                      size_t size, off_t off, struct fuse_file_info *fi)
+{
+    struct volume *v = of(fi);
+    return WITH_VOLUME(v, volume_bufs(v, bufp, size, off));
+}
+
 static int t_write(const char *path, const char *buf, size_t size,
                    off_t off, struct fuse_file_info *fi)
 {
@@ -928,6 +1038,9 @@ static void *t_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
     cfg->nullpath_ok = 1;
     /* As fusefs.py: no attribute request before every read. */
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+    /* Replies spliced from the cache and layer files: no copy here. */
+    if (use_splice && conn->capable & FUSE_CAP_SPLICE_WRITE)
+        conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
     logmsg("serving volumes (max_write %u, max_readahead %u)",
            conn->max_write, conn->max_readahead);
     return NULL;
@@ -935,7 +1048,8 @@ static void *t_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 
 static const struct fuse_operations ops = {
     .getattr = t_getattr, .readdir = t_readdir, .open = t_open,
-    .release = t_release, .read = t_read, .write = t_write,
+    .release = t_release, .read = t_read, .read_buf = t_read_buf,
+    .write = t_write,
     .fsync = t_fsync, .flush = t_flush, .fallocate = t_fallocate,
     .truncate = t_truncate, .statfs = t_statfs, .utimens = t_utimens,
     .chmod = t_refuse, .create = t_refuse, .init = t_init,
@@ -982,7 +1096,7 @@ static void hold_volume(int fd, const char *id)
         return;
     }
     pthread_rwlock_wrlock(&v->hold);
-    int rc = v->data_fd >= 0 ? layer_flush(v) : 0;
+    int rc = v->open ? layer_flush(v) : 0;
     if (rc) {
         pthread_rwlock_unlock(&v->hold);
         say(fd, "ERR EIO flush failed: %s\n", strerror(-rc));
@@ -991,7 +1105,7 @@ static void hold_volume(int fd, const char *id)
     pthread_mutex_lock(&v->mu);
     int opens = v->opens;
     pthread_mutex_unlock(&v->mu);
-    layer_close(v);
+    layer_close(v, 1);
     say(fd, "OK %d\n", opens);
     char line[64];
     read_line(fd, line, sizeof(line));   /* RELEASE, or the close */
@@ -1016,9 +1130,9 @@ static void forget_volume(int fd, const char *id)
     if (v) {
         *pp = v->next;
         pthread_rwlock_wrlock(&v->hold);
-        if (v->data_fd >= 0)
+        if (v->open)
             layer_flush(v);
-        layer_close(v);
+        layer_close(v, 0);
         pthread_rwlock_unlock(&v->hold);
         free(v);                /* nothing refers to it: opens == 0 */
     }
@@ -1108,6 +1222,10 @@ int main(int argc, char **argv)
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--allow-other")) {
             allow_other = 1;
+            continue;
+        }
+        if (!strcmp(a, "--no-splice")) {
+            use_splice = 0;
             continue;
         }
         if (a[0] != '-') {

@@ -253,12 +253,23 @@ class Daemon(object):
         # unmount whatever a killed daemon left.
         cleanup.callback(unmount, self.mount_dir)
         cleanup.callback(stop_pid_file, self.native_socket + '.pid')
-        self.server = bm.Server(
-            cleanup, [sys.executable, '-m', 'thunder_cache.daemon',
-                      '--config-file', conf], 'thunder-cache',
-            os.path.join(workdir, 'daemon.log'))
-        bm.wait_for(self._ready, self.server, 'thunder-cache to start')
+        cleanup.callback(lambda: self.server.stop())
+        self._cmd = [sys.executable, '-m', 'thunder_cache.daemon',
+                     '--config-file', conf]
+        self.start()
         self.url = self.client.call('ping')['url']
+
+    def start(self):
+        """Start the daemon; return once it answers (and is mounted)."""
+        # Stopped by the callback above, whichever process runs then.
+        self.server = bm.Server(bm.Cleanup(), self._cmd, 'thunder-cache',
+                                os.path.join(self.dir, 'daemon.log'))
+        bm.wait_for(self._ready, self.server, 'thunder-cache to start')
+
+    def kill(self):
+        """SIGKILL the daemon (a crash); its volume server stays."""
+        os.kill(self.server.pid, signal.SIGKILL)
+        self.server.proc.wait()
 
     def _ready(self):
         try:

@@ -21,14 +21,12 @@ stopped while a reader and writer checks every byte on the loop device.
 
 import ctypes
 import errno
-import mmap
 import os
-import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -38,6 +36,10 @@ from tests.unit import cache_helpers
 from thunder_cache import control
 from thunder_cache import cow
 from thunder_cache import nativevol
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..',
+                                'benchmarks'))
+import restart  # noqa: E402  (the benchmark's checker)
 
 CHUNK = 64 * 1024
 BS = 4096
@@ -188,51 +190,6 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
     assert os.listdir(node.paths['mount']) == []
 
 
-class Checker(threading.Thread):
-    """Random 4 KiB O_DIRECT reads and writes on a device, every byte
-    checked; records errors, wrong reads and the longest operation."""
-
-    def __init__(self, device, expected):
-        super().__init__(daemon=True)
-        self.device = device
-        self.expected = expected
-        self.errors = []
-        self.wrong = 0
-        self.ops = 0
-        self.longest = 0.0
-        self.stop = threading.Event()
-
-    def run(self):
-        fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
-        buf = mmap.mmap(-1, BS)
-        rng = random.Random(7)
-        blocks = len(self.expected) // BS
-        try:
-            while not self.stop.is_set():
-                block = rng.randrange(blocks)
-                offset = block * BS
-                start = time.monotonic()
-                try:
-                    if rng.random() < 0.3:
-                        data = os.urandom(BS)
-                        buf[:] = data
-                        os.pwrite(fd, buf, offset)
-                        self.expected[offset:offset + BS] = data
-                        if rng.random() < 0.1:
-                            os.fsync(fd)
-                    else:
-                        os.preadv(fd, [buf], offset)
-                        if buf[:] != self.expected[offset:offset + BS]:
-                            self.wrong += 1
-                except OSError as e:
-                    self.errors.append(e)
-                self.longest = max(self.longest, time.monotonic() - start)
-                self.ops += 1
-        finally:
-            buf.close()
-            os.close(fd)
-
-
 def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
     """0 I/O errors, 0 wrong bytes, short stalls: the volume server does
     not depend on the daemon, except for chunks not yet fetched, which
@@ -245,7 +202,7 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
         ['losetup', '--find', '--show', '--direct-io=on',
          _file(node, 'vol-io')], check=True, capture_output=True,
         text=True).stdout.strip()
-    checker = Checker(device, bytearray(data + bytes(size - len(data))))
+    checker = restart.Checker(device, bytearray(data + bytes(size - len(data))))
     try:
         checker.start()
         time.sleep(1)
@@ -259,9 +216,7 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
             node.start()
             time.sleep(1)
             assert checker.ops > before, event
-        checker.stop.set()
-        checker.join(60)
-        assert not checker.is_alive()
+        checker.finish()
         assert checker.errors == [] and checker.wrong == 0
         assert checker.longest < 10, checker.longest
         with open(device, 'rb') as f:

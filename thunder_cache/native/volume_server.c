@@ -663,6 +663,7 @@ static int volume_read(struct volume *v, char *buf, size_t len, off_t off)
 }
 
 #define MAX_BUFS 64
+#define SPLICE_MIN (64 * 1024)  /* smaller reads are copied */
 
 static int add_buf(struct fuse_bufvec *bv, int fd, size_t len, off_t pos)
 {
@@ -963,7 +964,23 @@ static int t_read_buf(const char *path, struct fuse_bufvec **bufp,
                       size_t size, off_t off, struct fuse_file_info *fi)
 {
     struct volume *v = of(fi);
-    return WITH_VOLUME(v, volume_bufs(v, bufp, size, off));
+    if (use_splice && size >= SPLICE_MIN)
+        return WITH_VOLUME(v, volume_bufs(v, bufp, size, off));
+    /* Small reads: a copy costs less than setting up a splice. */
+    struct fuse_bufvec *bv = calloc(1, sizeof(*bv));
+    if (!bv || !(bv->buf[0].mem = malloc(size ? size : 1))) {
+        free(bv);
+        return -ENOMEM;
+    }
+    bv->count = 1;
+    int rc = WITH_VOLUME(v, volume_read(v, bv->buf[0].mem, size, off));
+    if (rc < 0) {
+        free_bufs(bv);
+        return rc;
+    }
+    bv->buf[0].size = rc;
+    *bufp = bv;
+    return 0;
 }
 
 static int t_write(const char *path, const char *buf, size_t size,
@@ -1276,7 +1293,8 @@ int main(int argc, char **argv)
     fargv[fargc++] = (char *)mount_dir;
     fargv[fargc++] = "-f";
     fargv[fargc++] = "-o";
-    fargv[fargc++] = "max_threads=64";
+    /* Enough idle threads for the loop device's queue (no churn). */
+    fargv[fargc++] = "max_threads=64,max_idle_threads=32,clone_fd";
     fargv[fargc++] = "-o";
     fargv[fargc++] = allow_other ?
         "fsname=thunder-volumes,allow_other,default_permissions" :

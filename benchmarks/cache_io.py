@@ -563,8 +563,8 @@ def report(summary):
               '(%s)' % (
                   server, GOALS['rand'], met[goals['warm_rand']],
                   fmt(row['rand_ratio'], '%.2fx'), GOALS['rand_qd1'],
-                  met[goals['warm_qd1']], fmt(row['rand_qd1_ratio'],
-                                               '%.2fx'),
+                  met[goals['warm_qd1']],
+                  fmt(row['rand_qd1_ratio'], '%.2fx'),
                   GOALS['seq'], met[goals['warm_seq']],
                   fmt(row['seq_ratio'], '%.2fx'), GOALS['cpu'],
                   met[goals['cpu']], fmt(row['cpu_s_per_gib'], '%.2f')))
@@ -644,24 +644,35 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+FAILURES = (RuntimeError, OSError, subprocess.SubprocessError,
+            control.ControlError, nativevol.NativeError)
+
+
+def run_main(name, run, args):
+    """``run(args, workdir, cleanup)`` as a benchmark; the exit status.
+
+    Skipped (0) where it cannot run, 1 with the reason on a failure; the
+    work directory and whatever the cleanup holds are removed either way.
+    """
     why = unavailable()
     if why:
-        print('cache_io: skipped: %s' % why, file=sys.stderr)
+        print('%s: skipped: %s' % (name, why), file=sys.stderr)
         return 0
-    workdir, cleanup = run_as_benchmark('cache-io-', args.workdir)
+    workdir, cleanup = run_as_benchmark(name + '-', args.workdir)
     try:
-        return _main(args, workdir)
-    except (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError, nativevol.NativeError) as e:
-        print('cache_io: FAILED: %s' % e, file=sys.stderr)
+        return run(args, workdir, cleanup)
+    except FAILURES as e:
+        print('%s: FAILED: %s' % (name, e), file=sys.stderr)
         return 1
     finally:
         cleanup.close()
 
 
-def _main(args, workdir):
+def main(argv=None):
+    return run_main('cache_io', _main, parse_args(argv))
+
+
+def _main(args, workdir, cleanup):
     size = args.size_mib * MiB
     env = {
         'size': size, 'workdir': workdir,

@@ -43,7 +43,6 @@ import mmap
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -51,7 +50,6 @@ import time
 import blockdev_mechanisms as bm
 import cache_io
 
-from thunder_cache import control
 from thunder_cache import nativevol
 
 BS = 4096
@@ -59,11 +57,11 @@ MiB = 1024 * 1024
 
 
 class Checker(threading.Thread):
-    """Random 4 KiB O_DIRECT reads and writes on a device, every byte
-    checked against ``expected`` (a bytearray of the device's size).
+    """Random 4 KiB O_DIRECT reads and writes, every byte checked.
 
-    ``errors``, ``wrong`` and ``ops`` count; ``longest`` is the longest
-    operation since :meth:`mark`.
+    ``expected`` is a bytearray of the device's size. ``errors``,
+    ``wrong`` and ``ops`` count; ``longest`` is the longest operation
+    since :meth:`mark`.
     """
 
     def __init__(self, device, expected, write_share=0.3, seed=7):
@@ -217,21 +215,8 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    why = cache_io.unavailable()
-    if why:
-        print('restart: skipped: %s' % why, file=sys.stderr)
-        return 0
-    workdir, cleanup = cache_io.run_as_benchmark('restart-', args.workdir)
-    try:
-        rows, verified = measure(args, workdir, cleanup)
-    except (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError, nativevol.NativeError) as e:
-        print('restart: FAILED: %s' % e, file=sys.stderr)
-        return 1
-    finally:
-        cleanup.close()
+def run(args, workdir, cleanup):
+    rows, verified = measure(args, workdir, cleanup)
     report(args, rows, verified)
     bad = [row for row in rows if row['event'].startswith('daemon') and
            (row['io_errors'] or row['wrong_reads'])]
@@ -239,6 +224,9 @@ def main(argv=None):
         not args.kill_server else 0
 
 
+def main(argv=None):
+    return cache_io.run_main('restart', run, parse_args(argv))
+
+
 if __name__ == '__main__':
     sys.exit(main())
-

@@ -199,9 +199,11 @@ class VolumeService(object):
         return self.store.info(_volume_id(volume_id))
 
     def ensure_chunks(self, image_id, first, last):
-        """Make chunks [first, last] of an image present, for the native
-        volume server (its reads of missing chunks); answer which chunks
-        of the image it may now read from the cache's data file.
+        """Make chunks [first, last] of an image present; say which are.
+
+        The native volume server's reads of missing chunks. The answer
+        says which chunks of the image it may now read from the cache's
+        data file (``usable``: one '0' or '1' per chunk).
         """
         cache = self.node.cache(_image_id(image_id))
         first, last = _index(first, 'first'), _index(last, 'last')

@@ -21,6 +21,7 @@ stopped while a reader and writer checks every byte on the loop device.
 
 import ctypes
 import errno
+import importlib
 import os
 import shutil
 import signal
@@ -37,9 +38,11 @@ from thunder_cache import control
 from thunder_cache import cow
 from thunder_cache import nativevol
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..',
-                                'benchmarks'))
-import restart  # noqa: E402  (the benchmark's checker)
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), 'benchmarks')
+sys.path.insert(0, BENCHMARKS)
+# The benchmark's checker.
+restart = importlib.import_module('restart')
 
 CHUNK = 64 * 1024
 BS = 4096
@@ -191,9 +194,11 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
 
 
 def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
-    """0 I/O errors, 0 wrong bytes, short stalls: the volume server does
-    not depend on the daemon, except for chunks not yet fetched, which
-    wait for it to come back."""
+    """0 I/O errors, 0 wrong bytes, short stalls.
+
+    The volume server does not depend on the daemon, except for chunks
+    not yet fetched, which wait for it to come back.
+    """
     data = _register(node, workdir, 'img-2', 16 * MiB)
     size = 24 * MiB
     node.control.call('create_volume', volume_id='vol-io', size=size,
@@ -202,7 +207,8 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
         ['losetup', '--find', '--show', '--direct-io=on',
          _file(node, 'vol-io')], check=True, capture_output=True,
         text=True).stdout.strip()
-    checker = restart.Checker(device, bytearray(data + bytes(size - len(data))))
+    checker = restart.Checker(device,
+                              bytearray(data + bytes(size - len(data))))
     try:
         checker.start()
         time.sleep(1)

@@ -32,8 +32,9 @@
  *   anything else        -> ERR EINVAL <why>
  *
  * usage: thunder-volume-server --layers DIR --cache DIR --control SOCK
- *            --listen SOCK [--fetch-wait SECONDS] [--gid GID]
- *            [--allow-other] [--pid-file FILE] MOUNT_DIR
+ *            --listen SOCK [--fetch-wait SECONDS] [--gid GROUP]
+ *            [--allow-other] [--no-splice] [--pid-file FILE] MOUNT_DIR
+ * (GROUP: a name or a number; it owns the volume files, mode 0660).
  */
 #define FUSE_USE_VERSION 31
 #define _GNU_SOURCE
@@ -42,6 +43,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse.h>
+#include <grp.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -633,6 +635,19 @@ static int layer_flush(struct volume *v)
     return rc;
 }
 
+/* The length of the run of blocks from pos (before end) that are all
+ * written, or all not (*written says which). */
+static size_t next_run(struct volume *v, off_t pos, off_t end, int *written)
+{
+    uint64_t b = pos / BLOCK, stop = (end - 1) / BLOCK + 1, e = b + 1;
+    pthread_mutex_lock(&v->mu);
+    *written = bit_set(v, b);
+    while (e < stop && bit_set(v, e) == *written)
+        e++;
+    pthread_mutex_unlock(&v->mu);
+    return (e * BLOCK < (uint64_t)end ? (off_t)(e * BLOCK) : end) - pos;
+}
+
 /* Read [off, off+len) of the volume: written runs from the layer, the
  * rest from the image. */
 static int volume_read(struct volume *v, char *buf, size_t len, off_t off)
@@ -641,18 +656,10 @@ static int volume_read(struct volume *v, char *buf, size_t len, off_t off)
         return 0;
     if (off + (off_t)len > v->size)
         len = v->size - off;
-    uint64_t stop = (off + len - 1) / BLOCK + 1;
     size_t done = 0;
     while (done < len) {
-        uint64_t b = (off + done) / BLOCK;
-        pthread_mutex_lock(&v->mu);
-        int written = bit_set(v, b);
-        uint64_t e = b + 1;
-        while (e < stop && bit_set(v, e) == written)
-            e++;
-        pthread_mutex_unlock(&v->mu);
-        size_t n = (e * BLOCK < (uint64_t)(off + len) ? e * BLOCK :
-                    (uint64_t)(off + len)) - (off + done);
+        int written;
+        size_t n = next_run(v, off + done, off + len, &written);
         int rc = written ? pread_full(v->data_fd, buf + done, n, off + done)
                          : image_read(v->img, buf + done, n, off + done);
         if (rc)
@@ -705,19 +712,11 @@ static int volume_bufs(struct volume *v, struct fuse_bufvec **bufp,
         len = 0;
     else if (off + (off_t)len > v->size)
         len = v->size - off;
-    uint64_t stop = len ? (off + len - 1) / BLOCK + 1 : 0;
     size_t done = 0;
     int rc = 0;
     while (!rc && done < len) {
-        uint64_t b = (off + done) / BLOCK;
-        pthread_mutex_lock(&v->mu);
-        int written = bit_set(v, b);
-        uint64_t e = b + 1;
-        while (e < stop && bit_set(v, e) == written)
-            e++;
-        pthread_mutex_unlock(&v->mu);
-        size_t n = (e * BLOCK < (uint64_t)(off + len) ? e * BLOCK :
-                    (uint64_t)(off + len)) - (off + done);
+        int written;
+        size_t n = next_run(v, off + done, off + len, &written);
         if (written) {
             rc = add_buf(bv, v->data_fd, n, off + done);
         } else {
@@ -1226,8 +1225,9 @@ static int start_listener(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: thunder-volume-server --layers DIR --cache DIR "
-            "--control SOCK --listen SOCK [--fetch-wait SECONDS] [--gid GID]"
-            " [--allow-other] [--pid-file FILE] MOUNT_DIR\n");
+            "--control SOCK --listen SOCK [--fetch-wait SECONDS] "
+            "[--gid GROUP] [--allow-other] [--no-splice] [--pid-file FILE] "
+            "MOUNT_DIR\n");
     exit(2);
 }
 
@@ -1264,8 +1264,15 @@ int main(int argc, char **argv)
             listen_path = val;
         else if (!strcmp(a, "--fetch-wait"))
             fetch_wait = atof(val);
-        else if (!strcmp(a, "--gid"))
-            file_gid = (gid_t)atol(val);
+        else if (!strcmp(a, "--gid")) {
+            struct group *g = isdigit((unsigned char)val[0]) ? NULL
+                                                             : getgrnam(val);
+            if (!g && !isdigit((unsigned char)val[0])) {
+                logmsg("--gid %s: no such group", val);
+                return 2;
+            }
+            file_gid = g ? g->gr_gid : (gid_t)atol(val);
+        }
         else if (!strcmp(a, "--pid-file"))
             pid_file = val;
         else

@@ -92,8 +92,11 @@ class NativeServer(object):
                                                               'replace')
         except OSError as e:
             sock.close()
-            raise NativeError('Unavailable', 'thunder-volume-server at %s: '
-                              '%s' % (self.socket_path, e))
+            # Nothing listens: no server, so nobody reads or writes.
+            gone = e.errno in (errno.ENOENT, errno.ECONNREFUSED)
+            code = 'NotRunning' if gone else 'Unavailable'
+            raise NativeError(code, 'thunder-volume-server at %s: %s'
+                              % (self.socket_path, e))
         words = answer.strip().split(' ', 2)
         if words[0] != 'OK' or len(words) != 2:
             sock.close()
@@ -112,9 +115,17 @@ class NativeServer(object):
         """Pause the volume's I/O (its pages flushed, files closed).
 
         Yields how often the volume file is open. The server opens the
-        layer again (new size, new bitmap) when the block ends.
+        layer again (new size, new bitmap) when the block ends. With no
+        server running (nothing listens on its socket) there is no I/O to
+        pause: yields 0.
         """
-        sock, opens = self._connect('HOLD %s' % volume_id)
+        try:
+            sock, opens = self._connect('HOLD %s' % volume_id)
+        except NativeError as e:
+            if e.code != 'NotRunning':
+                raise
+            yield 0
+            return
         try:
             yield opens
         finally:
@@ -129,7 +140,12 @@ class NativeServer(object):
 
         :raises NativeError: ``EBUSY`` while the volume file is open.
         """
-        sock, _ = self._connect('FORGET %s' % volume_id)
+        try:
+            sock, _ = self._connect('FORGET %s' % volume_id)
+        except NativeError as e:
+            if e.code != 'NotRunning':
+                raise
+            return  # nothing serves it
         sock.close()
 
     def start(self, binary, conf, control_socket, cache_dir, gid=0,

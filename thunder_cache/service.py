@@ -114,7 +114,7 @@ class VolumeService(object):
         provisioned = 0
         for volume_id in ids:
             try:
-                provisioned += self.store.info(volume_id)['size']
+                provisioned += self.store.size(volume_id)
             except volumes_mod.VolumeNotFound:
                 continue
         return {'total_bytes': st.f_blocks * st.f_frsize,

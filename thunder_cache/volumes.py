@@ -281,6 +281,10 @@ class VolumeStore(object):
         with self._lock:
             return sorted(self._volumes)
 
+    def size(self, volume_id):
+        """A volume's size in bytes (without pausing its I/O)."""
+        return self._get(volume_id).layer.size
+
     def info(self, volume_id):
         volume = self._get(volume_id)
         with self._paused(volume) as opens:

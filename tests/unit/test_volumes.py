@@ -617,3 +617,5 @@ def test_native_open_count_from_the_server(native_store):
     store.create('v', 10 * BS, image_id=IMAGE)
     native.opens = 2
     assert store.info('v')['open_count'] == 2
+    native.calls = []
+    assert store.size('v') == 10 * BS and native.calls == []

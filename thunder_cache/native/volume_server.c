@@ -214,32 +214,60 @@ out:
     return img;
 }
 
-/* One request line to thunder-cache's control socket; the answer in *out
- * (malloc'ed). 0, -EAGAIN when it cannot be reached, or -EIO. */
-static int control_call(const char *line, char **out)
+/* Connections to thunder-cache's control socket kept for the next
+ * request (a few: the daemon serves a limited number at once). */
+#define POOL 4
+static int pool_fds[POOL], pool_n;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int pool_get(void)
+{
+    pthread_mutex_lock(&pool_mu);
+    int fd = pool_n ? pool_fds[--pool_n] : -1;
+    pthread_mutex_unlock(&pool_mu);
+    return fd;
+}
+
+static void pool_put(int fd)
+{
+    pthread_mutex_lock(&pool_mu);
+    if (pool_n < POOL) {
+        pool_fds[pool_n++] = fd;
+        fd = -1;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    if (fd >= 0)
+        close(fd);
+}
+
+static int control_connect(void)
 {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return -EAGAIN;
+        return -1;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     strncpy(sa.sun_path, control_path, sizeof(sa.sun_path) - 1);
     struct timeval tv = {.tv_sec = 600};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-        send(fd, line, strlen(line), MSG_NOSIGNAL) != (ssize_t)strlen(line)) {
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
         close(fd);
-        return -EAGAIN;
+        return -1;
     }
+    return fd;
+}
+
+/* The answer line to line on fd (malloc'ed, NUL-terminated), or NULL. */
+static char *exchange(int fd, const char *line)
+{
+    if (send(fd, line, strlen(line), MSG_NOSIGNAL) != (ssize_t)strlen(line))
+        return NULL;
     size_t cap = 4096, len = 0;
     char *buf = malloc(cap);
     while (buf) {
         if (len + 1 >= cap) {
             char *bigger = realloc(buf, cap * 2);
-            if (!bigger) {
-                free(buf);
-                buf = NULL;
+            if (!bigger)
                 break;
-            }
             buf = bigger;
             cap *= 2;
         }
@@ -249,19 +277,36 @@ static int control_call(const char *line, char **out)
         if (n <= 0)
             break;
         len += n;
-        if (memchr(buf + len - n, '\n', n))
-            break;
+        if (buf[len - 1] == '\n') {
+            buf[len] = 0;
+            return buf;
+        }
     }
-    close(fd);
-    if (!buf)
-        return -EIO;
-    buf[len] = 0;
-    if (!len || buf[len - 1] != '\n') {
-        free(buf);
-        return -EAGAIN;         /* the daemon went away mid-answer */
+    free(buf);
+    return NULL;
+}
+
+/* One request line to thunder-cache's control socket; the answer in *out
+ * (malloc'ed). 0, or -EAGAIN when it cannot be reached. A kept
+ * connection the daemon closed meanwhile is replaced by a new one. */
+static int control_call(const char *line, char **out)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fd = attempt ? -1 : pool_get();
+        int pooled = fd >= 0;
+        if (!pooled && (fd = control_connect()) < 0)
+            return -EAGAIN;
+        char *answer = exchange(fd, line);
+        if (answer) {
+            pool_put(fd);
+            *out = answer;
+            return 0;
+        }
+        close(fd);
+        if (!pooled)
+            return -EAGAIN;     /* the daemon went away mid-answer */
     }
-    *out = buf;
-    return 0;
+    return -EAGAIN;
 }
 
 /* Ask thunder-cache for chunks [first, last] of img; learn its map. */
@@ -275,6 +320,10 @@ static int ensure_chunks(struct image *img, long first, long last)
     for (;;) {
         char *answer = NULL;
         int rc = control_call(req, &answer);
+        if (rc == 0 && strstr(answer, "\"error\":\"Busy\"")) {
+            free(answer);       /* too many connections: as unreachable */
+            rc = -EAGAIN;
+        }
         if (rc == 0) {
             const char *key = "\"usable\":\"";
             char *u = strstr(answer, key);
@@ -304,10 +353,10 @@ static int ensure_chunks(struct image *img, long first, long last)
                 logmsg("image %s: thunder-cache answers again", img->id);
             return 0;
         }
-        if (rc != -EAGAIN || now() + pause > deadline) {
-            logmsg("image %s: chunks %ld-%ld: thunder-cache at %s %s",
-                   img->id, first, last, control_path,
-                   rc == -EAGAIN ? "unreachable, giving up" : "failed");
+        if (now() + pause > deadline) {
+            logmsg("image %s: chunks %ld-%ld: thunder-cache at %s "
+                   "unreachable, giving up", img->id, first, last,
+                   control_path);
             return -EIO;
         }
         if (!logged++)

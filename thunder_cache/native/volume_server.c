@@ -216,7 +216,7 @@ out:
 
 /* Connections to thunder-cache's control socket kept for the next
  * request (a few: the daemon serves a limited number at once). */
-#define POOL 4
+#define POOL 16
 static int pool_fds[POOL], pool_n;
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -426,7 +426,7 @@ struct volume {
     struct volume *next;
 };
 
-static struct volume *volumes;
+static struct volume *volumes, *forgotten;
 static pthread_mutex_t volumes_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* The value after "key": in a flat JSON object (json.dumps sort_keys). */
@@ -1198,8 +1198,13 @@ static void forget_volume(int fd, const char *id)
         if (v->open)
             layer_flush(v);
         layer_close(v, 0);
+        v->gone = 1;
         pthread_rwlock_unlock(&v->hold);
-        free(v);                /* nothing refers to it: opens == 0 */
+        /* Kept, not freed: a lookup (stat) racing with the delete may
+         * still hold it; it answers ENOENT. A few bytes per volume
+         * deleted while the server runs. */
+        v->next = forgotten;
+        forgotten = v;
     }
     pthread_mutex_unlock(&volumes_mu);
     say(fd, "OK 0\n");

@@ -232,3 +232,19 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
         checker.join(60)
         subprocess.run(['losetup', '-d', device], check=False)
     node.delete_volume('vol-io', timeout=20)
+
+
+def test_missing_server_is_a_clear_start_error(workdir):
+    daemon = cache_daemons.VolumeDaemon(
+        workdir, 'n', native='/nonexistent/thunder-volume-server')
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         daemon.conf_path], capture_output=True, text=True, timeout=120,
+        cwd=cache_daemons.REPO)
+    assert result.returncode == 1
+    assert ('Cannot start: cannot serve the volume files at %s with the '
+            'native server: NotFound: /nonexistent/thunder-volume-server is '
+            'not installed (make -C' % daemon.paths['mount']) in result.stdout
+    assert 'Traceback' not in result.stdout + result.stderr
+    assert not os.path.ismount(daemon.paths['mount'])
+    assert not os.path.exists(daemon.paths['control'])

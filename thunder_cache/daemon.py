@@ -347,6 +347,9 @@ class Daemon(object):
                           'back and they are attached again.',
                           ', '.join(busy))
             self.mount.stop()
+        elif self.store is not None and self.store.native is not None:
+            LOG.info('The volume files stay served by thunder-volume-server '
+                     '(%s)', self.conf.blockdev.native_server_socket)
         if self.store is not None:
             self.store.close()
         if self.lifecycle is not None:

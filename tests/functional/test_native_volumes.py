@@ -222,6 +222,15 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
             node.start()
             time.sleep(1)
             assert checker.ops > before, event
+        # The daemon pauses the volume's I/O to look at its layer and to
+        # grow it: done at once, under I/O, and nothing fails.
+        started = time.monotonic()
+        info = node.control.call('volume_info', volume_id='vol-io')
+        assert info['open_count'] == 1 and info['written_bytes'] > 0
+        node.control.call('resize_volume', volume_id='vol-io',
+                          size=size + MiB)
+        assert time.monotonic() - started < 10
+        time.sleep(0.5)
         checker.finish()
         assert checker.errors == [] and checker.wrong == 0
         assert checker.longest < 10, checker.longest

@@ -593,7 +593,13 @@ static struct volume *volume_get(const char *id, int *err)
     }
     pthread_mutex_init(&v->mu, NULL);
     pthread_mutex_init(&v->flush_mu, NULL);
-    pthread_rwlock_init(&v->hold, NULL);
+    /* A HOLD must not wait behind an endless stream of reads. */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr,
+                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&v->hold, &attr);
+    pthread_rwlockattr_destroy(&attr);
     v->next = volumes;
     volumes = v;
 out:

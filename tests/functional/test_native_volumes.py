@@ -186,11 +186,22 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
     assert info.value.errno == errno.EROFS
     with open(_file(node, 'snap-b'), 'rb') as f:
         assert f.read() == expected
+    image_data = os.path.realpath(node.cache_path('img-1'))
+    assert image_data in _open_files(node)
     for volume_id in ('snap-b', 'vol-b', 'vol-a'):
         node.delete_volume(volume_id)
         assert not os.path.exists(os.path.join(node.paths['layers'],
                                                volume_id))
     assert os.listdir(node.paths['mount']) == []
+    # No volume reads the image any more: the server let its cache go.
+    assert image_data not in _open_files(node)
+
+
+def _open_files(node):
+    """The files the native server has open."""
+    with open(node.paths['native'] + '.pid') as f:
+        fds = '/proc/%d/fd' % int(f.read())
+    return {os.path.realpath(os.path.join(fds, fd)) for fd in os.listdir(fds)}
 
 
 def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):

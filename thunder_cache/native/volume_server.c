@@ -158,6 +158,7 @@ struct image {
     off_t size, chunk;
     long chunks;
     unsigned char *usable;      /* per chunk: 1 once thunder-cache said so */
+    int refs;                   /* volumes loaded over it */
     struct image *next;
 };
 
@@ -170,8 +171,10 @@ static struct image *image_get(const char *id)
     pthread_mutex_lock(&images_mu);
     struct image *img;
     for (img = images; img; img = img->next)
-        if (strcmp(img->id, id) == 0)
+        if (strcmp(img->id, id) == 0) {
+            img->refs++;
             goto out;
+        }
     char path[PATH_MAX];
     unsigned char head[CMAP_HEADER];
     snprintf(path, sizeof(path), "%s/%s/chunkmap", cache_dir, id);
@@ -207,11 +210,29 @@ static struct image *image_get(const char *id)
         img = NULL;
         goto out;
     }
+    img->refs = 1;
     img->next = images;
     images = img;
 out:
     pthread_mutex_unlock(&images_mu);
     return img;
+}
+
+/* A volume no longer reads img: the last one closes its cache file (so
+ * that an image thunder-cache evicts frees its space). */
+static void image_put(struct image *img)
+{
+    pthread_mutex_lock(&images_mu);
+    if (--img->refs == 0) {
+        struct image **pp = &images;
+        while (*pp != img)
+            pp = &(*pp)->next;
+        *pp = img->next;
+        close(img->fd);
+        free(img->usable);
+        free(img);
+    }
+    pthread_mutex_unlock(&images_mu);
 }
 
 /* Connections to thunder-cache's control socket kept for the next
@@ -486,8 +507,8 @@ static int read_meta(struct volume *v, char *image_id)
 }
 
 /* Close the layer's files. keep_data: all but the data file, whose inode
- * never changes (cow.py grows it in place) and which replies being
- * spliced to the kernel may still read. */
+ * never changes (cow.py grows it in place), and the image, which replies
+ * being spliced to the kernel may still read. */
 static void layer_close(struct volume *v, int keep_data)
 {
     if (v->map)
@@ -501,6 +522,10 @@ static void layer_close(struct volume *v, int keep_data)
         close(v->bm_fd);
     v->bm_fd = -1;
     v->open = 0;
+    if (!keep_data && v->img) {
+        image_put(v->img);
+        v->img = NULL;
+    }
     for (long i = 0; i < v->nheld; i++) {
         free(v->pages[v->held[i]]);
         v->pages[v->held[i]] = NULL;
@@ -556,8 +581,8 @@ static int layer_open(struct volume *v)
             v->map = NULL;
         goto bad;
     }
-    v->img = NULL;
-    if (image_id[0] && !(v->img = image_get(image_id)))
+    /* A volume's image never changes: kept across holds. */
+    if (image_id[0] && !v->img && !(v->img = image_get(image_id)))
         goto bad;
     v->open = 1;
     return 0;

@@ -48,6 +48,7 @@ CHUNK = 64 * 1024
 BS = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 MiB = 1024 * 1024
 
 
@@ -122,12 +123,11 @@ def _file(node, volume_id):
     return os.path.join(node.paths['mount'], volume_id)
 
 
-def _punch_hole(fd, offset, length):
+def _fallocate(fd, mode, offset, length):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                ctypes.c_int64]
-    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      offset, length):
+    if libc.fallocate(fd, mode, offset, length):
         raise OSError(ctypes.get_errno(), 'fallocate')
 
 
@@ -173,8 +173,16 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
     try:
         assert os.pread(fd, 2 * size, 0) == expected
         # Discard: the range reads zeros, the layer's blocks are freed.
-        _punch_hole(fd, 100, 5 * BS)
+        layer_data = os.path.join(node.paths['layers'], 'vol-b', 'data')
+        allocated = os.stat(layer_data).st_blocks
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100,
+                   5 * BS)
+        # The clone's copied blocks 1-3 are whole in the range: freed.
+        assert os.stat(layer_data).st_blocks < allocated
         expected[100:100 + 5 * BS] = bytes(5 * BS)
+        # Write-zeroes over the image's bytes and the volume's writes.
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE, 9 * BS + 7, 3 * BS)
+        expected[9 * BS + 7:12 * BS + 7] = bytes(3 * BS)
         assert os.pread(fd, 2 * size, 0) == expected
         os.fsync(fd)
     finally:

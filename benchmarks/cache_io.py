@@ -79,12 +79,16 @@ import blockdev_mechanisms as bm
 import peer_throughput as pt
 
 from thunder_cache import control
+from thunder_cache import nativevol
 from thunder_common import manifest as manifest_mod
 
 MiB = 1024 * 1024
 CHUNK = manifest_mod.DEFAULT_CHUNK_SIZE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOAL_RATIO = 0.5
+# The issue's goals (warm reads as ratios to the plain file).
+GOALS = {'rand': 0.9, 'rand_qd1': 1.0, 'seq': 1.0, 'cpu': 0.3,
+         'peer_bytes': 2e9}
+SERVERS = ('python', 'native')
 PEER_READERS = 8
 
 PLAIN = 'plain local file (cache=none)'
@@ -172,14 +176,48 @@ def unmount(path):
         bm.run(cmd, check=False)
 
 
-class Daemon(object):
-    """A thunder-cache daemon with its volume files, in ``workdir``."""
+def stop_pid_file(path, timeout=10):
+    """Stop (SIGTERM, then SIGKILL) the process a PID file names."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not os.path.exists('/proc/%d' % pid) or _zombie(pid):
+                return
+            time.sleep(0.02)
 
-    def __init__(self, workdir, cleanup):
+
+def _zombie(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+        return True
+
+
+class Daemon(object):
+    """A thunder-cache daemon with its volume files, in ``workdir``.
+
+    :param native: the path of a built thunder-volume-server: the volume
+        files are served by it (``volume_server = native``); None: by the
+        daemon.
+    """
+
+    def __init__(self, workdir, cleanup, native=None):
         self.dir = workdir
         self.mount_dir = os.path.join(workdir, 'mnt')
         self.control_socket = os.path.join(workdir, 'control.sock')
         self.cache_dir = os.path.join(workdir, 'cache')
+        self.native_socket = os.path.join(workdir, 'native.sock')
+        self.native = native
         secret = os.path.join(workdir, 'secret')
         with open(secret, 'wb') as f:
             f.write(pt.SECRET)
@@ -195,24 +233,43 @@ class Daemon(object):
                 # Every benchmark reader is a distinct peer: serve them all
                 # rather than redirect them to each other.
                 'max_children = 64',
-                # The image-volume file is in the work directory.
-                '[origin]', 'file_origin_dirs = %s' % workdir,
+                # The image-volume file is in the run's directory, the
+                # parent of this round's.
+                '[origin]',
+                'file_origin_dirs = %s' % os.path.dirname(workdir),
                 '[blockdev]', 'enabled = true',
                 'mount_dir = %s' % self.mount_dir,
                 'layers_dir = %s' % os.path.join(workdir, 'layers'),
                 'control_socket = %s' % self.control_socket,
+                ] + ([
+                    'volume_server = native',
+                    'native_server_binary = %s' % native,
+                    'native_server_socket = %s' % self.native_socket,
+                ] if native else []) + [
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false', 'hydrate = false', '']))
         self.client = control.ControlClient(self.control_socket, timeout=60)
         # Undone in reverse: stop the daemon by its PID (it unmounts), then
         # unmount whatever a killed daemon left.
         cleanup.callback(unmount, self.mount_dir)
-        self.server = bm.Server(
-            cleanup, [sys.executable, '-m', 'thunder_cache.daemon',
-                      '--config-file', conf], 'thunder-cache',
-            os.path.join(workdir, 'daemon.log'))
-        bm.wait_for(self._ready, self.server, 'thunder-cache to start')
+        cleanup.callback(stop_pid_file, self.native_socket + '.pid')
+        cleanup.callback(lambda: self.server.stop())
+        self._cmd = [sys.executable, '-m', 'thunder_cache.daemon',
+                     '--config-file', conf]
+        self.start()
         self.url = self.client.call('ping')['url']
+
+    def start(self):
+        """Start the daemon; return once it answers (and is mounted)."""
+        # Stopped by the callback above, whichever process runs then.
+        self.server = bm.Server(bm.Cleanup(), self._cmd, 'thunder-cache',
+                                os.path.join(self.dir, 'daemon.log'))
+        bm.wait_for(self._ready, self.server, 'thunder-cache to start')
+
+    def kill(self):
+        """SIGKILL the daemon (a crash); its volume server stays."""
+        os.kill(self.server.pid, signal.SIGKILL)
+        self.server.proc.wait()
 
     def _ready(self):
         try:
@@ -224,6 +281,15 @@ class Daemon(object):
     @property
     def pid(self):
         return self.server.pid
+
+    @property
+    def pids(self):
+        """The daemon's and the native server's PIDs (what serves I/O)."""
+        pids = [self.server.pid]
+        if self.native:
+            with open(self.native_socket + '.pid') as f:
+                pids.append(int(f.read().strip()))
+        return pids
 
     def register(self, image_id, manifest, manifest_length, origin):
         return self.client.call(
@@ -274,7 +340,7 @@ class Volume(object):
                 self.cleanup, os.path.join(daemon.mount_dir, volume_id),
                 readonly=False, direct_io=True)
             self.target = bm.Target(self.device, device=self.device,
-                                    pids=[daemon.pid])
+                                    pids=daemon.pids)
         except BaseException:
             self.cleanup.close()
             raise
@@ -297,63 +363,79 @@ def rand_pass(target, count, step, depth):
 
 
 def measure_round(args, env, results, round_no):
-    """One round, with its own daemon in its own directory."""
+    """One round: the plain file, then each volume server's own daemon."""
+    size = env['size']
+    rand_step = bm.random_step(size, 4096)
+    qd1_count = max(1, args.rand_count // 4)
+    plain = bm.Target(env['plain'])
+    results.add(PLAIN, 'seq', seq_pass(plain, size))
+    results.add(PLAIN, 'rand', rand_pass(plain, args.rand_count,
+                                         rand_step, 16))
+    results.add(PLAIN, 'rand_qd1', rand_pass(plain, qd1_count,
+                                             rand_step, 1))
+    for server in env['servers']:
+        workdir = tempfile.mkdtemp(prefix='round-%d-%s-' % (round_no, server),
+                                   dir=env['workdir'])
+        cleanup = bm.Cleanup()
+        cleanup.callback(bm.remove_tree, workdir)
+        try:
+            step('round %d: starting thunder-cache, %s volume server'
+                 % (round_no, server))
+            daemon = Daemon(workdir, cleanup,
+                            native=env['native'] if server == 'native'
+                            else None)
+            measure_server(args, env, results, round_no, daemon, server)
+            if server == env['servers'][0]:
+                step('round %d: peer server, %d readers'
+                     % (round_no, PEER_READERS))
+                measure_peer(daemon, env, results)
+        finally:
+            cleanup.close()
+
+
+def measure_server(args, env, results, round_no, daemon, server):
+    """Cold and warm reads of fresh volumes of one daemon."""
     size = env['size']
     rand_step = bm.random_step(size, 4096)
     chunk_step = bm.random_step(size, CHUNK)
     qd1_count = max(1, args.rand_count // 4)
     cold_count = min(args.cold_rand_count, size // CHUNK)
-    workdir = tempfile.mkdtemp(prefix='round-%d-' % round_no,
-                               dir=env['workdir'])
-    cleanup = bm.Cleanup()
-    cleanup.callback(bm.remove_tree, workdir)
-    try:
-        plain = bm.Target(env['plain'])
-        results.add(PLAIN, 'seq', seq_pass(plain, size))
-        results.add(PLAIN, 'rand', rand_pass(plain, args.rand_count,
-                                             rand_step, 16))
-        results.add(PLAIN, 'rand_qd1', rand_pass(plain, qd1_count,
-                                                 rand_step, 1))
+    cold, warm = row_name(COLD, server), row_name(WARM, server)
+    image = 'img-seq'
+    daemon.register(image, env['manifest'], env['manifest_length'],
+                    env['volume'])
+    step('round %d: %s cold sequential' % (round_no, server))
+    with Volume(daemon, 'vol-cold-seq', image, size) as vol:
+        results.add(cold, 'seq', seq_pass(vol.target, size))
+    daemon.wait_complete(image, env)
+    step('round %d: %s warm' % (round_no, server))
+    with Volume(daemon, 'vol-warm-seq', image, size) as vol:
+        used = bm.proc_cpu(daemon.pids)
+        results.add(warm, 'seq', seq_pass(vol.target, size))
+        results.add(warm, 'cpu', (bm.proc_cpu(daemon.pids) - used) *
+                    bm.GiB / size)
+        if round_no == 1:
+            step('round 1: qemu-img compare of a volume with the image')
+            bm.run(['qemu-img', 'compare', '-q', '-f', 'raw', '-F',
+                    'raw', env['plain'], vol.device])
+            results.add(warm, 'verified', 1)
+    with Volume(daemon, 'vol-warm-rand', image, size) as vol:
+        results.add(warm, 'rand', rand_pass(vol.target, args.rand_count,
+                                            rand_step, 16))
+    with Volume(daemon, 'vol-warm-qd1', image, size) as vol:
+        results.add(warm, 'rand_qd1', rand_pass(vol.target, qd1_count,
+                                                rand_step, 1))
+    step('round %d: %s cold random' % (round_no, server))
+    image = 'img-rand'
+    daemon.register(image, env['manifest'], env['manifest_length'],
+                    env['volume'])
+    with Volume(daemon, 'vol-cold-rand', image, size) as vol:
+        results.add(cold, 'rand', rand_pass(vol.target, cold_count,
+                                            chunk_step, 16))
 
-        step('round %d: starting thunder-cache' % round_no)
-        daemon = Daemon(workdir, cleanup)
-        image = 'img-seq'
-        daemon.register(image, env['manifest'], env['manifest_length'],
-                        env['volume'])
-        step('round %d: cold sequential' % round_no)
-        with Volume(daemon, 'vol-cold-seq', image, size) as vol:
-            results.add(COLD, 'seq', seq_pass(vol.target, size))
-        daemon.wait_complete(image, env)
-        step('round %d: warm' % round_no)
-        with Volume(daemon, 'vol-warm-seq', image, size) as vol:
-            used = bm.proc_cpu([daemon.pid])
-            results.add(WARM, 'seq', seq_pass(vol.target, size))
-            results.add(WARM, 'cpu', (bm.proc_cpu([daemon.pid]) - used) *
-                        bm.GiB / size)
-            if round_no == 1:
-                step('round 1: qemu-img compare of a volume with the image')
-                bm.run(['qemu-img', 'compare', '-q', '-f', 'raw', '-F',
-                        'raw', env['plain'], vol.device])
-                results.add(WARM, 'verified', 1)
-        with Volume(daemon, 'vol-warm-rand', image, size) as vol:
-            results.add(WARM, 'rand', rand_pass(vol.target, args.rand_count,
-                                                rand_step, 16))
-        with Volume(daemon, 'vol-warm-qd1', image, size) as vol:
-            results.add(WARM, 'rand_qd1', rand_pass(vol.target, qd1_count,
-                                                    rand_step, 1))
 
-        step('round %d: cold random' % round_no)
-        image = 'img-rand'
-        daemon.register(image, env['manifest'], env['manifest_length'],
-                        env['volume'])
-        with Volume(daemon, 'vol-cold-rand', image, size) as vol:
-            results.add(COLD, 'rand', rand_pass(vol.target, cold_count,
-                                                chunk_step, 16))
-
-        step('round %d: peer server, %d readers' % (round_no, PEER_READERS))
-        measure_peer(daemon, env, results)
-    finally:
-        cleanup.close()
+def row_name(kind, server):
+    return '%s (%s)' % (kind, server)
 
 
 def measure_peer(daemon, env, results):
@@ -392,27 +474,35 @@ def fmt(value, pattern='%.0f'):
     return '-' if value is None else pattern % value
 
 
+def goals_of(row, plain_cpu=None):
+    """The issue's goals for one volume server's warm reads."""
+    def at_least(key, goal):
+        return row[key] is not None and row[key] >= goal
+    cpu = row['cpu_s_per_gib']
+    return {'warm_rand': at_least('rand_ratio', GOALS['rand']),
+            'warm_qd1': at_least('rand_qd1_ratio', GOALS['rand_qd1']),
+            'warm_seq': at_least('seq_ratio', GOALS['seq']),
+            'cpu': cpu is not None and cpu <= GOALS['cpu']}
+
+
 def summarize(args, env, results):
     """Medians, ratios and goals, as printed and as written to --json."""
     rows = {}
-    for name in (PLAIN, COLD, WARM):
+    names = [PLAIN] + [row_name(kind, server) for server in env['servers']
+                       for kind in (COLD, WARM)]
+    for name in names:
         row = rows[name] = {}
         for key in ('seq', 'rand', 'rand_qd1'):
             value = results.median(name, key)
             row[key] = value
             row[key + '_ratio'] = ratio(value, results.median(PLAIN, key))
-    rows[WARM]['daemon_cpu_s_per_gib'] = results.median(WARM, 'cpu')
+        row['cpu_s_per_gib'] = results.median(name, 'cpu')
     peer = {name: results.median(name, 'rate')
             for name in (PEER_FILL, PEER_PREAD, PEER)}
-    warm = rows[WARM]
-    goals = {
-        'warm_seq': warm['seq_ratio'] is not None and
-        warm['seq_ratio'] >= GOAL_RATIO,
-        'warm_rand': warm['rand_ratio'] is not None and
-        warm['rand_ratio'] >= GOAL_RATIO,
-        'peer': peer[PEER] is not None and
-        peer[PEER] * 1e6 >= pt.GOAL_BYTES_PER_SECOND,
-    }
+    goals = {server: goals_of(rows[row_name(WARM, server)])
+             for server in env['servers']}
+    goals['peer'] = (peer[PEER] is not None and
+                     peer[PEER] * 1e6 >= GOALS['peer_bytes'])
     return {
         'date': env['date'],
         'machine': env['machine'],
@@ -422,8 +512,10 @@ def summarize(args, env, results):
         'holes_mib': env['holes'] / MiB, 'repeat': args.repeat,
         'rand_count': args.rand_count,
         'cold_rand_count': min(args.cold_rand_count, env['size'] // CHUNK),
+        'servers': env['servers'],
         'rows': rows, 'peer_mb_s': peer, 'goals': goals,
-        'verified': bool(results.count(WARM, 'verified')),
+        'verified': [server for server in env['servers']
+                     if results.count(row_name(WARM, server), 'verified')],
         'rounds': results.data,
     }
 
@@ -442,43 +534,45 @@ def report(summary):
           'at QD4; 4K = %d 4 KiB reads at QD16 (QD1: %d);' % (
               summary['rand_count'], max(1, summary['rand_count'] // 4)))
     print('thunder volumes on a direct-I/O loop device; cold 4K: %d reads, '
-          'each on a chunk not yet fetched' % summary['cold_rand_count'])
+          'each on a chunk not yet fetched; CPU: daemon + volume server, '
+          'warm seq' % summary['cold_rand_count'])
     print()
-    print('%-32s %9s %6s %9s %6s %9s %6s  %s' % (
+    print('%-34s %9s %6s %9s %6s %9s %6s %6s' % (
         '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio',
-        'goal (warm >= 0.5x)'))
+        's/GiB'))
     for name, row in summary['rows'].items():
-        goal = ''
-        if name == WARM:
-            goal = 'seq %s, 4K %s' % (met[summary['goals']['warm_seq']],
-                                      met[summary['goals']['warm_rand']])
-        print('%-32s %9s %6s %9s %6s %9s %6s  %s' % (
+        print('%-34s %9s %6s %9s %6s %9s %6s %6s' % (
             name, fmt(row['seq']), fmt(row['seq_ratio'], '%.2fx'),
             fmt(row['rand']), fmt(row['rand_ratio'], '%.2fx'),
             fmt(row['rand_qd1']), fmt(row['rand_qd1_ratio'], '%.2fx'),
-            goal))
+            fmt(row['cpu_s_per_gib'], '%.2f')))
     print()
     peer = summary['peer_mb_s']
     print('Peer server on loopback (the same daemon, peer_throughput.py\'s '
           'readers as processes)')
-    print('%-32s %9s %9s  %s' % ('', 'readers', 'MB/s', 'goal (>= 1000 MB/s)'))
-    print('%-32s %9d %9s' % (PEER_FILL, 1, fmt(peer[PEER_FILL])))
-    print('%-32s %9d %9s' % (PEER_PREAD, PEER_READERS, fmt(peer[PEER_PREAD])))
-    print('%-32s %9d %9s  %s' % (PEER, PEER_READERS, fmt(peer[PEER]),
-                                 met[summary['goals']['peer']]))
+    print('%-34s %9s %9s' % ('', 'readers', 'MB/s'))
+    print('%-34s %9d %9s' % (PEER_FILL, 1, fmt(peer[PEER_FILL])))
+    print('%-34s %9d %9s' % (PEER_PREAD, PEER_READERS, fmt(peer[PEER_PREAD])))
+    print('%-34s %9d %9s' % (PEER, PEER_READERS, fmt(peer[PEER])))
     print()
-    warm = summary['rows'][WARM]
-    print('goal: warm sequential reads >= 0.5x the plain file: %s (%s)' % (
-        met[summary['goals']['warm_seq']], fmt(warm['seq_ratio'], '%.2fx')))
-    print('goal: warm 4 KiB random reads >= 0.5x the plain file: %s (%s)' % (
-        met[summary['goals']['warm_rand']], fmt(warm['rand_ratio'],
-                                                '%.2fx')))
-    print('goal: peer server >= 1000 MB/s with %d readers: %s (%s MB/s)' % (
-        PEER_READERS, met[summary['goals']['peer']], fmt(peer[PEER])))
-    print('daemon CPU, warm sequential pass: %s s/GiB; volume read back '
-          'equal to the image (qemu-img compare): %s' % (
-              fmt(warm['daemon_cpu_s_per_gib'], '%.2f'),
-              'yes' if summary['verified'] else 'not checked'))
+    for server in summary['servers']:
+        row = summary['rows'][row_name(WARM, server)]
+        goals = summary['goals'][server]
+        print('goals, %s volume server: 4K QD16 >= %.1fx %s (%s), QD1 >= '
+              '%.1fx %s (%s), seq >= %.1fx %s (%s), CPU <= %.1f s/GiB %s '
+              '(%s)' % (
+                  server, GOALS['rand'], met[goals['warm_rand']],
+                  fmt(row['rand_ratio'], '%.2fx'), GOALS['rand_qd1'],
+                  met[goals['warm_qd1']],
+                  fmt(row['rand_qd1_ratio'], '%.2fx'),
+                  GOALS['seq'], met[goals['warm_seq']],
+                  fmt(row['seq_ratio'], '%.2fx'), GOALS['cpu'],
+                  met[goals['cpu']], fmt(row['cpu_s_per_gib'], '%.2f')))
+    print('goal: peer server >= %d MB/s with %d readers: %s (%s MB/s)' % (
+        GOALS['peer_bytes'] / 1e6, PEER_READERS, met[summary['goals']['peer']],
+        fmt(peer[PEER])))
+    print('volume read back equal to the image (qemu-img compare): %s' % (
+        ', '.join(summary['verified']) or 'not checked'))
 
 
 def machine():
@@ -534,34 +628,51 @@ def parse_args(argv):
     parser.add_argument('--cold-rand-count', type=int, default=512,
                         help='cold 4 KiB reads, on distinct chunks (at most '
                         'one per chunk; default 512)')
+    parser.add_argument('--servers', default=','.join(SERVERS),
+                        help='volume servers to measure, comma-separated '
+                        '(default %s)' % ','.join(SERVERS))
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--workdir', default='/var/tmp',
                         help='where the temporary directory goes (default '
                         '/var/tmp)')
     args = parser.parse_args(argv)
+    args.servers = args.servers.split(',')
+    if not args.servers or set(args.servers) - set(SERVERS):
+        parser.error('--servers: a list of %s' % ', '.join(SERVERS))
     if args.size_mib < 1 or args.repeat < 1 or args.rand_count < 1:
         parser.error('sizes and counts must be positive')
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+FAILURES = (RuntimeError, OSError, subprocess.SubprocessError,
+            control.ControlError, nativevol.NativeError)
+
+
+def run_main(name, run, args):
+    """``run(args, workdir, cleanup)`` as a benchmark; the exit status.
+
+    Skipped (0) where it cannot run, 1 with the reason on a failure; the
+    work directory and whatever the cleanup holds are removed either way.
+    """
     why = unavailable()
     if why:
-        print('cache_io: skipped: %s' % why, file=sys.stderr)
+        print('%s: skipped: %s' % (name, why), file=sys.stderr)
         return 0
-    workdir, cleanup = run_as_benchmark('cache-io-', args.workdir)
+    workdir, cleanup = run_as_benchmark(name + '-', args.workdir)
     try:
-        return _main(args, workdir)
-    except (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError) as e:
-        print('cache_io: FAILED: %s' % e, file=sys.stderr)
+        return run(args, workdir, cleanup)
+    except FAILURES as e:
+        print('%s: FAILED: %s' % (name, e), file=sys.stderr)
         return 1
     finally:
         cleanup.close()
 
 
-def _main(args, workdir):
+def main(argv=None):
+    return run_main('cache_io', _main, parse_args(argv))
+
+
+def _main(args, workdir, cleanup):
     size = args.size_mib * MiB
     env = {
         'size': size, 'workdir': workdir,
@@ -575,6 +686,10 @@ def _main(args, workdir):
         args.size_mib, workdir))
     env['manifest'], env['manifest_length'] = write_image(
         env['volume'], env['plain'], size)
+    env['servers'] = args.servers
+    if 'native' in args.servers:
+        step('building thunder-volume-server')
+        env['native'] = nativevol.build(os.path.join(workdir, 'native'))
     results = bm.Results()
     for round_no in range(1, args.repeat + 1):
         measure_round(args, env, results, round_no)

@@ -23,6 +23,7 @@ descriptors.
 """
 
 import errno
+import grp
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from thunder_cache import advertise
 from thunder_cache import control
 from thunder_cache import eviction
 from thunder_cache import lifecycle
+from thunder_cache import nativevol
 from thunder_cache import node as node_mod
 from thunder_cache import options
 from thunder_cache import origins
@@ -254,24 +256,17 @@ class Daemon(object):
 
     def _start_blockdev(self):
         """Mount the volume files and answer the Cinder driver."""
-        # Imported here: only nodes serving volumes need libfuse 3.
-        from thunder_cache import fusefs
         from thunder_cache import volumes
 
         conf = self.conf.blockdev
+        native = None
+        if conf.volume_server == 'native':
+            native = nativevol.NativeServer(conf.native_server_socket)
         self.store = volumes.VolumeStore(
             conf.layers_dir, self.node,
-            max_size=conf.max_volume_size * volumes.GiB)
-        try:
-            self.mount = fusefs.Mount(self.store, conf.mount_dir,
-                                      allow_other=conf.allow_other,
-                                      group=conf.control_group)
-            self.mount.start()
-        except (fusefs.MountError, KeyError) as e:
-            # KeyError: control_group names no group.
-            self.mount = None
-            raise StartError('cannot serve the volume files at %s: %s'
-                             % (conf.mount_dir, e))
+            max_size=conf.max_volume_size * volumes.GiB, native=native)
+        if native is None:
+            self._mount_python(conf)
         service = service_mod.VolumeService(
             self.node, self.store, conf.mount_dir, self.descriptors_dir,
             self.origins)
@@ -282,8 +277,38 @@ class Daemon(object):
             conf.control_socket, service.handlers(),
             expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
         self.control_server.start()
-        LOG.info('Volume files in %s (layers in %s); control socket %s',
-                 conf.mount_dir, conf.layers_dir, conf.control_socket)
+        if native is not None:
+            self._start_native(conf, native)
+        LOG.info('Volume files in %s (layers in %s, served by %s); '
+                 'control socket %s', conf.mount_dir, conf.layers_dir,
+                 conf.volume_server, conf.control_socket)
+
+    def _mount_python(self, conf):
+        # Imported here: only nodes serving volumes need libfuse 3.
+        from thunder_cache import fusefs
+
+        try:
+            self.mount = fusefs.Mount(self.store, conf.mount_dir,
+                                      allow_other=conf.allow_other,
+                                      group=conf.control_group)
+            self.mount.start()
+        except (fusefs.MountError, KeyError) as e:
+            # KeyError: control_group names no group.
+            self.mount = None
+            raise StartError('cannot serve the volume files at %s: %s'
+                             % (conf.mount_dir, e))
+
+    def _start_native(self, conf, native):
+        """Start thunder-volume-server unless it runs (it outlives us)."""
+        try:
+            gid = grp.getgrnam(conf.control_group).gr_gid \
+                if conf.control_group else 0
+            native.start(conf.native_server_binary, conf,
+                         conf.control_socket, self.conf.node.cache_dir,
+                         gid=gid, log_file=native.socket_path + '.log')
+        except (nativevol.NativeError, KeyError, OSError) as e:
+            raise StartError('cannot serve the volume files at %s with '
+                             'the native server: %s' % (conf.mount_dir, e))
 
     def _advertised_host(self):
         host = self.conf.node.listen_address
@@ -339,6 +364,9 @@ class Daemon(object):
                           'back and they are attached again.',
                           ', '.join(busy))
             self.mount.stop()
+        elif self.store is not None and self.store.native is not None:
+            LOG.info('The volume files stay served by thunder-volume-server '
+                     '(%s)', self.conf.blockdev.native_server_socket)
         if self.store is not None:
             self.store.close()
         if self.lifecycle is not None:

@@ -85,6 +85,7 @@ SETTLE_TIME = 30.0
 #: Seconds waiters allow a fetch beyond its source's time limit, to move on
 #: to the next source.
 WAIT_GRACE = 2.0
+_USABLE_CHARS = bytes.maketrans(b'\x00\x01', b'01')
 
 
 class FetchError(IOError):
@@ -274,6 +275,10 @@ class ImageCache(object):
         """True if chunk ``index`` is cached and may be served as it is."""
         self.manifest.chunk_range(index)  # validates the index
         return bool(self._usable[index])
+
+    def usable_map(self):
+        """One character per chunk: '1' if :meth:`has`, else '0'."""
+        return bytes(self._usable).translate(_USABLE_CHARS).decode('ascii')
 
     def present_count(self):
         return self.map.count()

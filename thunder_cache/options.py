@@ -377,6 +377,29 @@ blockdev_opts = [
                      'the volume files when the daemon is not root. A '
                      'non-root daemon needs user_allow_other in '
                      '/etc/fuse.conf.'),
+    cfg.StrOpt('volume_server',
+               default='python', choices=['python', 'native'],
+               help='What serves the volume files: "python", the daemon '
+                    'itself, or "native", thunder-volume-server (C, '
+                    'libfuse 3), its own process, which reads the cache '
+                    'and layer files directly and outlives restarts of '
+                    'the daemon.'),
+    cfg.StrOpt('native_server_binary',
+               default='thunder-volume-server',
+               help='The native volume server (volume_server = native): a '
+                    'path, or a name looked up in PATH. Built from '
+                    'thunder_cache/native with make.'),
+    cfg.StrOpt('native_server_socket',
+               default='/run/thunder-cache/volume-server.sock',
+               help='Unix socket (mode 0600) on which the native volume '
+                    'server takes the daemon\'s requests to pause a '
+                    'volume\'s I/O while its layer is grown, copied or '
+                    'deleted; its PID file is this path with ".pid".'),
+    cfg.FloatOpt('native_fetch_wait',
+                 default=60.0, min=0,
+                 help='Seconds a read of the native volume server waits '
+                      'for an unreachable daemon (restarting) to provide '
+                      'a missing chunk before it fails with EIO.'),
 ]
 
 GROUPS = (('node', node_opts), ('peer', peer_opts),

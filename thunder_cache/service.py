@@ -34,6 +34,8 @@ LOG = logging.getLogger(__name__)
 # Volumes a list_volumes answer holds at most (each ~250 bytes of JSON; an
 # answer is one line of at most control.MAX_LINE bytes).
 LIST_LIMIT = 100
+# Chunks one ensure_chunks request may name (the native server's limit).
+MAX_ENSURE = 64
 # Errors answered by their class name and message (no traceback logged).
 EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
                    node_mod.ImageBusy, KeyError)
@@ -56,6 +58,12 @@ def _volume_id(value, name='volume_id'):
         raise control.BadRequest(
             'bad %s %r: 1 to 128 characters of A-Z a-z 0-9 _ . -, not '
             'starting with . _ or -' % (name, value[:140]))
+
+
+def _index(value, name):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise control.BadRequest('%s must be a non-negative integer' % name)
+    return value
 
 
 def _image_id(value):
@@ -104,7 +112,8 @@ class VolumeService(object):
                 'list_volumes': self.list_volumes,
                 'volume_info': self.volume_info,
                 'evict_image': self.evict_image,
-                'cache_status': self.cache_status}
+                'cache_status': self.cache_status,
+                'ensure_chunks': self.ensure_chunks}
 
     def ping(self):
         return {'node_id': self.node.node_id, 'url': self.node.url,
@@ -117,7 +126,7 @@ class VolumeService(object):
         provisioned = 0
         for volume_id in ids:
             try:
-                provisioned += self.store.info(volume_id)['size']
+                provisioned += self.store.size(volume_id)
             except volumes_mod.VolumeNotFound:
                 continue
         return {'total_bytes': st.f_blocks * st.f_frsize,
@@ -236,14 +245,8 @@ class VolumeService(object):
 
     def volumes_of(self, image_id):
         """Ids of the volumes (and snapshots) reading ``image_id``."""
-        found = []
-        for volume_id in self.store.list():
-            try:
-                if self.store.info(volume_id)['image_id'] == image_id:
-                    found.append(volume_id)
-            except volumes_mod.VolumeNotFound:
-                continue
-        return found
+        return sorted(volume_id for volume_id, image in
+                      self.store.image_ids().items() if image == image_id)
 
     def image_in_use(self, image_id):
         """Why the image's cache must stay (its volumes), or None."""
@@ -283,3 +286,25 @@ class VolumeService(object):
                           if self.trace_state is not None else None),
                 'volumes': self.volumes_of(image_id)}
         return {'images': images}
+
+    def ensure_chunks(self, image_id, first, last):
+        """Make chunks [first, last] of an image present; say which are.
+
+        The native volume server's reads of missing chunks. The answer
+        says which chunks of the image it may now read from the cache's
+        data file (``usable``: one '0' or '1' per chunk).
+        """
+        cache = self.node.cache(_image_id(image_id))
+        first, last = _index(first, 'first'), _index(last, 'last')
+        if not first <= last < cache.manifest.chunk_count:
+            raise control.BadRequest(
+                'chunks %d-%d are not within the image\'s %d chunks'
+                % (first, last, cache.manifest.chunk_count))
+        if last - first >= MAX_ENSURE:
+            raise control.BadRequest('at most %d chunks per request'
+                                     % MAX_ENSURE)
+        for index in range(first, last + 1):
+            cache.ensure(index)
+        return {'image_size': cache.manifest.image_size,
+                'chunk_size': cache.manifest.chunk_size,
+                'usable': cache.usable_map()}

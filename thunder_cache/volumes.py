@@ -44,6 +44,7 @@ from oslo_concurrency import lockutils
 
 from thunder_cache import cow
 from thunder_cache import fsutil
+from thunder_cache import nativevol
 
 LOG = logging.getLogger(__name__)
 
@@ -153,14 +154,20 @@ class VolumeStore(object):
         ``read_image(image_id, offset, length) -> bytes`` (which may raise
         IOError when a chunk cannot be fetched).
     :param max_size: the largest volume size, in bytes.
+    :param native: the :class:`~thunder_cache.nativevol.NativeServer`
+        serving the volume files, or None when :mod:`.fusefs` does (in
+        this process). With it, a layer's I/O is paused in the server
+        while it is grown, copied or looked at, and a volume is deleted
+        only once the server lets it go.
 
     Creates, deletes and resizes of one volume id run one at a time (a
     lock per id), so racing requests get clean answers: the volume
     exists, is not found, or the request is done.
     """
 
-    def __init__(self, layers_dir, images, max_size=MAX_SIZE):
+    def __init__(self, layers_dir, images, max_size=MAX_SIZE, native=None):
         self.layers_dir = layers_dir
+        self.native = native
         self.images = images
         self.max_size = min(cow.check_size(max_size, 'maximum volume'),
                             MAX_SIZE)
@@ -185,6 +192,30 @@ class VolumeStore(object):
                 stack.enter_context(lockutils.lock(
                     volume_id, semaphores=self._id_locks, do_log=False))
             yield
+
+    @contextlib.contextmanager
+    def _paused(self, volume):
+        """The volume's layer, quiet; yields how often it is open.
+
+        With a native server, its I/O of the volume waits (its bits
+        flushed) and the layer is opened again here, since the server
+        wrote it.
+        """
+        if self.native is None:
+            yield volume.open_count
+            return
+        try:
+            hold = self.native.hold(volume.id)
+            opens = hold.__enter__()
+        except nativevol.NativeError as e:
+            raise VolumeError('volume %s: the native volume server: %s'
+                              % (volume.id, e))
+        try:
+            volume.layer.close()
+            volume.layer = cow.CowLayer.open(self._dir(volume.id))
+            yield opens
+        finally:
+            hold.__exit__(None, None, None)
 
     def _check_size(self, size):
         cow.check_size(size, 'volume')
@@ -264,13 +295,24 @@ class VolumeStore(object):
         with self._lock:
             return sorted(self._volumes)
 
+    def image_ids(self):
+        """{volume id: its image id (None: blank)}; pauses no I/O."""
+        with self._lock:
+            return {v.id: v.image_id for v in self._volumes.values()}
+
+    def size(self, volume_id):
+        """A volume's size in bytes (without pausing its I/O)."""
+        return self._get(volume_id).layer.size
+
     def info(self, volume_id):
         volume = self._get(volume_id)
-        return {'id': volume.id, 'size': volume.layer.size,
-                'image_id': volume.image_id, 'read_only': volume.read_only,
-                'written_bytes': volume.layer.written_bytes(),
-                'allocated_bytes': volume.layer.allocated_bytes(),
-                'open_count': volume.open_count}
+        with self._paused(volume) as opens:
+            return {'id': volume.id, 'size': volume.layer.size,
+                    'image_id': volume.image_id,
+                    'read_only': volume.read_only,
+                    'written_bytes': volume.layer.written_bytes(),
+                    'allocated_bytes': volume.layer.allocated_bytes(),
+                    'open_count': opens}
 
     # -- life cycle -------------------------------------------------------
 
@@ -342,7 +384,8 @@ class VolumeStore(object):
         """
         try:
             if src is not None:
-                volume.layer = src.layer.copy_to(directory)
+                with self._paused(src):
+                    volume.layer = src.layer.copy_to(directory)
                 if size > volume.layer.size:
                     volume.layer.resize(size)
             else:
@@ -381,6 +424,8 @@ class VolumeStore(object):
             if volume.open_count:
                 raise VolumeBusy('volume %s is open %d times'
                                  % (volume_id, volume.open_count))
+            if self.native is not None:
+                self._forget(volume_id)
             del self._volumes[volume_id]
         directory = self._dir(volume_id)
         try:
@@ -395,6 +440,15 @@ class VolumeStore(object):
         shutil.rmtree(directory)
         fsutil.fsync_dir(self.layers_dir)
 
+    def _forget(self, volume_id):
+        try:
+            self.native.forget(volume_id)
+        except nativevol.NativeError as e:
+            if nativevol.busy(e):
+                raise VolumeBusy('volume %s is open (%s)' % (volume_id, e))
+            raise VolumeError('volume %s: the native volume server: %s'
+                              % (volume_id, e))
+
     def resize(self, volume_id, new_size):
         """Grow a volume to ``new_size`` bytes (ValueError on a shrink)."""
         self._check_size(new_size)
@@ -404,12 +458,14 @@ class VolumeStore(object):
     def _resize(self, volume_id, new_size):
         volume = self._get(volume_id)
         old = volume.layer.size
-        try:
-            volume.layer.resize(new_size)
-        except OSError as e:
-            raise self._too_large(volume_id, new_size, e)
+        with self._paused(volume):
+            try:
+                volume.layer.resize(new_size)
+            except OSError as e:
+                raise self._too_large(volume_id, new_size, e)
+            if new_size != old:
+                _write_meta(self._dir(volume_id), volume.meta())
         if new_size != old:
-            _write_meta(self._dir(volume_id), volume.meta())
             LOG.info('Volume %s grown from %d to %d bytes', volume_id, old,
                      new_size)
 
@@ -436,10 +492,16 @@ class VolumeStore(object):
         return self.info(volume_id)
 
     def _check_closed(self, volume):
-        """Raise VolumeBusy if the volume is open; caller holds _lock."""
+        """Raise VolumeBusy if the volume is open; caller holds _lock.
+
+        A native server, which counts its own opens, drops the volume
+        (its files closed): it opens whatever layer is there next.
+        """
         if volume.open_count:
             raise VolumeBusy('volume %s is open %d times (attached?)'
                              % (volume.id, volume.open_count))
+        if self.native is not None:
+            self._forget(volume.id)
 
     def _revert(self, volume_id, snapshot_id):
         volume, snap = self._get(volume_id), self._get(snapshot_id)

@@ -232,16 +232,22 @@ class VolumeDaemon(Daemon):
     ``control`` is a :class:`~thunder_cache.control.ControlClient`.
     """
 
-    def __init__(self, workdir, name, extra='', **kwargs):
+    def __init__(self, workdir, name, extra='', native=None, **kwargs):
+        """``native``: a built thunder-volume-server serves the files."""
         base = os.path.join(workdir, name)
         self.paths = {'mount': os.path.join(base, 'volumes'),
                       'layers': os.path.join(base, 'layers'),
-                      'control': os.path.join(base, 'control.sock')}
+                      'control': os.path.join(base, 'control.sock'),
+                      'native': os.path.join(base, 'native.sock')}
+        native_opts = [
+            'volume_server = native', 'native_server_binary = %s' % native,
+            'native_server_socket = %s' % self.paths['native'],
+            'native_fetch_wait = 30'] if native else []
         super().__init__(workdir, name, extra='\n'.join([
             '[blockdev]', 'enabled = true',
             'mount_dir = %s' % self.paths['mount'],
             'layers_dir = %s' % self.paths['layers'],
-            'control_socket = %s' % self.paths['control'],
+            'control_socket = %s' % self.paths['control']] + native_opts + [
             '[prefetch]', 'record = false', extra]), **kwargs)
         self.control = control.ControlClient(self.paths['control'])
 

@@ -110,11 +110,44 @@ def test_ping(service):
 def test_handlers(service):
     handlers = service.handlers()
     assert sorted(handlers) == [
-        'cache_status', 'create_volume', 'delete_volume', 'evict_image',
-        'list_volumes', 'ping', 'register_image', 'rename_volume',
-        'resize_volume', 'revert_volume', 'stats', 'volume_info']
+        'cache_status', 'create_volume', 'delete_volume', 'ensure_chunks',
+        'evict_image', 'list_volumes', 'ping', 'register_image',
+        'rename_volume', 'resize_volume', 'revert_volume', 'stats',
+        'volume_info']
     assert handlers['create_volume'] == service.create_volume
     assert handlers['stats'] == service.stats
+
+
+# -- ensure_chunks (the native volume server's misses) -----------------------
+
+def test_ensure_chunks_fetches_and_answers_the_map(service, registered,
+                                                   node):
+    answer = service.ensure_chunks(IMAGE_ID, 1, 2)
+    assert answer == {'image_size': len(registered), 'chunk_size': CHUNK,
+                      'usable': '0110'}
+    assert node.cache(IMAGE_ID).has(1) and not node.cache(IMAGE_ID).has(0)
+    assert service.ensure_chunks(IMAGE_ID, 3, 3)['usable'] == '0111'
+
+
+@pytest.mark.parametrize('first,last', [
+    (-1, 0), (0, 4), (2, 1), (True, 1), (0, '1'), (0.0, 1), (None, 1)])
+def test_ensure_chunks_bad_range(service, registered, first, last):
+    with pytest.raises(control.BadRequest):
+        service.ensure_chunks(IMAGE_ID, first, last)
+
+
+def test_ensure_chunks_unknown_or_bad_image(service, registered):
+    with pytest.raises(KeyError):
+        service.ensure_chunks('img-unknown', 0, 0)
+    with pytest.raises(control.BadRequest):
+        service.ensure_chunks('../etc', 0, 0)
+
+
+def test_ensure_chunks_at_most_max_per_request(service, registered):
+    with mock.patch.object(service_mod, 'MAX_ENSURE', 2):
+        with pytest.raises(control.BadRequest):
+            service.ensure_chunks(IMAGE_ID, 0, 2)
+        assert service.ensure_chunks(IMAGE_ID, 0, 1)['usable'] == '1100'
 
 
 # -- register_image ---------------------------------------------------------

@@ -331,8 +331,8 @@ def test_main_parses_the_nova_nodes_flags():
 
 
 @pytest.mark.parametrize('returncode', [0, 1])
-def test_nova_nodes_brings_up_and_down_its_nodes(stack, tmp_path, root,
-                                                  capsys, returncode):
+def test_nova_nodes_brings_up_and_down_its_nodes(
+        stack, tmp_path, root, capsys, returncode):
     goals = ['goal: peer ready 2x sooner  met  a']
     with mock.patch('thunder_stack.nodes.Nodes') as nodes, \
             fake_nova_boot(returncode, goals) as popen:

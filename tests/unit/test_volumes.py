@@ -12,6 +12,7 @@
 
 """Tests for thunder_cache.volumes: the node's volume store."""
 
+import contextlib
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ from unittest import mock
 import pytest
 
 from thunder_cache import cow
+from thunder_cache import nativevol
 from thunder_cache import volumes
 
 BS = cow.BLOCK_SIZE
@@ -718,3 +720,109 @@ def test_rename_interrupted_before_the_directory_moved(store, layers,
         assert again.list() == ['a'] and again.read('a', 0, 4) == b'keep'
     finally:
         again.close()
+
+
+# -- with the native volume server --------------------------------------------
+
+class FakeNative(object):
+    """Records holds and forgets; ``opens`` is what the server reports."""
+
+    def __init__(self):
+        self.calls = []
+        self.opens = 0
+        self.fail = None
+
+    @contextlib.contextmanager
+    def hold(self, volume_id):
+        if self.fail:
+            raise self.fail
+        self.calls.append(('hold', volume_id))
+        yield self.opens
+        self.calls.append(('release', volume_id))
+
+    def forget(self, volume_id):
+        if self.fail:
+            raise self.fail
+        self.calls.append(('forget', volume_id))
+
+
+@pytest.fixture
+def native_store(layers, images):
+    native = FakeNative()
+    s = volumes.VolumeStore(layers, images, native=native)
+    yield s, native
+    s.close()
+
+
+def test_native_layer_reopened_while_held(native_store, layers):
+    """The server's writes (here: a second layer object) are seen."""
+    store, native = native_store
+    store.create('v', 10 * BS, image_id=IMAGE)
+    other = cow.CowLayer.open(os.path.join(layers, 'v'))
+    other.write(0, b'x' * BS, lambda o, n: bytes(n))
+    other.close()
+    native.calls = []
+    info = store.info('v')
+    assert info['written_bytes'] == BS and info['open_count'] == 0
+    assert native.calls == [('hold', 'v'), ('release', 'v')]
+
+
+def test_native_resize_and_copy_hold_the_layer(native_store):
+    store, native = native_store
+    store.create('v', 10 * BS, image_id=IMAGE)
+    store.resize('v', 20 * BS)
+    assert native.calls[:2] == [('hold', 'v'), ('release', 'v')]
+    native.calls = []
+    store.create('c', 20 * BS, source='v')
+    assert ('hold', 'v') in native.calls
+    assert store.info('c')['size'] == 20 * BS
+
+
+def test_native_delete_forgets_or_is_busy(native_store, layers):
+    store, native = native_store
+    store.create('v', 10 * BS, image_id=IMAGE)
+    native.fail = nativevol.NativeError('EBUSY', 'volume v is open 1 times')
+    with pytest.raises(volumes.VolumeBusy):
+        store.delete('v')
+    assert store.list() == ['v']
+    native.fail = nativevol.NativeError('Unavailable', 'no server')
+    with pytest.raises(volumes.VolumeError):
+        store.delete('v')
+    with pytest.raises(volumes.VolumeError):
+        store.resize('v', 20 * BS)
+    assert store.list() == ['v']
+    native.fail = None
+    store.delete('v')
+    assert ('forget', 'v') in native.calls
+    assert not os.path.exists(os.path.join(layers, 'v'))
+
+
+def test_native_open_count_from_the_server(native_store):
+    store, native = native_store
+    store.create('v', 10 * BS, image_id=IMAGE)
+    native.opens = 2
+    assert store.info('v')['open_count'] == 2
+    native.calls = []
+    assert store.size('v') == 10 * BS and native.calls == []
+
+
+def test_native_revert_and_rename_forget_or_are_busy(native_store, layers):
+    """The server, which counts the opens, drops the volume first."""
+    store, native = native_store
+    store.create('v', 10 * BS, image_id=IMAGE)
+    store.create('s', 10 * BS, source='v', read_only=True)
+    native.fail = nativevol.NativeError('EBUSY', 'volume v is open 1 times')
+    with pytest.raises(volumes.VolumeBusy):
+        store.revert('v', 's')
+    with pytest.raises(volumes.VolumeBusy):
+        store.rename('v', 'w')
+    assert store.list() == ['s', 'v']
+    assert sorted(os.listdir(layers)) == ['s', 'v']
+    native.fail, native.calls = None, []
+    store.revert('v', 's')
+    assert ('forget', 'v') in native.calls
+    native.calls = []
+    store.rename('v', 'w')
+    assert ('forget', 'v') in native.calls
+    assert store.list() == ['s', 'w']
+    assert store.image_ids() == {'s': IMAGE, 'w': IMAGE}

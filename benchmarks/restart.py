@@ -1,0 +1,232 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Peer mode: what a volume's reader sees while thunder-cache restarts.
+
+A real ``thunder-cache`` daemon serves a volume of an image through a
+volume server (``--server native``: ``thunder-volume-server``, its own
+process; ``python``: the daemon's own FUSE mount), attached as the Cinder
+driver attaches it (``losetup --direct-io=on``). A checker does random 4
+KiB ``O_DIRECT`` reads and writes on the loop device (30 % writes, an
+fsync now and then) and compares every byte read with what it wrote or
+the image holds. Meanwhile, one after the other:
+
+daemon kill -9
+    SIGKILL, restarted ``--down`` seconds later (a crash and its
+    restart by systemd);
+daemon stop/start
+    SIGTERM, started again ``--down`` seconds later (a restart, or an
+    upgrade: stop, new package, start);
+
+and, with ``--kill-server``, the volume server itself killed (-9), which
+the native server does not survive yet (its ``/dev/fuse`` descriptor is
+not kept). Printed per event: the time the daemon was down, the longest
+I/O during the event and the second after it, and the I/O errors and
+wrong reads. At the end the whole device is compared with what it should
+hold. Run as root::
+
+    python benchmarks/restart.py [--size-mib 512] [--down 2]
+        [--server native|python] [--kill-server]
+"""
+
+import argparse
+import mmap
+import os
+import random
+import signal
+import sys
+import threading
+import time
+
+import blockdev_mechanisms as bm
+import cache_io
+
+from thunder_cache import nativevol
+
+BS = 4096
+MiB = 1024 * 1024
+
+
+class Checker(threading.Thread):
+    """Random 4 KiB O_DIRECT reads and writes, every byte checked.
+
+    ``expected`` is a bytearray of the device's size. ``errors``,
+    ``wrong`` and ``ops`` count; ``longest`` is the longest operation
+    since :meth:`mark`.
+    """
+
+    def __init__(self, device, expected, write_share=0.3, seed=7):
+        super().__init__(daemon=True, name='checker')
+        self.device = device
+        self.expected = expected
+        self.write_share = write_share
+        self.rng = random.Random(seed)
+        self.errors = []
+        self.wrong = 0
+        self.ops = 0
+        self.longest = 0.0
+        self.stop = threading.Event()
+
+    def mark(self):
+        """Start a new window: (errors, wrong, ops) so far."""
+        self.longest = 0.0
+        return len(self.errors), self.wrong, self.ops
+
+    def run(self):
+        fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
+        buf = mmap.mmap(-1, BS)
+        blocks = len(self.expected) // BS
+        try:
+            while not self.stop.is_set():
+                self._one(fd, buf, self.rng.randrange(blocks) * BS)
+        finally:
+            buf.close()
+            os.close(fd)
+
+    def _one(self, fd, buf, offset):
+        start = time.monotonic()
+        try:
+            if self.rng.random() < self.write_share:
+                data = os.urandom(BS)
+                buf[:] = data
+                os.pwrite(fd, buf, offset)
+                self.expected[offset:offset + BS] = data
+                if self.rng.random() < 0.1:
+                    os.fsync(fd)
+            else:
+                os.preadv(fd, [buf], offset)
+                if buf[:] != self.expected[offset:offset + BS]:
+                    self.wrong += 1
+        except OSError as e:
+            self.errors.append(e)
+        self.longest = max(self.longest, time.monotonic() - start)
+        self.ops += 1
+
+    def finish(self, timeout=120):
+        self.stop.set()
+        self.join(timeout)
+        if self.is_alive():
+            raise RuntimeError('the checker is stuck in an I/O')
+
+
+def run_events(daemon, checker, down, kill_server):
+    """The events, one after the other; a row of figures per event."""
+    def kill_volume_server():
+        os.kill(daemon.pids[-1], signal.SIGKILL)
+
+    events = [('daemon kill -9', daemon.kill, True),
+              ('daemon stop/start', lambda: daemon.server.stop(), True)]
+    if kill_server:
+        events.append(('volume server kill -9', kill_volume_server, False))
+    rows = []
+    for name, stop, restart in events:
+        errors, wrong, ops = checker.mark()
+        started = time.monotonic()
+        stop()
+        time.sleep(down)
+        if restart:
+            daemon.start()
+        was_down = time.monotonic() - started
+        time.sleep(1)
+        rows.append({'event': name, 'down_s': was_down,
+                     'longest_io_s': checker.longest,
+                     'io_errors': len(checker.errors) - errors,
+                     'wrong_reads': checker.wrong - wrong,
+                     'ops': checker.ops - ops})
+    return rows
+
+
+def report(args, rows, verified):
+    print()
+    print('Restarts under I/O: %s volume server, %d MiB image, random 4 KiB '
+          'O_DIRECT reads and writes (30 %% writes) on a direct-I/O loop '
+          'device; load average %s' % (args.server, args.size_mib,
+                                       bm.load_average()))
+    print()
+    print('%-24s %8s %12s %10s %12s %8s' % (
+        'event', 'down s', 'longest I/O', 'I/O errors', 'wrong reads',
+        'I/Os'))
+    for row in rows:
+        print('%-24s %8.1f %11.2fs %10d %12d %8d' % (
+            row['event'], row['down_s'], row['longest_io_s'],
+            row['io_errors'], row['wrong_reads'], row['ops']))
+    print()
+    print('device read back whole, equal to what it should hold: %s'
+          % ('yes' if verified else 'NO'))
+
+
+def measure(args, workdir, cleanup):
+    size = args.size_mib * MiB
+    image, plain = (os.path.join(workdir, name)
+                    for name in ('image-volume', 'plain.raw'))
+    manifest, length = cache_io.write_image(image, plain, size)
+    native = None
+    if args.server == 'native':
+        native = nativevol.build(os.path.join(workdir, 'native'))
+    rounddir = os.path.join(workdir, 'node')
+    os.makedirs(rounddir)
+    daemon = cache_io.Daemon(rounddir, cleanup, native=native)
+    daemon.register('img', manifest, length, image)
+    volume = cache_io.Volume(daemon, 'vol-restart', 'img', size + 64 * MiB)
+    cleanup.callback(volume.cleanup.close)
+    with open(plain, 'rb') as f:
+        expected = bytearray(f.read()) + bytearray(64 * MiB)
+    checker = Checker(volume.device, expected)
+    checker.start()
+    cleanup.callback(checker.stop.set)
+    time.sleep(1)
+    rows = run_events(daemon, checker, args.down, args.kill_server)
+    checker.finish()
+    try:
+        with open(volume.device, 'rb') as f:
+            verified = f.read() == bytes(checker.expected)
+    except OSError as e:
+        print('reading the device back: %s' % e, file=sys.stderr)
+        verified = False
+    return rows, verified
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--size-mib', type=int, default=512,
+                        help='image size in MiB; the volume is 64 MiB '
+                        'larger (default 512)')
+    parser.add_argument('--down', type=float, default=2.0,
+                        help='seconds the daemon stays down (default 2)')
+    parser.add_argument('--server', choices=('native', 'python'),
+                        default='native',
+                        help='the volume server (default native)')
+    parser.add_argument('--kill-server', action='store_true',
+                        help='also kill the volume server (-9), last')
+    parser.add_argument('--workdir', default='/var/tmp',
+                        help='where the temporary directory goes')
+    args = parser.parse_args(argv)
+    if args.size_mib < 1 or args.down < 0:
+        parser.error('sizes and times must be positive')
+    return args
+
+
+def run(args, workdir, cleanup):
+    rows, verified = measure(args, workdir, cleanup)
+    report(args, rows, verified)
+    bad = [row for row in rows if row['event'].startswith('daemon') and
+           (row['io_errors'] or row['wrong_reads'])]
+    return 1 if bad or not verified and args.server == 'native' and \
+        not args.kill_server else 0
+
+
+def main(argv=None):
+    return cache_io.run_main('restart', run, parse_args(argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -265,8 +265,7 @@ def goals(summaries, n=8):
 
 
 def goal_lines(results):
-    return ['goal: %-58s %-7s %s' % (text, 'met' if ok else 'MISSED', what)
-            for text, ok, what in results]
+    return [demo.goal_line(*result) for result in results]
 
 
 def write_csv(rows, columns, path):

@@ -481,6 +481,12 @@ def run_bulk_boot(stack, command, out):
     return result
 
 
+def goal_line(text, met, measured):
+    """A goal as a line of a benchmark's results.txt (run_nova_boot's)."""
+    return 'goal: %-58s %-7s %s' % (text, 'met' if met else 'MISSED',
+                                    measured)
+
+
 def run_nova_boot(stack, command, out, flow='nova-boot'):
     """Run a Nova benchmark; its outcome with its goals missed."""
     result = run_benchmark(stack, flow, command, out)

@@ -357,3 +357,15 @@ def test_nova_nodes_keeps_nodes_that_were_up(stack, tmp_path, root):
             fake_nova_boot(0, []):
         assert demo.run_demo(stack, nova_nodes_args(tmp_path)) == 0
     nodes.assert_not_called()
+
+
+def test_goal_lines_are_what_the_demo_counts(stack, tmp_path, root):
+    goals = [demo.goal_line('ready >= 2x sooner', True, '6.3x'),
+             demo.goal_line('origin bytes <= 1.2x', False, '1.3x')]
+    with mock.patch('thunder_stack.nodes.Nodes'), \
+            fake_nova_boot(0, goals):
+        assert demo.run_demo(stack, nova_nodes_args(tmp_path)) == 0
+    with open(str(tmp_path / 'demo.json')) as f:
+        [result] = json.load(f)
+    assert result['goals'] == 2
+    assert result['goals_missed'] == [goals[1][len('goal: '):].strip()]

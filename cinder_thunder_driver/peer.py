@@ -42,6 +42,7 @@ from oslo_log import log as logging
 from oslo_utils import units
 
 from cinder_thunder_driver import base
+from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import options
@@ -244,13 +245,10 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         image is not raw, the volume is encrypted, or no location is a
         thunder image-volume with a manifest.
         """
-        if not image_location:
-            return {}, False
-        if (image_meta.get('disk_format') != 'raw' or
-                image_meta.get('container_format', 'bare') not in
-                ('bare', None) or volume.encryption_key_id):
-            return {}, False
-        _direct_url, location_list = image_location
+        declined = image_clones.not_cloneable(volume, image_meta)
+        if declined:
+            return self._decline_image(volume, image_meta, *declined)
+        _direct_url, location_list = image_location or (None, None)
         for location in location_list or []:
             descriptor = image_descriptor(
                 image_meta['id'], location,
@@ -264,8 +262,12 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                             'in a %(size)s GiB volume.', id=image_meta['id'],
                             bytes=info['image_size'], size=volume.size)
             self._create(volume, image_id=image_meta['id'])
+            self.image_clones.cloned()
             return {'provider_location': None}, True
-        return {}, False
+        return self._decline_image(
+            volume, image_meta, image_clones.NO_LOCATION,
+            'none of its %d locations is a thunder image-volume with a '
+            'manifest' % len(location_list or []))
 
     def copy_image_to_volume(self, context, volume, image_service, image_id,
                              disable_sparse=False):

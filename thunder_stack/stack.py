@@ -484,6 +484,9 @@ class Stack(object):
             'THUNDER_DIR': CHECKOUT,
             'CINDER_CONF': self.path('etc', 'cinder', 'cinder.conf'),
             'GLANCE_API_CONF': self.path('etc', 'glance', 'glance-api.conf'),
+            'GLANCE_IMAGE_IMPORT_CONF': self.path('etc', 'glance',
+                                                  'glance-image-import.conf'),
+            'THUNDER_GLANCE_PYTHON': self.python,
             'THUNDER_CEPH_CONF': self.ceph_conf,
             'THUNDER_RBD_POOL': POOLS['thunder'],
             # The local Ceph runs without cephx: no user, no secret.
@@ -672,6 +675,11 @@ class Stack(object):
         ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': svc.uwsgi_options(
             'glance.wsgi.api:application', self.ports['glance'],
             processes=2, env='OS_GLANCE_CONFIG_DIR=%s' % etc)})
+        # The import options, as devstack's configure_glance leaves them
+        # (no plugin) before the plugin adds image_conversion.
+        ini.write(os.path.join(etc, 'glance-image-import.conf'),
+                  {'image_import_opts': {'image_import_plugins': '[]'}})
+        self._devstack('configure_thunder_glance_import')
         if self.thunder_store_available():
             self._devstack('configure_thunder_glance_store')
         self.state['thunder_store'] = self.thunder_store_available()
@@ -689,7 +697,9 @@ class Stack(object):
             with open(marker, 'w') as f:
                 f.write('ok\n')
         self._restart_if_config_changed(
-            'glance-api', [conf, self.path('etc', 'glance', 'uwsgi.ini')])
+            'glance-api', [conf, self.path('etc', 'glance', 'uwsgi.ini'),
+                           self.path('etc', 'glance',
+                                     'glance-image-import.conf')])
         self._start('glance-api', timeout=120)
 
     def _cinder(self):

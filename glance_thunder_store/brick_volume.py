@@ -123,6 +123,10 @@ class BrickVolume(object):
     def flush(self):
         os.fsync(self._file.fileno())
 
+    def grow(self, size):
+        """A device is as large as Cinder made it: False (Cinder extends)."""
+        return False
+
     def seal(self, glance_image_id):
         """Only RBD image-volumes are sealed; nothing to do here."""
         return None

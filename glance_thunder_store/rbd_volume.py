@@ -165,6 +165,16 @@ class RbdVolume(object):
     def flush(self):
         self._image.flush()
 
+    def grow(self, size):
+        """Make the RBD image at least ``size`` bytes; True (it can grow).
+
+        The image may so grow past the size Cinder gave the volume: the
+        store keeps the manifest there, where it costs no volume size.
+        """
+        if self._image.size() < size:
+            self._image.resize(size)
+        return True
+
     def seal(self, glance_image_id):
         """Seal the image-volume (see thunder_common.rbd_layout)."""
         snapshot = rbd_layout.seal_image_volume(self._image, glance_image_id)

@@ -12,14 +12,16 @@
 
 """One upload: an image streamed into a new image-volume, all or nothing.
 
-The volume is sized for the image and its manifest (or 1 GiB, grown a GiB
-at a time, when the size is unknown). The data is read in pieces of the
-write chunk size, so an upload holds about one piece in memory, and hashed
-on the way: md5 (Glance's checksum), the requested multihash, the signature
-verifier and the per-chunk manifest. The manifest follows the data at a
-1 MiB boundary. An RBD image-volume is then sealed (its protected clone
-snapshot taken), the volume's metadata marks it as the image's, and the
-volume is made read-only.
+The volume is sized for the image, in whole GiB (or 1 GiB, grown a GiB at
+a time, when the size is unknown). The data is read in pieces of the write
+chunk size, so an upload holds about one piece in memory, and hashed on the
+way: md5 (Glance's checksum), the requested multihash, the signature
+verifier and the per-chunk manifest. An RBD image-volume is then sealed
+(its protected clone snapshot taken). The manifest follows the data at a
+1 MiB boundary; when the volume has no room left for it, an RBD image grows
+past the size Cinder gave the volume (the manifest costs no volume size nor
+quota), any other volume is extended by Cinder. The volume's metadata then
+marks it as the image's, and the volume is made read-only.
 
 Whatever fails, the volume is disconnected and deleted before the error
 leaves: exceptions of the caller's data stream and verifier propagate as
@@ -125,16 +127,13 @@ class ImageUpload(object):
 
     def run(self):
         self._refuse_duplicate()
-        needed = (manifest_mod.volume_bytes_needed(self.image_size,
-                                                   self.manifest_chunk)
-                  if self.image_size else 1)
         metadata = {META_IMAGE_ID: self.image_id}
         if self.owner:
             metadata[META_IMAGE_OWNER] = self.owner
         if self.store_name:
             metadata[META_STORE] = self.store_name
         self.volume = self.volumes.create(
-            gib_for(needed), volume_name(self.image_id), metadata,
+            gib_for(self.image_size), volume_name(self.image_id), metadata,
             self.conf.thunder_store_volume_type)
         try:
             return self._write_and_finish()
@@ -195,7 +194,6 @@ class ImageUpload(object):
         manifest = self.builder.finish()
         offset = manifest_mod.volume_offset(self.written)
         raw = manifest.to_bytes()
-        self._ensure_capacity(offset + len(raw))
         self._handle().flush()
         if self.conf.thunder_store_verify_after_write:
             self._verify(manifest)
@@ -204,6 +202,7 @@ class ImageUpload(object):
         # copy of the image would. The manifest lives in the image-volume's
         # head, where the peer mode reads it.
         rbd_facts = self._handle().seal(self.image_id)
+        self._room_for_manifest(offset + len(raw))
         self._handle().write(offset, raw)
         self._handle().flush()
         self._detach()
@@ -260,6 +259,23 @@ class ImageUpload(object):
             raise exceptions.Invalid(
                 message='Size mismatch: expected %d bytes, got %d'
                         % (self.image_size, self.written))
+
+    def _room_for_manifest(self, needed):
+        """Make the image-volume hold ``needed`` bytes for the manifest.
+
+        An RBD image grows past the volume's size (rounded up to 1 MiB):
+        Cinder's size, the quota and the sealed snapshot stay the image's.
+        A volume that cannot grow so is extended by Cinder.
+        """
+        if needed <= self.attachment.capacity:
+            return
+        if self._handle().grow(manifest_mod.volume_offset(needed)):
+            LOG.debug('Manifest of image %(image)s past the %(gb)d GiB of '
+                      'volume %(id)s.', {'image': self.image_id,
+                                         'gb': self.volume.size,
+                                         'id': self.volume.id})
+            return
+        self._ensure_capacity(needed)
 
     def _ensure_capacity(self, needed):
         """Extend the volume (1 GiB at a time) until it holds ``needed``."""

@@ -300,6 +300,53 @@ def test_add_unknown_size_grows_the_volume(store, cinder, thunder,
         manifest.load_verified(image.read(offset, length), digest)
 
 
+@pytest.mark.parametrize('announced', [True, False])
+def test_manifest_costs_no_volume_size(store, cinder, thunder, small_gib,
+                                       announced):
+    """An image of exactly one "GiB" takes a volume of one GiB.
+
+    The manifest lies past the volume's size, in the RBD image grown for
+    it; clones, made from the sealed snapshot, have the volume's size and
+    read the image and zeros.
+    """
+    data = os.urandom(8 * MiB)
+    image_id, url, _w, _c, _mh, meta = _add(
+        store, data, size=None if announced else 0)
+    [volume] = cinder.db.values()
+    assert volume.size == 1
+    assert not [c for c in cinder.calls if c[0] == 'extend']
+    name = 'volume-%s' % volume.id
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, name, read_only=True) as image:
+        assert image.size() == 9 * MiB
+        offset, length, digest = manifest.from_metadata(meta)
+        assert offset == 8 * MiB
+        manifest.load_verified(image.read(offset, length), digest)
+        snap = rbd_layout.sealed_snapshot(image)
+        image.set_snap(snap)
+        assert image.size() == 8 * MiB
+    assert _download(store, url) == data
+
+    clone = types.SimpleNamespace(
+        id=str(uuid.uuid4()), size=2, multiattach=False, volume_type=None,
+        encryption_key_id=None)
+    clone.name = 'volume-%s' % clone.id
+    image_meta = {'id': image_id, 'disk_format': 'raw',
+                  'container_format': 'bare'}
+    assert thunder.clone_image(None, clone, (url, []), image_meta,
+                               None)[1] is True
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, clone.name,
+                                  read_only=True) as image:
+        assert image.size() == 16 * MiB
+        assert image.read(0, len(data)) == data
+        assert image.read(len(data), 8 * MiB) == bytes(8 * MiB)
+    thunder.delete_volume(clone)
+    store.delete(_location(store, url), context=Context())
+    assert cinder.count() == 0
+    assert name not in _rbd_names(thunder)
+
+
 def test_verify_after_write(cinder, thunder):
     store = make_store(thunder_store_verify_after_write=True)
     store.clients.client = lambda context=None: cinder

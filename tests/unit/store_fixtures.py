@@ -113,6 +113,10 @@ class MemoryRbdVolume(object):
     def pool_full(self):
         return self.backend.flagged_full
 
+    def grow(self, size):
+        self.image.size = max(self.image.size, size)
+        return True
+
     def seal(self, glance_image_id):
         snap = 'thunder-clone-0123456789abcdef'
         self.image.snapshots.append(snap)

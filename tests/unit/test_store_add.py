@@ -160,12 +160,37 @@ def test_unknown_size_grows_the_volume(store, cinder, memory):
                            digest)
 
 
-def test_unknown_size_manifest_alone_may_need_an_extend(store, cinder,
-                                                        memory):
-    # Data fills the volume exactly: the manifest needs one more unit.
+@pytest.mark.parametrize('announced', [True, False])
+def test_manifest_costs_no_volume_size(store, cinder, memory, announced):
+    """An image of whole "GiB": the RBD image grows past the volume."""
     data = _image(4 * MiB)
-    _add(store, data, size=0)
-    assert _only_volume(cinder).size == 2
+    _url, _s, _c, _m, meta = _add(store, data,
+                                  size=None if announced else 0)
+    volume = _only_volume(cinder)
+    assert volume.size == 1
+    assert not [c for c in cinder.calls if c[0] == 'extend']
+    image = memory.images['volume-%s' % volume.id]
+    offset, length, digest = manifest.from_metadata(meta)
+    assert offset == 4 * MiB
+    assert image.size == 5 * MiB
+    manifest.load_verified(bytes(image.data[offset:offset + length]),
+                           digest)
+    # Clones see the volume's size: the sealed snapshot ends with the data.
+    assert image.sealed_data == data
+
+
+def test_a_volume_that_cannot_grow_is_extended_for_the_manifest(
+        store, cinder, memory, monkeypatch):
+    monkeypatch.setattr(MemoryRbdVolume, 'grow', lambda self, size: False)
+    data = _image(4 * MiB)
+    _url, _s, _c, _m, meta = _add(store, data)
+    volume = _only_volume(cinder)
+    assert volume.size == 2
+    assert ('extend', 2) in cinder.calls
+    image = memory.images['volume-%s' % volume.id]
+    offset, length, digest = manifest.from_metadata(meta)
+    manifest.load_verified(bytes(image.data[offset:offset + length]),
+                           digest)
 
 
 def test_empty_image(store, cinder, memory):

@@ -74,6 +74,10 @@ def full_connector(conf):
 class BrickVolume(object):
     """A block device attached with os-brick, opened as a file."""
 
+    # What a new volume holds depends on the backend (a thick LVM volume
+    # may hold old data): the store writes every byte.
+    reads_zeros_unwritten = False
+
     def __init__(self, connection_info, conf, read_only=False):
         if connector is None or priv_context is None:
             raise exceptions.BackendException(

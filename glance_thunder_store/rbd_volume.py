@@ -104,6 +104,8 @@ class RbdVolume(object):
     """An open RBD image of an image-volume: read, write, seal, close."""
 
     protocol = 'rbd'
+    # A new RBD image reads zeros wherever nothing was written.
+    reads_zeros_unwritten = True
 
     def __init__(self, connection_data, read_only=False, timeout=30):
         if rados is None or rbd is None:

@@ -16,7 +16,10 @@ The volume is sized for the image, in whole GiB (or 1 GiB, grown a GiB at
 a time, when the size is unknown). The data is read in pieces of the write
 chunk size, so an upload holds about one piece in memory, and hashed on the
 way: md5 (Glance's checksum), the requested multihash, the signature
-verifier and the per-chunk manifest. An RBD image-volume is then sealed
+verifier and the per-chunk manifest. Pieces of zeros are not written to a
+volume that reads zeros where nothing was written (a new RBD image): the
+image-volume of an image converted to raw, mostly zeros, stays thin. An RBD
+image-volume is then sealed
 (its protected clone snapshot taken). The manifest follows the data at a
 1 MiB boundary; when the volume has no room left for it, an RBD image grows
 past the size Cinder gave the volume (the manifest costs no volume size nor
@@ -120,6 +123,8 @@ class ImageUpload(object):
         self.multihash = store_utils.get_hasher(hashing_algo, False)
         self.builder = manifest_mod.ManifestBuilder(self.manifest_chunk)
         self.written = 0
+        self.skipped = 0
+        self._zeros = bytes(self.write_chunk)
         self.volume = None
         self.attachment = None
 
@@ -217,10 +222,12 @@ class ImageUpload(object):
         metadata.update(result.location_metadata())
         self.volumes.set_metadata(self.volume, metadata)
         self.volumes.set_read_only(self.volume)
-        LOG.info('Stored image %(image)s (%(size)d bytes, manifest '
-                 '%(digest)s) in volume %(volume)s.',
+        LOG.info('Stored image %(image)s (%(size)d bytes, %(zeros)d of '
+                 'them zeros not written; manifest %(digest)s) in volume '
+                 '%(volume)s.',
                  {'image': self.image_id, 'size': self.written,
-                  'digest': manifest.digest(), 'volume': self.volume.id})
+                  'zeros': self.skipped, 'digest': manifest.digest(),
+                  'volume': self.volume.id})
         return result
 
     # -- data --------------------------------------------------------------
@@ -245,7 +252,10 @@ class ImageUpload(object):
                     message='Size exceeds: expected %d bytes, got at least '
                             '%d' % (self.image_size, end))
             self._ensure_capacity(end)
-            self._handle().write(self.written, data)
+            if self._handle().reads_zeros_unwritten and self._zero(data):
+                self.skipped += len(data)
+            else:
+                self._handle().write(self.written, data)
             self.written = end
             self.md5.update(data)
             self.multihash.update(data)
@@ -276,6 +286,11 @@ class ImageUpload(object):
                                          'id': self.volume.id})
             return
         self._ensure_capacity(needed)
+
+    def _zero(self, data):
+        zeros = (self._zeros if len(data) == len(self._zeros) else
+                 bytes(len(data)))
+        return data == zeros
 
     def _ensure_capacity(self, needed):
         """Extend the volume (1 GiB at a time) until it holds ``needed``."""

@@ -347,6 +347,27 @@ def test_manifest_costs_no_volume_size(store, cinder, thunder, small_gib,
     assert name not in _rbd_names(thunder)
 
 
+def test_zeros_are_not_written(store, cinder, thunder):
+    """A chunk of zeros is left unwritten: the RBD image stays thin."""
+    data = os.urandom(4 * MiB) + bytes(8 * MiB) + os.urandom(MiB)
+    image_id, url, _w, checksum, _mh, meta = _add(store, data)
+    assert checksum == hashlib.md5(data).hexdigest()
+    [volume] = cinder.db.values()
+    extents = []
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, 'volume-%s' % volume.id,
+                                  read_only=True) as image:
+        image.diff_iterate(0, 13 * MiB, None,
+                           lambda offset, length, exists: extents.append(
+                               (offset, length)) if exists else None)
+        offset, length, digest = manifest.from_metadata(meta)
+        manifest.load_verified(image.read(offset, length), digest)
+    allocated = sum(n for _o, n in extents)
+    assert allocated == 5 * MiB, extents
+    assert not [e for e in extents if 4 * MiB <= e[0] < 12 * MiB]
+    assert _download(store, url) == data
+
+
 def test_verify_after_write(cinder, thunder):
     store = make_store(thunder_store_verify_after_write=True)
     store.clients.client = lambda context=None: cinder

@@ -71,6 +71,7 @@ class MemoryRbdVolume(object):
     """Stands in for rbd_volume.RbdVolume on a MemoryBackend."""
 
     protocol = 'rbd'
+    reads_zeros_unwritten = True
     backend = None  # set by the fixture
     write_hook = None  # called as hook(offset, data) before each write
 

@@ -128,6 +128,50 @@ def test_multi_store_location_names_the_backend(multi_store, cinder):
     assert all(isinstance(v, str) for v in meta.values())
 
 
+def _zero_chunk_image():
+    """Data, a whole write chunk of zeros, data, a short zero tail."""
+    return _image(4 * MiB) + bytes(4 * MiB) + _image(MiB) + bytes(1000)
+
+
+def _written_ranges(monkeypatch):
+    writes = []
+    monkeypatch.setattr(MemoryRbdVolume, 'write_hook',
+                        lambda offset, data: writes.append(
+                            (offset, len(data))))
+    return writes
+
+
+def test_zeros_are_not_written(store, cinder, memory, monkeypatch):
+    """A new RBD image reads zeros: chunks of zeros are skipped."""
+    writes = _written_ranges(monkeypatch)
+    data = _zero_chunk_image()
+    _url, size, checksum, _mh, meta = _add(store, data)
+    assert size == len(data)
+    assert checksum == hashlib.md5(data).hexdigest()
+    offset, length, digest = manifest.from_metadata(meta)
+    assert writes == [(0, 4 * MiB), (8 * MiB, MiB + 1000),
+                      (offset, length)]
+    volume = _only_volume(cinder)
+    image = MemoryRbdVolume({'name': 'volumes/volume-%s' % volume.id,
+                             'hosts': ['h'], 'ports': ['6789']})
+    assert image.read(0, len(data)) == data
+    parsed = manifest.load_verified(image.read(offset, length), digest)
+    for i in range(parsed.chunk_count):
+        start, n = parsed.chunk_range(i)
+        assert parsed.verify_chunk(i, data[start:start + n])
+    image.close()
+
+
+def test_zeros_are_written_where_a_volume_may_hold_old_data(
+        store, cinder, memory, monkeypatch):
+    monkeypatch.setattr(MemoryRbdVolume, 'reads_zeros_unwritten', False)
+    writes = _written_ranges(monkeypatch)
+    data = _zero_chunk_image()
+    _add(store, data)
+    assert [w for w in writes if w[0] < len(data)] == [
+        (0, 4 * MiB), (4 * MiB, 4 * MiB), (8 * MiB, MiB + 1000)]
+
+
 def test_volume_type_is_used(cinder, memory):
     store = make_store(thunder_store_volume_type='thunder')
     store.clients.client = lambda context=None: cinder

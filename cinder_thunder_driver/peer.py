@@ -70,8 +70,6 @@ def image_descriptor(image_id, location, pool, volume_name_template):
     except locations.InvalidLocation as e:
         LOG.debug('Skipping location: %s', e)
         return None
-    if isinstance(parsed, locations.RbdLocation):
-        return None
     meta = location.get('metadata') or {}
     try:
         offset, length, digest = manifest_mod.from_metadata(meta)
@@ -79,12 +77,22 @@ def image_descriptor(image_id, location, pool, volume_name_template):
         LOG.debug('Location %(url)s has no usable manifest: %(err)s',
                   {'url': location.get('url'), 'err': e})
         return None
-    try:
-        rbd = locations.rbd_from_metadata(meta)
-    except locations.InvalidLocation as e:
-        LOG.warning('Location %(url)s names a malformed RBD image: %(err)s',
-                    {'url': location.get('url'), 'err': e})
-        return None
+    if isinstance(parsed, locations.RbdLocation):
+        # The store's rbd:// location: the sealed snapshot of an
+        # image-volume, whose RBD image is named after the volume.
+        rbd = parsed
+        volume_id = locations.volume_id_from_name(parsed.image,
+                                                  volume_name_template)
+        if volume_id is None:
+            return None
+    else:
+        volume_id = parsed.volume_id
+        try:
+            rbd = locations.rbd_from_metadata(meta)
+        except locations.InvalidLocation as e:
+            LOG.warning('Location %(url)s names a malformed RBD image: '
+                        '%(err)s', {'url': location.get('url'), 'err': e})
+            return None
     # The head of the image-volume, not its sealed snapshot: the store
     # writes the manifest after sealing (so that clones read zeros past
     # the image), and nothing writes the head after that.
@@ -92,12 +100,12 @@ def image_descriptor(image_id, location, pool, volume_name_template):
         origin = {'type': 'rbd', 'pool': rbd.pool, 'image': rbd.image}
     else:
         origin = {'type': 'rbd', 'pool': pool,
-                  'image': volume_name_template % parsed.volume_id}
+                  'image': volume_name_template % volume_id}
     return {'image_id': image_id,
             'manifest_digest': digest,
             'manifest_offset': offset,
             'manifest_length': length,
-            'origin_volume_id': parsed.volume_id,
+            'origin_volume_id': volume_id,
             'origin': origin}
 
 

@@ -52,6 +52,8 @@ META_IMAGE_OWNER = 'image_owner'
 META_IMAGE_SIZE = 'image_size'
 # Volume metadata keys of this store.
 META_STORE = 'thunder_store'
+# Set to "rbd" when the image's own location is the rbd:// one.
+META_LOCATION_SCHEME = 'thunder_location_scheme'
 META_RBD_FSID = locations.META_RBD_FSID
 META_RBD_POOL = locations.META_RBD_POOL
 META_RBD_IMAGE = locations.META_RBD_IMAGE
@@ -92,6 +94,16 @@ class UploadResult:
     manifest: manifest_mod.Manifest
     manifest_offset: int
     rbd: object = None
+    location_scheme: str = locations.THUNDER_SCHEME
+
+    def location(self, image_id, store=None):
+        """The image's location: thunder:// or its sealed snapshot's."""
+        if self.location_scheme == locations.RBD_SCHEME:
+            return locations.RbdLocation(
+                self.rbd.fsid, self.rbd.pool, self.rbd.image,
+                self.rbd.snapshot).url
+        return locations.thunder_location(self.volume_id, store,
+                                          image_id).url
 
     def location_metadata(self):
         """Manifest and RBD facts, as Glance location metadata (strings)."""
@@ -108,8 +120,10 @@ class ImageUpload(object):
     """Write one image into a new image-volume (see the module doc)."""
 
     def __init__(self, volumes, conf, image_id, image_file, image_size,
-                 hashing_algo, owner=None, verifier=None, store_name=None):
+                 hashing_algo, owner=None, verifier=None, store_name=None,
+                 location_scheme=locations.THUNDER_SCHEME):
         self.volumes = volumes
+        self.location_scheme = location_scheme
         self.conf = conf
         self.image_id = image_id
         self.image_file = image_file
@@ -211,12 +225,17 @@ class ImageUpload(object):
         self._handle().write(offset, raw)
         self._handle().flush()
         self._detach()
+        scheme = (locations.RBD_SCHEME if rbd_facts is not None and
+                  self.location_scheme == locations.RBD_SCHEME
+                  else locations.THUNDER_SCHEME)
         result = UploadResult(self.volume.id, self.written,
                               self.md5.hexdigest(),
                               self.multihash.hexdigest(), manifest, offset,
-                              rbd_facts)
+                              rbd_facts, scheme)
         metadata = {META_IMAGE_ID: self.image_id,
                     META_IMAGE_SIZE: str(self.written)}
+        if scheme == locations.RBD_SCHEME:
+            metadata[META_LOCATION_SCHEME] = scheme
         if self.owner:
             metadata[META_IMAGE_OWNER] = self.owner
         metadata.update(result.location_metadata())

@@ -64,6 +64,10 @@ POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images',
          'nova': nova_mod.EPHEMERAL_POOL}
 THUNDER_BACKEND = 'thunder'
 PEER_BACKEND = 'thunder-peer'
+# A second thunder Glance store, whose images are located by their sealed
+# snapshot (thunder_store_location_scheme = rbd): Nova's and Cinder's RBD
+# code clone them with no location added by hand.
+RBD_LOCATION_STORE = 'thunder_rbd'
 RBD_BACKEND = 'rbd'
 BACKENDS = (THUNDER_BACKEND, PEER_BACKEND, RBD_BACKEND)
 CINDER_STORE = 'cinder'
@@ -682,6 +686,10 @@ class Stack(object):
         self._devstack('configure_thunder_glance_import')
         if self.thunder_store_available():
             self._devstack('configure_thunder_glance_store')
+            self._devstack('configure_thunder_glance_store', env={
+                'THUNDER_GLANCE_STORE': RBD_LOCATION_STORE,
+                'THUNDER_GLANCE_DEFAULT': 'False',
+                'THUNDER_STORE_LOCATION_SCHEME': 'rbd'})
         self.state['thunder_store'] = self.thunder_store_available()
         self._save_state()
 

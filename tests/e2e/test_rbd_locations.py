@@ -52,10 +52,13 @@ def _one_rbd_location(stack, client, image_id):
     return parsed
 
 
-def _image_volume_gone(client, image_id):
-    name = 'image-%s' % image_id
-    return not [v for v in client.all_volumes().values()
-                if v['name'] == name]
+def _delete_image(client, image_id):
+    """Delete the image; its image-volume must go with it."""
+    [volume_id] = [v['id'] for v in client.all_volumes().values()
+                   if v['name'] == 'image-%s' % image_id]
+    client.run('glance', 'image-delete', image_id)
+    client.images.remove(image_id)
+    assert not client.wait_volumes_gone([volume_id], 120)
 
 
 def test_cinder_rbd_driver_clones_with_no_location_added(
@@ -81,9 +84,7 @@ def test_cinder_rbd_driver_clones_with_no_location_added(
         assert sha == digest
 
     # The image goes, and its image-volume with it.
-    client.run('glance', 'image-delete', image_id)
-    client.images.remove(image_id)
-    assert _image_volume_gone(client, image_id)
+    _delete_image(client, image_id)
 
 
 def test_nova_rbd_backend_boots_with_no_location_added(stack, client,
@@ -106,6 +107,4 @@ def test_nova_rbd_backend_boots_with_no_location_added(stack, client,
         servers.delete(server_id)
     finally:
         servers.cleanup()
-    client.run('glance', 'image-delete', image_id)
-    client.images.remove(image_id)
-    assert _image_volume_gone(client, image_id)
+    _delete_image(client, image_id)

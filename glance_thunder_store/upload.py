@@ -18,13 +18,13 @@ chunk size, so an upload holds about one piece in memory, and hashed on the
 way: md5 (Glance's checksum), the requested multihash, the signature
 verifier and the per-chunk manifest. Pieces of zeros are not written to a
 volume that reads zeros where nothing was written (a new RBD image): the
-image-volume of an image converted to raw, mostly zeros, stays thin. An RBD
-image-volume is then sealed
-(its protected clone snapshot taken). The manifest follows the data at a
-1 MiB boundary; when the volume has no room left for it, an RBD image grows
-past the size Cinder gave the volume (the manifest costs no volume size nor
-quota), any other volume is extended by Cinder. The volume's metadata then
-marks it as the image's, and the volume is made read-only.
+image-volume of an image converted to raw, mostly zeros, stays thin. An
+RBD image-volume is then sealed (its protected clone snapshot taken). The
+manifest follows the data at a 1 MiB boundary; when the volume has no room
+left for it, an RBD image grows past the size Cinder gave the volume (the
+manifest costs no volume size nor quota), any other volume is extended by
+Cinder. The volume's metadata then marks it as the image's, and the volume
+is made read-only.
 
 Whatever fails, the volume is disconnected and deleted before the error
 leaves: exceptions of the caller's data stream and verifier propagate as

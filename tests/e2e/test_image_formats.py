@@ -69,10 +69,13 @@ def _wait_active(client, image_id, timeout=IMPORT_TIMEOUT):
 
 
 def _import_with_glance(client, path, store):
-    out = client.run('glance', 'image-create-via-import', '--name',
-                     'e2e-qcow2-import', '--disk-format', 'qcow2',
-                     '--container-format', 'bare', '--file', path,
-                     '--stores', store).stdout
+    # The data on stdin: with --file, glance refuses a stdin that is not
+    # a terminal ("cannot use both --file and stdin"), as in any script.
+    with open(path, 'rb') as data:
+        out = client.run('glance', 'image-create-via-import', '--name',
+                         'e2e-qcow2-import', '--disk-format', 'qcow2',
+                         '--container-format', 'bare', '--stores', store,
+                         stdin=data).stdout
     return demo.table_value(out, 'id')
 
 

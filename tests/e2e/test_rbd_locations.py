@@ -47,8 +47,9 @@ def _one_rbd_location(stack, client, image_id):
     assert isinstance(parsed, locations.RbdLocation), loc
     assert parsed.pool == POOL and parsed.image.startswith('volume-')
     assert loc['metadata']['store'] == STORE
-    shown = client.run('glance', 'image-show', image_id).stdout
-    assert demo.table_value(shown, 'direct_url') == loc['url']
+    image = client.image(image_id)
+    assert dict(image.get('properties') or {}, **image)['direct_url'] == \
+        loc['url']
     return parsed
 
 

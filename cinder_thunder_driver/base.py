@@ -14,6 +14,7 @@
 
 from oslo_utils import units
 
+from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import options
 
 
@@ -28,6 +29,10 @@ class ThunderBase(object):
     VERSION = '1.0.0'
     # The name of the third-party CI in OpenStack's wiki.
     CI_WIKI_NAME = 'VMThunder_CI'
+
+    def __init__(self, *args, **kwargs):
+        super(ThunderBase, self).__init__(*args, **kwargs)
+        self.image_clones = image_clones.ImageClones()
 
     @classmethod
     def get_driver_options(cls):
@@ -46,7 +51,8 @@ class ThunderBase(object):
     def _base_stats(self, protocol, multiattach, qos):
         """Stats of a backend not yet known to be up."""
         conf = self.configuration
-        return {
+        stats = self.image_clones.stats()
+        stats.update({
             'volume_backend_name': self._backend_name,
             'vendor_name': 'VMThunder',
             'driver_version': self.VERSION,
@@ -64,7 +70,13 @@ class ThunderBase(object):
             'online_extend_support': True,
             'replication_enabled': False,
             'backend_state': 'down',
-        }
+        })
+        return stats
+
+    def _decline_image(self, volume, image_meta, reason, detail):
+        """Let Cinder's generic path create the volume; say why."""
+        self.image_clones.declined(volume, image_meta, reason, detail)
+        return {}, False
 
     # Nothing to export: shared-mode volumes are read through librbd,
     # peer-mode ones through a loop device made at attach time.

@@ -53,6 +53,7 @@ from cinder_thunder_driver import clones
 from cinder_thunder_driver import cluster as cluster_mod
 from cinder_thunder_driver.cluster import rbd
 from cinder_thunder_driver import flattener
+from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import options
 from thunder_common import locations
@@ -445,16 +446,13 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
 
         Returns ``({}, False)`` to let Cinder fall back to a copy when the
         image is not raw, is encrypted, or none of its locations is on this
-        cluster.
+        cluster; the reason goes to the log and the volume stats
+        (``cinder_thunder_driver.image_clones``).
         """
-        if not image_location:
-            return {}, False
-        reason = self._not_cloneable_reason(volume, image_meta)
-        if reason:
-            LOG.debug('Image %(id)s is not cloned: %(reason)s',
-                      {'id': image_meta.get('id'), 'reason': reason})
-            return {}, False
-        direct_url, location_list = image_location
+        declined = image_clones.not_cloneable(volume, image_meta)
+        if declined:
+            return self._decline_image(volume, image_meta, *declined)
+        direct_url, location_list = image_location or (None, None)
         urls = [loc['url'] for loc in (location_list or []) if loc.get('url')]
         if direct_url and direct_url not in urls:
             urls.insert(0, direct_url)
@@ -464,20 +462,12 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
                 continue
             self._check_fits(volume.size)
             self._clone_from(volume, *source)
+            self.image_clones.cloned()
             return {'provider_location': None}, True
-        return {}, False
-
-    @staticmethod
-    def _not_cloneable_reason(volume, image_meta):
-        if image_meta.get('disk_format') != 'raw':
-            return 'disk format is %s, not raw' % image_meta.get(
-                'disk_format')
-        if image_meta.get('container_format', 'bare') not in ('bare', None):
-            return 'container format is %s, not bare' % image_meta.get(
-                'container_format')
-        if volume.encryption_key_id:
-            return 'the volume is encrypted'
-        return None
+        return self._decline_image(
+            volume, image_meta, image_clones.NO_LOCATION,
+            'none of its %d locations is a thunder image-volume or an RBD '
+            "image of this backend's Ceph cluster" % len(urls))
 
     def _clone_source(self, url, image_meta):
         """(pool, image, snapshot or None) to clone for a URL, or None."""

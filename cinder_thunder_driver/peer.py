@@ -46,6 +46,7 @@ from oslo_log import log as logging
 from oslo_utils import units
 
 from cinder_thunder_driver import base
+from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import options
@@ -73,8 +74,6 @@ def image_descriptor(image_id, location, pool, volume_name_template):
     except locations.InvalidLocation as e:
         LOG.debug('Skipping location: %s', e)
         return None
-    if isinstance(parsed, locations.RbdLocation):
-        return None
     meta = location.get('metadata') or {}
     try:
         offset, length, digest = manifest_mod.from_metadata(meta)
@@ -82,12 +81,22 @@ def image_descriptor(image_id, location, pool, volume_name_template):
         LOG.debug('Location %(url)s has no usable manifest: %(err)s',
                   {'url': location.get('url'), 'err': e})
         return None
-    try:
-        rbd = locations.rbd_from_metadata(meta)
-    except locations.InvalidLocation as e:
-        LOG.warning('Location %(url)s names a malformed RBD image: %(err)s',
-                    {'url': location.get('url'), 'err': e})
-        return None
+    if isinstance(parsed, locations.RbdLocation):
+        # The store's rbd:// location: the sealed snapshot of an
+        # image-volume, whose RBD image is named after the volume.
+        rbd = parsed
+        volume_id = locations.volume_id_from_name(parsed.image,
+                                                  volume_name_template)
+        if volume_id is None:
+            return None
+    else:
+        volume_id = parsed.volume_id
+        try:
+            rbd = locations.rbd_from_metadata(meta)
+        except locations.InvalidLocation as e:
+            LOG.warning('Location %(url)s names a malformed RBD image: '
+                        '%(err)s', {'url': location.get('url'), 'err': e})
+            return None
     # The head of the image-volume, not its sealed snapshot: the store
     # writes the manifest after sealing (so that clones read zeros past
     # the image), and nothing writes the head after that.
@@ -95,12 +104,12 @@ def image_descriptor(image_id, location, pool, volume_name_template):
         origin = {'type': 'rbd', 'pool': rbd.pool, 'image': rbd.image}
     else:
         origin = {'type': 'rbd', 'pool': pool,
-                  'image': volume_name_template % parsed.volume_id}
+                  'image': volume_name_template % volume_id}
     return {'image_id': image_id,
             'manifest_digest': digest,
             'manifest_offset': offset,
             'manifest_length': length,
-            'origin_volume_id': parsed.volume_id,
+            'origin_volume_id': volume_id,
             'origin': origin}
 
 
@@ -386,13 +395,10 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         image is not raw, the volume is encrypted, or no location is a
         thunder image-volume with a manifest.
         """
-        if not image_location:
-            return {}, False
-        if (image_meta.get('disk_format') != 'raw' or
-                image_meta.get('container_format', 'bare') not in
-                ('bare', None) or volume.encryption_key_id):
-            return {}, False
-        _direct_url, location_list = image_location
+        declined = image_clones.not_cloneable(volume, image_meta)
+        if declined:
+            return self._decline_image(volume, image_meta, *declined)
+        _direct_url, location_list = image_location or (None, None)
         for location in location_list or []:
             descriptor = image_descriptor(
                 image_meta['id'], location,
@@ -406,8 +412,12 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                             'in a %(size)s GiB volume.', id=image_meta['id'],
                             bytes=info['image_size'], size=volume.size)
             self._create(volume, image_id=image_meta['id'])
+            self.image_clones.cloned()
             return {'provider_location': None}, True
-        return {}, False
+        return self._decline_image(
+            volume, image_meta, image_clones.NO_LOCATION,
+            'none of its %d locations is a thunder image-volume with a '
+            'manifest' % len(location_list or []))
 
     def copy_image_to_volume(self, context, volume, image_service, image_id,
                              disable_sparse=False):

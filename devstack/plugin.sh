@@ -35,6 +35,7 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
     fi
     if is_service_enabled g-api; then
         configure_thunder_glance_store
+        configure_thunder_glance_import
     fi
     if is_service_enabled n-api n-cpu; then
         configure_thunder_nova

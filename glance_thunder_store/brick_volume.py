@@ -74,6 +74,10 @@ def full_connector(conf):
 class BrickVolume(object):
     """A block device attached with os-brick, opened as a file."""
 
+    # What a new volume holds depends on the backend (a thick LVM volume
+    # may hold old data): the store writes every byte.
+    reads_zeros_unwritten = False
+
     def __init__(self, connection_info, conf, read_only=False):
         if connector is None or priv_context is None:
             raise exceptions.BackendException(
@@ -122,6 +126,10 @@ class BrickVolume(object):
 
     def flush(self):
         os.fsync(self._file.fileno())
+
+    def grow(self, size):
+        """A device is as large as Cinder made it: False (Cinder extends)."""
+        return False
 
     def seal(self, glance_image_id):
         """Only RBD image-volumes are sealed; nothing to do here."""

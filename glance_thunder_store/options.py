@@ -149,6 +149,29 @@ image (the fast paths of Cinder and Nova use them). Disable in a
 single-store Glance that also enables glance_store's own ``cinder`` or
 ``rbd`` store, which would otherwise compete for those schemes.
 """),
+    cfg.StrOpt('thunder_store_location_scheme', default='thunder',
+               choices=[
+                   ('thunder', 'thunder://[STORE/]VOLUME_ID?image_id=ID: '
+                               'the location names its image, and only '
+                               'VMThunder reads it'),
+                   ('rbd', 'rbd://FSID/POOL/IMAGE/SNAPSHOT for an '
+                           'image-volume sealed in RBD: Nova and Cinder\'s '
+                           'RBD driver clone it too, with no location '
+                           'added afterwards')],
+               help="""
+The form of the location the store gives Glance for a new image. With
+``rbd``, an image-volume sealed in RBD is located by its sealed snapshot,
+the form Nova's RBD image backend (``images_type = rbd``, through
+``show_image_direct_url``) and Cinder's RBD driver clone, as they clone
+images of glance_store's RBD store: no alias location needs adding, and
+``show_multiple_locations`` can stay off. The image-volume records that
+this is its location, so deleting the image still deletes it; an
+``rbd://`` alias added to an older image still deletes nothing. The
+location no longer names its image: the image-volume's recorded image is
+the only binding (see "Which volume a location reaches"). Images already
+stored keep their locations. Image-volumes on other backends always get
+a thunder:// location.
+"""),
     cfg.StrOpt('thunder_store_volume_name_template', default='volume-%s',
                help="""
 Cinder's ``volume_name_template``: how the RBD image of a volume is named,

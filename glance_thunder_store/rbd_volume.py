@@ -104,6 +104,8 @@ class RbdVolume(object):
     """An open RBD image of an image-volume: read, write, seal, close."""
 
     protocol = 'rbd'
+    # A new RBD image reads zeros wherever nothing was written.
+    reads_zeros_unwritten = True
 
     def __init__(self, connection_data, read_only=False, timeout=30):
         if rados is None or rbd is None:
@@ -164,6 +166,16 @@ class RbdVolume(object):
 
     def flush(self):
         self._image.flush()
+
+    def grow(self, size):
+        """Make the RBD image at least ``size`` bytes; True (it can grow).
+
+        The image may so grow past the size Cinder gave the volume: the
+        store keeps the manifest there, where it costs no volume size.
+        """
+        if self._image.size() < size:
+            self._image.resize(size)
+        return True
 
     def seal(self, glance_image_id):
         """Seal the image-volume (see thunder_common.rbd_layout)."""

@@ -114,7 +114,14 @@ class Store(glance_store.driver.Store):
         if self.store_conf.thunder_store_alias_locations:
             return (locations.THUNDER_SCHEME, locations.CINDER_SCHEME,
                     locations.RBD_SCHEME)
+        if self._rbd_locations:
+            return (locations.THUNDER_SCHEME, locations.RBD_SCHEME)
         return (locations.THUNDER_SCHEME,)
+
+    @property
+    def _rbd_locations(self):
+        return (self.store_conf.thunder_store_location_scheme ==
+                locations.RBD_SCHEME)
 
     def get_store_location_class(self):
         return location_mod.StoreLocation
@@ -174,10 +181,10 @@ class Store(glance_store.driver.Store):
         job = upload.ImageUpload(
             self._volumes(context), self.store_conf, image_id, image_file,
             image_size, hashing_algo, owner=owner, verifier=verifier,
-            store_name=self.backend_group)
+            store_name=self.backend_group,
+            location_scheme=self.store_conf.thunder_store_location_scheme)
         result = job.run()
-        url = locations.thunder_location(result.volume_id,
-                                         self.backend_group, image_id).url
+        url = result.location(image_id, self.backend_group)
         metadata = result.location_metadata()
         if self.backend_group:
             metadata['store'] = self.backend_group
@@ -202,7 +209,8 @@ class Store(glance_store.driver.Store):
         if loc.is_volume:
             return volumes.get(loc.volume_id)
         rbd = loc.parsed
-        volume_id = self._volume_id_from_rbd_name(rbd.image)
+        volume_id = locations.volume_id_from_name(
+            rbd.image, self.store_conf.thunder_store_volume_name_template)
         try:
             volume = volumes.get(volume_id) if volume_id else None
         except exceptions.NotFound:
@@ -217,18 +225,6 @@ class Store(glance_store.driver.Store):
                 message='%s is not the sealed snapshot of an image-volume '
                         'of store %s' % (rbd.url, self._name))
         return volume
-
-    def _volume_id_from_rbd_name(self, name):
-        template = self.store_conf.thunder_store_volume_name_template
-        prefix, sep, suffix = template.partition('%s')
-        if (not sep or not name.startswith(prefix) or
-                not name.endswith(suffix)):
-            return None
-        candidate = name[len(prefix):len(name) - len(suffix)]
-        try:
-            return locations.thunder_location(candidate).volume_id
-        except ValueError:
-            return None
 
     @staticmethod
     def _image_size(volume):
@@ -290,12 +286,13 @@ class Store(glance_store.driver.Store):
 
     @capabilities.check
     def delete(self, location, context=None):
-        """Delete the image-volume of a thunder:// location.
+        """Delete the image-volume of the image's own location.
 
-        Safe while volumes cloned from the image exist: ThunderDriver keeps
-        the RBD data until the last clone goes. Deleting a cinder:// or
-        rbd:// alias deletes nothing: the volume belongs to the image's
-        thunder:// location.
+        That is its thunder:// location, or its rbd:// one when the store
+        gave it that (``thunder_store_location_scheme = rbd``: the volume
+        records it). Safe while volumes cloned from the image exist:
+        ThunderDriver keeps the RBD data until the last clone goes.
+        Deleting a cinder:// or rbd:// alias deletes nothing.
 
         :raises NotFound: if the volume is already gone, or does not hold
             the image the location names (``ImageVolumeRefused``: Glance
@@ -306,16 +303,31 @@ class Store(glance_store.driver.Store):
         :raises InUseByStore: if the volume is attached.
         """
         loc = location.store_location
-        if loc.is_alias:
+        volumes = self._volumes(context)
+        if loc.is_alias and not self._is_own_rbd_location(location, volumes):
             LOG.info('Location %s is an alias of a thunder image-volume: '
                      'nothing to delete.', loc.get_uri())
             return
-        volumes = self._volumes(context)
         volume = self._checked_volume(location, volumes, 'delete', context)
         ownership.check_owner(volume, location, 'delete', context,
                               ownership.ImageVolumeDeleteForbidden)
         volumes.delete(volume.id)
         LOG.info('Deleted image-volume %s.', volume.id)
+
+    def _is_own_rbd_location(self, location, volumes):
+        """Whether an rbd:// location is the one the store gave its image.
+
+        The image-volume records it (``thunder_location_scheme``); any
+        other rbd:// location of it is an alias.
+        """
+        if location.store_location.scheme != locations.RBD_SCHEME:
+            return False
+        try:
+            volume = self._image_volume(location, volumes)
+        except exceptions.NotFound:
+            return False
+        return ((volume.metadata or {}).get(upload.META_LOCATION_SCHEME) ==
+                locations.RBD_SCHEME)
 
     # -- multi-store housekeeping -------------------------------------------
 

@@ -12,14 +12,19 @@
 
 """One upload: an image streamed into a new image-volume, all or nothing.
 
-The volume is sized for the image and its manifest (or 1 GiB, grown a GiB
-at a time, when the size is unknown). The data is read in pieces of the
-write chunk size, so an upload holds about one piece in memory, and hashed
-on the way: md5 (Glance's checksum), the requested multihash, the signature
-verifier and the per-chunk manifest. The manifest follows the data at a
-1 MiB boundary. An RBD image-volume is then sealed (its protected clone
-snapshot taken), the volume's metadata marks it as the image's, and the
-volume is made read-only.
+The volume is sized for the image, in whole GiB (or 1 GiB, grown a GiB at
+a time, when the size is unknown). The data is read in pieces of the write
+chunk size, so an upload holds about one piece in memory, and hashed on the
+way: md5 (Glance's checksum), the requested multihash, the signature
+verifier and the per-chunk manifest. Pieces of zeros are not written to a
+volume that reads zeros where nothing was written (a new RBD image): the
+image-volume of an image converted to raw, mostly zeros, stays thin. An
+RBD image-volume is then sealed (its protected clone snapshot taken). The
+manifest follows the data at a 1 MiB boundary; when the volume has no room
+left for it, an RBD image grows past the size Cinder gave the volume (the
+manifest costs no volume size nor quota), any other volume is extended by
+Cinder. The volume's metadata then marks it as the image's, and the volume
+is made read-only.
 
 Whatever fails, the volume is disconnected and deleted before the error
 leaves: exceptions of the caller's data stream and verifier propagate as
@@ -47,6 +52,8 @@ META_IMAGE_OWNER = 'image_owner'
 META_IMAGE_SIZE = 'image_size'
 # Volume metadata keys of this store.
 META_STORE = 'thunder_store'
+# Set to "rbd" when the image's own location is the rbd:// one.
+META_LOCATION_SCHEME = 'thunder_location_scheme'
 META_RBD_FSID = locations.META_RBD_FSID
 META_RBD_POOL = locations.META_RBD_POOL
 META_RBD_IMAGE = locations.META_RBD_IMAGE
@@ -87,6 +94,16 @@ class UploadResult:
     manifest: manifest_mod.Manifest
     manifest_offset: int
     rbd: object = None
+    location_scheme: str = locations.THUNDER_SCHEME
+
+    def location(self, image_id, store=None):
+        """The image's location: thunder:// or its sealed snapshot's."""
+        if self.location_scheme == locations.RBD_SCHEME:
+            return locations.RbdLocation(
+                self.rbd.fsid, self.rbd.pool, self.rbd.image,
+                self.rbd.snapshot).url
+        return locations.thunder_location(self.volume_id, store,
+                                          image_id).url
 
     def location_metadata(self):
         """Manifest and RBD facts, as Glance location metadata (strings)."""
@@ -103,8 +120,10 @@ class ImageUpload(object):
     """Write one image into a new image-volume (see the module doc)."""
 
     def __init__(self, volumes, conf, image_id, image_file, image_size,
-                 hashing_algo, owner=None, verifier=None, store_name=None):
+                 hashing_algo, owner=None, verifier=None, store_name=None,
+                 location_scheme=locations.THUNDER_SCHEME):
         self.volumes = volumes
+        self.location_scheme = location_scheme
         self.conf = conf
         self.image_id = image_id
         self.image_file = image_file
@@ -118,6 +137,8 @@ class ImageUpload(object):
         self.multihash = store_utils.get_hasher(hashing_algo, False)
         self.builder = manifest_mod.ManifestBuilder(self.manifest_chunk)
         self.written = 0
+        self.skipped = 0
+        self._zeros = bytes(self.write_chunk)
         self.volume = None
         self.attachment = None
 
@@ -125,16 +146,13 @@ class ImageUpload(object):
 
     def run(self):
         self._refuse_duplicate()
-        needed = (manifest_mod.volume_bytes_needed(self.image_size,
-                                                   self.manifest_chunk)
-                  if self.image_size else 1)
         metadata = {META_IMAGE_ID: self.image_id}
         if self.owner:
             metadata[META_IMAGE_OWNER] = self.owner
         if self.store_name:
             metadata[META_STORE] = self.store_name
         self.volume = self.volumes.create(
-            gib_for(needed), volume_name(self.image_id), metadata,
+            gib_for(self.image_size), volume_name(self.image_id), metadata,
             self.conf.thunder_store_volume_type)
         try:
             return self._write_and_finish()
@@ -195,7 +213,6 @@ class ImageUpload(object):
         manifest = self.builder.finish()
         offset = manifest_mod.volume_offset(self.written)
         raw = manifest.to_bytes()
-        self._ensure_capacity(offset + len(raw))
         self._handle().flush()
         if self.conf.thunder_store_verify_after_write:
             self._verify(manifest)
@@ -204,24 +221,32 @@ class ImageUpload(object):
         # copy of the image would. The manifest lives in the image-volume's
         # head, where the peer mode reads it.
         rbd_facts = self._handle().seal(self.image_id)
+        self._room_for_manifest(offset + len(raw))
         self._handle().write(offset, raw)
         self._handle().flush()
         self._detach()
+        scheme = (locations.RBD_SCHEME if rbd_facts is not None and
+                  self.location_scheme == locations.RBD_SCHEME
+                  else locations.THUNDER_SCHEME)
         result = UploadResult(self.volume.id, self.written,
                               self.md5.hexdigest(),
                               self.multihash.hexdigest(), manifest, offset,
-                              rbd_facts)
+                              rbd_facts, scheme)
         metadata = {META_IMAGE_ID: self.image_id,
                     META_IMAGE_SIZE: str(self.written)}
+        if scheme == locations.RBD_SCHEME:
+            metadata[META_LOCATION_SCHEME] = scheme
         if self.owner:
             metadata[META_IMAGE_OWNER] = self.owner
         metadata.update(result.location_metadata())
         self.volumes.set_metadata(self.volume, metadata)
         self.volumes.set_read_only(self.volume)
-        LOG.info('Stored image %(image)s (%(size)d bytes, manifest '
-                 '%(digest)s) in volume %(volume)s.',
+        LOG.info('Stored image %(image)s (%(size)d bytes, %(zeros)d of '
+                 'them zeros not written; manifest %(digest)s) in volume '
+                 '%(volume)s.',
                  {'image': self.image_id, 'size': self.written,
-                  'digest': manifest.digest(), 'volume': self.volume.id})
+                  'zeros': self.skipped, 'digest': manifest.digest(),
+                  'volume': self.volume.id})
         return result
 
     # -- data --------------------------------------------------------------
@@ -246,7 +271,10 @@ class ImageUpload(object):
                     message='Size exceeds: expected %d bytes, got at least '
                             '%d' % (self.image_size, end))
             self._ensure_capacity(end)
-            self._handle().write(self.written, data)
+            if self._handle().reads_zeros_unwritten and self._zero(data):
+                self.skipped += len(data)
+            else:
+                self._handle().write(self.written, data)
             self.written = end
             self.md5.update(data)
             self.multihash.update(data)
@@ -260,6 +288,28 @@ class ImageUpload(object):
             raise exceptions.Invalid(
                 message='Size mismatch: expected %d bytes, got %d'
                         % (self.image_size, self.written))
+
+    def _room_for_manifest(self, needed):
+        """Make the image-volume hold ``needed`` bytes for the manifest.
+
+        An RBD image grows past the volume's size (rounded up to 1 MiB):
+        Cinder's size, the quota and the sealed snapshot stay the image's.
+        A volume that cannot grow so is extended by Cinder.
+        """
+        if needed <= self.attachment.capacity:
+            return
+        if self._handle().grow(manifest_mod.volume_offset(needed)):
+            LOG.debug('Manifest of image %(image)s past the %(gb)d GiB of '
+                      'volume %(id)s.', {'image': self.image_id,
+                                         'gb': self.volume.size,
+                                         'id': self.volume.id})
+            return
+        self._ensure_capacity(needed)
+
+    def _zero(self, data):
+        zeros = (self._zeros if len(data) == len(self._zeros) else
+                 bytes(len(data)))
+        return data == zeros
 
     def _ensure_capacity(self, needed):
         """Extend the volume (1 GiB at a time) until it holds ``needed``."""

@@ -259,3 +259,20 @@ def rbd_from_metadata(metadata):
     if not all(isinstance(part, str) and part for part in parts):
         return None
     return parse(RbdLocation(*parts).url)
+
+
+def volume_id_from_name(name, template):
+    """The volume id in an RBD image name, or None.
+
+    ``template`` is Cinder's ``volume_name_template`` (``volume-%s``): the
+    name of a volume's RBD image. None when ``name`` is not of that form
+    with a volume UUID in it.
+    """
+    prefix, sep, suffix = template.partition('%s')
+    if (not sep or len(name) <= len(prefix) + len(suffix) or
+            not name.startswith(prefix) or not name.endswith(suffix)):
+        return None
+    try:
+        return _canonical_uuid(name[len(prefix):len(name) - len(suffix)])
+    except ValueError:
+        return None

@@ -66,6 +66,10 @@ POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images',
          'nova': nova_mod.EPHEMERAL_POOL}
 THUNDER_BACKEND = 'thunder'
 PEER_BACKEND = 'thunder-peer'
+# A second thunder Glance store, whose images are located by their sealed
+# snapshot (thunder_store_location_scheme = rbd): Nova's and Cinder's RBD
+# code clone them with no location added by hand.
+RBD_LOCATION_STORE = 'thunder_rbd'
 RBD_BACKEND = 'rbd'
 BACKENDS = (THUNDER_BACKEND, PEER_BACKEND, RBD_BACKEND)
 CINDER_STORE = 'cinder'
@@ -486,6 +490,9 @@ class Stack(object):
             'THUNDER_DIR': CHECKOUT,
             'CINDER_CONF': self.path('etc', 'cinder', 'cinder.conf'),
             'GLANCE_API_CONF': self.path('etc', 'glance', 'glance-api.conf'),
+            'GLANCE_IMAGE_IMPORT_CONF': self.path('etc', 'glance',
+                                                  'glance-image-import.conf'),
+            'THUNDER_GLANCE_PYTHON': self.python,
             'THUNDER_CEPH_CONF': self.ceph_conf,
             'THUNDER_RBD_POOL': POOLS['thunder'],
             # The local Ceph runs without cephx: no user, no secret.
@@ -674,8 +681,17 @@ class Stack(object):
         ini.write(os.path.join(etc, 'uwsgi.ini'), {'uwsgi': svc.uwsgi_options(
             'glance.wsgi.api:application', self.ports['glance'],
             processes=2, env='OS_GLANCE_CONFIG_DIR=%s' % etc)})
+        # The import options, as devstack's configure_glance leaves them
+        # (no plugin) before the plugin adds image_conversion.
+        ini.write(os.path.join(etc, 'glance-image-import.conf'),
+                  {'image_import_opts': {'image_import_plugins': '[]'}})
+        self._devstack('configure_thunder_glance_import')
         if self.thunder_store_available():
             self._devstack('configure_thunder_glance_store')
+            self._devstack('configure_thunder_glance_store', env={
+                'THUNDER_GLANCE_STORE': RBD_LOCATION_STORE,
+                'THUNDER_GLANCE_DEFAULT': 'False',
+                'THUNDER_STORE_LOCATION_SCHEME': 'rbd'})
         self.state['thunder_store'] = self.thunder_store_available()
         self._save_state()
 
@@ -691,7 +707,9 @@ class Stack(object):
             with open(marker, 'w') as f:
                 f.write('ok\n')
         self._restart_if_config_changed(
-            'glance-api', [conf, self.path('etc', 'glance', 'uwsgi.ini')])
+            'glance-api', [conf, self.path('etc', 'glance', 'uwsgi.ini'),
+                           self.path('etc', 'glance',
+                                     'glance-image-import.conf')])
         self._start('glance-api', timeout=120)
 
     def _cinder(self):

@@ -116,6 +116,15 @@ source devstack/plugin.sh stack test-config
     assert ini.iniget(glance, 'thunder',
                       'thunder_store_volume_type') == 'thunder'
     assert ini.iniget(glance, 'DEFAULT', 'show_image_direct_url') == 'True'
+    assert ini.iniget(glance, 'thunder',
+                      'thunder_store_location_scheme') == 'thunder'
+    imports = str(tmp_path / 'glance-image-import.conf')
+    assert ini.iniget(imports, 'image_import_opts',
+                      'image_import_plugins') == "['image_conversion']"
+    assert ini.iniget(imports, 'image_conversion', 'output_format') == 'raw'
+    assert ini.iniget(glance, 'DEFAULT', 'enabled_import_methods') == \
+        "['glance-direct', 'web-download', 'copy-image']"
+    assert ini.iniget(glance, 'wsgi', 'python_interpreter')
 
     tempest = str(tmp_path / 'tempest.conf')
     assert ini.iniget(tempest, 'volume', 'storage_protocol') == 'ceph'
@@ -132,6 +141,36 @@ configure_thunder_glance_store
     glance = str(tmp_path / 'glance-api.conf')
     assert ini.iniget(glance, 'DEFAULT', 'enabled_backends') == \
         'thunder:thunder'
+
+
+IMPORT_SCRIPT = r'''
+source devstack/settings
+source devstack/lib/thunder
+configure_thunder_glance_import
+configure_thunder_glance_import
+'''
+
+
+def test_image_conversion_after_the_other_import_plugins(tmp_path):
+    """Added once, after the plugins already listed; a conf of its own."""
+    imports = str(tmp_path / 'import.conf')
+    ini.write(imports, {'image_import_opts': {
+        'image_import_plugins': "['image_decompression']"}})
+    _run_plugin(tmp_path, IMPORT_SCRIPT, GLANCE_IMAGE_IMPORT_CONF=imports,
+                THUNDER_GLANCE_PYTHON='/venv/bin/python')
+    assert ini.iniget(imports, 'image_import_opts', 'image_import_plugins') \
+        == "['image_decompression', 'image_conversion']"
+    assert ini.iniget(imports, 'image_conversion', 'output_format') == 'raw'
+    glance = str(tmp_path / 'glance-api.conf')
+    assert ini.iniget(glance, 'wsgi', 'python_interpreter') == \
+        '/venv/bin/python'
+
+
+def test_image_conversion_can_be_left_off(tmp_path):
+    _run_plugin(tmp_path, IMPORT_SCRIPT,
+                THUNDER_GLANCE_IMAGE_CONVERSION='False')
+    assert not (tmp_path / 'glance-image-import.conf').exists()
+    assert not (tmp_path / 'glance-api.conf').exists()
 
 
 def test_single_store_glance(tmp_path):

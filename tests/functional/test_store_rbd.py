@@ -300,6 +300,108 @@ def test_add_unknown_size_grows_the_volume(store, cinder, thunder,
         manifest.load_verified(image.read(offset, length), digest)
 
 
+def _clone_image(thunder, image_id, url, size):
+    """A volume ThunderDriver cloned from the raw image at ``url``."""
+    clone = types.SimpleNamespace(
+        id=str(uuid.uuid4()), size=size, multiattach=False,
+        volume_type=None, encryption_key_id=None)
+    clone.name = 'volume-%s' % clone.id
+    image_meta = {'id': image_id, 'disk_format': 'raw',
+                  'container_format': 'bare'}
+    assert thunder.clone_image(None, clone, (url, []), image_meta,
+                               None)[1] is True
+    return clone
+
+
+@pytest.mark.parametrize('announced', [True, False])
+def test_manifest_costs_no_volume_size(store, cinder, thunder, small_gib,
+                                       announced):
+    """An image of exactly one "GiB" takes a volume of one GiB.
+
+    The manifest lies past the volume's size, in the RBD image grown for
+    it; clones, made from the sealed snapshot, have the volume's size and
+    read the image and zeros.
+    """
+    data = os.urandom(8 * MiB)
+    image_id, url, _w, _c, _mh, meta = _add(
+        store, data, size=None if announced else 0)
+    [volume] = cinder.db.values()
+    assert volume.size == 1
+    assert not [c for c in cinder.calls if c[0] == 'extend']
+    name = 'volume-%s' % volume.id
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, name, read_only=True) as image:
+        assert image.size() == 9 * MiB
+        offset, length, digest = manifest.from_metadata(meta)
+        assert offset == 8 * MiB
+        manifest.load_verified(image.read(offset, length), digest)
+        snap = rbd_layout.sealed_snapshot(image)
+        image.set_snap(snap)
+        assert image.size() == 8 * MiB
+    assert _download(store, url) == data
+
+    clone = _clone_image(thunder, image_id, url, size=2)
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, clone.name,
+                                  read_only=True) as image:
+        assert image.size() == 16 * MiB
+        assert image.read(0, len(data)) == data
+        assert image.read(len(data), 8 * MiB) == bytes(8 * MiB)
+    thunder.delete_volume(clone)
+    store.delete(_location(store, url), context=Context())
+    assert cinder.count() == 0
+    assert name not in _rbd_names(thunder)
+
+
+def test_zeros_are_not_written(store, cinder, thunder):
+    """A chunk of zeros is left unwritten: the RBD image stays thin."""
+    data = os.urandom(4 * MiB) + bytes(8 * MiB) + os.urandom(MiB)
+    image_id, url, _w, checksum, _mh, meta = _add(store, data)
+    assert checksum == hashlib.md5(data).hexdigest()
+    [volume] = cinder.db.values()
+    extents = []
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, 'volume-%s' % volume.id,
+                                  read_only=True) as image:
+        image.diff_iterate(0, 13 * MiB, None,
+                           lambda offset, length, exists: extents.append(
+                               (offset, length)) if exists else None)
+        offset, length, digest = manifest.from_metadata(meta)
+        manifest.load_verified(image.read(offset, length), digest)
+    allocated = sum(n for _o, n in extents)
+    assert allocated == 5 * MiB, extents
+    assert not [e for e in extents if 4 * MiB <= e[0] < 12 * MiB]
+    assert _download(store, url) == data
+
+
+def test_rbd_location_scheme(cinder, thunder):
+    """The sealed snapshot as the image's one location, end to end."""
+    store = make_store(thunder_store_rbd_connect_timeout=10,
+                       thunder_store_location_scheme='rbd')
+    store.clients.client = lambda context=None: cinder
+    data = os.urandom(3 * MiB + 5)
+    image_id, url, _w, _c, _mh, meta = _add(store, data)
+    [volume] = cinder.db.values()
+    name = 'volume-%s' % volume.id
+    parsed = locations.parse(url)
+    assert (parsed.fsid, parsed.pool, parsed.image) == (
+        thunder.cluster.fsid(), thunder.configuration.thunder_rbd_pool, name)
+    assert _download(store, url) == data
+
+    # What Nova's RBD image backend and Cinder's RBD driver clone.
+    clone = _clone_image(thunder, image_id, url, size=1)
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, clone.name,
+                                  read_only=True) as image:
+        assert image.parent_info()[1:] == (name, parsed.snapshot)
+        assert image.read(0, len(data)) == data
+    thunder.delete_volume(clone)
+
+    store.delete(_location(store, url), context=Context())
+    assert cinder.count() == 0
+    assert name not in _rbd_names(thunder)
+
+
 def test_verify_after_write(cinder, thunder):
     store = make_store(thunder_store_verify_after_write=True)
     store.clients.client = lambda context=None: cinder

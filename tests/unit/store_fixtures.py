@@ -71,6 +71,7 @@ class MemoryRbdVolume(object):
     """Stands in for rbd_volume.RbdVolume on a MemoryBackend."""
 
     protocol = 'rbd'
+    reads_zeros_unwritten = True
     backend = None  # set by the fixture
     write_hook = None  # called as hook(offset, data) before each write
 
@@ -112,6 +113,10 @@ class MemoryRbdVolume(object):
 
     def pool_full(self):
         return self.backend.flagged_full
+
+    def grow(self, size):
+        self.image.size = max(self.image.size, size)
+        return True
 
     def seal(self, glance_image_id):
         snap = 'thunder-clone-0123456789abcdef'

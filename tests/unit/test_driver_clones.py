@@ -12,6 +12,7 @@
 
 """ThunderDriver: cloned volumes, clone_image and image copies."""
 
+import logging
 import os
 import threading
 from unittest import mock
@@ -23,6 +24,7 @@ from oslo_utils import units
 import pytest
 
 from cinder_thunder_driver import driver
+from cinder_thunder_driver import image_clones
 from tests.unit import fakes
 from thunder_common import locations
 from thunder_common import rbd_layout
@@ -334,12 +336,43 @@ NOT_CLONEABLE = [
 ]
 
 
+def declined(drv):
+    return drv.image_clones.stats()[image_clones.STAT_REASONS]
+
+
 @pytest.mark.parametrize('meta', NOT_CLONEABLE)
 def test_clone_image_not_raw_or_bare(drv, fake_ceph, image_volume, meta):
     volume = fakes.Volume()
     url = locations.thunder_location(image_volume[0]).url
     assert clone_image(drv, volume, [url], meta=meta) == ({}, False)
     driver.cluster_mod.rados.Rados.assert_not_called()
+    reason = (image_clones.NOT_RAW if meta.get('disk_format') != 'raw'
+              else image_clones.NOT_BARE)
+    assert declined(drv) == {reason: 1}
+
+
+def test_declined_and_cloned_images_in_the_stats(drv, fake_ceph,
+                                                 image_volume, caplog):
+    """One warning per declined volume; the counts in the volume stats."""
+    caplog.set_level(logging.DEBUG)
+    url = locations.thunder_location(image_volume[0]).url
+    qcow2 = fakes.Volume()
+    assert clone_image(drv, qcow2, [url],
+                       meta=dict(RAW, disk_format='qcow2'))[1] is False
+    assert clone_image(drv, fakes.Volume(), [url])[1] is True
+    elsewhere = fakes.Volume()
+    assert clone_image(drv, elsewhere, ['file:///x'])[1] is False
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert qcow2.id in warnings[0] and 'qcow2' in warnings[0]
+    assert 'image-create-via-import' in warnings[0]
+    assert elsewhere.id in warnings[1] and '1 locations' in warnings[1]
+    stats = drv.get_volume_stats(refresh=True)
+    assert stats[image_clones.STAT_CLONES] == 1
+    assert stats[image_clones.STAT_DECLINED] == 2
+    assert stats[image_clones.STAT_REASONS] == {
+        image_clones.NOT_RAW: 1, image_clones.NO_LOCATION: 1}
 
 
 def test_clone_image_container_format_unset(drv, fake_ceph, image_volume):
@@ -363,6 +396,7 @@ def test_clone_image_without_locations(drv, fake_ceph, location):
     assert drv.clone_image(None, volume, location, dict(RAW), None) == \
         ({}, False)
     assert fake_ceph.names() == []
+    assert declined(drv) == {image_clones.NO_LOCATION: 1}
 
 
 @pytest.mark.parametrize('url', [

@@ -22,6 +22,7 @@ from oslo_utils import units
 import pytest
 
 from cinder_thunder_driver import driver
+from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import peer
 from tests.unit import fakes
@@ -614,6 +615,19 @@ def test_clone_image_not_raw_or_bare(drv, manifest_meta, meta):
     assert _clone_image(drv, _volume(), [location], meta=meta) == \
         ({}, False)
     assert drv.daemon.calls == []
+    assert drv.image_clones.stats()[image_clones.STAT_DECLINED] == 1
+
+
+def test_clone_image_counts_in_the_stats(drv, manifest_meta):
+    location = _location(str(uuid.uuid4()), manifest_meta)
+    assert _clone_image(drv, _volume(), [location])[1] is True
+    assert _clone_image(drv, _volume(), [location],
+                        meta=dict(RAW, disk_format='qcow2'))[1] is False
+    assert _clone_image(drv, _volume(), [])[1] is False
+    stats = drv.get_volume_stats(refresh=True)
+    assert stats[image_clones.STAT_CLONES] == 1
+    assert stats[image_clones.STAT_REASONS] == {
+        image_clones.NOT_RAW: 1, image_clones.NO_LOCATION: 1}
 
 
 def test_clone_image_encrypted_volume(drv, manifest_meta):

@@ -306,3 +306,16 @@ def test_fuzz_mutated_locations_with_an_image_id():
     outcomes = _fuzz(seeds, 20260801, 4000)
     assert outcomes[True] > 100, outcomes
     assert outcomes[False] > 2000, outcomes
+
+
+@pytest.mark.parametrize('name, template, expected', [
+    ('volume-%s' % VOL, 'volume-%s', VOL),
+    ('volume-%s' % VOL.upper(), 'volume-%s', VOL),
+    ('v-%s.img' % VOL, 'v-%s.img', VOL),
+    ('volume-%s' % VOL, 'other-%s', None),
+    ('volume-', 'volume-%s', None),
+    ('volume-not-a-uuid', 'volume-%s', None),
+    ('volume-%s' % VOL, 'no-placeholder', None),
+])
+def test_volume_id_from_name(name, template, expected):
+    assert locations.volume_id_from_name(name, template) == expected

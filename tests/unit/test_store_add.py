@@ -128,6 +128,50 @@ def test_multi_store_location_names_the_backend(multi_store, cinder):
     assert all(isinstance(v, str) for v in meta.values())
 
 
+def _zero_chunk_image():
+    """Data, a whole write chunk of zeros, data, a short zero tail."""
+    return _image(4 * MiB) + bytes(4 * MiB) + _image(MiB) + bytes(1000)
+
+
+def _written_ranges(monkeypatch):
+    writes = []
+    monkeypatch.setattr(MemoryRbdVolume, 'write_hook',
+                        lambda offset, data: writes.append(
+                            (offset, len(data))))
+    return writes
+
+
+def test_zeros_are_not_written(store, cinder, memory, monkeypatch):
+    """A new RBD image reads zeros: chunks of zeros are skipped."""
+    writes = _written_ranges(monkeypatch)
+    data = _zero_chunk_image()
+    _url, size, checksum, _mh, meta = _add(store, data)
+    assert size == len(data)
+    assert checksum == hashlib.md5(data).hexdigest()
+    offset, length, digest = manifest.from_metadata(meta)
+    assert writes == [(0, 4 * MiB), (8 * MiB, MiB + 1000),
+                      (offset, length)]
+    volume = _only_volume(cinder)
+    image = MemoryRbdVolume({'name': 'volumes/volume-%s' % volume.id,
+                             'hosts': ['h'], 'ports': ['6789']})
+    assert image.read(0, len(data)) == data
+    parsed = manifest.load_verified(image.read(offset, length), digest)
+    for i in range(parsed.chunk_count):
+        start, n = parsed.chunk_range(i)
+        assert parsed.verify_chunk(i, data[start:start + n])
+    image.close()
+
+
+def test_zeros_are_written_where_a_volume_may_hold_old_data(
+        store, cinder, memory, monkeypatch):
+    monkeypatch.setattr(MemoryRbdVolume, 'reads_zeros_unwritten', False)
+    writes = _written_ranges(monkeypatch)
+    data = _zero_chunk_image()
+    _add(store, data)
+    assert [w for w in writes if w[0] < len(data)] == [
+        (0, 4 * MiB), (4 * MiB, 4 * MiB), (8 * MiB, MiB + 1000)]
+
+
 def test_volume_type_is_used(cinder, memory):
     store = make_store(thunder_store_volume_type='thunder')
     store.clients.client = lambda context=None: cinder
@@ -160,12 +204,37 @@ def test_unknown_size_grows_the_volume(store, cinder, memory):
                            digest)
 
 
-def test_unknown_size_manifest_alone_may_need_an_extend(store, cinder,
-                                                        memory):
-    # Data fills the volume exactly: the manifest needs one more unit.
+@pytest.mark.parametrize('announced', [True, False])
+def test_manifest_costs_no_volume_size(store, cinder, memory, announced):
+    """An image of whole "GiB": the RBD image grows past the volume."""
     data = _image(4 * MiB)
-    _add(store, data, size=0)
-    assert _only_volume(cinder).size == 2
+    _url, _s, _c, _m, meta = _add(store, data,
+                                  size=None if announced else 0)
+    volume = _only_volume(cinder)
+    assert volume.size == 1
+    assert not [c for c in cinder.calls if c[0] == 'extend']
+    image = memory.images['volume-%s' % volume.id]
+    offset, length, digest = manifest.from_metadata(meta)
+    assert offset == 4 * MiB
+    assert image.size == 5 * MiB
+    manifest.load_verified(bytes(image.data[offset:offset + length]),
+                           digest)
+    # Clones see the volume's size: the sealed snapshot ends with the data.
+    assert image.sealed_data == data
+
+
+def test_a_volume_that_cannot_grow_is_extended_for_the_manifest(
+        store, cinder, memory, monkeypatch):
+    monkeypatch.setattr(MemoryRbdVolume, 'grow', lambda self, size: False)
+    data = _image(4 * MiB)
+    _url, _s, _c, _m, meta = _add(store, data)
+    volume = _only_volume(cinder)
+    assert volume.size == 2
+    assert ('extend', 2) in cinder.calls
+    image = memory.images['volume-%s' % volume.id]
+    offset, length, digest = manifest.from_metadata(meta)
+    manifest.load_verified(bytes(image.data[offset:offset + length]),
+                           digest)
 
 
 def test_empty_image(store, cinder, memory):

@@ -1,0 +1,109 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Raw upload against qcow2 import into a thunder store, timed.
+
+Runs against the local stack (``tools/thunder-stack up``)::
+
+    python3.11 benchmarks/image_formats.py RAW QCOW2 [--store thunder]
+        [--runs 1]
+
+QCOW2 must hold RAW's bytes (``qemu-img convert -O qcow2 RAW QCOW2``).
+Each run uploads RAW (``glance image-create --disk-format raw``) and
+imports QCOW2 (``glance image-create-via-import --disk-format qcow2``,
+the data on stdin), waits until each is ``active`` and prints the time,
+the image's format and size, its image-volume's size and the RBD data the
+image-volume holds; both images are deleted after.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+from thunder_stack import demo  # noqa: E402
+from thunder_stack import stack as stack_mod  # noqa: E402
+
+
+def _glance(stack, args, stdin=None):
+    env = dict(os.environ, **stack.openrc_env())
+    env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
+    out = subprocess.run(['glance'] + args, stdin=stdin, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return demo.table_value(out, 'id')
+
+
+def _wait_active(stack, image_id, timeout=1800):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        image = json.loads(demo.cli(stack, 'openstack', 'image', 'show',
+                                    '-f', 'json', image_id))
+        if image['status'] == 'active':
+            return image
+        if image['status'] not in ('importing', 'uploading', 'saving'):
+            raise stack_mod.StackError('image %s is %s' % (
+                image_id, image['status']))
+        time.sleep(0.2)
+    raise stack_mod.StackError('image %s not active after %ss'
+                               % (image_id, timeout))
+
+
+def _report(stack, api, label, image_id, seconds):
+    image = _wait_active(stack, image_id)
+    [vol] = [v for v in api.get('/volumes/detail?all_tenants=1')['volumes']
+             if v['name'] == 'image-%s' % image_id]
+    name = 'volume-%s' % vol['id']
+    pool = stack_mod.POOLS['thunder']
+    # The head and its sealed snapshot: the data is in the snapshot.
+    data = sum(i['used_size'] for i in demo.rbd_json(
+        stack, 'du', '%s/%s' % (pool, name))['images'] if i['name'] == name)
+    print('%-13s %6.1f s  disk_format %-5s size %11d  image-volume %d GiB  '
+          'RBD data %d MiB' % (label, seconds, image['disk_format'],
+                               image['size'], vol['size'], data >> 20))
+    sys.stdout.flush()
+    demo.cli(stack, 'glance', 'image-delete', image_id)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('raw')
+    parser.add_argument('qcow2')
+    parser.add_argument('--store', default='thunder')
+    parser.add_argument('--runs', type=int, default=1)
+    args = parser.parse_args(argv)
+    stack = stack_mod.Stack()
+    api = demo.Api(stack)
+    for _ in range(args.runs):
+        t0 = time.monotonic()
+        image_id = _glance(stack, [
+            'image-create', '--name', 'bench-raw', '--disk-format', 'raw',
+            '--container-format', 'bare', '--file', args.raw, '--store',
+            args.store])
+        _report(stack, api, 'raw upload', image_id, time.monotonic() - t0)
+        t0 = time.monotonic()
+        with open(args.qcow2, 'rb') as data:
+            image_id = _glance(stack, [
+                'image-create-via-import', '--name', 'bench-qcow2',
+                '--disk-format', 'qcow2', '--container-format', 'bare',
+                '--stores', args.store], stdin=data)
+        _wait_active(stack, image_id)
+        _report(stack, api, 'qcow2 import', image_id, time.monotonic() - t0)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

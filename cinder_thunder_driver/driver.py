@@ -19,9 +19,9 @@ Configure a backend with::
     volume_backend_name = thunder
     thunder_rbd_pool = volumes
 
-With ``thunder_mode = peer`` the same class gives the peer mode instead
-(``cinder_thunder_driver.peer``): volumes on the compute node over its
-image cache. The rest of this module is the shared mode.
+The peer mode, volumes on the compute node over its image cache, is
+another class: ``volume_driver = cinder_thunder_driver.peer.PeerDriver``
+(:mod:`cinder_thunder_driver.peer`). This module is the shared mode.
 
 Volumes are RBD images named after Cinder's ``volume_name_template``. A
 volume made from a thunder image is an RBD clone of the one protected
@@ -94,16 +94,6 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
                               'RBD_FEATURE_FAST_DIFF',
                               'RBD_FEATURE_JOURNALING')
 
-    def __new__(cls, *args, **kwargs):
-        """The peer-mode driver when the backend says thunder_mode=peer."""
-        configuration = kwargs.get('configuration')
-        if cls is ThunderDriver and configuration is not None:
-            configuration.append_config_values(options.thunder_opts)
-            if configuration.safe_get('thunder_mode') == 'peer':
-                from cinder_thunder_driver import peer
-                return peer.PeerDriver(*args, **kwargs)
-        return super(ThunderDriver, cls).__new__(cls)
-
     def __init__(self, *args, **kwargs):
         super(ThunderDriver, self).__init__(*args, **kwargs)
         self.configuration.append_config_values(options.thunder_opts)
@@ -117,6 +107,12 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
 
     def do_setup(self, context):
         """Read the keyring and start the background workers."""
+        if self.configuration.thunder_mode == 'peer':
+            raise exception.VolumeDriverException(message=_(
+                'Backend %s sets thunder_mode = peer, but ThunderDriver is '
+                'the shared mode: set volume_driver = '
+                'cinder_thunder_driver.peer.PeerDriver for the peer mode.')
+                % self.configuration.config_group)
         self.cluster.check_prerequisites()
         keyring = self.configuration.thunder_rbd_keyring_conf
         if keyring:

@@ -30,11 +30,15 @@ thunder_opts = [
                                  'cache of the image (thunder-cache), '
                                  'filled on demand from peers and the '
                                  'origin.')],
-               help='Where the volumes of this backend live. In peer mode '
-                    'cinder-volume runs on every compute node (as with '
-                    'local LVM), next to a thunder-cache daemon, and '
-                    'instances must be scheduled on the node that holds '
-                    'their volumes.'),
+               deprecated_for_removal=True,
+               deprecated_reason='The volume driver names the mode: '
+                                 'cinder_thunder_driver.driver.ThunderDriver '
+                                 'is the shared mode, '
+                                 'cinder_thunder_driver.peer.PeerDriver the '
+                                 'peer mode.',
+               help='Where the volumes of this backend live. ThunderDriver '
+                    'refuses to start with "peer": set volume_driver = '
+                    'cinder_thunder_driver.peer.PeerDriver instead.'),
     cfg.StrOpt('thunder_cache_control_socket',
                default='/run/thunder-cache/control.sock',
                help='Peer mode: the control socket of the node\'s '

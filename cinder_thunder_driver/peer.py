@@ -10,14 +10,13 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""ThunderDriver's peer mode: volumes on the node, over its image cache.
+"""The peer mode: volumes on the node, over its image cache.
 
 Configure a backend on every compute node with::
 
     [thunder-peer]
-    volume_driver = cinder_thunder_driver.driver.ThunderDriver
+    volume_driver = cinder_thunder_driver.peer.PeerDriver
     volume_backend_name = thunder-peer
-    thunder_mode = peer
 
 A volume is a file on the FUSE mount of the node's ``thunder-cache``
 daemon: the volume's own copy-on-write layer over the node's read-only
@@ -115,7 +114,7 @@ def image_descriptor(image_id, location, pool, volume_name_template):
 
 @interface.volumedriver
 class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
-    """ThunderDriver with ``thunder_mode = peer``."""
+    """VMThunder volumes on the compute node (the peer mode)."""
 
     # Seconds a delete waits for a volume that is still open.
     busy_wait = 5.0
@@ -163,7 +162,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
             raise _fail('%(dir)s is not mounted: is thunder-cache running '
                         'with its volume files?', dir=info['mount_dir'])
         self._mount_dir = info['mount_dir']
-        LOG.info('ThunderDriver %(version)s in peer mode: node %(node)s, '
+        LOG.info('PeerDriver %(version)s: node %(node)s, '
                  'volumes in %(dir)s.',
                  {'version': self.VERSION, 'node': info.get('node_id'),
                   'dir': self._mount_dir})

@@ -20,7 +20,7 @@ restart), Keystone and Glance under uWSGI, Cinder's API, scheduler and
 volume services, and the node cache daemon ``thunder-cache`` (its peer
 server on 127.0.0.1, its volume files mounted under ``data/``). Cinder has
 three backends, ``thunder`` (ThunderDriver), ``thunder-peer``
-(ThunderDriver in peer mode, over thunder-cache) and ``rbd`` (Cinder's
+(PeerDriver, over thunder-cache) and ``rbd`` (Cinder's
 RBDDriver, on another pool) with a volume type each;
 Glance has the upstream ``rbd`` store and, once the thunder store exists,
 the ``thunder`` store. The VMThunder parts of cinder.conf and

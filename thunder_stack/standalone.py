@@ -63,10 +63,10 @@ def clear_configuration(backend):
             pass
 
 
-def make_driver(backend, **overrides):
-    """A set-up, checked ThunderDriver for ``backend``."""
-    drv = driver.ThunderDriver(configuration=make_configuration(
-        backend, **overrides))
+def make_driver(backend, driver_class=None, **overrides):
+    """A set-up, checked driver for ``backend`` (ThunderDriver's default)."""
+    drv = (driver_class or driver.ThunderDriver)(
+        configuration=make_configuration(backend, **overrides))
     try:
         drv.do_setup(None)
         drv.check_for_setup_error()

@@ -212,9 +212,9 @@ source devstack/plugin.sh unstack
     assert 'enabled_backends thunder:thunder,thunder_peer:thunder-peer' in \
         calls.splitlines()
     cinder = str(tmp_path / 'cinder.conf')
-    assert ini.iniget(cinder, 'thunder-peer', 'thunder_mode') == 'peer'
     assert ini.iniget(cinder, 'thunder-peer', 'volume_driver') == \
-        'cinder_thunder_driver.driver.ThunderDriver'
+        'cinder_thunder_driver.peer.PeerDriver'
+    assert not ini.iniget(cinder, 'thunder-peer', 'thunder_mode')
     socket = str(tmp_path / 'run' / 'control.sock')
     assert ini.iniget(cinder, 'thunder-peer',
                       'thunder_cache_control_socket') == socket
@@ -260,7 +260,7 @@ source devstack/plugin.sh stack post-config
     assert 'run_process' not in calls
     assert not (tmp_path / 'etc').exists()
     assert not ini.iniget(str(tmp_path / 'cinder.conf'), 'thunder-peer',
-                          'thunder_mode')
+                          'volume_driver')
 
 
 def test_peer_node_of_several(tmp_path):

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""ThunderDriver in peer mode over a real thunder-cache and a real Ceph.
+"""PeerDriver over a real thunder-cache and a real Ceph.
 
 The driver runs in this process with Cinder's privsep helper (loop devices
 are real); the daemon is a ``thunder-cache`` process with its volume files
@@ -27,6 +27,7 @@ import uuid
 from cinder import exception
 import pytest
 
+from cinder_thunder_driver import peer
 from tests.functional import cache_daemons
 from thunder_common import locations
 from thunder_common import loops
@@ -88,7 +89,7 @@ def _detach_all(mount):
 @pytest.fixture
 def driver(node):
     drv = standalone.make_driver(
-        BACKEND, thunder_mode='peer',
+        BACKEND, driver_class=peer.PeerDriver,
         thunder_cache_control_socket=node.paths['control'],
         thunder_rbd_pool='volumes')
     yield drv

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""ThunderDriver in peer mode (cinder_thunder_driver.peer)."""
+"""PeerDriver, the peer mode (cinder_thunder_driver.peer)."""
 
 import logging
 import os
@@ -97,8 +97,7 @@ def loop(events):
 @pytest.fixture
 def make_peer(make_conf, mount_dir, events):
     def build(**overrides):
-        drv = driver.ThunderDriver(configuration=make_conf(
-            thunder_mode='peer', **overrides))
+        drv = peer.PeerDriver(configuration=make_conf(**overrides))
         drv.daemon = FakeDaemon(mount_dir, events)
         return drv
     return build
@@ -125,20 +124,23 @@ def _error(kind, message='boom'):
 
 # -- construction -------------------------------------------------------------
 
-def test_peer_mode_gives_the_peer_driver(make_conf):
-    drv = driver.ThunderDriver(configuration=make_conf(
-        thunder_mode='peer', thunder_cache_control_socket='/run/x.sock',
-        thunder_cache_timeout=7))
+def test_the_peer_driver_is_its_own_class(make_conf):
+    drv = peer.PeerDriver(configuration=make_conf(
+        thunder_cache_control_socket='/run/x.sock', thunder_cache_timeout=7))
     assert type(drv) is peer.PeerDriver
+    assert not isinstance(drv, driver.ThunderDriver)
     assert isinstance(drv.daemon, control.ControlClient)
     assert (drv.daemon.path, drv.daemon.timeout) == ('/run/x.sock', 7)
     assert peer.PeerDriver.get_driver_options() == \
         driver.options.thunder_opts
 
 
-def test_shared_mode_is_not_the_peer_driver(make_conf):
-    drv = driver.ThunderDriver(configuration=make_conf())
+def test_thunder_driver_refuses_the_peer_mode(make_conf):
+    drv = driver.ThunderDriver(configuration=make_conf(thunder_mode='peer'))
     assert type(drv) is driver.ThunderDriver
+    with pytest.raises(exception.VolumeDriverException,
+                       match='cinder_thunder_driver.peer.PeerDriver'):
+        drv.do_setup(None)
 
 
 def test_mount_dir_asked_once(drv, mount_dir):

@@ -12,10 +12,24 @@
 
 """What both modes of ThunderDriver share: identity, options, stats."""
 
+from cinder import exception
+from oslo_log import log as logging
 from oslo_utils import units
 
 from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import options
+
+LOG = logging.getLogger(__name__)
+
+
+def backend_error(message):
+    """Cinder's error for a backend failure, logged at ERROR.
+
+    ``message`` is translated and formatted by the caller:
+    ``raise base.backend_error(_('Pool %(pool)s ...') % {'pool': name})``.
+    """
+    LOG.error(message)
+    return exception.VolumeBackendAPIException(data=message)
 
 
 def gib(size_bytes):

@@ -27,21 +27,17 @@ import json
 import os
 import threading
 
-from cinder import exception
+from cinder.i18n import _
 from cinder import utils
 from oslo_log import log as logging
 from oslo_utils import importutils
+
+from cinder_thunder_driver import base
 
 rados = importutils.try_import('rados')
 rbd = importutils.try_import('rbd')
 
 LOG = logging.getLogger(__name__)
-
-
-def _fail(message, **kwargs):
-    message = message % kwargs
-    LOG.error(message)
-    return exception.VolumeBackendAPIException(data=message)
 
 
 class Cluster(object):
@@ -61,19 +57,22 @@ class Cluster(object):
     def check_prerequisites(self):
         """Fail early, with the fix, when the host cannot reach Ceph."""
         if rados is None or rbd is None:
-            raise _fail('The Ceph Python bindings are not importable: '
-                        'install python3-rados and python3-rbd (they must '
-                        'match the Python cinder-volume runs on).')
+            raise base.backend_error(_(
+                'The Ceph Python bindings are not importable: install '
+                'python3-rados and python3-rbd (they must match the Python '
+                'cinder-volume runs on).'))
         conf_path = self._conf.thunder_rbd_ceph_conf
         if not os.path.isfile(conf_path):
-            raise _fail('Ceph configuration file %(path)s does not exist: '
-                        'set thunder_rbd_ceph_conf.', path=conf_path)
+            raise base.backend_error(_(
+                'Ceph configuration file %(path)s does not exist: set '
+                'thunder_rbd_ceph_conf.') % {'path': conf_path})
         keyring = self._conf.thunder_rbd_keyring_conf
         if keyring and not os.path.isfile(keyring):
-            raise _fail('Keyring %(path)s of Ceph user %(user)s does not '
-                        'exist: set thunder_rbd_keyring_conf to the '
-                        'keyring of thunder_rbd_user.', path=keyring,
-                        user=self._conf.thunder_rbd_user)
+            raise base.backend_error(_(
+                'Keyring %(path)s of Ceph user %(user)s does not exist: set '
+                'thunder_rbd_keyring_conf to the keyring of '
+                'thunder_rbd_user.') % {
+                    'path': keyring, 'user': self._conf.thunder_rbd_user})
 
     def client(self):
         """The connected ``rados.Rados`` handle, connecting if needed."""
@@ -102,29 +101,31 @@ class Cluster(object):
                                  conffile=conf.thunder_rbd_ceph_conf,
                                  conf=options)
         except rados.Error as e:
-            raise _fail('Cannot load Ceph configuration %(path)s: %(err)s',
-                        path=conf.thunder_rbd_ceph_conf, err=e)
+            raise base.backend_error(_(
+                'Cannot load Ceph configuration %(path)s: %(err)s') % {
+                    'path': conf.thunder_rbd_ceph_conf, 'err': e})
         client = utils.tpool_wrap(client)
         try:
             client.connect()
         except rados.TimedOut:
             client.shutdown()
-            raise _fail('Could not reach the Ceph monitors listed in '
-                        '%(path)s within %(timeout)s s: check mon_host and '
-                        'that the monitors are up and reachable from this '
-                        'host.', path=conf.thunder_rbd_ceph_conf,
-                        timeout=timeout)
+            raise base.backend_error(_(
+                'Could not reach the Ceph monitors listed in %(path)s within '
+                '%(timeout)s s: check mon_host and that the monitors are up '
+                'and reachable from this host.') % {
+                    'path': conf.thunder_rbd_ceph_conf, 'timeout': timeout})
         except (rados.PermissionDeniedError, rados.PermissionError,
                 rados.ObjectNotFound) as e:
             client.shutdown()
-            raise _fail('Ceph refused the connection as user %(user)s '
-                        '(%(err)s): check thunder_rbd_user and '
-                        'thunder_rbd_keyring_conf.',
-                        user=conf.thunder_rbd_user or 'admin', err=e)
+            raise base.backend_error(_(
+                'Ceph refused the connection as user %(user)s (%(err)s): '
+                'check thunder_rbd_user and thunder_rbd_keyring_conf.') % {
+                    'user': conf.thunder_rbd_user or 'admin', 'err': e})
         except rados.Error as e:
             client.shutdown()
-            raise _fail('Cannot connect to Ceph cluster %(name)s: %(err)s',
-                        name=conf.thunder_rbd_cluster_name, err=e)
+            raise base.backend_error(_(
+                'Cannot connect to Ceph cluster %(name)s: %(err)s') % {
+                    'name': conf.thunder_rbd_cluster_name, 'err': e})
         return client
 
     def close(self):
@@ -142,11 +143,11 @@ class Cluster(object):
         try:
             ioctx = self.client().open_ioctx(pool)
         except rados.ObjectNotFound:
-            raise _fail('RBD pool %(pool)s does not exist in Ceph cluster '
-                        '%(name)s: create it (ceph osd pool create %(pool)s '
-                        '&& rbd pool init %(pool)s) or set '
-                        'thunder_rbd_pool.', pool=pool,
-                        name=self._conf.thunder_rbd_cluster_name)
+            raise base.backend_error(_(
+                'RBD pool %(pool)s does not exist in Ceph cluster %(name)s: '
+                'create it (ceph osd pool create %(pool)s && rbd pool init '
+                '%(pool)s) or set thunder_rbd_pool.') % {
+                    'pool': pool, 'name': self._conf.thunder_rbd_cluster_name})
         try:
             yield ioctx
         finally:
@@ -178,8 +179,9 @@ class Cluster(object):
         args.update(prefix=prefix, format='json')
         ret, out, err = self.client().mon_command(json.dumps(args), b'')
         if ret:
-            raise _fail('Ceph command %(cmd)s failed: %(err)s', cmd=prefix,
-                        err=err or ret)
+            raise base.backend_error(_(
+                'Ceph command %(cmd)s failed: %(err)s') % {
+                    'cmd': prefix, 'err': err or ret})
         return json.loads(out)
 
     def monitors(self):

@@ -190,8 +190,8 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
         quota = self.cluster.mon_command('osd pool get-quota', pool=pool)
         matching = [p for p in df['pools'] if p['name'] == pool]
         if not matching:
-            raise cluster_mod._fail('Pool %(pool)s is missing from "ceph '
-                                    'df".', pool=pool)
+            raise base.backend_error(_(
+                'Pool %(pool)s is missing from "ceph df".') % {'pool': pool})
         stats = matching[0]['stats']
         used = stats.get('stored', stats.get('bytes_used', 0))
         free = stats['max_avail']

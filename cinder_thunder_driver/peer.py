@@ -56,12 +56,6 @@ from thunder_common import manifest as manifest_mod
 LOG = logging.getLogger(__name__)
 
 
-def _fail(message, **kwargs):
-    msg = _(message) % kwargs if kwargs else _(message)
-    LOG.error(msg)
-    return exception.VolumeBackendAPIException(data=msg)
-
-
 def image_descriptor(image_id, location, pool, volume_name_template):
     """What the daemon needs to cache an image, from one Glance location.
 
@@ -135,8 +129,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         try:
             return self.daemon.call(op, **args)
         except control.ControlError as e:
-            raise _fail('thunder-cache %(op)s failed: %(err)s',
-                        op=op, err=e)
+            raise base.backend_error(_(
+                'thunder-cache %(op)s failed: %(err)s') % {'op': op, 'err': e})
 
     @property
     def mount_dir(self):
@@ -154,13 +148,14 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         """The daemon answers and serves volume files."""
         info = self._call('ping')
         if not info.get('mount_dir'):
-            raise _fail('thunder-cache at %(sock)s serves no volume files: '
-                        'set [blockdev] enabled = true in its '
-                        'configuration.',
-                        sock=self.configuration.thunder_cache_control_socket)
+            raise base.backend_error(_(
+                'thunder-cache at %(sock)s serves no volume files: set '
+                '[blockdev] enabled = true in its configuration.') % {
+                    'sock': self.configuration.thunder_cache_control_socket})
         if not os.path.ismount(info['mount_dir']):
-            raise _fail('%(dir)s is not mounted: is thunder-cache running '
-                        'with its volume files?', dir=info['mount_dir'])
+            raise base.backend_error(_(
+                '%(dir)s is not mounted: is thunder-cache running with its '
+                'volume files?') % {'dir': info['mount_dir']})
         self._mount_dir = info['mount_dir']
         LOG.info('PeerDriver %(version)s: node %(node)s, '
                  'volumes in %(dir)s.',
@@ -223,7 +218,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                 return
             if e.kind == 'VolumeBusy':
                 raise exception.VolumeIsBusy(volume_name=name)
-            raise _fail('thunder-cache delete_volume failed: %(err)s', err=e)
+            raise base.backend_error(_(
+                'thunder-cache delete_volume failed: %(err)s') % {'err': e})
 
     def delete_volume(self, volume):
         self._delete(volume.name)
@@ -281,8 +277,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
             info = self.daemon.call('volume_info', volume_id=name)
         except control.ControlError as e:
             if e.kind not in ('VolumeNotFound', 'BadRequest'):
-                raise _fail('thunder-cache volume_info failed: %(err)s',
-                            err=e)
+                raise base.backend_error(_(
+                    'thunder-cache volume_info failed: %(err)s') % {'err': e})
             raise exception.ManageExistingInvalidReference(
                 existing_ref=existing_ref,
                 reason=_('no volume %s on this node') % name)
@@ -407,9 +403,12 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                 continue
             info = self._call('register_image', **descriptor)
             if info['image_size'] > volume.size * units.Gi:
-                raise _fail('Image %(id)s (%(bytes)d bytes) does not fit '
-                            'in a %(size)s GiB volume.', id=image_meta['id'],
-                            bytes=info['image_size'], size=volume.size)
+                raise base.backend_error(_(
+                    'Image %(id)s (%(bytes)d bytes) does not fit in a '
+                    '%(size)s GiB volume.') % {
+                        'id': image_meta['id'],
+                        'bytes': info['image_size'],
+                        'size': volume.size})
             self._create(volume, image_id=image_meta['id'])
             self.image_clones.cloned()
             return {'provider_location': None}, True
@@ -429,8 +428,9 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                                      disable_sparse=disable_sparse)
             path = self._path(volume.name)
             if os.path.getsize(tmp) > os.path.getsize(path):
-                raise _fail('Image %(id)s is larger than volume %(name)s.',
-                            id=image_id, name=volume.name)
+                raise base.backend_error(_(
+                    'Image %(id)s is larger than volume %(name)s.') % {
+                        'id': image_id, 'name': volume.name})
             with VolumeFile(path) as target:
                 image_io.file_to_image(tmp, target, sparse=True)
 
@@ -447,11 +447,11 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         node = volume_utils.extract_host(volume.host, 'host')
         host = (connector or {}).get('host')
         if host and node and host != node:
-            raise _fail('Volume %(id)s lives on %(node)s and can only be '
-                        'attached there, not on %(host)s (schedule the '
-                        'instance on the volume\'s node, e.g. with the '
-                        'same availability zone per node).',
-                        id=volume.id, node=node, host=host)
+            raise base.backend_error(_(
+                'Volume %(id)s lives on %(node)s and can only be attached '
+                'there, not on %(host)s (schedule the instance on the '
+                "volume's node, e.g. with the same availability zone per "
+                'node).') % {'id': volume.id, 'node': node, 'host': host})
 
     def initialize_connection(self, volume, connector):
         """``local`` connection info: a loop device over the volume file."""
@@ -462,7 +462,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                 path, self.mount_dir,
                 direct_io=self.configuration.thunder_loop_direct_io)
         except loopdev.LoopError as e:
-            raise _fail('Cannot attach %(path)s: %(err)s', path=path, err=e)
+            raise base.backend_error(_(
+                'Cannot attach %(path)s: %(err)s') % {'path': path, 'err': e})
         if self.configuration.thunder_loop_direct_io and not dio:
             LOG.warning('%(dev)s reads %(path)s through the page cache: the '
                         'kernel refused direct I/O.',

@@ -19,6 +19,7 @@ from unittest import mock
 from cinder import exception
 import pytest
 
+from cinder_thunder_driver import base
 from cinder_thunder_driver import cluster as cluster_mod
 from tests.unit import fakes
 
@@ -63,13 +64,16 @@ def test_prerequisites_met(make_conf, tmp_path):
     cluster.check_prerequisites()  # no exception
 
 
-def test_failures_are_logged():
-    with mock.patch.object(cluster_mod.LOG, 'error') as log:
-        exc = cluster_mod._fail('pool %(pool)s is %(state)s', pool='p',
-                                state='gone')
-    assert isinstance(exc, VBAE)
-    assert 'pool p is gone' in str(exc)
-    log.assert_called_once_with('pool p is gone')
+def test_failures_are_logged(make_conf):
+    cluster = cluster_mod.Cluster(make_conf(
+        thunder_rbd_ceph_conf='/nonexistent/ceph.conf'))
+    with mock.patch.object(base.LOG, 'error') as log:
+        with pytest.raises(VBAE, match='/nonexistent/ceph.conf does not '
+                                       'exist: set thunder_rbd_ceph_conf'):
+            cluster.check_prerequisites()
+    log.assert_called_once_with(
+        'Ceph configuration file /nonexistent/ceph.conf does not exist: '
+        'set thunder_rbd_ceph_conf.')
 
 
 # -- connecting ---------------------------------------------------------------

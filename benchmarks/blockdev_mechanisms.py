@@ -98,7 +98,7 @@ DEBIAN_PACKAGES = ('qemu-utils', 'qemu-system-x86', 'nbdkit',
 # this module (with Debian's python3) to use these classes.
 # ---------------------------------------------------------------------------
 
-class ChunkCache(object):
+class ChunkCache:
     """Read-only image cache: chunks fetched from ``origin`` on first read.
 
     A fetch reads the chunk from the origin file, sleeps ``delay`` seconds
@@ -160,7 +160,7 @@ class ChunkCache(object):
         return os.pread(self.cache_fd, length, offset)
 
 
-class CowLayer(object):
+class CowLayer:
     """A volume's own writable layer over a read-only base.
 
     Written 4 KiB blocks live in a per-volume sparse file and are marked
@@ -731,7 +731,7 @@ def pread(h, buf, offset, flags):
 # in reverse order, whatever happens.
 # ---------------------------------------------------------------------------
 
-class Cleanup(object):
+class Cleanup:
     def __init__(self):
         self.stack = contextlib.ExitStack()
 
@@ -775,7 +775,7 @@ def host_cpu():
     return (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')
 
 
-class Server(object):
+class Server:
     """A child process, stopped (process group) when the run ends."""
 
     def __init__(self, cleanup, cmd, name, log):
@@ -884,7 +884,7 @@ def loop_detach(device):
 # What the VM reads: a target for qemu-img bench.
 # ---------------------------------------------------------------------------
 
-class Target(object):
+class Target:
     def __init__(self, filename=None, fmt='raw', image_opts=None,
                  cache='none', pids=(), device=None, writable=False,
                  compare=None, cache_file=None):
@@ -958,7 +958,7 @@ def _gcd(a, b):
 # The mechanisms.
 # ---------------------------------------------------------------------------
 
-class Env(object):
+class Env:
     """Shared state of a run: paths, sizes, the compiled C server."""
 
     def __init__(self, workdir, size, chunk):
@@ -981,7 +981,7 @@ class Env(object):
         return os.path.join(self.workdir, '%s.log' % name)
 
 
-class Mechanism(object):
+class Mechanism:
     name = None
     summary = None
     nova = None       # how Nova could attach it ('local' or why not)
@@ -1080,7 +1080,7 @@ class FuseLoop(Mechanism):
     def missing(self, env):
         if self.server == 'c' and not env.c_server:
             return 'the C server did not build (gcc, libfuse3-dev, pkg-config)'
-        return super(FuseLoop, self).missing(env)
+        return super().missing(env)
 
     def start(self, env, cleanup, warm, delay_ms):
         mountpoint = env.path('mnt')
@@ -1155,7 +1155,7 @@ class NbdRaw(Mechanism):
                     ['nbdkit', 'python', '--version'],
                     check=False).returncode:
             return 'nbdkit-plugin-python is not installed'
-        return super(NbdRaw, self).missing(env)
+        return super().missing(env)
 
     def start(self, env, cleanup, warm, delay_ms):
         server, url = start_nbdkit(env, cleanup, warm, delay_ms, self.plugin)
@@ -1467,7 +1467,7 @@ def guest_check(mech, env, args, guest, image_sha):
         env.phase_dir = env.workdir
 
 
-class Results(object):
+class Results:
     def __init__(self):
         self.data = {}
 

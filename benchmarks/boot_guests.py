@@ -235,7 +235,7 @@ class VolumeNode(bulk_boot.Node):
     """A bulk_boot node whose daemon also serves volume files."""
 
     def __init__(self, workdir, name, host, **kwargs):
-        super(VolumeNode, self).__init__(workdir, name, host, **kwargs)
+        super().__init__(workdir, name, host, **kwargs)
         self.mount_dir = os.path.join(self.dir, 'mnt')
         self.control = control.ControlClient(
             os.path.join(self.dir, 'control.sock'))
@@ -263,7 +263,7 @@ class VolumeNode(bulk_boot.Node):
         cleanup.callback(self.stop)
 
     def ready(self):
-        return (super(VolumeNode, self).ready() and
+        return (super().ready() and
                 cache_io.mounted(self.mount_dir))
 
     def create_volume(self, volume_id, size):
@@ -273,7 +273,7 @@ class VolumeNode(bulk_boot.Node):
         return os.path.join(self.mount_dir, volume_id)
 
 
-class Guest(object):
+class Guest:
     """One qemu guest booting ``disk``; its console in a log file."""
 
     def __init__(self, name, disk, logdir, args):
@@ -344,7 +344,7 @@ def boot_all(guests, cleanup, timeout, stall):
 
 # -- the runs -----------------------------------------------------------------
 
-class GuestBench(object):
+class GuestBench:
     """The image-volume, the testbed, the origin, and the runs."""
 
     def __init__(self, args, workdir, cleanup):

@@ -245,7 +245,7 @@ leftover_namespaces = netlab.leftover_namespaces
 
 # -- the daemons ------------------------------------------------------------
 
-class Node(object):
+class Node:
     """A thunder-cache daemon in a namespace of the testbed."""
 
     def __init__(self, workdir, name, host, max_children=2, replay=False,
@@ -444,7 +444,7 @@ def _end(proc):
     proc.join(10)
 
 
-class Progress(object):
+class Progress:
     """One status line on stderr (a new line per run when not a tty)."""
 
     def __init__(self, stream=sys.stderr):
@@ -481,7 +481,7 @@ class Progress(object):
             self.stream.write('\n')
 
 
-class Bench(object):
+class Bench:
     """The testbed, the image, the origin, and the runs."""
 
     def __init__(self, args, workdir, cleanup, progress):

@@ -203,7 +203,7 @@ def _zombie(pid):
         return True
 
 
-class Daemon(object):
+class Daemon:
     """A thunder-cache daemon with its volume files, in ``workdir``.
 
     :param native: the path of a built thunder-volume-server: the volume
@@ -325,7 +325,7 @@ class Daemon(object):
         return os.path.join(self.cache_dir, image_id, 'data')
 
 
-class Volume(object):
+class Volume:
     """A fresh volume of an image on a fresh direct-I/O loop device."""
 
     def __init__(self, daemon, volume_id, image_id, size):

@@ -326,7 +326,7 @@ class Console(threading.Thread):
     """Reads the guest's serial console; keeps each line's arrival time."""
 
     def __init__(self, stream, path, t0):
-        super(Console, self).__init__(daemon=True)
+        super().__init__(daemon=True)
         self.stream = stream
         self.out = open(path, 'w')
         self.t0 = t0

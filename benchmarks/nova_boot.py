@@ -338,7 +338,7 @@ def plot(summaries, out):
 
 # -- the stack ----------------------------------------------------------------
 
-class Compute(object):
+class Compute:
     """The compute API over HTTP with the stack's admin token."""
 
     def __init__(self, stack):
@@ -440,7 +440,7 @@ def disk_of(flow, server):
     return 'volume-%s' % attached[0]['id'] if attached else None
 
 
-class Bench(object):
+class Bench:
     """The images, the runs, and the cleanup of everything made."""
 
     def __init__(self, stack, args):

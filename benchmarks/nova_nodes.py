@@ -80,7 +80,7 @@ def log(message):
     print('.. %s' % message, file=sys.stderr, flush=True)
 
 
-class Bench(object):
+class Bench:
 
     def __init__(self, args):
         self.args = args

@@ -37,7 +37,7 @@ def gib(size_bytes):
     return -(-size_bytes // units.Gi)
 
 
-class ThunderBase(object):
+class ThunderBase:
     """A mixin placed before Cinder's driver base classes."""
 
     VERSION = '1.0.0'
@@ -45,7 +45,7 @@ class ThunderBase(object):
     CI_WIKI_NAME = 'VMThunder_CI'
 
     def __init__(self, *args, **kwargs):
-        super(ThunderBase, self).__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.image_clones = image_clones.ImageClones()
 
     @classmethod

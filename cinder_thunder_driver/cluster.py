@@ -40,7 +40,7 @@ rbd = importutils.try_import('rbd')
 LOG = logging.getLogger(__name__)
 
 
-class Cluster(object):
+class Cluster:
     """A lazily opened, shared connection to one Ceph cluster."""
 
     def __init__(self, configuration):

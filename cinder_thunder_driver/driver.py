@@ -95,7 +95,7 @@ class ThunderDriver(base.ThunderBase, driver.CloneableImageVD,
                               'RBD_FEATURE_JOURNALING')
 
     def __init__(self, *args, **kwargs):
-        super(ThunderDriver, self).__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.thunder_opts)
         self.cluster = cluster_mod.Cluster(self.configuration)
         self.flattener = None

@@ -30,7 +30,7 @@ from cinder_thunder_driver.cluster import rbd
 LOG = logging.getLogger(__name__)
 
 
-class Flattener(object):
+class Flattener:
     """A queue of RBD images to flatten and the workers draining it."""
 
     def __init__(self, cluster, workers):

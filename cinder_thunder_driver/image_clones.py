@@ -74,7 +74,7 @@ def not_cloneable(volume, image_meta):
     return None
 
 
-class ImageClones(object):
+class ImageClones:
     """Volumes from images since the service started: cloned or declined."""
 
     def __init__(self):

@@ -114,7 +114,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     busy_wait = 5.0
 
     def __init__(self, *args, **kwargs):
-        super(PeerDriver, self).__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.thunder_opts)
         conf = self.configuration
         self.daemon = control.ControlClient(
@@ -484,7 +484,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                      {'name': volume.name, 'dev': device})
 
 
-class VolumeFile(object):
+class VolumeFile:
     """A volume file with the writer interface of ``image_io``."""
 
     def __init__(self, path):

@@ -71,7 +71,7 @@ def full_connector(conf):
         conf.thunder_store_enforce_multipath, host=host)
 
 
-class BrickVolume(object):
+class BrickVolume:
     """A block device attached with os-brick, opened as a file."""
 
     # What a new volume holds depends on the backend (a thick LVM volume

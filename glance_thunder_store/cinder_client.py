@@ -32,7 +32,7 @@ from keystoneauth1 import token_endpoint
 API_VERSION = '3.0'
 
 
-class CinderClientFactory(object):
+class CinderClientFactory:
     """Builds cinderclient instances for one store's configuration."""
 
     def __init__(self, conf, store_name='thunder'):

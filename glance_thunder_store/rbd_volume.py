@@ -100,7 +100,7 @@ def parse_connection(data):
                              conf=conf)
 
 
-class RbdVolume(object):
+class RbdVolume:
     """An open RBD image of an image-volume: read, write, seal, close."""
 
     protocol = 'rbd'

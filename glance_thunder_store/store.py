@@ -44,7 +44,7 @@ from thunder_common import manifest
 LOG = logging.getLogger(__name__)
 
 
-class VolumeReader(object):
+class VolumeReader:
     """Iterates over a byte range of an image-volume, attaching lazily.
 
     The volume is attached when iteration starts and detached when it ends,
@@ -97,7 +97,7 @@ class Store(glance_store.driver.Store):
     EXAMPLE_URL = 'thunder://<VOLUME_ID>?image_id=<IMAGE_ID>'
 
     def __init__(self, conf, backend=None):
-        super(Store, self).__init__(conf, backend=backend)
+        super().__init__(conf, backend=backend)
         if self.backend_group:
             self.store_conf = glance_store.driver.BackendGroupConfiguration(
                 self.OPTIONS, self.backend_group, conf=self.conf)

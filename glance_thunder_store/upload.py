@@ -116,7 +116,7 @@ class UploadResult:
         return meta
 
 
-class ImageUpload(object):
+class ImageUpload:
     """Write one image into a new image-volume (see the module doc)."""
 
     def __init__(self, volumes, conf, image_id, image_file, image_size,

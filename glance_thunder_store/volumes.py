@@ -76,7 +76,7 @@ def cinder_errors(action, volume_id=None):
             'Could not reach Cinder to %s: %s' % (what, e))
 
 
-class CinderVolumes(object):
+class CinderVolumes:
     """Volume operations for one request, with one cinderclient."""
 
     def __init__(self, client, conf):
@@ -234,7 +234,7 @@ class CinderVolumes(object):
         return Attachment(self, volume, connector, handle)
 
 
-class Attachment(object):
+class Attachment:
     """An open image-volume; closing it closes the data and disconnects."""
 
     def __init__(self, volumes, volume, connector, handle):

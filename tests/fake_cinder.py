@@ -29,7 +29,7 @@ import uuid
 from cinderclient import exceptions as cinder_exceptions
 
 
-class FakeVolume(object):
+class FakeVolume:
     def __init__(self, manager, size, name, metadata, volume_type):
         self.manager = manager
         self.id = str(uuid.uuid4())
@@ -52,7 +52,7 @@ class FakeVolume(object):
         return copy
 
 
-class NullBackend(object):
+class NullBackend:
     """Volumes without data; connection info names them in pool 'volumes'."""
 
     def create_volume(self, volume):
@@ -72,7 +72,7 @@ class NullBackend(object):
                          'cluster_name': 'ceph', 'volume_id': volume.id}}
 
 
-class FakeVolumeManager(object):
+class FakeVolumeManager:
     def __init__(self, cinder):
         self.cinder = cinder
 
@@ -178,12 +178,12 @@ class FakeVolumeManager(object):
         self._find(volume).connections -= 1
 
 
-class FakeVolumeType(object):
+class FakeVolumeType:
     def __init__(self, name):
         self.name = name
 
 
-class FakeVolumeTypeManager(object):
+class FakeVolumeTypeManager:
     def __init__(self, cinder):
         self.cinder = cinder
 
@@ -196,7 +196,7 @@ class FakeVolumeTypeManager(object):
         return FakeVolumeType(name)
 
 
-class FakeCinder(object):
+class FakeCinder:
     """The client: ``.volumes`` and ``.volume_types`` like cinderclient's."""
 
     def __init__(self, backend=None):

@@ -44,7 +44,7 @@ def head(status=200, length=0, headers=()):
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')
 
 
-class HostilePeer(object):
+class HostilePeer:
     """A scripted HTTP peer on ``host`` (a loopback address)."""
 
     def __init__(self, answer, host='127.0.0.1', port=0):
@@ -156,7 +156,7 @@ class HostilePeer(object):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-class Peers(object):
+class Peers:
     """Makes :class:`HostilePeer` objects; :meth:`stop` stops them all."""
 
     def __init__(self, host='127.0.0.1'):

@@ -312,7 +312,7 @@ def check_volume_id(volume_id):
     return str(uuid.UUID(volume_id))
 
 
-class CinderRecords(object):
+class CinderRecords:
     """Volume metadata through python-cinderclient v3."""
 
     def __init__(self, client):
@@ -394,7 +394,7 @@ class CinderRecords(object):
 
 # -- the advertiser ----------------------------------------------------------
 
-class _Advert(object):
+class _Advert:
     def __init__(self, since):
         self.since = since
         # Whether the record was read once, to adopt our unexpired item.
@@ -402,7 +402,7 @@ class _Advert(object):
         self.failing = False
 
 
-class Advertiser(object):
+class Advertiser:
     """Keeps this node's advertisements alive in Cinder."""
 
     def __init__(self, records, node_id, url, ttl=300, refresh_interval=100,

@@ -80,7 +80,7 @@ def _header(manifest_digest, chunk_size, image_size, chunk_count):
     return head + _CRC.pack(zlib.crc32(head))
 
 
-class ChunkMap(object):
+class ChunkMap:
     """The presence bits of an image; thread-safe.
 
     Use :func:`open_map` to get one. Bits may only be set with

@@ -286,7 +286,7 @@ def _runs_in(bits, origin, first, stop):
         block = end
 
 
-class CowLayer(object):
+class CowLayer:
     """A volume's written blocks over a read-only base; thread-safe.
 
     Use :meth:`create` or :meth:`open`. Reads run concurrently; writes,

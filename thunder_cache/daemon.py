@@ -110,7 +110,7 @@ def origin_factory(conf):
     return origins.OriginPolicy.from_conf(conf)
 
 
-class Daemon(object):
+class Daemon:
     """The node, its server and its signal handling."""
 
     def __init__(self, conf):

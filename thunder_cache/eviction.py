@@ -145,7 +145,7 @@ def save_last_used(directory, when):
         pass
 
 
-class Evictor(object):
+class Evictor:
     """Keeps the node's caches under their limit; removes gone images.
 
     :param node: the :class:`~thunder_cache.node.Node`.

@@ -28,7 +28,7 @@ import threading
 import time
 
 
-class Admission(object):
+class Admission:
     """The answer to a child's request: serve it, or redirect it."""
 
     __slots__ = ('serve', 'redirect_url')
@@ -46,7 +46,7 @@ class Admission(object):
 SERVE = Admission(True)
 
 
-class ChildTable(object):
+class ChildTable:
     """The children of one image on this node; thread-safe."""
 
     def __init__(self, max_children, child_ttl=10.0, clock=time.monotonic):
@@ -102,7 +102,7 @@ class ChildTable(object):
             self._children.pop(node_id, None)
 
 
-class TokenBucket(object):
+class TokenBucket:
     """A byte rate limit shared by every upload of the node.
 
     ``rate`` bytes per second on average, bursts of up to ``burst`` bytes.

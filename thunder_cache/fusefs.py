@@ -306,7 +306,7 @@ def _run(cmd):
     return not result.returncode
 
 
-class Mount(object):
+class Mount:
     """The FUSE mount of a store's volumes, served by a background thread.
 
     :param allow_other: let users other than the server's own open the

@@ -112,7 +112,7 @@ class Retired(FetchError):
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class Source(object):
+class Source:
     """Something that can produce the bytes of a chunk (interface)."""
 
     #: 'origin' or 'peer'
@@ -148,7 +148,7 @@ def _may_join(future, ticket):
     return protocol.ticket_key(ticket) > future.key
 
 
-class ImageCache(object):
+class ImageCache:
     """The cache of one image.
 
     :param directory: where the image's files live (created if missing).

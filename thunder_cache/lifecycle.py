@@ -57,7 +57,7 @@ ACTIVATION_WAIT = 5.0
 GONE_AFTER = 2
 
 
-class _Image(object):
+class _Image:
 
     def __init__(self, spec, cache):
         self.spec = spec
@@ -70,7 +70,7 @@ class _Image(object):
         self.missing = 0
 
 
-class ImageLifecycle(object):
+class ImageLifecycle:
     """Advertisement, boot traces and hydration of a node's images.
 
     :param node: the :class:`~thunder_cache.node.Node`.

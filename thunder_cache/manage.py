@@ -82,7 +82,7 @@ def _when(timestamp):
         timestamp, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
 
 
-class Files(object):
+class Files:
     """The daemon's directories, as its configuration names them."""
 
     def __init__(self, conf):

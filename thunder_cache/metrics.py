@@ -67,7 +67,7 @@ IMAGE_COUNTERS = {
 }
 
 
-class Counters(object):
+class Counters:
     """Named integer counters; thread-safe."""
 
     def __init__(self, names):
@@ -86,7 +86,7 @@ class Counters(object):
             return dict(self._values)
 
 
-class Histogram(object):
+class Histogram:
     """A cumulative histogram with fixed upper bounds; thread-safe."""
 
     def __init__(self, buckets=FETCH_BUCKETS):
@@ -132,7 +132,7 @@ def _number(value):
     return str(value)
 
 
-class Exposition(object):
+class Exposition:
     """Builds a Prometheus text-format page, family by family."""
 
     def __init__(self):

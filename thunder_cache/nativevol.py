@@ -74,7 +74,7 @@ def find_binary(name):
     return path
 
 
-class NativeServer(object):
+class NativeServer:
     """Talks to a running server on ``socket_path``."""
 
     def __init__(self, socket_path, timeout=TIMEOUT):

@@ -93,7 +93,7 @@ NODE_COUNTERS = {
 }
 
 
-class Reply(object):
+class Reply:
     """What to answer: a status, headers and a body or a file span."""
 
     __slots__ = ('status', 'headers', 'body', 'span', 'on_sent', 'release')
@@ -194,7 +194,7 @@ class ImageBusy(Exception):
     """An image that cannot be evicted now (the message says why)."""
 
 
-class ImageSpec(object):
+class ImageSpec:
     """What a node needs to know about an image to cache it."""
 
     def __init__(self, image_id, manifest_digest, origin=None, peers=(),
@@ -296,7 +296,7 @@ def spec_from_dict(image_id, data, origin_factory):
     return spec
 
 
-class ImageEntry(object):
+class ImageEntry:
     """A registered image and, once activated, its cache."""
 
     def __init__(self, spec, max_children, child_ttl):
@@ -321,7 +321,7 @@ class ImageEntry(object):
         return None
 
 
-class Node(object):
+class Node:
     """The caches of one node and its side of the peer protocol.
 
     :param node_id: this node's id, sent to peers and checked by them.

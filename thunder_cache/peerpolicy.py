@@ -122,7 +122,7 @@ def _embedded_ipv4(address):
     return address.sixtofour
 
 
-class AddressPolicy(object):
+class AddressPolicy:
     """The addresses peer requests may go to.
 
     :param networks: the allowed networks (CIDR strings or ip_network

@@ -131,7 +131,7 @@ def list_opts():
     return [(GROUP, opts)]
 
 
-class _Replay(object):
+class _Replay:
     """Worker threads fetching chunks in background, yielding to demand."""
 
     #: cache counter of the chunks this kind of replay fetched
@@ -298,7 +298,7 @@ class _Replay(object):
         self.stop()
 
 
-class _Wait(object):
+class _Wait:
     def __repr__(self):
         return '<wait>'
 

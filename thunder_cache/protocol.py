@@ -301,7 +301,7 @@ class HeadBuffer:
         return head
 
 
-class Route(object):
+class Route:
     """What a request path names."""
 
     __slots__ = ('kind', 'image_id', 'index')
@@ -503,7 +503,7 @@ def _mac(secret, method, path, destination, node_id, url, via, ticket,
                     hashlib.sha256).hexdigest()
 
 
-class Peer(object):
+class Peer:
     """An authenticated requester; ``version`` is its token's version."""
 
     __slots__ = ('node_id', 'url', 'via', 'ticket', 'version')
@@ -519,7 +519,7 @@ class Peer(object):
         return '<Peer %s at %s>' % (self.node_id, self.url)
 
 
-class Signer(object):
+class Signer:
     """Signs this node's requests to its peers."""
 
     def __init__(self, secret, node_id, url, lifetime=60, clock=time.time):

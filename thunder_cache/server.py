@@ -79,14 +79,14 @@ _REFUSED = protocol.response_head(503, [('Connection', 'close')])
 _slice_buffers = threading.local()
 
 
-class _Unlimited(object):
+class _Unlimited:
     rate = 0
 
 
 _UNLIMITED = _Unlimited()
 
 
-class _Fd(object):
+class _Fd:
     """A file descriptor as socket.sendfile wants it (no seek)."""
 
     __slots__ = ('_fd',)
@@ -212,7 +212,7 @@ class _LogLimiter:
         LOG.log(level, message, *args)
 
 
-class _Serving(object):
+class _Serving:
     """The reactor, the connection threads and the answers (a base)."""
 
     local = False

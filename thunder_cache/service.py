@@ -74,7 +74,7 @@ def _image_id(value):
     return value
 
 
-class VolumeService(object):
+class VolumeService:
     """Image registration and volume layers, for the control socket.
 
     :param node: the :class:`~thunder_cache.node.Node`.

@@ -297,7 +297,7 @@ def manifest_limit(length=None, offset=None):
     return most
 
 
-class Watchdog(object):
+class Watchdog:
     """Runs actions at their deadlines, from one thread.
 
     The thread runs while actions are armed. An action returning True is
@@ -369,7 +369,7 @@ class Watchdog(object):
 _WATCHDOG = Watchdog()
 
 
-class _Cut(object):
+class _Cut:
     """Ends a transfer at its deadline: shuts its connection's socket down.
 
     Called by the :class:`Watchdog` at the deadline, then every
@@ -399,7 +399,7 @@ class _Cut(object):
         return True
 
 
-class PeerClient(object):
+class PeerClient:
     """Signed requests to peer nodes.
 
     One keep-alive connection per peer and thread. Every request has a
@@ -659,7 +659,7 @@ class PeerClient(object):
         return data
 
 
-class _Transfer(object):
+class _Transfer:
     """:meth:`PeerClient._deadline`'s context."""
 
     def __init__(self, client, url, deadline):
@@ -788,7 +788,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class LocalClient(object):
+class LocalClient:
     """Reads images through the node's own daemon (its Unix socket).
 
     :param socket_path: the daemon's ``local_socket``.

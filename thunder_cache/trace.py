@@ -65,7 +65,7 @@ _PREFIX = re.compile(r'\A[A-Za-z0-9_.:-]{1,64}\Z')
 _PARTS = re.compile(r'\A[1-9][0-9]{0,2}\Z')
 
 
-class TraceRecorder(object):
+class TraceRecorder:
     """Records the order of first reads of an image's chunks.
 
     :param chunk_count: chunks of the image; other indexes are ignored.

@@ -51,7 +51,7 @@ LOG = logging.getLogger(__name__)
 MAX_TRACKED = 1024
 
 
-class _Failures(object):
+class _Failures:
     """A peer's failures in a row: how many, when it may be asked again."""
 
     __slots__ = ('count', 'until', 'last')
@@ -67,7 +67,7 @@ def backoff(count, first, longest):
     return min(longest, first * 2 ** min(count - 1, 32))
 
 
-class Upstream(object):
+class Upstream:
     """The sources of one image on one node.
 
     :param retry_interval: seconds a peer is left out after a failure;

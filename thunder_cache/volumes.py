@@ -99,7 +99,7 @@ def zeros(length):
     return bytes(length)
 
 
-class _Volume(object):
+class _Volume:
     """One loaded volume: its layer, metadata and open count."""
 
     def __init__(self, volume_id, layer, image_id, read_only, created_at):
@@ -145,7 +145,7 @@ def _read_meta(directory, volume_id):
     return meta
 
 
-class VolumeStore(object):
+class VolumeStore:
     """The volumes of a node; thread-safe.
 
     :param layers_dir: where the volumes' directories live (created if

@@ -162,7 +162,7 @@ def check_placement(offset, length=None, image_size=None):
                          'no chunk size' % (length, image_size))
 
 
-class Manifest(object):
+class Manifest:
     """The chunk digests of one image; immutable."""
 
     def __init__(self, chunk_size, image_size, digests):
@@ -353,7 +353,7 @@ def load_verified(data, expected_digest, max_chunks=MAX_CHUNKS):
     return Manifest.from_bytes(data, max_chunks)
 
 
-class ManifestBuilder(object):
+class ManifestBuilder:
     """Compute a manifest incrementally from data of any split."""
 
     def __init__(self, chunk_size=DEFAULT_CHUNK_SIZE):

@@ -58,7 +58,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-class LocalCeph(object):
+class LocalCeph:
     """A single-node Ceph cluster living in ``workdir``.
 
     :param workdir: directory holding everything of the cluster; created if

@@ -88,7 +88,7 @@ def make_image(path, size_mib, seed=20140417):
     return path
 
 
-class Api(object):
+class Api:
     """Just enough of Keystone and Cinder over HTTP to poll cheaply."""
 
     def __init__(self, stack):

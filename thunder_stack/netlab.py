@@ -38,7 +38,7 @@ def sh(*cmd):
     return run(cmd).stdout
 
 
-class Testbed(object):
+class Testbed:
     """The switch, the origin's namespace and the nodes' namespaces.
 
     Addresses are in ``subnet``.0.0/16, inside namespaces this object

@@ -141,7 +141,7 @@ def node_cinder_conf(parser, name, address, state):
     return parser
 
 
-class Node(object):
+class Node:
     """One emulated compute node: its namespaces, files and processes."""
 
     def __init__(self, stack, k, host):
@@ -367,7 +367,7 @@ def _detach_loops(mount):
         svc.run(['losetup', '--detach', name], check=False, quiet=True)
 
 
-class Nodes(object):
+class Nodes:
     """The emulated compute nodes of ``stack`` (its state keeps them)."""
 
     def __init__(self, stack, count=None, link_mbit=None):

@@ -34,7 +34,7 @@ class ImageNotFound(KeyError):
     pass
 
 
-class RbdImageService(object):
+class RbdImageService:
     """Images kept as RBD images in one pool, named by image id."""
 
     def __init__(self, conf_path, pool='images'):

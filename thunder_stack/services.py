@@ -88,7 +88,7 @@ def uwsgi_options(module, port, processes, env):
             for k, v in options.items()}
 
 
-class Service(object):
+class Service:
     """One long-running process of the stack.
 
     :param name: short name (file names, ``status``).

@@ -86,7 +86,7 @@ def stack_dir():
                            os.path.join(CHECKOUT, '.stack'))
 
 
-class Stack(object):
+class Stack:
 
     def __init__(self, root=None):
         self.root = root or stack_dir()

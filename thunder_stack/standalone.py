@@ -76,7 +76,7 @@ def make_driver(backend, driver_class=None, **overrides):
     return drv
 
 
-class Volume(object):
+class Volume:
     """The attributes of a Cinder volume the driver reads."""
 
     def __init__(self, size=1, multiattach=False, volume_type=None,
@@ -89,7 +89,7 @@ class Volume(object):
         self.encryption_key_id = encryption_key_id
 
 
-class Snapshot(object):
+class Snapshot:
     """The attributes of a Cinder snapshot the driver reads."""
 
     def __init__(self, volume):

@@ -61,7 +61,7 @@ def thunder_store(stack):
     return 'thunder'
 
 
-class Client(object):
+class Client:
     """The stack's CLIs, and cleanup of what a test created."""
 
     def __init__(self, stack, api):

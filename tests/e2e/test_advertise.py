@@ -34,7 +34,7 @@ URL_2 = 'http://e2e-node-2:7485'
 TTL = 300
 
 
-class Clock(object):
+class Clock:
     def __init__(self, now):
         self.now = now
 

@@ -65,7 +65,7 @@ def guest_image(stack):
     return image.path, image.marker
 
 
-class Servers(object):
+class Servers:
     """Servers and volumes through the CLIs; the evidence when one fails."""
 
     def __init__(self, stack, client):

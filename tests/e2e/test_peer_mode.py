@@ -112,7 +112,7 @@ def _read_device(path, image_size):
     return digest.hexdigest(), tail_zero, offset
 
 
-class Attached(object):
+class Attached:
     """A volume attached on this host as Nova would: attachment + os-brick."""
 
     def __init__(self, cinder, volume_id):

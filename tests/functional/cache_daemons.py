@@ -62,7 +62,7 @@ def parse_metrics(text):
     return samples
 
 
-class Daemon(object):
+class Daemon:
     """One node: configuration, process, metrics, local reader."""
 
     def __init__(self, workdir, name, max_children=2, upload_rate=0,

@@ -502,7 +502,7 @@ def test_rbd_error_types_are_the_real_ones():
         assert issubclass(getattr(rbd, name), Exception)
 
 
-class _VolumeType(object):
+class _VolumeType:
     extra_specs = {}
 
 

@@ -69,7 +69,7 @@ def run(*cmd):
                           text=True).stdout.strip()
 
 
-class NodeImages(object):
+class NodeImages:
     """The images of a Node, as a VolumeStore reads them."""
 
     def __init__(self, node):
@@ -82,7 +82,7 @@ class NodeImages(object):
         return self.node.cache(image_id).read(offset, length)
 
 
-class Env(object):
+class Env:
     """A node, a volume store, its mount, and the loop devices made."""
 
     def __init__(self, tmp_path, image):

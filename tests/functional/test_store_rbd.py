@@ -455,7 +455,7 @@ def test_cinder_fails_after_the_data_is_written(store, cinder):
 
 @pytest.mark.usefixtures('no_leaks')
 def test_verifier_failure(store):
-    class Verifier(object):
+    class Verifier:
         def update(self, data):
             raise ValueError('signature')
 

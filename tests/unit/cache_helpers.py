@@ -56,7 +56,7 @@ class CountingOrigin(sources.FileOrigin):
         return super().read_chunk(index, offset, length, via)
 
 
-class Cluster(object):
+class Cluster:
     """Nodes with their servers; stop() stops them all."""
 
     def __init__(self, tmp_path, client_tls=None):

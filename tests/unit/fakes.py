@@ -115,7 +115,7 @@ rados = _rados_namespace()
 
 # -- state ------------------------------------------------------------------
 
-class Snap(object):
+class Snap:
     def __init__(self, snap_id, name, size):
         self.id = snap_id
         self.name = name
@@ -123,7 +123,7 @@ class Snap(object):
         self.protected = False
 
 
-class ImageState(object):
+class ImageState:
     """One RBD image of a pool (live or in the trash)."""
 
     def __init__(self, pool, image_id, name, size, features):
@@ -142,7 +142,7 @@ class ImageState(object):
         self.flattened = False
 
 
-class FakeCeph(object):
+class FakeCeph:
     """The cluster: pools of images, monitor answers, injected errors."""
 
     def __init__(self, pools=('volumes', 'images')):
@@ -229,7 +229,7 @@ class FakeCeph(object):
 
 # -- rados ------------------------------------------------------------------
 
-class FakeIoctx(object):
+class FakeIoctx:
     def __init__(self, ceph, pool):
         self.ceph = ceph
         self.pool = pool
@@ -239,7 +239,7 @@ class FakeIoctx(object):
         self.closed = True
 
 
-class FakeRados(object):
+class FakeRados:
     def __init__(self, ceph, rados_id=None, clustername=None, conffile=None,
                  conf=None):
         ceph.check('Rados')
@@ -286,7 +286,7 @@ class FakeRados(object):
 
 # -- rbd --------------------------------------------------------------------
 
-class FakeImage(object):
+class FakeImage:
     def __init__(self, ioctx, name=None, snapshot=None, read_only=False,
                  image_id=None):
         ceph = ioctx.ceph
@@ -479,7 +479,7 @@ class FakeImage(object):
         return bytes(buf)
 
 
-class FakeRBD(object):
+class FakeRBD:
     def __init__(self, ceph):
         self.ceph = ceph
 

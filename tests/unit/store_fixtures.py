@@ -35,7 +35,7 @@ FSID = 'a7f64266-0894-4f1e-a635-d0aeaa0e4cc7'
 MiB = 1024 * 1024
 
 
-class MemoryImage(object):
+class MemoryImage:
     def __init__(self, size):
         self.size = size
         self.data = bytearray()
@@ -67,7 +67,7 @@ class MemoryBackend(fake_cinder.NullBackend):
         return sum(len(i.data) for i in self.images.values())
 
 
-class MemoryRbdVolume(object):
+class MemoryRbdVolume:
     """Stands in for rbd_volume.RbdVolume on a MemoryBackend."""
 
     protocol = 'rbd'
@@ -131,7 +131,7 @@ class MemoryRbdVolume(object):
             self.image.open -= 1
 
 
-class VirtualClock(object):
+class VirtualClock:
     def __init__(self):
         self.now = 0.0
 
@@ -142,7 +142,7 @@ class VirtualClock(object):
         self.now += seconds
 
 
-class Context(object):
+class Context:
     """The parts of Glance's RequestContext the store reads."""
 
     def __init__(self, project_id='project-a', service_catalog=None,

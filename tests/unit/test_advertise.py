@@ -269,7 +269,7 @@ def test_fuzzed_values_never_raise_nor_yield_non_http_urls():
 
 # -- the advertiser ----------------------------------------------------------
 
-class FakeRecords(object):
+class FakeRecords:
     """Volume metadata in memory; fails while ``fail`` is set."""
 
     def __init__(self):
@@ -300,7 +300,7 @@ class FakeRecords(object):
             self.metadata.get(volume_id, {}).pop(key, None)
 
 
-class Clock(object):
+class Clock:
     def __init__(self, now=NOW):
         self.now = now
 
@@ -684,7 +684,7 @@ def test_withdraw_waits_for_a_write_in_progress(clock):
 
 # -- Cinder ------------------------------------------------------------------
 
-class FakeVolumes(object):
+class FakeVolumes:
     def __init__(self, cinder):
         self.cinder = cinder
 
@@ -702,7 +702,7 @@ class FakeVolumes(object):
         return metadata
 
 
-class FakeHttp(object):
+class FakeHttp:
     def __init__(self, cinder):
         self.cinder = cinder
         self.deleted = []
@@ -719,7 +719,7 @@ class FakeHttp(object):
         return None, None
 
 
-class FakeCinderClient(object):
+class FakeCinderClient:
     """The part of cinderclient.v3.Client that CinderRecords uses."""
 
     def __init__(self):

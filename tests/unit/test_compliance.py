@@ -166,7 +166,7 @@ def test_base_classes():
 def test_stricter_check_would_catch_a_missing_method():
     """The strict check is not vacuous like the subclass hook."""
 
-    class Incomplete(object):
+    class Incomplete:
         def do_setup(self, context):
             pass
 

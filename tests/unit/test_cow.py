@@ -27,7 +27,7 @@ from thunder_cache import cow
 BS = cow.BLOCK_SIZE
 
 
-class Base(object):
+class Base:
     """A base of known bytes that records its calls."""
 
     def __init__(self, size, seed=1):

@@ -26,7 +26,7 @@ BS = cow.BLOCK_SIZE
 GiB = 1 << 30
 
 
-class Image(object):
+class Image:
     """A base: ``image_size`` random bytes, zeros past them."""
 
     def __init__(self, image_size, seed=1):
@@ -37,7 +37,7 @@ class Image(object):
         return head + bytes(length - len(head))
 
 
-class Model(object):
+class Model:
     """What a layer must read and which bits it must hold."""
 
     def __init__(self, size, image):

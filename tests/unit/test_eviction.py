@@ -83,7 +83,7 @@ def test_last_used_stamp(tmp_path):
 
 # -- real caches -------------------------------------------------------------
 
-class Images(object):
+class Images:
     """A node with images on file origins, in a temporary directory."""
 
     def __init__(self, tmp_path, count=3):

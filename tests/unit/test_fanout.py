@@ -26,7 +26,7 @@ from thunder_cache import sources
 from thunder_cache import upstream as upstream_mod
 
 
-class Clock(object):
+class Clock:
 
     def __init__(self):
         self.now = 1000.0
@@ -311,7 +311,7 @@ def test_back_off_records_are_bounded():
     assert len(up._failures) <= upstream_mod.MAX_TRACKED
 
 
-class _Policed(object):
+class _Policed:
     """A client whose address policy allows the URLs in ``allowed``."""
 
     def __init__(self, allowed):
@@ -351,7 +351,7 @@ def test_redirect_to_a_backed_off_peer_is_skipped():
     up = _failing(clock, peers=['http://p1:1'])
     _fail(up, url='http://child:1')
 
-    class Redirecting(object):
+    class Redirecting:
         calls = []
         timeout = 10.0
 

@@ -111,7 +111,7 @@ def test_flatten_now_other_errors_propagate(cluster, fake_ceph,
 
 # -- the queue ----------------------------------------------------------------
 
-class Gate(object):
+class Gate:
     """Replaces flatten_now: blocks each call until opened, counts."""
 
     def __init__(self):

@@ -537,7 +537,7 @@ def test_qemu_command_as_libvirt_sets_up_nova_volumes():
     assert 'virtio-scsi-pci' in scsi and 'scsi-hd,bus=scsi0.0' in scsi
 
 
-class FakeProc(object):
+class FakeProc:
     pid = 424242
     returncode = None
 

@@ -129,7 +129,7 @@ class GatedSource(FakeSource):
                 self.changed.notify_all()
 
 
-class FakeUpstream(object):
+class FakeUpstream:
 
     def __init__(self, *sources_):
         self.sources = list(sources_)

@@ -29,7 +29,7 @@ def small_chunks():
         yield
 
 
-class Image(object):
+class Image:
     """An rbd.Image stand-in over a bytearray, recording every call."""
 
     def __init__(self, data=b''):

@@ -37,7 +37,7 @@ DESCRIBED = 'http://192.0.2.1:7485'
 ADVERTISED = ['http://192.0.2.7:7485', DESCRIBED, 'http://192.0.2.8:7485']
 
 
-class FakeRecords(object):
+class FakeRecords:
     """Volume metadata in a dict, like CinderRecords."""
 
     def __init__(self):
@@ -57,7 +57,7 @@ class FakeRecords(object):
         self.metadata.setdefault(volume_id, {}).update(metadata)
 
 
-class FakeAdvertiser(object):
+class FakeAdvertiser:
     """What ImageLifecycle uses of an Advertiser."""
 
     def __init__(self, peers=()):
@@ -78,7 +78,7 @@ class FakeAdvertiser(object):
         self.stopped.append(withdraw)
 
 
-class FakeCache(object):
+class FakeCache:
     """What ImageLifecycle uses of an ImageCache."""
 
     def __init__(self, directory, chunk_count=CHUNKS, complete=False):

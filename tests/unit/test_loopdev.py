@@ -35,7 +35,7 @@ def direct_privsep():
     context.set_client_mode(mode)
 
 
-class FakeLosetup(object):
+class FakeLosetup:
     """``processutils.execute`` of losetup over a table of devices."""
 
     def __init__(self):

@@ -31,7 +31,7 @@ SIZE = CHUNK * 4 + 7
 IMAGE = 'img-manage'
 
 
-class Node(object):
+class Node:
     """A node's files: a cache half filled, a descriptor, a volume."""
 
     def __init__(self, tmp_path, blockdev=False):

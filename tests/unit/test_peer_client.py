@@ -248,7 +248,7 @@ def test_redirects_share_one_deadline(peers):
 
 # -- where requests may go ------------------------------------------------
 
-class ConnectGuard(object):
+class ConnectGuard:
     """Fails the test at any connection attempt not to ``allowed``."""
 
     def __init__(self, monkeypatch, allowed=()):

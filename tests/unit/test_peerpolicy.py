@@ -37,7 +37,7 @@ SPECIAL = [
 EVERYWHERE = ['0.0.0.0/0', '::/0']
 
 
-class Resolver(object):
+class Resolver:
     """getaddrinfo over a table; counts its calls."""
 
     def __init__(self, table):
@@ -53,7 +53,7 @@ class Resolver(object):
                  socket.SOCK_STREAM, 6, '', (a, 0)) for a in answer]
 
 
-class Clock(object):
+class Clock:
     def __init__(self):
         self.now = 1000.0
 

@@ -49,7 +49,7 @@ def cache_of(tmp_path, image):
         cache.close()
 
 
-class FakeClock(object):
+class FakeClock:
     """A clock that only the fake sleep moves; records the sleeps."""
 
     def __init__(self):

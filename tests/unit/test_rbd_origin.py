@@ -21,7 +21,7 @@ import pytest
 from thunder_cache import sources
 
 
-class FakeCeph(object):
+class FakeCeph:
     """rados and rbd modules whose connect may be slow and fail."""
 
     def __init__(self, connect_delay=0.0, connect_error=None):
@@ -32,7 +32,7 @@ class FakeCeph(object):
         self.lock = threading.Lock()
         ceph = self
 
-        class Rados(object):
+        class Rados:
             def __init__(self, conffile=None, rados_id=None,
                          clustername=None, conf=None):
                 self.conf = conf
@@ -51,7 +51,7 @@ class FakeCeph(object):
             def shutdown(self):
                 pass
 
-        class Image(object):
+        class Image:
             def __init__(self, ioctx, name, snapshot=None, read_only=False):
                 assert read_only
 

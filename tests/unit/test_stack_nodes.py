@@ -178,7 +178,7 @@ def test_image_counters_of_one_image(stack, monkeypatch):
             b'thunder_cache_bytes_from_origin_total{image="a",k="v"} 3.0\n'
             b'thunder_cache_images 2\n')
 
-    class Client(object):
+    class Client:
         def __init__(self, path, timeout):
             assert path.endswith('node-1/run/thunder-cache/local.sock')
 

@@ -55,7 +55,7 @@ def test_other_names_do_not(name):
     assert not nova.INSTANCE_NAME.match(name)
 
 
-class FakeVirsh(object):
+class FakeVirsh:
     """Domains that ``destroy`` and ``undefine`` really remove."""
 
     def __init__(self, names, stuck=()):
@@ -228,7 +228,7 @@ def test_stack_installs_and_serves_nova(stack):
     assert set(nova.PORTS) <= set(stack_mod.DEFAULT_PORTS)
 
 
-class FakeApi(object):
+class FakeApi:
     """keystoneauth's Adapter over canned JSON, by path prefix."""
 
     def __init__(self, answers):

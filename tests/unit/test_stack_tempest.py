@@ -85,7 +85,7 @@ def test_volumes_have_cinders_default_type_unless_told(conf, stack,
     assert ini.iniget(path, 'volume', 'volume_type') == 'thunder-peer'
 
 
-class FakeCli(object):
+class FakeCli:
     """``openstack image list|delete`` and ``glance image-create``."""
 
     def __init__(self, images):

@@ -245,7 +245,7 @@ def test_empty_image(store, cinder, memory):
 
 
 def test_verifier_sees_every_byte(store, cinder):
-    class Verifier(object):
+    class Verifier:
         def __init__(self):
             self.seen = bytearray()
 
@@ -302,7 +302,7 @@ def test_caller_exceptions_propagate_unchanged(store, cinder, memory):
 
 
 def test_verifier_failure(store, cinder, memory):
-    class Verifier(object):
+    class Verifier:
         def update(self, data):
             raise ValueError('bad signature data')
 

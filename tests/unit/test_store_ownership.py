@@ -44,7 +44,7 @@ def _location(store, url, image_id=None):
                                 backend=store.backend_group)
 
 
-class Image(object):
+class Image:
     """An image written through the store: its id, bytes and locations."""
 
     def __init__(self, store, cinder, memory, context):

@@ -20,7 +20,7 @@ import pytest
 from thunder_cache import trace
 
 
-class FakeClock(object):
+class FakeClock:
 
     def __init__(self):
         self.now = 100.0

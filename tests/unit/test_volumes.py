@@ -29,7 +29,7 @@ BS = cow.BLOCK_SIZE
 IMAGE = 'img-1'
 
 
-class Images(object):
+class Images:
     """In-memory images with the interface VolumeStore uses."""
 
     def __init__(self, **images):
@@ -724,7 +724,7 @@ def test_rename_interrupted_before_the_directory_moved(store, layers,
 
 # -- with the native volume server --------------------------------------------
 
-class FakeNative(object):
+class FakeNative:
     """Records holds and forgets; ``opens`` is what the server reports."""
 
     def __init__(self):

@@ -96,7 +96,7 @@ BUILD_SOURCES = ('__init__.py', 'common.py', 'debs.py', 'disk.py',
 
 
 @dataclasses.dataclass(frozen=True)
-class GuestImage(object):
+class GuestImage:
     """A built image and what is known about it (``meta``: the rest)."""
 
     path: str

@@ -63,7 +63,7 @@ def qemu_command(accel, volume, memory_mib=1024, fmt='raw', bus='virtio'):
             ] + BUSES[bus] + ['-nic', 'none']
 
 
-class QemuGuest(object):
+class QemuGuest:
     """One qemu process booting ``disk``; use as a context manager.
 
     The guest writes to ``disk`` (its root file system is mounted

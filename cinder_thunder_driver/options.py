@@ -55,11 +55,9 @@ thunder_opts = [
     cfg.BoolOpt('thunder_loop_direct_io',
                 default=True,
                 help='Peer mode: attach volume files with loop devices in '
-                     'direct I/O mode. Measured here it is 1.5 to 3 times '
-                     'faster than a buffered loop device for warm reads '
-                     'and lets cold reads fetch chunks concurrently, and '
-                     'it keeps a single copy of the image in memory (see '
-                     'the peer-mode block device page of the docs).'),
+                     'direct I/O mode, which is faster and keeps a single '
+                     'copy of the image in memory (see the peer-mode block '
+                     'device page of the docs).'),
     cfg.StrOpt('thunder_rbd_pool',
                default='volumes',
                help='RADOS pool holding the volumes, their snapshots and '

@@ -121,14 +121,10 @@ the image-volume. The memory an upload uses is about this much.
                max=manifest.MAX_CHUNK_SIZE // 1024,
                help="""
 Size, in KiB, of the chunks of the per-chunk digest manifest written with
-every image (a power of two). Nodes that fetch an image on demand (the peer
-mode) fetch, verify and cache whole chunks: smaller chunks fetch less of
-what a boot does not read and cross each hop of the peer tree sooner, at
-the cost of more requests and a larger manifest (32 bytes a chunk). With
-256 KiB rather than 1 MiB chunks, a measured Debian first boot makes each
-node receive 29% fewer bytes and eight nodes booting at once were ready
-29% sooner (see the bulk boot benchmark). An image may have at most 4 Mi
-chunks: 1 TiB at 256 KiB; set a larger size for larger images.
+every image (a power of two). The peer mode fetches, verifies and caches
+whole chunks: smaller ones fetch less that a boot does not read, larger ones
+make fewer requests. An image may have at most 4 Mi chunks (1 TiB at 256
+KiB).
 """),
     cfg.BoolOpt('thunder_store_verify_after_write', default=False,
                 help="""

@@ -97,14 +97,10 @@ peer_opts = [
                     'clock skew), so clocks must be roughly in sync.'),
     cfg.IntOpt('max_children',
                default=2, min=1, max=64,
-               help='Distinct child nodes this node serves per image. A '
-                    'new node asking while the image is full is redirected '
-                    '(307) to one of the children, round robin, and adopts '
-                    'it as its parent: the nodes of an image form a tree '
-                    'of this degree. 2 keeps the load of any node bounded '
-                    'to twice what it reads; larger values make the tree '
-                    'shallower (fewer hops, lower latency for cold '
-                    'chunks) at the cost of more upload per node.'),
+               help='Child nodes this node serves per image; more are '
+                    'redirected to a child, so the nodes of an image form '
+                    'a tree of this degree. Larger values make the tree '
+                    'shallower at the cost of more upload per node.'),
     cfg.IntOpt('child_ttl',
                default=10, min=1,
                help='Seconds after its last request a child gives up its '
@@ -133,13 +129,9 @@ peer_opts = [
     cfg.FloatOpt('min_transfer_rate',
                  default=1.0, min=0.001,
                  help='Slowest average rate, in MiB/s, at which a peer '
-                      'must deliver an answer: a request must be answered '
-                      'in full (status, headers and body) within '
-                      'fetch_timeout plus the size of the expected answer '
-                      'at this rate. Set it well below the share of the '
-                      'link one transfer gets when the link is busy; on '
-                      'links slower than 1 Gbit/s lower it with the link '
-                      'speed.'),
+                      'must deliver an answer: it has fetch_timeout plus '
+                      'the answer\'s size at this rate. Keep it well below '
+                      'one transfer\'s share of a busy link.'),
     cfg.FloatOpt('relay_timeout',
                  default=8.0, min=0.1,
                  help='Seconds a peer request for a chunk this node does '
@@ -148,14 +140,10 @@ peer_opts = [
                       'fetch_timeout.'),
     cfg.IntOpt('max_redirects',
                default=16, min=0, max=64,
-               help='Redirects (307 from full nodes) followed for one '
-                    'chunk before the peer is given up. A newcomer is '
-                    'redirected once per level of the image\'s tree until '
-                    'it finds a node with a free slot, so this bounds the '
-                    'depth it can join at: 16 levels are 65535 nodes with '
-                    'max_children = 2. Redirects cost one round trip each '
-                    'and happen once per node and image (the node then '
-                    'asks its new parent directly).'),
+               help='Redirects from full nodes followed for one chunk '
+                    'before the peer is given up; this bounds the depth of '
+                    'the tree a node can join at (16: 65535 nodes with '
+                    'max_children = 2).'),
     cfg.IntOpt('peer_retry_interval',
                default=5, min=1,
                help='Seconds a peer that failed (error, timeout, a chunk '
@@ -267,14 +255,9 @@ cache_opts = [
     cfg.FloatOpt('commit_interval',
                  default=0.05, min=0.0, max=10.0,
                  help='Seconds over which fetched chunks are made durable '
-                      'together. The data file is always synced before the '
-                      'chunk map marks a chunk, so a crash never leaves '
-                      'the map claiming unwritten data; a crash only loses '
-                      'the marks of the last interval (those chunks are '
-                      'fetched again). With 0 every chunk is synced (data, '
-                      'then map) before it is served: measured here, a '
-                      'single cold reader then fills about 2-3 times more '
-                      'slowly (two fdatasync per chunk).'),
+                      'together; a crash loses at most this interval\'s '
+                      'chunks, which are fetched again. 0 syncs every '
+                      'chunk before it is served, which is slower.'),
     cfg.FloatOpt('read_retry',
                  default=60.0, min=0.0,
                  help='Seconds a local read (a guest\'s, through its '
@@ -289,9 +272,8 @@ cache_opts = [
                 default=True,
                 help='Verify again, before its first use after a restart, '
                      'each chunk the cache already held (one sha256 per '
-                     'chunk per start, about 1.7 GB/s per core here). A '
-                     'chunk damaged on disk is then fetched again instead '
-                     'of being served.'),
+                     'chunk per start), so that a chunk damaged on disk is '
+                     'fetched again instead of being served.'),
 ]
 
 origin_opts = [

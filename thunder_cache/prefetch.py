@@ -56,12 +56,8 @@ opts = [
     cfg.BoolOpt('record',
                 default=True,
                 help='Record the chunk trace of the first boot of an image '
-                     'that has none and attach it to the image, for later '
-                     'nodes to prefetch. On by default: recording costs a '
-                     'check per read during the window and a few hundred '
-                     'bytes of metadata, and only the first node of an '
-                     'image records. Set to false to opt out (images whose '
-                     'first boot is not representative, say).'),
+                     'that has none and publish it for later nodes to '
+                     'prefetch. Only the first node of an image records.'),
     cfg.FloatOpt('record_window',
                  default=60.0,
                  min=1.0,
@@ -76,11 +72,8 @@ opts = [
                min=1,
                max=trace.MAX_RECORD_CHUNKS,
                help='Most chunks a trace records (the recording ends '
-                    'there). 1536 chunks are 384 MiB at the default '
-                    '256 KiB chunk size, more than a Debian first boot '
-                    'touches (927 chunks, measured), and encode to at most '
-                    '25 metadata values of the image-volume for images up '
-                    'to 11 GiB.'),
+                    'there): 1536 are 384 MiB at the default 256 KiB '
+                    'chunk size, more than a Debian first boot reads.'),
     cfg.BoolOpt('replay',
                 default=True,
                 help='Prefetch the chunks of an image\'s boot trace when '

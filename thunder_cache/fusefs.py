@@ -40,6 +40,7 @@ must install its own handlers before :meth:`Mount.start`.
 
 import errno
 import grp
+import importlib
 import itertools
 import logging
 import os
@@ -49,15 +50,31 @@ import subprocess
 import threading
 import time
 
-# mfusepy takes libfuse 2 when both are installed unless told otherwise;
-# FUSE_LIBRARY_PATH, if set, still wins.
-os.environ.setdefault('FUSE_LIBRARY_NAME', 'fuse3')
-import mfusepy  # noqa: E402,I202
-
-from thunder_cache import fsutil  # noqa: E402
-from thunder_cache import volumes  # noqa: E402
+from thunder_cache import fsutil
+from thunder_cache import volumes
 
 LOG = logging.getLogger(__name__)
+
+
+def _import_mfusepy():
+    """mfusepy on libfuse 3.
+
+    mfusepy takes libfuse 2 when both are installed unless
+    ``FUSE_LIBRARY_NAME`` says otherwise, and reads it once, at its import:
+    the variable is set for that import only (``FUSE_LIBRARY_PATH``, if
+    set, still wins).
+    """
+    set_here = 'FUSE_LIBRARY_NAME' not in os.environ
+    if set_here:
+        os.environ['FUSE_LIBRARY_NAME'] = 'fuse3'
+    try:
+        return importlib.import_module('mfusepy')
+    finally:
+        if set_here:
+            del os.environ['FUSE_LIBRARY_NAME']
+
+
+mfusepy = _import_mfusepy()
 
 if mfusepy.fuse_version_major != 3:
     raise ImportError('thunder_cache.fusefs needs libfuse 3 (Debian: '

@@ -10,4 +10,4 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""VMThunder Cinder volume driver (control plane)."""
+"""The local development stack (tools/thunder-stack): tooling, not product."""

@@ -26,8 +26,8 @@ the median of ``--repeat`` rounds is printed.
 
 Run as root::
 
-    python benchmarks/blockdev_mechanisms.py [--size-mib 1024] [--repeat 3]
-        [--only REGEX] [--keep-going] [--vm-debs DIR]
+    tox -e bench -- benchmarks/blockdev_mechanisms.py [--size-mib 1024]
+        [--repeat 3] [--only REGEX] [--keep-going] [--vm-debs DIR]
 
 With ``--vm-debs DIR`` (what ``apt-get download linux-image-<version>-
 cloud-amd64 busybox-static`` fetched into DIR) it also boots a guest on

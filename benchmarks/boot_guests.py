@@ -15,7 +15,7 @@
 The bulk boot benchmark (``bulk_boot.py``) with real guests instead of
 replayed traces, for small N. Run as root::
 
-    python benchmarks/boot_guests.py [--nodes 1,2] [--link-mbit 100]
+    tox -e bench -- benchmarks/boot_guests.py [--nodes 1,2] [--link-mbit 100]
         [--repeat 1] [--image /var/tmp/thunder-boot.raw] [--trace PATH]
         [--chunk-kib 256] [--out doc/source/bulk-boot/guests]
 
@@ -578,7 +578,7 @@ def _main(args, argv, cleanup):
     image_used = os.stat(args.image).st_blocks * 512
     lines = [
         'Real guests booting at once (benchmarks/boot_guests.py)',
-        'command: python benchmarks/boot_guests.py %s' % ' '.join(
+        'command: tox -e bench -- benchmarks/boot_guests.py %s' % ' '.join(
             sys.argv[1:] if argv is None else argv),
         'date: %s; machine: %s, %s' % (
             datetime.datetime.now(datetime.timezone.utc).strftime(

@@ -57,7 +57,7 @@ start the machine's capacity is measured (aggregate throughput of 4 nodes
 reading from the origin through unshaped links) and the link rate scaled
 down so that N_max * B stays within half of it.
 
-    sudo python benchmarks/bulk_boot.py [--nodes 1,2,4,8,16,32]
+    sudo tox -e bench -- benchmarks/bulk_boot.py [--nodes 1,2,4,8,16,32]
         [--link-mbit 1000] [--trace PATH|synthetic] [--image-mib 256]
         [--think-scale 1] [--out doc/source/bulk-boot] [--quick]
 
@@ -1175,7 +1175,7 @@ def _main(args, workdir, cleanup):
     meta = {
         'machine': cache_io.machine(),
         'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
-        'command': 'python benchmarks/bulk_boot.py ' + ' '.join(
+        'command': 'tox -e bench -- benchmarks/bulk_boot.py ' + ' '.join(
             sys.argv[1:] if __name__ == '__main__' else []),
         'load_average_start': load_start,
         'load_average_end': bm.load_average(),

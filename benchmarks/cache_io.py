@@ -27,7 +27,7 @@ daemon is read by 8 concurrent peers on loopback, with the readers of
 
 Run as root::
 
-    python benchmarks/cache_io.py [--size-mib 1024] [--repeat 3]
+    tox -e bench -- benchmarks/cache_io.py [--size-mib 1024] [--repeat 3]
         [--rand-count 32768] [--json out.json]
 
 Every round starts a fresh daemon in a fresh directory (empty cache,

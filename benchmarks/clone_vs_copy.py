@@ -28,7 +28,7 @@ the clone time does not grow with the number of clones. Prints a table
 with the ratios and checks the goals: clone at 8 GiB within 1.2x of 1 GiB,
 and at least 20x faster than the full copy at 1 GiB.
 
-    python benchmarks/clone_vs_copy.py [--sizes 1,8] [--count 50]
+    tox -e bench -- benchmarks/clone_vs_copy.py [--sizes 1,8] [--count 50]
 """
 
 import argparse

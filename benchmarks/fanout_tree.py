@@ -20,7 +20,7 @@ carry), the origin reads per chunk and the wall time. On one machine the
 time says little about a real network; depth and upload per node do not
 depend on it: they are what ``max_children`` trades.
 
-    python benchmarks/fanout_tree.py [--nodes 16] [--fanouts 1,2,4,8]
+    tox -e bench -- benchmarks/fanout_tree.py [--nodes 16] [--fanouts 1,2,4,8]
 """
 
 import argparse

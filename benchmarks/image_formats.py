@@ -14,7 +14,7 @@
 
 Runs against the local stack (``tools/thunder-stack up``)::
 
-    python3.11 benchmarks/image_formats.py RAW QCOW2 [--store thunder]
+    tox -e bench -- benchmarks/image_formats.py RAW QCOW2 [--store thunder]
         [--runs 1]
 
 QCOW2 must hold RAW's bytes (``qemu-img convert -O qcow2 RAW QCOW2``).

@@ -14,7 +14,8 @@
 
 Run as root::
 
-    python benchmarks/make_boot_trace.py --out benchmarks/data/boot-trace.json
+    tox -e bench -- benchmarks/make_boot_trace.py \
+        --out benchmarks/data/boot-trace.json
         [--image /var/tmp/thunder-boot.raw] [--size-mib 1024]
 
 What it does:
@@ -518,7 +519,8 @@ def main():
     args = parser.parse_args()
     if os.geteuid():
         parser.error('run as root (loop devices, mount, debootstrap)')
-    command = 'python benchmarks/make_boot_trace.py --out %s' % args.out
+    command = ('tox -e bench -- benchmarks/make_boot_trace.py --out %s'
+               % args.out)
     if args.image != parser.get_default('image'):
         command += ' --image %s' % args.image
     if args.size_mib != parser.get_default('size_mib'):

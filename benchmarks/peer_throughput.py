@@ -45,8 +45,8 @@ with ``--tls`` a second one with the warm rates in plain HTTP and over TLS
 and their ratio, and checks the goal: at least 1 GB/s aggregate with 8
 readers (in plain HTTP).
 
-    python benchmarks/peer_throughput.py [--size-mib 256] [--chunk-kib 1024]
-        [--readers 8] [--rounds 4] [--tls]
+    tox -e bench -- benchmarks/peer_throughput.py [--size-mib 256]
+        [--chunk-kib 1024] [--readers 8] [--rounds 4] [--tls]
 """
 
 import argparse

@@ -34,7 +34,7 @@ I/O during the event and the second after it, and the I/O errors and
 wrong reads. At the end the whole device is compared with what it should
 hold. Run as root::
 
-    python benchmarks/restart.py [--size-mib 512] [--down 2]
+    tox -e bench -- benchmarks/restart.py [--size-mib 512] [--down 2]
         [--server native|python] [--kill-server]
 """
 

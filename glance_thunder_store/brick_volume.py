@@ -24,6 +24,7 @@ import socket
 import sys
 
 from glance_store import exceptions
+from glance_store.i18n import _
 from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_utils import importutils
@@ -63,8 +64,8 @@ def full_connector(conf):
     """os-brick's connector properties (initiator names, NQNs...)."""
     if connector is None:
         raise exceptions.BackendException(
-            'os-brick is not installed: the thunder store cannot attach '
-            'image-volumes that are not on Ceph RBD.')
+            _('os-brick is not installed: the thunder store cannot attach '
+              'image-volumes that are not on Ceph RBD.'))
     host = socket.gethostname()
     return connector.get_connector_properties(
         root_helper(conf), _my_ip(host), conf.thunder_store_use_multipath,
@@ -81,8 +82,9 @@ class BrickVolume:
     def __init__(self, connection_info, conf, read_only=False):
         if connector is None or priv_context is None:
             raise exceptions.BackendException(
-                'os-brick and oslo.privsep are needed to attach %s '
-                'image-volumes.' % connection_info.get('driver_volume_type'))
+                _('os-brick and oslo.privsep are needed to attach '
+                  '%(protocol)s image-volumes.') % {
+                      'protocol': connection_info.get('driver_volume_type')})
         self.protocol = connection_info['driver_volume_type']
         self._data = connection_info['data']
         self._helper = root_helper(conf)

@@ -23,6 +23,7 @@ import threading
 from cinderclient import api_versions
 from cinderclient.v3 import client as cinderclient
 from glance_store import exceptions
+from glance_store.i18n import _
 from keystoneauth1.access import service_catalog
 from keystoneauth1 import exceptions as ks_exceptions
 from keystoneauth1 import identity
@@ -74,13 +75,13 @@ class CinderClientFactory:
         if self.uses_service_user:
             return
         if context is None:
-            self._fail('the store has no service user configured, so it '
-                       'needs the request context')
+            self._fail(_('the store has no service user configured, so it '
+                         'needs the request context'))
         if (not self.conf.thunder_store_endpoint_template and
                 not getattr(context, 'service_catalog', None)):
-            self._fail('the request carries no service catalog to find '
-                       'Cinder in; set thunder_store_endpoint_template or '
-                       'a service user')
+            self._fail(_('the request carries no service catalog to find '
+                         'Cinder in; set thunder_store_endpoint_template or a '
+                         'service user'))
 
     def _fail(self, reason):
         raise exceptions.BadStoreConfiguration(store_name=self.store_name,
@@ -94,9 +95,10 @@ class CinderClientFactory:
             service_type, service_name, interface = (
                 conf.thunder_store_catalog_info.split(':'))
         except ValueError:
-            self._fail('thunder_store_catalog_info must be '
-                       '<service_type>:<service_name>:<interface>, not %r'
-                       % conf.thunder_store_catalog_info)
+            self._fail(_('thunder_store_catalog_info must be '
+                         '<service_type>:<service_name>:<interface>, not '
+                         '%(catalog_info)r') % {
+                             'catalog_info': conf.thunder_store_catalog_info})
         try:
             catalog = service_catalog.ServiceCatalogV2(
                 context.service_catalog)
@@ -106,8 +108,9 @@ class CinderClientFactory:
                 interface=interface,
                 region_name=conf.thunder_store_os_region_name)
         except ks_exceptions.EndpointNotFound:
-            self._fail('no %s endpoint of Cinder in the service catalog'
-                       % conf.thunder_store_catalog_info)
+            self._fail(_('no %(catalog_info)s endpoint of Cinder in the '
+                         'service catalog') % {
+                             'catalog_info': conf.thunder_store_catalog_info})
 
     def client(self, context=None):
         """A cinderclient for the service user or the request's user."""

@@ -33,6 +33,8 @@ prints the JSON-patch operations that add them.
 import json
 import sys
 
+from glance_store.i18n import _
+
 from glance_thunder_store import upload
 from thunder_common import locations
 
@@ -52,7 +54,7 @@ def extra_locations(url, metadata):
     parsed = locations.parse(url)
     if (not isinstance(parsed, locations.VolumeLocation) or
             parsed.scheme != locations.THUNDER_SCHEME):
-        raise locations.InvalidLocation(url, 'not a thunder:// location')
+        raise locations.InvalidLocation(url, _('not a thunder:// location'))
     metadata = metadata or {}
     alias_meta = {}
     store = metadata.get('store') or parsed.store

@@ -34,6 +34,7 @@ Messages never quote the volume's metadata: they reach the caller.
 """
 
 from glance_store import exceptions
+from glance_store.i18n import _
 from oslo_log import log as logging
 
 from glance_thunder_store import upload
@@ -71,8 +72,10 @@ def _refuse(error_class, location, volume, action, reason, context):
                  'project': getattr(context, 'project_id', None),
                  'reason': reason})
     raise error_class(
-        message='Cannot %s volume %s through location %s: %s.'
-                % (action, volume.id, _describe(location), reason))
+        message=_('Cannot %(action)s volume %(volume)s through location '
+                  '%(location)s: %(reason)s.') % {
+                      'action': action, 'volume': volume.id,
+                      'location': _describe(location), 'reason': reason})
 
 
 def images_named(location):

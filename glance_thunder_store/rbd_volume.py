@@ -26,6 +26,7 @@ import os
 import re
 
 from glance_store import exceptions
+from glance_store.i18n import _
 from oslo_log import log as logging
 from oslo_utils import importutils
 
@@ -85,11 +86,11 @@ def parse_connection(data):
         hosts, ports = list(data['hosts']), list(data['ports'])
     except (KeyError, ValueError, TypeError, AttributeError):
         raise exceptions.BackendException(
-            'Malformed rbd connection info: expected name POOL/IMAGE, hosts '
-            'and ports')
+            _('Malformed rbd connection info: expected name POOL/IMAGE, hosts '
+              'and ports'))
     if not pool or not image or not hosts or len(hosts) != len(ports):
         raise exceptions.BackendException(
-            'Malformed rbd connection info: no pool, image or monitors')
+            _('Malformed rbd connection info: no pool, image or monitors'))
     user = data.get('auth_username') if data.get('auth_enabled') else None
     conf = {'mon_host': _mon_host(hosts, ports)}
     key = key_from_keyring(data.get('keyring'), user)
@@ -110,9 +111,9 @@ class RbdVolume:
     def __init__(self, connection_data, read_only=False, timeout=30):
         if rados is None or rbd is None:
             raise exceptions.BackendException(
-                'The Ceph Python bindings (python3-rados, python3-rbd) are '
-                'not importable: the thunder store cannot read or write RBD '
-                'image-volumes.')
+                _('The Ceph Python bindings (python3-rados, python3-rbd) are '
+                  'not importable: the thunder store cannot read or write RBD '
+                  'image-volumes.'))
         self.pool, self.name, kwargs = parse_connection(connection_data)
         self.read_only = read_only
         timeout = str(timeout)
@@ -133,13 +134,16 @@ class RbdVolume:
             self.close()
             if isinstance(e, rbd.ImageNotFound):
                 raise exceptions.NotFound(
-                    message='RBD image %s/%s of the image-volume does not '
-                            'exist' % (self.pool, self.name))
+                    message=_('RBD image %(pool)s/%(name)s of the '
+                              'image-volume does not exist') % {
+                                  'pool': self.pool, 'name': self.name})
             if isinstance(e, exceptions.GlanceStoreException):
                 raise
             raise exceptions.BackendException(
-                'Cannot open RBD image %s/%s through monitors %s: %s'
-                % (self.pool, self.name, kwargs['conf']['mon_host'], e))
+                _('Cannot open RBD image %(pool)s/%(name)s through monitors '
+                  '%(monitors)s: %(error)s') % {
+                      'pool': self.pool, 'name': self.name,
+                      'monitors': kwargs['conf']['mon_host'], 'error': e})
 
     def _open_image(self):
         self._image = rbd.Image(self._ioctx, self.name,
@@ -161,8 +165,10 @@ class RbdVolume:
         written = self._image.write(bytes(data), offset)
         if written != len(data):
             raise exceptions.BackendException(
-                'Short write to RBD image %s/%s: %d of %d bytes at %d'
-                % (self.pool, self.name, written, len(data), offset))
+                _('Short write to RBD image %(pool)s/%(name)s: %(written)d of '
+                  '%(got)d bytes at %(offset)d') % {
+                      'pool': self.pool, 'name': self.name, 'written': written,
+                      'got': len(data), 'offset': offset})
 
     def flush(self):
         self._image.flush()

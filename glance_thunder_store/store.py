@@ -29,6 +29,7 @@ import hashlib
 from glance_store import capabilities
 import glance_store.driver
 from glance_store import exceptions
+from glance_store.i18n import _
 from oslo_log import log as logging
 from oslo_utils import units
 
@@ -77,8 +78,10 @@ class VolumeReader:
                 data = attached.handle.read(offset, size)
                 if len(data) != size:
                     raise exceptions.BackendException(
-                        'Short read from image-volume %s: %d of %d bytes at '
-                        '%d' % (self._volume.id, len(data), size, offset))
+                        _('Short read from image-volume %(volume)s: %(got)d '
+                          'of %(size)d bytes at %(offset)d') % {
+                              'volume': self._volume.id, 'got': len(data),
+                              'size': size, 'offset': offset})
                 offset += size
                 yield data
 
@@ -135,8 +138,9 @@ class Store(glance_store.driver.Store):
                 conf.thunder_store_manifest_chunk_size * 1024)
         except ValueError as e:
             raise exceptions.BadStoreConfiguration(
-                store_name=self._name, reason='thunder_store_manifest_'
-                'chunk_size: %s' % e)
+                store_name=self._name,
+                reason=_('thunder_store_manifest_chunk_size: %(error)s')
+                % {'error': e})
         volume_type = conf.thunder_store_volume_type
         if volume_type and self.clients.uses_service_user:
             try:
@@ -174,9 +178,9 @@ class Store(glance_store.driver.Store):
             raise exceptions.UnknownHashingAlgo(algo=hashing_algo)
         if not locations.is_image_id(image_id):
             raise exceptions.Invalid(
-                message='Image id %r is not a dashed UUID: the thunder store '
-                        'records it in the image\'s location'
-                        % str(image_id)[:64])
+                message=_('Image id %(image_id)r is not a dashed UUID: the '
+                          'thunder store records it in the image\'s '
+                          'location') % {'image_id': str(image_id)[:64]})
         owner = getattr(context, 'project_id', None)
         job = upload.ImageUpload(
             self._volumes(context), self.store_conf, image_id, image_file,
@@ -222,8 +226,9 @@ class Store(glance_store.driver.Store):
                     upload.META_RBD_SNAPSHOT: rbd.snapshot}
         if any(meta.get(k) != v for k, v in expected.items()):
             raise exceptions.NotFound(
-                message='%s is not the sealed snapshot of an image-volume '
-                        'of store %s' % (rbd.url, self._name))
+                message=_('%(url)s is not the sealed snapshot of an '
+                          'image-volume of store %(store)s') % {
+                              'url': rbd.url, 'store': self._name})
         return volume
 
     @staticmethod
@@ -248,8 +253,9 @@ class Store(glance_store.driver.Store):
         size = self._image_size(volume)
         if offset < 0 or offset > size:
             raise exceptions.BackendException(
-                'Offset %d is outside image-volume %s of %d bytes'
-                % (offset, volume.id, size))
+                _('Offset %(offset)d is outside image-volume %(volume)s of '
+                  '%(size)d bytes') % {
+                      'offset': offset, 'volume': volume.id, 'size': size})
         length = size - offset
         if chunk_size:
             length = min(length, chunk_size)

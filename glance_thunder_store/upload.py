@@ -38,6 +38,7 @@ import math
 
 from glance_store.common import utils as store_utils
 from glance_store import exceptions
+from glance_store.i18n import _
 from oslo_log import log as logging
 from oslo_utils import units
 
@@ -167,12 +168,15 @@ class ImageUpload:
                 raise
             if full:
                 raise exceptions.StorageFull(
-                    message='Ceph or the volume ran out of space while '
-                            'writing image %s: %s' % (self.image_id, e))
+                    message=_('Ceph or the volume ran out of space while '
+                              'writing image %(image_id)s: %(error)s') % {
+                                  'image_id': self.image_id, 'error': e})
             if isinstance(e, Exception):
                 raise exceptions.BackendException(
-                    'Writing image %s into volume %s failed: %s'
-                    % (self.image_id, self.volume.id, e)) from e
+                    _('Writing image %(image_id)s into volume %(volume)s '
+                      'failed: %(error)s') % {
+                          'image_id': self.image_id, 'volume': self.volume.id,
+                          'error': e}) from e
             raise
 
     def _refuse_duplicate(self):
@@ -181,9 +185,12 @@ class ImageUpload:
             if (meta.get(META_IMAGE_ID) == self.image_id and
                     meta.get(META_STORE) == self.store_name):
                 raise exceptions.Duplicate(
-                    message='Image %s already has image-volume %s (status '
-                            '%s); delete it before uploading again'
-                            % (self.image_id, volume.id, volume.status))
+                    message=_('Image %(image_id)s already has image-volume '
+                              '%(volume)s (status %(status)s); delete it '
+                              'before uploading again') % {
+                                  'image_id': self.image_id,
+                                  'volume': volume.id,
+                                  'status': volume.status})
 
     def _pool_full(self):
         handle = self.attachment.handle if self.attachment else None
@@ -268,8 +275,9 @@ class ImageUpload:
             end = self.written + len(data)
             if self.image_size and end > self.image_size:
                 raise exceptions.Invalid(
-                    message='Size exceeds: expected %d bytes, got at least '
-                            '%d' % (self.image_size, end))
+                    message=_('Size exceeds: expected %(image_size)d bytes, '
+                              'got at least %(end)d') % {
+                                  'image_size': self.image_size, 'end': end})
             self._ensure_capacity(end)
             if self._handle().reads_zeros_unwritten and self._zero(data):
                 self.skipped += len(data)
@@ -286,8 +294,10 @@ class ImageUpload:
                     raise _CallerError(e)
         if self.image_size and self.written != self.image_size:
             raise exceptions.Invalid(
-                message='Size mismatch: expected %d bytes, got %d'
-                        % (self.image_size, self.written))
+                message=_('Size mismatch: expected %(image_size)d bytes, got '
+                          '%(written)d') % {
+                              'image_size': self.image_size,
+                              'written': self.written})
 
     def _room_for_manifest(self, needed):
         """Make the image-volume hold ``needed`` bytes for the manifest.
@@ -318,8 +328,9 @@ class ImageUpload:
         if self.image_size and needed > manifest_mod.volume_bytes_needed(
                 self.image_size, self.manifest_chunk):
             raise exceptions.Invalid(
-                message='Data does not fit the announced size of %d bytes'
-                        % self.image_size)
+                message=_('Data does not fit the announced size of '
+                          '%(image_size)d bytes') % {
+                              'image_size': self.image_size})
         new_gb = gib_for(needed)
         LOG.debug('Extending volume %(id)s to %(gb)d GiB for image '
                   '%(image)s of unknown size.',
@@ -330,9 +341,10 @@ class ImageUpload:
         self.attachment = self.volumes.attach(self.volume)
         if self._handle().size() < needed:
             raise exceptions.StorageFull(
-                message='Volume %s holds %d bytes after extending it to %d '
-                        'GiB' % (self.volume.id, self._handle().size(),
-                                 new_gb))
+                message=_('Volume %(volume)s holds %(held)d bytes after '
+                          'extending it to %(new_gb)d GiB') % {
+                              'volume': self.volume.id,
+                              'held': self._handle().size(), 'new_gb': new_gb})
 
     def _verify(self, manifest):
         """Read the image back and check every chunk against the manifest."""
@@ -341,7 +353,9 @@ class ImageUpload:
             data = self._handle().read(offset, length)
             if not manifest.verify_chunk(index, data):
                 raise exceptions.BackendException(
-                    'Chunk %d (bytes %d-%d) of image %s read back from '
-                    'volume %s does not match what was written'
-                    % (index, offset, offset + length - 1, self.image_id,
-                       self.volume.id))
+                    _('Chunk %(index)d (bytes %(offset)d-%(last)d) of image '
+                      '%(image_id)s read back from volume %(volume)s does not '
+                      'match what was written') % {
+                          'index': index, 'offset': offset,
+                          'last': offset + length - 1,
+                          'image_id': self.image_id, 'volume': self.volume.id})

@@ -30,6 +30,7 @@ import time
 
 from cinderclient import exceptions as cinder_exceptions
 from glance_store import exceptions
+from glance_store.i18n import _
 from keystoneauth1 import exceptions as ks_exceptions
 from oslo_log import log as logging
 from oslo_utils import units
@@ -57,23 +58,25 @@ def cinder_errors(action, volume_id=None):
         yield
     except cinder_exceptions.OverLimit as e:
         raise exceptions.StorageFull(
-            message='Cinder refused to %s: over quota (%s)' % (
-                what, _describe(e)))
+            message=_('Cinder refused to %(what)s: over quota '
+                      '(%(reason)s)') % {'what': what, 'reason': _describe(e)})
     except cinder_exceptions.NotFound as e:
         raise exceptions.NotFound(
-            message='Cinder could not %s: not found (%s)' % (
-                what, _describe(e)))
+            message=_('Cinder could not %(what)s: not found (%(reason)s)') % {
+                'what': what, 'reason': _describe(e)})
     except cinder_exceptions.Forbidden as e:
         raise exceptions.Forbidden(
-            message='Cinder does not allow the store to %s (%s)' % (
-                what, _describe(e)))
+            message=_('Cinder does not allow the store to %(what)s '
+                      '(%(reason)s)') % {'what': what, 'reason': _describe(e)})
     except cinder_exceptions.ClientException as e:
         raise exceptions.BackendException(
-            'Cinder failed to %s: %s' % (what, _describe(e)))
+            _('Cinder failed to %(what)s: %(reason)s') % {
+                'what': what, 'reason': _describe(e)})
     except ks_exceptions.ClientException as e:
         # Keystone or the connection to Cinder failed.
         raise exceptions.BackendException(
-            'Could not reach Cinder to %s: %s' % (what, e))
+            _('Could not reach Cinder to %(what)s: %(error)s') % {
+                'what': what, 'error': e})
 
 
 class CinderVolumes:
@@ -132,8 +135,9 @@ class CinderVolumes:
             volume = self.get(volume.id)
         if volume.status != expected:
             raise exceptions.BackendException(
-                'Volume %s is %s, expected %s' % (volume.id, volume.status,
-                                                  expected))
+                _('Volume %(volume)s is %(status)s, expected %(expected)s') % {
+                    'volume': volume.id, 'status': volume.status,
+                    'expected': expected})
         return volume
 
     def wait_available(self, volume):
@@ -148,12 +152,16 @@ class CinderVolumes:
             volume = self.wait_for(volume, ('extending',), 'available')
         except exceptions.BackendException as e:
             raise exceptions.StorageFull(
-                message='Could not extend volume %s to %d GiB: %s'
-                        % (volume.id, size_gb, e))
+                message=_('Could not extend volume %(volume)s to %(size_gb)d '
+                          'GiB: %(error)s') % {
+                              'volume': volume.id, 'size_gb': size_gb,
+                              'error': e})
         if volume.size < size_gb:
             raise exceptions.StorageFull(
-                message='Volume %s is %d GiB after extending it to %d GiB'
-                        % (volume.id, volume.size, size_gb))
+                message=_('Volume %(volume)s is %(size_gb_now)d GiB after '
+                          'extending it to %(size_gb)d GiB') % {
+                              'volume': volume.id, 'size_gb_now': volume.size,
+                              'size_gb': size_gb})
         return volume
 
     def set_metadata(self, volume, metadata):
@@ -178,8 +186,9 @@ class CinderVolumes:
             if volume is not None and (volume.status == 'in-use' or
                                        getattr(volume, 'attachments', None)):
                 raise exceptions.InUseByStore(
-                    message='Image-volume %s is attached: %s'
-                            % (volume_id, e))
+                    message=_('Image-volume %(volume_id)s is attached: '
+                              '%(error)s') % {
+                                  'volume_id': volume_id, 'error': e})
             raise
 
     def delete_quietly(self, volume_id):

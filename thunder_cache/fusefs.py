@@ -40,7 +40,6 @@ must install its own handlers before :meth:`Mount.start`.
 
 import errno
 import grp
-import importlib
 import itertools
 import logging
 import os
@@ -56,25 +55,17 @@ from thunder_cache import volumes
 LOG = logging.getLogger(__name__)
 
 
-def _import_mfusepy():
-    """mfusepy on libfuse 3.
-
-    mfusepy takes libfuse 2 when both are installed unless
-    ``FUSE_LIBRARY_NAME`` says otherwise, and reads it once, at its import:
-    the variable is set for that import only (``FUSE_LIBRARY_PATH``, if
-    set, still wins).
-    """
-    set_here = 'FUSE_LIBRARY_NAME' not in os.environ
-    if set_here:
-        os.environ['FUSE_LIBRARY_NAME'] = 'fuse3'
-    try:
-        return importlib.import_module('mfusepy')
-    finally:
-        if set_here:
-            del os.environ['FUSE_LIBRARY_NAME']
-
-
-mfusepy = _import_mfusepy()
+# mfusepy takes libfuse 2 when both are installed unless FUSE_LIBRARY_NAME
+# says otherwise, and reads it once, at its import: the variable is set for
+# that import only (FUSE_LIBRARY_PATH, if set, still wins).
+_NAME_SET_HERE = 'FUSE_LIBRARY_NAME' not in os.environ
+if _NAME_SET_HERE:
+    os.environ['FUSE_LIBRARY_NAME'] = 'fuse3'
+try:
+    import mfusepy
+finally:
+    if _NAME_SET_HERE:
+        del os.environ['FUSE_LIBRARY_NAME']
 
 if mfusepy.fuse_version_major != 3:
     raise ImportError('thunder_cache.fusefs needs libfuse 3 (Debian: '

@@ -41,6 +41,7 @@ shared with any reader that joined them).
 import logging
 import threading
 import time
+from typing import Optional
 
 from oslo_config import cfg
 
@@ -128,7 +129,7 @@ class _Replay:
     """Worker threads fetching chunks in background, yielding to demand."""
 
     #: cache counter of the chunks this kind of replay fetched
-    counter = None
+    counter: Optional[str] = None
     kind = 'replay'
 
     def __init__(self, cache, concurrency, demand_allowance, max_errors,

@@ -34,6 +34,7 @@ anything that is not exactly one of these forms raises
 
 import dataclasses
 import re
+from typing import Mapping, Optional, Tuple, Union
 import urllib.parse
 import uuid
 
@@ -74,7 +75,7 @@ _NO_QUERY = 'query or fragment not allowed'
 class InvalidLocation(ValueError):
     """A location URI that is not one VMThunder understands."""
 
-    def __init__(self, location, reason):
+    def __init__(self, location: str, reason: str) -> None:
         self.location = location
         self.reason = reason
         shown = location if len(location) <= 120 else location[:117] + '...'
@@ -91,11 +92,11 @@ class VolumeLocation:
 
     scheme: str
     volume_id: str
-    store: str = None
-    image_id: str = None
+    store: Optional[str] = None
+    image_id: Optional[str] = None
 
     @property
-    def url(self):
+    def url(self) -> str:
         if self.store:
             url = '%s://%s/%s' % (self.scheme, self.store, self.volume_id)
         else:
@@ -115,13 +116,18 @@ class RbdLocation:
     snapshot: str
 
     @property
-    def url(self):
+    def url(self) -> str:
         parts = [self.fsid, self.pool, self.image, self.snapshot]
         return 'rbd://' + '/'.join(urllib.parse.quote(p, safe='')
                                    for p in parts)
 
 
-def thunder_location(volume_id, store=None, image_id=None):
+#: What :func:`parse` returns.
+Location = Union[VolumeLocation, RbdLocation]
+
+
+def thunder_location(volume_id: str, store: Optional[str] = None,
+                     image_id: Optional[str] = None) -> VolumeLocation:
     """The thunder store's location for an image-volume.
 
     :param image_id: the Glance image the volume holds; None gives the
@@ -134,17 +140,18 @@ def thunder_location(volume_id, store=None, image_id=None):
                           store, image_id)
 
 
-def is_image_id(value):
+def is_image_id(value: object) -> bool:
     """True if value is a Glance image id (a dashed UUID, any case)."""
     return isinstance(value, str) and bool(_IMAGE_ID.fullmatch(value))
 
 
-def cinder_location(volume_id, store=None):
+def cinder_location(volume_id: str,
+                    store: Optional[str] = None) -> VolumeLocation:
     """The upstream ``cinder://`` location for the same image-volume."""
     return VolumeLocation(CINDER_SCHEME, _canonical_uuid(volume_id), store)
 
 
-def parse(location):
+def parse(location: object) -> Location:
     """Parse a location URI into a VolumeLocation or an RbdLocation.
 
     :raises InvalidLocation: if the URI is malformed or of another scheme.
@@ -164,7 +171,7 @@ def parse(location):
     raise InvalidLocation(location, 'unsupported scheme %r' % scheme[:16])
 
 
-def _parse_rbd(location, rest):
+def _parse_rbd(location: str, rest: str) -> RbdLocation:
     _reject_query_and_fragment(location, rest)
     raw_parts = rest.split('/')
     if len(raw_parts) != 4:
@@ -196,7 +203,8 @@ def _parse_rbd(location, rest):
     return RbdLocation(fsid, pool, image, snapshot)
 
 
-def _parse_volume(location, scheme, rest):
+def _parse_volume(location: str, scheme: str,
+                  rest: str) -> VolumeLocation:
     rest, image_id = _split_image_id(location, scheme, rest)
     parts = rest.split('/')
     if len(parts) == 1:
@@ -215,7 +223,8 @@ def _parse_volume(location, scheme, rest):
     return VolumeLocation(scheme, volume_id, store, image_id)
 
 
-def _split_image_id(location, scheme, rest):
+def _split_image_id(location: str, scheme: str,
+                    rest: str) -> Tuple[str, Optional[str]]:
     """(rest without its query, image id or None).
 
     Only ``thunder://`` takes a query, and only ``?image_id=IMAGE_ID``
@@ -236,19 +245,20 @@ def _split_image_id(location, scheme, rest):
     return rest, value
 
 
-def _reject_query_and_fragment(location, rest):
+def _reject_query_and_fragment(location: str, rest: str) -> None:
     if '?' in rest or '#' in rest:
         raise InvalidLocation(location, _NO_QUERY)
 
 
-def _canonical_uuid(value):
+def _canonical_uuid(value: str) -> str:
     """Return value as a lower-case dashed UUID; ValueError otherwise."""
     if not _UUID.match(value):
         raise ValueError(value)
     return str(uuid.UUID(value))
 
 
-def rbd_from_metadata(metadata):
+def rbd_from_metadata(
+        metadata: Optional[Mapping[str, str]]) -> Optional[Location]:
     """The :class:`RbdLocation` that location metadata names, or None.
 
     :raises InvalidLocation: if the names are malformed.
@@ -256,12 +266,13 @@ def rbd_from_metadata(metadata):
     metadata = metadata or {}
     parts = [metadata.get(key) for key in (META_RBD_FSID, META_RBD_POOL,
                                            META_RBD_IMAGE, META_RBD_SNAPSHOT)]
-    if not all(isinstance(part, str) and part for part in parts):
+    names = [part for part in parts if isinstance(part, str) and part]
+    if len(names) != len(parts):
         return None
-    return parse(RbdLocation(*parts).url)
+    return parse(RbdLocation(*names).url)
 
 
-def volume_id_from_name(name, template):
+def volume_id_from_name(name: str, template: str) -> Optional[str]:
     """The volume id in an RBD image name, or None.
 
     ``template`` is Cinder's ``volume_name_template`` (``volume-%s``): the

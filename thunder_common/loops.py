@@ -19,13 +19,15 @@ output to :func:`backed_by`.
 
 import os
 import re
+from typing import List, Optional
 
 LIST_COMMAND = ('losetup', '--list', '--noheadings', '--raw', '--output',
                 'NAME,BACK-FILE')
 DEVICE = re.compile(r'^/dev/loop[0-9]{1,6}\Z')
 
 
-def backed_by(output, path=None, under=None):
+def backed_by(output: Optional[str], path: Optional[str] = None,
+              under: Optional[str] = None) -> List[str]:
     """Loop devices of ``output`` on file ``path`` or in directory ``under``.
 
     :param output: what :data:`LIST_COMMAND` printed.

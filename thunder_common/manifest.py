@@ -43,6 +43,7 @@ read the manifest.
 import hashlib
 import re
 import struct
+from typing import BinaryIO, Dict, Mapping, Optional, Tuple
 
 MAGIC = b'VMTHMFST'
 VERSION = 1
@@ -82,7 +83,7 @@ _HEX_DIGEST = re.compile(r'^[0-9a-f]{64}\Z')
 _DECIMAL = re.compile(r'^(0|[1-9][0-9]{0,18})\Z')
 
 
-def check_chunk_size(chunk_size):
+def check_chunk_size(chunk_size: int) -> None:
     """Raise ValueError unless chunk_size is a valid manifest chunk size."""
     if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or
             chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or
@@ -92,34 +93,37 @@ def check_chunk_size(chunk_size):
                                                chunk_size))
 
 
-def chunk_count(image_size, chunk_size):
+def chunk_count(image_size: int, chunk_size: int) -> int:
     """Number of chunks of an image of image_size bytes."""
     return -(-image_size // chunk_size)
 
 
-def serialized_size(image_size, chunk_size=DEFAULT_CHUNK_SIZE):
+def serialized_size(image_size: int,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """Length in bytes of the manifest of an image of image_size bytes."""
     return HEADER_SIZE + DIGEST_SIZE * chunk_count(image_size, chunk_size)
 
 
-def volume_offset(image_size):
+def volume_offset(image_size: int) -> int:
     """Offset of the manifest in an image-volume holding image_size bytes."""
     return -(-image_size // ALIGNMENT) * ALIGNMENT
 
 
-def volume_bytes_needed(image_size, chunk_size=DEFAULT_CHUNK_SIZE):
+def volume_bytes_needed(image_size: int,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """Bytes an image-volume needs for the image and its manifest."""
     return volume_offset(image_size) + serialized_size(image_size,
                                                        chunk_size)
 
 
-def is_size(value):
+def is_size(value: object) -> bool:
     """True if ``value`` is a non-negative integer (not a boolean)."""
     return (isinstance(value, int) and not isinstance(value, bool) and
             value >= 0)
 
 
-def check_placement(offset, length=None, image_size=None):
+def check_placement(offset: int, length: Optional[int] = None,
+                    image_size: Optional[int] = None) -> None:
     """Raise ValueError unless a manifest may lie where it is said to.
 
     ``offset`` and ``length`` (None: not known) place the manifest in an
@@ -165,7 +169,8 @@ def check_placement(offset, length=None, image_size=None):
 class Manifest:
     """The chunk digests of one image; immutable."""
 
-    def __init__(self, chunk_size, image_size, digests):
+    def __init__(self, chunk_size: int, image_size: int,
+                 digests: bytes) -> None:
         check_chunk_size(chunk_size)
         if (not isinstance(image_size, int) or isinstance(image_size, bool)
                 or image_size < 0):
@@ -185,21 +190,22 @@ class Manifest:
         self.algorithm = ALGORITHM_NAMES[ALGORITHM_SHA256]
         self._digests = digests
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, Manifest) and
                 self.to_bytes() == other.to_bytes())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return ('<Manifest %d bytes in %d chunks of %d, digest %s>'
                 % (self.image_size, self.chunk_count, self.chunk_size,
                    self.digest()[:16]))
 
     @property
-    def chunk_count(self):
+    def chunk_count(self) -> int:
         return len(self._digests) // DIGEST_SIZE
 
     @classmethod
-    def build(cls, stream, chunk_size=DEFAULT_CHUNK_SIZE):
+    def build(cls, stream: BinaryIO,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> 'Manifest':
         """The manifest of everything read from a file-like or iterable."""
         builder = ManifestBuilder(chunk_size)
         if hasattr(stream, 'read'):
@@ -215,25 +221,25 @@ class Manifest:
 
     # -- chunks -----------------------------------------------------------
 
-    def _check_index(self, index):
+    def _check_index(self, index: int) -> None:
         if (not isinstance(index, int) or isinstance(index, bool) or
                 not 0 <= index < self.chunk_count):
             raise IndexError('chunk index %r out of range [0, %d)'
                              % (index, self.chunk_count))
 
-    def chunk_range(self, index):
+    def chunk_range(self, index: int) -> Tuple[int, int]:
         """(offset, length) of chunk ``index`` in the image."""
         self._check_index(index)
         offset = index * self.chunk_size
         return offset, min(self.chunk_size, self.image_size - offset)
 
-    def digest_of(self, index):
+    def digest_of(self, index: int) -> bytes:
         """The 32-byte sha256 digest of chunk ``index``."""
         self._check_index(index)
         start = index * DIGEST_SIZE
         return self._digests[start:start + DIGEST_SIZE]
 
-    def verify_chunk(self, index, data):
+    def verify_chunk(self, index: int, data: bytes) -> bool:
         """True if ``data`` is exactly chunk ``index`` of the image.
 
         :raises IndexError: if the image has no chunk ``index``.
@@ -245,18 +251,19 @@ class Manifest:
 
     # -- serialised form --------------------------------------------------
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         header = _HEADER.pack(MAGIC, VERSION, ALGORITHM_SHA256,
                               self.chunk_size, self.image_size,
                               self.chunk_count)
         return header + self._digests
 
-    def digest(self):
+    def digest(self) -> str:
         """sha256 hex digest of the serialised manifest."""
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     @staticmethod
-    def parse_header(data, max_chunks=MAX_CHUNKS):
+    def parse_header(data: bytes,
+                     max_chunks: int = MAX_CHUNKS) -> Tuple[int, int, int]:
         """Validate a header; return (chunk_size, image_size, total length).
 
         Reading the first :data:`HEADER_SIZE` bytes is enough to know how
@@ -290,7 +297,8 @@ class Manifest:
         return chunk_size, image_size, HEADER_SIZE + count * DIGEST_SIZE
 
     @classmethod
-    def from_bytes(cls, data, max_chunks=MAX_CHUNKS):
+    def from_bytes(cls, data: bytes,
+                   max_chunks: int = MAX_CHUNKS) -> 'Manifest':
         """Parse a serialised manifest, strictly.
 
         :raises ValueError: if ``data`` is not exactly one valid manifest.
@@ -306,7 +314,7 @@ class Manifest:
 
     # -- metadata ---------------------------------------------------------
 
-    def metadata(self, offset):
+    def metadata(self, offset: int) -> Dict[str, str]:
         """Location and volume metadata for this manifest at ``offset``.
 
         Glance and Cinder metadata values are strings.
@@ -317,21 +325,20 @@ class Manifest:
                 META_CHUNK_SIZE: str(self.chunk_size)}
 
 
-def from_metadata(metadata):
+def from_metadata(metadata: Mapping[str, object]) -> Tuple[int, int, str]:
     """(offset, length, digest) of a manifest named by location metadata.
 
     :raises ValueError: if the keys are missing or malformed.
     """
     try:
         digest = metadata[META_DIGEST]
-        offset = metadata[META_OFFSET]
-        length = metadata[META_LENGTH]
+        raw = (metadata[META_OFFSET], metadata[META_LENGTH])
     except (KeyError, TypeError):
         raise ValueError('metadata does not name a manifest')
     if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
         raise ValueError('manifest digest is not a sha256 hex digest')
     values = []
-    for name, value in (('offset', offset), ('length', length)):
+    for name, value in zip(('offset', 'length'), raw):
         if not isinstance(value, str) or not _DECIMAL.match(value):
             raise ValueError('manifest %s is not a decimal number' % name)
         values.append(int(value))
@@ -340,7 +347,8 @@ def from_metadata(metadata):
     return offset, length, digest
 
 
-def load_verified(data, expected_digest, max_chunks=MAX_CHUNKS):
+def load_verified(data: bytes, expected_digest: str,
+                  max_chunks: int = MAX_CHUNKS) -> Manifest:
     """Parse a manifest whose digest must be ``expected_digest``.
 
     :raises ValueError: if the digest differs or the data is malformed.
@@ -356,7 +364,7 @@ def load_verified(data, expected_digest, max_chunks=MAX_CHUNKS):
 class ManifestBuilder:
     """Compute a manifest incrementally from data of any split."""
 
-    def __init__(self, chunk_size=DEFAULT_CHUNK_SIZE):
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.bytes_seen = 0
@@ -365,7 +373,7 @@ class ManifestBuilder:
         self._in_chunk = 0
         self._finished = False
 
-    def update(self, data):
+    def update(self, data: bytes) -> None:
         if self._finished:
             raise ValueError('manifest already finished')
         view = memoryview(data).cast('B')
@@ -378,7 +386,7 @@ class ManifestBuilder:
             if self._in_chunk == self.chunk_size:
                 self._close_chunk()
 
-    def _close_chunk(self):
+    def _close_chunk(self) -> None:
         if len(self._digests) // DIGEST_SIZE >= MAX_CHUNKS:
             raise ValueError('image larger than a manifest of %d chunks of '
                              '%d bytes can describe'
@@ -387,7 +395,7 @@ class ManifestBuilder:
         self._hasher = hashlib.sha256()
         self._in_chunk = 0
 
-    def finish(self):
+    def finish(self) -> Manifest:
         """The manifest of everything passed to update()."""
         if not self._finished:
             if self._in_chunk:

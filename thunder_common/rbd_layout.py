@@ -23,6 +23,7 @@ Every function takes an open ``rbd.Image`` (or a proxy of one) and does not
 close it.
 """
 
+from typing import Any, Optional
 import uuid
 
 # Snapshots the driver takes to clone from; removed when their last child
@@ -38,17 +39,17 @@ META_SEALED_SNAP = 'thunder.sealed_snapshot'
 META_DEFERRED = 'thunder.deferred_delete'
 
 
-def is_internal_snapshot(name):
+def is_internal_snapshot(name: str) -> bool:
     """True for snapshots VMThunder created and may remove by itself."""
     return (name.startswith(CLONE_SNAP_PREFIX) or
             name.startswith(RETIRED_SNAP_PREFIX))
 
 
-def new_clone_snapshot_name():
+def new_clone_snapshot_name() -> str:
     return CLONE_SNAP_PREFIX + uuid.uuid4().hex[:16]
 
 
-def metadata(image, key):
+def metadata(image: Any, key: str) -> Optional[str]:
     """The value of an RBD image metadata key, or None."""
     try:
         return image.metadata_get(key)
@@ -56,12 +57,12 @@ def metadata(image, key):
         return None
 
 
-def sealed_snapshot(image):
+def sealed_snapshot(image: Any) -> Optional[str]:
     """Name of the sealed image-volume's snapshot, or None if not sealed."""
     return metadata(image, META_SEALED_SNAP)
 
 
-def latest_clone_snapshot(image):
+def latest_clone_snapshot(image: Any) -> Optional[str]:
     """The most recent ``thunder-clone-*`` snapshot of an image, or None."""
     latest = None
     for snap in image.list_snaps():
@@ -71,7 +72,7 @@ def latest_clone_snapshot(image):
     return latest['name'] if latest else None
 
 
-def create_protected_snapshot(image, name):
+def create_protected_snapshot(image: Any, name: str) -> None:
     """Create and protect a snapshot; an existing one is reused."""
     if not image.snap_exists(name):
         image.create_snap(name)
@@ -79,7 +80,7 @@ def create_protected_snapshot(image, name):
         image.protect_snap(name)
 
 
-def seal_image_volume(image, glance_image_id):
+def seal_image_volume(image: Any, glance_image_id: str) -> str:
     """Mark an image-volume final and take its clone snapshot.
 
     Idempotent: a volume already sealed for the same image keeps its

@@ -113,7 +113,13 @@ Unset: Cinder's default volume type.
     cfg.IntOpt('thunder_store_write_chunk_size', default=4, min=1, max=64,
                help="""
 Size, in MiB, of the pieces the store reads from the upload and writes to
-the image-volume. The memory an upload uses is about this much.
+the image-volume.
+"""),
+    cfg.IntOpt('thunder_store_writes_in_flight', default=4, min=1, max=32,
+               help="""
+Pieces an upload writes to the image-volume at once, while the next one is
+read and hashed. An upload holds about this many pieces plus two in memory;
+1 writes one piece at a time.
 """),
     cfg.IntOpt('thunder_store_manifest_chunk_size',
                default=manifest.DEFAULT_CHUNK_SIZE // 1024,

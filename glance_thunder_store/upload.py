@@ -14,9 +14,13 @@
 
 The volume is sized for the image, in whole GiB (or 1 GiB, grown a GiB at
 a time, when the size is unknown). The data is read in pieces of the write
-chunk size, so an upload holds about one piece in memory, and hashed on the
-way: md5 (Glance's checksum), the requested multihash, the signature
-verifier and the per-chunk manifest. Pieces of zeros are not written to a
+chunk size and hashed on the way: md5 (Glance's checksum), the requested
+multihash, the signature verifier and the per-chunk manifest. Reading,
+writing and hashing overlap (:class:`_Pipeline`): a few pieces are written
+at once while the next is read, and each digest runs in its own thread
+(hashlib and librbd release the GIL), so an upload holds a few pieces in
+memory and costs the slowest of the three rather than their sum. Pieces of
+zeros are not written to a
 volume that reads zeros where nothing was written (a new RBD image): the
 image-volume of an image converted to raw, mostly zeros, stays thin. An
 RBD image-volume is then sealed (its protected clone snapshot taken). The
@@ -32,8 +36,11 @@ they are (Glance maps them itself), storage failures become glance_store
 exceptions.
 """
 
+import collections
+from concurrent import futures
 import dataclasses
 import errno
+import functools
 import math
 
 from glance_store.common import utils as store_utils
@@ -86,6 +93,56 @@ class _CallerError(Exception):
         self.error = error
 
 
+class _Pipeline:
+    """Pieces written and hashed in worker threads, in order.
+
+    ``put`` hands a piece to every hasher (each sees the pieces in order:
+    the previous piece's digests finish before this piece's start) and, if
+    asked, to a writer; at most ``writes_in_flight`` writes are pending at
+    once. A failed write or hash is raised by a later ``put`` or by
+    ``drain``. ``close`` waits for whatever still runs: nothing touches the
+    volume after it returns.
+    """
+
+    def __init__(self, hashers, writes_in_flight):
+        self._hashers = hashers
+        self._in_flight = writes_in_flight
+        self._hash_pool = futures.ThreadPoolExecutor(
+            len(hashers), thread_name_prefix='thunder-store-hash')
+        self._write_pool = futures.ThreadPoolExecutor(
+            writes_in_flight, thread_name_prefix='thunder-store-write')
+        self._hashing = []
+        self._writing = collections.deque()
+
+    def put(self, data, write=None):
+        """Hash ``data``; if ``write`` (a callable) is given, call it too."""
+        self._wait_hashes()
+        self._hashing = [self._hash_pool.submit(hasher, data)
+                         for hasher in self._hashers]
+        if write is not None:
+            while len(self._writing) >= self._in_flight:
+                self._writing.popleft().result()
+            self._writing.append(self._write_pool.submit(write))
+
+    def _wait_hashes(self):
+        hashing, self._hashing = self._hashing, []
+        for future in hashing:
+            future.result()
+
+    def drain(self):
+        """Wait for every piece put so far; raise the first failure."""
+        self._wait_hashes()
+        while self._writing:
+            self._writing.popleft().result()
+
+    def close(self):
+        """Wait for the workers to stop (after a failure: without raising)."""
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)
+        self._write_pool.shutdown(wait=True, cancel_futures=True)
+        self._hashing = []
+        self._writing.clear()
+
+
 @dataclasses.dataclass
 class UploadResult:
     volume_id: str
@@ -133,6 +190,7 @@ class ImageUpload:
         self.verifier = verifier
         self.store_name = store_name
         self.write_chunk = conf.thunder_store_write_chunk_size * units.Mi
+        self.writes_in_flight = conf.thunder_store_writes_in_flight
         self.manifest_chunk = conf.thunder_store_manifest_chunk_size * 1024
         self.md5 = store_utils.get_hasher('md5', False)
         self.multihash = store_utils.get_hasher(hashing_algo, False)
@@ -267,7 +325,30 @@ class ImageUpload:
         except Exception as e:
             raise _CallerError(e)
 
+    def _update_verifier(self, data):
+        try:
+            self.verifier.update(data)
+        except Exception as e:
+            raise _CallerError(e)
+
     def _copy_data(self):
+        hashers = [self.md5.update, self.multihash.update, self.builder.update]
+        if self.verifier is not None:
+            hashers.append(self._update_verifier)
+        pipeline = _Pipeline(hashers, self.writes_in_flight)
+        try:
+            self._pipe_data(pipeline)
+            pipeline.drain()
+        finally:
+            pipeline.close()
+        if self.image_size and self.written != self.image_size:
+            raise exceptions.Invalid(
+                message=_('Size mismatch: expected %(image_size)d bytes, got '
+                          '%(written)d') % {
+                              'image_size': self.image_size,
+                              'written': self.written})
+
+    def _pipe_data(self, pipeline):
         while True:
             data = self._read()
             if not data:
@@ -278,26 +359,17 @@ class ImageUpload:
                     message=_('Size exceeds: expected %(image_size)d bytes, '
                               'got at least %(end)d') % {
                                   'image_size': self.image_size, 'end': end})
-            self._ensure_capacity(end)
+            if end > self.attachment.capacity:
+                pipeline.drain()
+                self._ensure_capacity(end)
+            write = None
             if self._handle().reads_zeros_unwritten and self._zero(data):
                 self.skipped += len(data)
             else:
-                self._handle().write(self.written, data)
+                write = functools.partial(self._handle().write, self.written,
+                                          data)
+            pipeline.put(data, write)
             self.written = end
-            self.md5.update(data)
-            self.multihash.update(data)
-            self.builder.update(data)
-            if self.verifier is not None:
-                try:
-                    self.verifier.update(data)
-                except Exception as e:
-                    raise _CallerError(e)
-        if self.image_size and self.written != self.image_size:
-            raise exceptions.Invalid(
-                message=_('Size mismatch: expected %(image_size)d bytes, got '
-                          '%(written)d') % {
-                              'image_size': self.image_size,
-                              'written': self.written})
 
     def _room_for_manifest(self, needed):
         """Make the image-volume hold ``needed`` bytes for the manifest.

@@ -21,6 +21,7 @@ waits is virtual, so timeouts take no time.
 
 import errno
 import io
+import threading
 from unittest import mock
 
 from oslo_config import cfg
@@ -74,6 +75,7 @@ class MemoryRbdVolume:
     reads_zeros_unwritten = True
     backend = None  # set by the fixture
     write_hook = None  # called as hook(offset, data) before each write
+    _write_lock = threading.Lock()  # uploads write pieces concurrently
 
     def __init__(self, connection_data, read_only=False, timeout=30):
         self.pool, self.name, _kwargs = rbd_volume.parse_connection(
@@ -95,6 +97,10 @@ class MemoryRbdVolume:
         return data + b'\0' * (end - offset - len(data))
 
     def write(self, offset, data):
+        with self._write_lock:
+            self._write(offset, data)
+
+    def _write(self, offset, data):
         assert not self.read_only
         if MemoryRbdVolume.write_hook is not None:
             MemoryRbdVolume.write_hook(offset, data)

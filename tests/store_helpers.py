@@ -10,25 +10,22 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Fixtures for the store's unit tests: a fake Cinder and in-memory RBD.
+"""Helpers for the store's tests: in-memory RBD, contexts, uploads.
 
-Test modules import the fixtures they use (``from tests.unit.store_fixtures
-import cinder, store  # noqa``). The store's ``RbdVolume`` is replaced by
-:class:`MemoryRbdVolume`, which reads and writes the images of a
-:class:`MemoryBackend` behind the fake Cinder; the clock of the volume
-waits is virtual, so timeouts take no time.
+:class:`MemoryRbdVolume` stands in for the store's ``RbdVolume``: it reads
+and writes the images of a :class:`MemoryBackend` behind the fake Cinder
+of :mod:`tests.fake_cinder`. The fixtures that put them in place are in
+``tests/unit/glance_thunder_store/conftest.py``; the functional tests use
+:func:`make_store`, :class:`Context` and :class:`Upload` with a real Ceph.
 """
 
 import errno
 import io
-from unittest import mock
 
 from oslo_config import cfg
-import pytest
 
 from glance_thunder_store import rbd_volume
 from glance_thunder_store import store as store_mod
-from glance_thunder_store import volumes as volumes_mod
 from tests import fake_cinder
 
 FSID = 'a7f64266-0894-4f1e-a635-d0aeaa0e4cc7'
@@ -196,49 +193,3 @@ def make_store(backend=None, **overrides):
         conf.set_override(name, value, group)
     store.configure()
     return store
-
-
-@pytest.fixture
-def clock():
-    vclock = VirtualClock()
-    with mock.patch.object(volumes_mod, 'time', vclock):
-        yield vclock
-
-
-@pytest.fixture
-def memory():
-    backend = MemoryBackend(gib=4 * MiB)
-    MemoryRbdVolume.backend = backend
-    with mock.patch.object(volumes_mod.rbd_volume, 'RbdVolume',
-                           MemoryRbdVolume), \
-            mock.patch.object(volumes_mod.units, 'Gi', backend.gib):
-        yield backend
-    MemoryRbdVolume.write_hook = None
-    assert all(i.open == 0 for i in backend.images.values()), \
-        'test left an image-volume open'
-
-
-@pytest.fixture
-def cinder(memory, clock):
-    """The fake Cinder; checks that no connection is left open."""
-    fake = fake_cinder.FakeCinder(memory)
-    yield fake
-    assert fake.connections() == 0, 'test left a connection open'
-
-
-def _use(store, cinder):
-    store.clients.client = lambda context=None: cinder
-    return store
-
-
-@pytest.fixture
-def store(cinder):
-    """A single-store thunder Store talking to the fake Cinder."""
-    return _use(make_store(thunder_store_manifest_chunk_size=64), cinder)
-
-
-@pytest.fixture
-def multi_store(cinder):
-    """A multi-store thunder Store, backend ``fast``."""
-    return _use(make_store('fast', thunder_store_manifest_chunk_size=64),
-                cinder)

@@ -13,11 +13,12 @@
 """The bulk boot benchmark, end to end, in its quick mode with 2 nodes.
 
 Runs ``benchmarks/bulk_boot.py --quick --nodes 1,2`` as a user would (a
-subprocess, as root: network namespaces, veths, tc), then checks what it
-wrote: every node of every run read exactly the image's bytes of the trace
-(the benchmark compares a sha256 of every node's reads with the image's),
-the peer modes' origin sent at most 1.2 times the working set, the single
-origin strategies sent what they must, and no namespace is left.
+subprocess with the checkout on PYTHONPATH, as ``tox -e bench`` runs it, as
+root: network namespaces, veths, tc), then checks what it wrote: every node
+of every run read exactly the image's bytes of the trace (the benchmark
+compares a sha256 of every node's reads with the image's), the peer modes'
+origin sent at most 1.2 times the working set, the single origin strategies
+sent what they must, and no namespace is left.
 """
 
 import csv
@@ -29,8 +30,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 SCRIPT = os.path.join(REPO, 'benchmarks', 'bulk_boot.py')
 
 pytestmark = pytest.mark.skipif(
@@ -50,8 +51,9 @@ def quick_run(tmp_path_factory):
     before = namespaces()
     proc = subprocess.run(
         [sys.executable, SCRIPT, '--quick', '--nodes', '1,2', '--out',
-         str(out)], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
+         str(out)], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     with open(out / 'run.json') as f:
         meta = json.load(f)

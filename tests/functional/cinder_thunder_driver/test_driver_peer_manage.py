@@ -12,7 +12,7 @@
 
 """Peer mode's revert_to_snapshot, manage and unmanage on a real daemon.
 
-The driver of :mod:`tests.functional.test_driver_peer_mode` (in this
+The driver of ``test_driver_peer_mode`` (in this
 process, loop devices through Cinder's privsep) over a real
 ``thunder-cache`` with its volume files mounted; blank volumes, so no
 Ceph is needed.
@@ -24,20 +24,21 @@ from cinder import exception
 import pytest
 
 from tests.functional import cache_daemons
-from tests.functional.test_driver_peer_mode import _detach_all
-from tests.functional.test_driver_peer_mode import _loops_under
-from tests.functional.test_driver_peer_mode import _read
-from tests.functional.test_driver_peer_mode import _volume
-from tests.functional.test_driver_peer_mode import _write
-from tests.functional.test_driver_peer_mode import CONNECTOR
-from tests.functional.test_driver_peer_mode import driver  # noqa: F401
-from tests.functional.test_driver_peer_mode import GiB
-from tests.functional.test_driver_peer_mode import MiB
-from tests.functional.test_driver_peer_mode import pytestmark  # noqa: F401
+from tests.functional.cinder_thunder_driver import peer_helpers
+from tests.functional.cinder_thunder_driver.peer_helpers import CONNECTOR
+from tests.functional.cinder_thunder_driver.peer_helpers import detach_all
+from tests.functional.cinder_thunder_driver.peer_helpers import GiB
+from tests.functional.cinder_thunder_driver.peer_helpers import loops_under
+from tests.functional.cinder_thunder_driver.peer_helpers import MiB
+from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
+from tests.functional.cinder_thunder_driver.peer_helpers import read_device
+from tests.functional.cinder_thunder_driver.peer_helpers import write_device
 from thunder_cache import control
 from thunder_stack import standalone
 
 BLOCK = 4096
+
+pytestmark = peer_helpers.needs_loops_and_fuse
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def node(tmp_path):
     daemon = cache_daemons.VolumeDaemon(str(tmp_path), 'n')
     daemon.start()
     yield daemon
-    _detach_all(daemon.paths['mount'])
+    detach_all(daemon.paths['mount'])
     daemon.stop()
     assert not os.path.ismount(daemon.paths['mount'])
 
@@ -63,26 +64,26 @@ def _head(drv, volume):
     """The first block of a volume, read through its loop device."""
     device = _attach(drv, volume)
     try:
-        return _read(device, BLOCK)
+        return read_device(device, BLOCK)
     finally:
         drv.terminate_connection(volume, CONNECTOR)
 
 
-def test_revert_to_snapshot(driver, node):  # noqa: F811
-    vol = _volume()
+def test_revert_to_snapshot(driver, node):
+    vol = new_volume()
     driver.create_volume(vol)
     device = _attach(driver, vol)
     try:
-        _write(device, 0, _block(b'before'))
+        write_device(device, 0, _block(b'before'))
         snap = standalone.Snapshot(vol)
         driver.create_snapshot(snap)
-        _write(device, 0, _block(b'after'))
-        _write(device, 8 * MiB, _block(b'later'))
+        write_device(device, 0, _block(b'after'))
+        write_device(device, 8 * MiB, _block(b'later'))
         # Attached: refused, nothing changed.
         with pytest.raises(exception.VolumeBackendAPIException,
                            match='VolumeBusy'):
             driver.revert_to_snapshot(None, vol, snap)
-        assert _read(device, BLOCK) == _block(b'after')
+        assert read_device(device, BLOCK) == _block(b'after')
     finally:
         driver.terminate_connection(vol, CONNECTOR)
     driver.extend_volume(vol, 2)
@@ -93,18 +94,18 @@ def test_revert_to_snapshot(driver, node):  # noqa: F811
     assert info['size'] == 2 * GiB and info['written_bytes'] == BLOCK
     device = _attach(driver, vol)
     try:
-        assert _read(device, BLOCK) == _block(b'before')
-        assert _read(device, BLOCK, 8 * MiB) == bytes(BLOCK)
+        assert read_device(device, BLOCK) == _block(b'before')
+        assert read_device(device, BLOCK, 8 * MiB) == bytes(BLOCK)
         fd = os.open(device, os.O_RDONLY)
         try:
             assert os.lseek(fd, 0, os.SEEK_END) == 2 * GiB
         finally:
             os.close(fd)
-        _write(device, 0, _block(b'again'))
+        write_device(device, 0, _block(b'again'))
     finally:
         driver.terminate_connection(vol, CONNECTOR)
     # The snapshot is untouched and still usable.
-    other = _volume()
+    other = new_volume()
     driver.create_volume_from_snapshot(other, snap)
     assert _head(driver, other) == _block(b'before')
     for v in (vol, other):
@@ -121,13 +122,13 @@ def _entries(drv, managed=()):
     return {e['reference']['source-name']: e for e in entries}
 
 
-def test_unmanage_then_manage(driver, node):  # noqa: F811
-    vol = _volume()
+def test_unmanage_then_manage(driver, node):
+    vol = new_volume()
     driver.create_volume(vol)
     snap = standalone.Snapshot(vol)
     device = _attach(driver, vol)
     try:
-        _write(device, 0, _block(b'mine'))
+        write_device(device, 0, _block(b'mine'))
         driver.create_snapshot(snap)
         entries = _entries(driver, [vol])
         assert entries[vol.name]['reason_not_safe'] == 'already managed'
@@ -135,7 +136,7 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
         # Attached: not manageable.
         with pytest.raises(exception.ManageExistingInvalidReference,
                            match='in use'):
-            driver.manage_existing_get_size(_volume(),
+            driver.manage_existing_get_size(new_volume(),
                                             {'source-name': vol.name})
     finally:
         driver.terminate_connection(vol, CONNECTOR)
@@ -148,9 +149,9 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
                          ('volume-missing', 'no volume')):
         with pytest.raises(exception.ManageExistingInvalidReference,
                            match=reason):
-            driver.manage_existing(_volume(), {'source-name': name})
+            driver.manage_existing(new_volume(), {'source-name': name})
 
-    adopted = _volume()
+    adopted = new_volume()
     ref = {'source-name': vol.name}
     adopted.size = driver.manage_existing_get_size(adopted, ref)
     assert adopted.size == 1
@@ -172,10 +173,10 @@ def test_unmanage_then_manage(driver, node):  # noqa: F811
         driver.manage_existing_snapshot(adopted_snap,
                                         {'source-name': adopted.name})
     assert driver.manage_existing_snapshot(adopted_snap, ref) == {}
-    from_snap = _volume()
+    from_snap = new_volume()
     driver.create_volume_from_snapshot(from_snap, adopted_snap)
     assert _head(driver, from_snap) == _block(b'mine')
-    assert _loops_under(node.paths['mount']) == []
+    assert loops_under(node.paths['mount']) == []
     for v in (adopted, from_snap):
         driver.delete_volume(v)
     driver.delete_snapshot(adopted_snap)

@@ -20,41 +20,30 @@ Glance-style location metadata as the thunder store records it.
 
 import hashlib
 import os
-import shutil
 import subprocess
 import uuid
 
 from cinder import exception
 import pytest
 
-from cinder_thunder_driver import peer
 from tests.functional import cache_daemons
+from tests.functional.cinder_thunder_driver import peer_helpers
+from tests.functional.cinder_thunder_driver.peer_helpers import CONNECTOR
+from tests.functional.cinder_thunder_driver.peer_helpers import detach_all
+from tests.functional.cinder_thunder_driver.peer_helpers import GiB
+from tests.functional.cinder_thunder_driver.peer_helpers import loops_under
+from tests.functional.cinder_thunder_driver.peer_helpers import MiB
+from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
+from tests.functional.cinder_thunder_driver.peer_helpers import read_device
+from tests.functional.cinder_thunder_driver.peer_helpers import write_device
 from thunder_common import locations
-from thunder_common import loops
 from thunder_common import manifest as manifest_mod
 from thunder_stack import standalone
 
-BACKEND = 'thunder_peer_functional'
-HOST = 'peer-node'
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 CHUNK = MiB
 SIZE = 20 * MiB + 4321
 
-
-def _unavailable():
-    for tool in ('losetup', 'fusermount3'):
-        if not shutil.which(tool):
-            return '%s is not installed' % tool
-    if not os.path.exists('/dev/fuse'):
-        return 'no /dev/fuse'
-    if os.geteuid() != 0:
-        return 'loop devices need root'
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None,
-                                reason=_unavailable() or '')
+pytestmark = peer_helpers.needs_loops_and_fuse
 
 
 @pytest.fixture(scope='module')
@@ -70,30 +59,9 @@ def node(tmp_path, ceph):
         str(tmp_path), 'n', extra='[origin]\nrbd_ceph_conf = %s' % ceph)
     daemon.start()
     yield daemon
-    _detach_all(daemon.paths['mount'])
+    detach_all(daemon.paths['mount'])
     daemon.stop()
     assert not os.path.ismount(daemon.paths['mount'])
-
-
-def _loops_under(mount):
-    out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
-                         check=True).stdout
-    return loops.backed_by(out, under=mount)
-
-
-def _detach_all(mount):
-    for device in _loops_under(mount):
-        subprocess.run(['losetup', '-d', device], check=False)
-
-
-@pytest.fixture
-def driver(node):
-    drv = standalone.make_driver(
-        BACKEND, driver_class=peer.PeerDriver,
-        thunder_cache_control_socket=node.paths['control'],
-        thunder_rbd_pool='volumes')
-    yield drv
-    standalone.clear_configuration(BACKEND)
 
 
 @pytest.fixture
@@ -113,47 +81,15 @@ def image_location(ceph, image):
         yield (url, [{'url': url, 'metadata': metadata}])
 
 
-def _volume(size=1):
-    vol = standalone.Volume(size=size)
-    vol.host = '%s@%s#%s' % (HOST, BACKEND, BACKEND)
-    return vol
-
-
 def _meta(image_id):
     return {'id': image_id, 'disk_format': 'raw',
             'container_format': 'bare'}
 
 
-def _read(device, length, offset=0):
-    fd = os.open(device, os.O_RDONLY)
-    try:
-        out = bytearray()
-        while len(out) < length:
-            block = os.pread(fd, min(4 * MiB, length - len(out)),
-                             offset + len(out))
-            assert block, 'short read from %s' % device
-            out += block
-        return bytes(out)
-    finally:
-        os.close(fd)
-
-
-def _write(device, offset, data):
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-CONNECTOR = {'host': HOST, 'ip': '127.0.0.1'}
-
-
 def test_volume_from_image_attach_read_write(driver, node, image,
                                              image_location):
     image_id = str(uuid.uuid4())
-    vol = _volume()
+    vol = new_volume()
     update, cloned = driver.clone_image(None, vol, image_location,
                                         _meta(image_id), None)
     assert cloned and update == {'provider_location': None}
@@ -169,28 +105,29 @@ def test_volume_from_image_attach_read_write(driver, node, image,
         dio = subprocess.run(['losetup', '-n', '-O', 'DIO', device],
                              capture_output=True, text=True).stdout.strip()
         assert dio == '1'
-        assert hashlib.sha256(_read(device, SIZE)).digest() == \
+        assert hashlib.sha256(read_device(device, SIZE)).digest() == \
             hashlib.sha256(image).digest()
-        assert _read(device, MiB, SIZE) == bytes(MiB)
+        assert read_device(device, MiB, SIZE) == bytes(MiB)
         # Asking again gives the same device, not a second one.
         again = driver.initialize_connection(vol, CONNECTOR)
         assert again['data']['device_path'] == device
-        _write(device, 5 * MiB, b'\x5a' * 8192)
-        assert _read(device, 8192, 5 * MiB) == b'\x5a' * 8192
+        write_device(device, 5 * MiB, b'\x5a' * 8192)
+        assert read_device(device, 8192, 5 * MiB) == b'\x5a' * 8192
     finally:
         driver.terminate_connection(vol, CONNECTOR)
-    assert _loops_under(node.paths['mount']) == []
+    assert loops_under(node.paths['mount']) == []
     assert node.metric('thunder_cache_chunks_rejected_total') == 0
     assert node.metric('thunder_cache_chunks_from_origin_total') >= \
         SIZE // CHUNK
 
     # A second volume of the image does not see the first one's write.
-    other = _volume()
+    other = new_volume()
     driver.clone_image(None, other, image_location, _meta(image_id), None)
     device = driver.initialize_connection(other, CONNECTOR)['data'][
         'device_path']
     try:
-        assert _read(device, 8192, 5 * MiB) == image[5 * MiB:5 * MiB + 8192]
+        assert (read_device(device, 8192, 5 * MiB) ==
+                image[5 * MiB:5 * MiB + 8192])
     finally:
         driver.terminate_connection(other, CONNECTOR)
     for v in (vol, other):
@@ -199,26 +136,26 @@ def test_volume_from_image_attach_read_write(driver, node, image,
 
 
 def test_attach_elsewhere_is_refused(driver, node, image, image_location):
-    vol = _volume()
+    vol = new_volume()
     driver.create_volume(vol)
     with pytest.raises(exception.VolumeBackendAPIException,
                        match='can only be attached there'):
         driver.initialize_connection(vol, {'host': 'another-node'})
-    assert _loops_under(node.paths['mount']) == []
+    assert loops_under(node.paths['mount']) == []
     driver.delete_volume(vol)
 
 
 def test_snapshot_clone_extend_delete(driver, node, image, image_location):
     image_id = str(uuid.uuid4())
-    vol = _volume()
+    vol = new_volume()
     driver.clone_image(None, vol, image_location, _meta(image_id), None)
     device = driver.initialize_connection(vol, CONNECTOR)['data'][
         'device_path']
     try:
-        _write(device, 0, b'before-snapshot'.ljust(4096, b'.'))
+        write_device(device, 0, b'before-snapshot'.ljust(4096, b'.'))
         snap = standalone.Snapshot(vol)
         driver.create_snapshot(snap)
-        _write(device, 0, b'after-snapshot'.ljust(4096, b'.'))
+        write_device(device, 0, b'after-snapshot'.ljust(4096, b'.'))
         # Extend while attached: the device grows.
         driver.extend_volume(vol, 2)
         vol.size = 2
@@ -227,20 +164,20 @@ def test_snapshot_clone_extend_delete(driver, node, image, image_location):
             assert os.lseek(fd, 0, os.SEEK_END) == 2 * GiB
         finally:
             os.close(fd)
-        assert _read(device, MiB, 2 * GiB - MiB) == bytes(MiB)
+        assert read_device(device, MiB, 2 * GiB - MiB) == bytes(MiB)
     finally:
         driver.terminate_connection(vol, CONNECTOR)
 
-    from_snap = _volume(size=3)
+    from_snap = new_volume(size=3)
     driver.create_volume_from_snapshot(from_snap, snap)
-    clone = _volume(size=2)
+    clone = new_volume(size=2)
     driver.create_cloned_volume(clone, vol)
     for v, head in ((from_snap, b'before-snapshot'),
                     (clone, b'after-snapshot')):
         device = driver.initialize_connection(v, CONNECTOR)['data'][
             'device_path']
         try:
-            data = _read(device, SIZE)
+            data = read_device(device, SIZE)
             assert data.startswith(head)
             assert data[4096:] == image[4096:]
         finally:
@@ -249,12 +186,12 @@ def test_snapshot_clone_extend_delete(driver, node, image, image_location):
         'size'] == 3 * GiB
     # The snapshot outlives its volume.
     driver.delete_volume(vol)
-    late = _volume()
+    late = new_volume()
     driver.create_volume_from_snapshot(late, snap)
     device = driver.initialize_connection(late, CONNECTOR)['data'][
         'device_path']
     try:
-        assert _read(device, 4096).startswith(b'before-snapshot')
+        assert read_device(device, 4096).startswith(b'before-snapshot')
     finally:
         driver.terminate_connection(late, CONNECTOR)
     driver.delete_snapshot(snap)

@@ -36,9 +36,9 @@ from cinder_thunder_driver.cluster import rbd
 from glance_thunder_store import extra_locations
 from glance_thunder_store import location as location_mod
 from tests import fake_cinder
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import make_store
-from tests.unit.store_fixtures import Upload
+from tests.store_helpers import Context
+from tests.store_helpers import make_store
+from tests.store_helpers import Upload
 from thunder_common import locations
 from thunder_common import manifest
 from thunder_common import rbd_layout

@@ -13,18 +13,12 @@
 """benchmarks/boot_guests.py: console markers, table, CSV, image-volume."""
 
 import csv
-import importlib
 import os
-import sys
 
 import pytest
 
+from benchmarks import boot_guests
 from thunder_common import manifest as manifest_mod
-
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-boot_guests = importlib.import_module('boot_guests')
 
 MiB = 1024 * 1024
 

@@ -12,17 +12,10 @@
 
 """The pure parts of benchmarks/bulk_boot.py (the runs are functional)."""
 
-import importlib
-import os
-import sys
-
 import pytest
 
+from benchmarks import bulk_boot
 from thunder_common import manifest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..',
-                                'benchmarks'))
-bulk_boot = importlib.import_module('bulk_boot')
 
 KiB = 1024
 READS = [(0.0, 0, 4 * KiB), (0.1, 2 * KiB, 4 * KiB),

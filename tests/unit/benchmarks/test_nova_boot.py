@@ -13,16 +13,10 @@
 """benchmarks/nova_boot.py: arguments, statistics, table, goals, CSV."""
 
 import argparse
-import importlib
-import os
-import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-nova_boot = importlib.import_module('nova_boot')
+from benchmarks import nova_boot
 
 
 def server(active, marker, copied=0, written=4096, clone=True):

@@ -12,14 +12,7 @@
 
 """benchmarks/nova_nodes.py: table, goals and plot from per-server rows."""
 
-import importlib
-import os
-import sys
-
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-nova_nodes = importlib.import_module('nova_nodes')
+from benchmarks import nova_nodes
 
 MB = 1000 * 1000
 

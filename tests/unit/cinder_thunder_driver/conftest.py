@@ -10,11 +10,12 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Fixtures for unit tests: a fake Ceph and drivers configured against it.
+"""Fixtures for the driver's unit tests: a fake Ceph and drivers on it.
 
-No test needs the real ``rados``/``rbd`` bindings: every module that
-imported them (as None, through ``try_import``) gets the fakes of
-:mod:`tests.unit.fakes` for the duration of each test.
+No test needs the real ``rados``/``rbd`` bindings: every driver module
+that imported them (as None, through ``try_import``) gets the fakes of
+:mod:`tests.unit.cinder_thunder_driver.fakes` for the duration of each
+test.
 """
 
 from unittest import mock
@@ -29,8 +30,7 @@ from cinder_thunder_driver import cluster as cluster_mod
 from cinder_thunder_driver import driver
 from cinder_thunder_driver import flattener
 from cinder_thunder_driver import options
-from tests.unit import fakes
-from thunder_cache import protocol
+from tests.unit.cinder_thunder_driver import fakes
 
 BACKEND = 'thunder_unit'
 
@@ -52,16 +52,6 @@ def fake_ceph():
         yield ceph
     assert ceph.open_count() == 0, 'test leaked open RBD images'
     assert all(i.closed for i in ceph.open_ioctxs), 'test leaked ioctxs'
-
-
-@pytest.fixture
-def https():
-    """Peer URLs are https:// for the test (``[peer] tls_enabled``)."""
-    protocol.use_tls(True)
-    try:
-        yield
-    finally:
-        protocol.use_tls(False)
 
 
 @pytest.fixture
@@ -119,9 +109,17 @@ def cluster(make_conf):
     return cluster_mod.Cluster(make_conf())
 
 
-# Fixtures of the thunder Glance store's tests.
-from tests.unit.store_fixtures import cinder  # noqa: E402,F401,I100,I202
-from tests.unit.store_fixtures import clock  # noqa: E402,F401
-from tests.unit.store_fixtures import memory  # noqa: E402,F401
-from tests.unit.store_fixtures import multi_store  # noqa: E402,F401
-from tests.unit.store_fixtures import store  # noqa: E402,F401
+@pytest.fixture
+def conversion_dir(tmp_path):
+    path = tmp_path / 'conversion'
+    cfg.CONF.set_override('image_conversion_dir', str(path))
+    yield path
+    cfg.CONF.clear_override('image_conversion_dir')
+
+
+@pytest.fixture
+def mount_dir(tmp_path):
+    """The daemon's mount directory of the peer-mode tests."""
+    path = tmp_path / 'volumes'
+    path.mkdir()
+    return str(path)

@@ -578,3 +578,17 @@ def make_modules(ceph):
 # The stand-ins the functional tests and benchmarks use.
 Volume = standalone.Volume
 Snapshot = standalone.Snapshot
+
+# -- Glance images ------------------------------------------------------------
+
+# The image metadata of a cloneable image, and of images the driver declines.
+RAW = {'id': 'glance-image-1', 'disk_format': 'raw',
+       'container_format': 'bare'}
+
+NOT_CLONEABLE = [
+    dict(RAW, disk_format='qcow2'),
+    dict(RAW, disk_format=None),
+    {'id': RAW['id'], 'container_format': 'bare'},
+    dict(RAW, container_format='ova'),
+    dict(RAW, container_format='compressed'),
+]

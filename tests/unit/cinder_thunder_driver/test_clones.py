@@ -19,7 +19,7 @@ from cinder import exception
 import pytest
 
 from cinder_thunder_driver import clones
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 from thunder_common import rbd_layout
 
 CLONE_SNAP = 'thunder-clone-0000000000000001'

@@ -21,7 +21,7 @@ import pytest
 
 from cinder_thunder_driver import base
 from cinder_thunder_driver import cluster as cluster_mod
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 
 VBAE = exception.VolumeBackendAPIException
 

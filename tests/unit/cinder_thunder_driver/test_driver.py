@@ -27,7 +27,7 @@ import pytest
 
 from cinder_thunder_driver import clones
 from cinder_thunder_driver import driver
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 from thunder_common import rbd_layout
 
 VBAE = exception.VolumeBackendAPIException

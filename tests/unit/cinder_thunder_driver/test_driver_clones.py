@@ -19,20 +19,19 @@ from unittest import mock
 import uuid
 
 from cinder import exception
-from oslo_config import cfg
 from oslo_utils import units
 import pytest
 
 from cinder_thunder_driver import driver
 from cinder_thunder_driver import image_clones
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 from thunder_common import locations
 from thunder_common import rbd_layout
 
 VBAE = exception.VolumeBackendAPIException
 GiB = units.Gi
-RAW = {'id': 'glance-image-1', 'disk_format': 'raw',
-       'container_format': 'bare'}
+RAW = fakes.RAW
+NOT_CLONEABLE = fakes.NOT_CLONEABLE
 
 
 def parent(ceph, volume):
@@ -327,15 +326,6 @@ def test_clone_image_tries_locations_in_turn(drv, fake_ceph, image_volume):
     assert parent(fake_ceph, volume)[0] == state.name
 
 
-NOT_CLONEABLE = [
-    dict(RAW, disk_format='qcow2'),
-    dict(RAW, disk_format=None),
-    {'id': RAW['id'], 'container_format': 'bare'},
-    dict(RAW, container_format='ova'),
-    dict(RAW, container_format='compressed'),
-]
-
-
 def declined(drv):
     return drv.image_clones.stats()[image_clones.STAT_REASONS]
 
@@ -487,14 +477,6 @@ def test_clone_image_too_large(make_driver, fake_ceph, image_volume):
 
 
 # -- image copies -------------------------------------------------------------
-
-@pytest.fixture
-def conversion_dir(tmp_path):
-    path = tmp_path / 'conversion'
-    cfg.CONF.set_override('image_conversion_dir', str(path))
-    yield path
-    cfg.CONF.clear_override('image_conversion_dir')
-
 
 def test_copy_image_to_volume(drv, fake_ceph, conversion_dir):
     volume, state = source(fake_ceph, size=1)

@@ -25,9 +25,7 @@ from cinder_thunder_driver import driver
 from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import peer
-from tests.unit import fakes
-from tests.unit import test_driver_clones
-from tests.unit import test_loopdev
+from tests.unit.cinder_thunder_driver import fakes
 from thunder_cache import control
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
@@ -36,12 +34,8 @@ VBAE = exception.VolumeBackendAPIException
 GiB = units.Gi
 MiB = units.Mi
 HOST = 'node1'
-NOT_CLONEABLE = test_driver_clones.NOT_CLONEABLE
-RAW = test_driver_clones.RAW
-
-# Shared fixtures.
-conversion_dir = test_driver_clones.conversion_dir
-mount_dir = test_loopdev.mount_dir
+NOT_CLONEABLE = fakes.NOT_CLONEABLE
+RAW = fakes.RAW
 
 
 class FakeDaemon(control.ControlClient):

@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 
 from cinder_thunder_driver import flattener
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 from thunder_common import rbd_layout
 
 SNAP = 'thunder-clone-0000000000000001'

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from cinder_thunder_driver import image_clones
-from tests.unit import fakes
+from tests.unit.cinder_thunder_driver import fakes
 
 RAW = {'id': 'glance-image-1', 'disk_format': 'raw',
        'container_format': 'bare'}

@@ -89,13 +89,6 @@ def losetup():
 
 
 @pytest.fixture
-def mount_dir(tmp_path):
-    path = tmp_path / 'volumes'
-    path.mkdir()
-    return str(path)
-
-
-@pytest.fixture
 def volume_file(mount_dir):
     path = os.path.join(mount_dir, 'volume-1')
     with open(path, 'wb') as f:

@@ -31,8 +31,8 @@ EXPECTED = {
     'thunder_mode', 'thunder_cache_control_socket', 'thunder_cache_timeout',
     'thunder_loop_direct_io',
 }
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 
 def _listed():

@@ -25,11 +25,11 @@ import pytest
 
 from glance_thunder_store import upload
 from glance_thunder_store import volumes as volumes_mod
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import make_store
-from tests.unit.store_fixtures import MemoryRbdVolume
-from tests.unit.store_fixtures import MiB
-from tests.unit.store_fixtures import Upload
+from tests.store_helpers import Context
+from tests.store_helpers import make_store
+from tests.store_helpers import MemoryRbdVolume
+from tests.store_helpers import MiB
+from tests.store_helpers import Upload
 from thunder_common import locations
 from thunder_common import manifest
 

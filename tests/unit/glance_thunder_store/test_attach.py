@@ -22,7 +22,7 @@ from glance_thunder_store import brick_volume
 from glance_thunder_store import rbd_volume
 from glance_thunder_store import volumes as volumes_mod
 from tests import fake_cinder
-from tests.unit.store_fixtures import make_store
+from tests.store_helpers import make_store
 
 KEYRING = """[client.admin]
 \tkey = ADMINKEY==

@@ -25,8 +25,8 @@ from stevedore import driver as stevedore_driver
 from glance_thunder_store import cinder_client
 from glance_thunder_store import options
 from glance_thunder_store import store as store_mod
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import make_store
+from tests.store_helpers import Context
+from tests.store_helpers import make_store
 
 
 @pytest.fixture(autouse=True)

@@ -28,9 +28,9 @@ import pytest
 from glance_thunder_store import extra_locations
 from glance_thunder_store import location as location_mod
 from glance_thunder_store import ownership
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import MiB
-from tests.unit.store_fixtures import Upload
+from tests.store_helpers import Context
+from tests.store_helpers import MiB
+from tests.store_helpers import Upload
 from thunder_common import locations
 
 OWNER = Context('project-b')

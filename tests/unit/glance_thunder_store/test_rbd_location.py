@@ -23,12 +23,12 @@ from cinder_thunder_driver import peer
 from glance_thunder_store import extra_locations
 from glance_thunder_store import location as location_mod
 from glance_thunder_store import upload
-from tests.unit import store_fixtures
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import make_store
-from tests.unit.store_fixtures import MemoryRbdVolume
-from tests.unit.store_fixtures import MiB
-from tests.unit.store_fixtures import Upload
+from tests import store_helpers
+from tests.store_helpers import Context
+from tests.store_helpers import make_store
+from tests.store_helpers import MemoryRbdVolume
+from tests.store_helpers import MiB
+from tests.store_helpers import Upload
 from thunder_common import locations
 from thunder_common import manifest
 
@@ -70,7 +70,7 @@ def test_the_location_is_the_sealed_snapshot(rbd_store, cinder):
     [volume] = cinder.db.values()
     parsed = locations.parse(url)
     assert parsed == locations.RbdLocation(
-        store_fixtures.FSID, 'volumes', 'volume-%s' % volume.id,
+        store_helpers.FSID, 'volumes', 'volume-%s' % volume.id,
         'thunder-clone-0123456789abcdef')
     assert volume.metadata[upload.META_LOCATION_SCHEME] == 'rbd'
     # The same location metadata as a thunder:// location's.

@@ -23,10 +23,10 @@ import pytest
 
 from glance_thunder_store import extra_locations
 from glance_thunder_store import location as location_mod
-from tests.unit.store_fixtures import Context
-from tests.unit.store_fixtures import make_store
-from tests.unit.store_fixtures import MiB
-from tests.unit.store_fixtures import Upload
+from tests.store_helpers import Context
+from tests.store_helpers import make_store
+from tests.store_helpers import MiB
+from tests.store_helpers import Upload
 
 
 def _location(store, url):

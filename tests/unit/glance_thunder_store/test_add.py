@@ -325,32 +325,43 @@ def test_less_data_than_announced(store, cinder, memory):
     _assert_nothing_left(cinder, memory)
 
 
-def test_quota_exceeded_on_create(store, cinder, memory):
-    cinder.faults['create'] = cinder_exceptions.OverLimit(
-        413, 'VolumeSizeExceedsAvailableQuota')
-    with pytest.raises(exceptions.StorageFull, match='quota'):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
+# A fault of Cinder's at each step of an upload: (fault, what it raises,
+# the expected error and its message, the image's size, the announced size).
+CINDER_FAULTS = {
+    'quota_exceeded_on_create': (
+        'create', cinder_exceptions.OverLimit(
+            413, 'VolumeSizeExceedsAvailableQuota'),
+        exceptions.StorageFull, 'quota', 10, None),
+    'quota_exceeded_on_extend': (
+        'extend', cinder_exceptions.OverLimit(413, 'gigabytes'),
+        exceptions.StorageFull, None, 5 * MiB, 0),
+    'extend_fails_in_the_backend': (
+        'extend_status', 'error_extending',
+        exceptions.StorageFull, 'extend', 5 * MiB, 0),
+    'volume_creation_ends_in_error': (
+        'create_status', 'error',
+        exceptions.BackendException, 'error', 10, None),
+    'cinder_error_on_create': (
+        'create', cinder_exceptions.ClientException(500, 'boom'),
+        exceptions.BackendException, 'boom', 10, None),
+    'cinder_unreachable': (
+        'create', ks_exceptions.ConnectFailure('refused'),
+        exceptions.BackendException, 'reach Cinder', 10, None),
+    'cinder_error_on_metadata': (
+        'set_metadata', cinder_exceptions.ClientException(500, 'db down'),
+        exceptions.BackendException, 'db down', 10, None),
+    'cinder_error_on_readonly': (
+        'update_readonly_flag', cinder_exceptions.ClientException(500, 'nope'),
+        exceptions.BackendException, 'nope', 10, None),
+}
 
 
-def test_quota_exceeded_on_extend(store, cinder, memory):
-    cinder.faults['extend'] = cinder_exceptions.OverLimit(413, 'gigabytes')
-    with pytest.raises(exceptions.StorageFull):
-        _add(store, _image(5 * MiB), size=0)
-    _assert_nothing_left(cinder, memory)
-
-
-def test_extend_fails_in_the_backend(store, cinder, memory):
-    cinder.faults['extend_status'] = 'error_extending'
-    with pytest.raises(exceptions.StorageFull, match='extend'):
-        _add(store, _image(5 * MiB), size=0)
-    _assert_nothing_left(cinder, memory)
-
-
-def test_volume_creation_ends_in_error(store, cinder, memory):
-    cinder.faults['create_status'] = 'error'
-    with pytest.raises(exceptions.BackendException, match='error'):
-        _add(store, _image(10))
+@pytest.mark.parametrize('case', CINDER_FAULTS)
+def test_cinder_fault_leaves_nothing(store, cinder, memory, case):
+    fault, value, error, match, length, size = CINDER_FAULTS[case]
+    cinder.faults[fault] = value
+    with pytest.raises(error, match=match):
+        _add(store, _image(length), size=size)
     _assert_nothing_left(cinder, memory)
 
 
@@ -365,21 +376,6 @@ def test_volume_creation_times_out(store, cinder, memory, clock):
     assert cinder.connections() == 0
 
 
-def test_cinder_error_on_create(store, cinder, memory):
-    cinder.faults['create'] = cinder_exceptions.ClientException(
-        500, 'boom')
-    with pytest.raises(exceptions.BackendException, match='boom'):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
-
-
-def test_cinder_unreachable(store, cinder, memory):
-    cinder.faults['create'] = ks_exceptions.ConnectFailure('refused')
-    with pytest.raises(exceptions.BackendException, match='reach Cinder'):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
-
-
 def test_cinder_error_on_connect(store, cinder, memory, monkeypatch):
     def refuse(volume, connector):
         raise cinder_exceptions.ClientException(500, 'no export')
@@ -388,22 +384,6 @@ def test_cinder_error_on_connect(store, cinder, memory, monkeypatch):
     monkeypatch.setattr('glance_thunder_store.brick_volume.full_connector',
                         lambda conf: {'host': 'h', 'initiator': 'iqn.x'})
     with pytest.raises(exceptions.BackendException, match='no export'):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
-
-
-def test_cinder_error_on_metadata(store, cinder, memory):
-    cinder.faults['set_metadata'] = cinder_exceptions.ClientException(
-        500, 'db down')
-    with pytest.raises(exceptions.BackendException, match='db down'):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
-
-
-def test_cinder_error_on_readonly(store, cinder, memory):
-    cinder.faults['update_readonly_flag'] = (
-        cinder_exceptions.ClientException(500, 'nope'))
-    with pytest.raises(exceptions.BackendException, match='nope'):
         _add(store, _image(10))
     _assert_nothing_left(cinder, memory)
 

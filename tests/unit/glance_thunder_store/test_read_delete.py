@@ -197,17 +197,14 @@ def test_delete_in_use(store, cinder, image):
     assert cinder.count() == 1
 
 
-def test_delete_other_cinder_error(store, cinder, image):
+@pytest.mark.parametrize('fault, error', [
+    (cinder_exceptions.ClientException(500, 'x'), exceptions.BackendException),
+    (cinder_exceptions.Forbidden(403, 'policy'), exceptions.Forbidden),
+], ids=['other_cinder_error', 'forbidden'])
+def test_delete_cinder_fault(store, cinder, image, fault, error):
     _data, url, _meta = image
-    cinder.faults['delete'] = cinder_exceptions.ClientException(500, 'x')
-    with pytest.raises(exceptions.BackendException):
-        store.delete(_location(store, url), context=Context())
-
-
-def test_delete_forbidden(store, cinder, image):
-    _data, url, _meta = image
-    cinder.faults['delete'] = cinder_exceptions.Forbidden(403, 'policy')
-    with pytest.raises(exceptions.Forbidden):
+    cinder.faults['delete'] = fault
+    with pytest.raises(error):
         store.delete(_location(store, url), context=Context())
 
 

@@ -169,10 +169,34 @@ def test_check_for_setup_error_not_mounted(drv, mount_dir):
         drv.check_for_setup_error()
 
 
-def test_check_for_setup_error_daemon_down(drv):
-    drv.daemon.errors['ping'] = _error('Unavailable', 'no socket')
-    with pytest.raises(VBAE, match='no socket'):
-        drv.check_for_setup_error()
+# A daemon's error at each step: (the control call that fails, its error
+# and message, what the VolumeBackendAPIException the driver raises must
+# say, what the driver was doing).
+DAEMON_ERRORS = {
+    'check_for_setup_error_daemon_down': (
+        'ping', 'Unavailable', 'no socket', 'no socket',
+        lambda drv: drv.check_for_setup_error()),
+    'create_volume_failure': (
+        'create_volume', 'VolumeExists', 'taken', 'taken',
+        lambda drv: drv.create_volume(_volume())),
+    'revert_to_snapshot_refused': (
+        'revert_volume', 'VolumeBusy',
+        'volume volume-x is open 1 times (attached?)', 'open 1 times',
+        lambda drv: drv.revert_to_snapshot(None, _volume(),
+                                           fakes.Snapshot(_volume()))),
+    'manage_existing_daemon_down': (
+        'volume_info', 'ConnectionError', 'down', 'down',
+        lambda drv: drv.manage_existing_get_size(_volume(),
+                                                 {'source-name': 'a'})),
+}
+
+
+@pytest.mark.parametrize('case', DAEMON_ERRORS)
+def test_daemon_error_is_raised_with_its_message(drv, case):
+    call, kind, message, match, action = DAEMON_ERRORS[case]
+    drv.daemon.errors[call] = _error(kind, message)
+    with pytest.raises(VBAE, match=match):
+        action(drv)
 
 
 def test_stats(drv):
@@ -218,12 +242,6 @@ def test_create_volume(drv):
     assert _calls(drv) == [('create_volume', {
         'volume_id': volume.name, 'size': 3 * GiB, 'image_id': None,
         'source': None})]
-
-
-def test_create_volume_failure(drv):
-    drv.daemon.errors['create_volume'] = _error('VolumeExists', 'taken')
-    with pytest.raises(VBAE, match='taken'):
-        drv.create_volume(_volume())
 
 
 @pytest.mark.parametrize('method, make_source', [
@@ -350,13 +368,6 @@ def test_revert_to_snapshot(drv, loop):
     loop['detach'].assert_not_called()
 
 
-def test_revert_to_snapshot_refused(drv):
-    drv.daemon.errors['revert_volume'] = _error(
-        'VolumeBusy', 'volume volume-x is open 1 times (attached?)')
-    with pytest.raises(VBAE, match='open 1 times'):
-        drv.revert_to_snapshot(None, _volume(), fakes.Snapshot(_volume()))
-
-
 # -- manage / unmanage -------------------------------------------------------
 
 def _layer(name, size=GiB, read_only=False, open_count=0, image_id=None):
@@ -403,12 +414,6 @@ def test_manage_existing_invalid_reference(drv, ref, answer, reason):
             call(_volume(), ref)
     assert [op for op, _ in _calls(drv)
             if op != 'volume_info'] == []
-
-
-def test_manage_existing_daemon_down(drv):
-    drv.daemon.errors['volume_info'] = _error('ConnectionError', 'down')
-    with pytest.raises(VBAE, match='down'):
-        drv.manage_existing_get_size(_volume(), {'source-name': 'a'})
 
 
 def test_unmanage_keeps_the_layer(drv, loop):

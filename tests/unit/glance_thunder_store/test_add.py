@@ -400,37 +400,40 @@ def test_ceph_full(store, cinder, memory, err):
     _assert_nothing_left(cinder, memory)
 
 
-def test_ceph_full_from_the_rbd_binding(store, cinder, memory):
-    class NoSpace(Exception):
-        errno = errno.ENOSPC
+class NoSpace(Exception):
+    """What the rbd binding raises on a full pool (an errno, no OSError)."""
 
-    def full(offset, data):
-        raise NoSpace('no space left')
-
-    MemoryRbdVolume.write_hook = staticmethod(full)
-    with pytest.raises(exceptions.StorageFull):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
+    errno = errno.ENOSPC
 
 
-def test_ceph_full_pool_times_writes_out(store, cinder, memory):
+def _no_space(memory, offset, data):
+    raise NoSpace('no space left')
+
+
+def _stuck(memory, offset, data):
     # A full Ceph pool makes writes wait until the operation timeout.
-    def stuck(offset, data):
-        memory.flagged_full = True
-        raise OSError(errno.ETIMEDOUT, 'RBD operation timeout')
-
-    MemoryRbdVolume.write_hook = staticmethod(stuck)
-    with pytest.raises(exceptions.StorageFull):
-        _add(store, _image(10))
-    _assert_nothing_left(cinder, memory)
+    memory.flagged_full = True
+    raise OSError(errno.ETIMEDOUT, 'RBD operation timeout')
 
 
-def test_ceph_io_error(store, cinder, memory):
-    def broken(offset, data):
-        raise OSError(errno.EIO, 'osd down')
+def _broken(memory, offset, data):
+    raise OSError(errno.EIO, 'osd down')
 
-    MemoryRbdVolume.write_hook = staticmethod(broken)
-    with pytest.raises(exceptions.BackendException, match='osd down'):
+
+# A write to the image-volume failing: (how, the expected error, message).
+CEPH_WRITE_FAULTS = {
+    'full_from_the_rbd_binding': (_no_space, exceptions.StorageFull, None),
+    'full_pool_times_writes_out': (_stuck, exceptions.StorageFull, None),
+    'io_error': (_broken, exceptions.BackendException, 'osd down'),
+}
+
+
+@pytest.mark.parametrize('case', CEPH_WRITE_FAULTS)
+def test_ceph_write_fault(store, cinder, memory, case):
+    hook, error, match = CEPH_WRITE_FAULTS[case]
+    MemoryRbdVolume.write_hook = staticmethod(
+        lambda offset, data: hook(memory, offset, data))
+    with pytest.raises(error, match=match):
         _add(store, _image(10))
     _assert_nothing_left(cinder, memory)
 

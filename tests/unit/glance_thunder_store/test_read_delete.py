@@ -103,10 +103,15 @@ def test_closing_mid_download_detaches(store, cinder, image):
     assert cinder.connections() == 0
 
 
-def test_get_missing_volume(store):
-    url = 'thunder://%s' % uuid.uuid4()
+@pytest.mark.parametrize('method, url', [
+    ('get', 'thunder://%s' % uuid.uuid4()),
+    ('get_size', 'rbd://%s/volumes/not-a-volume/snap' % uuid.uuid4()),
+    ('get_size', 'thunder://%s' % uuid.uuid4()),
+], ids=['get_missing_volume', 'rbd_location_of_something_else',
+        'get_size_of_a_missing_volume'])
+def test_not_found(store, method, url):
     with pytest.raises(exceptions.NotFound):
-        store.get(_location(store, url), context=Context())
+        getattr(store, method)(_location(store, url), context=Context())
 
 
 def test_get_through_the_aliases(store, image):
@@ -133,12 +138,6 @@ def test_rbd_alias_must_match_the_volume(store, image):
             store.get_size(_location(store, wrong), context=Context())
 
 
-def test_rbd_location_of_something_else(store):
-    url = 'rbd://%s/volumes/not-a-volume/snap' % uuid.uuid4()
-    with pytest.raises(exceptions.NotFound):
-        store.get_size(_location(store, url), context=Context())
-
-
 def test_get_size(store, image):
     data, url, _meta = image
     assert store.get_size(_location(store, url), context=Context()) == len(
@@ -154,12 +153,6 @@ def test_get_size_without_metadata_is_the_volume_size(store, cinder):
     url = 'thunder://%s?image_id=%s' % (volume.id, image_id)
     assert store.get_size(_location(store, url),
                           context=Context()) == 2 * 4 * MiB
-
-
-def test_get_size_of_a_missing_volume(store):
-    with pytest.raises(exceptions.NotFound):
-        store.get_size(_location(store, 'thunder://%s' % uuid.uuid4()),
-                       context=Context())
 
 
 def test_get_size_on_cinder_errors_is_zero(store, cinder, image):

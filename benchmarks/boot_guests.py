@@ -64,11 +64,10 @@ import sys
 import tempfile
 import time
 
-import blockdev_mechanisms as bm
-import bulk_boot
-import cache_io
-import make_boot_trace as mbt
-
+from benchmarks import blockdev_mechanisms as bm
+from benchmarks import bulk_boot
+from benchmarks import cache_io
+from benchmarks import make_boot_trace as mbt
 from thunder_cache import control
 from thunder_common import manifest as manifest_mod
 from thunder_stack.guest import qemu as guest_qemu

@@ -84,9 +84,8 @@ import tempfile
 import threading
 import time
 
-import blockdev_mechanisms as bm
-import cache_io
-
+from benchmarks import blockdev_mechanisms as bm
+from benchmarks import cache_io
 from thunder_cache import options as cache_options
 from thunder_cache import sources
 from thunder_cache import trace as trace_mod

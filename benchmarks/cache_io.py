@@ -75,9 +75,8 @@ import sys
 import tempfile
 import time
 
-import blockdev_mechanisms as bm
-import peer_throughput as pt
-
+from benchmarks import blockdev_mechanisms as bm
+from benchmarks import peer_throughput as pt
 from thunder_cache import control
 from thunder_cache import nativevol
 from thunder_common import manifest as manifest_mod

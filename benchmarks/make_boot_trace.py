@@ -77,8 +77,7 @@ import tempfile
 import threading
 import time
 
-import blockdev_mechanisms as bm
-
+from benchmarks import blockdev_mechanisms as bm
 from thunder_stack.guest import common as guest_common
 from thunder_stack.guest import disk as guest_disk
 from thunder_stack.guest import qemu as guest_qemu

@@ -67,9 +67,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import blockdev_mechanisms as bm  # noqa: E402
-import cache_io  # noqa: E402
-
+from benchmarks import blockdev_mechanisms as bm  # noqa: E402
+from benchmarks import cache_io  # noqa: E402
 from thunder_stack import demo  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402
 from thunder_stack import stack as stack_mod  # noqa: E402

@@ -47,9 +47,8 @@ import sys
 import threading
 import time
 
-import blockdev_mechanisms as bm
-import cache_io
-
+from benchmarks import blockdev_mechanisms as bm
+from benchmarks import cache_io
 from thunder_cache import nativevol
 
 BS = 4096

@@ -34,8 +34,8 @@ from tests.functional.test_driver_peer_mode import driver  # noqa: F401
 from tests.functional.test_driver_peer_mode import GiB
 from tests.functional.test_driver_peer_mode import MiB
 from tests.functional.test_driver_peer_mode import pytestmark  # noqa: F401
+from tests.harness import standalone
 from thunder_cache import control
-from thunder_stack import standalone
 
 BLOCK = 4096
 

@@ -29,10 +29,10 @@ import pytest
 
 from cinder_thunder_driver import peer
 from tests.functional import cache_daemons
+from tests.harness import standalone
 from thunder_common import locations
 from thunder_common import loops
 from thunder_common import manifest as manifest_mod
-from thunder_stack import standalone
 
 BACKEND = 'thunder_peer_functional'
 HOST = 'peer-node'

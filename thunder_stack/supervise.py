@@ -88,26 +88,20 @@ def services(stack):
              stack.path('log', 'thunder-cache.log')],
             stack.root, port=p['thunder_cache'],
             health=lambda: cache.reason(stack.thunder_cache_paths)),
-        svc.Service(
-            'cinder-api',
-            [os.path.join(bin_, 'cinder-api'), '--config-file',
-             stack.path('etc', 'cinder', 'cinder.conf'),
-             '--log-file', stack.path('log', 'cinder-api.log')],
-            stack.root, port=p['cinder'],
-            health=lambda: svc.http_reason(stack.url('cinder') + '/')),
-        svc.Service(
-            'cinder-scheduler',
-            [os.path.join(bin_, 'cinder-scheduler'), '--config-file',
-             stack.path('etc', 'cinder', 'cinder.conf'),
-             '--log-file', stack.path('log', 'cinder-scheduler.log')],
-            stack.root),
-        svc.Service(
-            'cinder-volume',
-            [os.path.join(bin_, 'cinder-volume'), '--config-file',
-             stack.path('etc', 'cinder', 'cinder.conf'),
-             '--log-file', stack.path('log', 'cinder-volume.log')],
-            stack.root),
+        _cinder(stack, 'cinder-api', port=p['cinder'],
+                health=lambda: svc.http_reason(stack.url('cinder') + '/')),
+        _cinder(stack, 'cinder-scheduler'),
+        _cinder(stack, 'cinder-volume'),
     ] + nova_mod.services(stack)
+
+
+def _cinder(stack, name, **kwargs):
+    """A Cinder service: its command with cinder.conf and its own log."""
+    return svc.Service(
+        name, [os.path.join(stack.venv, 'bin', name), '--config-file',
+               stack.path('etc', 'cinder', 'cinder.conf'),
+               '--log-file', stack.path('log', '%s.log' % name)],
+        stack.root, **kwargs)
 
 
 def service(stack, name):

@@ -51,6 +51,8 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, SCRIPT, '--quick', '--nodes', '1,2', '--out',
          str(out)], cwd=REPO, stdout=subprocess.PIPE,
+        # As tox -e bench runs it: thunder_stack is not installed.
+        env=dict(os.environ, PYTHONPATH=REPO),
         stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     with open(out / 'run.json') as f:

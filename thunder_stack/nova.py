@@ -12,9 +12,10 @@
 
 """Nova, Placement, Neutron and libvirt in the local stack.
 
-``thunder_stack.stack`` calls this module from ``up``, ``down`` and
-``status``; every process is a :class:`thunder_stack.services.Service`
-(own session, PID file, stopped by PID):
+``thunder_stack.stack`` calls this module from ``up``,
+``thunder_stack.supervise`` from ``down`` and ``status``; every process
+is a :class:`thunder_stack.services.Service` (own session, PID file,
+stopped by PID):
 
 - ``virtlogd`` and ``libvirtd`` from Debian, in the foreground, with
   configuration files of the stack (no systemd here). They use libvirt's

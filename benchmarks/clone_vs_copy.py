@@ -43,11 +43,11 @@ import uuid
 from cinder import context as cinder_context
 from oslo_utils import units
 
+from tests.harness import standalone
 from thunder_common import locations
 from thunder_common import rbd_layout
 from thunder_stack import ceph as local_ceph
 from thunder_stack import rbd_image_service
-from thunder_stack import standalone
 
 BACKEND = 'thunder_benchmark'
 CHUNK = 4 * units.Mi

@@ -35,7 +35,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-from thunder_stack import demo  # noqa: E402
+from thunder_stack import clients  # noqa: E402
+from thunder_stack import layout  # noqa: E402
+from thunder_stack import services as svc  # noqa: E402
 from thunder_stack import stack as stack_mod  # noqa: E402
 
 
@@ -44,22 +46,22 @@ def _glance(stack, args, stdin=None):
     env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
     out = subprocess.run(['glance'] + args, stdin=stdin, env=env,
                          check=True, capture_output=True, text=True).stdout
-    return demo.table_value(out, 'id')
+    return clients.table_value(out, 'id')
 
 
 def _wait_active(stack, image_id, timeout=1800):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        image = json.loads(demo.cli(stack, 'openstack', 'image', 'show',
-                                    '-f', 'json', image_id))
+        image = json.loads(clients.cli(stack, 'openstack', 'image', 'show',
+                                       '-f', 'json', image_id))
         if image['status'] == 'active':
             return image
         if image['status'] not in ('importing', 'uploading', 'saving'):
-            raise stack_mod.StackError('image %s is %s' % (
+            raise svc.StackError('image %s is %s' % (
                 image_id, image['status']))
         time.sleep(0.2)
-    raise stack_mod.StackError('image %s not active after %ss'
-                               % (image_id, timeout))
+    raise svc.StackError('image %s not active after %ss'
+                         % (image_id, timeout))
 
 
 def _report(stack, api, label, image_id, seconds):
@@ -67,15 +69,15 @@ def _report(stack, api, label, image_id, seconds):
     [vol] = [v for v in api.get('/volumes/detail?all_tenants=1')['volumes']
              if v['name'] == 'image-%s' % image_id]
     name = 'volume-%s' % vol['id']
-    pool = stack_mod.POOLS['thunder']
+    pool = layout.POOLS['thunder']
     # The head and its sealed snapshot: the data is in the snapshot.
-    data = sum(i['used_size'] for i in demo.rbd_json(
+    data = sum(i['used_size'] for i in clients.rbd_json(
         stack, 'du', '%s/%s' % (pool, name))['images'] if i['name'] == name)
     print('%-13s %6.1f s  disk_format %-5s size %11d  image-volume %d GiB  '
           'RBD data %d MiB' % (label, seconds, image['disk_format'],
                                image['size'], vol['size'], data >> 20))
     sys.stdout.flush()
-    demo.cli(stack, 'glance', 'image-delete', image_id)
+    clients.cli(stack, 'glance', 'image-delete', image_id)
 
 
 def main(argv=None):
@@ -86,7 +88,7 @@ def main(argv=None):
     parser.add_argument('--runs', type=int, default=1)
     args = parser.parse_args(argv)
     stack = stack_mod.Stack()
-    api = demo.Api(stack)
+    api = clients.Api(stack)
     for _ in range(args.runs):
         t0 = time.monotonic()
         image_id = _glance(stack, [

@@ -69,20 +69,23 @@ if REPO not in sys.path:
 
 from benchmarks import blockdev_mechanisms as bm  # noqa: E402
 from benchmarks import cache_io  # noqa: E402
+from thunder_stack import clients  # noqa: E402
 from thunder_stack import demo  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402
+from thunder_stack import layout  # noqa: E402
+from thunder_stack import services as svc  # noqa: E402
 from thunder_stack import stack as stack_mod  # noqa: E402
 
 #: flow -> Glance store of its image, volume type (None: Nova's ephemeral
 #: disk), RBD pool of the servers' disks.
 FLOWS = {
-    'thunder': {'store': 'thunder', 'type': stack_mod.THUNDER_BACKEND,
-                'pool': stack_mod.POOLS['thunder']},
-    'ephemeral': {'store': stack_mod.RBD_BACKEND, 'type': None,
-                  'pool': stack_mod.POOLS['nova']},
-    'rbd-volume': {'store': stack_mod.CINDER_STORE,
-                   'type': stack_mod.RBD_BACKEND,
-                   'pool': stack_mod.POOLS['rbd']},
+    'thunder': {'store': 'thunder', 'type': layout.THUNDER_BACKEND,
+                'pool': layout.POOLS['thunder']},
+    'ephemeral': {'store': layout.RBD_BACKEND, 'type': None,
+                  'pool': layout.POOLS['nova']},
+    'rbd-volume': {'store': layout.CINDER_STORE,
+                   'type': layout.RBD_BACKEND,
+                   'pool': layout.POOLS['rbd']},
 }
 BASELINE = 'ephemeral'
 GOAL_FLOW = 'thunder'
@@ -342,7 +345,7 @@ class Compute:
 
     def __init__(self, stack):
         self.stack = stack
-        self.api = demo.Api(stack)
+        self.api = clients.Api(stack)
 
     def call(self, method, path, body=None, ok=(200, 201, 202, 204)):
         for attempt in (1, 2):
@@ -359,11 +362,11 @@ class Compute:
                     return json.loads(data) if data else None
             except urllib.error.HTTPError as e:
                 if e.code == 401 and attempt == 1:
-                    self.api = demo.Api(self.stack)     # token expired
+                    self.api = clients.Api(self.stack)     # token expired
                     continue
                 if e.code in ok:
                     return None
-                raise stack_mod.StackError('%s %s: %s %s' % (
+                raise svc.StackError('%s %s: %s %s' % (
                     method, path, e.code, e.read()[-1000:].decode(
                         'utf-8', 'replace')))
 
@@ -386,7 +389,7 @@ class Compute:
         for f in self.call('GET', '/flavors')['flavors']:
             if f['name'] == FLAVOR:
                 return f['id']
-        raise stack_mod.StackError('no flavor %r' % FLAVOR)
+        raise svc.StackError('no flavor %r' % FLAVOR)
 
     def servers(self, reservation_id):
         return self.call('GET', '/servers/detail?reservation_id=%s'
@@ -404,7 +407,7 @@ class Compute:
     def exists(self, server_id):
         try:
             self.call('GET', '/servers/%s' % server_id)
-        except stack_mod.StackError as e:
+        except svc.StackError as e:
             if ': 404 ' in str(e):
                 return False
             raise
@@ -416,10 +419,10 @@ def rbd_state(stack, pools):
     state = {}
     for pool in pools:
         images, snaps = {}, set()
-        for entry in demo.rbd_json(stack, 'ls', '-l', pool) or []:
+        for entry in clients.rbd_json(stack, 'ls', '-l', pool) or []:
             if entry.get('snapshot'):
                 snaps.add('%s@%s' % (entry['image'], entry['snapshot']))
-        du = demo.rbd_json(stack, 'du', '-p', pool) or {}
+        du = clients.rbd_json(stack, 'du', '-p', pool) or {}
         for entry in du.get('images', []):
             if not entry.get('snapshot'):
                 images[entry['name']] = entry['used_size']
@@ -454,16 +457,16 @@ class Bench:
         self.volumes_left = set()
         self.rounds_done = 0
         self.pools = sorted({FLOWS[f]['pool'] for f in FLOWS} |
-                            {stack_mod.POOLS['images']})
+                            {layout.POOLS['images']})
 
     def run(self, cmd, **kwargs):
-        return demo.cli(self.stack, *cmd, **kwargs)
+        return clients.cli(self.stack, *cmd, **kwargs)
 
     def prepare(self):
         if 'thunder' in self.args.flows and \
                 not self.stack.state.get('thunder_store'):
-            raise stack_mod.StackError('the thunder Glance store is not '
-                                       'enabled on this stack')
+            raise svc.StackError('the thunder Glance store is not '
+                                 'enabled on this stack')
         image = guest_mod.build(self.stack.path('data', 'guest'))
         self.marker = image.marker
         for flow in self.args.flows:
@@ -474,10 +477,10 @@ class Bench:
                             'nova-boot-%s' % flow, '--disk-format', 'raw',
                             '--container-format', 'bare', '--file',
                             image.path, '--store', store])
-            image_id = demo.table_value(out, 'id')
+            image_id = clients.table_value(out, 'id')
             self.client_images.append(image_id)
-            if demo.table_value(out, 'status') != 'active':
-                raise stack_mod.StackError('image %s not active' % image_id)
+            if clients.table_value(out, 'status') != 'active':
+                raise svc.StackError('image %s not active' % image_id)
             self.images[flow] = image_id
 
     def run_all(self):
@@ -522,7 +525,7 @@ class Bench:
             for row in rows.values():
                 if row.get('disk') in images:
                     row['after_boot_bytes'] = images[row['disk']]
-        except stack_mod.StackError as e:
+        except svc.StackError as e:
             error = str(e).splitlines()[0][:300]
         finally:
             self.delete_servers()
@@ -552,7 +555,7 @@ class Bench:
                     'copied_bytes': None, 'after_boot_bytes': None,
                     'clone': None, 'error': '', 'disk': None})
                 if s['status'] == 'ERROR':
-                    raise stack_mod.StackError('server %s ERROR: %s' % (
+                    raise svc.StackError('server %s ERROR: %s' % (
                         s['id'], (s.get('fault') or {}).get('message')))
                 if s['status'] == 'ACTIVE' and row['active_s'] is None:
                     row['active_s'] = now - sent
@@ -567,7 +570,7 @@ class Bench:
                 if self.marker in console:
                     row['marker_s'] = time.monotonic() - sent
                 elif guest_mod.failure_seen(console):
-                    raise stack_mod.StackError('guest of %s failed: %s' % (
+                    raise svc.StackError('guest of %s failed: %s' % (
                         row['server'], guest_mod.failure_seen(console)))
             ready = sum(1 for r in rows.values() if r['marker_s'])
             active = sum(1 for r in rows.values() if r['active_s'])
@@ -576,10 +579,10 @@ class Bench:
             if len(rows) == n and ready == n:
                 return
             time.sleep(POLL)
-        raise stack_mod.StackError('%d of %d servers not ready after %d s'
-                                   % (n - sum(1 for r in rows.values()
-                                              if r['marker_s']), n,
-                                      self.args.timeout))
+        raise svc.StackError('%d of %d servers not ready after %d s'
+                             % (n - sum(1 for r in rows.values()
+                                        if r['marker_s']), n,
+                                self.args.timeout))
 
     def measure_disks(self, pool, rows):
         """Bytes the new disks own at ACTIVE, and whether they are clones."""
@@ -590,7 +593,8 @@ class Bench:
                 row['error'] = 'disk %s not found in %s' % (name, pool)
                 continue
             row['copied_bytes'] = images[name]
-            row['clone'] = demo.parent_of(self.stack, pool, name) is not None
+            row['clone'] = clients.parent_of(
+                self.stack, pool, name) is not None
 
     def progress(self, flow, n, created, active, ready, seconds):
         line = '   %-10s N=%d: %d created, %d active, %d ready, %5.0f s' % (
@@ -606,7 +610,7 @@ class Bench:
         for server_id in list(self.servers):
             try:
                 self.compute.delete(server_id)
-            except stack_mod.StackError as e:
+            except svc.StackError as e:
                 log('deleting server %s: %s' % (server_id, e))
         deadline = time.monotonic() + self.args.timeout
         while self.servers and time.monotonic() < deadline:
@@ -615,7 +619,7 @@ class Bench:
                     self.volumes_left |= self.servers.pop(server_id)
             time.sleep(POLL)
         if self.servers:
-            raise stack_mod.StackError('servers not deleted in %d s: %s' % (
+            raise svc.StackError('servers not deleted in %d s: %s' % (
                 self.args.timeout, ', '.join(self.servers)))
         self.delete_volumes()
 
@@ -632,7 +636,7 @@ class Bench:
             if left:
                 time.sleep(POLL)
         if left:
-            raise stack_mod.StackError('volumes left: %s' % ', '.join(left))
+            raise svc.StackError('volumes left: %s' % ', '.join(left))
 
     def cleanup(self):
         try:
@@ -641,7 +645,7 @@ class Bench:
             for image_id in self.client_images:
                 try:
                     self.run(['glance', 'image-delete', image_id])
-                except stack_mod.StackError as e:
+                except svc.StackError as e:
                     log('deleting image %s: %s' % (image_id, e))
 
 
@@ -660,7 +664,7 @@ def parse_args(argv):
                         help='seconds a run may take to boot, and to '
                         'delete (default 900)')
     parser.add_argument('--out', default=os.path.join(
-        stack_mod.stack_dir(), 'data', 'demo', 'nova-boot'),
+        layout.stack_dir(), 'data', 'demo', 'nova-boot'),
         help='results directory (default: data/demo/nova-boot of the '
         'stack)')
     parser.add_argument('--budget-minutes', type=float,
@@ -692,7 +696,7 @@ def main(argv=None):
     try:
         bench.prepare()
         bench.run_all()
-    except (stack_mod.StackError, OSError, guest_mod.GuestError) as e:
+    except (svc.StackError, OSError, guest_mod.GuestError) as e:
         print('\nnova_boot: FAILED: %s' % e, file=sys.stderr)
         failed = True
     finally:

@@ -63,6 +63,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from thunder_stack import clients  # noqa: E402
 from thunder_stack import demo  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402
 from thunder_stack import nodes as nodes_mod  # noqa: E402
@@ -89,7 +90,7 @@ class Bench:
         if not self.nodes.count:
             raise SystemExit('no compute nodes: tools/thunder-stack nodes '
                              'up --count 2 first')
-        self.api = demo.Api(self.stack)
+        self.api = clients.Api(self.stack)
         image = guest_mod.build(
             self.stack.path('data', 'guest'), size_mib=args.image_mib,
             filler_mib='max' if args.image_mib > guest_mod.DEFAULT_SIZE_MIB
@@ -98,16 +99,16 @@ class Bench:
         self.rows = []
 
     def cli(self, *args):
-        return demo.cli(self.stack, 'openstack', *args)
+        return clients.cli(self.stack, 'openstack', *args)
 
     def json(self, *args):
         return json.loads(self.cli(*(args + ('-f', 'json'))))
 
     def upload(self, name):
-        out = demo.cli(self.stack, 'glance', 'image-create', '--name', name,
-                       '--disk-format', 'raw', '--container-format', 'bare',
-                       '--file', self.image_path, '--store', 'thunder')
-        return demo.table_value(out, 'id')
+        out = clients.cli(self.stack, 'glance', 'image-create', '--name', name,
+                          '--disk-format', 'raw', '--container-format', 'bare',
+                          '--file', self.image_path, '--store', 'thunder')
+        return clients.table_value(out, 'id')
 
     # -- a flow -----------------------------------------------------------
 
@@ -165,9 +166,9 @@ class Bench:
         """Seconds until every node's _base holds the image."""
         started = time.monotonic()
         for node in self.nodes.nodes:
-            demo.cli(self.stack, 'openstack', '--os-compute-api-version',
-                     '2.81', 'aggregate', 'cache', 'image', node.name,
-                     image_id)
+            clients.cli(self.stack, 'openstack', '--os-compute-api-version',
+                        '2.81', 'aggregate', 'cache', 'image', node.name,
+                        image_id)
         deadline = started + TIMEOUT
         while time.monotonic() < deadline:
             if all(os.path.exists(self.base_file(n, image_id))
@@ -210,7 +211,7 @@ class Bench:
                     flow, round_, node.name, *times[node.name]))
         finally:
             self.delete(servers)
-            demo.cli(self.stack, 'glance', 'image-delete', image_id)
+            clients.cli(self.stack, 'glance', 'image-delete', image_id)
 
     def counters(self, node, image_id):
         return nodes_mod.image_counters(node, image_id)

@@ -10,4 +10,8 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""The local development stack (tools/thunder-stack): tooling, not product."""
+"""The local development stack (``tools/thunder-stack``): tooling, not product.
+
+Not one of the installed packages (setup.cfg): it runs from the checkout,
+on ``PYTHONPATH``. doc/source/stack.rst describes its modules.
+"""

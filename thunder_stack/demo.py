@@ -42,15 +42,14 @@ import json
 import math
 import os
 import random
-import re
 import shlex
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
-from thunder_stack import stack as stack_mod
+from thunder_stack import clients
+from thunder_stack import services as svc
 
 FLOWS = {
     'thunder': {'store': 'thunder', 'type': 'thunder', 'pool': 'thunder'},
@@ -58,9 +57,9 @@ FLOWS = {
     'upstream-cinder': {'store': 'cinder', 'type': 'rbd', 'pool': 'volumes'},
 }
 BLOCK = 4 * 1024 * 1024
-BULK_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'bulk_boot.py')
-NOVA_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_boot.py')
-NOVA_NODES = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_nodes.py')
+BULK_BOOT = os.path.join(svc.CHECKOUT, 'benchmarks', 'bulk_boot.py')
+NOVA_BOOT = os.path.join(svc.CHECKOUT, 'benchmarks', 'nova_boot.py')
+NOVA_NODES = os.path.join(svc.CHECKOUT, 'benchmarks', 'nova_nodes.py')
 NOVA_NODES_COUNT = 2
 NOVA_NODES_LINK_MBIT = 100
 
@@ -88,130 +87,6 @@ def make_image(path, size_mib, seed=20140417):
     return path
 
 
-class Api:
-    """Just enough of Keystone and Cinder over HTTP to poll cheaply."""
-
-    def __init__(self, stack):
-        self.stack = stack
-        body = {'auth': {
-            'identity': {'methods': ['password'], 'password': {'user': {
-                'name': 'admin', 'domain': {'id': 'default'},
-                'password': stack.password}}},
-            'scope': {'project': {'name': 'admin',
-                                  'domain': {'id': 'default'}}}}}
-        req = urllib.request.Request(
-            stack.auth_url + '/auth/tokens', data=json.dumps(body).encode(),
-            headers={'Content-Type': 'application/json'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            self.token = resp.headers['X-Subject-Token']
-            self.project = json.load(resp)['token']['project']['id']
-        self.cinder = '%s/v3/%s' % (stack.url('cinder'), self.project)
-
-    def get(self, path):
-        req = urllib.request.Request(self.cinder + path, headers={
-            'X-Auth-Token': self.token,
-            'OpenStack-API-Version': 'volume 3.50'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
-
-    def create_image(self, name, **fields):
-        """A queued image without data (the CLIs read stdin as data)."""
-        body = dict(name=name, disk_format='raw', container_format='bare',
-                    **fields)
-        req = urllib.request.Request(
-            self.stack.url('glance') + '/v2/images',
-            data=json.dumps(body).encode(), method='POST',
-            headers={'X-Auth-Token': self.token,
-                     'Content-Type': 'application/json'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)['id']
-
-    def volumes(self, ids):
-        found = {}
-        for vol in self.get('/volumes/detail?all_tenants=1')['volumes']:
-            if vol['id'] in ids:
-                found[vol['id']] = vol
-        return found
-
-
-def cli(stack, *args, timeout=1800):
-    env = dict(os.environ)
-    env.update(stack.openrc_env())
-    env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
-    result = subprocess.run(list(args), capture_output=True, text=True,
-                            env=env, timeout=timeout)
-    if result.returncode:
-        raise stack_mod.StackError('%s failed (%d): %s' % (
-            ' '.join(args[:3]), result.returncode,
-            (result.stderr or result.stdout)[-2000:]))
-    return result.stdout
-
-
-def table_value(output, key):
-    """The value of ``key`` in a CLI's two-column table."""
-    match = re.search(r'^\|\s*%s\s*\|\s*(\S+)' % re.escape(key), output,
-                      re.MULTILINE)
-    if not match:
-        raise stack_mod.StackError('no %s in:\n%s' % (key, output[-1000:]))
-    return match.group(1)
-
-
-def image_locations(stack, image_id):
-    """The image's locations (shown to admins: show_multiple_locations)."""
-    image = json.loads(cli(stack, 'openstack', 'image', 'show', '-f',
-                           'json', image_id))
-    props = image.get('properties') or {}
-    return image.get('locations') or props.get('locations') or []
-
-
-def register_aliases(stack, image_id):
-    """Add the cinder:// and rbd:// aliases of a thunder image.
-
-    As doc/source/store.rst describes: the store builds them from its
-    thunder:// location (``glance_thunder_store.extra_locations``) and an
-    admin adds them with the JSON-patch location call, here the real
-    ``glance location-add``. Returns the URLs added.
-    """
-    added = []
-    for loc in image_locations(stack, image_id):
-        if not loc['url'].startswith('thunder://'):
-            continue
-        out = subprocess.run(
-            [stack.python, '-m', 'glance_thunder_store.extra_locations',
-             loc['url'], json.dumps(loc.get('metadata') or {})],
-            capture_output=True, text=True, check=True,
-            cwd=stack_mod.CHECKOUT).stdout
-        for op in json.loads(out):
-            value = op['value']
-            cli(stack, 'glance', 'location-add', '--url', value['url'],
-                '--metadata', json.dumps(value.get('metadata') or {}),
-                image_id)
-            added.append(value['url'])
-    return added
-
-
-def rbd_json(stack, *args):
-    out = subprocess.run(['rbd', '-c', stack.ceph_conf, '--format', 'json']
-                         + list(args), capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    return json.loads(out or 'null')
-
-
-def own_bytes(stack, pool, name):
-    """Bytes the RBD image itself holds (a fresh clone holds none)."""
-    info = rbd_json(stack, 'du', '%s/%s' % (pool, name))
-    return sum(i['used_size'] for i in info['images']
-               if i['name'] == name and not i.get('snapshot'))
-
-
-def parent_of(stack, pool, name):
-    info = rbd_json(stack, 'info', '%s/%s' % (pool, name))
-    parent = info.get('parent')
-    if not parent:
-        return None
-    return '%s/%s@%s' % (parent['pool'], parent['image'], parent['snapshot'])
-
-
 def run_flow(stack, api, name, image_path, args):
     flow = dict(FLOWS[name])
     if name == 'thunder' and not stack.state.get('thunder_store'):
@@ -224,18 +99,18 @@ def run_flow(stack, api, name, image_path, args):
     volume_ids = []
     try:
         t0 = time.monotonic()
-        out = cli(stack, 'glance', 'image-create', '--name', tag,
-                  '--disk-format', 'raw', '--container-format', 'bare',
-                  '--file', image_path, '--store', flow['store'])
+        out = clients.cli(stack, 'glance', 'image-create', '--name', tag,
+                          '--disk-format', 'raw', '--container-format', 'bare',
+                          '--file', image_path, '--store', flow['store'])
         result['upload_s'] = time.monotonic() - t0
-        image_id = table_value(out, 'id')
-        status = table_value(out, 'status')
+        image_id = clients.table_value(out, 'id')
+        status = clients.table_value(out, 'status')
         if status != 'active':
-            raise stack_mod.StackError('image %s is %s after upload'
-                                       % (image_id, status))
+            raise svc.StackError('image %s is %s after upload'
+                                 % (image_id, status))
         if flow['store'] == 'thunder':
             t1 = time.monotonic()
-            result['aliases'] = register_aliases(stack, image_id)
+            result['aliases'] = clients.register_aliases(stack, image_id)
             result['aliases_s'] = time.monotonic() - t1
         procs = []
         start = time.monotonic()
@@ -255,11 +130,11 @@ def run_flow(stack, api, name, image_path, args):
             if proc.returncode:
                 failures.append(err.strip()[-1000:])
                 continue
-            vid = table_value(out, 'id')
+            vid = clients.table_value(out, 'id')
             volume_ids.append(vid)
             requested[vid] = sent
         if failures:
-            raise stack_mod.StackError('%d "cinder create" failed: %s' % (
+            raise svc.StackError('%d "cinder create" failed: %s' % (
                 len(failures), failures[0]))
         done = {}
         deadline = start + args.timeout
@@ -271,17 +146,17 @@ def run_flow(stack, api, name, image_path, args):
                 if vol['status'] == 'available':
                     done[vid] = now - requested[vid]
                 elif vol['status'] == 'error':
-                    raise stack_mod.StackError('volume %s went to error; '
-                                               'see %s' % (vid, stack.path(
-                                                   'log',
-                                                   'cinder-volume.log')))
+                    raise svc.StackError('volume %s went to error; '
+                                         'see %s' % (vid, stack.path(
+                                             'log',
+                                             'cinder-volume.log')))
             time.sleep(0.25)
         result['total_s'] = time.monotonic() - start
         if len(done) < len(volume_ids):
-            raise stack_mod.StackError('%d of %d volumes not available '
-                                       'after %ss' % (
-                                           len(volume_ids) - len(done),
-                                           len(volume_ids), args.timeout))
+            raise svc.StackError('%d of %d volumes not available '
+                                 'after %ss' % (
+                                     len(volume_ids) - len(done),
+                                     len(volume_ids), args.timeout))
         times = list(done.values())
         result['mean_s'] = sum(times) / len(times)
         result['max_s'] = max(times)
@@ -290,8 +165,8 @@ def run_flow(stack, api, name, image_path, args):
         clones = 0
         for vid in volume_ids:
             rbd_name = 'volume-%s' % vid
-            copied += own_bytes(stack, flow['pool'], rbd_name)
-            parent = parent_of(stack, flow['pool'], rbd_name)
+            copied += clients.own_bytes(stack, flow['pool'], rbd_name)
+            parent = clients.parent_of(stack, flow['pool'], rbd_name)
             if parent:
                 clones += 1
                 parents.add(parent)
@@ -302,9 +177,9 @@ def run_flow(stack, api, name, image_path, args):
         # every clone, or one for all.
         snaps = 0
         for image in {p.split('@')[0] for p in parents}:
-            snaps += len(rbd_json(stack, 'snap', 'ls', image))
+            snaps += len(clients.rbd_json(stack, 'snap', 'ls', image))
         result['parent_snapshots'] = snaps
-    except (stack_mod.StackError, subprocess.SubprocessError) as e:
+    except (svc.StackError, subprocess.SubprocessError) as e:
         result['error'] = str(e)
     finally:
         if not args.keep:
@@ -315,8 +190,8 @@ def run_flow(stack, api, name, image_path, args):
 def _cleanup(stack, api, image_id, volume_ids):
     for vid in volume_ids:
         try:
-            cli(stack, 'cinder', 'delete', vid)
-        except stack_mod.StackError:
+            clients.cli(stack, 'cinder', 'delete', vid)
+        except svc.StackError:
             pass
     deadline = time.monotonic() + 300
     while volume_ids and time.monotonic() < deadline:
@@ -325,8 +200,8 @@ def _cleanup(stack, api, image_id, volume_ids):
         time.sleep(1)
     if image_id:
         try:
-            cli(stack, 'glance', 'image-delete', image_id)
-        except stack_mod.StackError:
+            clients.cli(stack, 'glance', 'image-delete', image_id)
+        except svc.StackError:
             pass
 
 
@@ -396,7 +271,7 @@ def benchmark_command(stack, script, arg_string, option, results):
     try:
         extra = shlex.split(arg_string or '')
     except ValueError as e:
-        raise stack_mod.StackError('%s %r: %s' % (option, arg_string, e))
+        raise svc.StackError('%s %r: %s' % (option, arg_string, e))
     out = None
     for i, arg in enumerate(extra):
         if arg == '--out' and i + 1 < len(extra):
@@ -415,10 +290,8 @@ def bulk_boot_command(stack, args):
     StackError unless run as root or if ``--bulk-boot-args`` does not
     split.
     """
-    if os.geteuid() != 0:
-        raise stack_mod.StackError(
-            '--bulk-boot needs root: the benchmark creates network '
-            'namespaces and tc qdiscs')
+    _needs_root('--bulk-boot', 'the benchmark creates network namespaces '
+                'and tc qdiscs')
     return benchmark_command(stack, BULK_BOOT, args.bulk_boot_args,
                              '--bulk-boot-args', 'bulk-boot')
 
@@ -435,12 +308,15 @@ def nova_nodes_command(stack, args):
     StackError unless run as root (the emulated nodes are network
     namespaces) or if ``--nova-nodes-args`` does not split.
     """
-    if os.geteuid() != 0:
-        raise stack_mod.StackError(
-            '--nova-nodes needs root: the compute nodes are network '
-            'namespaces')
+    _needs_root('--nova-nodes', 'the compute nodes are network namespaces')
     return benchmark_command(stack, NOVA_NODES, args.nova_nodes_args,
                              '--nova-nodes-args', 'nova-nodes')
+
+
+def _needs_root(option, why):
+    """StackError unless run as root: ``OPTION needs root: WHY``."""
+    if os.geteuid() != 0:
+        raise svc.StackError('%s needs root: %s' % (option, why))
 
 
 def run_benchmark(stack, flow, command, out):
@@ -448,10 +324,10 @@ def run_benchmark(stack, flow, command, out):
     result = {'flow': flow, 'command': command, 'results_dir': out,
               'returncode': None, 'error': None}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [stack_mod.CHECKOUT] + [p for p in [os.environ.get('PYTHONPATH')]
-                                if p]))
-    script = os.path.relpath(command[1], stack_mod.CHECKOUT)
-    stack_mod.log('%s: %s' % (flow, ' '.join(shlex.quote(c) for c in [
+        [svc.CHECKOUT] + [p for p in [os.environ.get('PYTHONPATH')]
+                          if p]))
+    script = os.path.relpath(command[1], svc.CHECKOUT)
+    svc.log('%s: %s' % (flow, ' '.join(shlex.quote(c) for c in [
         script] + command[2:])))
     sys.stdout.flush()
     started = time.time()
@@ -565,8 +441,8 @@ def run_demo(stack, args):
     names = [f.strip() for f in args.flows.split(',') if f.strip()]
     for name in names:
         if name not in FLOWS:
-            raise stack_mod.StackError('unknown flow %r (choose from %s)'
-                                       % (name, ', '.join(FLOWS)))
+            raise svc.StackError('unknown flow %r (choose from %s)'
+                                 % (name, ', '.join(FLOWS)))
     bulk = (bulk_boot_command(stack, args)
             if getattr(args, 'bulk_boot', False) else None)
     nova = (nova_boot_command(stack, args)
@@ -578,10 +454,10 @@ def run_demo(stack, args):
         image = make_image(stack.path('data', 'demo', 'image-%dMiB.raw'
                                       % args.image_size_mib),
                            args.image_size_mib)
-        api = Api(stack)
+        api = clients.Api(stack)
         for name in names:
-            stack_mod.log('demo flow %s: uploading %d MiB, then %d volumes'
-                          % (name, args.image_size_mib, args.volumes))
+            svc.log('demo flow %s: uploading %d MiB, then %d volumes'
+                    % (name, args.image_size_mib, args.volumes))
             results.append(run_flow(stack, api, name, image, args))
         print_table(results, args)
     if nova:

@@ -53,8 +53,11 @@ import re
 import shutil
 import time
 
-from thunder_common import loops
+from thunder_stack import cache
+from thunder_stack import clients
+from thunder_stack import devstack
 from thunder_stack import ini
+from thunder_stack import layout
 from thunder_stack import netlab
 from thunder_stack import nova as nova_mod
 from thunder_stack import services as svc
@@ -62,7 +65,6 @@ from thunder_stack import services as svc
 PREFIX = 'thn-'
 SUBNET = '10.214'
 PEER_PORT = 7485
-PEER_BACKEND = 'thunder-peer'
 #: The stack's services a node reaches through its relays, unshaped.
 CONTROL_PORTS = ('mysql', 'amqp', 'keystone', 'cinder', 'nova', 'placement',
                  'neutron')
@@ -135,7 +137,7 @@ def node_cinder_conf(parser, name, address, state):
     parser.set('DEFAULT', 'host', name)
     parser.set('DEFAULT', 'my_ip', address)
     parser.set('DEFAULT', 'state_path', state)
-    parser.set('DEFAULT', 'enabled_backends', PEER_BACKEND)
+    parser.set('DEFAULT', 'enabled_backends', layout.PEER_BACKEND)
     parser.add_section('oslo_concurrency')
     parser.set('oslo_concurrency', 'lock_path', os.path.join(state, 'locks'))
     return parser
@@ -218,7 +220,7 @@ class Node:
             return 'no process'
         if not mounted:
             return '%s is not mounted' % self.cache_paths['mount']
-        return self.stack._thunder_cache_ping(self.cache_paths['control'])
+        return cache.ping(self.cache_paths['control'])
 
     # -- namespaces -------------------------------------------------------
 
@@ -283,13 +285,13 @@ class Node:
         env = {'CINDER_CONF': cinder_conf, 'NOVA_CONF': nova_conf,
                'THUNDER_NODE_AVAILABILITY_ZONE': self.name,
                'THUNDER_CACHE_CONTROL_SOCKET': paths['control']}
-        env.update(stack.thunder_cache_env(
-            conf=self.thunder_cache_conf, paths=paths, node_id=self.name,
-            listen=self.address, port=PEER_PORT,
+        env.update(cache.env(
+            stack, conf=self.thunder_cache_conf, paths=paths,
+            node_id=self.name, listen=self.address, port=PEER_PORT,
             networks='%s.0.0/16' % SUBNET))
-        stack._devstack('configure_thunder_peer_backend %s' % PEER_BACKEND,
-                        'configure_thunder_nova', 'configure_thunder_cache',
-                        env=env)
+        devstack.run(stack, 'configure_thunder_peer_backend %s'
+                     % layout.PEER_BACKEND, 'configure_thunder_nova',
+                     'configure_thunder_cache', env=env)
 
     # -- stop -------------------------------------------------------------
 
@@ -299,7 +301,7 @@ class Node:
             if service.name == 'libvirtd' and service.pid() is not None:
                 nova_mod.remove_domains(self.stack, self.libvirt_socket)
             if service.name == 'thunder-cache':
-                _detach_loops(self.cache_paths['mount'])
+                cache.detach_loops(self.cache_paths['mount'])
             if service.pid() is not None:
                 svc.log('%s: stopping %s (pid %d)' % (
                     self.name, service.name, service.pid()))
@@ -358,13 +360,6 @@ def _copy_dirs(source, target, files=False, depth=2):
                     not os.path.isfile(path):
                 continue
             shutil.copy2(path, os.path.join(dest, name))
-
-
-def _detach_loops(mount):
-    out = svc.run(list(loops.LIST_COMMAND), check=False, quiet=True).stdout
-    for name in loops.backed_by(out, under=mount):
-        svc.log('detaching %s (a volume file of %s)' % (name, mount))
-        svc.run(['losetup', '--detach', name], check=False, quiet=True)
 
 
 class Nodes:
@@ -442,7 +437,7 @@ class Nodes:
         started = time.monotonic()
         self.stack.state['nodes'] = {'count': self.count,
                                      'link_mbit': self.link_mbit}
-        self.stack._save_state()
+        self.stack.save_state()
         os.makedirs(os.path.join(self.root, 'ns'), exist_ok=True)
         os.makedirs(self.relay_dir, exist_ok=True)
         if not netlab.leftover_namespaces(PREFIX):
@@ -454,7 +449,7 @@ class Nodes:
         _private_mount(os.path.join(self.root, 'ns'))
         ceph = self._ceph_ports()
         self.stack.state['nodes']['ceph_ports'] = ceph
-        self.stack._save_state()
+        self.stack.save_state()
         relays = self.relays(ceph)
         for node in self.nodes:
             node.write_config()
@@ -474,22 +469,23 @@ class Nodes:
         self._wait_volume_services()
         for node in self.nodes:
             compute = node.service('nova-compute')
-            self.stack._bootstrap(
+            self.stack.bootstrap(
                 'wait-compute', node.name, str(compute.pid()),
                 str(nova_mod.COMPUTE_TIMEOUT),
                 timeout=nova_mod.COMPUTE_TIMEOUT + 60)
-            self.stack._devstack('join_thunder_availability_zone', env=dict(
-                self.stack.openrc_env(),
-                PATH=os.path.join(self.stack.venv, 'bin') + ':' +
-                os.environ['PATH'],
-                NOVA_CONF=node.path('etc', 'nova-compute.conf'),
-                THUNDER_NODE_AVAILABILITY_ZONE=node.name))
+            devstack.run(
+                self.stack, 'join_thunder_availability_zone', env=dict(
+                    self.stack.openrc_env(),
+                    PATH=os.path.join(self.stack.venv, 'bin') + ':' +
+                    os.environ['PATH'],
+                    NOVA_CONF=node.path('etc', 'nova-compute.conf'),
+                    THUNDER_NODE_AVAILABILITY_ZONE=node.name))
         svc.log('%d nodes up in %.0f s: %s' % (
             self.count, time.monotonic() - started,
             ', '.join('%s (%s)' % (n.name, n.address) for n in self.nodes)))
 
     def _wait_volume_services(self, timeout=START_TIMEOUT):
-        wanted = {'%s@%s' % (n.name, PEER_BACKEND) for n in self.nodes}
+        wanted = {'%s@%s' % (n.name, layout.PEER_BACKEND) for n in self.nodes}
         deadline = time.monotonic() + timeout
         while True:
             for node in self.nodes:
@@ -503,7 +499,7 @@ class Nodes:
             up = {s['host'] for s in self.stack.volume_services()
                   if s['binary'] == 'cinder-volume' and s['state'] == 'up'}
             pools = {p.partition('#')[0] for p in json.loads(
-                self.stack._bootstrap('pools'))}
+                self.stack.bootstrap('pools'))}
             if wanted <= up and wanted <= pools:
                 return
             if time.monotonic() > deadline:
@@ -535,7 +531,7 @@ class Nodes:
         _unmount(os.path.join(self.root, 'ns'))
         self.testbed.close()
         del self.stack.state['nodes']
-        self.stack._save_state()
+        self.stack.save_state()
         svc.log('nodes removed')
 
     def _forget(self, node):
@@ -544,11 +540,9 @@ class Nodes:
         A step that fails (a server left on the node, say) is reported and
         the others are still done.
         """
-        from thunder_stack import demo
-
         def client(*args):
             try:
-                return demo.cli(self.stack, 'openstack', *args, timeout=300)
+                return clients.cli(self.stack, 'openstack', *args, timeout=300)
             except svc.StackError as e:
                 svc.log('%s: %s' % (node.name, e))
                 return ''
@@ -566,7 +560,7 @@ class Nodes:
                  '--config-file', self.stack.path('etc', 'cinder',
                                                   'cinder.conf'),
                  'service', 'remove', 'cinder-volume',
-                 '%s@%s' % (node.name, PEER_BACKEND)], check=False)
+                 '%s@%s' % (node.name, layout.PEER_BACKEND)], check=False)
 
     def status(self):
         rows = []

@@ -12,9 +12,10 @@
 
 """Nova, Placement, Neutron and libvirt in the local stack.
 
-``thunder_stack.stack`` calls this module from ``up``, ``down`` and
-``status``; every process is a :class:`thunder_stack.services.Service`
-(own session, PID file, stopped by PID):
+``thunder_stack.stack`` calls this module from ``up``,
+``thunder_stack.supervise`` from ``down`` and ``status``; every process
+is a :class:`thunder_stack.services.Service` (own session, PID file,
+stopped by PID):
 
 - ``virtlogd`` and ``libvirtd`` from Debian, in the foreground, with
   configuration files of the stack (no systemd here). They use libvirt's
@@ -179,16 +180,16 @@ def _write_placement_conf(stack):
                     'debug': True},
         'api': {'auth_strategy': 'keystone'},
         'placement_database': {'connection': stack.db_url('placement')},
-        'keystone_authtoken': stack._authtoken('placement'),
+        'keystone_authtoken': stack.authtoken('placement'),
     })
     _write_uwsgi_ini(stack, 'placement-api', 'placement.wsgi.api', 2,
                      'OS_PLACEMENT_CONFIG_DIR=%s' % etc)
 
 
-def _write_uwsgi_ini(stack, name, module, processes, env):
+def _write_uwsgi_ini(stack, name, module, processes, env, pythonpath=None):
     ini.write(_uwsgi_ini(stack, name), {'uwsgi': svc.uwsgi_options(
         module + ':application', stack.ports[name.split('-')[0]],
-        processes=processes, env=env)})
+        processes=processes, env=env, pythonpath=pythonpath)})
 
 
 def _project_dirs(stack, project, *state_dirs):
@@ -221,7 +222,7 @@ def _write_neutron_conf(stack):
             'notify_nova_on_port_data_changes': True,
         },
         'database': {'connection': stack.db_url('neutron')},
-        'keystone_authtoken': stack._authtoken('neutron'),
+        'keystone_authtoken': stack.authtoken('neutron'),
         'nova': _keystone_auth(stack, 'nova'),
         'oslo_concurrency': {'lock_path': os.path.join(state, 'locks')},
     })
@@ -230,8 +231,10 @@ def _write_neutron_conf(stack):
                 'mechanism_drivers': '', 'extension_drivers': ''},
         'ml2_type_flat': {'flat_networks': ''},
     })
+    # thunder_stack is not installed: uWSGI imports it from the checkout.
     _write_uwsgi_ini(stack, 'neutron-api', 'thunder_stack.neutron_wsgi', 1,
-                     'OS_NEUTRON_CONFIG_DIR=%s' % etc)
+                     'OS_NEUTRON_CONFIG_DIR=%s' % etc,
+                     pythonpath=svc.CHECKOUT)
 
 
 def _write_nova_conf(stack):
@@ -273,7 +276,7 @@ def full_conf(stack):
         'wsgi': {'api_paste_config': os.path.join(etc, 'api-paste.ini')},
         'api_database': {'connection': stack.db_url('nova_api')},
         'database': {'connection': stack.db_url('nova')},
-        'keystone_authtoken': stack._authtoken('nova'),
+        'keystone_authtoken': stack.authtoken('nova'),
         'service_user': dict(_keystone_auth(stack, 'nova'),
                              send_service_user_token=True),
         'placement': _keystone_auth(stack, 'nova'),
@@ -340,17 +343,17 @@ def up(stack):
         files[name] = [nova_conf(stack, name)]
     files['nova-api'].append(_uwsgi_ini(stack, 'nova-api'))
     for name, paths in files.items():
-        stack._restart_if_config_changed(name, paths)
+        stack.restart_if_config_changed(name, paths)
     _libvirt(stack)
     _sync_databases(stack)
     _once(stack, 'nova-keystone-bootstrapped', 'nova-keystone')
     for name in ('placement-api', 'neutron-api', 'nova-api'):
-        stack._start(name, timeout=180)
-    stack._start('nova-conductor', timeout=60)
-    stack._start('nova-scheduler', timeout=60)
+        stack.start(name, timeout=180)
+    stack.start('nova-conductor', timeout=60)
+    stack.start('nova-scheduler', timeout=60)
     if stack.service('nova-compute').pid() is None:
         remove_domains(stack)
-    stack._start('nova-compute', timeout=60)
+    stack.start('nova-compute', timeout=60)
     _once(stack, 'nova-flavors-created', 'flavors')
     _wait_compute(stack)
 
@@ -359,7 +362,7 @@ def _once(stack, marker, what):
     """``thunder_stack.bootstrap WHAT``, unless done already."""
     path = stack.path('data', marker)
     if not os.path.exists(path):
-        stack._bootstrap(what)
+        stack.bootstrap(what)
         with open(path, 'w') as f:
             f.write('ok\n')
 
@@ -396,9 +399,9 @@ def _libvirt(stack):
                 '%s answers on %s but this stack did not start it: libvirt '
                 'runs one %s per machine; stop that one (or the other '
                 'stack) first' % (name, sock, name))
-    stack._start('virtlogd', timeout=30)
+    stack.start('virtlogd', timeout=30)
     # libvirtd answers its first call about 12 s after it starts here.
-    stack._start('libvirtd', timeout=90)
+    stack.start('libvirtd', timeout=90)
 
 
 def _sync_databases(stack):
@@ -450,9 +453,9 @@ def _wait_compute(stack):
     """Until servers can be placed on the compute host (or its timeout)."""
     compute = stack.service('nova-compute')
     try:
-        out = stack._bootstrap('wait-compute', HOST, str(compute.pid()),
-                               str(COMPUTE_TIMEOUT),
-                               timeout=COMPUTE_TIMEOUT + 60)
+        out = stack.bootstrap('wait-compute', HOST, str(compute.pid()),
+                              str(COMPUTE_TIMEOUT),
+                              timeout=COMPUTE_TIMEOUT + 60)
     except svc.StackError as e:
         raise svc.StackError('%s\nsee %s:\n%s' % (
             e, compute.log_file, svc.tail(compute.log_file, 30)))
@@ -556,8 +559,8 @@ def status_rows(stack):
         return []
     row = {'name': '  compute %s' % HOST, 'pid': None, 'port': None}
     try:
-        status = json.loads(stack._bootstrap('compute-status', HOST,
-                                             timeout=120))
+        status = json.loads(stack.bootstrap('compute-status', HOST,
+                                            timeout=120))
     except (svc.StackError, ValueError) as e:
         row.update(state='unknown', reason=str(e).splitlines()[-1][:80])
         return [row]

@@ -56,8 +56,22 @@ def run(cmd, env=None, timeout=900, check=True, quiet=False, cwd=None):
     return result
 
 
-def uwsgi_options(module, port, processes, env):
-    """The [uwsgi] section serving the WSGI app ``module`` on ``port``."""
+def once(marker, message, command):
+    """Run ``command`` (logging ``message``) unless ``marker`` exists."""
+    if os.path.exists(marker):
+        return
+    log(message)
+    run(command)
+    with open(marker, 'w') as f:
+        f.write('ok\n')
+
+
+def uwsgi_options(module, port, processes, env, pythonpath=None):
+    """The [uwsgi] section serving the WSGI app ``module`` on ``port``.
+
+    ``pythonpath``: a directory to import ``module`` from, if it is not
+    installed in the virtualenv (thunder_stack's own, from the checkout).
+    """
     options = {
         'module': module,
         'http-socket': '127.0.0.1:%d' % port,
@@ -84,6 +98,8 @@ def uwsgi_options(module, port, processes, env):
         'env': env,
         'need-app': True,
     }
+    if pythonpath:
+        options['pythonpath'] = pythonpath
     return {k: (str(v).lower() if isinstance(v, bool) else v)
             for k, v in options.items()}
 

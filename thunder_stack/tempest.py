@@ -29,10 +29,11 @@ import os
 import subprocess
 import sys
 
-from thunder_stack import demo
+from thunder_stack import clients
 from thunder_stack import guest as guest_mod
 from thunder_stack import ini
-from thunder_stack import stack as stack_mod
+from thunder_stack import layout
+from thunder_stack import services as svc
 
 DEFAULT_REGEX = r'^(tempest\.api\.volume|cinder_tempest_plugin\.api\.volume)'
 IMAGE_NAME = 'tempest-guest-image'
@@ -45,12 +46,12 @@ FLAVOR = 'tiny'
 def _venv(stack):
     venv = stack.path('tempest-venv')
     if not os.path.exists(os.path.join(venv, 'bin', 'tempest')):
-        stack_mod.log('installing tempest and cinder-tempest-plugin into %s'
-                      % venv)
+        svc.log('installing tempest and cinder-tempest-plugin into %s'
+                % venv)
         base = os.environ.get('THUNDER_STACK_PYTHON') or sys.executable
-        stack_mod.run([base, '-m', 'venv', venv])
-        stack_mod.run([os.path.join(venv, 'bin', 'pip'), 'install', '-q',
-                       'tempest', 'cinder-tempest-plugin'], timeout=3600)
+        svc.run([base, '-m', 'venv', venv])
+        svc.run([os.path.join(venv, 'bin', 'pip'), 'install', '-q',
+                 'tempest', 'cinder-tempest-plugin'], timeout=3600)
     return venv
 
 
@@ -65,24 +66,24 @@ def _image(stack):
     if current:
         return current[0]
     for image_id in _images(stack):
-        stack_mod.log('deleting %s (%s): another build of the guest'
-                      % (IMAGE_NAME, image_id))
-        demo.cli(stack, 'openstack', 'image', 'delete', image_id)
-    out = demo.cli(stack, 'glance', 'image-create', '--name', IMAGE_NAME,
-                   '--disk-format', guest.fmt, '--container-format', 'bare',
-                   '--visibility', 'public', '--property', sha,
-                   '--file', guest.path)
-    return demo.table_value(out, 'id')
+        svc.log('deleting %s (%s): another build of the guest'
+                % (IMAGE_NAME, image_id))
+        clients.cli(stack, 'openstack', 'image', 'delete', image_id)
+    out = clients.cli(stack, 'glance', 'image-create', '--name', IMAGE_NAME,
+                      '--disk-format', guest.fmt, '--container-format', 'bare',
+                      '--visibility', 'public', '--property', sha,
+                      '--file', guest.path)
+    return clients.table_value(out, 'id')
 
 
 def _images(stack, *filters):
-    return demo.cli(stack, 'openstack', 'image', 'list', '--name',
-                    IMAGE_NAME, *filters, '-f', 'value', '-c', 'ID').split()
+    return clients.cli(stack, 'openstack', 'image', 'list', '--name',
+                       IMAGE_NAME, *filters, '-f', 'value', '-c', 'ID').split()
 
 
 def _flavor(stack):
-    return demo.cli(stack, 'openstack', 'flavor', 'show', FLAVOR, '-f',
-                    'value', '-c', 'id').strip()
+    return clients.cli(stack, 'openstack', 'flavor', 'show', FLAVOR, '-f',
+                       'value', '-c', 'id').strip()
 
 
 def write_config(stack, workspace, image_id, flavor_id, volume_type=None):
@@ -136,8 +137,8 @@ def write_config(stack, workspace, image_id, flavor_id, volume_type=None):
         # No SSH into the guests: no network, no keys in the image.
         'validation': {'run_validation': False},
         'volume': {'catalog_type': 'volumev3',
-                   'backend_names': '%s,%s' % (stack_mod.THUNDER_BACKEND,
-                                               stack_mod.RBD_BACKEND),
+                   'backend_names': '%s,%s' % (layout.THUNDER_BACKEND,
+                                               layout.RBD_BACKEND),
                    'storage_protocol': 'ceph',
                    'vendor_name': 'VMThunder',
                    'volume_size': 1,
@@ -164,12 +165,12 @@ def run_tempest(stack, args):
     workspace = stack.path('tempest')
     tempest = os.path.join(venv, 'bin', 'tempest')
     if not os.path.exists(os.path.join(workspace, 'etc')):
-        stack_mod.run([tempest, 'init', workspace])
+        svc.run([tempest, 'init', workspace])
     write_config(stack, workspace, _image(stack), _flavor(stack),
                  args.volume_type)
     cmd = [tempest, 'run', '--regex', args.regex, '--concurrency',
            str(args.concurrency)]
     if args.exclude:
         cmd += ['--exclude-regex', args.exclude]
-    stack_mod.log('running %s in %s' % (' '.join(cmd[1:]), workspace))
+    svc.log('running %s in %s' % (' '.join(cmd[1:]), workspace))
     return subprocess.run(cmd, cwd=workspace).returncode

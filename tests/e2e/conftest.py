@@ -29,10 +29,12 @@ import time
 import pytest
 
 from thunder_common import loops
+from thunder_stack import clients
 from thunder_stack import demo
+from thunder_stack import layout
 from thunder_stack import stack as stack_mod
 
-TOOL = os.path.join(stack_mod.CHECKOUT, 'tools', 'thunder-stack')
+TOOL = os.path.join(layout.CHECKOUT, 'tools', 'thunder-stack')
 
 
 @pytest.fixture(scope='session')
@@ -50,7 +52,7 @@ def stack():
 
 @pytest.fixture(scope='session')
 def api(stack):
-    return demo.Api(stack)
+    return clients.Api(stack)
 
 
 @pytest.fixture(scope='session')
@@ -95,9 +97,9 @@ class Client:
         out = self.run('glance', 'image-create', '--name', name,
                        '--disk-format', 'raw', '--container-format', 'bare',
                        '--file', path, '--store', store).stdout
-        image_id = demo.table_value(out, 'id')
+        image_id = clients.table_value(out, 'id')
         self.images.append(image_id)
-        assert demo.table_value(out, 'status') == 'active', out
+        assert clients.table_value(out, 'status') == 'active', out
         return image_id
 
     def image(self, image_id):
@@ -110,7 +112,7 @@ class Client:
         out = self.run('cinder', 'create', '--image-id', image_id,
                        '--volume-type', volume_type, '--name', 'e2e-volume',
                        *zone_args, str(size)).stdout
-        volume_id = demo.table_value(out, 'id')
+        volume_id = clients.table_value(out, 'id')
         self.volumes.append(volume_id)
         return volume_id
 

@@ -27,6 +27,7 @@ import pytest
 
 from thunder_cache import advertise
 from thunder_common import locations
+from thunder_stack import clients
 from thunder_stack import demo
 
 URL_1 = 'http://e2e-node-1:7485'
@@ -74,7 +75,7 @@ def _volume_id(url):
 def _image_volume(stack, image_id):
     """The image-volume's id: what its cinder:// and thunder:// name."""
     ids = {_volume_id(loc['url'])
-           for loc in demo.image_locations(stack, image_id)} - {None}
+           for loc in clients.image_locations(stack, image_id)} - {None}
     assert len(ids) == 1, 'image %s: volume locations %s' % (image_id, ids)
     return ids.pop()
 

@@ -25,8 +25,8 @@ import subprocess
 import sys
 
 from thunder_stack import ini
+from thunder_stack import layout
 from thunder_stack import nova as nova_mod
-from thunder_stack import stack as stack_mod
 
 DEVSTACK_STUBS = r'''
 set -euo pipefail
@@ -54,14 +54,14 @@ done
 def _run_plugin(tmp_path, script, **env):
     calls = tmp_path / 'calls'
     calls.touch()
-    full_env = dict(os.environ, PYTHONPATH=stack_mod.CHECKOUT,
+    full_env = dict(os.environ, PYTHONPATH=layout.CHECKOUT,
                     THUNDER_PYTHON=sys.executable, CALLS=str(calls),
                     CINDER_CONF=str(tmp_path / 'cinder.conf'),
                     GLANCE_API_CONF=str(tmp_path / 'glance-api.conf'),
                     TEMPEST_CONFIG=str(tmp_path / 'tempest.conf'))
     full_env.update(env)
     result = subprocess.run(['bash', '-c', DEVSTACK_STUBS + script],
-                            cwd=stack_mod.CHECKOUT, env=full_env,
+                            cwd=layout.CHECKOUT, env=full_env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return calls.read_text()
@@ -85,7 +85,7 @@ source devstack/plugin.sh stack install
 source devstack/plugin.sh stack post-config
 source devstack/plugin.sh stack test-config
 ''', **env)
-    assert 'setup_develop %s' % stack_mod.CHECKOUT in calls
+    assert 'setup_develop %s' % layout.CHECKOUT in calls
     assert 'install_thunder' in calls
 
     cinder = str(tmp_path / 'cinder.conf')
@@ -314,7 +314,7 @@ source devstack/plugin.sh stack extra
 
 def _join_zone(stack, tmp_path, zone, nova_conf, timeout=60):
     """join_thunder_availability_zone against the stack's real Nova."""
-    env = dict(os.environ, PYTHONPATH=stack_mod.CHECKOUT,
+    env = dict(os.environ, PYTHONPATH=layout.CHECKOUT,
                THUNDER_PYTHON=sys.executable, NOVA_CONF=nova_conf,
                THUNDER_NODE_AVAILABILITY_ZONE=zone,
                THUNDER_COMPUTE_TIMEOUT=str(timeout),
@@ -327,7 +327,7 @@ def _join_zone(stack, tmp_path, zone, nova_conf, timeout=60):
          'source devstack/settings\n'
          'source devstack/lib/thunder\n'
          'join_thunder_availability_zone\n'],
-        cwd=stack_mod.CHECKOUT, env=env, capture_output=True, text=True,
+        cwd=layout.CHECKOUT, env=env, capture_output=True, text=True,
         timeout=timeout + 120)
 
 

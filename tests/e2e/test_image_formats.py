@@ -30,13 +30,13 @@ import pytest
 from cinder_thunder_driver import image_clones
 from tests.e2e import conftest
 from thunder_common import locations
-from thunder_stack import demo
+from thunder_stack import clients
 from thunder_stack import guest as guest_mod
-from thunder_stack import stack as stack_mod
+from thunder_stack import layout
 
-POOL = stack_mod.POOLS['thunder']
-THUNDER_POOL = 'thunder-stack@%s#%s' % (stack_mod.THUNDER_BACKEND,
-                                        stack_mod.THUNDER_BACKEND)
+POOL = layout.POOLS['thunder']
+THUNDER_POOL = 'thunder-stack@%s#%s' % (layout.THUNDER_BACKEND,
+                                        layout.THUNDER_BACKEND)
 IMPORT_TIMEOUT = 300
 STATS_TIMEOUT = 150     # Cinder reports volume stats every 60 s
 
@@ -76,7 +76,7 @@ def _import_with_glance(client, path, store):
                          'e2e-qcow2-import', '--disk-format', 'qcow2',
                          '--container-format', 'bare', '--stores', store,
                          stdin=data).stdout
-    return demo.table_value(out, 'id')
+    return clients.table_value(out, 'id')
 
 
 def _import_with_openstack(client, path, store):
@@ -91,7 +91,7 @@ def _import_with_openstack(client, path, store):
 
 def _volume_with_openstack(client, image_id):
     out = client.run('openstack', 'volume', 'create', '--image', image_id,
-                     '--type', stack_mod.THUNDER_BACKEND, '--size', '1',
+                     '--type', layout.THUNDER_BACKEND, '--size', '1',
                      '-f', 'json', 'e2e-volume').stdout
     volume_id = json.loads(out)['id']
     client.volumes.append(volume_id)
@@ -99,7 +99,7 @@ def _volume_with_openstack(client, image_id):
 
 
 def _volume_with_cinder(client, image_id):
-    return client.create_volume(image_id, stack_mod.THUNDER_BACKEND)
+    return client.create_volume(image_id, layout.THUNDER_BACKEND)
 
 
 def _thunder_stats(client):
@@ -133,7 +133,7 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     assert image['size'] == raw.size
     assert image['checksum'] == raw_md5
     assert image['stores'] == thunder_store
-    [url] = [loc['url'] for loc in demo.image_locations(stack, image_id)
+    [url] = [loc['url'] for loc in clients.image_locations(stack, image_id)
              if loc['url'].startswith('thunder://')]
 
     volume_id = create_volume(client, image_id)
@@ -143,7 +143,7 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     parent = parent.get('parent')
     assert parent, '%s is not a clone' % name
     assert parent['image'] == 'volume-%s' % locations.parse(url).volume_id
-    assert demo.own_bytes(stack, POOL, name) == 0
+    assert clients.own_bytes(stack, POOL, name) == 0
     sha, tail_zero = conftest.rbd_sha256(stack, '%s/%s' % (POOL, name),
                                          raw.size, tmp_path)
     assert sha == raw.sha256
@@ -159,16 +159,16 @@ def test_qcow2_uploaded_the_old_way_is_copied_and_said_so(stack, client,
     out = client.run('glance', 'image-create', '--name', 'e2e-qcow2-old',
                      '--disk-format', 'qcow2', '--container-format', 'bare',
                      '--file', qcow2.path, '--store', thunder_store).stdout
-    image_id = demo.table_value(out, 'id')
+    image_id = clients.table_value(out, 'id')
     client.images.append(image_id)
-    assert demo.table_value(out, 'disk_format') == 'qcow2'
+    assert clients.table_value(out, 'disk_format') == 'qcow2'
 
-    volume_id = client.create_volume(image_id, stack_mod.THUNDER_BACKEND)
+    volume_id = client.create_volume(image_id, layout.THUNDER_BACKEND)
     client.wait_volume(volume_id)
     name = 'volume-%s' % volume_id
     info = conftest.rbd_json(stack, 'info', '%s/%s' % (POOL, name))
     assert not info.get('parent'), 'a qcow2 image was cloned'
-    assert demo.own_bytes(stack, POOL, name) > 0
+    assert clients.own_bytes(stack, POOL, name) > 0
     sha, _ = conftest.rbd_sha256(stack, '%s/%s' % (POOL, name), raw.size,
                                  tmp_path)
     assert sha == raw.sha256

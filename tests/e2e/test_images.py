@@ -27,7 +27,7 @@ import pytest
 
 from tests.e2e import conftest
 from thunder_common import locations
-from thunder_stack import demo
+from thunder_stack import clients
 
 POOL = 'thunder'
 
@@ -46,7 +46,7 @@ def _parent(stack, pool, name):
 
 
 def _own_bytes(stack, pool, name):
-    return demo.own_bytes(stack, pool, name)
+    return clients.own_bytes(stack, pool, name)
 
 
 def _image_meta(stack, pool, name, key):
@@ -85,7 +85,7 @@ def test_a_location_cannot_name_another_images_volume(stack, client,
     path, digest = image_file
     image_a = client.upload(str(path), thunder_store, name='e2e-a')
     image_b = client.upload(str(path), thunder_store, name='e2e-b')
-    [url_b] = [loc['url'] for loc in demo.image_locations(stack, image_b)
+    [url_b] = [loc['url'] for loc in clients.image_locations(stack, image_b)
                if loc['url'].startswith('thunder://')]
     parsed = locations.parse(url_b)
     assert parsed.image_id == image_b
@@ -96,7 +96,7 @@ def test_a_location_cannot_name_another_images_volume(stack, client,
                      image_a, check=False)
     assert out.returncode != 0, out.stdout
     assert forged not in [loc['url'] for loc in
-                          demo.image_locations(stack, image_a)]
+                          clients.image_locations(stack, image_a)]
     download = tmp_path / 'b.raw'
     client.run('glance', 'image-download', '--file', str(download), image_b)
     assert _sha256(download) == digest
@@ -304,9 +304,9 @@ def test_upstream_rbd_driver_clones_a_thunder_image(stack, client,
     """
     path, digest = image_file
     image_id = client.upload(str(path), thunder_store)
-    added = demo.register_aliases(stack, image_id)
+    added = clients.register_aliases(stack, image_id)
     assert [u.split(':')[0] for u in added] == ['cinder', 'rbd']
-    urls = [loc['url'] for loc in demo.image_locations(stack, image_id)]
+    urls = [loc['url'] for loc in clients.image_locations(stack, image_id)]
     assert set(added) <= set(urls)
 
     vid = client.create_volume(image_id, 'rbd')

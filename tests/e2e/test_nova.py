@@ -38,20 +38,20 @@ import pytest
 
 from tests.e2e import conftest
 from thunder_cache import control
-from thunder_stack import demo
+from thunder_stack import clients
 from thunder_stack import guest as guest_mod
+from thunder_stack import layout
 from thunder_stack import nova
 from thunder_stack import services as svc
-from thunder_stack import stack as stack_mod
 
 FLAVOR = 'tiny'
-VOLUME_TYPE = stack_mod.THUNDER_BACKEND
-PEER_TYPE = stack_mod.PEER_BACKEND
-POOL = stack_mod.POOLS['thunder']
+VOLUME_TYPE = layout.THUNDER_BACKEND
+PEER_TYPE = layout.PEER_BACKEND
+POOL = layout.POOLS['thunder']
 ACTIVE_TIMEOUT = 300
 MARKER_TIMEOUT = 300
 DELETE_TIMEOUT = 180
-BENCHMARKS = os.path.join(stack_mod.CHECKOUT, 'benchmarks')
+BENCHMARKS = os.path.join(layout.CHECKOUT, 'benchmarks')
 
 
 def guest_image(stack):
@@ -169,7 +169,7 @@ class Servers:
 def guest(stack, thunder_store):
     """The guest image in the thunder store: (image id, marker)."""
     path, marker = guest_image(stack)
-    api = demo.Api(stack)
+    api = clients.Api(stack)
     client = conftest.Client(stack, api)
     image_id = client.upload(path, thunder_store, name='e2e-nova-guest')
     yield image_id, marker
@@ -255,7 +255,7 @@ def check_shared_disk(stack, server, volume):
     """An RBD clone that qemu reads; returns its parent image's name."""
     volume_id = volume['id']
     # A copy-on-write clone of the image-volume's snapshot...
-    parent = demo.parent_of(stack, POOL, 'volume-%s' % volume_id)
+    parent = clients.parent_of(stack, POOL, 'volume-%s' % volume_id)
     assert parent and parent.startswith(POOL + '/volume-'), parent
     # ... that qemu reads from the local Ceph's monitor (its own port).
     source, hosts = rbd_disk(server['OS-EXT-SRV-ATTR:instance_name'])
@@ -376,7 +376,7 @@ def big_image(stack, thunder_store, tmp_path_factory):
     big = tmp_path_factory.mktemp('big') / 'big.raw'
     with open(big, 'wb') as f:
         f.truncate((1 << 30) + (1 << 20))
-    client = conftest.Client(stack, demo.Api(stack))
+    client = conftest.Client(stack, clients.Api(stack))
     image_id = client.upload(str(big), thunder_store, name='e2e-too-big')
     big.unlink()
     yield image_id
@@ -428,7 +428,7 @@ def test_nova_boot_benchmark_short_run(stack, client, thunder_store,
     """
     sys.path.insert(0, BENCHMARKS)
     nova_boot = importlib.import_module('nova_boot')
-    ephemeral_pool = stack_mod.POOLS['nova']
+    ephemeral_pool = layout.POOLS['nova']
 
     def left():
         return {'volumes': set(client.all_volumes()),

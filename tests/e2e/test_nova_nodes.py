@@ -35,7 +35,7 @@ from tests.e2e import conftest
 from tests.e2e.test_nova import guest  # noqa: F401 (a fixture)
 from tests.e2e.test_nova import Servers
 from thunder_common import loops
-from thunder_stack import demo
+from thunder_stack import clients
 from thunder_stack import netlab
 from thunder_stack import nodes as nodes_mod
 from thunder_stack import nova
@@ -58,12 +58,12 @@ def _tool(*args, timeout=900):
 def nodes(stack):
     _tool('nodes', 'up', '--count', str(COUNT), '--link-mbit',
           str(LINK_MBIT))
-    stack.state = stack._load_state()
+    stack.state = stack.load_state()
     n = nodes_mod.Nodes(stack)
     yield n
     if stack.state.get('nodes'):
         _tool('nodes', 'down')
-        stack.state = stack._load_state()
+        stack.state = stack.load_state()
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def servers(stack, client):
 
 
 def _placement(stack, path):
-    token = demo.Api(stack).token
+    token = clients.Api(stack).token
     request = urllib.request.Request(stack.url('placement') + path, headers={
         'X-Auth-Token': token, 'OpenStack-API-Version': 'placement 1.0'})
     with urllib.request.urlopen(request, timeout=30) as resp:
@@ -170,7 +170,7 @@ def test_nodes_down_leaves_nothing(stack, client, nodes):
     assert all(relays), 'a relay is not running: %s' % relays
     pids += relays
     _tool('nodes', 'down')
-    stack.state = stack._load_state()
+    stack.state = stack.load_state()
     assert 'nodes' not in stack.state
     assert netlab.leftover_namespaces(nodes_mod.PREFIX) == []
     for pid in pids:

@@ -32,13 +32,13 @@ from os_brick.initiator import connector as brick_connector
 import pytest
 
 from tests.e2e import conftest
+from tests.harness import standalone
 from thunder_cache import advertise
 from thunder_cache import control
 from thunder_cache import trace
 from thunder_common import locations
 from thunder_common import manifest
-from thunder_stack import demo
-from thunder_stack import standalone
+from thunder_stack import clients
 
 PEER_TYPE = 'thunder-peer'
 MiB = 1024 * 1024
@@ -81,7 +81,7 @@ def _image_counter(stack, name, image_id):
 
 
 def _image_volume_id(stack, image_id):
-    for loc in demo.image_locations(stack, image_id):
+    for loc in clients.image_locations(stack, image_id):
         try:
             parsed = locations.parse(loc['url'])
         except locations.InvalidLocation:
@@ -296,7 +296,7 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     out = client.run('cinder', 'upload-to-image', '--disk-format', 'raw',
                      '--container-format', 'bare', vid,
                      'e2e-peer-upload').stdout
-    uploaded = demo.table_value(out, 'image_id')
+    uploaded = clients.table_value(out, 'image_id')
     client.images.append(uploaded)
     deadline = time.monotonic() + 600
     while client.image(uploaded)['status'] != 'active':

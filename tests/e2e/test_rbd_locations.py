@@ -28,11 +28,11 @@ import pytest
 from tests.e2e import conftest
 from tests.e2e import test_nova
 from thunder_common import locations
-from thunder_stack import demo
-from thunder_stack import stack as stack_mod
+from thunder_stack import clients
+from thunder_stack import layout
 
-STORE = stack_mod.RBD_LOCATION_STORE
-POOL = stack_mod.POOLS['thunder']
+STORE = layout.RBD_LOCATION_STORE
+POOL = layout.POOLS['thunder']
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def rbd_store(stack, thunder_store):
 
 def _one_rbd_location(stack, client, image_id):
     """The image's one location, its sealed snapshot (and direct_url)."""
-    [loc] = demo.image_locations(stack, image_id)
+    [loc] = clients.image_locations(stack, image_id)
     parsed = locations.parse(loc['url'])
     assert isinstance(parsed, locations.RbdLocation), loc
     assert parsed.pool == POOL and parsed.image.startswith('volume-')
@@ -69,17 +69,17 @@ def test_cinder_rbd_driver_clones_with_no_location_added(
     parsed = _one_rbd_location(stack, client, image_id)
 
     volumes = {t: client.create_volume(image_id, t)
-               for t in (stack_mod.RBD_BACKEND, stack_mod.THUNDER_BACKEND)}
+               for t in (layout.RBD_BACKEND, layout.THUNDER_BACKEND)}
     for volume_type, volume_id in volumes.items():
         client.wait_volume(volume_id)
-        pool = (stack_mod.POOLS['rbd'] if volume_type == 'rbd' else POOL)
+        pool = (layout.POOLS['rbd'] if volume_type == 'rbd' else POOL)
         name = 'volume-%s' % volume_id
         parent = conftest.rbd_json(stack, 'info', '%s/%s' % (pool, name))
         assert parent.get('parent'), '%s volume is not a clone' % volume_type
         assert (parent['parent']['pool'], parent['parent']['image'],
                 parent['parent']['snapshot']) == (
             parsed.pool, parsed.image, parsed.snapshot)
-        assert demo.own_bytes(stack, pool, name) == 0
+        assert clients.own_bytes(stack, pool, name) == 0
         sha, _ = conftest.rbd_sha256(stack, '%s/%s' % (pool, name),
                                      os.path.getsize(path), tmp_path)
         assert sha == digest
@@ -101,7 +101,7 @@ def test_nova_rbd_backend_boots_with_no_location_added(stack, client,
         servers.wait_marker(server_id, marker)
         disk = '%s_disk' % server_id
         info = conftest.rbd_json(stack, 'info', '%s/%s' % (
-            stack_mod.POOLS['nova'], disk))
+            layout.POOLS['nova'], disk))
         assert (info['parent']['pool'], info['parent']['image'],
                 info['parent']['snapshot']) == (
             parsed.pool, parsed.image, parsed.snapshot), json.dumps(info)

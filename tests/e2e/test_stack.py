@@ -20,7 +20,7 @@ import subprocess
 import time
 
 from tests.e2e import conftest
-from thunder_stack import demo
+from thunder_stack import clients
 from thunder_stack import ini
 
 
@@ -71,7 +71,7 @@ def test_upstream_flow_clones_too(stack, client, image_file):
     parent = conftest.rbd_json(stack, 'info', 'volumes/volume-%s' % vid)
     assert parent['parent']['pool'] == 'images'
     assert parent['parent']['image'] == image_id
-    assert demo.own_bytes(stack, 'volumes', 'volume-%s' % vid) == 0
+    assert clients.own_bytes(stack, 'volumes', 'volume-%s' % vid) == 0
 
 
 def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
@@ -101,7 +101,7 @@ def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[
         -3000:]
-    client.api = demo.Api(stack)
+    client.api = clients.Api(stack)
     assert client.wait_volume(vid, timeout=60)['status'] == 'available'
     out = tmp_path / 'after-restart.raw'
     client.run('glance', 'image-download', '--file', str(out), image_id)

@@ -25,7 +25,7 @@ import tempfile
 from oslo_config import cfg
 import pytest
 
-from thunder_stack import standalone
+from tests.harness import standalone
 
 BACKEND = 'thunder_functional'
 

@@ -326,5 +326,5 @@ def _convert(final, raw_meta):
 
 def default_cache_dir():
     """``data/guest`` of the local stack's directory."""
-    from thunder_stack import stack
-    return os.path.join(stack.stack_dir(), 'data', 'guest')
+    from thunder_stack import layout
+    return os.path.join(layout.stack_dir(), 'data', 'guest')

@@ -16,7 +16,7 @@ import pytest
 
 from cinder_thunder_driver import peer
 from tests.functional.cinder_thunder_driver import peer_helpers
-from thunder_stack import standalone
+from tests.harness import standalone
 
 
 @pytest.fixture

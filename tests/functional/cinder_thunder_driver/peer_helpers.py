@@ -23,8 +23,8 @@ import subprocess
 
 import pytest
 
+from tests.harness import standalone
 from thunder_common import loops
-from thunder_stack import standalone
 
 BACKEND = 'thunder_peer_functional'
 HOST = 'peer-node'

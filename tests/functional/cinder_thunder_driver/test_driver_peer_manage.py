@@ -33,8 +33,8 @@ from tests.functional.cinder_thunder_driver.peer_helpers import MiB
 from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
 from tests.functional.cinder_thunder_driver.peer_helpers import read_device
 from tests.functional.cinder_thunder_driver.peer_helpers import write_device
+from tests.harness import standalone
 from thunder_cache import control
-from thunder_stack import standalone
 
 BLOCK = 4096
 

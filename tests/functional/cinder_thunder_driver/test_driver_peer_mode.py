@@ -36,9 +36,9 @@ from tests.functional.cinder_thunder_driver.peer_helpers import MiB
 from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
 from tests.functional.cinder_thunder_driver.peer_helpers import read_device
 from tests.functional.cinder_thunder_driver.peer_helpers import write_device
+from tests.harness import standalone
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
-from thunder_stack import standalone
 
 CHUNK = MiB
 SIZE = 20 * MiB + 4321

@@ -27,10 +27,10 @@ import pytest
 
 from cinder_thunder_driver import clones
 from cinder_thunder_driver.cluster import rbd
+from tests.harness.standalone import Snapshot
+from tests.harness.standalone import Volume
 from thunder_common import locations
 from thunder_common import rbd_layout
-from thunder_stack.standalone import Snapshot
-from thunder_stack.standalone import Volume
 
 RAW = {'disk_format': 'raw', 'container_format': 'bare'}
 

@@ -30,7 +30,7 @@ import types
 from unittest import mock
 import uuid
 
-from thunder_stack import standalone
+from tests.harness import standalone
 
 FSID = '6f0e8cf9-1b2d-4e55-9d0a-7c7f5a4e2b10'
 

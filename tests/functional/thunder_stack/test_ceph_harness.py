@@ -24,8 +24,8 @@ from cinder import exception
 from oslo_utils import units
 import pytest
 
+from tests.harness.standalone import Volume
 from thunder_stack import ceph as local_ceph
-from thunder_stack.standalone import Volume
 
 
 @pytest.fixture(scope='module')

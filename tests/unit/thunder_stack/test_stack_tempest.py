@@ -22,6 +22,7 @@ from unittest import mock
 import pytest
 
 from thunder_stack import ini
+from thunder_stack import layout
 from thunder_stack import stack as stack_mod
 from thunder_stack import tempest
 
@@ -31,7 +32,7 @@ SHA = 'a' * 64
 @pytest.fixture
 def stack(tmp_path):
     s = stack_mod.Stack(root=str(tmp_path / 'stack'))
-    s.state = {'password': 'secret', 'ports': dict(stack_mod.DEFAULT_PORTS)}
+    s.state = {'password': 'secret', 'ports': dict(layout.DEFAULT_PORTS)}
     return s
 
 
@@ -80,7 +81,7 @@ def test_volumes_have_cinders_default_type_unless_told(conf, stack,
     assert conf('volume', 'volume_type') == ''
     workspace = str(tmp_path / 'peer')
     tempest.write_config(stack, workspace, 'IMAGE', 'FLAVOR',
-                         stack_mod.PEER_BACKEND)
+                         layout.PEER_BACKEND)
     path = os.path.join(workspace, 'etc', 'tempest.conf')
     assert ini.iniget(path, 'volume', 'volume_type') == 'thunder-peer'
 
@@ -112,7 +113,7 @@ def _image(stack, cli):
     guest = mock.Mock(sha256=SHA, fmt='raw', path='/guest.raw')
     with mock.patch.object(tempest.guest_mod, 'build',
                            return_value=guest), \
-            mock.patch.object(tempest.demo, 'cli', cli):
+            mock.patch.object(tempest.clients, 'cli', cli):
         return tempest._image(stack)
 
 

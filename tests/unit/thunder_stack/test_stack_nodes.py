@@ -20,6 +20,7 @@ import os
 import pytest
 
 from thunder_stack import ini
+from thunder_stack import layout
 from thunder_stack import netlab
 from thunder_stack import nodes
 from thunder_stack import nova
@@ -62,7 +63,7 @@ def test_relays():
 @pytest.fixture
 def stack(tmp_path):
     s = stack_mod.Stack(root=str(tmp_path / 'stack'))
-    s.state = {'password': 'secret', 'ports': dict(stack_mod.DEFAULT_PORTS)}
+    s.state = {'password': 'secret', 'ports': dict(layout.DEFAULT_PORTS)}
     return s
 
 

@@ -25,7 +25,10 @@ from unittest import mock
 import pytest
 
 from thunder_stack import bootstrap
+from thunder_stack import cache
 from thunder_stack import ini
+from thunder_stack import install
+from thunder_stack import layout
 from thunder_stack import nova
 from thunder_stack import services as svc
 from thunder_stack import stack as stack_mod
@@ -34,7 +37,7 @@ from thunder_stack import stack as stack_mod
 @pytest.fixture
 def stack(tmp_path):
     s = stack_mod.Stack(root=str(tmp_path / 'stack'))
-    s.state = {'password': 'secret', 'ports': dict(stack_mod.DEFAULT_PORTS)}
+    s.state = {'password': 'secret', 'ports': dict(layout.DEFAULT_PORTS)}
     for project in ('nova', 'neutron'):
         paste = os.path.join(s.venv, 'etc', project, 'api-paste.ini')
         os.makedirs(os.path.dirname(paste))
@@ -112,14 +115,14 @@ def test_no_libvirt_no_domains():
 
 def test_down_removes_domains_after_nova_compute_before_libvirtd(stack):
     order = []
-    stack.state['ports'] = dict(stack_mod.DEFAULT_PORTS)
+    stack.state['ports'] = dict(layout.DEFAULT_PORTS)
 
     def stop(service, timeout=30):
         order.append(service.name)
 
     with mock.patch.object(svc.Service, 'pid', return_value=1), \
             mock.patch.object(svc.Service, 'stop', stop), \
-            mock.patch.object(stack_mod.Stack, '_detach_loop_devices'), \
+            mock.patch.object(cache, 'detach_loops'), \
             mock.patch.object(stack_mod.Stack, 'ceph'), \
             mock.patch.object(nova, 'remove_domains',
                               side_effect=lambda s: order.append(
@@ -219,13 +222,13 @@ def test_a_foreign_libvirtd_is_refused(stack):
 
 def test_stack_installs_and_serves_nova(stack):
     for package in nova.APT_PACKAGES:
-        assert package in stack_mod.APT_PACKAGES
+        assert package in install.APT_PACKAGES
     for package in nova.PIP_PACKAGES:
-        assert package in stack_mod.PIP_PACKAGES
+        assert package in install.PIP_PACKAGES
     names = [s.name for s in stack.services()]
     assert names[-len(nova.services(stack)):] == [
         s.name for s in nova.services(stack)]
-    assert set(nova.PORTS) <= set(stack_mod.DEFAULT_PORTS)
+    assert set(nova.PORTS) <= set(layout.DEFAULT_PORTS)
 
 
 class FakeApi:

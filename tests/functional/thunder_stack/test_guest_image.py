@@ -78,9 +78,12 @@ def test_build_is_cached_and_reproducible(image, cache, tmp_path):
     again = guest.build(cache)
     assert again.cached and again.path == image.path
     assert again.sha256 == image.sha256
+    # thunder_stack is not installed: python -m finds it in the checkout.
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(guest.__file__))))
     out = subprocess.run([sys.executable, '-m', 'thunder_stack.guest',
                           'build', '--out', cache], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=checkout).stdout
     assert out.strip() == image.path
 
     # The same inputs elsewhere make the same bytes (the .deb files are

@@ -23,10 +23,14 @@ from unittest import mock
 
 import pytest
 
+from thunder_stack import cli
+from thunder_stack import clients
 from thunder_stack import demo
+from thunder_stack import layout
+from thunder_stack import services as svc
 from thunder_stack import stack as stack_mod
 
-BENCHMARK = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'bulk_boot.py')
+BENCHMARK = os.path.join(layout.CHECKOUT, 'benchmarks', 'bulk_boot.py')
 
 
 @pytest.fixture
@@ -90,20 +94,20 @@ def test_command_keeps_an_out_given(stack, root, tmp_path, given):
 
 
 def test_command_unbalanced_quote(stack, root, tmp_path):
-    with pytest.raises(stack_mod.StackError, match='--bulk-boot-args'):
+    with pytest.raises(svc.StackError, match='--bulk-boot-args'):
         demo.bulk_boot_command(stack, demo_args(tmp_path, "--nodes '1"))
 
 
 def test_command_needs_root(stack, tmp_path):
     with mock.patch.object(os, 'geteuid', return_value=1000):
-        with pytest.raises(stack_mod.StackError, match='needs root'):
+        with pytest.raises(svc.StackError, match='needs root'):
             demo.bulk_boot_command(stack, demo_args(tmp_path))
 
 
 def test_main_says_so_before_up_when_not_root(capsys):
     with mock.patch.object(stack_mod, 'Stack') as stack_cls, \
             mock.patch.object(os, 'geteuid', return_value=1000):
-        assert stack_mod.main(['demo', '--bulk-boot']) == 1
+        assert cli.main(['demo', '--bulk-boot']) == 1
     assert not stack_cls.return_value.up.called
     assert not stack_cls.return_value.is_up.called
     assert '--bulk-boot needs root' in capsys.readouterr().err
@@ -117,7 +121,7 @@ def parsed(argv):
             mock.patch.object(os, 'geteuid', return_value=0):
         stack_cls.return_value.python = '/stack/venv/bin/python'
         stack_cls.return_value.path.return_value = '/stack/data/bulk'
-        assert stack_mod.main(argv) == 0
+        assert cli.main(argv) == 0
     return run_demo.call_args[0][1]
 
 
@@ -144,7 +148,7 @@ def test_bulk_boot_success(stack, root, tmp_path, capsys):
     command = popen.call_args[0][0]
     assert command[:3] == [stack.python, BENCHMARK, '--quick']
     env = popen.call_args[1]['env']
-    assert env['PYTHONPATH'].split(os.pathsep)[0] == stack_mod.CHECKOUT
+    assert env['PYTHONPATH'].split(os.pathsep)[0] == layout.CHECKOUT
     out = stack.path('data', 'demo', 'bulk-boot')
     summary = capsys.readouterr().out
     assert ('bulk boot: ok; 2 runs, every node verified its bytes; goals '
@@ -206,7 +210,7 @@ def test_flows_run_before_the_bulk_boot(stack, root, tmp_path):
 
     args = demo_args(tmp_path, flows='thunder')
     with mock.patch.object(demo, 'make_image'), \
-            mock.patch.object(demo, 'Api'), \
+            mock.patch.object(clients, 'Api'), \
             mock.patch.object(demo, 'print_table'), \
             mock.patch.object(demo, 'run_flow', side_effect=run_flow), \
             fake_benchmark(0) as popen:
@@ -231,7 +235,7 @@ def test_no_flag_no_benchmark(stack, tmp_path):
 
 # -- demo --nova --------------------------------------------------------------
 
-NOVA_BOOT = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_boot.py')
+NOVA_BOOT = os.path.join(layout.CHECKOUT, 'benchmarks', 'nova_boot.py')
 
 
 def nova_args(tmp_path, nova_args=''):
@@ -249,7 +253,7 @@ def test_nova_command(stack, tmp_path):
         tmp_path, '--counts 1 --rounds 1 --out=x'))
     assert command[2:] == ['--counts', '1', '--rounds', '1', '--out=x']
     assert out == os.path.abspath('x')
-    with pytest.raises(stack_mod.StackError, match='--nova-args'):
+    with pytest.raises(svc.StackError, match='--nova-args'):
         demo.nova_boot_command(stack, nova_args(tmp_path, "--counts '1"))
 
 
@@ -296,7 +300,7 @@ def test_nova_boot_failure_fails_the_demo(stack, tmp_path, capsys):
 
 # -- demo --nova-nodes --------------------------------------------------------
 
-NOVA_NODES = os.path.join(stack_mod.CHECKOUT, 'benchmarks', 'nova_nodes.py')
+NOVA_NODES = os.path.join(layout.CHECKOUT, 'benchmarks', 'nova_nodes.py')
 
 
 def nova_nodes_args(tmp_path, nova_nodes_args='--rounds 1'):
@@ -311,13 +315,13 @@ def test_nova_nodes_command(stack, tmp_path, root):
     assert out == stack.path('data', 'demo', 'nova-nodes')
     assert command == [stack.python, NOVA_NODES, '--rounds', '1', '--out',
                        out]
-    with pytest.raises(stack_mod.StackError, match='--nova-nodes-args'):
+    with pytest.raises(svc.StackError, match='--nova-nodes-args'):
         demo.nova_nodes_command(stack, nova_nodes_args(tmp_path, "--x '1"))
 
 
 def test_nova_nodes_needs_root(stack, tmp_path):
     with mock.patch.object(os, 'geteuid', return_value=1000):
-        with pytest.raises(stack_mod.StackError, match='needs root'):
+        with pytest.raises(svc.StackError, match='needs root'):
             demo.nova_nodes_command(stack, nova_nodes_args(tmp_path))
 
 

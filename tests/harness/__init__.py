@@ -1,0 +1,1 @@
+"""Harnesses for tests and benchmarks: product code run outside its service."""

@@ -1,0 +1,152 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+
+"""The local stack seen from outside: its APIs and CLIs, with admin rights.
+
+The OpenStack CLIs of the stack's virtualenv with its admin credentials
+(:func:`cli`), just enough of Keystone, Cinder and Glance over HTTP to poll
+cheaply (:class:`Api`), and ``rbd`` on the stack's Ceph. The demo, Tempest,
+the emulated nodes, the benchmarks and the e2e tests use them.
+"""
+
+import json
+import os
+import re
+import subprocess
+import urllib.request
+
+from thunder_stack import services as svc
+
+
+class Api:
+    """Just enough of Keystone and Cinder over HTTP to poll cheaply."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        body = {'auth': {
+            'identity': {'methods': ['password'], 'password': {'user': {
+                'name': 'admin', 'domain': {'id': 'default'},
+                'password': stack.password}}},
+            'scope': {'project': {'name': 'admin',
+                                  'domain': {'id': 'default'}}}}}
+        req = urllib.request.Request(
+            stack.auth_url + '/auth/tokens', data=json.dumps(body).encode(),
+            headers={'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            self.token = resp.headers['X-Subject-Token']
+            self.project = json.load(resp)['token']['project']['id']
+        self.cinder = '%s/v3/%s' % (stack.url('cinder'), self.project)
+
+    def get(self, path):
+        req = urllib.request.Request(self.cinder + path, headers={
+            'X-Auth-Token': self.token,
+            'OpenStack-API-Version': 'volume 3.50'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
+
+    def create_image(self, name, **fields):
+        """A queued image without data (the CLIs read stdin as data)."""
+        body = dict(name=name, disk_format='raw', container_format='bare',
+                    **fields)
+        req = urllib.request.Request(
+            self.stack.url('glance') + '/v2/images',
+            data=json.dumps(body).encode(), method='POST',
+            headers={'X-Auth-Token': self.token,
+                     'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)['id']
+
+    def volumes(self, ids):
+        found = {}
+        for vol in self.get('/volumes/detail?all_tenants=1')['volumes']:
+            if vol['id'] in ids:
+                found[vol['id']] = vol
+        return found
+
+
+def cli(stack, *args, timeout=1800):
+    env = dict(os.environ)
+    env.update(stack.openrc_env())
+    env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
+    result = subprocess.run(list(args), capture_output=True, text=True,
+                            env=env, timeout=timeout)
+    if result.returncode:
+        raise svc.StackError('%s failed (%d): %s' % (
+            ' '.join(args[:3]), result.returncode,
+            (result.stderr or result.stdout)[-2000:]))
+    return result.stdout
+
+
+def table_value(output, key):
+    """The value of ``key`` in a CLI's two-column table."""
+    match = re.search(r'^\|\s*%s\s*\|\s*(\S+)' % re.escape(key), output,
+                      re.MULTILINE)
+    if not match:
+        raise svc.StackError('no %s in:\n%s' % (key, output[-1000:]))
+    return match.group(1)
+
+
+def image_locations(stack, image_id):
+    """The image's locations (shown to admins: show_multiple_locations)."""
+    image = json.loads(cli(stack, 'openstack', 'image', 'show', '-f',
+                           'json', image_id))
+    props = image.get('properties') or {}
+    return image.get('locations') or props.get('locations') or []
+
+
+def register_aliases(stack, image_id):
+    """Add the cinder:// and rbd:// aliases of a thunder image.
+
+    As doc/source/store.rst describes: the store builds them from its
+    thunder:// location (``glance_thunder_store.extra_locations``) and an
+    admin adds them with the JSON-patch location call, here the real
+    ``glance location-add``. Returns the URLs added.
+    """
+    added = []
+    for loc in image_locations(stack, image_id):
+        if not loc['url'].startswith('thunder://'):
+            continue
+        out = subprocess.run(
+            [stack.python, '-m', 'glance_thunder_store.extra_locations',
+             loc['url'], json.dumps(loc.get('metadata') or {})],
+            capture_output=True, text=True, check=True,
+            cwd=svc.CHECKOUT).stdout
+        for op in json.loads(out):
+            value = op['value']
+            cli(stack, 'glance', 'location-add', '--url', value['url'],
+                '--metadata', json.dumps(value.get('metadata') or {}),
+                image_id)
+            added.append(value['url'])
+    return added
+
+
+def rbd_json(stack, *args):
+    out = subprocess.run(['rbd', '-c', stack.ceph_conf, '--format', 'json']
+                         + list(args), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out or 'null')
+
+
+def own_bytes(stack, pool, name):
+    """Bytes the RBD image itself holds (a fresh clone holds none)."""
+    info = rbd_json(stack, 'du', '%s/%s' % (pool, name))
+    return sum(i['used_size'] for i in info['images']
+               if i['name'] == name and not i.get('snapshot'))
+
+
+def parent_of(stack, pool, name):
+    info = rbd_json(stack, 'info', '%s/%s' % (pool, name))
+    parent = info.get('parent')
+    if not parent:
+        return None
+    return '%s/%s@%s' % (parent['pool'], parent['image'], parent['snapshot'])

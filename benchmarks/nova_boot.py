@@ -71,6 +71,7 @@ from benchmarks import blockdev_mechanisms as bm  # noqa: E402
 from benchmarks import cache_io  # noqa: E402
 from thunder_stack import clients  # noqa: E402
 from thunder_stack import demo  # noqa: E402
+from thunder_stack import flows  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402
 from thunder_stack import layout  # noqa: E402
 from thunder_stack import services as svc  # noqa: E402
@@ -215,7 +216,7 @@ def _spread(pair):
 
 
 def human(n):
-    return demo.human(n) if n is not None else '-'
+    return flows.human(n) if n is not None else '-'
 
 
 def table(summaries):
@@ -472,7 +473,7 @@ class Bench:
         for flow in self.args.flows:
             store = FLOWS[flow]['store']
             log('uploading the guest image (%s) to Glance\'s %s store' % (
-                demo.human(os.path.getsize(image.path)), store))
+                flows.human(os.path.getsize(image.path)), store))
             out = self.run(['glance', 'image-create', '--name',
                             'nova-boot-%s' % flow, '--disk-format', 'raw',
                             '--container-format', 'bare', '--file',

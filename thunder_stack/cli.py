@@ -46,6 +46,30 @@ def print_status(rows):
             r.get('reason', '')))
 
 
+def positive(text):
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError('wants a whole number >= 1, not %r'
+                                         % text)
+    return value
+
+
+def volume_counts(text):
+    """``demo --volumes``: one count or several, comma-separated."""
+    try:
+        counts = [int(x) for x in text.split(',')]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            'wants a count or counts like 10,100, not %r' % text)
+    return counts
+
+
 def build_parser():
     """tools/thunder-stack's commands and options."""
     parser = argparse.ArgumentParser(
@@ -64,8 +88,13 @@ def build_parser():
                                        'upstream; print the timings '
                                        '(--bulk-boot: then the bulk boot '
                                        'benchmark)')
-    demo.add_argument('--volumes', '-n', type=int, default=10,
-                      help='volumes to create from the image (default 10)')
+    demo.add_argument('--volumes', '-n', default='10', type=volume_counts,
+                      help='volumes to create from the image at once, or '
+                           'several counts to run in turn, e.g. 10,100 '
+                           '(default 10)')
+    demo.add_argument('--rounds', type=positive, default=3,
+                      help='rounds of every flow and count, interleaved; '
+                           'the table shows medians and spreads (default 3)')
     demo.add_argument('--image-size-mib', type=int, default=1024,
                       help='size of the raw image (default 1024 MiB)')
     demo.add_argument('--flows', default='thunder,upstream,upstream-cinder',

@@ -29,7 +29,7 @@ from thunder_stack import services as svc
 
 
 class Api:
-    """Just enough of Keystone and Cinder over HTTP to poll cheaply."""
+    """Just enough of Keystone, Cinder and Glance over HTTP."""
 
     def __init__(self, stack):
         self.stack = stack
@@ -47,24 +47,46 @@ class Api:
             self.project = json.load(resp)['token']['project']['id']
         self.cinder = '%s/v3/%s' % (stack.url('cinder'), self.project)
 
+    def _call(self, url, body=None, method=None, microversion=None):
+        headers = {'X-Auth-Token': self.token}
+        if microversion:
+            headers['OpenStack-API-Version'] = microversion
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers['Content-Type'] = 'application/json'
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers=headers)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
     def get(self, path):
-        req = urllib.request.Request(self.cinder + path, headers={
-            'X-Auth-Token': self.token,
-            'OpenStack-API-Version': 'volume 3.50'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
+        return self._call(self.cinder + path, microversion='volume 3.50')
+
+    def create_volume(self, name, size_gib, image_id, volume_type):
+        """``POST /volumes`` from an image; the new volume's id."""
+        body = {'volume': {'name': name, 'size': size_gib,
+                           'imageRef': image_id,
+                           'volume_type': volume_type}}
+        return self._call(self.cinder + '/volumes', body,
+                          microversion='volume 3.50')['volume']['id']
+
+    def delete_volume(self, volume_id):
+        self._call(self.cinder + '/volumes/' + volume_id, method='DELETE',
+                   microversion='volume 3.50')
+
+    def image(self, image_id):
+        """Glance's record of an image (``GET /v2/images/ID``)."""
+        return self._call(self.stack.url('glance') + '/v2/images/' +
+                          image_id)
 
     def create_image(self, name, **fields):
         """A queued image without data (the CLIs read stdin as data)."""
         body = dict(name=name, disk_format='raw', container_format='bare',
                     **fields)
-        req = urllib.request.Request(
-            self.stack.url('glance') + '/v2/images',
-            data=json.dumps(body).encode(), method='POST',
-            headers={'X-Auth-Token': self.token,
-                     'Content-Type': 'application/json'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)['id']
+        return self._call(self.stack.url('glance') + '/v2/images',
+                          body)['id']
 
     def volumes(self, ids):
         found = {}

@@ -30,7 +30,7 @@ import pytest
 
 from thunder_common import loops
 from thunder_stack import clients
-from thunder_stack import demo
+from thunder_stack import flows
 from thunder_stack import layout
 from thunder_stack import stack as stack_mod
 
@@ -197,6 +197,6 @@ def rbd_sha256(stack, spec, length, tmp_path):
 def image_file(tmp_path_factory):
     """A 48 MiB raw image with data and holes, and its sha256."""
     path = tmp_path_factory.mktemp('images') / 'e2e.raw'
-    demo.make_image(str(path), 48, seed=7)
+    flows.make_image(str(path), 48, seed=7)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return path, digest

@@ -28,7 +28,7 @@ import pytest
 from thunder_cache import advertise
 from thunder_common import locations
 from thunder_stack import clients
-from thunder_stack import demo
+from thunder_stack import flows
 
 URL_1 = 'http://e2e-node-1:7485'
 URL_2 = 'http://e2e-node-2:7485'
@@ -90,7 +90,7 @@ def _cli_metadata(client, volume_id):
 @pytest.fixture
 def image_volume(stack, client, thunder_store, tmp_path):
     path = tmp_path / 'advertise.raw'
-    demo.make_image(str(path), 4, seed=11)
+    flows.make_image(str(path), 4, seed=11)
     image_id = client.upload(str(path), thunder_store,
                              name='e2e-advertise')
     return _image_volume(stack, image_id)

@@ -44,7 +44,9 @@ def stack_cls():
 def test_parser_defaults():
     parser = cli.build_parser()
     demo = parser.parse_args(['demo'])
-    assert (demo.volumes, demo.image_size_mib) == (10, 1024)
+    assert (demo.volumes, demo.image_size_mib) == ([10], 1024)
+    assert demo.rounds == 3
+    assert parser.parse_args(['demo', '-n', '10,100']).volumes == [10, 100]
     assert demo.timeout == 900
     assert demo.flows == 'thunder,upstream,upstream-cinder'
     assert demo.bulk_boot_args == '--quick'
@@ -58,7 +60,9 @@ def test_parser_defaults():
 
 @pytest.mark.parametrize('argv', [[], ['start'], ['nodes'],
                                   ['nodes', 'sideways'],
-                                  ['demo', '--volumes', 'many']])
+                                  ['demo', '--volumes', 'many'],
+                                  ['demo', '--volumes', '10,0'],
+                                  ['demo', '--rounds', '0']])
 def test_parser_refuses(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(argv)

@@ -26,6 +26,7 @@ import pytest
 from thunder_stack import cli
 from thunder_stack import clients
 from thunder_stack import demo
+from thunder_stack import flows
 from thunder_stack import layout
 from thunder_stack import services as svc
 from thunder_stack import stack as stack_mod
@@ -47,8 +48,8 @@ def root():
 def demo_args(tmp_path, bulk_boot_args='--quick', flows=''):
     return argparse.Namespace(
         flows=flows, bulk_boot=True, bulk_boot_args=bulk_boot_args,
-        json=str(tmp_path / 'demo.json'), volumes=10, image_size_mib=1024,
-        keep=False, timeout=900)
+        json=str(tmp_path / 'demo.json'), volumes=[10], image_size_mib=1024,
+        keep=False, timeout=900, rounds=1)
 
 
 def fake_benchmark(returncode, rows=(), goals=()):
@@ -204,15 +205,15 @@ def test_bulk_boot_cannot_start(stack, root, tmp_path):
 def test_flows_run_before_the_bulk_boot(stack, root, tmp_path):
     order = []
 
-    def run_flow(stack, api, name, image, args):
+    def run_flow(stack, api, name, image, args, count):
         order.append(name)
         return {'flow': name, 'error': None}
 
     args = demo_args(tmp_path, flows='thunder')
-    with mock.patch.object(demo, 'make_image'), \
+    with mock.patch.object(flows, 'make_image'), \
             mock.patch.object(clients, 'Api'), \
-            mock.patch.object(demo, 'print_table'), \
-            mock.patch.object(demo, 'run_flow', side_effect=run_flow), \
+            mock.patch.object(flows, 'print_table'), \
+            mock.patch.object(flows, 'run_flow', side_effect=run_flow), \
             fake_benchmark(0) as popen:
         popen.side_effect = lambda *a, **k: order.append('bulk-boot') or (
             mock.Mock(**{'wait.return_value': 0}))

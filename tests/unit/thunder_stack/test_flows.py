@@ -1,0 +1,150 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The demo's flows: rounds, medians, server-side times and goal lines."""
+
+import argparse
+from unittest import mock
+
+import pytest
+
+from thunder_stack import demo
+from thunder_stack import flows
+from thunder_stack import services as svc
+
+
+def test_timestamps_of_glance_and_cinder():
+    assert flows.parse_time('2026-12-03T11:20:05Z') - flows.parse_time(
+        '2026-12-03T11:20:01.000000') == 4
+    assert flows.server_seconds({'created_at': '2026-12-03T11:59:58Z',
+                                 'updated_at': '2026-12-03T12:00:09Z'}) == 11
+    with pytest.raises(svc.StackError, match='unreadable timestamp'):
+        flows.parse_time('yesterday')
+
+
+def test_rounds_interleave_and_rotate_the_flows():
+    ran = []
+
+    def run_flow(stack, api, name, image, args, count):
+        ran.append((name, count))
+        return {'flow': name, 'volumes': count, 'error': None}
+
+    args = argparse.Namespace(rounds=3, volumes=[10, 100],
+                              image_size_mib=64)
+    with mock.patch.object(flows, 'run_flow', side_effect=run_flow):
+        runs = flows.run_all(None, None, ['thunder', 'upstream'], 'img',
+                             args, log=lambda message: None)
+    assert ran == [('thunder', 10), ('upstream', 10),
+                   ('thunder', 100), ('upstream', 100),
+                   ('upstream', 10), ('thunder', 10),
+                   ('upstream', 100), ('thunder', 100),
+                   ('thunder', 10), ('upstream', 10),
+                   ('thunder', 100), ('upstream', 100)]
+    assert [r['round'] for r in runs] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def _run(flow, count, total, upload, round_=1, error=None, **extra):
+    run = {'flow': flow, 'volumes': count, 'store': flow, 'type': flow,
+           'round': round_, 'error': error}
+    if error is None:
+        run.update(total_s=total, upload_s=upload,
+                   upload_mib_s=1024 / upload, mean_s=total / 2,
+                   max_s=total, upload_server_s=upload,
+                   server_max_s=total - 1, clones=count, bytes_copied=0)
+    run.update(extra)
+    return run
+
+
+def test_summary_is_median_and_spread_and_skips_failed_rounds():
+    runs = [_run('thunder', 10, 10.0, 8.0, 1),
+            _run('thunder', 10, 30.0, 9.0, 2),
+            _run('thunder', 10, 12.0, 7.0, 3),
+            _run('thunder', 10, 0, 0, 4, error='volume went to error')]
+    [entry] = flows.summarize(runs)
+    assert entry['total_s'] == 12.0
+    assert entry['total_s_range'] == (10.0, 30.0)
+    assert entry['upload_s'] == 8.0
+    assert (entry['rounds'], entry['failed']) == (4, 1)
+    assert (entry['clones'], entry['volumes_made']) == (30, 30)
+
+
+def test_goal_lines_compare_thunder_with_upstream_per_count():
+    runs = [_run('thunder', 10, 10.0, 7.0), _run('upstream', 10, 11.0, 9.0),
+            _run('thunder', 100, 60.0, 9.5),
+            _run('upstream', 100, 50.0, 9.0),
+            _run('upstream-cinder', 100, 1.0, 1.0)]
+    lines = flows.goals(flows.summarize(runs))
+    assert [(text, met) for text, met, _how in lines] == [
+        ('thunder total for 10 volumes <= upstream (medians)', True),
+        ('thunder upload MiB/s >= upstream (medians, 10-volume runs)', True),
+        ('thunder total for 100 volumes <= upstream (medians)', False),
+        ('thunder upload MiB/s >= upstream (medians, 100-volume runs)',
+         False)]
+    assert lines[2][2] == '60.00 s vs 50.00 s'
+
+
+def test_no_goal_without_both_flows():
+    assert flows.goals(flows.summarize([_run('thunder', 10, 1.0, 1.0)])) == []
+
+
+def test_table_prints_medians_spreads_errors_and_goals(capsys):
+    runs = [_run('thunder', 10, 10.0, 8.0, 1),
+            _run('thunder', 10, 12.0, 7.0, 2),
+            _run('upstream', 10, 11.0, 9.0, 1),
+            _run('upstream', 10, 0, 0, 2, error='boom')]
+    args = argparse.Namespace(image_size_mib=1024, rounds=2)
+    flows.print_table(runs, args, demo.goal_line)
+    out = capsys.readouterr().out
+    assert '2 round(s), flows interleaved; median (min-max)' in out
+    thunder_row = [line for line in out.splitlines()
+                   if line.startswith('10  thunder')][0]
+    assert '11.00 (10.00-12.00)' in thunder_row
+    assert '20/20' in thunder_row and '0/2' in thunder_row
+    upstream_row = [line for line in out.splitlines()
+                    if line.startswith('10  upstream')][0]
+    assert '1/2' in upstream_row
+    assert 'error (round 2, upstream, 10 volumes): boom' in out
+    assert ('goal: thunder total for 10 volumes <= upstream (medians)'
+            in out)
+    assert 'met' in out
+
+
+class FakeApi:
+    def __init__(self, fail_every=0):
+        self.made = []
+        self.fail_every = fail_every
+
+    def create_volume(self, name, size, image_id, volume_type):
+        if self.fail_every and len(self.made) % self.fail_every == 1:
+            self.made.append(None)
+            raise OSError('HTTP Error 413: quota exceeded')
+        vid = 'vol-%d' % len(self.made)
+        self.made.append(vid)
+        return vid
+
+
+def test_volumes_are_asked_for_at_once():
+    api = FakeApi()
+    ids = []
+    requested = flows._create_volumes(api, 'img', 'thunder', 'tag', 25, 1,
+                                      ids)
+    assert sorted(ids) == sorted(requested) == sorted(
+        'vol-%d' % i for i in range(25))
+
+
+def test_failed_requests_fail_the_run_but_keep_the_volumes_made():
+    api = FakeApi(fail_every=2)
+    ids = []
+    with pytest.raises(svc.StackError, match='quota exceeded'):
+        flows._create_volumes(api, 'img', 'thunder', 'tag', 6, 1, ids)
+    # The volumes made are known, so that the run deletes them.
+    assert ids and set(ids) == {v for v in api.made if v}

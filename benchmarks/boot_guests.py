@@ -69,7 +69,7 @@ import bulk_boot
 import cache_io
 import make_boot_trace as mbt
 
-from thunder_cache import control
+from thunder_cache.control import client as control_client
 from thunder_common import manifest as manifest_mod
 from thunder_stack.guest import qemu as guest_qemu
 
@@ -237,7 +237,7 @@ class VolumeNode(bulk_boot.Node):
     def __init__(self, workdir, name, host, **kwargs):
         super().__init__(workdir, name, host, **kwargs)
         self.mount_dir = os.path.join(self.dir, 'mnt')
-        self.control = control.ControlClient(
+        self.control = control_client.ControlClient(
             os.path.join(self.dir, 'control.sock'))
         with open(self.conf, 'a') as f:
             f.write('\n'.join([
@@ -560,7 +560,7 @@ def main(argv=None):
     try:
         return _main(args, argv, cleanup)
     except (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError) as e:
+            control_client.ControlError) as e:
         print('\nboot_guests: FAILED: %s' % e, file=sys.stderr)
         return 1
     finally:

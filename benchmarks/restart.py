@@ -50,7 +50,7 @@ import time
 import blockdev_mechanisms as bm
 import cache_io
 
-from thunder_cache import nativevol
+from thunder_cache.volumes import nativevol
 
 BS = 4096
 MiB = 1024 * 1024

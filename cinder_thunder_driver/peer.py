@@ -49,7 +49,7 @@ from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import options
-from thunder_cache import control
+from thunder_cache.control import client as control_client
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 
@@ -117,7 +117,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.thunder_opts)
         conf = self.configuration
-        self.daemon = control.ControlClient(
+        self.daemon = control_client.ControlClient(
             conf.thunder_cache_control_socket,
             timeout=conf.thunder_cache_timeout)
         self._mount_dir = None
@@ -128,7 +128,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     def _call(self, op, **args):
         try:
             return self.daemon.call(op, **args)
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             raise base.backend_error(_(
                 'thunder-cache %(op)s failed: %(err)s') % {'op': op, 'err': e})
 
@@ -176,7 +176,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                     info['provisioned_bytes'] / units.Gi, 2),
                 'total_volumes': info['volumes'],
                 'backend_state': 'up'})
-        except (control.ControlError, KeyError, TypeError) as e:
+        except (control_client.ControlError, KeyError, TypeError) as e:
             LOG.warning('thunder-cache does not answer; reporting the '
                         'backend down: %s', e)
         self._stats = stats
@@ -212,7 +212,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         try:
             self.daemon.delete_volume(name, busy_wait=self.busy_wait,
                                       interval=0.2)
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             if e.kind == 'VolumeNotFound':
                 LOG.info('Peer-mode volume %s is already gone.', name)
                 return
@@ -275,7 +275,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                          'volume on this node (thunder-cache)'))
         try:
             info = self.daemon.call('volume_info', volume_id=name)
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             if e.kind not in ('VolumeNotFound', 'BadRequest'):
                 raise base.backend_error(_(
                     'thunder-cache volume_info failed: %(err)s') % {'err': e})

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from thunder_cache import control
+from thunder_cache.control import client as control
 from thunder_common import loops
 from thunder_stack import ceph as ceph_mod
 from thunder_stack import ini

@@ -23,7 +23,6 @@ import os
 from cinder import exception
 import pytest
 
-from tests.functional import cache_daemons
 from tests.functional.test_driver_peer_mode import _detach_all
 from tests.functional.test_driver_peer_mode import _loops_under
 from tests.functional.test_driver_peer_mode import _read
@@ -34,7 +33,8 @@ from tests.functional.test_driver_peer_mode import driver  # noqa: F401
 from tests.functional.test_driver_peer_mode import GiB
 from tests.functional.test_driver_peer_mode import MiB
 from tests.functional.test_driver_peer_mode import pytestmark  # noqa: F401
-from thunder_cache import control
+from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.control import client as control
 from thunder_stack import standalone
 
 BLOCK = 4096

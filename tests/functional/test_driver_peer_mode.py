@@ -28,7 +28,7 @@ from cinder import exception
 import pytest
 
 from cinder_thunder_driver import peer
-from tests.functional import cache_daemons
+from tests.functional.thunder_cache import cache_daemons
 from thunder_common import locations
 from thunder_common import loops
 from thunder_common import manifest as manifest_mod

@@ -30,7 +30,7 @@ from cinder_thunder_driver import driver
 from cinder_thunder_driver import flattener
 from cinder_thunder_driver import options
 from tests.unit import fakes
-from thunder_cache import protocol
+from thunder_cache.peer import protocol
 
 BACKEND = 'thunder_unit'
 

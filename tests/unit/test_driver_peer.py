@@ -28,7 +28,7 @@ from cinder_thunder_driver import peer
 from tests.unit import fakes
 from tests.unit import test_driver_clones
 from tests.unit import test_loopdev
-from thunder_cache import control
+from thunder_cache.control import client as control
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 

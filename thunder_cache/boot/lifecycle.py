@@ -12,14 +12,14 @@
 
 """What a node does with an image once it holds its cache.
 
-When an image's cache opens (:attr:`thunder_cache.node.Node.on_activate`)
+When an image's cache opens (:attr:`thunder_cache.cache.node.Node.on_activate`)
 the node
 
 * advertises itself as a holder of the image in the image-volume's Cinder
-  metadata (:mod:`thunder_cache.advertise`), when ``[advertise]`` is on;
+  metadata (:mod:`thunder_cache.peer.advertise`), when ``[advertise]`` is on;
 * replays the image's boot trace ahead of the guest when one is published
-  (:class:`thunder_cache.prefetch.Prefetcher`), or else records the
-  trace of this first boot (:class:`thunder_cache.trace.TraceRecorder`)
+  (:class:`thunder_cache.boot.prefetch.Prefetcher`), or else records the
+  trace of this first boot (:class:`thunder_cache.boot.trace.TraceRecorder`)
   and, once recorded, publishes it next to the peer records (first
   publisher wins) and keeps a copy in the image's cache directory;
 * optionally hydrates the whole image in the background.
@@ -34,8 +34,8 @@ A periodic tick publishes finished traces and refreshes each image's peer
 list from the advertisements, so nodes that arrive later are found. An
 image-volume that Cinder answers 404 for at :data:`GONE_AFTER` refreshes
 in a row marks its image gone (deleted in Glance,
-:meth:`thunder_cache.node.Node.mark_gone`); the evictor removes it once no
-volume uses it and calls :meth:`ImageLifecycle.forget`, which stops its
+:meth:`thunder_cache.cache.node.Node.mark_gone`); the evictor removes it once
+no volume uses it and calls :meth:`ImageLifecycle.forget`, which stops its
 prefetch and withdraws its advertisement (as after any eviction).
 """
 
@@ -43,9 +43,9 @@ import logging
 import os
 import threading
 
-from thunder_cache import advertise
-from thunder_cache import prefetch
-from thunder_cache import trace as trace_mod
+from thunder_cache.boot import prefetch
+from thunder_cache.boot import trace as trace_mod
+from thunder_cache.peer.advertise import cinder as cinder_records
 
 LOG = logging.getLogger(__name__)
 
@@ -73,9 +73,10 @@ class _Image:
 class ImageLifecycle:
     """Advertisement, boot traces and hydration of a node's images.
 
-    :param node: the :class:`~thunder_cache.node.Node`.
+    :param node: the :class:`~thunder_cache.cache.node.Node`.
     :param conf: the ``[prefetch]`` option group.
-    :param advertiser: an :class:`~thunder_cache.advertise.Advertiser`,
+    :param advertiser: an
+        :class:`~thunder_cache.peer.advertise.advertiser.Advertiser`,
         or None when ``[advertise]`` is off (traces are then kept on this
         node only).
     :param interval: seconds between ticks.
@@ -168,7 +169,7 @@ class ImageLifecycle:
             try:
                 text = trace_mod.from_metadata(
                     self.advertiser.records.get_metadata(volume_id))
-            except (advertise.RecordsError, ValueError) as e:
+            except (cinder_records.RecordsError, ValueError) as e:
                 LOG.warning('Image %s: cannot read its boot trace: %s',
                             state.spec.image_id, e)
         if text is None:
@@ -233,7 +234,7 @@ class ImageLifecycle:
                 else:
                     LOG.info('Image %s: a boot trace is already published',
                              image_id)
-            except advertise.RecordsError as e:
+            except cinder_records.RecordsError as e:
                 LOG.warning('Image %s: cannot publish its boot trace '
                             '(retried): %s', image_id, e)
                 return
@@ -243,7 +244,7 @@ class ImageLifecycle:
         volume_id = state.spec.origin_volume_id
         try:
             advertised = self.advertiser.peers(volume_id, include_self=True)
-        except advertise.VolumeGone:
+        except cinder_records.VolumeGone:
             state.missing += 1
             if state.missing >= GONE_AFTER:
                 self.node.mark_gone(state.spec.image_id, 'its image-volume '
@@ -300,9 +301,9 @@ class ImageLifecycle:
             return False
         try:
             self.advertiser.records.get_volume(volume_id)
-        except advertise.VolumeGone:
+        except cinder_records.VolumeGone:
             return True
-        except advertise.RecordsError as e:
+        except cinder_records.RecordsError as e:
             LOG.debug('Cannot check volume %s: %s', volume_id, e)
         return False
 

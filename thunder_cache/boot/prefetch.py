@@ -13,7 +13,7 @@
 """Boot-trace replay (prefetch) and background hydration of an image cache.
 
 A :class:`Prefetcher` fetches the chunks of a boot trace
-(:mod:`thunder_cache.trace`) in the trace's order, ahead of the guest that
+(:mod:`thunder_cache.boot.trace`) in the trace's order, ahead of the guest that
 is booting, with at most ``concurrency`` fetches at a time. A
 :class:`Hydrator` fills every missing chunk of the image in index order,
 after a delay and under a byte rate limit, so that the node ends up with
@@ -45,8 +45,8 @@ from typing import Optional
 
 from oslo_config import cfg
 
-from thunder_cache import fanout
-from thunder_cache import trace
+from thunder_cache.boot import trace
+from thunder_cache.peer import fanout
 
 LOG = logging.getLogger(__name__)
 
@@ -303,9 +303,9 @@ _WAIT = _Wait()
 class Prefetcher(_Replay):
     """Replays a boot trace: fetches its chunks in order, ahead of demand.
 
-    :param cache: the :class:`thunder_cache.image_cache.ImageCache`.
+    :param cache: the :class:`thunder_cache.cache.image_cache.ImageCache`.
     :param indexes: chunk indexes in trace order (from
-        :func:`thunder_cache.trace.decode`).
+        :func:`thunder_cache.boot.trace.decode`).
     :param concurrency: most fetches in flight.
     :param demand_allowance: most fetches in flight while demand reads
         wait for fetches of their own (see the module's description).
@@ -343,7 +343,7 @@ class Prefetcher(_Replay):
 class Hydrator(_Replay):
     """Fills every missing chunk of the image, slowly, in index order.
 
-    :param cache: the :class:`thunder_cache.image_cache.ImageCache`.
+    :param cache: the :class:`thunder_cache.cache.image_cache.ImageCache`.
     :param rate_bytes: most bytes fetched per second (0: no limit).
     :param delay: seconds to wait after :meth:`start`.
     :param concurrency: most fetches in flight.

@@ -19,7 +19,7 @@ in order, from the first read on, for ``window`` seconds or until it holds
 into key/value pairs that fit the metadata of the image-volume in Cinder
 (:func:`to_metadata`, each value at most 255 characters), and read back on
 other nodes (:func:`from_metadata`, :func:`decode`) to be replayed as
-prefetch (:mod:`thunder_cache.prefetch`).
+prefetch (:mod:`thunder_cache.boot.prefetch`).
 
 Text format, version 1: ``1:`` then comma-separated tokens, each a chunk
 index ``a`` or an ascending run ``a-b`` (``a`` to ``b`` inclusive, ``a <

@@ -51,8 +51,8 @@ import time
 
 from oslo_config import cfg
 
+from thunder_cache.cache import node as node_mod
 from thunder_cache import metrics
-from thunder_cache import node as node_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def save_last_used(directory, when):
 class Evictor:
     """Keeps the node's caches under their limit; removes gone images.
 
-    :param node: the :class:`~thunder_cache.node.Node`.
+    :param node: the :class:`~thunder_cache.cache.node.Node`.
     :param conf: the ``[cache]`` option group.
     :param in_use: callable(image_id) -> why the image must stay (the
         volumes reading it) or None.

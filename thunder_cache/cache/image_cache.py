@@ -19,7 +19,7 @@ Two files in the image's directory:
     offset in the image.
 ``chunkmap``
     Which chunks of ``data`` hold verified bytes
-    (:mod:`thunder_cache.chunkmap`).
+    (:mod:`thunder_cache.cache.chunkmap`).
 
 A chunk missing on read is fetched once, however many threads want it: the
 first creates a future in the in-flight table and fetches, the others wait
@@ -28,8 +28,9 @@ upstream's sources in order (parent peer, other peers, origin); every chunk
 is checked against the manifest before it is written, a chunk that does not
 match is thrown away, its source reported bad, and the next source tried.
 The waiters wait as long as the fetch moves on within each source's time
-limit (:meth:`Source.time_limit`); one that overruns it releases them with a
-:class:`FetchError` (a local reader then retries, see ``read_retry``).
+limit (:meth:`~thunder_cache.peer.sources.ChunkSource.time_limit`); one that
+overruns it releases them with a :class:`FetchError` (a local reader then
+retries, see ``read_retry``).
 
 Write ordering: the chunk is written to ``data`` with ``pwrite``, the data
 file is ``fdatasync``'ed, and only then is its bit set in the map (which is
@@ -51,7 +52,7 @@ reader retries like any failed fetch. A commit whose ``fdatasync`` fails
 makes the chunks it was committing unusable again (fetched anew), so a
 chunk whose bytes may not have reached the disk is never served from it.
 
-Eviction (:mod:`thunder_cache.eviction`): users of a cache :meth:`pin` it
+Eviction (:mod:`thunder_cache.cache.eviction`): users of a cache :meth:`pin` it
 while they read it; :meth:`ImageCache.retire` succeeds only for a cache
 nobody pins and nothing fetches, and a retired cache can be pinned no more
 (its users look the image up again and open a new cache).
@@ -64,10 +65,10 @@ import os
 import threading
 import time
 
-from thunder_cache import chunkmap
+from thunder_cache.cache import chunkmap
 from thunder_cache import fsutil
 from thunder_cache import metrics
-from thunder_cache import protocol
+from thunder_cache.peer import protocol
 
 LOG = logging.getLogger(__name__)
 
@@ -76,9 +77,6 @@ MAP_FILE = 'chunkmap'
 # Back-off of a local read's retries (seconds): first pause, longest.
 RETRY_FIRST = 0.25
 RETRY_MAX = 4.0
-#: Seconds a source may take for one chunk unless it says otherwise
-#: (:meth:`Source.time_limit`).
-SOURCE_TIME_LIMIT = 60.0
 #: Seconds a fetch may spend on its own work (re-verifying a cached chunk,
 #: writing and committing a fetched one) before its waiters give up.
 SETTLE_TIME = 30.0
@@ -112,22 +110,6 @@ class Retired(FetchError):
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class Source:
-    """Something that can produce the bytes of a chunk (interface)."""
-
-    #: 'origin' or 'peer'
-    kind = 'origin'
-    #: for logs and metrics
-    name = 'source'
-
-    def read_chunk(self, index, offset, length, via=(), ticket=None):
-        raise NotImplementedError
-
-    def time_limit(self, length):
-        """Seconds :meth:`read_chunk` of ``length`` bytes may take."""
-        return SOURCE_TIME_LIMIT
-
-
 def _new_fetch(ticket, background=False):
     future = concurrent.futures.Future()
     future.source = None
@@ -154,11 +136,9 @@ class ImageCache:
     :param directory: where the image's files live (created if missing).
     :param image_id: the Glance image id (for logs and metrics).
     :param manifest: the image's verified :class:`Manifest`.
-    :param upstream: has ``candidates(via)``, yielding :class:`Source`
-        objects in the order to try them, ``report(source, ok,
-        error)`` (``error`` an exception, :class:`BadChunk` for bytes
-        that failed verification) and ``forgive()`` (ask the sources it
-        dropped again).
+    :param upstream: a :class:`~thunder_cache.peer.sources.SourceChooser`
+        (:class:`~thunder_cache.cache.upstream.Upstream`); the error it is
+        told of is :class:`BadChunk` for bytes that failed verification.
     :param verify_persisted: verify chunks found in the map at start
         before their first use.
     :param read_retry: seconds a local reader's fetch that failed on
@@ -173,7 +153,7 @@ class ImageCache:
     :attr:`observer`, when not None, is called with the index of every
     chunk a local reader asks for (hit or miss; peers' requests and
     background fetches excluded): a
-    :class:`thunder_cache.trace.TraceRecorder`'s ``touch``.
+    :class:`thunder_cache.boot.trace.TraceRecorder`'s ``touch``.
     """
 
     #: callable(index) told of every local demand read; see above.
@@ -374,7 +354,7 @@ class ImageCache:
         :param timeout: seconds to wait for a fetch started by another
             thread.
         :param ticket: the ticket of the peer's fetch this call serves
-            (:func:`thunder_cache.protocol.new_ticket`); None for local
+            (:func:`thunder_cache.peer.protocol.new_ticket`); None for local
             readers. Fetches started here carry it upstream.
         :param background: a prefetch or hydration fetch, not a read:
             it never waits (a chunk already in flight is left to its

@@ -22,9 +22,9 @@ digest. Registration comes from descriptor files (see
 
 The request logic (authentication aside, which the server does) lives here
 so that it can be tested without sockets: :meth:`Node.serve_chunk` returns
-a :class:`Reply` saying what to send.
+a :class:`~thunder_cache.peer.reply.Reply` saying what to send.
 
-Eviction (:meth:`Node.evict`, driven by :mod:`thunder_cache.eviction`):
+Eviction (:meth:`Node.evict`, driven by :mod:`thunder_cache.cache.eviction`):
 readers pin the cache they read (:meth:`Node.using`; a peer's reply until
 it is sent), and an image is evicted only when its cache can be retired
 (no pin, no fetch in flight). Its directory is renamed away under the
@@ -44,14 +44,15 @@ import threading
 import time
 import uuid
 
-from thunder_cache import control
-from thunder_cache import fanout
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import upstream as upstream_mod
+from thunder_cache import errors
 from thunder_cache import fsutil
-from thunder_cache import image_cache
 from thunder_cache import metrics
-from thunder_cache import protocol
-from thunder_cache import sources
-from thunder_cache import upstream as upstream_mod
+from thunder_cache.peer import fanout
+from thunder_cache.peer import protocol
+from thunder_cache.peer import reply as reply_mod
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 LOG = logging.getLogger(__name__)
@@ -91,29 +92,6 @@ NODE_COUNTERS = {
     'v1_tokens': 'Requests accepted with a version 1 token (no destination '
                  'or replay protection; see [peer] accept_v1_tokens).',
 }
-
-
-class Reply:
-    """What to answer: a status, headers and a body or a file span."""
-
-    __slots__ = ('status', 'headers', 'body', 'span', 'on_sent', 'release')
-
-    def __init__(self, status, headers=(), body=b'', span=None,
-                 on_sent=None):
-        # Called once the reply is sent or dropped (unpins its cache).
-        self.release = None
-        self.status = status
-        self.headers = list(headers)
-        self.body = body
-        self.span = span  # (fd, offset, length)
-        self.on_sent = on_sent
-
-    def __repr__(self):
-        return '<Reply %d>' % self.status
-
-    @property
-    def length(self):
-        return self.span[2] if self.span else len(self.body)
 
 
 def disk_usage(directory):
@@ -172,17 +150,11 @@ def _held(cache, answer, *args):
     return reply
 
 
-def _error(status, message=''):
-    body = (message + '\n').encode('ascii', 'replace') if message else b''
-    return Reply(status, [('Content-Type', 'text/plain')] if body else [],
-                 body)
-
-
 class DescriptorError(ValueError):
     """An image descriptor that cannot be used."""
 
 
-class BadDescriptor(DescriptorError, control.BadRequest):
+class BadDescriptor(DescriptorError, errors.BadRequest):
     """A descriptor refused outright (``BadRequest`` on the socket).
 
     A malformed value, an unknown key, or an origin the daemon does not
@@ -244,7 +216,7 @@ def load_descriptor(path, origin_factory):
     ``image_size`` to compute the offset), ``origin`` (an image-volume
     the daemon's configuration allows: ``{"type": "rbd"[, "pool": ...,
     "image": ..., "snapshot": ...]}``, ``{"type": "file", "path": ...}``
-    or null; see :mod:`thunder_cache.origins`), ``peers`` (a list of peer
+    or null; see :mod:`thunder_cache.cache.origins`), ``peers`` (a list of peer
     URLs) and ``origin_volume_id`` (the Cinder id of the image-volume,
     whose metadata carries the image's peer-cache locations and boot
     trace). It goes through the same checks as a registration over the
@@ -271,7 +243,7 @@ def spec_from_dict(image_id, data, origin_factory):
     """An :class:`ImageSpec` from a descriptor's JSON object.
 
     ``origin_factory(origin, origin_volume_id=...)`` builds the origin
-    (see :class:`thunder_cache.origins.OriginPolicy`).
+    (see :class:`thunder_cache.cache.origins.OriginPolicy`).
     """
     if not isinstance(image_id, str):
         raise BadDescriptor('image id must be a string')
@@ -327,15 +299,16 @@ class Node:
     :param node_id: this node's id, sent to peers and checked by them.
     :param url: this node's serving URL as its peers know it.
     :param cache_dir: where the image caches live.
-    :param client: a :class:`~thunder_cache.sources.PeerClient`.
+    :param client: a :class:`~thunder_cache.peer.sources.PeerClient`.
     :param max_children: children served per image before redirecting.
     :param relay_timeout: seconds a peer request waits for a chunk this
         node must fetch first.
     :param read_retry: seconds a local read retries a chunk no source
-        could provide (see :class:`~thunder_cache.image_cache.ImageCache`).
+        could provide (see
+        :class:`~thunder_cache.cache.image_cache.ImageCache`).
     :param retry_interval, retry_max_interval, max_peers: the back-off of
         failing peers and the cap on peers per image (see
-        :class:`~thunder_cache.upstream.Upstream`).
+        :class:`~thunder_cache.cache.upstream.Upstream`).
     """
 
     def __init__(self, node_id, url, cache_dir, client, max_children=2,
@@ -693,59 +666,60 @@ class Node:
         try:
             self.cache(image_id, reopen=False)
         except KeyError:
-            return _error(404, 'unknown image')
+            return reply_mod.error(404, 'unknown image')
         except sources.ManifestError:
-            return _error(503, 'manifest not available')
+            return reply_mod.error(503, 'manifest not available')
         entry = self._entry(image_id)
         manifest = entry.manifest_bytes if entry is not None else None
         if manifest is None:  # evicted meanwhile
-            return _error(404, 'image not cached here')
-        return Reply(200, [('Content-Type', 'application/octet-stream')],
-                     manifest)
+            return reply_mod.error(404, 'image not cached here')
+        return reply_mod.Reply(
+            200, [('Content-Type', 'application/octet-stream')], manifest)
 
     def serve_chunk(self, peer, image_id, index, range_header=None):
         """The answer to an authenticated chunk request."""
         entry = self._entry(image_id)
         if entry is None:
-            return _error(404, 'unknown image')
+            return reply_mod.error(404, 'unknown image')
         try:
             cache = self._pinned(image_id, reopen=False)
         except KeyError:
-            return _error(404, 'image not cached here')
+            return reply_mod.error(404, 'image not cached here')
         except sources.ManifestError:
-            return _error(503, 'manifest not available')
+            return reply_mod.error(503, 'manifest not available')
         return _held(cache, self._serve_chunk, entry, cache, peer, image_id,
                      index, range_header)
 
     def _serve_chunk(self, entry, cache, peer, image_id, index,
                      range_header):
         if index >= cache.manifest.chunk_count:
-            return _error(404, 'no such chunk')
+            return reply_mod.error(404, 'no such chunk')
         waiting = peer.via + (peer.url,)
         if self.url in waiting:
             self.counters.inc('loops_refused')
-            return _error(508, 'request came back to this node')
+            return reply_mod.error(508, 'request came back to this node')
         admission = entry.children.admit(peer.node_id, peer.url)
         if not admission.serve:
             self.counters.inc('redirects_sent')
             location = admission.redirect_url + protocol.chunk_path(
                 image_id, index)
-            return Reply(307, [('Location', location)])
+            return reply_mod.Reply(307, [('Location', location)])
         if not cache.has(index):
             if len(waiting) >= protocol.MAX_HOPS:
                 self.counters.inc('loops_refused')
-                return _error(508, 'relayed through too many nodes')
+                return reply_mod.error(508, 'relayed through too many nodes')
             try:
                 cache.ensure(index, via=waiting,
                              timeout=self.relay_timeout, ticket=peer.ticket)
             except image_cache.LoopError:
                 self.counters.inc('loops_refused')
-                return _error(508, 'fetch in flight from the requester')
+                return reply_mod.error(508,
+                                       'fetch in flight from the requester')
             except image_cache.FetchError as e:
                 self.counters.inc('relay_failures')
                 LOG.info('Image %s: cannot serve chunk %d to %s: %s',
                          image_id, index, peer.node_id, e)
-                return _error(503, 'chunk not available')
+                return reply_mod.error(503, 'chunk not available')
         return self._chunk_reply(cache, index, range_header, local=False)
 
     def serve_local(self, image_id, index, range_header=None):
@@ -753,21 +727,21 @@ class Node:
         try:
             cache = self._pinned(image_id)
         except KeyError:
-            return _error(404, 'unknown image')
+            return reply_mod.error(404, 'unknown image')
         except sources.ManifestError:
-            return _error(503, 'manifest not available')
+            return reply_mod.error(503, 'manifest not available')
         return _held(cache, self._serve_local, cache, image_id, index,
                      range_header)
 
     def _serve_local(self, cache, image_id, index, range_header):
         if index >= cache.manifest.chunk_count:
-            return _error(404, 'no such chunk')
+            return reply_mod.error(404, 'no such chunk')
         try:
             cache.ensure(index)
         except image_cache.FetchError as e:
             LOG.warning('Image %s: local read of chunk %d failed: %s',
                         image_id, index, e)
-            return _error(503, 'chunk not available')
+            return reply_mod.error(503, 'chunk not available')
         return self._chunk_reply(cache, index, range_header, local=True)
 
     def _chunk_reply(self, cache, index, range_header, local):
@@ -791,8 +765,9 @@ class Node:
                 cache.counters.inc('chunks_served_to_peers')
             self.counters.inc('upload_bytes', count)
 
-        return Reply(status, headers, span=(cache.fileno, offset, length),
-                     on_sent=sent)
+        return reply_mod.Reply(status, headers,
+                               span=(cache.fileno, offset, length),
+                               on_sent=sent)
 
     # -- metrics ------------------------------------------------------------
 

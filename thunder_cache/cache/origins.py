@@ -31,7 +31,7 @@ daemon's own configuration ([origin]) already designates:
     file or a block device is read (a FIFO or character device is never
     opened).
 
-Refusals are :class:`~thunder_cache.node.BadDescriptor` (``BadRequest``
+Refusals are :class:`~thunder_cache.cache.node.BadDescriptor` (``BadRequest``
 on the control socket).
 """
 
@@ -39,8 +39,8 @@ import os
 import re
 import stat
 
-from thunder_cache import node as node_mod
-from thunder_cache import sources
+from thunder_cache.cache import node as node_mod
+from thunder_cache.peer import sources
 
 # Keys naming a Ceph identity or configuration: the daemon's own only.
 CEPH_IDENTITY_KEYS = frozenset((
@@ -126,14 +126,14 @@ class OriginPolicy:
 
     Called as ``policy(entry, origin_volume_id=None)`` with the
     descriptor's ``origin`` object; returns a
-    :class:`~thunder_cache.sources.Origin`.
+    :class:`~thunder_cache.peer.sources.Origin`.
 
     :param rbd_pools: the pools image-volumes may be read from; the first
         is the default.
     :param volume_name_template: RBD image name of a volume id.
     :param file_dirs: directories file origins may lie under.
     :param rbd_options: keyword arguments of
-        :class:`~thunder_cache.sources.RbdOrigin` (the daemon's Ceph
+        :class:`~thunder_cache.peer.sources.RbdOrigin` (the daemon's Ceph
         configuration, cluster, user, keyring, timeout).
     """
 

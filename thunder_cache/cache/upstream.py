@@ -14,8 +14,8 @@
 
 A node knows a list of peer URLs that hold (part of) the image. It asks one
 of them, its *parent*: the first that served it, or the child a full node
-redirected it to (:class:`thunder_cache.sources.PeerSource` follows at most
-``max_redirects`` redirects; the upstream adopts the node that served the
+redirected it to (:class:`thunder_cache.peer.sources.PeerSource` follows at
+most ``max_redirects`` redirects; the upstream adopts the node that served the
 chunk). A redirect loop (every node of it full) skips the peer for that
 chunk only. On an error, a timeout (a transfer past its deadline
 included) or a chunk that fails verification the peer is dropped and the
@@ -34,15 +34,15 @@ Peers that a request was relayed through (its ``via`` list) and the node
 itself are never asked, so a relayed request cannot come back to a node
 that waits for it. A peer that answers 503 or 508 (busy, or the request
 would loop) is skipped for that chunk only, if it answered quickly (see
-:meth:`thunder_cache.sources.PeerSource.read_chunk`).
+:meth:`thunder_cache.peer.sources.PeerSource.read_chunk`).
 """
 
 import logging
 import threading
 import time
 
-from thunder_cache import image_cache
-from thunder_cache import sources
+from thunder_cache.cache import image_cache
+from thunder_cache.peer import sources
 
 LOG = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ one JSON object per line each way::
     <- {"ok": true, "result": {...}}
     <- {"ok": false, "error": "VolumeNotFound", "message": "..."}
 
-Requests are parsed strictly: a line longer than :data:`MAX_LINE`, a
+Requests are parsed strictly: a line longer than :data:`protocol.MAX_LINE`, a
 request that is not a JSON object, an unknown operation or an argument of
 the wrong type is refused with ``BadRequest``. Handlers are plain
 callables registered by the daemon, so this module knows nothing about
@@ -31,61 +31,21 @@ volumes or images.
 
 import grp
 import inspect
-import json
 import logging
 import os
-import socket
 import socketserver
 import stat
 import threading
-import time
+
+from thunder_cache.control import protocol
+from thunder_cache import errors
 
 LOG = logging.getLogger(__name__)
 
-MAX_LINE = 65536
 # Connections served at once; more are answered "Busy" and closed.
 MAX_CONNECTIONS = 64
 # Seconds a connection may stay silent before it is closed.
 IDLE_TIMEOUT = 60
-
-
-class ControlError(Exception):
-    """An error the daemon reported, or a failure to reach it.
-
-    ``kind`` is the name of the daemon-side exception (``VolumeNotFound``,
-    ``VolumeExists``, ``VolumeBusy``, ``BadRequest``, ...) or
-    ``Unavailable`` when the daemon cannot be reached.
-    """
-
-    def __init__(self, kind, message):
-        super().__init__('%s: %s' % (kind, message))
-        self.kind = kind
-        self.message = message
-
-
-class BadRequest(ValueError):
-    """A request that is malformed or names an unknown operation."""
-
-
-def parse_request(line):
-    """``(op, args)`` from one request line; :class:`BadRequest` if bad."""
-    if len(line) > MAX_LINE:
-        raise BadRequest('request longer than %d bytes' % MAX_LINE)
-    try:
-        request = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest('request is not JSON: %s' % e)
-    if not isinstance(request, dict):
-        raise BadRequest('request is not a JSON object')
-    op = request.pop('op', None)
-    if not isinstance(op, str) or not op:
-        raise BadRequest('request has no "op"')
-    return op, request
-
-
-def _encode(reply):
-    return (json.dumps(reply, separators=(',', ':'), sort_keys=True) +
-            '\n').encode('utf-8')
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -96,12 +56,12 @@ class _Handler(socketserver.StreamRequestHandler):
         server = self.server
         while not server.stopping:
             try:
-                line = self.rfile.readline(MAX_LINE + 1)
+                line = self.rfile.readline(protocol.MAX_LINE + 1)
             except OSError:
                 return
             if not line:
                 return
-            if len(line) > MAX_LINE or not line.endswith(b'\n'):
+            if len(line) > protocol.MAX_LINE or not line.endswith(b'\n'):
                 self._reply({'ok': False, 'error': 'BadRequest',
                              'message': 'request line too long or not '
                                         'ended by a newline'})
@@ -110,7 +70,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _reply(self, reply):
         try:
-            self.wfile.write(_encode(reply))
+            self.wfile.write(protocol.encode(reply))
             self.wfile.flush()
         except OSError:
             pass
@@ -162,7 +122,7 @@ class ControlServer(socketserver.ThreadingMixIn,
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             try:
-                request.sendall(_encode({
+                request.sendall(protocol.encode({
                     'ok': False, 'error': 'Busy',
                     'message': 'too many control connections at once'}))
             except OSError:
@@ -183,16 +143,16 @@ class ControlServer(socketserver.ThreadingMixIn,
 
     def dispatch(self, line):
         try:
-            op, args = parse_request(line)
+            op, args = protocol.parse_request(line)
             handler = self.handlers.get(op)
             if handler is None:
-                raise BadRequest('unknown operation %r' % op)
+                raise errors.BadRequest('unknown operation %r' % op)
             try:
                 inspect.signature(handler).bind(**args)
             except TypeError as e:
-                raise BadRequest('bad arguments for %s: %s' % (op, e))
+                raise errors.BadRequest('bad arguments for %s: %s' % (op, e))
             result = handler(**args)
-        except BadRequest as e:
+        except errors.BadRequest as e:
             return {'ok': False, 'error': 'BadRequest', 'message': str(e)}
         except Exception as e:
             if not isinstance(e, self.expected):
@@ -221,76 +181,3 @@ class ControlServer(socketserver.ThreadingMixIn,
             os.unlink(self.path)
         except OSError:
             pass
-
-
-class ControlClient:
-    """Calls the daemon's control socket; one connection per call.
-
-    :param path: the daemon's ``control_socket``.
-    :param timeout: seconds to wait for an answer.
-    """
-
-    def __init__(self, path, timeout=60.0):
-        self.path = path
-        self.timeout = timeout
-
-    def call(self, op, **args):
-        """The result of ``op``; :class:`ControlError` on any failure."""
-        request = dict(args, op=op)
-        line = _encode(request)
-        if len(line) > MAX_LINE:
-            raise ControlError('BadRequest', 'request too large')
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            try:
-                sock.connect(self.path)
-            except OSError as e:
-                raise ControlError(
-                    'Unavailable', 'cannot reach thunder-cache at %s: %s'
-                    % (self.path, e))
-            try:
-                sock.sendall(line)
-            except OSError as e:
-                # A daemon refusing the connection (Busy) answers and closes
-                # without reading: its answer may be waiting all the same.
-                sent_error = e
-            else:
-                sent_error = None
-            try:
-                with sock.makefile('rb') as f:
-                    answer = f.readline(MAX_LINE + 1)
-            except OSError as e:
-                answer = b''
-                sent_error = sent_error or e
-            if not answer and sent_error is not None:
-                raise ControlError('Unavailable', 'thunder-cache at %s: %s'
-                                   % (self.path, sent_error))
-        finally:
-            sock.close()
-        try:
-            reply = json.loads(answer)
-            ok = reply['ok']
-        except (ValueError, KeyError, TypeError):
-            raise ControlError('Unavailable', 'thunder-cache at %s sent an '
-                               'unreadable answer' % self.path)
-        if not ok:
-            raise ControlError(str(reply.get('error', 'Error')),
-                               str(reply.get('message', '')))
-        return reply.get('result')
-
-    def delete_volume(self, volume_id, busy_wait=0.0, interval=0.1):
-        """Delete a volume, waiting up to ``busy_wait`` s while it is open.
-
-        The kernel tells the daemon of a close asynchronously: a volume
-        file closed, or a loop device detached, a moment ago may still be
-        open for the daemon, which answers ``VolumeBusy`` meanwhile.
-        """
-        deadline = time.monotonic() + busy_wait
-        while True:
-            try:
-                return self.call('delete_volume', volume_id=volume_id)
-            except ControlError as e:
-                if e.kind != 'VolumeBusy' or time.monotonic() >= deadline:
-                    raise
-            time.sleep(interval)

@@ -13,7 +13,7 @@
 """What the control socket answers: the node's volume service.
 
 The Cinder driver's peer mode (``cinder_thunder_driver.peer``) calls these
-operations through :class:`thunder_cache.control.ControlClient`. Every
+operations through :class:`thunder_cache.control.client.ControlClient`. Every
 argument arrives from JSON and is checked here before use.
 """
 
@@ -23,16 +23,16 @@ import os
 
 from oslo_concurrency import lockutils
 
-from thunder_cache import control
+from thunder_cache.cache import node as node_mod
+from thunder_cache import errors
 from thunder_cache import fsutil
-from thunder_cache import node as node_mod
-from thunder_cache import protocol
-from thunder_cache import volumes as volumes_mod
+from thunder_cache.peer import protocol
+from thunder_cache.volumes import volumes as volumes_mod
 
 LOG = logging.getLogger(__name__)
 
 # Volumes a list_volumes answer holds at most (each ~250 bytes of JSON; an
-# answer is one line of at most control.MAX_LINE bytes).
+# answer is one line of at most protocol.MAX_LINE bytes).
 LIST_LIMIT = 100
 # Chunks one ensure_chunks request may name (the native server's limit).
 MAX_ENSURE = 64
@@ -44,46 +44,46 @@ EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
 def _size(value, limit):
     if (not isinstance(value, int) or isinstance(value, bool) or
             not 0 < value <= limit):
-        raise control.BadRequest('size must be a positive integer of at '
-                                 'most %d bytes' % limit)
+        raise errors.BadRequest('size must be a positive integer of at '
+                                'most %d bytes' % limit)
     return value
 
 
 def _volume_id(value, name='volume_id'):
     if not isinstance(value, str):
-        raise control.BadRequest('%s must be a string' % name)
+        raise errors.BadRequest('%s must be a string' % name)
     try:
         return volumes_mod.check_volume_id(value)
     except ValueError:
-        raise control.BadRequest(
+        raise errors.BadRequest(
             'bad %s %r: 1 to 128 characters of A-Z a-z 0-9 _ . -, not '
             'starting with . _ or -' % (name, value[:140]))
 
 
 def _index(value, name):
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise control.BadRequest('%s must be a non-negative integer' % name)
+        raise errors.BadRequest('%s must be a non-negative integer' % name)
     return value
 
 
 def _image_id(value):
     if not isinstance(value, str):
-        raise control.BadRequest('image_id must be a string')
+        raise errors.BadRequest('image_id must be a string')
     if not protocol.IMAGE_ID.match(value):
-        raise control.BadRequest('bad image id %r' % value[:80])
+        raise errors.BadRequest('bad image id %r' % value[:80])
     return value
 
 
 class VolumeService:
     """Image registration and volume layers, for the control socket.
 
-    :param node: the :class:`~thunder_cache.node.Node`.
-    :param store: the :class:`~thunder_cache.volumes.VolumeStore`.
+    :param node: the :class:`~thunder_cache.cache.node.Node`.
+    :param store: the :class:`~thunder_cache.volumes.volumes.VolumeStore`.
     :param mount_dir: where the volume files are mounted.
     :param descriptors_dir: where registered images are kept, so that a
         restarted daemon knows them again.
     :param origin_factory: builds origins from descriptor entries (see
-        :class:`thunder_cache.origins.OriginPolicy`).
+        :class:`thunder_cache.cache.origins.OriginPolicy`).
     """
 
     def __init__(self, node, store, mount_dir, descriptors_dir,
@@ -95,7 +95,7 @@ class VolumeService:
         self.origin_factory = origin_factory
         # One registration of an image at a time.
         self._image_locks = lockutils.Semaphores()
-        #: the daemon's :class:`~thunder_cache.eviction.Evictor`, if any.
+        #: the daemon's :class:`~thunder_cache.cache.eviction.Evictor`, if any.
         self.evictor = None
         #: callable(image_id) -> the image's boot-trace state, or None.
         self.trace_state = None
@@ -191,7 +191,7 @@ class VolumeService:
         if source is not None:
             _volume_id(source, 'source')
         if not isinstance(read_only, bool):
-            raise control.BadRequest('read_only must be a boolean')
+            raise errors.BadRequest('read_only must be a boolean')
         info = self.store.create(volume_id, size, image_id=image_id,
                                  source=source, read_only=read_only)
         LOG.info('Created volume %s (%d bytes%s)', volume_id, size,
@@ -224,8 +224,8 @@ class VolumeService:
             _volume_id(marker, 'marker')
         if (not isinstance(limit, int) or isinstance(limit, bool) or
                 not 0 < limit <= LIST_LIMIT):
-            raise control.BadRequest('limit must be an integer from 1 to '
-                                     '%d' % LIST_LIMIT)
+            raise errors.BadRequest('limit must be an integer from 1 to '
+                                    '%d' % LIST_LIMIT)
         volumes = []
         for volume_id in self.store.list():
             if marker is not None and volume_id <= marker:
@@ -260,7 +260,7 @@ class VolumeService:
         """Evict an image's cache if nothing uses it (``ImageBusy``)."""
         _image_id(image_id)
         if self.evictor is None:
-            raise control.BadRequest('this daemon does not evict')
+            raise errors.BadRequest('this daemon does not evict')
         if image_id not in self.node.cache_dirs(self.evictor.exclude):
             raise KeyError('image %s is not cached here' % image_id)
         freed = self.evictor.evict(image_id, 'asked over the control '
@@ -297,12 +297,12 @@ class VolumeService:
         cache = self.node.cache(_image_id(image_id))
         first, last = _index(first, 'first'), _index(last, 'last')
         if not first <= last < cache.manifest.chunk_count:
-            raise control.BadRequest(
+            raise errors.BadRequest(
                 'chunks %d-%d are not within the image\'s %d chunks'
                 % (first, last, cache.manifest.chunk_count))
         if last - first >= MAX_ENSURE:
-            raise control.BadRequest('at most %d chunks per request'
-                                     % MAX_ENSURE)
+            raise errors.BadRequest('at most %d chunks per request'
+                                    % MAX_ENSURE)
         for index in range(first, last + 1):
             cache.ensure(index)
         return {'image_size': cache.manifest.image_size,

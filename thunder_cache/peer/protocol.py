@@ -462,7 +462,7 @@ def new_ticket(clock=time.time):
 
     Tickets order the fetches of an image across nodes, so that waits
     between them cannot form a cycle (see
-    :meth:`thunder_cache.image_cache.ImageCache.ensure`).
+    :meth:`thunder_cache.cache.image_cache.ImageCache.ensure`).
     """
     now = clock()
     return '%d.%06d-%s' % (int(now), int((now % 1) * 1e6),

@@ -12,9 +12,9 @@
 
 """The peer server: a connection is authenticated before it costs a thread.
 
-Requests are parsed by :mod:`thunder_cache.protocol`, authenticated, and
-answered by :class:`thunder_cache.node.Node`. A connection goes through two
-stages:
+Requests are parsed by :mod:`thunder_cache.peer.protocol`, authenticated, and
+answered by :class:`thunder_cache.cache.node.Node`. A connection goes through
+two stages:
 
 unauthenticated
     One thread, the *reactor*, accepts connections and reads their request
@@ -22,7 +22,7 @@ unauthenticated
     finish its handshake and its first request head within
     ``head_timeout`` of being accepted, and holds one of
     ``max_unauthenticated`` slots meanwhile: a socket and at most
-    :data:`~thunder_cache.protocol.MAX_HEAD_BYTES` of buffer, no thread.
+    :data:`~thunder_cache.peer.protocol.MAX_HEAD_BYTES` of buffer, no thread.
     When they are all taken the oldest is closed for the newcomer. An
     address holds at most ``max_per_address`` connections: beyond, its
     oldest unauthenticated one is closed for the newcomer, or if all of
@@ -57,8 +57,8 @@ import stat
 import threading
 import time
 
-from thunder_cache import node as node_mod
-from thunder_cache import protocol
+from thunder_cache.peer import protocol
+from thunder_cache.peer import reply as reply_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ class _Serving:
             self._log(logging.WARNING, 'busy', 'Peer server: %d '
                       'authenticated connections; refusing one from %s',
                       self.slots.max_authenticated, conn.address)
-            self._queue(conn, node_mod._error(503, 'too many connections'))
+            self._queue(conn, reply_mod.error(503, 'too many connections'))
             return
         # The connection leaves the reactor for a thread of its own.
         self._unpend(conn)
@@ -776,14 +776,14 @@ class _Serving:
                 self._count('replays_refused')
             self._log(logging.INFO, 'auth', 'Refused a request for %s: %s',
                       target[:100], error.reason)
-            return node_mod.Reply(401)
+            return reply_mod.Reply(401)
         if isinstance(error, protocol.ReplayWindowError):
             self._log(logging.WARNING, 'replay', 'Peer server: more tokens '
                       'than [peer] replay_cache_size within their lifetime;'
                       ' refusing the older ones (503)')
         else:
             self._count('bad_requests')
-        return node_mod._error(error.status, error.reason)
+        return reply_mod.error(error.status, error.reason)
 
     def _answer(self, request):
         """The reply to an admitted request."""
@@ -804,11 +804,11 @@ class _Serving:
             return self._refusal(e)
         except Exception:
             LOG.exception('Error serving %s', route)
-            return node_mod._error(500, 'internal error')
+            return reply_mod.error(500, 'internal error')
 
     def _metrics(self):
         body = self.node.metrics_text().encode('utf-8')
-        return node_mod.Reply(
+        return reply_mod.Reply(
             200, [('Content-Type', 'text/plain; version=0.0.4')], body)
 
 
@@ -819,12 +819,12 @@ def _listen(address):
 
 
 class PeerServer(_Serving):
-    """Serves a :class:`~thunder_cache.node.Node` to its peers over TCP.
+    """Serves a :class:`~thunder_cache.cache.node.Node` to its peers over TCP.
 
-    :param tls_context: a :func:`thunder_cache.tls.server_context` to
+    :param tls_context: a :func:`thunder_cache.peer.tls.server_context` to
         serve over TLS, or None for plain HTTP.
     :param replay_cache_size: nonces remembered against replays (see
-        :class:`~thunder_cache.protocol.ReplayCache`).
+        :class:`~thunder_cache.peer.protocol.ReplayCache`).
     :param accept_v1_tokens: accept version 1 tokens (rolling upgrades).
     """
 

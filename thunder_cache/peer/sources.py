@@ -20,13 +20,13 @@ a file in tests). :func:`load_manifest` reads the manifest from an origin
 and refuses it unless its sha256 is the digest the caller got from the
 Glance image record.
 
-:class:`PeerClient` speaks the peer protocol (:mod:`thunder_cache.protocol`)
-to other nodes; :class:`PeerSource` is one peer as a chunk source, following
-the 307 redirects of a full node. Every peer request has a deadline for its
-whole answer (``fetch_timeout`` plus the expected bytes at the minimum
-transfer rate), enforced by one :class:`Watchdog` thread, and goes only to
-an address the node's :class:`~thunder_cache.peerpolicy.AddressPolicy`
-allows.
+:class:`PeerClient` speaks the peer protocol
+(:mod:`thunder_cache.peer.protocol`) to other nodes; :class:`PeerSource` is one
+peer as a chunk source, following the 307 redirects of a full node. Every peer
+request has a deadline for its whole answer (``fetch_timeout`` plus the
+expected bytes at the minimum transfer rate), enforced by one :class:`Watchdog`
+thread, and goes only to an address the node's
+:class:`~thunder_cache.peer.peerpolicy.AddressPolicy` allows.
 """
 
 import functools
@@ -38,12 +38,12 @@ import os
 import socket
 import threading
 import time
+import typing
 
 from oslo_utils import importutils
 
-from thunder_cache import image_cache
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
 from thunder_common import manifest as manifest_mod
 
 rados = importutils.try_import('rados')
@@ -59,6 +59,57 @@ MAX_ERROR_BODY = 4096
 MANIFEST_PIECE = 1024 * 1024
 
 
+#: Seconds a source may take for one chunk unless it says otherwise
+#: (:meth:`ChunkSource.time_limit`).
+SOURCE_TIME_LIMIT = 60.0
+
+
+class ChunkSource(typing.Protocol):
+    """Something that produces the bytes of a chunk: an origin or a peer.
+
+    Origins and peers subclass it for its default :meth:`time_limit`;
+    anything with these members fits.
+    """
+
+    #: 'origin' or 'peer'
+    kind: str = 'origin'
+    #: for logs and metrics
+    name: str = 'source'
+
+    def read_chunk(self, index: int, offset: int, length: int,
+                   via: typing.Sequence[str] = (),
+                   ticket: typing.Optional[str] = None) -> bytes:
+        """``length`` bytes of chunk ``index`` (at ``offset`` in the image).
+
+        ``via`` lists the nodes the request was relayed through and
+        ``ticket`` identifies the fetch (see the peer protocol).
+        """
+        raise NotImplementedError
+
+    def time_limit(self, length: int) -> float:
+        """Seconds :meth:`read_chunk` of ``length`` bytes may take."""
+        return SOURCE_TIME_LIMIT
+
+
+class SourceChooser(typing.Protocol):
+    """The sources of one image in the order to try them (an upstream).
+
+    :class:`thunder_cache.cache.upstream.Upstream` is the one the daemon
+    uses.
+    """
+
+    def candidates(self, via: typing.Sequence[str] = ()
+                   ) -> typing.Iterator[ChunkSource]:
+        """The sources to try for a chunk, best first."""
+
+    def report(self, source: ChunkSource, ok: bool,
+               error: typing.Optional[BaseException] = None) -> None:
+        """Tell how ``source`` did (``error`` is what it raised)."""
+
+    def forgive(self) -> None:
+        """Ask again the sources dropped after failures."""
+
+
 class OriginError(IOError):
     """The origin could not be read."""
 
@@ -69,7 +120,7 @@ class ManifestError(ValueError):
 
 # -- origins ---------------------------------------------------------------
 
-class Origin(image_cache.Source):
+class Origin(ChunkSource):
     """Base of the origins: a byte-addressed image-volume."""
 
     kind = 'origin'
@@ -408,12 +459,12 @@ class PeerClient:
     (``timeout`` also bounds each silent wait on the socket). A peer
     that has not answered in full by then is cut off. Connections go only
     to addresses :attr:`policy` allows. With ``tls_context``
-    (:func:`thunder_cache.tls.client_context`) peers are reached over TLS
+    (:func:`thunder_cache.peer.tls.client_context`) peers are reached over TLS
     (``https://`` URLs), their certificates checked against the
     deployment's CA and the host of their URL.
     """
 
-    #: The :class:`~thunder_cache.peerpolicy.AddressPolicy` every peer
+    #: The :class:`~thunder_cache.peer.peerpolicy.AddressPolicy` every peer
     #: address is checked against before anything is sent to it; None
     #: refuses every peer.
     policy = None
@@ -697,7 +748,7 @@ class _Transfer:
         return False
 
 
-class PeerSource(image_cache.Source):
+class PeerSource(ChunkSource):
     """One peer as a chunk source; follows redirects to a node's children.
 
     ``url`` is the node currently asked. After redirects it is the child
@@ -770,102 +821,3 @@ class PeerSource(image_cache.Source):
 
 
 # -- local readers ---------------------------------------------------------
-
-class _UnixConnection(http.client.HTTPConnection):
-
-    def __init__(self, path, timeout):
-        super().__init__('localhost', timeout=timeout)
-        self._path = path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class LocalClient:
-    """Reads images through the node's own daemon (its Unix socket).
-
-    :param socket_path: the daemon's ``local_socket``.
-    """
-
-    def __init__(self, socket_path, timeout=120.0):
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self._local = threading.local()
-        self._manifests = {}
-
-    def _conn(self):
-        conn = getattr(self._local, 'conn', None)
-        if conn is None:
-            conn = self._local.conn = _UnixConnection(self.socket_path,
-                                                      self.timeout)
-        return conn
-
-    def close(self):
-        conn = getattr(self._local, 'conn', None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
-
-    def _get(self, path, headers=None):
-        for attempt in (0, 1):
-            conn = self._conn()
-            try:
-                conn.request('GET', path, headers=headers or {})
-                response = conn.getresponse()
-                body = response.read()
-                if response.status not in (200, 206):
-                    raise IOError('thunder-cache answered %d to %s: %s'
-                                  % (response.status, path,
-                                     body[:200].decode('ascii', 'replace')))
-                return body
-            except (http.client.RemoteDisconnected, ConnectionResetError,
-                    BrokenPipeError):
-                self.close()
-                if attempt:
-                    raise
-            except (OSError, http.client.HTTPException):
-                self.close()
-                raise
-
-    def manifest(self, image_id, expected_digest=None):
-        """The image's manifest (checked if a digest is given)."""
-        manifest = self._manifests.get(image_id)
-        if manifest is None:
-            data = self._get(protocol.manifest_path(image_id))
-            if expected_digest is not None:
-                manifest = manifest_mod.load_verified(data, expected_digest)
-            else:
-                manifest = manifest_mod.Manifest.from_bytes(data)
-            self._manifests[image_id] = manifest
-        return manifest
-
-    def read(self, image_id, offset, length):
-        """``length`` bytes of the image at ``offset`` (short at the end)."""
-        manifest = self.manifest(image_id)
-        if offset < 0 or length < 0:
-            raise ValueError('negative offset or length')
-        end = min(manifest.image_size, offset + length)
-        chunk = manifest.chunk_size
-        out = bytearray()
-        position = offset
-        while position < end:
-            index = position // chunk
-            start = position - index * chunk
-            stop = min(end - index * chunk, manifest.chunk_range(index)[1])
-            headers = None
-            if start or stop != manifest.chunk_range(index)[1]:
-                headers = {'Range': 'bytes=%d-%d' % (start, stop - 1)}
-            data = self._get(protocol.chunk_path(image_id, index), headers)
-            if len(data) != stop - start:
-                raise IOError('thunder-cache sent %d bytes, expected %d'
-                              % (len(data), stop - start))
-            out += data
-            position += len(data)
-        return bytes(out)

@@ -36,7 +36,7 @@ Everything a block does not hold comes from the layer's *base* (the
 image, zeros past its end), a callable ``base(offset, length) -> bytes``
 passed to each :meth:`CowLayer.read` and :meth:`CowLayer.write`.
 
-Crash consistency, as for :mod:`thunder_cache.chunkmap`, comes from
+Crash consistency, as for :mod:`thunder_cache.cache.chunkmap`, comes from
 ordering: bits are set in memory as blocks are written, and
 :meth:`CowLayer.flush` first ``fdatasync``'s the data, then writes the
 changed pages of the bitmap and ``fdatasync``'s it. So a bit on disk

@@ -13,10 +13,11 @@
 """The node's volumes as files: one FUSE mount, one raw file per volume.
 
 ``<mount_dir>/<volume id>`` is a regular file of exactly the volume's
-size, read and written through :class:`~thunder_cache.volumes.VolumeStore`
+size, read and written through
+:class:`~thunder_cache.volumes.volumes.VolumeStore`
 (doc/source/peer-mode-blockdev.rst). The Cinder driver attaches it with
-``losetup --direct-io=on`` and hands the loop device to Nova as a
-``local`` volume.
+``losetup --direct-io=on`` and hands the loop device to Nova as a ``local``
+volume.
 
 The filesystem is served by mfusepy on libfuse 3, multi-threaded, with no
 lock of its own around reads and writes (the layers lock what they must),
@@ -30,7 +31,7 @@ filesystem's ``f_bsize``), and on Linux 6.18 sends a discard as
 ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` and a write-zeroes as the
 same (``ZERO_RANGE | KEEP_SIZE`` when the caller asked not to unmap,
 e.g. ``BLKZEROOUT``). Both become
-:meth:`~thunder_cache.volumes.VolumeStore.zero`; a file's ``st_blocks``
+:meth:`~thunder_cache.volumes.volumes.VolumeStore.zero`; a file's ``st_blocks``
 is its layer's allocated size, so ``du`` shows what a ``fstrim`` freed.
 
 libfuse installs handlers for SIGHUP, SIGINT and SIGTERM that end the
@@ -50,7 +51,7 @@ import threading
 import time
 
 from thunder_cache import fsutil
-from thunder_cache import volumes
+from thunder_cache.volumes import volumes
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ finally:
         del os.environ['FUSE_LIBRARY_NAME']
 
 if mfusepy.fuse_version_major != 3:
-    raise ImportError('thunder_cache.fusefs needs libfuse 3 (Debian: '
+    raise ImportError('thunder_cache.volumes.fusefs needs libfuse 3 (Debian: '
                       'libfuse3-3), mfusepy loaded libfuse %d.%d'
                       % (mfusepy.fuse_version_major,
                          mfusepy.fuse_version_minor))

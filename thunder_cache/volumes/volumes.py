@@ -12,8 +12,8 @@
 
 """The peer mode's volumes of one node.
 
-A volume is a :class:`~thunder_cache.cow.CowLayer` over the node's cache
-of an image (or over zeros, for a blank volume), in its own directory::
+A volume is a :class:`~thunder_cache.volumes.cow.CowLayer` over the node's
+cache of an image (or over zeros, for a blank volume), in its own directory::
 
     <layers_dir>/<volume id>/data
     <layers_dir>/<volume id>/bitmap
@@ -42,9 +42,9 @@ import threading
 
 from oslo_concurrency import lockutils
 
-from thunder_cache import cow
 from thunder_cache import fsutil
-from thunder_cache import nativevol
+from thunder_cache.volumes import cow
+from thunder_cache.volumes import nativevol
 
 LOG = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class VolumeStore:
         ``read_image(image_id, offset, length) -> bytes`` (which may raise
         IOError when a chunk cannot be fetched).
     :param max_size: the largest volume size, in bytes.
-    :param native: the :class:`~thunder_cache.nativevol.NativeServer`
+    :param native: the :class:`~thunder_cache.volumes.nativevol.NativeServer`
         serving the volume files, or None when :mod:`.fusefs` does (in
         this process). With it, a layer's I/O is paused in the server
         while it is grown, copied or looked at, and a volume is deleted
@@ -667,7 +667,7 @@ class VolumeStore:
     def zero(self, volume_id, offset, length):
         """Discard (or write zeros to) a range: it reads zeros afterwards.
 
-        See :meth:`thunder_cache.cow.CowLayer.zero`.
+        See :meth:`thunder_cache.volumes.cow.CowLayer.zero`.
         """
         volume = self._get(volume_id)
         if volume.read_only:

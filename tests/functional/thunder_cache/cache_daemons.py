@@ -31,12 +31,11 @@ import threading
 import time
 import urllib.request
 
-from thunder_cache import control
-from thunder_cache import sources
+from tests import cache_helpers
+from thunder_cache.control import client as control_client
 from thunder_common import manifest as manifest_mod
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = cache_helpers.REPO
 SECRET = b'functional-test-shared-secret-0123456789'
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -192,7 +191,8 @@ class Daemon:
     @property
     def reader(self):
         if self._reader is None:
-            self._reader = sources.LocalClient(self.socket_path, timeout=60)
+            self._reader = control_client.LocalClient(
+                self.socket_path, timeout=60)
         return self._reader
 
     def close_reader(self):
@@ -229,7 +229,7 @@ class VolumeDaemon(Daemon):
     """A daemon that serves volume files ([blockdev]) and its control socket.
 
     ``paths`` has the ``mount``, ``layers`` and ``control`` paths;
-    ``control`` is a :class:`~thunder_cache.control.ControlClient`.
+    ``control`` is a :class:`~thunder_cache.control.client.ControlClient`.
     """
 
     def __init__(self, workdir, name, extra='', native=None, **kwargs):
@@ -249,7 +249,7 @@ class VolumeDaemon(Daemon):
             'layers_dir = %s' % self.paths['layers'],
             'control_socket = %s' % self.paths['control']] + native_opts + [
             '[prefetch]', 'record = false', extra]), **kwargs)
-        self.control = control.ControlClient(self.paths['control'])
+        self.control = control_client.ControlClient(self.paths['control'])
 
     def start(self, timeout=30):
         super().start(timeout)
@@ -258,7 +258,7 @@ class VolumeDaemon(Daemon):
             try:
                 self.control.call('ping')
                 return self
-            except control.ControlError:
+            except control_client.ControlError:
                 assert time.monotonic() < deadline, self.log()
                 time.sleep(0.1)
 

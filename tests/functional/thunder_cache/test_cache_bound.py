@@ -36,8 +36,8 @@ import uuid
 
 import pytest
 
-from tests.functional import cache_daemons
-from tests.unit import cache_helpers
+from tests import cache_helpers
+from tests.functional.thunder_cache import cache_daemons
 
 CHUNK = 256 * 1024
 MiB = 1024 * 1024
@@ -47,7 +47,7 @@ def _no_fuse():
     if not os.path.exists('/dev/fuse') or not shutil.which('fusermount3'):
         return 'no FUSE'
     try:
-        import thunder_cache.fusefs  # noqa: F401
+        import thunder_cache.volumes.fusefs  # noqa: F401
     except (ImportError, OSError) as e:
         return 'no libfuse 3: %s' % e
     return None

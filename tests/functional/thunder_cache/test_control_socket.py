@@ -34,9 +34,9 @@ import uuid
 
 import pytest
 
-from tests.functional import cache_daemons
-from tests.unit import cache_helpers
-from thunder_cache import control
+from tests import cache_helpers
+from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.control import client as control_client
 
 CHUNK = 64 * 1024
 SIZE = 3 * 1024 * 1024 + 1234
@@ -50,7 +50,7 @@ def _unavailable():
     if not shutil.which('fusermount3'):
         return 'fusermount3 is not installed'
     try:
-        import thunder_cache.fusefs  # noqa: F401
+        import thunder_cache.volumes.fusefs  # noqa: F401
     except (ImportError, OSError) as e:
         return 'no libfuse 3: %s' % e
     return None
@@ -95,7 +95,7 @@ def _image_volume(images, name='image-volume'):
 
 
 def _kind(node, op, **args):
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         node.control.call(op, **args)
     return info.value.kind, info.value.message
 
@@ -209,7 +209,7 @@ def _together(count, target):
         barrier.wait(30)
         try:
             results[i] = ('ok', target(i))
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             results[i] = (e.kind, e.message)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
@@ -259,7 +259,7 @@ def test_create_and_delete_of_one_volume_racing(node, images):
                 try:
                     node.control.call(op, volume_id='volume-churn', **args)
                     answers.append('ok')
-                except control.ControlError as e:
+                except control_client.ControlError as e:
                     answers.append(e.kind)
                     if e.kind not in ('VolumeExists', 'VolumeNotFound'):
                         answers.append(e.message)

@@ -32,14 +32,13 @@ import time
 
 import pytest
 
-from tests.functional import cache_daemons
-from tests.unit import cache_helpers
-from thunder_cache import control
-from thunder_cache import cow
-from thunder_cache import nativevol
+from tests import cache_helpers
+from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.control import client as control_client
+from thunder_cache.volumes import cow
+from thunder_cache.volumes import nativevol
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), 'benchmarks')
+BENCHMARKS = os.path.join(cache_helpers.REPO, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
 # The benchmark's checker.
 restart = importlib.import_module('restart')
@@ -157,7 +156,7 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
         with open(node.cache_path('img-1'), 'rb') as f:
             assert f.read() == data  # the image cache is untouched
         # Open: the daemon may not delete it.
-        with pytest.raises(control.ControlError) as info:
+        with pytest.raises(control_client.ControlError) as info:
             node.control.call('delete_volume', volume_id='vol-a')
         assert info.value.kind == 'VolumeBusy'
         info = node.control.call('volume_info', volume_id='vol-a')

@@ -34,9 +34,9 @@ import uuid
 
 import pytest
 
-from tests.functional import cache_daemons
+from tests.functional.thunder_cache import cache_daemons
 from tests import hostile_peer
-from thunder_cache import chunkmap
+from thunder_cache.cache import chunkmap
 from thunder_common import manifest as manifest_mod
 from thunder_stack import pki
 
@@ -515,8 +515,8 @@ def _trickle_chunks(manifest, where):
 
 
 def _read_bounded(daemon, offset, length, seconds=READ_BOUND):
-    reader = cache_daemons.sources.LocalClient(daemon.socket_path,
-                                               timeout=seconds + 30)
+    reader = cache_daemons.control_client.LocalClient(daemon.socket_path,
+                                                      timeout=seconds + 30)
     try:
         done, value, took = hostile_peer.bounded(
             lambda: reader.read(IMAGE, offset, length), seconds)

@@ -28,11 +28,11 @@ import time
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import image_cache
-from thunder_cache import prefetch
-from thunder_cache import trace
-from thunder_cache import upstream
+from tests import cache_helpers
+from thunder_cache.boot import prefetch
+from thunder_cache.boot import trace
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import upstream
 
 IMAGE = 'img-prefetch'
 CHUNK = 64 * 1024

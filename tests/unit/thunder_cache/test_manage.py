@@ -19,11 +19,11 @@ from unittest import mock
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import control
+from tests import cache_helpers
+from thunder_cache.cache import node as node_mod
+from thunder_cache.control import server as control_server
 from thunder_cache import manage
-from thunder_cache import node as node_mod
-from thunder_cache import sources
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 CHUNK = manifest_mod.MIN_CHUNK_SIZE
@@ -168,7 +168,7 @@ def daemon(tmp_path):
     status = {IMAGE: {'open': True, 'busy': None, 'gone': None,
                       'peers': ['http://127.0.0.1:8'], 'last_used': 0,
                       'volumes': ['vol-1'], 'trace': 'replaying'}}
-    server = control.ControlServer(
+    server = control_server.ControlServer(
         files.control, {'evict_image': evict_image,
                         'cache_status': lambda: {'images': status},
                         'volume_info': lambda volume_id: {'open_count': 1}},

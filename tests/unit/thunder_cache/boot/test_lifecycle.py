@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.lifecycle: advertisement, traces, hydration."""
+"""Tests for thunder_cache.boot.lifecycle: advertisement, traces, hydration."""
 
 import functools
 import logging
@@ -23,13 +23,13 @@ import uuid
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import advertise
-from thunder_cache import lifecycle
-from thunder_cache import node as node_mod
-from thunder_cache import prefetch
-from thunder_cache import sources
-from thunder_cache import trace as trace_mod
+from tests import cache_helpers
+from thunder_cache.boot import lifecycle
+from thunder_cache.boot import prefetch
+from thunder_cache.boot import trace as trace_mod
+from thunder_cache.cache import node as node_mod
+from thunder_cache.peer.advertise import cinder as cinder_records
+from thunder_cache.peer import sources
 
 IMAGE_ID = 'img-1'
 CHUNKS = 100
@@ -47,12 +47,12 @@ class FakeRecords:
 
     def get_metadata(self, volume_id):
         if self.failing:
-            raise advertise.RecordsError('cinder is down')
+            raise cinder_records.RecordsError('cinder is down')
         return dict(self.metadata.get(volume_id, {}))
 
     def set_metadata(self, volume_id, metadata):
         if self.failing:
-            raise advertise.RecordsError('cinder is down')
+            raise cinder_records.RecordsError('cinder is down')
         self.writes.append((volume_id, dict(metadata)))
         self.metadata.setdefault(volume_id, {}).update(metadata)
 
@@ -557,7 +557,7 @@ class GoneAdvertiser(FakeAdvertiser):
         self.withdrawn = []
 
     def peers(self, volume_id, include_self=False):
-        raise advertise.VolumeGone('gone')
+        raise cinder_records.VolumeGone('gone')
 
     def withdraw(self, volume_id, lock_timeout=-1):
         self.withdrawn.append(volume_id)
@@ -605,8 +605,9 @@ def test_volume_gone(node):
     advertiser = FakeAdvertiser()
     life = _lifecycle(node, advertiser)
     advertiser.records.get_volume = mock.Mock(
-        side_effect=advertise.VolumeGone('404'))
+        side_effect=cinder_records.VolumeGone('404'))
     assert life.volume_gone('v') is True
-    advertiser.records.get_volume.side_effect = advertise.RecordsError('x')
+    advertiser.records.get_volume.side_effect = (
+        cinder_records.RecordsError('x'))
     assert life.volume_gone('v') is False
     assert _lifecycle(node, None).volume_gone('v') is False

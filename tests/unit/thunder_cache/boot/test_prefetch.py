@@ -18,10 +18,10 @@ import threading
 from oslo_config import cfg
 import pytest
 
-from tests.unit.test_image_cache import _cache
-from tests.unit.test_image_cache import FakeSource
-from tests.unit.test_image_cache import GatedSource
-from thunder_cache import prefetch
+from tests.unit.thunder_cache.fake_sources import cache_over
+from tests.unit.thunder_cache.fake_sources import FakeSource
+from tests.unit.thunder_cache.fake_sources import GatedSource
+from thunder_cache.boot import prefetch
 from thunder_common import manifest as manifest_mod
 
 CHUNK = manifest_mod.MIN_CHUNK_SIZE
@@ -41,7 +41,7 @@ def cache_of(tmp_path, image):
     made = []
 
     def make(source):
-        made.append(_cache(tmp_path, manifest, source))
+        made.append(cache_over(tmp_path, manifest, source))
         return made[-1]
 
     yield make

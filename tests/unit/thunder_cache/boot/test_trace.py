@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from thunder_cache import trace
+from thunder_cache.boot import trace
 
 
 class FakeClock:

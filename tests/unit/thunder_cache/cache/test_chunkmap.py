@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from thunder_cache import chunkmap
+from thunder_cache.cache import chunkmap
 
 DIGEST = hashlib.sha256(b'manifest').hexdigest()
 OTHER = hashlib.sha256(b'other manifest').hexdigest()

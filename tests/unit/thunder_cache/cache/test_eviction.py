@@ -22,12 +22,12 @@ from unittest import mock
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import eviction
-from thunder_cache import image_cache
-from thunder_cache import node as node_mod
-from thunder_cache import protocol
-from thunder_cache import sources
+from tests import cache_helpers
+from thunder_cache.cache import eviction
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import node as node_mod
+from thunder_cache.peer import protocol
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 CHUNK = manifest_mod.MIN_CHUNK_SIZE

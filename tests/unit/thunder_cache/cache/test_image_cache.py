@@ -23,12 +23,16 @@ import time
 
 import pytest
 
+from tests import cache_helpers
 from tests import hostile_peer
-from thunder_cache import chunkmap
-from thunder_cache import image_cache
-from thunder_cache import protocol
-from thunder_cache import sources
-from thunder_cache import upstream as upstream_mod
+from tests.unit.thunder_cache.fake_sources import cache_over
+from tests.unit.thunder_cache.fake_sources import FakeSource
+from tests.unit.thunder_cache.fake_sources import GatedSource
+from thunder_cache.cache import chunkmap
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import upstream as upstream_mod
+from thunder_cache.peer import protocol
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 CHUNK = manifest_mod.MIN_CHUNK_SIZE
@@ -45,118 +49,9 @@ def manifest(image):
     return manifest_mod.Manifest.build([image], CHUNK)
 
 
-class FakeSource(image_cache.Source):
-
-    def __init__(self, image, name='fake', kind='origin', corrupt=(),
-                 fail=(), delay=0.0, url=None):
-        self.image = image
-        self.name = name
-        self.kind = kind
-        self.url = url
-        self.corrupt = set(corrupt)
-        self.fail = set(fail)
-        self.delay = delay
-        self.calls = []
-        self.lock = threading.Lock()
-
-    def read_chunk(self, index, offset, length, via=(), ticket=None):
-        with self.lock:
-            self.calls.append(index)
-        if self.delay:
-            time.sleep(self.delay)
-        if index in self.fail or 'all' in self.fail:
-            raise IOError('%s cannot read %d' % (self.name, index))
-        data = bytearray(self.image[offset:offset + length])
-        if index in self.corrupt or 'all' in self.corrupt:
-            data[0] ^= 0xff
-        return data
-
-
-class GatedSource(FakeSource):
-    """A FakeSource whose reads wait while their chunk is held.
-
-    ``started`` lists the chunks asked for, in order, as the reads begin;
-    ``active`` and ``max_active`` count the reads in progress.
-    """
-
-    def __init__(self, image, hold=None, **kwargs):
-        super().__init__(image, **kwargs)
-        self.changed = threading.Condition()
-        # Chunks held: every chunk when None.
-        self.hold = hold
-        self.released = set()
-        self.started = []
-        self.active = 0
-        self.max_active = 0
-
-    def _held(self, index):
-        if index in self.released:
-            return False
-        return self.hold is None or index in self.hold
-
-    def release(self, index=None):
-        """Let reads of ``index`` (of every chunk if None) proceed."""
-        with self.changed:
-            if index is None:
-                self.hold = set()
-            else:
-                self.released.add(index)
-            self.changed.notify_all()
-
-    def wait_for(self, predicate, timeout=30):
-        """Wait until ``predicate()`` (which may look beyond the source)."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not predicate():
-                assert time.monotonic() < deadline, 'timed out'
-                self.changed.wait(0.01)
-
-    def read_chunk(self, index, offset, length, via=(), ticket=None):
-        with self.changed:
-            self.started.append(index)
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.changed.notify_all()
-            released = self.changed.wait_for(lambda: not self._held(index),
-                                             30)
-        try:
-            if not released:
-                raise IOError('chunk %d held for too long' % index)
-            return super().read_chunk(index, offset, length, via, ticket)
-        finally:
-            with self.changed:
-                self.active -= 1
-                self.changed.notify_all()
-
-
-class FakeUpstream:
-
-    def __init__(self, *sources_):
-        self.sources = list(sources_)
-        self.reports = []
-
-    def candidates(self, via=()):
-        for source in self.sources:
-            if getattr(source, 'url', None) not in via or source.url is None:
-                yield source
-
-    def report(self, source, ok, error=None):
-        self.reports.append((source.name, ok, error))
-
-    forgiven = 0
-
-    def forgive(self):
-        self.forgiven += 1
-
-
-def _cache(tmp_path, manifest, *sources_, **kwargs):
-    return image_cache.ImageCache(str(tmp_path / 'img'), 'img', manifest,
-                                  FakeUpstream(*sources_), **kwargs)
-
-
 def test_read_any_range(tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     for offset, length in [(0, 1), (CHUNK - 1, 2), (5, CHUNK * 3),
                            (SIZE - 10, 100), (SIZE, 10), (0, SIZE),
                            (3 * CHUNK, 0)]:
@@ -177,7 +72,7 @@ def test_read_any_range(tmp_path, image, manifest):
 
 
 def test_ensure_bad_index(tmp_path, image, manifest):
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     for index in (-1, manifest.chunk_count, 2 ** 64):
         with pytest.raises(IndexError):
             cache.ensure(index)
@@ -188,7 +83,7 @@ def test_ensure_bad_index(tmp_path, image, manifest):
 
 def test_inflight_fetch_is_shared(tmp_path, image, manifest):
     origin = FakeSource(image, delay=0.2)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     results = []
     barrier = threading.Barrier(16)
 
@@ -212,7 +107,7 @@ def test_inflight_fetch_is_shared(tmp_path, image, manifest):
 
 def test_inflight_error_is_shared(tmp_path, image, manifest):
     origin = FakeSource(image, delay=0.2, fail={3})
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     errors = []
     barrier = threading.Barrier(8)
 
@@ -241,7 +136,7 @@ def test_corrupt_chunk_rejected_next_source_used(tmp_path, image, manifest):
     bad = FakeSource(image, name='bad', kind='peer', corrupt={'all'})
     broken = FakeSource(image, name='broken', kind='peer', fail={'all'})
     origin = FakeSource(image, name='origin')
-    cache = _cache(tmp_path, manifest, bad, broken, origin)
+    cache = cache_over(tmp_path, manifest, bad, broken, origin)
     assert cache.read(0, SIZE) == image
     snap = cache.counters.snapshot()
     count = manifest.chunk_count
@@ -262,7 +157,7 @@ def test_corrupt_chunk_rejected_next_source_used(tmp_path, image, manifest):
 
 def test_peer_bytes_counted(tmp_path, image, manifest):
     peer = FakeSource(image, name='peer', kind='peer')
-    cache = _cache(tmp_path, manifest, peer)
+    cache = cache_over(tmp_path, manifest, peer)
     cache.read(0, SIZE)
     snap = cache.counters.snapshot()
     assert snap['bytes_from_peers'] == SIZE
@@ -271,9 +166,9 @@ def test_peer_bytes_counted(tmp_path, image, manifest):
 
 
 def test_all_sources_fail(tmp_path, image, manifest):
-    cache = _cache(tmp_path, manifest,
-                   FakeSource(image, corrupt={1}, name='a'),
-                   FakeSource(image, fail={1}, name='b'))
+    cache = cache_over(tmp_path, manifest,
+                       FakeSource(image, corrupt={1}, name='a'),
+                       FakeSource(image, fail={1}, name='b'))
     with pytest.raises(image_cache.FetchError, match='a: bad data; b:'):
         cache.ensure(1)
     assert not cache.has(1)
@@ -307,7 +202,7 @@ def fast_retries(monkeypatch):
 def test_local_read_retried_until_a_source_serves(tmp_path, image, manifest,
                                                   fast_retries):
     source = FlakySource(image, failures=3)
-    cache = _cache(tmp_path, manifest, source, read_retry=30)
+    cache = cache_over(tmp_path, manifest, source, read_retry=30)
     offset, length = manifest.chunk_range(1)
     assert cache.read(offset, length) == image[offset:offset + length]
     assert cache.counters.get('read_retries') == 3
@@ -320,7 +215,7 @@ def test_local_read_retried_until_a_source_serves(tmp_path, image, manifest,
 def test_local_read_fails_after_read_retry(tmp_path, image, manifest,
                                            fast_retries):
     source = FakeSource(image, fail={'all'})
-    cache = _cache(tmp_path, manifest, source, read_retry=0.1)
+    cache = cache_over(tmp_path, manifest, source, read_retry=0.1)
     started = time.monotonic()
     with pytest.raises(image_cache.FetchError, match='no source'):
         cache.ensure(2)
@@ -332,7 +227,7 @@ def test_local_read_fails_after_read_retry(tmp_path, image, manifest,
 
 def test_without_read_retry_a_local_read_fails_at_once(tmp_path, image,
                                                        manifest):
-    cache = _cache(tmp_path, manifest, FlakySource(image, failures=1))
+    cache = cache_over(tmp_path, manifest, FlakySource(image, failures=1))
     with pytest.raises(image_cache.FetchError):
         cache.ensure(0)
     assert cache.counters.get('read_retries') == 0
@@ -344,7 +239,7 @@ def test_without_read_retry_a_local_read_fails_at_once(tmp_path, image,
 def test_peer_requests_are_not_retried(tmp_path, image, manifest,
                                        fast_retries):
     source = FlakySource(image, failures=1)
-    cache = _cache(tmp_path, manifest, source, read_retry=30)
+    cache = cache_over(tmp_path, manifest, source, read_retry=30)
     with pytest.raises(image_cache.FetchError):
         cache.ensure(0, via=('http://10.0.0.9:7000',),
                      ticket=protocol.new_ticket())
@@ -356,8 +251,8 @@ def test_peer_requests_are_not_retried(tmp_path, image, manifest,
 def test_retried_read_is_observed_once(tmp_path, image, manifest,
                                        fast_retries):
     seen = []
-    cache = _cache(tmp_path, manifest, FlakySource(image, failures=2),
-                   read_retry=30)
+    cache = cache_over(tmp_path, manifest, FlakySource(image, failures=2),
+                       read_retry=30)
     cache.observer = seen.append
     cache.ensure(3)
     assert seen == [3]
@@ -372,7 +267,7 @@ def test_wrong_length_rejected(tmp_path, image, manifest):
             return super().read_chunk(index, offset, length)[:-1]
 
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, Short(image, name='short'), origin)
+    cache = cache_over(tmp_path, manifest, Short(image, name='short'), origin)
     assert cache.read_chunk(0) == image[:CHUNK]
     assert cache.counters.get('chunks_rejected') == 1
     cache.close()
@@ -380,10 +275,10 @@ def test_wrong_length_rejected(tmp_path, image, manifest):
 
 def test_cache_survives_reopen(tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     cache.read(0, CHUNK * 3)
     cache.close()
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     assert not cache.reset
     assert cache.present_count() == 3
     assert cache.read(0, CHUNK * 3) == image[:CHUNK * 3]
@@ -395,13 +290,13 @@ def test_cache_survives_reopen(tmp_path, image, manifest):
 def test_corrupt_cache_file_refetched_after_restart(
         tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     cache.read(0, SIZE)
     cache.close()
     with open(cache.data_path, 'r+b') as f:
         f.seek(CHUNK * 4 + 10)
         f.write(b'\0garbage')
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     assert cache.read(0, SIZE) == image
     assert cache.counters.get('local_corrupt') == 1
     assert origin.calls.count(4) == 2
@@ -411,10 +306,10 @@ def test_corrupt_cache_file_refetched_after_restart(
 def test_trusting_persisted_chunks_skips_reverification(tmp_path, image,
                                                         manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     cache.read(0, SIZE)
     cache.close()
-    cache = _cache(tmp_path, manifest, origin, verify_persisted=False)
+    cache = cache_over(tmp_path, manifest, origin, verify_persisted=False)
     assert cache.has(0)
     cache.read(0, SIZE)
     assert cache.counters.get('chunks_reverified') == 0
@@ -423,12 +318,12 @@ def test_trusting_persisted_chunks_skips_reverification(tmp_path, image,
 
 def test_other_manifest_resets_cache(tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     cache.read(0, SIZE)
     cache.close()
     other_image = os.urandom(SIZE)
     other = manifest_mod.Manifest.build([other_image], CHUNK)
-    cache = _cache(tmp_path, other, FakeSource(other_image))
+    cache = cache_over(tmp_path, other, FakeSource(other_image))
     assert cache.reset
     assert cache.present_count() == 0
     # The data file was emptied: nothing of the old image remains.
@@ -440,11 +335,11 @@ def test_other_manifest_resets_cache(tmp_path, image, manifest):
 
 def test_missing_data_file_resets_map(tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     cache.read(0, SIZE)
     cache.close()
     os.unlink(cache.data_path)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     assert cache.reset and cache.present_count() == 0
     cache.close()
 
@@ -453,7 +348,7 @@ def test_loop_error_when_inflight_fetch_waits_on_requester(
         tmp_path, image, manifest):
     peer = FakeSource(image, name='p', kind='peer', delay=0.3,
                       url='http://10.0.0.2:7480')
-    cache = _cache(tmp_path, manifest, peer)
+    cache = cache_over(tmp_path, manifest, peer)
     t = threading.Thread(target=cache.ensure, args=(0,))
     t.start()
     time.sleep(0.1)
@@ -467,7 +362,7 @@ def test_loop_error_when_inflight_fetch_waits_on_requester(
 
 def test_join_timeout(tmp_path, image, manifest):
     origin = FakeSource(image, delay=0.5)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     t = threading.Thread(target=cache.ensure, args=(0,))
     t.start()
     time.sleep(0.1)
@@ -480,7 +375,7 @@ def test_join_timeout(tmp_path, image, manifest):
 def test_durability_order(tmp_path, image, manifest, monkeypatch):
     """The data file is synced before the bit reaches the map file."""
     events = []
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     real_fdatasync = os.fdatasync
 
     def fdatasync(fd):
@@ -524,8 +419,8 @@ def test_group_commit(tmp_path, image, manifest, monkeypatch):
     """Chunks are served before the commit; the map never leads the data."""
     events = []
     real_fdatasync = os.fdatasync
-    cache = _cache(tmp_path, manifest, FakeSource(image),
-                   commit_interval=0.2)
+    cache = cache_over(tmp_path, manifest, FakeSource(image),
+                       commit_interval=0.2)
 
     def fdatasync(fd):
         events.append(('sync-data' if fd == cache.fileno else 'sync-map',
@@ -555,7 +450,9 @@ def test_group_commit(tmp_path, image, manifest, monkeypatch):
 
 _FILLER = '''
 import sys
-from thunder_cache import image_cache, sources, upstream
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import upstream
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 volume, directory, digest, size, interval = sys.argv[1:6]
 origin = sources.FileOrigin(volume)
@@ -592,8 +489,7 @@ def test_sigkill_at_any_moment_leaves_a_consistent_map(tmp_path, interval):
         proc = subprocess.Popen(
             [sys.executable, '-c', _FILLER, str(volume), directory,
              manifest.digest(), str(len(image)), str(interval)],
-            stdout=subprocess.PIPE, cwd=os.path.dirname(
-                os.path.dirname(os.path.dirname(__file__))))
+            stdout=subprocess.PIPE, cwd=cache_helpers.REPO)
         assert proc.stdout.readline() == b'ready\n'
         time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(signal.SIGKILL)
@@ -619,13 +515,13 @@ def test_sigkill_at_any_moment_leaves_a_consistent_map(tmp_path, interval):
 def test_older_peer_fetch_bypasses_a_younger_inflight_fetch(
         tmp_path, image, manifest):
     """Waits between fetches only go from younger to older tickets."""
-    from thunder_cache import protocol
+    from thunder_cache.peer import protocol
     older = protocol.new_ticket(clock=lambda: 1000.0)
     younger = protocol.new_ticket(clock=lambda: 3000.0)
     middle = protocol.new_ticket(clock=lambda: 2000.0)
     peer = FakeSource(image, name='p', kind='peer', delay=0.3,
                       url='http://10.0.0.2:7480')
-    cache = _cache(tmp_path, manifest, peer)
+    cache = cache_over(tmp_path, manifest, peer)
     t = threading.Thread(target=cache.ensure, args=(0,),
                          kwargs={'ticket': middle})
     t.start()
@@ -648,9 +544,9 @@ def test_older_peer_fetch_bypasses_a_younger_inflight_fetch(
 
 
 def test_any_peer_fetch_joins_an_origin_fetch(tmp_path, image, manifest):
-    from thunder_cache import protocol
+    from thunder_cache.peer import protocol
     origin = FakeSource(image, name='o', kind='origin', delay=0.3)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     t = threading.Thread(target=cache.ensure, args=(0,))
     t.start()
     time.sleep(0.1)
@@ -672,7 +568,7 @@ def _in_thread(target, *args):
 
 def test_background_fetch_is_counted_apart(tmp_path, image, manifest):
     origin = FakeSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     assert cache.ensure(4, background=True) is True
     assert cache.ensure(4, background=True) is False
     assert cache.ensure(5) is None
@@ -697,7 +593,7 @@ def test_background_fetch_is_counted_apart(tmp_path, image, manifest):
 def test_prefetch_hit_found_under_the_lock(tmp_path, image, manifest,
                                            monkeypatch):
     """A chunk a prefetch lands between the two looks of a read."""
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     assert cache.ensure(2, background=True)
     looks = []
     real_has = cache.has
@@ -716,7 +612,7 @@ def test_prefetch_hit_found_under_the_lock(tmp_path, image, manifest,
 
 
 def test_background_error_is_raised(tmp_path, image, manifest):
-    cache = _cache(tmp_path, manifest, FakeSource(image, fail={2}))
+    cache = cache_over(tmp_path, manifest, FakeSource(image, fail={2}))
     with pytest.raises(image_cache.FetchError):
         cache.ensure(2, background=True)
     assert cache.background_pending() == 0
@@ -726,7 +622,7 @@ def test_background_error_is_raised(tmp_path, image, manifest):
 
 def test_demand_read_joins_a_background_fetch(tmp_path, image, manifest):
     origin = GatedSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     background = _in_thread(cache.ensure, 3, (), None, None, True)
     origin.wait_for(lambda: origin.started == [3])
     assert cache.background_pending() == 1
@@ -749,7 +645,7 @@ def test_demand_read_joins_a_background_fetch(tmp_path, image, manifest):
 
 def test_background_leaves_a_demand_fetch_alone(tmp_path, image, manifest):
     origin = GatedSource(image)
-    cache = _cache(tmp_path, manifest, origin)
+    cache = cache_over(tmp_path, manifest, origin)
     assert cache.demand_pending() == 0
     readers = [_in_thread(cache.ensure, 6) for _ in range(3)]
     origin.wait_for(lambda: origin.started == [6])
@@ -766,7 +662,7 @@ def test_background_leaves_a_demand_fetch_alone(tmp_path, image, manifest):
 
 
 def test_demand_pending_drops_after_a_failure(tmp_path, image, manifest):
-    cache = _cache(tmp_path, manifest, FakeSource(image, fail={1}))
+    cache = cache_over(tmp_path, manifest, FakeSource(image, fail={1}))
     with pytest.raises(image_cache.FetchError):
         cache.ensure(1)
     assert cache.demand_pending() == 0
@@ -774,8 +670,8 @@ def test_demand_pending_drops_after_a_failure(tmp_path, image, manifest):
 
 
 def test_observer_sees_local_reads_only(tmp_path, image, manifest):
-    from thunder_cache import protocol
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    from thunder_cache.peer import protocol
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     assert cache.observer is None
     seen = []
     cache.observer = seen.append
@@ -790,7 +686,7 @@ def test_observer_sees_local_reads_only(tmp_path, image, manifest):
 
 
 def test_failing_observer_is_detached(tmp_path, image, manifest):
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     calls = []
 
     def observer(index):
@@ -806,8 +702,8 @@ def test_failing_observer_is_detached(tmp_path, image, manifest):
 
 
 def test_recorder_as_observer(tmp_path, image, manifest):
-    from thunder_cache import trace
-    cache = _cache(tmp_path, manifest, FakeSource(image))
+    from thunder_cache.boot import trace
+    cache = cache_over(tmp_path, manifest, FakeSource(image))
     recorder = trace.TraceRecorder(manifest.chunk_count, window=1000)
     cache.observer = recorder.touch
     for index in (3, 1, 3, 9, 1, 0):
@@ -832,7 +728,7 @@ def test_waiter_released_when_the_fetch_overruns_its_source(
         tmp_path, image, manifest, short_grace):
     """A fetch stuck in a source does not hold its waiters forever."""
     stuck = _limit(GatedSource(image, hold={0}), 0.5)
-    cache = _cache(tmp_path, manifest, stuck)
+    cache = cache_over(tmp_path, manifest, stuck)
     fetcher = threading.Thread(target=cache.ensure, args=(0,))
     fetcher.start()
     stuck.wait_for(lambda: stuck.started == [0])
@@ -854,7 +750,7 @@ def test_waiter_released_when_the_fetch_overruns_its_source(
 def test_overdue_waiter_retries_within_read_retry(
         tmp_path, image, manifest, short_grace, fast_retries):
     stuck = _limit(GatedSource(image, hold={0}), 0.3)
-    cache = _cache(tmp_path, manifest, stuck, read_retry=60)
+    cache = cache_over(tmp_path, manifest, stuck, read_retry=60)
     fetcher = threading.Thread(target=cache.ensure, args=(0,))
     fetcher.start()
     stuck.wait_for(lambda: stuck.started == [0])
@@ -884,7 +780,7 @@ def test_waiter_follows_a_fetch_from_source_to_source(
     first = _limit(FakeSource(image, name='p', kind='peer', url='http://p:1',
                               fail={'all'}, delay=1.0), 1.5)
     second = _limit(FakeSource(image, name='origin', delay=1.5), 1.5)
-    cache = _cache(tmp_path, manifest, first, second)
+    cache = cache_over(tmp_path, manifest, first, second)
     fetcher = threading.Thread(target=cache.ensure, args=(0,))
     fetcher.start()
     time.sleep(0.1)

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.origins: descriptors name only allowed origins."""
+"""Tests for thunder_cache.cache.origins: only allowed origins are named."""
 
 import os
 import stat
@@ -21,11 +21,11 @@ import uuid
 from oslo_config import cfg
 import pytest
 
-from thunder_cache import control
-from thunder_cache import node as node_mod
+from thunder_cache.cache import node as node_mod
+from thunder_cache.cache import origins
+from thunder_cache import errors
 from thunder_cache import options
-from thunder_cache import origins
-from thunder_cache import sources
+from thunder_cache.peer import sources
 
 VOLUME_ID = str(uuid.uuid4())
 
@@ -69,7 +69,7 @@ def policy(allowed):
 def _refused(policy, entry, volume_id=VOLUME_ID):
     with pytest.raises(node_mod.BadDescriptor) as info:
         policy(entry, origin_volume_id=volume_id)
-    assert isinstance(info.value, control.BadRequest)
+    assert isinstance(info.value, errors.BadRequest)
     assert isinstance(info.value, node_mod.DescriptorError)
     return str(info.value)
 

@@ -18,7 +18,7 @@ import types
 
 import pytest
 
-from thunder_cache import sources
+from thunder_cache.peer import sources
 
 
 class FakeCeph:

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.control: the daemon's control socket."""
+"""Tests for thunder_cache.control.server: the daemon's control socket."""
 
 import json
 import logging
@@ -24,9 +24,12 @@ import time
 
 import pytest
 
-from thunder_cache import control
+from thunder_cache.control import client as control_client
+from thunder_cache.control import protocol as control_protocol
+from thunder_cache.control import server as control_server
+from thunder_cache import errors
 
-LOGGER = 'thunder_cache.control'
+LOGGER = 'thunder_cache.control.server'
 
 
 class Refused(Exception):
@@ -68,8 +71,8 @@ def sock_dir():
 
 @pytest.fixture
 def server(sock_dir):
-    srv = control.ControlServer(os.path.join(sock_dir, 'control.sock'),
-                                HANDLERS, expected=(Refused,))
+    srv = control_server.ControlServer(os.path.join(sock_dir, 'control.sock'),
+                                       HANDLERS, expected=(Refused,))
     thread = srv.start()
     yield srv
     srv.stop()
@@ -79,7 +82,7 @@ def server(sock_dir):
 
 @pytest.fixture
 def client(server):
-    return control.ControlClient(server.path, timeout=5)
+    return control_client.ControlClient(server.path, timeout=5)
 
 
 def _connect(path, timeout=5):
@@ -115,7 +118,7 @@ def _replies(lines):
 # -- parse_request -----------------------------------------------------------
 
 def test_parse_request():
-    assert control.parse_request(b'{"op": "ping", "x": [1]}\n') == (
+    assert control_protocol.parse_request(b'{"op": "ping", "x": [1]}\n') == (
         'ping', {'x': [1]})
 
 
@@ -124,16 +127,16 @@ def test_parse_request():
     b'{"op": ""}\n', b'{"op": 5}\n', b'{"op": null}\n', b'{"x": "ping"}\n',
     b'\xff\xfe\x00garbage\n',
     b'{"op": "x", "n": ' + b'1' * 5000 + b'}\n',
-    b'{"op": "x", "pad": "' + b'a' * control.MAX_LINE + b'"}\n',
+    b'{"op": "x", "pad": "' + b'a' * control_protocol.MAX_LINE + b'"}\n',
 ])
 def test_parse_request_refuses(line):
-    with pytest.raises(control.BadRequest):
-        control.parse_request(line)
+    with pytest.raises(errors.BadRequest):
+        control_protocol.parse_request(line)
 
 
 def test_parse_request_refuses_deep_nesting():
-    with pytest.raises(control.BadRequest):
-        control.parse_request(b'[' * 60000 + b'\n')
+    with pytest.raises(errors.BadRequest):
+        control_protocol.parse_request(b'[' * 60000 + b'\n')
 
 
 # -- round trips -------------------------------------------------------------
@@ -149,14 +152,14 @@ def test_round_trip(client):
 def test_expected_error_reported_without_traceback(client, caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     for op, kind in (('refused', 'Refused'), ('missing', 'KeyError')):
-        with pytest.raises(control.ControlError) as info:
+        with pytest.raises(control_client.ControlError) as info:
             client.call(op)
         assert info.value.kind == kind
     assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_expected_error_message(client):
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call('refused')
     assert info.value.kind == 'Refused'
     assert info.value.message == 'no, thanks'
@@ -165,7 +168,7 @@ def test_expected_error_message(client):
 
 def test_unexpected_error_is_logged(client, caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call('broken')
     assert info.value.kind == 'RuntimeError'
     assert info.value.message == 'internal fault'
@@ -176,7 +179,7 @@ def test_unexpected_error_is_logged(client, caplog):
 
 
 def test_unknown_op(client):
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call('format_disk')
     assert info.value.kind == 'BadRequest'
     assert 'unknown operation' in info.value.message
@@ -186,7 +189,7 @@ def test_unknown_op(client):
                                   {'x': 1}])
 def test_wrong_arguments(client, args, caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call('add', **args)
     assert info.value.kind == 'BadRequest'
     assert 'bad arguments for add' in info.value.message
@@ -195,7 +198,7 @@ def test_wrong_arguments(client, args, caplog):
 
 def test_type_error_inside_handler_is_a_fault(client, caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call('internal_type_error')
     assert info.value.kind == 'TypeError'
     assert [r for r in caplog.records if r.exc_info]
@@ -235,16 +238,17 @@ def test_several_requests_on_one_connection(server):
 def test_line_of_max_length_accepted(server):
     prefix = b'{"op": "echo", "pad": "'
     suffix = b'"}\n'
-    line = prefix + b'a' * (control.MAX_LINE - len(prefix) - len(suffix)) \
-        + suffix
-    assert len(line) == control.MAX_LINE
+    pad = control_protocol.MAX_LINE - len(prefix) - len(suffix)
+    line = prefix + b'a' * pad + suffix
+    assert len(line) == control_protocol.MAX_LINE
     [reply] = _replies(_exchange(server.path, line))
     assert reply['ok'] is True
-    assert len(reply['result']['pad']) == control.MAX_LINE - 26
+    assert len(reply['result']['pad']) == control_protocol.MAX_LINE - 26
 
 
 def test_oversized_line_refused_and_connection_closed(server):
-    line = b'{"op": "echo", "pad": "' + b'a' * control.MAX_LINE + b'"}\n'
+    line = (b'{"op": "echo", "pad": "' + b'a' * control_protocol.MAX_LINE +
+            b'"}\n')
     sock = _connect(server.path)
     with sock, sock.makefile('rb') as f:
         sock.sendall(line)
@@ -256,14 +260,15 @@ def test_oversized_line_refused_and_connection_closed(server):
 
 
 def test_client_refuses_oversized_request(client):
-    with pytest.raises(control.ControlError) as info:
-        client.call('echo', pad='a' * control.MAX_LINE)
+    with pytest.raises(control_client.ControlError) as info:
+        client.call('echo', pad='a' * control_protocol.MAX_LINE)
     assert info.value.kind == 'BadRequest'
 
 
 def test_client_without_server(sock_dir):
-    client = control.ControlClient(os.path.join(sock_dir, 'missing.sock'))
-    with pytest.raises(control.ControlError) as info:
+    client = control_client.ControlClient(
+        os.path.join(sock_dir, 'missing.sock'))
+    with pytest.raises(control_client.ControlError) as info:
         client.call('ping')
     assert info.value.kind == 'Unavailable'
     assert 'missing.sock' in info.value.message
@@ -271,13 +276,13 @@ def test_client_without_server(sock_dir):
 
 def test_client_after_stop(sock_dir):
     path = os.path.join(sock_dir, 'c.sock')
-    srv = control.ControlServer(path, HANDLERS)
+    srv = control_server.ControlServer(path, HANDLERS)
     srv.start()
-    assert control.ControlClient(path).call('add', a=1, b=1) == 2
+    assert control_client.ControlClient(path).call('add', a=1, b=1) == 2
     srv.stop()
     assert not os.path.exists(path)
-    with pytest.raises(control.ControlError) as info:
-        control.ControlClient(path).call('add', a=1, b=1)
+    with pytest.raises(control_client.ControlError) as info:
+        control_client.ControlClient(path).call('add', a=1, b=1)
     assert info.value.kind == 'Unavailable'
 
 
@@ -307,8 +312,8 @@ def _fake_call_error(sock_dir, answer, timeout=5):
     """The ControlError of a ping to a fake daemon answering ``answer``."""
     path = os.path.join(sock_dir, 'fake.sock')
     thread = _fake_daemon(path, answer)
-    with pytest.raises(control.ControlError) as info:
-        control.ControlClient(path, timeout=timeout).call('ping')
+    with pytest.raises(control_client.ControlError) as info:
+        control_client.ControlClient(path, timeout=timeout).call('ping')
     thread.join(5)
     return info.value
 
@@ -338,16 +343,16 @@ def test_requests_served_concurrently(sock_dir):
         return release.wait(5)
 
     path = os.path.join(sock_dir, 'c.sock')
-    srv = control.ControlServer(path, {'slow': slow, 'add': _add})
+    srv = control_server.ControlServer(path, {'slow': slow, 'add': _add})
     srv.start()
     try:
         result = {}
         thread = threading.Thread(target=lambda: result.update(
-            slow=control.ControlClient(path).call('slow')))
+            slow=control_client.ControlClient(path).call('slow')))
         thread.start()
         assert entered.wait(5)
         # Answered while the other request is still in its handler.
-        assert control.ControlClient(path, timeout=5).call(
+        assert control_client.ControlClient(path, timeout=5).call(
             'add', a=1, b=2) == 3
         assert thread.is_alive()
         release.set()
@@ -368,7 +373,7 @@ def test_socket_mode(server):
 
 def test_socket_custom_mode_and_directory_created(sock_dir):
     path = os.path.join(sock_dir, 'sub', 'dir', 'c.sock')
-    srv = control.ControlServer(path, HANDLERS, mode=0o600)
+    srv = control_server.ControlServer(path, HANDLERS, mode=0o600)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     finally:
@@ -380,10 +385,10 @@ def test_stale_socket_replaced(sock_dir):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()  # the file stays, as after a crash
-    srv = control.ControlServer(path, HANDLERS)
+    srv = control_server.ControlServer(path, HANDLERS)
     srv.start()
     try:
-        assert control.ControlClient(path).call('add', a=2, b=2) == 4
+        assert control_client.ControlClient(path).call('add', a=2, b=2) == 4
     finally:
         srv.stop()
 
@@ -393,7 +398,7 @@ def test_regular_file_at_path_not_removed(sock_dir):
     with open(path, 'w') as f:
         f.write('precious')
     with pytest.raises(OSError):
-        control.ControlServer(path, HANDLERS)
+        control_server.ControlServer(path, HANDLERS)
     with open(path) as f:
         assert f.read() == 'precious'
 
@@ -442,7 +447,7 @@ def test_fuzzed_lines_always_answered(server):
                 assert isinstance(reply['error'], str)
                 assert isinstance(reply['message'], str)
     # Still serving.
-    assert control.ControlClient(server.path).call('add', a=4, b=5) == 9
+    assert control_client.ControlClient(server.path).call('add', a=4, b=5) == 9
 
 
 def test_fuzzed_lines_on_one_connection(server):
@@ -462,13 +467,13 @@ def test_client_closing_mid_request_does_not_stop_the_server(server):
         sock = _connect(server.path)
         sock.sendall(data)
         sock.close()
-    assert control.ControlClient(server.path).call('add', a=1, b=2) == 3
+    assert control_client.ControlClient(server.path).call('add', a=1, b=2) == 3
 
 
 def test_connections_beyond_the_limit_are_answered_busy(sock_dir):
     """Idle connections cannot take a thread each without bound."""
     path = os.path.join(sock_dir, 'c.sock')
-    srv = control.ControlServer(path, HANDLERS, max_connections=3)
+    srv = control_server.ControlServer(path, HANDLERS, max_connections=3)
     srv.start()
     held = [_connect(path) for _ in range(3)]
     try:
@@ -482,10 +487,10 @@ def test_connections_beyond_the_limit_are_answered_busy(sock_dir):
         deadline = time.monotonic() + 10
         while True:
             try:
-                assert control.ControlClient(path, timeout=5).call(
+                assert control_client.ControlClient(path, timeout=5).call(
                     'add', a=2, b=3) == 5
                 break
-            except control.ControlError as e:
+            except control_client.ControlError as e:
                 assert e.kind == 'Busy' and time.monotonic() < deadline
                 time.sleep(0.05)
     finally:

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.service: what the control socket answers."""
+"""Tests for thunder_cache.control.service: what the control socket answers."""
 
 import contextlib
 import hashlib
@@ -25,12 +25,14 @@ import uuid
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import control
-from thunder_cache import node as node_mod
-from thunder_cache import service as service_mod
-from thunder_cache import sources
-from thunder_cache import volumes
+from tests import cache_helpers
+from thunder_cache.cache import node as node_mod
+from thunder_cache.control import client as control_client
+from thunder_cache.control import server as control_server
+from thunder_cache.control import service as service_mod
+from thunder_cache import errors
+from thunder_cache.peer import sources
+from thunder_cache.volumes import volumes
 from thunder_common import manifest as manifest_mod
 
 CHUNK = 64 * 1024
@@ -132,20 +134,20 @@ def test_ensure_chunks_fetches_and_answers_the_map(service, registered,
 @pytest.mark.parametrize('first,last', [
     (-1, 0), (0, 4), (2, 1), (True, 1), (0, '1'), (0.0, 1), (None, 1)])
 def test_ensure_chunks_bad_range(service, registered, first, last):
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.ensure_chunks(IMAGE_ID, first, last)
 
 
 def test_ensure_chunks_unknown_or_bad_image(service, registered):
     with pytest.raises(KeyError):
         service.ensure_chunks('img-unknown', 0, 0)
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.ensure_chunks('../etc', 0, 0)
 
 
 def test_ensure_chunks_at_most_max_per_request(service, registered):
     with mock.patch.object(service_mod, 'MAX_ENSURE', 2):
-        with pytest.raises(control.BadRequest):
+        with pytest.raises(errors.BadRequest):
             service.ensure_chunks(IMAGE_ID, 0, 2)
         assert service.ensure_chunks(IMAGE_ID, 0, 1)['usable'] == '1100'
 
@@ -292,7 +294,7 @@ BAD_IDS = ['', '.', '..', '../volume-1', 'a/b', '-x', 'x' * 129,
 
 @pytest.mark.parametrize('size', BAD_SIZES)
 def test_create_bad_size(service, store, size):
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.create_volume('volume-1', size)
     assert store.list() == []
 
@@ -314,7 +316,7 @@ def test_create_bad_source(service, store, source):
 
 @pytest.mark.parametrize('read_only', ['yes', 1, None])
 def test_create_bad_read_only(service, store, read_only):
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.create_volume('volume-1', GiB, read_only=read_only)
     assert store.list() == []
 
@@ -329,7 +331,7 @@ def test_resize_volume(service, store):
 @pytest.mark.parametrize('size', BAD_SIZES)
 def test_resize_bad_size(service, store, size):
     service.create_volume('volume-1', GiB)
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.resize_volume('volume-1', size)
     assert store.info('volume-1')['size'] == GiB
 
@@ -408,12 +410,12 @@ def test_stats(service, registered):
 def _serving(service):
     """A client of ``service`` behind a real control socket."""
     with tempfile.TemporaryDirectory(prefix='svc-', dir='/tmp') as d:
-        server = control.ControlServer(
+        server = control_server.ControlServer(
             os.path.join(d, 'control.sock'), service.handlers(),
             expected=service_mod.EXPECTED_ERRORS)
         server.start()
         try:
-            yield control.ControlClient(server.path, timeout=10)
+            yield control_client.ControlClient(server.path, timeout=10)
         finally:
             server.stop()
 
@@ -425,7 +427,7 @@ def client(service):
 
 
 def _error_kind(client, op, **args):
-    with pytest.raises(control.ControlError) as info:
+    with pytest.raises(control_client.ControlError) as info:
         client.call(op, **args)
     return info.value.kind
 
@@ -532,9 +534,9 @@ def test_size_limit_is_the_stores(tmp_path, node):
         service = service_mod.VolumeService(node, store, MOUNT_DIR,
                                             str(tmp_path / 'd'), origins)
         service.create_volume('volume-1', 2 * GiB)
-        with pytest.raises(control.BadRequest, match='at most 2147483648'):
+        with pytest.raises(errors.BadRequest, match='at most 2147483648'):
             service.create_volume('volume-2', 2 * GiB + 1)
-        with pytest.raises(control.BadRequest):
+        with pytest.raises(errors.BadRequest):
             service.resize_volume('volume-1', 3 * GiB)
         assert store.list() == ['volume-1']
     finally:
@@ -585,7 +587,7 @@ def test_hostile_create_arguments(client, args, caplog):
 @pytest.fixture
 def policy(tmp_path):
     """The daemon's origin policy: image-volume files under tmp_path."""
-    from thunder_cache import origins as origins_mod
+    from thunder_cache.cache import origins as origins_mod
     return origins_mod.OriginPolicy(['volumes'], 'volume-%s',
                                     [str(tmp_path / 'allowed')])
 
@@ -623,7 +625,7 @@ def test_file_oracle_refused(guarded, node, tmp_path, where):
                     'manifest_length': 1,
                     'origin': {'type': 'file', 'path': path}})
             assert one_byte not in str(info.value)
-            assert isinstance(info.value, control.BadRequest)
+            assert isinstance(info.value, errors.BadRequest)
     names = [str(c.args[0]) for c in opened.call_args_list +
              os_opened.call_args_list]
     assert not [n for n in names if 'peer-secret' in n or n == 'link']
@@ -642,7 +644,7 @@ def test_digest_oracle_closed_in_allowed_files(guarded, node, tmp_path):
     with open(path, 'wb') as f:
         f.write(data)
     for offset, length in [(1, 32), (0, 1), (0, 33), (4096, 64)]:
-        with pytest.raises(control.BadRequest):
+        with pytest.raises(errors.BadRequest):
             guarded.register_image(IMAGE_ID, manifest_digest='a' * 64,
                                    manifest_offset=offset,
                                    manifest_length=length,
@@ -762,7 +764,7 @@ def test_concurrent_registrations_of_one_image(service, image, node,
 # -- the image caches -------------------------------------------------------
 
 def _with_evictor(service):
-    from thunder_cache import eviction
+    from thunder_cache.cache import eviction
     conf = mock.Mock(max_size=0, max_size_percent=0, low_water_percent=90,
                      check_interval=10.0)
     service.evictor = eviction.Evictor(service.node, conf,
@@ -788,9 +790,9 @@ def test_evict_image_refused_while_a_volume_reads_it(service, registered):
 
 
 def test_evict_image_checks_its_arguments(service):
-    with pytest.raises(control.BadRequest):
+    with pytest.raises(errors.BadRequest):
         service.evict_image('../etc')
-    with pytest.raises(control.BadRequest, match='does not evict'):
+    with pytest.raises(errors.BadRequest, match='does not evict'):
         service.evict_image(IMAGE_ID)
 
 

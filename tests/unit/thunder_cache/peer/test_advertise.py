@@ -24,8 +24,11 @@ from keystoneauth1 import exceptions as ks_exceptions
 from oslo_config import cfg
 import pytest
 
-from thunder_cache import advertise
-from thunder_cache import protocol
+from thunder_cache.peer.advertise import advertiser as advertiser_mod
+from thunder_cache.peer.advertise import cinder as cinder_records
+from thunder_cache.peer.advertise import options as advertise_opts
+from thunder_cache.peer.advertise import records as peer_records
+from thunder_cache.peer import protocol
 
 VOL = '0b6f3c1e-2f0d-4d43-9a4e-3b1f0e9d7a21'
 VOL2 = '5d1c2b3a-4e5f-4a6b-8c7d-9e0f1a2b3c4d'
@@ -42,27 +45,27 @@ def item(url, since, expires):
 # -- keys and values -------------------------------------------------------
 
 def test_peer_key_is_prefix_and_node_id():
-    assert advertise.peer_key('compute-1') == 'thunder_peer_compute-1'
+    assert peer_records.peer_key('compute-1') == 'thunder_peer_compute-1'
 
 
 def test_peer_key_of_longest_node_id_fits_cinder():
     node_id = 'n' * 64
-    key = advertise.peer_key(node_id)
-    assert key == advertise.PEER_PREFIX + node_id
-    assert len(key) <= advertise.MAX_METADATA_LENGTH
+    key = peer_records.peer_key(node_id)
+    assert key == peer_records.PEER_PREFIX + node_id
+    assert len(key) <= peer_records.MAX_METADATA_LENGTH
 
 
 @pytest.mark.parametrize('node_id', ['', 'n' * 65, 'a/b', '-x', 'a b',
                                      None, 'é'])
 def test_peer_key_refuses_invalid_node_ids(node_id):
     with pytest.raises(ValueError):
-        advertise.peer_key(node_id)
+        peer_records.peer_key(node_id)
 
 
 def test_peer_value_format_and_round_trip():
-    value = advertise.peer_value(URL_A + '/', NOW, NOW + 300)
+    value = peer_records.peer_value(URL_A + '/', NOW, NOW + 300)
     assert value == 'http://compute-1:7485 %d %d' % (NOW, NOW + 300)
-    assert advertise.parse_peer_value(value) == (URL_A, NOW, NOW + 300)
+    assert peer_records.parse_peer_value(value) == (URL_A, NOW, NOW + 300)
 
 
 def test_peer_value_of_longest_url_fits_cinder():
@@ -70,9 +73,9 @@ def test_peer_value_of_longest_url_fits_cinder():
         protocol.MAX_URL_LENGTH - len('http://:65535') - 2 * 64)
     url = 'http://%s:65535' % host
     assert len(url) == protocol.MAX_URL_LENGTH
-    value = advertise.peer_value(url, 10 ** 12 - 2, 10 ** 12 - 1)
-    assert len(value) <= advertise.MAX_METADATA_LENGTH
-    assert advertise.parse_peer_value(value)[0] == url
+    value = peer_records.peer_value(url, 10 ** 12 - 2, 10 ** 12 - 1)
+    assert len(value) <= peer_records.MAX_METADATA_LENGTH
+    assert peer_records.parse_peer_value(value)[0] == url
 
 
 @pytest.mark.parametrize('url', [
@@ -81,7 +84,7 @@ def test_peer_value_of_longest_url_fits_cinder():
     'http://a b:1', 'http://' + 'a' * 300 + ':1', None, 7485])
 def test_peer_value_refuses_bad_urls(url):
     with pytest.raises(ValueError):
-        advertise.peer_value(url, NOW, NOW + 1)
+        peer_records.peer_value(url, NOW, NOW + 1)
 
 
 @pytest.mark.parametrize('since, expires', [
@@ -89,7 +92,7 @@ def test_peer_value_refuses_bad_urls(url):
     (NOW, 10 ** 12), (NOW, NOW - 1)])
 def test_peer_value_refuses_bad_times(since, expires):
     with pytest.raises(ValueError):
-        advertise.peer_value(URL_A, since, expires)
+        peer_records.peer_value(URL_A, since, expires)
 
 
 # -- reading advertisements --------------------------------------------------
@@ -102,14 +105,14 @@ def test_peers_oldest_first_and_expired_dropped():
         'thunder_peer_old': item('http://old:1', NOW - 900, NOW),
         'image_owner': 'someone',
     }
-    assert advertise.peers_from_metadata(metadata, now=NOW) == [
+    assert peer_records.peers_from_metadata(metadata, now=NOW) == [
         URL_A, URL_B, URL_C]
 
 
 def test_peers_expiry_boundary():
     metadata = {'thunder_peer_a': item(URL_A, NOW - 5, NOW + 1)}
-    assert advertise.peers_from_metadata(metadata, now=NOW) == [URL_A]
-    assert advertise.peers_from_metadata(metadata, now=NOW + 1) == []
+    assert peer_records.peers_from_metadata(metadata, now=NOW) == [URL_A]
+    assert peer_records.peers_from_metadata(metadata, now=NOW + 1) == []
 
 
 def test_peers_ties_broken_by_key():
@@ -118,7 +121,7 @@ def test_peers_ties_broken_by_key():
         'thunder_peer_m': item(URL_B, NOW, NOW + 10),
         'thunder_peer_b': item(URL_C, NOW, NOW + 10),
     }
-    assert advertise.peers_from_metadata(metadata, now=NOW) == [
+    assert peer_records.peers_from_metadata(metadata, now=NOW) == [
         URL_C, URL_B, URL_A]
 
 
@@ -129,7 +132,7 @@ def test_peers_normalized_deduplicated_and_excluded():
         'thunder_peer_b': item(URL_B, NOW - 5, NOW + 10),
         'thunder_peer_me': item(URL_C, NOW - 20, NOW + 10),
     }
-    assert advertise.peers_from_metadata(
+    assert peer_records.peers_from_metadata(
         metadata, now=NOW, exclude=(URL_C + '/', 'not a url')) == [
             URL_A, URL_B]
 
@@ -141,7 +144,7 @@ def test_since_in_the_future_is_ignored(caplog):
         'thunder_peer_b': item(URL_B, NOW + skew + 1, NOW + skew + 300),
         'thunder_peer_c': item(URL_C, NOW - 10, NOW + 300),
     }
-    found = advertise.peers_from_metadata(metadata, now=NOW)
+    found = peer_records.peers_from_metadata(metadata, now=NOW)
     assert found == [URL_C, URL_A]
     assert 'in the future' in caplog.text
 
@@ -157,12 +160,12 @@ def test_since_before_the_image_volume_is_ignored(caplog):
         'thunder_peer_a': item(URL_A, created - skew, NOW + 300),
         'thunder_peer_b': item(URL_B, NOW - 5, NOW + 300),
     }
-    assert advertise.peers_from_metadata(metadata, now=NOW,
-                                         created_at=created) == [URL_A,
-                                                                 URL_B]
+    assert peer_records.peers_from_metadata(metadata, now=NOW,
+                                            created_at=created) == [URL_A,
+                                                                    URL_B]
     assert 'before its image-volume was created' in caplog.text
     # Unknown creation time: only the order counts.
-    assert advertise.peers_from_metadata(metadata, now=NOW)[:2] == [
+    assert peer_records.peers_from_metadata(metadata, now=NOW)[:2] == [
         'http://10.0.0.66:1', 'http://10.0.0.77:1']
 
 
@@ -172,14 +175,14 @@ def test_since_before_the_image_volume_is_ignored(caplog):
     ('yesterday', None), ('', None), (NOW, None), (None, None),
     ('2023-11-14T22:13:20' + ' ' * 100, None)])
 def test_unix_time(value, expected):
-    assert advertise.unix_time(value) == expected
+    assert peer_records.unix_time(value) == expected
 
 
 def test_peers_default_now_is_the_clock():
     now = int(time.time())
     metadata = {'thunder_peer_a': item(URL_A, now - 5, now + 60),
                 'thunder_peer_b': item(URL_B, now - 100, now - 1)}
-    assert advertise.peers_from_metadata(metadata) == [URL_A]
+    assert peer_records.peers_from_metadata(metadata) == [URL_A]
 
 
 HOSTILE = [
@@ -211,7 +214,7 @@ HOSTILE = [
     '%s %d %d' % (URL_A, NOW + 10, NOW + 5),
     # Valid for longer than any node writes: would never go away.
     '%s %d %d' % (URL_A, NOW, 10 ** 12 - 1),
-    '%s %d %d' % (URL_A, NOW, NOW + advertise.MAX_TTL + 3600),
+    '%s %d %d' % (URL_A, NOW, NOW + peer_records.MAX_TTL + 3600),
     'http://%s:1 %d %d' % ('a' * 300, NOW, NOW + 10),
     None,
     12345,
@@ -223,8 +226,8 @@ HOSTILE = [
 def test_hostile_values_are_skipped_with_a_warning(value, caplog):
     metadata = {'thunder_peer_bad': value,
                 'thunder_peer_good': item(URL_B, NOW, NOW + 10)}
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
-        assert advertise.peers_from_metadata(metadata, now=NOW) == [URL_B]
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
+        assert peer_records.peers_from_metadata(metadata, now=NOW) == [URL_B]
     assert 'thunder_peer_bad' in caplog.text
 
 
@@ -233,22 +236,22 @@ def test_hostile_values_are_skipped_with_a_warning(value, caplog):
                                  'thunder_peer_-a', 'thunder_peer_a b'])
 def test_invalid_node_ids_in_keys_are_skipped(key, caplog):
     metadata = {key: item(URL_A, NOW, NOW + 10)}
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
-        assert advertise.peers_from_metadata(metadata, now=NOW) == []
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
+        assert peer_records.peers_from_metadata(metadata, now=NOW) == []
     assert 'invalid node id' in caplog.text
 
 
 def test_other_metadata_is_ignored_silently(caplog):
     metadata = {'image_owner': 'x', 'thunder_peerless': 'junk', 7: 'x',
                 'readonly': 'True'}
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
-        assert advertise.peers_from_metadata(metadata, now=NOW) == []
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
+        assert peer_records.peers_from_metadata(metadata, now=NOW) == []
     assert caplog.text == ''
 
 
 @pytest.mark.parametrize('metadata', [None, [], 'thunder_peer_a', 42])
 def test_metadata_that_is_not_a_dict(metadata):
-    assert advertise.peers_from_metadata(metadata, now=NOW) == []
+    assert peer_records.peers_from_metadata(metadata, now=NOW) == []
 
 
 def test_fuzzed_values_never_raise_nor_yield_non_http_urls():
@@ -262,7 +265,7 @@ def test_fuzzed_values_never_raise_nor_yield_non_http_urls():
                 [str(NOW), '0', value[40:60]]), str(NOW + rng.randint(
                     -10, 10 ** 6)))
         metadata = {'thunder_peer_x': value}
-        for url in advertise.peers_from_metadata(metadata, now=NOW):
+        for url in peer_records.peers_from_metadata(metadata, now=NOW):
             assert url == protocol.normalize_url(url)
             assert url.startswith('http://')
 
@@ -281,7 +284,7 @@ class FakeRecords:
     def _check(self, call):
         self.calls.append(call)
         if self.fail:
-            raise advertise.RecordsError('Cinder is down')
+            raise cinder_records.RecordsError('Cinder is down')
 
     def get_metadata(self, volume_id):
         self._check(('get', volume_id))
@@ -319,8 +322,8 @@ def clock():
 
 
 def make(records, clock, node='n1', url=URL_A, ttl=300, refresh=100):
-    return advertise.Advertiser(records, node, url, ttl=ttl,
-                                refresh_interval=refresh, clock=clock)
+    return advertiser_mod.Advertiser(records, node, url, ttl=ttl,
+                                     refresh_interval=refresh, clock=clock)
 
 
 def test_advertise_writes_at_once(records, clock):
@@ -439,15 +442,16 @@ def test_a_node_that_stops_refreshing_expires(records, clock):
 
 def test_peers_of_a_deleted_image_volume_raise(records, clock):
     adv = make(records, clock)
-    records.get_volume = mock.Mock(side_effect=advertise.VolumeGone('404'))
-    with pytest.raises(advertise.VolumeGone):
+    records.get_volume = mock.Mock(
+        side_effect=cinder_records.VolumeGone('404'))
+    with pytest.raises(cinder_records.VolumeGone):
         adv.peers(VOL)
 
 
 def test_cinder_errors_never_raise_and_are_retried(records, clock, caplog):
     adv = make(records, clock)
     records.fail = True
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
         adv.advertise(VOL)
         adv.refresh()
         assert adv.withdraw(VOL2) is False
@@ -467,7 +471,7 @@ def test_cinder_errors_never_raise_and_are_retried(records, clock, caplog):
 def test_repeated_failures_warn_once(records, clock, caplog):
     adv = make(records, clock)
     records.fail = True
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
         adv.advertise(VOL)
         for _ in range(5):
             adv.refresh()
@@ -533,7 +537,7 @@ def test_an_ignored_item_is_warned_about_once(records, clock, caplog):
     records.metadata[VOL] = {'thunder_peer_x': 'garbage',
                              'thunder_peer_y': item(URL_B, NOW, NOW + 10)}
     adv = make(records, clock)
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
         for _ in range(5):
             assert adv.peers(VOL) == [URL_B]
         assert caplog.text.count('thunder_peer_x') == 1
@@ -555,7 +559,7 @@ def test_invalid_settings():
     with pytest.raises(ValueError):
         make(FakeRecords(), Clock(), refresh=0)
     with pytest.raises(ValueError):
-        make(FakeRecords(), Clock(), ttl=advertise.MAX_TTL + 1,
+        make(FakeRecords(), Clock(), ttl=peer_records.MAX_TTL + 1,
              refresh=100)
     with pytest.raises(ValueError):
         make(FakeRecords(), Clock(), url='https://x:1')
@@ -585,14 +589,14 @@ def test_stop_when_cinder_fails_does_not_raise(records, clock, caplog):
     adv = make(records, clock)
     adv.advertise(VOL)
     records.fail = True
-    with caplog.at_level(logging.WARNING, logger=advertise.__name__):
+    with caplog.at_level(logging.WARNING, logger=peer_records.__name__):
         adv.stop()
     assert 'Could not withdraw' in caplog.text
 
 
 def test_thread_refreshes_until_stopped(records):
-    adv = advertise.Advertiser(records, 'n1', URL_A, ttl=3,
-                               refresh_interval=0.02)
+    adv = advertiser_mod.Advertiser(records, 'n1', URL_A, ttl=3,
+                                    refresh_interval=0.02)
     adv.advertise(VOL)
     first = records.metadata[VOL]['thunder_peer_n1']
     adv.start()
@@ -606,7 +610,7 @@ def test_thread_refreshes_until_stopped(records):
         assert len(sets) >= 3
     finally:
         adv.stop()
-    _url, since, _expires = advertise.parse_peer_value(first)
+    _url, since, _expires = peer_records.parse_peer_value(first)
     assert all(c[2]['thunder_peer_n1'].split()[1] == str(since)
                for c in sets)
     assert records.metadata[VOL] == {}
@@ -618,8 +622,8 @@ def test_thread_refreshes_until_stopped(records):
 
 
 def test_refresh_errors_do_not_kill_the_thread(records):
-    adv = advertise.Advertiser(records, 'n1', URL_A, ttl=3,
-                               refresh_interval=0.02)
+    adv = advertiser_mod.Advertiser(records, 'n1', URL_A, ttl=3,
+                                    refresh_interval=0.02)
     adv.advertise(VOL)
     records.fail = True
     adv.start()
@@ -740,7 +744,7 @@ def cinder():
 
 
 def test_records_get_set_delete(cinder):
-    records = advertise.CinderRecords(cinder)
+    records = cinder_records.CinderRecords(cinder)
     records.set_metadata(VOL, {'thunder_peer_a': 'v'})
     assert records.get_metadata(VOL) == {'image_owner': 'p',
                                          'thunder_peer_a': 'v'}
@@ -752,14 +756,14 @@ def test_records_get_set_delete(cinder):
 
 
 def test_records_get_volume_with_its_creation_time(cinder):
-    records = advertise.CinderRecords(cinder)
+    records = cinder_records.CinderRecords(cinder)
     assert records.get_volume(VOL) == ({'image_owner': 'p'}, NOW)
     cinder.created_at = 'not a time'
     assert records.get_volume(VOL) == ({'image_owner': 'p'}, None)
 
 
 def test_records_quote_keys_in_paths(cinder):
-    advertise.CinderRecords(cinder).delete_metadata(VOL, ['a/b c'])
+    cinder_records.CinderRecords(cinder).delete_metadata(VOL, ['a/b c'])
     assert cinder.client.deleted == ['/volumes/%s/metadata/a%%2Fb%%20c'
                                      % VOL]
 
@@ -772,12 +776,12 @@ def test_records_quote_keys_in_paths(cinder):
     ks_exceptions.EndpointNotFound('no volumev3'),
 ])
 def test_records_wrap_client_errors(cinder, error):
-    records = advertise.CinderRecords(cinder)
+    records = cinder_records.CinderRecords(cinder)
     cinder.error = error
     for call in (lambda: records.get_metadata(VOL),
                  lambda: records.set_metadata(VOL, {'k': 'v'}),
                  lambda: records.delete_metadata(VOL, ['k'])):
-        with pytest.raises(advertise.RecordsError) as info:
+        with pytest.raises(cinder_records.RecordsError) as info:
             call()
         assert info.value.cause is error
         assert VOL in str(info.value)
@@ -785,15 +789,15 @@ def test_records_wrap_client_errors(cinder, error):
 
 
 def test_records_missing_volume_is_an_error_on_read(cinder):
-    with pytest.raises(advertise.VolumeGone) as info:
-        advertise.CinderRecords(cinder).get_metadata(VOL2)
-    assert isinstance(info.value, advertise.RecordsError)
+    with pytest.raises(cinder_records.VolumeGone) as info:
+        cinder_records.CinderRecords(cinder).get_metadata(VOL2)
+    assert isinstance(info.value, cinder_records.RecordsError)
     assert isinstance(info.value.cause, cinder_exceptions.NotFound)
 
 
 @pytest.mark.parametrize('volume_id', ['x', '../volumes', None])
 def test_records_refuse_invalid_volume_ids(cinder, volume_id):
-    records = advertise.CinderRecords(cinder)
+    records = cinder_records.CinderRecords(cinder)
     with pytest.raises(ValueError):
         records.get_metadata(volume_id)
     with pytest.raises(ValueError):
@@ -802,8 +806,8 @@ def test_records_refuse_invalid_volume_ids(cinder, volume_id):
 
 
 def test_advertiser_over_cinder_records(cinder, clock):
-    adv = make(advertise.CinderRecords(cinder), clock)
-    other = make(advertise.CinderRecords(cinder), clock, node='n0',
+    adv = make(cinder_records.CinderRecords(cinder), clock)
+    other = make(cinder_records.CinderRecords(cinder), clock, node='n0',
                  url=URL_B)
     other.advertise(VOL)
     clock.now += 1
@@ -822,7 +826,7 @@ def test_advertiser_over_cinder_records(cinder, clock):
 
 def _conf(**overrides):
     conf = cfg.ConfigOpts()
-    advertise.register_opts(conf)
+    advertise_opts.register_opts(conf)
     conf([], project='thunder-test', default_config_files=[])
     for name, value in overrides.items():
         conf.set_override(name, value, group='advertise')
@@ -839,12 +843,12 @@ def test_defaults():
     assert group.interface == 'internal'
     assert group.cinder_endpoint_override is None
     assert group.api_version == '3.0'
-    assert group.timeout == advertise.DEFAULT_TIMEOUT
+    assert group.timeout == advertise_opts.DEFAULT_TIMEOUT
     assert group.auth_type is None
 
 
 def test_list_opts_has_ours_session_and_password_auth():
-    [(group, opts)] = advertise.list_opts()
+    [(group, opts)] = advertise_opts.list_opts()
     assert group == 'advertise'
     names = [o.dest for o in opts]
     assert len(names) == len(set(names))
@@ -854,12 +858,12 @@ def test_list_opts_has_ours_session_and_password_auth():
             'username', 'password', 'project_name', 'user_domain_name',
             'project_domain_name'} <= set(names)
     timeout = [o for o in opts if o.dest == 'timeout'][0]
-    assert timeout.default == advertise.DEFAULT_TIMEOUT
+    assert timeout.default == advertise_opts.DEFAULT_TIMEOUT
     assert [o for o in opts if o.dest == 'password'][0].secret
 
 
 def test_list_opts_do_not_change_keystoneauth_defaults():
-    advertise.list_opts()
+    advertise_opts.list_opts()
     from keystoneauth1 import loading
     [timeout] = [o for o in loading.get_session_conf_options()
                  if o.dest == 'timeout']
@@ -868,7 +872,7 @@ def test_list_opts_do_not_change_keystoneauth_defaults():
 
 @pytest.mark.parametrize('name, value', [
     ('interface', 'private'), ('api_version', '2.0'),
-    ('api_version', '3.x'), ('ttl', 5), ('ttl', advertise.MAX_TTL + 1),
+    ('api_version', '3.x'), ('ttl', 5), ('ttl', peer_records.MAX_TTL + 1),
     ('cinder_endpoint_override', 'ftp://x')])
 def test_invalid_option_values(name, value):
     with pytest.raises(ValueError):
@@ -876,15 +880,15 @@ def test_invalid_option_values(name, value):
 
 
 def test_from_conf_without_auth_type():
-    with pytest.raises(advertise.RecordsError) as info:
-        advertise.CinderRecords.from_conf(_conf())
+    with pytest.raises(cinder_records.RecordsError) as info:
+        cinder_records.CinderRecords.from_conf(_conf())
     assert 'auth_type' in str(info.value)
 
 
 def test_from_conf_with_incomplete_auth():
     conf = _conf(auth_type='password')
-    with pytest.raises(advertise.RecordsError) as info:
-        advertise.CinderRecords.from_conf(conf)
+    with pytest.raises(cinder_records.RecordsError) as info:
+        cinder_records.CinderRecords.from_conf(conf)
     assert 'auth_url' in str(info.value)
 
 
@@ -893,13 +897,13 @@ def test_from_conf_passes_interface_region_endpoint_version():
                  cinder_endpoint_override='http://cinder:8776/v3',
                  api_version='3.15')
     auth, session = object(), mock.Mock(name='session')
-    with mock.patch.object(advertise.ks_loading,
+    with mock.patch.object(cinder_records.ks_loading,
                            'load_auth_from_conf_options',
                            return_value=auth) as load_auth, \
-            mock.patch.object(advertise.ks_loading,
+            mock.patch.object(cinder_records.ks_loading,
                               'load_session_from_conf_options',
                               return_value=session) as load_session:
-        records = advertise.CinderRecords.from_conf(conf)
+        records = cinder_records.CinderRecords.from_conf(conf)
     load_auth.assert_called_once_with(conf, 'advertise')
     load_session.assert_called_once_with(conf, 'advertise', auth=auth)
     http = records.client.client
@@ -922,13 +926,13 @@ def test_from_conf_reads_a_config_file(tmp_path):
                     'user_domain_name = Default\n'
                     'project_domain_name = Default\n')
     conf = cfg.ConfigOpts()
-    advertise.register_opts(conf)
+    advertise_opts.register_opts(conf)
     conf([], project='thunder-test', default_config_files=[str(path)])
     assert conf.advertise.enabled is True
-    records = advertise.CinderRecords.from_conf(conf)
+    records = cinder_records.CinderRecords.from_conf(conf)
     http = records.client.client
     assert http.interface == 'internal'
     assert http.region_name is None
-    assert http.session.timeout == advertise.DEFAULT_TIMEOUT
+    assert http.session.timeout == advertise_opts.DEFAULT_TIMEOUT
     assert http.session.auth.auth_url == 'http://keystone:5000/v3'
     assert http.session.auth._username == 'thunder'

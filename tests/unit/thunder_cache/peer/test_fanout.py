@@ -18,12 +18,12 @@ import threading
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import fanout
-from thunder_cache import image_cache
-from thunder_cache import node as node_mod
-from thunder_cache import sources
-from thunder_cache import upstream as upstream_mod
+from tests import cache_helpers
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import node as node_mod
+from thunder_cache.cache import upstream as upstream_mod
+from thunder_cache.peer import fanout
+from thunder_cache.peer import sources
 
 
 class Clock:
@@ -119,7 +119,7 @@ def test_bucket_rejects_negative_rate():
 
 # -- parent selection ------------------------------------------------------
 
-class _Origin(image_cache.Source):
+class _Origin(sources.ChunkSource):
     kind = 'origin'
     name = 'origin'
     url = None

@@ -23,12 +23,12 @@ import time
 
 import pytest
 
+from tests import cache_helpers
 from tests import hostile_peer as hp
-from tests.unit import cache_helpers
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
-from thunder_cache import sources
-from thunder_cache import upstream as upstream_mod
+from thunder_cache.cache import upstream as upstream_mod
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 IMAGE = 'img'

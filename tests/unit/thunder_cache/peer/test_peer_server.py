@@ -20,12 +20,13 @@ import time
 
 import pytest
 
-from tests.unit import cache_helpers
+from tests import cache_helpers
+from thunder_cache.cache import node as node_mod
+from thunder_cache.control import client as control_client
 from thunder_cache import daemon
-from thunder_cache import node as node_mod
-from thunder_cache import protocol
-from thunder_cache import server as server_mod
-from thunder_cache import sources
+from thunder_cache.peer import protocol
+from thunder_cache.peer import server as server_mod
+from thunder_cache.peer import sources
 
 CHUNK = 64 * 1024
 
@@ -771,7 +772,7 @@ def test_local_reads(tmp_path, seed, volume):
     t.start()
     try:
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
-        reader = sources.LocalClient(path)
+        reader = control_client.LocalClient(path)
         assert reader.manifest('img', manifest.digest()) == manifest
         for offset, length in [(0, len(image)), (5, 10), (CHUNK - 3, 7),
                                (len(image) - 5, 100), (CHUNK, CHUNK),

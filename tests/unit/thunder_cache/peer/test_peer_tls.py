@@ -20,11 +20,11 @@ import time
 
 import pytest
 
-from tests.unit import cache_helpers
-from thunder_cache import protocol
-from thunder_cache import server as server_mod
-from thunder_cache import sources
-from thunder_cache import tls
+from tests import cache_helpers
+from thunder_cache.peer import protocol
+from thunder_cache.peer import server as server_mod
+from thunder_cache.peer import sources
+from thunder_cache.peer import tls
 from thunder_stack import pki
 
 # Larger than a TLS slice, so that bodies take several.

@@ -20,7 +20,7 @@ import pytest
 
 from thunder_cache import daemon
 from thunder_cache import options
-from thunder_cache import peerpolicy
+from thunder_cache.peer import peerpolicy
 
 # Addresses refused even when every network is allowed.
 SPECIAL = [

@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from thunder_cache import protocol
+from thunder_cache.peer import protocol
 
 SECRET = b's' * 32
 NOW = 1_800_000_000

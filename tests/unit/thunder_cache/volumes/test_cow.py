@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.cow: a volume's copy-on-write layer."""
+"""Tests for thunder_cache.volumes.cow: a volume's copy-on-write layer."""
 
 import errno
 import os
@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from thunder_cache import cow
+from thunder_cache.volumes import cow
 
 BS = cow.BLOCK_SIZE
 

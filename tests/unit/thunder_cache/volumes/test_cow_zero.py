@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 
-from thunder_cache import cow
+from thunder_cache.volumes import cow
 
 BS = cow.BLOCK_SIZE
 GiB = 1 << 30

@@ -11,14 +11,15 @@
 # under the License.
 
 
-"""thunder_cache.fusefs: importing it."""
+"""thunder_cache.volumes.fusefs: importing it."""
 
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import cache_helpers
+
+REPO = cache_helpers.REPO
 
 
 def test_import_takes_libfuse3_and_leaves_the_environment_alone():

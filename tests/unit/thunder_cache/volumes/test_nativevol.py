@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from thunder_cache import nativevol
+from thunder_cache.volumes import nativevol
 
 
 class FakeServer(threading.Thread):

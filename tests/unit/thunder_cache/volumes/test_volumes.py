@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Tests for thunder_cache.volumes: the node's volume store."""
+"""Tests for thunder_cache.volumes.volumes: the node's volume store."""
 
 import contextlib
 import errno
@@ -21,9 +21,9 @@ from unittest import mock
 
 import pytest
 
-from thunder_cache import cow
-from thunder_cache import nativevol
-from thunder_cache import volumes
+from thunder_cache.volumes import cow
+from thunder_cache.volumes import nativevol
+from thunder_cache.volumes import volumes
 
 BS = cow.BLOCK_SIZE
 IMAGE = 'img-1'

@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 
-from thunder_cache import node as node_mod
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
-from thunder_cache import server as server_mod
-from thunder_cache import sources
+from thunder_cache.cache import node as node_mod
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
+from thunder_cache.peer import server as server_mod
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
+#: The checkout (the working directory of the processes tests start).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = b'unit-test-shared-secret-0123456789'
 
 

@@ -12,10 +12,11 @@
 
 """Discard and write-zeroes through a loop device reach the volume's layer.
 
-The real thing of :mod:`tests.functional.test_peer_volumes` (a node, its
-volume store on FUSE, ``losetup --direct-io=on``), with ``blkdiscard``,
-qemu's block layer (``qemu-io``) as Nova configures it, and an ext4 file
-system on the loop device trimmed with ``fstrim``.
+The real thing of
+:mod:`tests.functional.thunder_cache.volumes.test_peer_volumes` (a node, its
+volume store on FUSE, ``losetup --direct-io=on``), with ``blkdiscard``, qemu's
+block layer (``qemu-io``) as Nova configures it, and an ext4 file system on the
+loop device trimmed with ``fstrim``.
 """
 
 import os
@@ -26,22 +27,22 @@ import time
 
 import pytest
 
-from tests.functional.test_peer_volumes import env  # noqa: F401
-from tests.functional.test_peer_volumes import image  # noqa: F401
-from tests.functional.test_peer_volumes import IMAGE
-from tests.functional.test_peer_volumes import MiB
-from tests.functional.test_peer_volumes import pytestmark  # noqa: F401
-from tests.functional.test_peer_volumes import read_direct
-from tests.functional.test_peer_volumes import run
-from tests.functional.test_peer_volumes import sha
-from tests.functional.test_peer_volumes import write_direct
+from tests.functional.thunder_cache.volumes import fuse_env
+from tests.functional.thunder_cache.volumes.fuse_env import IMAGE
+from tests.functional.thunder_cache.volumes.fuse_env import MiB
+from tests.functional.thunder_cache.volumes.fuse_env import read_direct
+from tests.functional.thunder_cache.volumes.fuse_env import run
+from tests.functional.thunder_cache.volumes.fuse_env import sha
+from tests.functional.thunder_cache.volumes.fuse_env import write_direct
+
+pytestmark = fuse_env.needs_fuse_and_loops
 
 FS_BLOCK = 4096
 _EXTENT = re.compile(r'^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):',
                      re.M)
 
 
-def _allocated(env, volume_id):  # noqa: F811
+def _allocated(env, volume_id):
     """Bytes the layer's data file takes (its st_blocks)."""
     data = os.path.join(env.layers_dir, volume_id, 'data')
     return os.stat(data).st_blocks * 512
@@ -53,7 +54,7 @@ def _queue(device, name):
         return int(f.read())
 
 
-def test_blkdiscard_and_zeroout_read_zeros(env, image):  # noqa: F811
+def test_blkdiscard_and_zeroout_read_zeros(env, image):
     size = 32 * MiB
     env.store.create('vol', size, image_id=IMAGE)
     device = env.attach('vol')
@@ -97,7 +98,7 @@ def test_blkdiscard_and_zeroout_read_zeros(env, image):  # noqa: F811
 
 @pytest.mark.skipif(not shutil.which('qemu-io'), reason='no qemu-io')
 @pytest.mark.parametrize('discard', ['unmap', 'ignore'])
-def test_qemu_passes_discards_with_unmap(env, image, discard):  # noqa: F811
+def test_qemu_passes_discards_with_unmap(env, image, discard):
     """qemu's block layer on the loop device, as Nova sets a local volume.
 
     raw on a host device, cache=none, aio=threads; ``discard=unmap`` is
@@ -140,7 +141,7 @@ def mountpoint(tmp_path):
                          shutil.which('fstrim') and
                          shutil.which('filefrag')),
                     reason='mkfs.ext4, fstrim or filefrag missing')
-def test_fstrim_frees_the_layer(env, image, mountpoint):  # noqa: F811
+def test_fstrim_frees_the_layer(env, image, mountpoint):
     """Prints (``pytest -s``) the layer's allocated size and fstrim's."""
     env.store.create('vol', 96 * MiB, image_id=IMAGE)
     device = env.attach('vol')

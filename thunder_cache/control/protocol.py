@@ -1,0 +1,64 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The control socket's wire format: one JSON object per line each way.
+
+A request is an object with an ``"op"`` and the operation's arguments; a
+reply is :class:`OkReply` or :class:`ErrorReply`.
+"""
+
+import json
+import typing
+
+from thunder_cache import errors
+
+#: Longest request or reply line, in bytes.
+MAX_LINE = 65536
+
+
+class OkReply(typing.TypedDict):
+    """A request's result."""
+
+    ok: typing.Literal[True]
+    result: typing.Any
+
+
+class ErrorReply(typing.TypedDict):
+    """A refusal or a failure: ``error`` names the daemon-side exception."""
+
+    ok: typing.Literal[False]
+    error: str
+    message: str
+
+
+Reply = typing.Union[OkReply, ErrorReply]
+
+
+def parse_request(line):
+    """``(op, args)`` from one request line; :class:`BadRequest` if bad."""
+    if len(line) > MAX_LINE:
+        raise errors.BadRequest('request longer than %d bytes' % MAX_LINE)
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise errors.BadRequest('request is not JSON: %s' % e)
+    if not isinstance(request, dict):
+        raise errors.BadRequest('request is not a JSON object')
+    op = request.pop('op', None)
+    if not isinstance(op, str) or not op:
+        raise errors.BadRequest('request has no "op"')
+    return op, request
+
+
+def encode(message):
+    return (json.dumps(message, separators=(',', ':'), sort_keys=True) +
+            '\n').encode('utf-8')

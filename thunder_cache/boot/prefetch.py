@@ -41,11 +41,13 @@ shared with any reader that joined them).
 import logging
 import threading
 import time
+import typing
 from typing import Optional
 
 from oslo_config import cfg
 
 from thunder_cache.boot import trace
+from thunder_cache.cache import image_cache
 from thunder_cache.peer import fanout
 
 LOG = logging.getLogger(__name__)
@@ -132,8 +134,9 @@ class _Replay:
     counter: Optional[str] = None
     kind = 'replay'
 
-    def __init__(self, cache, concurrency, demand_allowance, max_errors,
-                 poll_interval):
+    def __init__(self, cache: image_cache.ImageCache, concurrency: int,
+                 demand_allowance: int, max_errors: int,
+                 poll_interval: float) -> None:
         if concurrency < 1:
             raise ValueError('concurrency must be at least 1')
         if demand_allowance < 0 or max_errors < 1:
@@ -317,8 +320,10 @@ class Prefetcher(_Replay):
     counter = 'chunks_prefetched'
     kind = 'prefetch'
 
-    def __init__(self, cache, indexes, concurrency=4, demand_allowance=1,
-                 max_errors=8, poll_interval=0.005):
+    def __init__(self, cache: image_cache.ImageCache,
+                 indexes: typing.Iterable[int], concurrency: int = 4,
+                 demand_allowance: int = 1, max_errors: int = 8,
+                 poll_interval: float = 0.005) -> None:
         super().__init__(cache, concurrency, demand_allowance, max_errors,
                          poll_interval)
         count = cache.manifest.chunk_count
@@ -361,9 +366,13 @@ class Hydrator(_Replay):
     counter = 'chunks_hydrated'
     kind = 'hydration'
 
-    def __init__(self, cache, rate_bytes, delay=0.0, concurrency=2,
-                 demand_allowance=1, max_errors=8, poll_interval=0.005,
-                 clock=time.monotonic, sleep=None):
+    def __init__(self, cache: image_cache.ImageCache, rate_bytes: int,
+                 delay: float = 0.0, concurrency: int = 2,
+                 demand_allowance: int = 1, max_errors: int = 8,
+                 poll_interval: float = 0.005,
+                 clock: typing.Callable[[], float] = time.monotonic,
+                 sleep: typing.Optional[typing.Callable[[float], None]] = None
+                 ) -> None:
         super().__init__(cache, concurrency, demand_allowance, max_errors,
                          poll_interval)
         if delay < 0:

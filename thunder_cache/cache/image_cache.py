@@ -64,11 +64,14 @@ import logging
 import os
 import threading
 import time
+import typing
 
 from thunder_cache.cache import chunkmap
 from thunder_cache import fsutil
 from thunder_cache import metrics
 from thunder_cache.peer import protocol
+from thunder_cache.peer import sources
+from thunder_common import manifest as manifest_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -162,9 +165,12 @@ class ImageCache:
     #: space (the node's evictor); it must not block.
     on_full = None
 
-    def __init__(self, directory, image_id, manifest, upstream,
-                 verify_persisted=True, commit_interval=0.0,
-                 read_retry=0.0, clock=time.monotonic):
+    def __init__(self, directory: str, image_id: str,
+                 manifest: manifest_mod.Manifest,
+                 upstream: sources.SourceChooser,
+                 verify_persisted: bool = True, commit_interval: float = 0.0,
+                 read_retry: float = 0.0,
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.read_retry = read_retry
         self.image_id = image_id
@@ -176,8 +182,8 @@ class ImageCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._inflight = {}
-        self._pending = set()
+        self._inflight: typing.Dict[int, concurrent.futures.Future] = {}
+        self._pending: typing.Set[int] = set()
         # Demand calls waiting for a demand fetch; background fetches in
         # flight (see ensure()).
         self._demand = 0
@@ -310,7 +316,7 @@ class ImageCache:
 
     # -- reading ----------------------------------------------------------
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the image at ``offset`` (short at the end).
 
         :raises ValueError: for a negative offset or length.
@@ -338,14 +344,16 @@ class ImageCache:
                              % self.image_id)
         return data
 
-    def read_chunk(self, index):
+    def read_chunk(self, index: int) -> bytes:
         """The verified bytes of chunk ``index`` (fetching it if needed)."""
         self.ensure(index)
         offset, length = self.manifest.chunk_range(index)
         return self._pread(length, offset)
 
-    def ensure(self, index, via=(), timeout=None, ticket=None,
-               background=False):
+    def ensure(self, index: int, via: typing.Sequence[str] = (),
+               timeout: typing.Optional[float] = None,
+               ticket: typing.Optional[str] = None,
+               background: bool = False) -> typing.Any:
         """Make chunk ``index`` present; fetch it at most once.
 
         :param via: URLs of the nodes this fetch is made for (a peer

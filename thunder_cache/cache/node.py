@@ -42,6 +42,7 @@ import re
 import shutil
 import threading
 import time
+import typing
 import uuid
 
 from thunder_cache.cache import image_cache
@@ -311,7 +312,8 @@ class Node:
         :class:`~thunder_cache.cache.upstream.Upstream`).
     """
 
-    def __init__(self, node_id, url, cache_dir, client, max_children=2,
+    def __init__(self, node_id: str, url: str, cache_dir: str,
+                 client: typing.Optional[sources.PeerClient], max_children=2,
                  child_ttl=10.0, upload_rate=0, upload_burst=None,
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  retry_max_interval=300.0, max_peers=None,
@@ -337,11 +339,11 @@ class Node:
         # Set on every cache opened: see ImageCache.on_full.
         self.on_full = None
         # callable(page, labels) adding node-wide samples to /metrics.
-        self.metrics_hooks = []
+        self.metrics_hooks: typing.List[typing.Callable[..., None]] = []
         self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
         self.counters = metrics.Counters(NODE_COUNTERS)
         self.responses = metrics.Counters(protocol.REASONS)
-        self._images = {}
+        self._images: typing.Dict[str, ImageEntry] = {}
         self._lock = threading.Lock()
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
 

@@ -40,6 +40,7 @@ would loop) is skipped for that chunk only, if it answered quickly (see
 import logging
 import threading
 import time
+import typing
 
 from thunder_cache.cache import image_cache
 from thunder_cache.peer import sources
@@ -56,13 +57,13 @@ class _Failures:
 
     __slots__ = ('count', 'until', 'last')
 
-    def __init__(self, count, until, last):
+    def __init__(self, count: int, until: float, last: float) -> None:
         self.count = count
         self.until = until
         self.last = last
 
 
-def backoff(count, first, longest):
+def backoff(count: int, first: float, longest: float) -> float:
     """Seconds a peer is left out after ``count`` failures in a row."""
     return min(longest, first * 2 ** min(count - 1, 32))
 
@@ -77,10 +78,15 @@ class Upstream:
         all).
     """
 
-    def __init__(self, image_id, origin, peers, client, self_url,
-                 max_redirects=16, retry_interval=30.0,
-                 retry_max_interval=300.0, max_peers=None,
-                 clock=time.monotonic):
+    def __init__(self, image_id: str,
+                 origin: typing.Optional[sources.ChunkSource],
+                 peers: typing.Iterable[str],
+                 client: typing.Optional[sources.PeerClient],
+                 self_url: typing.Optional[str], max_redirects: int = 16,
+                 retry_interval: float = 30.0,
+                 retry_max_interval: float = 300.0,
+                 max_peers: typing.Optional[int] = None,
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
         self.image_id = image_id
         self.origin = origin
         self.client = client
@@ -91,14 +97,14 @@ class Upstream:
         self.max_peers = max_peers
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures = {}
+        self._failures: typing.Dict[str, _Failures] = {}
         self._capped = 0
-        self.parent = None
-        self.peers = []
-        self.later_peers = []
+        self.parent: typing.Optional[str] = None
+        self.peers: typing.List[str] = []
+        self.later_peers: typing.List[str] = []
         self.set_peers(peers)
 
-    def set_peers(self, peers):
+    def set_peers(self, peers: typing.Iterable[str]) -> None:
         """Replace the known peers (the parent stays until it fails).
 
         Peers are asked in the order given. When every node lists the
@@ -116,8 +122,8 @@ class Upstream:
         are kept.
         """
         permits = getattr(self.client, 'permits', None)
-        seen = set()
-        ordered = []
+        seen: typing.Set[str] = set()
+        ordered: typing.List[str] = []
         others = 0
         capped = 0
         for url in peers:
@@ -146,13 +152,13 @@ class Upstream:
             self.peers = before
             self.later_peers = after
 
-    def adopt(self, url):
+    def adopt(self, url: str) -> None:
         """Make ``url`` the parent (a full node redirected us to it)."""
         with self._lock:
             self.parent = url
             self._failures.pop(url, None)
 
-    def forgive(self):
+    def forgive(self) -> None:
         """Ask the peers left out for their failures again (a retried read).
 
         Their counts of failures stay: one that fails again is left out
@@ -162,23 +168,24 @@ class Upstream:
             for entry in self._failures.values():
                 entry.until = 0.0
 
-    def banned(self):
+    def banned(self) -> typing.Set[str]:
         """The URLs of the peers left out now."""
         now = self._clock()
         with self._lock:
             return {u for u, f in self._failures.items() if f.until > now}
 
-    def backed_off(self, url):
+    def backed_off(self, url: str) -> bool:
         """True if ``url`` is left out now."""
         with self._lock:
             entry = self._failures.get(url)
             return entry is not None and entry.until > self._clock()
 
-    def candidates(self, via=()):
+    def candidates(self, via: typing.Sequence[str] = ()
+                   ) -> typing.Iterator[sources.ChunkSource]:
         """The sources to try for one chunk, best first."""
         skip = set(via) | self.banned() | {self.self_url}
         with self._lock:
-            order = []
+            order: typing.List[str] = []
             if self.parent is not None:
                 order.append(self.parent)
             order.extend(p for p in self.peers if p != self.parent)
@@ -192,11 +199,12 @@ class Upstream:
             if url not in skip:
                 yield sources.PeerSource(self, url)
 
-    def report(self, source, ok, error=None):
+    def report(self, source: sources.ChunkSource, ok: bool,
+               error: typing.Optional[BaseException] = None) -> None:
         """What a fetch from ``source`` gave."""
-        if source.kind != 'peer':
-            return
         url = source.url
+        if source.kind != 'peer' or url is None:
+            return
         with self._lock:
             if ok:
                 # A full node's child that served us is our new parent.
@@ -218,7 +226,7 @@ class Upstream:
             LOG.info('Image %s: dropping peer %s for %g s: %s',
                      self.image_id, url, pause, error)
 
-    def _failed(self, url):
+    def _failed(self, url: str) -> float:
         """Count a failure of ``url`` (lock held); the seconds left out."""
         now = self._clock()
         entry = self._failures.get(url)

@@ -22,6 +22,7 @@ import json
 import socket
 import threading
 import time
+import typing
 
 from thunder_cache.control import protocol
 from thunder_cache.peer import protocol as peer_protocol
@@ -36,7 +37,7 @@ class ControlError(Exception):
     ``Unavailable`` when the daemon cannot be reached.
     """
 
-    def __init__(self, kind, message):
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__('%s: %s' % (kind, message))
         self.kind = kind
         self.message = message
@@ -49,11 +50,11 @@ class ControlClient:
     :param timeout: seconds to wait for an answer.
     """
 
-    def __init__(self, path, timeout=60.0):
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
         self.path = path
         self.timeout = timeout
 
-    def call(self, op, **args):
+    def call(self, op: str, **args: typing.Any) -> typing.Any:
         """The result of ``op``; :class:`ControlError` on any failure."""
         request = dict(args, op=op)
         line = protocol.encode(request)
@@ -68,6 +69,7 @@ class ControlClient:
                 raise ControlError(
                     'Unavailable', 'cannot reach thunder-cache at %s: %s'
                     % (self.path, e))
+            sent_error: typing.Optional[OSError]
             try:
                 sock.sendall(line)
             except OSError as e:
@@ -98,7 +100,8 @@ class ControlClient:
                                str(reply.get('message', '')))
         return reply.get('result')
 
-    def delete_volume(self, volume_id, busy_wait=0.0, interval=0.1):
+    def delete_volume(self, volume_id: str, busy_wait: float = 0.0,
+                      interval: float = 0.1) -> None:
         """Delete a volume, waiting up to ``busy_wait`` s while it is open.
 
         The kernel tells the daemon of a close asynchronously: a volume
@@ -117,11 +120,11 @@ class ControlClient:
 
 class _UnixConnection(http.client.HTTPConnection):
 
-    def __init__(self, path, timeout):
+    def __init__(self, path: str, timeout: float) -> None:
         super().__init__('localhost', timeout=timeout)
         self._path = path
 
-    def connect(self):
+    def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -138,26 +141,28 @@ class LocalClient:
     :param socket_path: the daemon's ``local_socket``.
     """
 
-    def __init__(self, socket_path, timeout=120.0):
+    def __init__(self, socket_path: str, timeout: float = 120.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self._local = threading.local()
-        self._manifests = {}
+        self._manifests: typing.Dict[str, manifest_mod.Manifest] = {}
 
-    def _conn(self):
+    def _conn(self) -> _UnixConnection:
         conn = getattr(self._local, 'conn', None)
         if conn is None:
             conn = self._local.conn = _UnixConnection(self.socket_path,
                                                       self.timeout)
         return conn
 
-    def close(self):
+    def close(self) -> None:
         conn = getattr(self._local, 'conn', None)
         self._local.conn = None
         if conn is not None:
             conn.close()
 
-    def _get(self, path, headers=None):
+    def _get(self, path: str,
+             headers: typing.Optional[typing.Dict[str, str]] = None
+             ) -> bytes:
         for attempt in (0, 1):
             conn = self._conn()
             try:
@@ -177,8 +182,11 @@ class LocalClient:
             except (OSError, http.client.HTTPException):
                 self.close()
                 raise
+        raise AssertionError('not reached')
 
-    def manifest(self, image_id, expected_digest=None):
+    def manifest(self, image_id: str,
+                 expected_digest: typing.Optional[str] = None
+                 ) -> manifest_mod.Manifest:
         """The image's manifest (checked if a digest is given)."""
         manifest = self._manifests.get(image_id)
         if manifest is None:
@@ -190,7 +198,7 @@ class LocalClient:
             self._manifests[image_id] = manifest
         return manifest
 
-    def read(self, image_id, offset, length):
+    def read(self, image_id: str, offset: int, length: int) -> bytes:
         """``length`` bytes of the image at ``offset`` (short at the end)."""
         manifest = self.manifest(image_id)
         if offset < 0 or length < 0:

@@ -43,7 +43,82 @@ class ErrorReply(typing.TypedDict):
 Reply = typing.Union[OkReply, ErrorReply]
 
 
-def parse_request(line):
+# -- what the operations answer (the ``result`` of an OkReply) -------------
+
+class PingResult(typing.TypedDict):
+    """``ping``: who answers, and where its volume files are."""
+
+    node_id: str
+    url: str
+    mount_dir: typing.Optional[str]
+
+
+class StatsResult(typing.TypedDict):
+    """``stats``: capacity of the layers' filesystem and what volumes claim."""
+
+    total_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    volumes: int
+    images: int
+
+
+class RegisterResult(typing.TypedDict):
+    """``register_image``: the image and how much of it the node holds."""
+
+    image_size: int
+    chunk_size: int
+    chunks: int
+    chunks_present: int
+
+
+class VolumeInfo(typing.TypedDict):
+    """``create_volume``, ``volume_info``, ``list_volumes`` (a list of)..."""
+
+    id: str
+    size: int
+    image_id: typing.Optional[str]
+    read_only: bool
+    written_bytes: int
+    allocated_bytes: int
+    open_count: int
+
+
+class EvictResult(typing.TypedDict):
+    """``evict_image``."""
+
+    image_id: str
+    freed_bytes: int
+
+
+class ImageStatus(typing.TypedDict):
+    """One image of ``cache_status``."""
+
+    open: bool
+    busy: typing.Optional[str]
+    gone: bool
+    peers: typing.List[str]
+    last_used: typing.Optional[float]
+    trace: typing.Any
+    volumes: typing.List[str]
+
+
+class CacheStatus(typing.TypedDict):
+    """``cache_status``: {image id: its status}."""
+
+    images: typing.Dict[str, ImageStatus]
+
+
+class EnsureResult(typing.TypedDict):
+    """``ensure_chunks``: ``usable`` has one '0' or '1' per chunk."""
+
+    image_size: int
+    chunk_size: int
+    usable: str
+
+
+def parse_request(line: bytes
+                  ) -> typing.Tuple[str, typing.Dict[str, typing.Any]]:
     """``(op, args)`` from one request line; :class:`BadRequest` if bad."""
     if len(line) > MAX_LINE:
         raise errors.BadRequest('request longer than %d bytes' % MAX_LINE)
@@ -59,6 +134,7 @@ def parse_request(line):
     return op, request
 
 
-def encode(message):
+def encode(message: typing.Mapping[str, typing.Any]) -> bytes:
+    """One line of JSON (sorted keys, compact), newline-terminated."""
     return (json.dumps(message, separators=(',', ':'), sort_keys=True) +
             '\n').encode('utf-8')

@@ -36,6 +36,7 @@ import os
 import socketserver
 import stat
 import threading
+import typing
 
 from thunder_cache.control import protocol
 from thunder_cache import errors
@@ -47,12 +48,18 @@ MAX_CONNECTIONS = 64
 # Seconds a connection may stay silent before it is closed.
 IDLE_TIMEOUT = 60
 
+#: Answers an operation: called with the request's arguments, returns a
+#: JSON-able result.
+Handler = typing.Callable[..., typing.Any]
+
 
 class _Handler(socketserver.StreamRequestHandler):
 
     timeout = IDLE_TIMEOUT
 
-    def handle(self):
+    server: 'ControlServer'
+
+    def handle(self) -> None:
         server = self.server
         while not server.stopping:
             try:
@@ -68,7 +75,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             self._reply(server.dispatch(line))
 
-    def _reply(self, reply):
+    def _reply(self, reply: protocol.Reply) -> None:
         try:
             self.wfile.write(protocol.encode(reply))
             self.wfile.flush()
@@ -98,8 +105,11 @@ class ControlServer(socketserver.ThreadingMixIn,
     # connect fail at once (EAGAIN), so it takes a burst of calls.
     request_queue_size = 128
 
-    def __init__(self, path, handlers, expected=(), mode=0o660, group=None,
-                 max_connections=MAX_CONNECTIONS):
+    def __init__(self, path: str,
+                 handlers: typing.Mapping[str, Handler],
+                 expected: typing.Iterable[typing.Type[BaseException]] = (),
+                 mode: int = 0o660, group: typing.Optional[str] = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self.handlers = dict(handlers)
         self.expected = tuple(expected) + (ValueError, LookupError, OSError)
@@ -119,7 +129,8 @@ class ControlServer(socketserver.ThreadingMixIn,
         if group:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
 
-    def process_request(self, request, client_address):
+    def process_request(self, request: typing.Any,
+                        client_address: typing.Any) -> None:
         if not self._slots.acquire(blocking=False):
             try:
                 request.sendall(protocol.encode({
@@ -135,13 +146,15 @@ class ControlServer(socketserver.ThreadingMixIn,
             self._slots.release()
             raise
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request: typing.Any,
+                               client_address: typing.Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
 
-    def dispatch(self, line):
+    def dispatch(self, line: bytes) -> protocol.Reply:
+        """The reply to one request line."""
         try:
             op, args = protocol.parse_request(line)
             handler = self.handlers.get(op)
@@ -161,18 +174,20 @@ class ControlServer(socketserver.ThreadingMixIn,
                     'message': str(e)}
         return {'ok': True, 'result': result}
 
-    def start(self):
+    def start(self) -> threading.Thread:
+        """Serve in a daemon thread (returned)."""
         thread = threading.Thread(target=self.serve_forever, args=(0.2,),
                                   name='control-server', daemon=True)
         thread.start()
         return thread
 
-    def stop(self):
+    def stop(self) -> None:
+        """Stop serving and remove the socket."""
         self.stopping = True
         self.shutdown()
         self.server_close()
 
-    def server_close(self):
+    def server_close(self) -> None:
         super().server_close()
         if not self._bound:
             return  # bind failed: what is at path is not ours

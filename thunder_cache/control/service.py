@@ -20,10 +20,12 @@ argument arrives from JSON and is checked here before use.
 import json
 import logging
 import os
+import typing
 
 from oslo_concurrency import lockutils
 
 from thunder_cache.cache import node as node_mod
+from thunder_cache.control import protocol as control_protocol
 from thunder_cache import errors
 from thunder_cache import fsutil
 from thunder_cache.peer import protocol
@@ -32,7 +34,7 @@ from thunder_cache.volumes import volumes as volumes_mod
 LOG = logging.getLogger(__name__)
 
 # Volumes a list_volumes answer holds at most (each ~250 bytes of JSON; an
-# answer is one line of at most protocol.MAX_LINE bytes).
+# answer is one line of at most control_protocol.MAX_LINE bytes).
 LIST_LIMIT = 100
 # Chunks one ensure_chunks request may name (the native server's limit).
 MAX_ENSURE = 64
@@ -41,7 +43,7 @@ EXPECTED_ERRORS = (volumes_mod.VolumeError, node_mod.DescriptorError,
                    node_mod.ImageBusy, KeyError)
 
 
-def _size(value, limit):
+def _size(value: typing.Any, limit: int) -> int:
     if (not isinstance(value, int) or isinstance(value, bool) or
             not 0 < value <= limit):
         raise errors.BadRequest('size must be a positive integer of at '
@@ -49,7 +51,7 @@ def _size(value, limit):
     return value
 
 
-def _volume_id(value, name='volume_id'):
+def _volume_id(value: typing.Any, name: str = 'volume_id') -> str:
     if not isinstance(value, str):
         raise errors.BadRequest('%s must be a string' % name)
     try:
@@ -60,13 +62,13 @@ def _volume_id(value, name='volume_id'):
             'starting with . _ or -' % (name, value[:140]))
 
 
-def _index(value, name):
+def _index(value: typing.Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise errors.BadRequest('%s must be a non-negative integer' % name)
     return value
 
 
-def _image_id(value):
+def _image_id(value: typing.Any) -> str:
     if not isinstance(value, str):
         raise errors.BadRequest('image_id must be a string')
     if not protocol.IMAGE_ID.match(value):
@@ -86,8 +88,9 @@ class VolumeService:
         :class:`thunder_cache.cache.origins.OriginPolicy`).
     """
 
-    def __init__(self, node, store, mount_dir, descriptors_dir,
-                 origin_factory):
+    def __init__(self, node: node_mod.Node, store: volumes_mod.VolumeStore,
+                 mount_dir: typing.Optional[str], descriptors_dir: str,
+                 origin_factory: typing.Callable[..., typing.Any]) -> None:
         self.node = node
         self.store = store
         self.mount_dir = mount_dir
@@ -96,11 +99,13 @@ class VolumeService:
         # One registration of an image at a time.
         self._image_locks = lockutils.Semaphores()
         #: the daemon's :class:`~thunder_cache.cache.eviction.Evictor`, if any.
-        self.evictor = None
+        self.evictor: typing.Any = None
         #: callable(image_id) -> the image's boot-trace state, or None.
-        self.trace_state = None
+        self.trace_state: typing.Optional[
+            typing.Callable[[str], typing.Any]] = None
 
-    def handlers(self):
+    def handlers(self) -> typing.Dict[str, typing.Callable[..., typing.Any]]:
+        """{op: handler} for :class:`~.server.ControlServer`."""
         return {'ping': self.ping,
                 'stats': self.stats,
                 'register_image': self.register_image,
@@ -115,11 +120,11 @@ class VolumeService:
                 'cache_status': self.cache_status,
                 'ensure_chunks': self.ensure_chunks}
 
-    def ping(self):
+    def ping(self) -> control_protocol.PingResult:
         return {'node_id': self.node.node_id, 'url': self.node.url,
                 'mount_dir': self.mount_dir}
 
-    def stats(self):
+    def stats(self) -> control_protocol.StatsResult:
         """Capacity of the layers' filesystem and what volumes claim."""
         st = os.statvfs(self.store.layers_dir)
         ids = self.store.list()
@@ -135,7 +140,8 @@ class VolumeService:
                 'volumes': len(ids),
                 'images': len(self.node.image_ids())}
 
-    def register_image(self, image_id, **descriptor):
+    def register_image(self, image_id: str, **descriptor: typing.Any
+                       ) -> control_protocol.RegisterResult:
         """Register an image (persisted) and open its cache.
 
         Returns the image's size and how much of it this node holds. The
@@ -152,7 +158,9 @@ class VolumeService:
                             do_log=False):
             return self._register(spec, descriptor)
 
-    def _register(self, spec, descriptor):
+    def _register(self, spec: node_mod.ImageSpec,
+                  descriptor: typing.Dict[str, typing.Any]
+                  ) -> control_protocol.RegisterResult:
         image_id = spec.image_id
         known = image_id in self.node.image_ids()
         try:
@@ -175,15 +183,18 @@ class VolumeService:
                 'chunks': cache.manifest.chunk_count,
                 'chunks_present': cache.present_count()}
 
-    def _keep_descriptor(self, image_id, descriptor):
+    def _keep_descriptor(self, image_id: str,
+                         descriptor: typing.Dict[str, typing.Any]) -> None:
         os.makedirs(self.descriptors_dir, mode=0o700, exist_ok=True)
         fsutil.write_atomic(
             os.path.join(self.descriptors_dir, image_id + '.json'),
             json.dumps(dict(descriptor, image_id=image_id),
                        sort_keys=True).encode('utf-8'))
 
-    def create_volume(self, volume_id, size, image_id=None, source=None,
-                      read_only=False):
+    def create_volume(self, volume_id: str, size: int,
+                      image_id: typing.Optional[str] = None,
+                      source: typing.Optional[str] = None,
+                      read_only: bool = False) -> control_protocol.VolumeInfo:
         _volume_id(volume_id)
         size = _size(size, self.store.max_size)
         if image_id is not None:
@@ -198,24 +209,29 @@ class VolumeService:
                  ', image %s' % image_id if image_id else '')
         return info
 
-    def delete_volume(self, volume_id):
+    def delete_volume(self, volume_id: str) -> None:
         self.store.delete(_volume_id(volume_id))
         LOG.info('Deleted volume %s', volume_id)
 
-    def resize_volume(self, volume_id, size):
+    def resize_volume(self, volume_id: str,
+                      size: int) -> control_protocol.VolumeInfo:
         self.store.resize(_volume_id(volume_id),
                           _size(size, self.store.max_size))
         return self.store.info(volume_id)
 
-    def revert_volume(self, volume_id, snapshot_id):
+    def revert_volume(self, volume_id: str,
+                      snapshot_id: str) -> control_protocol.VolumeInfo:
         return self.store.revert(_volume_id(volume_id),
                                  _volume_id(snapshot_id, 'snapshot_id'))
 
-    def rename_volume(self, volume_id, new_id):
+    def rename_volume(self, volume_id: str,
+                      new_id: str) -> control_protocol.VolumeInfo:
         return self.store.rename(_volume_id(volume_id),
                                  _volume_id(new_id, 'new_id'))
 
-    def list_volumes(self, marker=None, limit=LIST_LIMIT):
+    def list_volumes(self, marker: typing.Optional[str] = None,
+                     limit: int = LIST_LIMIT
+                     ) -> typing.List[control_protocol.VolumeInfo]:
         """A page of volumes' info: ids after ``marker``, in order.
 
         At most ``limit`` of them: an answer must fit a control line.
@@ -226,7 +242,7 @@ class VolumeService:
                 not 0 < limit <= LIST_LIMIT):
             raise errors.BadRequest('limit must be an integer from 1 to '
                                     '%d' % LIST_LIMIT)
-        volumes = []
+        volumes: typing.List[control_protocol.VolumeInfo] = []
         for volume_id in self.store.list():
             if marker is not None and volume_id <= marker:
                 continue
@@ -238,17 +254,17 @@ class VolumeService:
                 break
         return volumes
 
-    def volume_info(self, volume_id):
+    def volume_info(self, volume_id: str) -> control_protocol.VolumeInfo:
         return self.store.info(_volume_id(volume_id))
 
     # -- the image caches -------------------------------------------------
 
-    def volumes_of(self, image_id):
+    def volumes_of(self, image_id: str) -> typing.List[str]:
         """Ids of the volumes (and snapshots) reading ``image_id``."""
         return sorted(volume_id for volume_id, image in
                       self.store.image_ids().items() if image == image_id)
 
-    def image_in_use(self, image_id):
+    def image_in_use(self, image_id: str) -> typing.Optional[str]:
         """Why the image's cache must stay (its volumes), or None."""
         used_by = self.volumes_of(image_id)
         if not used_by:
@@ -256,7 +272,7 @@ class VolumeService:
         return '%d volumes read it (%s)' % (len(used_by),
                                             ', '.join(used_by[:5]))
 
-    def evict_image(self, image_id):
+    def evict_image(self, image_id: str) -> control_protocol.EvictResult:
         """Evict an image's cache if nothing uses it (``ImageBusy``)."""
         _image_id(image_id)
         if self.evictor is None:
@@ -267,9 +283,9 @@ class VolumeService:
                                    'socket')
         return {'image_id': image_id, 'freed_bytes': freed}
 
-    def cache_status(self):
+    def cache_status(self) -> control_protocol.CacheStatus:
         """What the daemon knows of each image beyond its files."""
-        images = {}
+        images: typing.Dict[str, control_protocol.ImageStatus] = {}
         for image_id, entry in self.node.entries().items():
             cache = entry.cache
             if cache is not None:
@@ -287,7 +303,8 @@ class VolumeService:
                 'volumes': self.volumes_of(image_id)}
         return {'images': images}
 
-    def ensure_chunks(self, image_id, first, last):
+    def ensure_chunks(self, image_id: str, first: int,
+                      last: int) -> control_protocol.EnsureResult:
         """Make chunks [first, last] of an image present; say which are.
 
         The native volume server's reads of missing chunks. The answer

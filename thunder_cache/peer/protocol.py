@@ -63,6 +63,7 @@ import os
 import re
 import threading
 import time
+import typing
 
 API_VERSION = 'v1'
 
@@ -117,14 +118,16 @@ SINGLE_VALUED = ('host', 'range', 'connection', 'content-length',
 class ProtocolError(Exception):
     """A request this server will not process; ``status`` says why."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
 
 
 class AuthError(ProtocolError):
-    def __init__(self, reason):
+    """A request without a valid token (401)."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(401, reason)
 
 
@@ -139,13 +142,13 @@ class ReplayWindowError(ProtocolError):
     token (see :class:`ReplayCache`).
     """
 
-    def __init__(self, reason):
+    def __init__(self, reason: str) -> None:
         super().__init__(503, reason)
 
 
 # -- request parsing -------------------------------------------------------
 
-def _strip_eol(line, limit, status):
+def _strip_eol(line: bytes, limit: int, status: int) -> bytes:
     if len(line) > limit:
         raise ProtocolError(status, 'line longer than %d bytes' % limit)
     if line.endswith(b'\r\n'):
@@ -156,14 +159,14 @@ def _strip_eol(line, limit, status):
     raise ProtocolError(400, 'incomplete line')
 
 
-def _ascii(data):
+def _ascii(data: bytes) -> str:
     try:
         return data.decode('ascii')
     except UnicodeDecodeError:
         raise ProtocolError(400, 'non-ASCII bytes')
 
 
-def parse_request_line(line):
+def parse_request_line(line: bytes) -> typing.Tuple[str, str, str]:
     """(method, target, version) of a request line (bytes, with its EOL).
 
     :raises ProtocolError: 414 if too long, 400 if malformed, 405 for
@@ -187,7 +190,7 @@ def parse_request_line(line):
     return method, target, version
 
 
-def parse_header_line(line):
+def parse_header_line(line: bytes) -> typing.Tuple[str, str]:
     """(lower-case name, value) of one header line (bytes, with its EOL)."""
     text = _ascii(_strip_eol(line, MAX_HEADER_LINE, 431))
     if text[:1] in (' ', '\t'):
@@ -201,7 +204,12 @@ def parse_header_line(line):
     return name.lower(), value
 
 
-def read_head(readline):
+#: (method, target, version, {lower-case name: value}) of a request.
+Head = typing.Tuple[str, str, str, typing.Dict[str, str]]
+
+
+def read_head(readline: typing.Callable[[int], bytes]
+              ) -> typing.Optional[Head]:
     """Read one request head with ``readline(limit)``.
 
     :returns: (method, target, version, headers) or None at a clean end of
@@ -219,7 +227,7 @@ def read_head(readline):
     if not line:
         return None
     method, target, version = parse_request_line(line)
-    headers = {}
+    headers: typing.Dict[str, str] = {}
     total = 0
     while True:
         line = readline(MAX_HEADER_LINE + 1)
@@ -258,19 +266,21 @@ class HeadBuffer:
     of an incomplete head: :meth:`room` says how much more to receive.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._data = bytearray()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._data)
 
-    def room(self):
+    def room(self) -> int:
+        """Bytes that may still be received for the head under way."""
         return max(0, MAX_HEAD_BYTES - len(self._data))
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> None:
+        """Add bytes received."""
         self._data += data
 
-    def take(self):
+    def take(self) -> typing.Optional[Head]:
         """The next head, or None if incomplete.
 
         :raises ProtocolError: if the head is malformed or too large.
@@ -280,7 +290,7 @@ class HeadBuffer:
             return None
         position = 0
 
-        def readline(limit):
+        def readline(limit: int) -> bytes:
             nonlocal position
             end = data.find(b'\n', position, position + limit)
             if end < 0:
@@ -306,21 +316,22 @@ class Route:
 
     __slots__ = ('kind', 'image_id', 'index')
 
-    def __init__(self, kind, image_id=None, index=None):
+    def __init__(self, kind: str, image_id: typing.Optional[str] = None,
+                 index: typing.Optional[int] = None) -> None:
         self.kind = kind
         self.image_id = image_id
         self.index = index
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '<Route %s %s %s>' % (self.kind, self.image_id, self.index)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, Route) and
                 (self.kind, self.image_id, self.index) ==
                 (other.kind, other.image_id, other.index))
 
 
-def route(path):
+def route(path: str) -> Route:
     """The Route of a request path.
 
     :raises ProtocolError: 404 for paths the protocol does not define, 400
@@ -346,15 +357,17 @@ def route(path):
     raise ProtocolError(404, 'no such resource')
 
 
-def chunk_path(image_id, index):
+def chunk_path(image_id: str, index: int) -> str:
+    """The path of a chunk of an image."""
     return '/%s/images/%s/chunks/%d' % (API_VERSION, image_id, index)
 
 
-def manifest_path(image_id):
+def manifest_path(image_id: str) -> str:
+    """The path of an image's manifest."""
     return '/%s/images/%s/manifest' % (API_VERSION, image_id)
 
 
-def parse_range(value, length):
+def parse_range(value: str, length: int) -> typing.Tuple[int, int]:
     """(start, end) (end exclusive) of a single-range Range header.
 
     :raises ProtocolError: 400 if malformed, 416 if it asks for several
@@ -387,7 +400,7 @@ def parse_range(value, length):
 
 # -- peer identity ---------------------------------------------------------
 
-def check_node_id(node_id):
+def check_node_id(node_id: str) -> str:
     if not isinstance(node_id, str) or not NODE_ID.match(node_id):
         raise ValueError('node id must match %s, not %r'
                          % (NODE_ID.pattern, node_id))
@@ -397,7 +410,7 @@ def check_node_id(node_id):
 _scheme = 'http'
 
 
-def use_tls(enabled):
+def use_tls(enabled: bool) -> None:
     """Make this process's peer URLs https:// (True) or http:// (False).
 
     Called once at start from ``[peer] tls_enabled``: every node of a
@@ -409,12 +422,12 @@ def use_tls(enabled):
     _scheme = 'https' if enabled else 'http'
 
 
-def url_scheme():
+def url_scheme() -> str:
     """``'https'`` if this process's peers speak TLS, else ``'http'``."""
     return _scheme
 
 
-def normalize_url(url):
+def normalize_url(url: typing.Any) -> str:
     """A peer's base URL, validated; raises ValueError."""
     if not isinstance(url, str):
         raise ValueError('peer URL must be a string, not %r' % (url,))
@@ -435,7 +448,7 @@ def normalize_url(url):
     return url
 
 
-def split_url(url):
+def split_url(url: str) -> typing.Tuple[str, str, int]:
     """(scheme, host, port) of a normalized peer URL (no IPv6 brackets)."""
     match = _PEER_URL.match(url)
     if not match:
@@ -443,7 +456,7 @@ def split_url(url):
     return match.group(1), match.group(2).strip('[]'), int(match.group(3))
 
 
-def parse_via(value):
+def parse_via(value: str) -> typing.Tuple[str, ...]:
     """The list of node URLs a request was relayed for."""
     if not value:
         return ()
@@ -457,7 +470,7 @@ def parse_via(value):
         raise ProtocolError(400, 'malformed %s header' % HEADER_VIA)
 
 
-def new_ticket(clock=time.time):
+def new_ticket(clock: typing.Callable[[], float] = time.time) -> str:
     """A fresh fetch ticket: the time it was made, and a random tie-break.
 
     Tickets order the fetches of an image across nodes, so that waits
@@ -469,7 +482,7 @@ def new_ticket(clock=time.time):
                            os.urandom(4).hex())
 
 
-def ticket_key(ticket):
+def ticket_key(ticket: str) -> typing.Tuple[int, int, str]:
     """A comparable form of a ticket; raises ValueError if malformed."""
     match = _TICKET.match(ticket or '')
     if not match:
@@ -477,7 +490,7 @@ def ticket_key(ticket):
     return int(match.group(1)), int(match.group(2)), match.group(3)
 
 
-def load_secret(path):
+def load_secret(path: str) -> bytes:
     """The shared secret from a file (surrounding whitespace dropped)."""
     with open(path, 'rb') as f:
         secret = f.read(65536).strip()
@@ -487,15 +500,19 @@ def load_secret(path):
     return secret
 
 
-def _mac_v1(secret, method, path, node_id, url, via, ticket, expiry):
+def _mac_v1(secret: bytes, method: str, path: str, node_id: str, url: str,
+            via: typing.Sequence[str], ticket: typing.Optional[str],
+            expiry: int) -> str:
     message = '\n'.join(('thunder-peer-v1', method, path, node_id, url,
                          ','.join(via), ticket or '', str(expiry)))
     return hmac.new(secret, message.encode('ascii'),
                     hashlib.sha256).hexdigest()
 
 
-def _mac(secret, method, path, destination, node_id, url, via, ticket,
-         issued, expiry, nonce):
+def _mac(secret: bytes, method: str, path: str, destination: str,
+         node_id: str, url: str, via: typing.Sequence[str],
+         ticket: typing.Optional[str], issued: int, expiry: int,
+         nonce: str) -> str:
     message = '\n'.join(('thunder-peer-v2', method, path, destination,
                          node_id, url, ','.join(via), ticket or '',
                          str(issued), str(expiry), nonce))
@@ -508,21 +525,25 @@ class Peer:
 
     __slots__ = ('node_id', 'url', 'via', 'ticket', 'version')
 
-    def __init__(self, node_id, url, via, ticket=None, version=2):
+    def __init__(self, node_id: str, url: str, via: typing.Sequence[str],
+                 ticket: typing.Optional[str] = None,
+                 version: int = 2) -> None:
         self.node_id = node_id
         self.url = url
         self.via = via
         self.ticket = ticket
         self.version = version
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '<Peer %s at %s>' % (self.node_id, self.url)
 
 
 class Signer:
     """Signs this node's requests to its peers."""
 
-    def __init__(self, secret, node_id, url, lifetime=60, clock=time.time):
+    def __init__(self, secret: bytes, node_id: str, url: str,
+                 lifetime: int = 60,
+                 clock: typing.Callable[[], float] = time.time) -> None:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError('shared secret shorter than %d bytes'
                              % MIN_SECRET_BYTES)
@@ -535,7 +556,10 @@ class Signer:
         self.lifetime = lifetime
         self._clock = clock
 
-    def headers(self, method, path, via=(), ticket=None, *, destination):
+    def headers(self, method: str, path: str,
+                via: typing.Sequence[str] = (),
+                ticket: typing.Optional[str] = None, *,
+                destination: str) -> typing.Dict[str, str]:
         """Headers of one request to the node at ``destination``.
 
         Every call makes a new token (a fresh nonce): a token serves one
@@ -560,9 +584,12 @@ class Signer:
         return headers
 
 
-def authenticate(secret, method, path, headers, clock=time.time,
-                 max_lifetime=MAX_TOKEN_LIFETIME, *, destination,
-                 replays=None, accept_v1=False):
+def authenticate(secret: bytes, method: str, path: str,
+                 headers: typing.Mapping[str, str],
+                 clock: typing.Callable[[], float] = time.time,
+                 max_lifetime: int = MAX_TOKEN_LIFETIME, *, destination: str,
+                 replays: typing.Optional['ReplayCache'] = None,
+                 accept_v1: bool = False) -> Peer:
     """The Peer that signed a request sent to this node.
 
     :param destination: this node's own URL: a token is valid only for
@@ -628,7 +655,7 @@ def authenticate(secret, method, path, headers, clock=time.time,
     return Peer(node_id, url, via, ticket, version)
 
 
-def _check_destination(value, destination):
+def _check_destination(value: str, destination: str) -> None:
     try:
         value = normalize_url(value)
     except ValueError:
@@ -655,7 +682,8 @@ class ReplayCache:
     their requesters sign new ones.
     """
 
-    def __init__(self, capacity=100000, clock=time.time):
+    def __init__(self, capacity: int = 100000,
+                 clock: typing.Callable[[], float] = time.time) -> None:
         if capacity < 1:
             raise ValueError('replay cache capacity must be positive')
         self.capacity = capacity
@@ -664,15 +692,16 @@ class ReplayCache:
         # Tokens expiring at or before this time are refused.
         self.floor = 0
         self.overflows = 0
-        self._buckets = {}
-        self._expiries = []
+        self._buckets: typing.Dict[int, typing.Set[int]] = {}
+        self._expiries: typing.List[int] = []
         self._size = 0
         self._lock = threading.Lock()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._size
 
-    def check(self, nonce, issued, expiry, now):
+    def check(self, nonce: str, issued: int, expiry: int,
+              now: float) -> None:
         """Record the nonce of a valid token.
 
         :raises ReplayError: if the nonce was recorded before.
@@ -703,7 +732,7 @@ class ReplayCache:
                 self.floor = max(self.floor, self._drop_first())
                 self.overflows += 1
 
-    def _drop_first(self):
+    def _drop_first(self) -> int:
         expiry = heapq.heappop(self._expiries)
         self._size -= len(self._buckets.pop(expiry))
         return expiry
@@ -722,7 +751,9 @@ REASONS = {
 }
 
 
-def response_head(status, headers=(), length=0):
+def response_head(status: int,
+                  headers: typing.Iterable[typing.Tuple[str, str]] = (),
+                  length: int = 0) -> bytes:
     """The bytes of a response status line and headers."""
     lines = ['HTTP/1.1 %d %s' % (status, REASONS.get(status, 'Unknown'))]
     lines.extend('%s: %s' % item for item in headers)

@@ -12,31 +12,37 @@
 
 """What the peer server sends for a request: :class:`Reply`."""
 
+import typing
+
 
 class Reply:
     """What to answer: a status, headers and a body or a file span."""
 
     __slots__ = ('status', 'headers', 'body', 'span', 'on_sent', 'release')
 
-    def __init__(self, status, headers=(), body=b'', span=None,
-                 on_sent=None):
+    def __init__(self, status: int,
+                 headers: typing.Iterable[typing.Tuple[str, str]] = (),
+                 body: bytes = b'',
+                 span: typing.Optional[typing.Tuple[int, int, int]] = None,
+                 on_sent: typing.Optional[typing.Callable[..., None]] = None
+                 ) -> None:
         # Called once the reply is sent or dropped (unpins its cache).
-        self.release = None
+        self.release: typing.Optional[typing.Callable[[], None]] = None
         self.status = status
         self.headers = list(headers)
         self.body = body
         self.span = span  # (fd, offset, length)
         self.on_sent = on_sent
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '<Reply %d>' % self.status
 
     @property
-    def length(self):
+    def length(self) -> int:
         return self.span[2] if self.span else len(self.body)
 
 
-def error(status, message=''):
+def error(status: int, message: str = '') -> Reply:
     """A reply of ``status`` with ``message`` (ASCII) as plain text."""
     body = (message + '\n').encode('ascii', 'replace') if message else b''
     return Reply(status, [('Content-Type', 'text/plain')] if body else [],

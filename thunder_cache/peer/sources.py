@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import typing
@@ -58,6 +59,9 @@ MAX_ERROR_BODY = 4096
 # with what arrived, not with what the peer announced.
 MANIFEST_PIECE = 1024 * 1024
 
+#: Bytes as a source returns them (a bytearray when read into a buffer).
+Data = typing.Union[bytes, bytearray]
+
 
 #: Seconds a source may take for one chunk unless it says otherwise
 #: (:meth:`ChunkSource.time_limit`).
@@ -67,28 +71,33 @@ SOURCE_TIME_LIMIT = 60.0
 class ChunkSource(typing.Protocol):
     """Something that produces the bytes of a chunk: an origin or a peer.
 
-    Origins and peers subclass it for its default :meth:`time_limit`;
+    :class:`Origin` and :class:`PeerSource` are the ones the daemon uses;
     anything with these members fits.
     """
 
-    #: 'origin' or 'peer'
-    kind: str = 'origin'
-    #: for logs and metrics
-    name: str = 'source'
+    @property
+    def kind(self) -> str:
+        """``'origin'`` or ``'peer'``."""
+
+    @property
+    def name(self) -> str:
+        """What to call it in logs and metrics."""
+
+    @property
+    def url(self) -> typing.Optional[str]:
+        """The peer's URL; None for an origin."""
 
     def read_chunk(self, index: int, offset: int, length: int,
                    via: typing.Sequence[str] = (),
-                   ticket: typing.Optional[str] = None) -> bytes:
+                   ticket: typing.Optional[str] = None) -> Data:
         """``length`` bytes of chunk ``index`` (at ``offset`` in the image).
 
         ``via`` lists the nodes the request was relayed through and
         ``ticket`` identifies the fetch (see the peer protocol).
         """
-        raise NotImplementedError
 
     def time_limit(self, length: int) -> float:
         """Seconds :meth:`read_chunk` of ``length`` bytes may take."""
-        return SOURCE_TIME_LIMIT
 
 
 class SourceChooser(typing.Protocol):
@@ -120,24 +129,31 @@ class ManifestError(ValueError):
 
 # -- origins ---------------------------------------------------------------
 
-class Origin(ChunkSource):
-    """Base of the origins: a byte-addressed image-volume."""
+class Origin:
+    """Base of the origins: a byte-addressed image-volume (a ChunkSource)."""
 
     kind = 'origin'
-    url = None
+    name = 'source'
+    url: typing.Optional[str] = None
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> Data:
+        """``length`` bytes of the image-volume at ``offset``."""
         raise NotImplementedError
 
-    def read_chunk(self, index, offset, length, via=(), ticket=None):
+    def time_limit(self, length: int) -> float:
+        return SOURCE_TIME_LIMIT
+
+    def read_chunk(self, index: int, offset: int, length: int,
+                   via: typing.Sequence[str] = (),
+                   ticket: typing.Optional[str] = None) -> Data:
         data = self.read(offset, length)
         if len(data) != length:
             raise OriginError('short read from %s: %d of %d bytes at %d'
                               % (self.name, len(data), length, offset))
         return data
 
-    def close(self):
-        pass
+    def close(self) -> None:
+        """Release what reading took (connections, descriptors)."""
 
 
 class FileOrigin(Origin):
@@ -148,15 +164,15 @@ class FileOrigin(Origin):
     does.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.name = 'file:%s' % path
 
-    def _open(self):
+    def _open(self) -> int:
         """A read-only descriptor of the origin (closed by the caller)."""
         return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> Data:
         try:
             fd = self._open()
         except OSError as e:
@@ -195,9 +211,12 @@ class RbdOrigin(Origin):
     #: snapshot context), the read itself.
     SERIAL_OPS = 6
 
-    def __init__(self, pool, image, snapshot=None,
-                 ceph_conf='/etc/ceph/ceph.conf', user=None, keyring=None,
-                 cluster_name='ceph', timeout=10):
+    def __init__(self, pool: str, image: str,
+                 snapshot: typing.Optional[str] = None,
+                 ceph_conf: str = '/etc/ceph/ceph.conf',
+                 user: typing.Optional[str] = None,
+                 keyring: typing.Optional[str] = None,
+                 cluster_name: str = 'ceph', timeout: float = 10) -> None:
         if rados is None or rbd is None:
             raise OriginError('the Ceph Python bindings (python3-rados, '
                               'python3-rbd) are not importable')
@@ -212,13 +231,16 @@ class RbdOrigin(Origin):
         self.name = 'rbd:%s/%s%s' % (pool, image,
                                      '@%s' % snapshot if snapshot else '')
         self._lock = threading.Lock()
-        self._client = self._ioctx = self._image = None
-        self._failed = (0.0, None)
+        self._client: typing.Any = None
+        self._ioctx: typing.Any = None
+        self._image: typing.Any = None
+        self._failed: typing.Tuple[float, typing.Optional[Exception]] = (
+            0.0, None)
 
-    def time_limit(self, length):
+    def time_limit(self, length: int) -> float:
         return self.SERIAL_OPS * self.timeout
 
-    def _open(self):
+    def _open(self) -> None:
         conf = {}
         for option in ('rados_osd_op_timeout', 'rados_mon_op_timeout',
                        'client_mount_timeout'):
@@ -241,7 +263,7 @@ class RbdOrigin(Origin):
             raise
         self._client, self._ioctx, self._image = client, ioctx, image
 
-    def _handle(self):
+    def _handle(self) -> typing.Any:
         asked = time.monotonic()
         with self._lock:
             if self._image is None:
@@ -257,7 +279,7 @@ class RbdOrigin(Origin):
                     raise error
             return self._image
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> Data:
         image = self._handle()
         try:
             return image.read(offset, length)
@@ -266,7 +288,7 @@ class RbdOrigin(Origin):
             self.close()
             raise OriginError('cannot read origin %s: %s' % (self.name, e))
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             handles = (self._image, self._ioctx)
             client = self._client
@@ -281,7 +303,10 @@ class RbdOrigin(Origin):
             client.shutdown()
 
 
-def load_manifest(read, expected_digest, offset, length=None):
+def load_manifest(read: typing.Callable[[int, int], Data],
+                  expected_digest: str, offset: int,
+                  length: typing.Optional[int] = None
+                  ) -> manifest_mod.Manifest:
     """The verified manifest read with ``read(offset, length)``.
 
     :param expected_digest: sha256 hex digest from the Glance image
@@ -309,7 +334,8 @@ class PeerError(IOError):
     now) skip the peer for this chunk only.
     """
 
-    def __init__(self, message, status=None, soft=False):
+    def __init__(self, message: str, status: typing.Optional[int] = None,
+                 soft: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.soft = soft
@@ -318,18 +344,19 @@ class PeerError(IOError):
 class Redirect(Exception):
     """A full peer sent the requester to one of its children."""
 
-    def __init__(self, url):
+    def __init__(self, url: str) -> None:
         super().__init__(url)
         self.url = url
 
 
-def split_url(url):
+def split_url(url: str) -> typing.Tuple[str, int]:
     """(host, port) of a normalized peer URL."""
     _scheme, host, port = protocol.split_url(url)
     return host, port
 
 
-def manifest_limit(length=None, offset=None):
+def manifest_limit(length: typing.Optional[int] = None,
+                   offset: typing.Optional[int] = None) -> int:
     """The most bytes an image's manifest may have.
 
     :param length: the manifest's length from the image's location
@@ -359,15 +386,18 @@ class Watchdog:
 
     AGAIN = 0.05
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: typing.Callable[[], float] = time.monotonic
+                 ) -> None:
         self._clock = clock
         self._cond = threading.Condition()
-        self._heap = []
+        self._heap: typing.List[typing.List[typing.Any]] = []
         self._armed = 0
         self._count = itertools.count()
-        self._thread = None
+        self._thread: typing.Optional[threading.Thread] = None
 
-    def arm(self, deadline, action):
+    def arm(self, deadline: float,
+            action: typing.Callable[[], typing.Any]
+            ) -> typing.List[typing.Any]:
         """Run ``action()`` at ``deadline`` (a ``clock`` time)."""
         entry = [deadline, next(self._count), action]
         with self._cond:
@@ -381,7 +411,8 @@ class Watchdog:
                 self._cond.notify()
         return entry
 
-    def disarm(self, entry):
+    def disarm(self, entry: typing.List[typing.Any]) -> None:
+        """Stop ``entry`` (what :meth:`arm` returned) from running."""
         with self._cond:
             if entry[2] is not None:
                 entry[2] = None
@@ -390,7 +421,7 @@ class Watchdog:
                 self._heap = [e for e in self._heap if e[2] is not None]
                 heapq.heapify(self._heap)
 
-    def _run(self):
+    def _run(self) -> None:
         with self._cond:
             while True:
                 while self._heap and self._heap[0][2] is None:
@@ -431,12 +462,12 @@ class _Cut:
     descriptor (and let it be reused) in between.
     """
 
-    def __init__(self, conns, url):
+    def __init__(self, conns: typing.Dict[str, typing.Any], url: str) -> None:
         self.conns = conns
         self.url = url
         self.fired = False
 
-    def __call__(self):
+    def __call__(self) -> bool:
         self.fired = True
         sock = getattr(self.conns.get(self.url), 'sock', None)
         if sock is not None:
@@ -467,18 +498,20 @@ class PeerClient:
     #: The :class:`~thunder_cache.peer.peerpolicy.AddressPolicy` every peer
     #: address is checked against before anything is sent to it; None
     #: refuses every peer.
-    policy = None
+    policy: typing.Optional[peerpolicy.AddressPolicy] = None
     #: Bytes per second an answer must average beyond its first
     #: ``timeout`` seconds.
     min_rate = 1024 * 1024
 
-    def __init__(self, signer, timeout=10.0, tls_context=None):
+    def __init__(self, signer: protocol.Signer, timeout: float = 10.0,
+                 tls_context: typing.Optional[ssl.SSLContext] = None
+                 ) -> None:
         self.signer = signer
         self.timeout = timeout
         self.tls_context = tls_context
         self._local = threading.local()
 
-    def _connection(self, url):
+    def _connection(self, url: str) -> http.client.HTTPConnection:
         conns = getattr(self._local, 'conns', None)
         if conns is None:
             conns = self._local.conns = {}
@@ -499,25 +532,27 @@ class PeerClient:
             conns[url] = conn
         return conn
 
-    def _drop(self, url):
+    def _drop(self, url: str) -> None:
         conns = getattr(self._local, 'conns', {})
         conn = conns.pop(url, None)
         if conn is not None:
             conn.close()
 
-    def close(self):
+    def close(self) -> None:
+        """Close this thread's connections."""
         for url in list(getattr(self._local, 'conns', {})):
             self._drop(url)
 
     # -- where requests may go ---------------------------------------------
 
-    def permits(self, url):
+    def permits(self, url: str) -> bool:
         """True if requests may be sent to ``url`` (refusals are logged)."""
         if self.policy is None:
             return False
         return self.policy.permits(split_url(url)[0], url)
 
-    def _open(self, url, _address, timeout, source_address=None):
+    def _open(self, url: str, _address: typing.Any, timeout: float,
+              source_address: typing.Any = None) -> socket.socket:
         """Connect to ``url``'s checked address (http.client's connector).
 
         The host is never resolved again here: the policy's checked
@@ -538,11 +573,11 @@ class PeerClient:
 
     # -- deadlines ---------------------------------------------------------
 
-    def time_limit(self, length):
+    def time_limit(self, length: int) -> float:
         """Seconds a request answered with ``length`` bytes may take."""
         return self.timeout + length / self.min_rate
 
-    def _deadline(self, url, deadline):
+    def _deadline(self, url: str, deadline: float) -> '_Transfer':
         """A context cutting the transfer with ``url`` off at ``deadline``.
 
         ``deadline`` is a ``time.monotonic()`` time. A transfer cut off
@@ -552,14 +587,19 @@ class PeerClient:
 
     # -- requests ----------------------------------------------------------
 
-    def _request(self, url, path, via, ticket=None):
+    def _request(self, url: str, path: str, via: typing.Sequence[str],
+                 ticket: typing.Optional[str] = None
+                 ) -> http.client.HTTPResponse:
         for attempt in (0, 1):
             # A token per attempt: servers accept each token once, and it
             # is valid only for the node it is sent to.
             headers = self.signer.headers('GET', path, via, ticket,
                                           destination=url)
             conn = self._connection(url)
-            conn._create_connection = functools.partial(self._open, url)
+            # http.client's connector, private: replaced so that the
+            # address connected to is the one the policy checked.
+            conn._create_connection = functools.partial(  # type: ignore
+                self._open, url)
             try:
                 conn.request('GET', path, headers=headers)
                 return conn.getresponse()
@@ -573,8 +613,10 @@ class PeerClient:
             except (OSError, http.client.HTTPException) as e:
                 self._drop(url)
                 raise PeerError('peer %s: %s' % (url, e))
+        raise AssertionError('not reached')
 
-    def _read(self, url, response, length):
+    def _read(self, url: str, response: http.client.HTTPResponse,
+              length: int) -> bytearray:
         """Read exactly ``length`` bytes of body; never more."""
         buf = bytearray(length)
         view = memoryview(buf)
@@ -594,7 +636,8 @@ class PeerClient:
                             % (url, done, length))
         return buf
 
-    def _body(self, url, response, length):
+    def _body(self, url: str, response: http.client.HTTPResponse,
+              length: int) -> bytearray:
         """The body, which must be exactly ``length`` bytes."""
         declared = response.getheader('Content-Length')
         if declared != str(length):
@@ -603,7 +646,8 @@ class PeerClient:
                             % (url, declared, length))
         return self._read(url, response, length)
 
-    def _error(self, url, response):
+    def _error(self, url: str,
+               response: http.client.HTTPResponse) -> PeerError:
         declared = response.getheader('Content-Length') or ''
         message = ''
         if declared.isdigit() and int(declared) <= MAX_ERROR_BODY:
@@ -618,8 +662,10 @@ class PeerClient:
                                                      message.strip()[:200]),
                          status=status, soft=status in (503, 508))
 
-    def get_chunk(self, url, image_id, index, length, via=(), ticket=None,
-                  deadline=None):
+    def get_chunk(self, url: str, image_id: str, index: int, length: int,
+                  via: typing.Sequence[str] = (),
+                  ticket: typing.Optional[str] = None,
+                  deadline: typing.Optional[float] = None) -> bytearray:
         """The bytes of a chunk (unverified: the caller verifies).
 
         :param deadline: ``time.monotonic()`` time by which the answer
@@ -646,7 +692,8 @@ class PeerClient:
                 self._drop(url)
                 raise PeerError('peer %s: %s' % (url, e))
 
-    def _redirect(self, url, location, path):
+    def _redirect(self, url: str, location: str,
+                  path: str) -> typing.NoReturn:
         if not location.endswith(path):
             raise PeerError('peer %s redirected to another resource: %r'
                             % (url, location[:200]))
@@ -659,8 +706,10 @@ class PeerClient:
                             'peer addresses' % (url, target))
         raise Redirect(target)
 
-    def get_manifest(self, url, image_id, expected_digest, length=None,
-                     offset=None):
+    def get_manifest(self, url: str, image_id: str, expected_digest: str,
+                     length: typing.Optional[int] = None,
+                     offset: typing.Optional[int] = None
+                     ) -> manifest_mod.Manifest:
         """The image's manifest from a peer, verified against the digest.
 
         :param length: the manifest's length, if known; else it is bounded
@@ -688,7 +737,8 @@ class PeerClient:
         except ValueError as e:
             raise ManifestError('manifest from peer %s: %s' % (url, e))
 
-    def _manifest_body(self, url, response, declared):
+    def _manifest_body(self, url: str, response: http.client.HTTPResponse,
+                       declared: int) -> bytearray:
         """A manifest body, header first (it must agree with ``declared``).
 
         The rest is kept only as it arrives.
@@ -713,14 +763,15 @@ class PeerClient:
 class _Transfer:
     """:meth:`PeerClient._deadline`'s context."""
 
-    def __init__(self, client, url, deadline):
+    def __init__(self, client: PeerClient, url: str,
+                 deadline: float) -> None:
         self.client = client
         self.url = url
         self.deadline = deadline
-        self.cut = None
-        self.entry = None
+        self.cut: typing.Optional[_Cut] = None
+        self.entry: typing.Optional[typing.List[typing.Any]] = None
 
-    def __enter__(self):
+    def __enter__(self) -> '_Transfer':
         local = self.client._local
         if time.monotonic() >= self.deadline:
             raise PeerError('peer %s: deadline passed before the request'
@@ -733,7 +784,9 @@ class _Transfer:
         self.entry = _WATCHDOG.arm(self.deadline, self.cut)
         return self
 
-    def __exit__(self, kind, error, _tb):
+    def __exit__(self, kind: typing.Any, error: typing.Any,
+                 _tb: typing.Any) -> typing.Literal[False]:
+        assert self.entry is not None and self.cut is not None
         _WATCHDOG.disarm(self.entry)
         self.client._local.transfer = None
         if not self.cut.fired:
@@ -748,7 +801,7 @@ class _Transfer:
         return False
 
 
-class PeerSource(ChunkSource):
+class PeerSource:
     """One peer as a chunk source; follows redirects to a node's children.
 
     ``url`` is the node currently asked. After redirects it is the child
@@ -759,19 +812,22 @@ class PeerSource(ChunkSource):
 
     kind = 'peer'
 
-    def __init__(self, upstream, url):
+    def __init__(self, upstream: typing.Any, url: str) -> None:
         self.upstream = upstream
         self.url = url
         self.redirected = False
 
     @property
-    def name(self):
+    def name(self) -> str:
         return 'peer:%s' % self.url
 
-    def time_limit(self, length):
-        return self.upstream.client.time_limit(length)
+    def time_limit(self, length: int) -> float:
+        limit: float = self.upstream.client.time_limit(length)
+        return limit
 
-    def read_chunk(self, index, offset, length, via=(), ticket=None):
+    def read_chunk(self, index: int, offset: int, length: int,
+                   via: typing.Sequence[str] = (),
+                   ticket: typing.Optional[str] = None) -> Data:
         """The chunk from this peer (or the nodes it redirects to).
 
         A soft error (busy, loop) is one only when it came quickly: one
@@ -788,7 +844,8 @@ class PeerSource(ChunkSource):
                 raise PeerError('%s (after %.1f s)' % (e, took), e.status)
             raise
 
-    def _read_chunk(self, index, length, via, ticket):
+    def _read_chunk(self, index: int, length: int, via: typing.Sequence[str],
+                    ticket: typing.Optional[str]) -> Data:
         upstream = self.upstream
         first = self.url
         seen = {self.url}

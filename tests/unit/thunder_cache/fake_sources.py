@@ -19,7 +19,7 @@ from thunder_cache.cache import image_cache
 from thunder_cache.peer import sources
 
 
-class FakeSource(sources.ChunkSource):
+class FakeSource(sources.Origin):
 
     def __init__(self, image, name='fake', kind='origin', corrupt=(),
                  fail=(), delay=0.0, url=None):

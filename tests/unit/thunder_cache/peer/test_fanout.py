@@ -119,7 +119,7 @@ def test_bucket_rejects_negative_rate():
 
 # -- parent selection ------------------------------------------------------
 
-class _Origin(sources.ChunkSource):
+class _Origin(sources.Origin):
     kind = 'origin'
     name = 'origin'
     url = None

@@ -371,7 +371,8 @@ class Hydrator(_Replay):
                  demand_allowance: int = 1, max_errors: int = 8,
                  poll_interval: float = 0.005,
                  clock: typing.Callable[[], float] = time.monotonic,
-                 sleep: typing.Optional[typing.Callable[[float], None]] = None
+                 sleep: typing.Optional[
+                     typing.Callable[[float], typing.Any]] = None
                  ) -> None:
         super().__init__(cache, concurrency, demand_allowance, max_errors,
                          poll_interval)

@@ -26,6 +26,7 @@ the table, freeing its slot.
 import collections
 import threading
 import time
+import typing
 
 
 class Admission:
@@ -33,11 +34,12 @@ class Admission:
 
     __slots__ = ('serve', 'redirect_url')
 
-    def __init__(self, serve, redirect_url=None):
+    def __init__(self, serve: bool,
+                 redirect_url: typing.Optional[str] = None) -> None:
         self.serve = serve
         self.redirect_url = redirect_url
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self.serve:
             return '<Admission serve>'
         return '<Admission redirect %s>' % self.redirect_url
@@ -49,7 +51,8 @@ SERVE = Admission(True)
 class ChildTable:
     """The children of one image on this node; thread-safe."""
 
-    def __init__(self, max_children, child_ttl=10.0, clock=time.monotonic):
+    def __init__(self, max_children: int, child_ttl: float = 10.0,
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
         if max_children < 1:
             raise ValueError('max_children must be at least 1')
         self.max_children = max_children
@@ -57,25 +60,26 @@ class ChildTable:
         self._clock = clock
         self._lock = threading.Lock()
         # node id -> [url, last seen]; insertion ordered.
-        self._children = collections.OrderedDict()
+        self._children: typing.Dict[str, typing.List[typing.Any]] = (
+            collections.OrderedDict())
         self._next = 0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._children)
 
-    def children(self):
+    def children(self) -> typing.Dict[str, str]:
         """{node id: url} of the current children."""
         with self._lock:
             self._expire(self._clock())
             return {n: v[0] for n, v in self._children.items()}
 
-    def _expire(self, now):
+    def _expire(self, now: float) -> None:
         stale = [n for n, (_u, seen) in self._children.items()
                  if now - seen > self.child_ttl]
         for node_id in stale:
             del self._children[node_id]
 
-    def admit(self, node_id, url):
+    def admit(self, node_id: str, url: str) -> Admission:
         """Serve ``node_id`` or send it to one of the children."""
         now = self._clock()
         with self._lock:
@@ -97,7 +101,8 @@ class ChildTable:
             self._next += 1
             return Admission(False, target)
 
-    def forget(self, node_id):
+    def forget(self, node_id: str) -> None:
+        """Drop ``node_id`` from the children."""
         with self._lock:
             self._children.pop(node_id, None)
 
@@ -112,8 +117,10 @@ class TokenBucket:
     never starved.
     """
 
-    def __init__(self, rate, burst=None, clock=time.monotonic,
-                 sleep=time.sleep):
+    def __init__(self, rate: float, burst: typing.Optional[float] = None,
+                 clock: typing.Callable[[], float] = time.monotonic,
+                 sleep: typing.Callable[[float], typing.Any] = time.sleep
+                 ) -> None:
         if rate < 0:
             raise ValueError('rate must not be negative')
         self.rate = float(rate)
@@ -125,7 +132,7 @@ class TokenBucket:
         self._stamp = clock()
         self.waited = 0.0
 
-    def consume(self, amount):
+    def consume(self, amount: float) -> float:
         """Take ``amount`` tokens, sleeping as needed; returns the wait."""
         if not self.rate:
             return 0.0

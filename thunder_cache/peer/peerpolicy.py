@@ -48,6 +48,7 @@ import re
 import socket
 import threading
 import time
+import typing
 
 import psutil
 
@@ -90,12 +91,17 @@ class PeerRefused(OSError):
     """A peer address outside the policy; nothing was sent to it."""
 
 
-def parse_networks(values):
+#: An IPv4 or IPv6 network (``ipaddress.ip_network``).
+Network = typing.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def parse_networks(values: typing.Iterable[typing.Any]
+                   ) -> typing.List[Network]:
     """ip_network objects of CIDR strings (host bits are not allowed).
 
     :raises ValueError: naming the first value that is not a network.
     """
-    networks = []
+    networks: typing.List[Network] = []
     for value in values:
         try:
             networks.append(ipaddress.ip_network(str(value).strip()))
@@ -105,7 +111,8 @@ def parse_networks(values):
     return networks
 
 
-def special_kind(address):
+def special_kind(address: typing.Any
+                 ) -> typing.Optional[typing.Tuple[str, typing.Any]]:
     """(kind, range) of a special address, or None."""
     for kind, network in SPECIAL:
         if address.version == network.version and address in network:
@@ -113,7 +120,7 @@ def special_kind(address):
     return None
 
 
-def _embedded_ipv4(address):
+def _embedded_ipv4(address: typing.Any) -> typing.Any:
     """The IPv4 address a NAT64 or 6to4 IPv6 address leads to, or None."""
     if address.version != 6:
         return None
@@ -130,8 +137,11 @@ class AddressPolicy:
     :param resolver: ``socket.getaddrinfo``'s signature (tests).
     """
 
-    def __init__(self, networks, resolve_interval=RESOLVE_INTERVAL,
-                 resolver=socket.getaddrinfo, clock=time.monotonic):
+    def __init__(self, networks: typing.Iterable[typing.Any],
+                 resolve_interval: float = RESOLVE_INTERVAL,
+                 resolver: typing.Callable[..., typing.Any] = (
+                     socket.getaddrinfo),
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
         self.networks = tuple(
             n if isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
             else parse_networks([n])[0] for n in networks)
@@ -139,18 +149,19 @@ class AddressPolicy:
         self._resolver = resolver
         self._clock = clock
         self._lock = threading.Lock()
-        self._names = {}
-        self._warned = set()
+        self._names: typing.Dict[str, typing.Tuple[float, typing.Any]] = {}
+        self._warned: typing.Set[str] = set()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '<AddressPolicy %s>' % self.describe()
 
-    def describe(self):
+    def describe(self) -> str:
+        """The allowed networks, for messages."""
         return ', '.join(str(n) for n in self.networks) or 'nowhere'
 
     # -- addresses ---------------------------------------------------------
 
-    def check_address(self, address):
+    def check_address(self, address: typing.Any) -> typing.Any:
         """Raise :class:`PeerRefused` unless ``address`` is allowed.
 
         :param address: an ip_address or its text.
@@ -162,9 +173,11 @@ class AddressPolicy:
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         embedded = _embedded_ipv4(address)
-        if embedded is not None and special_kind(embedded):
+        embedded_kind = (special_kind(embedded) if embedded is not None
+                         else None)
+        if embedded_kind is not None:
             raise PeerRefused('%s embeds %s, %s' % (
-                address, embedded, special_kind(embedded)[0]))
+                address, embedded, embedded_kind[0]))
         inside = [n for n in self.networks
                   if n.version == address.version and address in n]
         special = special_kind(address)
@@ -184,7 +197,7 @@ class AddressPolicy:
 
     # -- host names --------------------------------------------------------
 
-    def address(self, host):
+    def address(self, host: str) -> str:
         """The checked address to connect to for ``host``.
 
         :param host: an IP address (without brackets) or a host name.
@@ -214,13 +227,13 @@ class AddressPolicy:
             raise known[1]
         return known[1]
 
-    def _resolve(self, host):
+    def _resolve(self, host: str) -> typing.Union[str, PeerRefused]:
         """The checked address of a host name, or the PeerRefused."""
         try:
             infos = self._resolver(host, None, 0, socket.SOCK_STREAM)
         except (OSError, UnicodeError) as e:
             return PeerRefused('%s does not resolve: %s' % (host, e))
-        addresses = []
+        addresses: typing.List[typing.Any] = []
         for family, _type, _proto, _name, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
@@ -242,7 +255,7 @@ class AddressPolicy:
                 return PeerRefused('%s: %s' % (host, e))
         return str(checked[0])
 
-    def permits(self, host, what):
+    def permits(self, host: str, what: str) -> bool:
         """True if ``host`` is allowed; a refusal is logged once per host.
 
         :param what: what names the host, for the log (a URL).
@@ -265,11 +278,11 @@ class AddressPolicy:
 
 # -- the node's own network ------------------------------------------------
 
-def _prefix(netmask):
+def _prefix(netmask: str) -> int:
     return bin(int(ipaddress.ip_address(netmask))).count('1')
 
 
-def interface_networks():
+def interface_networks() -> typing.List[typing.Tuple[str, typing.Any]]:
     """[(interface, ip_interface)] of this host's IP addresses."""
     result = []
     for name, addresses in psutil.net_if_addrs().items():
@@ -287,7 +300,13 @@ def interface_networks():
     return result
 
 
-def own_networks(host, resolver=socket.getaddrinfo, interfaces=None):
+def own_networks(host: str,
+                 resolver: typing.Callable[..., typing.Any] = (
+                     socket.getaddrinfo),
+                 interfaces: typing.Optional[
+                     typing.List[typing.Tuple[str, typing.Any]]] = None
+                 ) -> typing.Tuple[typing.List[typing.Any],
+                                   typing.Optional[str]]:
     """The networks of the interfaces carrying this node's peer address.
 
     :param host: the host of the node's own peer URL (address or name).
@@ -306,7 +325,8 @@ def own_networks(host, resolver=socket.getaddrinfo, interfaces=None):
             return [], '%s does not resolve (%s)' % (host, e)
     addresses = [a.ipv4_mapped or a if a.version == 6 else a
                  for a in addresses]
-    special = [(a, special_kind(a)[0]) for a in addresses if special_kind(a)]
+    kinds = [(a, special_kind(a)) for a in addresses]
+    special = [(a, kind[0]) for a, kind in kinds if kind is not None]
     if special:
         return [], '%s is %s' % special[0]
     if interfaces is None:

@@ -56,6 +56,7 @@ import ssl
 import stat
 import threading
 import time
+import typing
 
 from thunder_cache.peer import protocol
 from thunder_cache.peer import reply as reply_mod
@@ -91,10 +92,10 @@ class _Fd:
 
     __slots__ = ('_fd',)
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self._fd
 
 
@@ -108,17 +109,17 @@ class Slots:
         for no limit.
     """
 
-    def __init__(self, max_authenticated, max_unauthenticated,
-                 max_per_address=None):
+    def __init__(self, max_authenticated: int, max_unauthenticated: int,
+                 max_per_address: typing.Optional[int] = None) -> None:
         self.max_authenticated = max_authenticated
         self.max_unauthenticated = max_unauthenticated
         self.max_per_address = max_per_address
         self.authenticated = 0
         self.unauthenticated = 0
-        self._per_address = collections.Counter()
+        self._per_address: typing.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
-    def open(self, address):
+    def open(self, address: typing.Any) -> bool:
         """Count a new connection; False if its address is at its limit."""
         with self._lock:
             if (self.max_per_address is not None and
@@ -128,11 +129,11 @@ class Slots:
             self.unauthenticated += 1
             return True
 
-    def unauthenticated_full(self):
+    def unauthenticated_full(self) -> bool:
         """True if the unauthenticated connections are over their limit."""
         return self.unauthenticated > self.max_unauthenticated
 
-    def promote(self):
+    def promote(self) -> bool:
         """Make an unauthenticated connection authenticated.
 
         :returns: False (and changes nothing) if the authenticated slots
@@ -145,7 +146,7 @@ class Slots:
             self.unauthenticated -= 1
             return True
 
-    def close(self, address, authenticated):
+    def close(self, address: typing.Any, authenticated: bool) -> None:
         with self._lock:
             if authenticated:
                 self.authenticated -= 1
@@ -155,7 +156,7 @@ class Slots:
             if self._per_address[address] <= 0:
                 del self._per_address[address]
 
-    def of_address(self, address):
+    def of_address(self, address: typing.Any) -> int:
         with self._lock:
             return self._per_address.get(address, 0)
 
@@ -166,14 +167,14 @@ class _Conn:
     __slots__ = ('sock', 'address', 'buffer', 'deadline', 'state', 'out',
                  'events')
 
-    def __init__(self, sock, address):
+    def __init__(self, sock: typing.Any, address: typing.Any) -> None:
         self.sock = sock
         self.address = address
         self.buffer = protocol.HeadBuffer()
         self.deadline = 0.0
         # handshake, head, write (reactor); served (a thread); closed
         self.state = 'head'
-        self.out = None
+        self.out: typing.Optional[memoryview] = None
         self.events = selectors.EVENT_READ
 
 
@@ -182,24 +183,35 @@ class _Request:
 
     __slots__ = ('route', 'headers', 'peer', 'keep_alive')
 
-    def __init__(self, route, headers, peer, keep_alive):
+    def __init__(self, route: protocol.Route, headers: typing.Dict[str, str],
+                 peer: typing.Optional[protocol.Peer], keep_alive: bool
+                 ) -> None:
         self.route = route
         self.headers = headers
         self.peer = peer
         self.keep_alive = keep_alive
 
 
+#: What :meth:`_Serving._admit_request` makes of a head: the request to
+#: serve, or the reply to send at once and whether to keep the connection.
+_Admitted = typing.Tuple[typing.Optional[_Request],
+                         typing.Optional[reply_mod.Reply],
+                         typing.Optional[bool]]
+
+
 class _LogLimiter:
     """At most one line per interval and key; counts what it holds back."""
 
-    def __init__(self, interval=LOG_INTERVAL, clock=time.monotonic):
+    def __init__(self, interval: float = LOG_INTERVAL,
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
-        self._next = {}
-        self._held = collections.Counter()
+        self._next: typing.Dict[str, float] = {}
+        self._held: typing.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
-    def __call__(self, level, key, message, *args):
+    def __call__(self, level: int, key: str, message: str, *args: typing.Any
+                 ) -> None:
         now = self._clock()
         with self._lock:
             if now < self._next.get(key, 0.0):
@@ -217,10 +229,14 @@ class _Serving:
 
     local = False
 
-    def _setup(self, listener, node, secret, idle_timeout, head_timeout,
-               max_connections, max_unauthenticated, max_per_address,
-               metrics_auth, clock, tls_context=None, replay_cache_size=None,
-               accept_v1_tokens=False):
+    def _setup(self, listener: socket.socket, node: typing.Any,
+               secret: typing.Optional[bytes], idle_timeout: float,
+               head_timeout: float, max_connections: int,
+               max_unauthenticated: int, max_per_address: typing.Optional[int],
+               metrics_auth: bool, clock: typing.Callable[[], float],
+               tls_context: typing.Optional[ssl.SSLContext] = None,
+               replay_cache_size: typing.Optional[int] = None,
+               accept_v1_tokens: bool = False) -> None:
         self.node = node
         self.secret = secret
         self.idle_timeout = idle_timeout
@@ -239,11 +255,13 @@ class _Serving:
         listener.setblocking(False)
         # Reactor thread only: unauthenticated connections, oldest
         # deadline first (they all get the same head_timeout).
-        self._pending = collections.OrderedDict()
+        self._pending: typing.OrderedDict[_Conn, None] = (
+            collections.OrderedDict())
         # The same, by address: {address: OrderedDict}, oldest first.
-        self._pending_of = {}
+        self._pending_of: typing.Dict[
+            str, typing.OrderedDict[_Conn, None]] = {}
         # Connections served by threads.
-        self._served = set()
+        self._served: typing.Set[_Conn] = set()
         self._served_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, None)
@@ -255,12 +273,12 @@ class _Serving:
         self._closed = False
         self._stopped = threading.Event()
         self._stopped.set()
-        self._accept_paused_until = None
+        self._accept_paused_until: typing.Optional[float] = None
         self._log = _LogLimiter()
 
     # -- the reactor ----------------------------------------------------------
 
-    def serve_forever(self, poll_interval=0.5):
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and read heads until :meth:`shutdown`."""
         if self._shutdown_request:
             return
@@ -279,7 +297,7 @@ class _Serving:
         finally:
             self._stopped.set()
 
-    def _select_timeout(self, poll_interval):
+    def _select_timeout(self, poll_interval: float) -> float:
         timeout = poll_interval
         now = time.monotonic()
         if self._pending:
@@ -289,26 +307,26 @@ class _Serving:
             timeout = min(timeout, self._accept_paused_until - now)
         return max(0.0, timeout)
 
-    def _wake(self):
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b'x')
         except OSError:
             pass
 
-    def _drain_wake(self):
+    def _drain_wake(self) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
         except OSError:
             pass
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """Stop the reactor; wait until :meth:`serve_forever` returned."""
         self._shutdown_request = True
         self._wake()
         self._stopped.wait()
 
-    def server_close(self):
+    def server_close(self) -> None:
         """Close the listening socket and the unauthenticated connections."""
         if self._closed:
             return
@@ -323,11 +341,11 @@ class _Serving:
             sock.close()
         self._selector.close()
 
-    def _count(self, name):
+    def _count(self, name: str) -> None:
         if self.node is not None:
             self.node.counters.inc(name)
 
-    def _accept(self):
+    def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = self.socket.accept()
@@ -345,15 +363,15 @@ class _Serving:
                 return
             self._admit(sock, address)
 
-    def _pause_accept(self):
+    def _pause_accept(self) -> None:
         self._selector.unregister(self.socket)
         self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     @staticmethod
-    def _address_of(address):
+    def _address_of(address: typing.Any) -> str:
         return address[0] if isinstance(address, tuple) else 'local'
 
-    def _admit(self, sock, address):
+    def _admit(self, sock: typing.Any, address: typing.Any) -> None:
         host = self._address_of(address)
         if not self.slots.open(host):
             # The oldest unauthenticated connection of the address makes
@@ -361,7 +379,7 @@ class _Serving:
             # their address.
             oldest = self._pending_of.get(host)
             if oldest:
-                self._drop(next(iter(oldest)), '%s holds %d connections'
+                self._drop(next(iter(oldest)), '%s holds %s connections'
                            % (host, self.slots.max_per_address))
             if not oldest or not self.slots.open(host):
                 self._count('connections_dropped')
@@ -400,7 +418,7 @@ class _Serving:
             conn] = None
         self._selector.register(conn.sock, selectors.EVENT_READ, conn)
 
-    def _refuse(self, sock):
+    def _refuse(self, sock: typing.Any) -> None:
         """Close a connection beyond the limits, with a 503 if cheap."""
         if self.tls_context is None:
             try:
@@ -412,14 +430,14 @@ class _Serving:
                 pass
         sock.close()
 
-    def _drop(self, conn, why):
+    def _drop(self, conn: _Conn, why: str) -> None:
         """Close an unauthenticated connection for a newcomer."""
         self._count('connections_dropped')
         self._log(logging.WARNING, 'drop', 'Peer server: %s; closing the '
                   'oldest unauthenticated one (from %s)', why, conn.address)
         self._close(conn)
 
-    def _unpend(self, conn):
+    def _unpend(self, conn: _Conn) -> None:
         """Forget an unauthenticated connection (closed, or promoted)."""
         self._pending.pop(conn, None)
         of_address = self._pending_of.get(conn.address)
@@ -428,7 +446,7 @@ class _Serving:
             if not of_address:
                 del self._pending_of[conn.address]
 
-    def _expire(self):
+    def _expire(self) -> None:
         now = time.monotonic()
         while self._pending:
             conn = next(iter(self._pending))
@@ -443,7 +461,7 @@ class _Serving:
             self._accept_paused_until = None
             self._selector.register(self.socket, selectors.EVENT_READ, None)
 
-    def _close(self, conn):
+    def _close(self, conn: _Conn) -> None:
         """Close a connection of the reactor (not one a thread serves)."""
         if conn.state in ('closed', 'served'):
             return
@@ -456,14 +474,14 @@ class _Serving:
         conn.sock.close()
         self.slots.close(conn.address, False)
 
-    def _want(self, conn, events):
+    def _want(self, conn: _Conn, events: int) -> None:
         if conn.state in ('closed', 'served'):
             return
         if conn.events != events:
             self._selector.modify(conn.sock, events, conn)
             conn.events = events
 
-    def _step(self, conn):
+    def _step(self, conn: _Conn) -> None:
         """Advance a connection of the reactor as far as it goes."""
         if conn.state in ('closed', 'served'):
             return
@@ -500,7 +518,7 @@ class _Serving:
             LOG.exception('Error on a connection from %s', conn.address)
             self._close(conn)
 
-    def _receive(self, conn):
+    def _receive(self, conn: _Conn) -> None:
         """Read what the connection sent; act on a complete head."""
         while conn.state == 'head':
             data = conn.sock.recv(min(conn.buffer.room(), 65536))
@@ -518,7 +536,7 @@ class _Serving:
             if head is not None:
                 self._on_head(conn, head)
 
-    def _on_head(self, conn, head):
+    def _on_head(self, conn: _Conn, head: protocol.Head) -> None:
         request, reply, _keep_alive = self._admit_request(head)
         if reply is not None:
             self._queue(conn, reply)
@@ -534,7 +552,7 @@ class _Serving:
         self._selector.unregister(conn.sock)
         self._start_thread(conn, request)
 
-    def _queue(self, conn, reply):
+    def _queue(self, conn: _Conn, reply: reply_mod.Reply) -> None:
         """Send a small reply from the reactor, then close.
 
         The reactor keeps no connection alive: what it answers is a
@@ -547,7 +565,7 @@ class _Serving:
         self._pending.move_to_end(conn)
         self._flush(conn)
 
-    def _flush(self, conn):
+    def _flush(self, conn: _Conn) -> None:
         while conn.out:
             sent = conn.sock.send(conn.out)
             conn.out = conn.out[sent:]
@@ -555,7 +573,8 @@ class _Serving:
 
     # -- connection threads -----------------------------------------------
 
-    def _start_thread(self, conn, request):
+    def _start_thread(self, conn: _Conn, request: typing.Optional[_Request]
+                      ) -> None:
         conn.state = 'served'
         with self._served_lock:
             self._served.add(conn)
@@ -568,7 +587,7 @@ class _Serving:
                       conn.address, e)
             self._finish(conn)
 
-    def _finish(self, conn):
+    def _finish(self, conn: _Conn) -> None:
         with self._served_lock:
             self._served.discard(conn)
         try:
@@ -577,7 +596,7 @@ class _Serving:
             pass
         self.slots.close(conn.address, True)
 
-    def _serve(self, conn, request):
+    def _serve(self, conn: _Conn, request: typing.Optional[_Request]) -> None:
         """Serve a connection's requests, ``request`` (if any) first."""
         try:
             while not self.stopping:
@@ -592,10 +611,11 @@ class _Serving:
                         return
                     request, reply, keep_alive = self._admit_request(head)
                 if reply is None:
+                    assert request is not None  # no reply: a request
                     reply = self._answer(request)
                     keep_alive = request.keep_alive
-                keep_alive = (keep_alive and self._keeps_alive(reply) and
-                              not self.stopping)
+                keep_alive = bool(keep_alive and self._keeps_alive(reply)
+                                  and not self.stopping)
                 if not self._send(conn, reply, keep_alive) or not keep_alive:
                     return
                 request = None
@@ -604,7 +624,7 @@ class _Serving:
         finally:
             self._finish(conn)
 
-    def _read_head(self, conn):
+    def _read_head(self, conn: _Conn) -> typing.Optional[protocol.Head]:
         """The next request head; None at the end of the connection.
 
         ``idle_timeout`` bounds the wait for the head's first byte,
@@ -638,7 +658,8 @@ class _Serving:
                 return None
             buffer.feed(data)
 
-    def _send(self, conn, reply, keep_alive):
+    def _send(self, conn: _Conn, reply: reply_mod.Reply, keep_alive: bool
+              ) -> bool:
         sock = conn.sock
         head = self._response_head(reply, keep_alive)
         try:
@@ -662,11 +683,12 @@ class _Serving:
             LOG.debug('Peer %s: send failed: %s', conn.address, e)
             return False
         finally:
-            if getattr(reply, 'release', None) is not None:
+            if reply.release is not None:
                 reply.release()
 
     @staticmethod
-    def _sendfile(sock, fd, offset, length, bucket):
+    def _sendfile(sock: typing.Any, fd: int, offset: int, length: int,
+                  bucket: typing.Any) -> int:
         source = _Fd(fd)
         sent = 0
         while sent < length:
@@ -681,7 +703,8 @@ class _Serving:
         return sent
 
     @staticmethod
-    def _send_slices(sock, fd, offset, length, bucket):
+    def _send_slices(sock: typing.Any, fd: int, offset: int, length: int,
+                     bucket: typing.Any) -> int:
         """The body through TLS (sendfile cannot encrypt), in slices."""
         buffer = getattr(_slice_buffers, 'buffer', None)
         if buffer is None:
@@ -700,7 +723,7 @@ class _Serving:
             sent += n
         return sent
 
-    def stop(self, grace=5.0):
+    def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let current responses finish, close."""
         self.stopping = True
         self.shutdown()
@@ -725,12 +748,13 @@ class _Serving:
     # -- requests -----------------------------------------------------------
 
     @staticmethod
-    def _keeps_alive(reply):
+    def _keeps_alive(reply: reply_mod.Reply) -> bool:
         # A client error ends the connection: the peer is broken or
         # hostile. 503 and 508 are ordinary answers of the protocol.
         return reply.status < 400 or reply.status in (503, 508)
 
-    def _response_head(self, reply, keep_alive):
+    def _response_head(self, reply: reply_mod.Reply, keep_alive: bool
+                       ) -> bytes:
         headers = list(reply.headers)
         if not keep_alive:
             headers.append(('Connection', 'close'))
@@ -738,7 +762,8 @@ class _Serving:
             self.node.responses.inc(reply.status)
         return protocol.response_head(reply.status, headers, reply.length)
 
-    def _admit_request(self, head):
+    def _admit_request(self, head: protocol.Head
+                       ) -> '_Admitted':
         """(request, None, None) to serve, or (None, reply, keep_alive).
 
         Answers at once what needs no thread: malformed requests, refused
@@ -759,7 +784,9 @@ class _Serving:
             return None, self._refusal(e, target), False
         return _Request(route, headers, peer, keep_alive), None, None
 
-    def _authenticate(self, target, headers):
+    def _authenticate(self, target: str, headers: typing.Dict[str, str]
+                      ) -> protocol.Peer:
+        assert self.secret is not None  # the local server authenticates none
         peer = protocol.authenticate(
             self.secret, 'GET', target, headers, clock=self.clock,
             destination=self.node.url, replays=self.replays,
@@ -768,7 +795,8 @@ class _Serving:
             self._count('v1_tokens')
         return peer
 
-    def _refusal(self, error, target=''):
+    def _refusal(self, error: protocol.ProtocolError, target: str = ''
+                 ) -> reply_mod.Reply:
         """The reply to a request refused with ``error``, counted."""
         if isinstance(error, protocol.AuthError):
             self._count('auth_failures')
@@ -785,7 +813,7 @@ class _Serving:
             self._count('bad_requests')
         return reply_mod.error(error.status, error.reason)
 
-    def _answer(self, request):
+    def _answer(self, request: _Request) -> reply_mod.Reply:
         """The reply to an admitted request."""
         node = self.node
         route = request.route
@@ -806,13 +834,13 @@ class _Serving:
             LOG.exception('Error serving %s', route)
             return reply_mod.error(500, 'internal error')
 
-    def _metrics(self):
+    def _metrics(self) -> reply_mod.Reply:
         body = self.node.metrics_text().encode('utf-8')
         return reply_mod.Reply(
             200, [('Content-Type', 'text/plain; version=0.0.4')], body)
 
 
-def _listen(address):
+def _listen(address: typing.Any) -> socket.socket:
     family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
     return socket.create_server(address, family=family,
                                 backlog=LISTEN_BACKLOG)
@@ -828,18 +856,22 @@ class PeerServer(_Serving):
     :param accept_v1_tokens: accept version 1 tokens (rolling upgrades).
     """
 
-    def __init__(self, address, node, secret, idle_timeout=60.0,
-                 max_connections=256, metrics_auth=False, clock=time.time,
-                 head_timeout=5.0, max_unauthenticated=256,
-                 max_per_address=64, tls_context=None,
-                 replay_cache_size=100000, accept_v1_tokens=False):
+    def __init__(self, address: typing.Any, node: typing.Any,
+                 secret: typing.Optional[bytes], idle_timeout: float = 60.0,
+                 max_connections: int = 256, metrics_auth: bool = False,
+                 clock: typing.Callable[[], float] = time.time,
+                 head_timeout: float = 5.0, max_unauthenticated: int = 256,
+                 max_per_address: typing.Optional[int] = 64,
+                 tls_context: typing.Optional[ssl.SSLContext] = None,
+                 replay_cache_size: typing.Optional[int] = 100000,
+                 accept_v1_tokens: bool = False) -> None:
         self._setup(_listen(address), node, secret, idle_timeout,
                     head_timeout, max_connections, max_unauthenticated,
                     max_per_address, metrics_auth, clock, tls_context,
                     replay_cache_size, accept_v1_tokens)
 
     @property
-    def port(self):
+    def port(self) -> int:
         return self.server_address[1]
 
 
@@ -854,8 +886,9 @@ class LocalServer(_Serving):
 
     local = True
 
-    def __init__(self, path, node, idle_timeout=600.0, max_connections=64,
-                 mode=0o660, head_timeout=5.0):
+    def __init__(self, path: str, node: typing.Any,
+                 idle_timeout: float = 600.0, max_connections: int = 64,
+                 mode: int = 0o660, head_timeout: float = 5.0) -> None:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -872,7 +905,7 @@ class LocalServer(_Serving):
         self._setup(listener, node, None, idle_timeout, head_timeout,
                     max_connections, 0, None, False, time.time)
 
-    def server_close(self):
+    def server_close(self) -> None:
         super().server_close()
         try:
             os.unlink(self.path)

@@ -24,13 +24,15 @@ cipher suites to configure away.
 """
 
 import ssl
+import typing
 
 
 class TLSConfigError(ValueError):
     """The TLS options name files that cannot be used."""
 
 
-def _context(purpose_protocol, certificate, key, ca_file):
+def _context(purpose_protocol: int, certificate: str, key: str,
+             ca_file: str) -> ssl.SSLContext:
     for option, path in (('tls_certificate', certificate), ('tls_key', key),
                          ('tls_ca_file', ca_file)):
         if not path:
@@ -52,19 +54,23 @@ def _context(purpose_protocol, certificate, key, ca_file):
     return context
 
 
-def server_context(certificate, key, ca_file):
+def server_context(certificate: str, key: str,
+                   ca_file: str) -> ssl.SSLContext:
     """The context of the peer server: requires a client certificate."""
     return _context(ssl.PROTOCOL_TLS_SERVER, certificate, key, ca_file)
 
 
-def client_context(certificate, key, ca_file):
+def client_context(certificate: str, key: str,
+                   ca_file: str) -> ssl.SSLContext:
     """The context of the peer client: checks the peer's host name."""
     context = _context(ssl.PROTOCOL_TLS_CLIENT, certificate, key, ca_file)
     context.check_hostname = True
     return context
 
 
-def contexts(peer_conf):
+def contexts(peer_conf: typing.Any
+             ) -> typing.Tuple[typing.Optional[ssl.SSLContext],
+                               typing.Optional[ssl.SSLContext]]:
     """(server context, client context) from ``[peer]``; (None, None) off.
 
     :raises TLSConfigError: if a file is missing, unreadable or does not

@@ -18,6 +18,7 @@ See :mod:`thunder_cache.peer.advertise.records` for what it writes.
 import logging
 import threading
 import time
+import typing
 
 from thunder_cache.peer.advertise import cinder
 from thunder_cache.peer.advertise import records as records_mod
@@ -27,7 +28,7 @@ LOG = logging.getLogger(__name__)
 
 
 class _Advert:
-    def __init__(self, since):
+    def __init__(self, since: int) -> None:
         self.since = since
         # Whether the record was read once, to adopt our unexpired item.
         self.read = False
@@ -37,8 +38,9 @@ class _Advert:
 class Advertiser:
     """Keeps this node's advertisements alive in Cinder."""
 
-    def __init__(self, records, node_id, url, ttl=300, refresh_interval=100,
-                 clock=time.time):
+    def __init__(self, records: cinder.CinderRecords, node_id: str, url: str,
+                 ttl: int = 300, refresh_interval: float = 100,
+                 clock: typing.Callable[[], float] = time.time) -> None:
         if not 0 < refresh_interval < ttl:
             raise ValueError('refresh_interval (%s) must be positive and '
                              'less than ttl (%s)' % (refresh_interval, ttl))
@@ -51,22 +53,22 @@ class Advertiser:
         self.ttl = ttl
         self.refresh_interval = refresh_interval
         self.clock = clock
-        self._adverts = {}
-        self._warned = set()
+        self._adverts: typing.Dict[str, _Advert] = {}
+        self._warned: typing.Set[int] = set()
         self._lock = threading.Lock()
         # Serialises our writes and deletes, so that a withdraw is never
         # followed by a refresh's write of the same item.
         self._io_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread = None
+        self._thread: typing.Optional[threading.Thread] = None
 
     @property
-    def volumes(self):
+    def volumes(self) -> typing.List[str]:
         """Ids of the image-volumes this node advertises itself on."""
         with self._lock:
             return sorted(self._adverts)
 
-    def advertise(self, volume_id):
+    def advertise(self, volume_id: str) -> None:
         """Advertise this node for the image of this image-volume now.
 
         Cinder errors are logged; the write is retried at every refresh.
@@ -80,7 +82,7 @@ class Advertiser:
                 return
         self._write(volume_id)
 
-    def _adopt(self, volume_id, advert):
+    def _adopt(self, volume_id: str, advert: _Advert) -> None:
         """Keep the ``since`` of our own unexpired item, if there is one."""
         value = self.records.get_metadata(volume_id).get(self.key)
         advert.read = True
@@ -95,7 +97,7 @@ class Advertiser:
                 since < advert.since:
             advert.since = since
 
-    def _write(self, volume_id):
+    def _write(self, volume_id: str) -> bool:
         with self._io_lock:
             with self._lock:
                 advert = self._adverts.get(volume_id)
@@ -120,7 +122,7 @@ class Advertiser:
             advert.failing = False
             return True
 
-    def withdraw(self, volume_id, lock_timeout=-1):
+    def withdraw(self, volume_id: str, lock_timeout: float = -1) -> bool:
         """Stop advertising; delete our item (errors are logged).
 
         :returns: whether the item is known to be gone.
@@ -146,7 +148,8 @@ class Advertiser:
             self._io_lock.release()
         return True
 
-    def peers(self, volume_id, include_self=False):
+    def peers(self, volume_id: str,
+              include_self: bool = False) -> typing.List[str]:
         """The image's other holders, oldest first; [] if Cinder fails.
 
         With ``include_self``, this node's own URL stays at its place in
@@ -167,21 +170,21 @@ class Advertiser:
             metadata, now=self.clock(), exclude=exclude,
             created_at=created_at, warned=self._warned)
 
-    def refresh(self):
+    def refresh(self) -> None:
         """Re-write every advertisement with a new expiry."""
         for volume_id in self.volumes:
             if self._stopping.is_set():
                 return
             self._write(volume_id)
 
-    def _run(self):
+    def _run(self) -> None:
         while not self._stopping.wait(self.refresh_interval):
             try:
                 self.refresh()
             except Exception:
                 LOG.exception('Refreshing peer advertisements failed')
 
-    def start(self):
+    def start(self) -> None:
         """Refresh every ``refresh_interval`` seconds in a daemon thread."""
         if self._thread is not None:
             return
@@ -191,7 +194,7 @@ class Advertiser:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self, withdraw=True, timeout=30):
+    def stop(self, withdraw: bool = True, timeout: float = 30) -> None:
         """Stop refreshing, then withdraw every advertisement.
 
         Best effort within about ``timeout`` seconds (plus one Cinder

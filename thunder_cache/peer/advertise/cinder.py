@@ -12,6 +12,7 @@
 
 """Advertisements in Cinder: volume metadata through python-cinderclient."""
 
+import typing
 import urllib.parse
 import uuid
 
@@ -28,7 +29,8 @@ from thunder_cache.peer.advertise import records
 class RecordsError(Exception):
     """Cinder (or Keystone) could not read or write an advertisement."""
 
-    def __init__(self, message, cause=None):
+    def __init__(self, message: str,
+                 cause: typing.Optional[BaseException] = None) -> None:
         super().__init__(message)
         self.cause = cause
 
@@ -41,7 +43,7 @@ _ERRORS = (cinder_exceptions.ClientException,
            ks_exceptions.ClientException)
 
 
-def check_volume_id(volume_id):
+def check_volume_id(volume_id: typing.Any) -> str:
     """The canonical form of a Cinder volume id (a UUID); ValueError."""
     if not isinstance(volume_id, str) or len(volume_id) > 64:
         raise ValueError('volume id must be a UUID, not %r' % (volume_id,))
@@ -51,11 +53,12 @@ def check_volume_id(volume_id):
 class CinderRecords:
     """Volume metadata through python-cinderclient v3."""
 
-    def __init__(self, client):
+    def __init__(self, client: typing.Any) -> None:
         self.client = client
 
     @classmethod
-    def from_conf(cls, conf, group=options.GROUP):
+    def from_conf(cls, conf: typing.Any,
+                  group: str = options.GROUP) -> 'CinderRecords':
         """A client with the credentials and session of ``[group]``.
 
         :raises RecordsError: when the section names no usable auth.
@@ -79,7 +82,9 @@ class CinderRecords:
             api_version=api_versions.APIVersion(section.api_version))
         return cls(client)
 
-    def _call(self, what, volume_id, func, *args):
+    def _call(self, what: str, volume_id: str,
+              func: typing.Callable[..., typing.Any],
+              *args: typing.Any) -> typing.Any:
         check_volume_id(volume_id)
         try:
             return func(*args)
@@ -91,24 +96,28 @@ class CinderRecords:
                                % (what, volume_id, type(exc).__name__, exc),
                                exc)
 
-    def get_metadata(self, volume_id):
+    def get_metadata(self, volume_id: str) -> typing.Dict[str, str]:
         """The volume's metadata (a dict of strings)."""
         return self.get_volume(volume_id)[0]
 
-    def get_volume(self, volume_id):
+    def get_volume(self, volume_id: str
+                   ) -> typing.Tuple[typing.Dict[str, str],
+                                     typing.Optional[float]]:
         """(metadata, created_at in unix seconds or None) of the volume."""
         volume = self._call('read the metadata', volume_id,
                             self.client.volumes.get, volume_id)
         return (dict(getattr(volume, 'metadata', None) or {}),
                 records.unix_time(getattr(volume, 'created_at', None)))
 
-    def set_metadata(self, volume_id, metadata):
+    def set_metadata(self, volume_id: str,
+                     metadata: typing.Mapping[str, str]) -> None:
         """Add or replace these items (others are kept)."""
         self._call('update the metadata', volume_id,
                    self.client.volumes.set_metadata, volume_id,
                    dict(metadata))
 
-    def delete_metadata(self, volume_id, keys):
+    def delete_metadata(self, volume_id: str,
+                        keys: typing.Iterable[str]) -> None:
         """Delete these items, one request each; missing ones are fine.
 
         Per-key DELETE leaves concurrent writers' items alone (the 3.15+

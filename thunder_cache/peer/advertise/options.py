@@ -14,6 +14,7 @@
 credentials and session (keystoneauth's)."""
 
 import copy
+import typing
 
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
@@ -54,7 +55,7 @@ opts = [
 ]
 
 
-def _session_opts():
+def _session_opts() -> typing.List[typing.Any]:
     """keystoneauth's session options, with our default timeout."""
     result = []
     for opt in ks_loading.get_session_conf_options():
@@ -65,7 +66,7 @@ def _session_opts():
     return result
 
 
-def register_opts(conf, group=GROUP):
+def register_opts(conf: cfg.ConfigOpts, group: str = GROUP) -> None:
     """Register the options of ``[advertise]``, its auth and session."""
     conf.register_opts(opts, group=group)
     ks_loading.register_session_conf_options(conf, group)
@@ -73,7 +74,7 @@ def register_opts(conf, group=GROUP):
     conf.set_default('timeout', DEFAULT_TIMEOUT, group=group)
 
 
-def list_opts():
+def list_opts() -> typing.List[typing.Tuple[str, typing.List[typing.Any]]]:
     """Options for oslo-config-generator (auth shown for 'password')."""
     return [(GROUP, opts + _session_opts() +
              ks_loading.get_auth_common_conf_options() +

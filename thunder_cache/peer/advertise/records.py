@@ -41,6 +41,7 @@ import datetime
 import logging
 import re
 import time
+import typing
 
 from thunder_cache.peer import protocol
 
@@ -58,7 +59,7 @@ _TIME = re.compile(r'^(0|[1-9][0-9]{0,11})\Z')
 MAX_WARNED = 1024
 
 
-def peer_key(node_id):
+def peer_key(node_id: str) -> str:
     """The metadata key of a node's advertisement."""
     key = PEER_PREFIX + protocol.check_node_id(node_id)
     if len(key) > MAX_METADATA_LENGTH:
@@ -67,7 +68,7 @@ def peer_key(node_id):
     return key
 
 
-def _check_time(value, name):
+def _check_time(value: typing.Any, name: str) -> int:
     if (isinstance(value, bool) or not isinstance(value, int) or
             not _TIME.match(str(value))):
         raise ValueError('%s must be a unix time of at most 12 digits, '
@@ -75,7 +76,7 @@ def _check_time(value, name):
     return value
 
 
-def peer_value(url, since, expires):
+def peer_value(url: str, since: int, expires: int) -> str:
     """The metadata value of an advertisement: ``<url> <since> <expires>``.
 
     :raises ValueError: for an invalid URL or time, an expiry before
@@ -93,7 +94,7 @@ def peer_value(url, since, expires):
     return value
 
 
-def parse_peer_value(value):
+def parse_peer_value(value: typing.Any) -> typing.Tuple[str, int, int]:
     """(url, since, expires) of a metadata value; raises ValueError."""
     if not isinstance(value, str):
         raise ValueError('not a string')
@@ -102,21 +103,21 @@ def parse_peer_value(value):
     parts = value.split(' ')
     if len(parts) != 3:
         raise ValueError('expected "<url> <since> <expires>"')
-    url, since, expires = parts
-    if not _TIME.match(since) or not _TIME.match(expires):
+    url, since_text, expires_text = parts
+    if not _TIME.match(since_text) or not _TIME.match(expires_text):
         raise ValueError('malformed time')
-    since, expires = int(since), int(expires)
+    since, expires = int(since_text), int(expires_text)
     if expires < since:
         raise ValueError('expires before since')
     return protocol.normalize_url(url), since, expires
 
 
-def _shown(text):
+def _shown(text: typing.Any) -> str:
     text = str(text)
     return repr(text if len(text) <= 80 else text[:77] + '...')
 
 
-def unix_time(value):
+def unix_time(value: typing.Any) -> typing.Optional[float]:
     """Unix seconds of an ISO 8601 time (UTC unless it says so), or None."""
     if not isinstance(value, str) or len(value) > 64:
         return None
@@ -129,7 +130,9 @@ def unix_time(value):
     return moment.timestamp()
 
 
-def _entry(key, value, now, created_at):
+def _entry(key: str, value: typing.Any, now: float,
+           created_at: typing.Optional[float]
+           ) -> typing.Optional[typing.Tuple[int, str]]:
     """(since, url) of an advertisement, None if it expired.
 
     :raises ValueError: saying why the item is ignored.
@@ -154,8 +157,12 @@ def _entry(key, value, now, created_at):
     return since, url
 
 
-def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
-                        warned=None):
+def peers_from_metadata(metadata: typing.Any,
+                        now: typing.Optional[float] = None,
+                        exclude: typing.Iterable[str] = (),
+                        created_at: typing.Optional[float] = None,
+                        warned: typing.Optional[typing.Set[int]] = None
+                        ) -> typing.List[str]:
     """The unexpired peer URLs of an image-volume's metadata.
 
     Oldest ``since`` first, ties by key; a URL listed under several keys
@@ -173,7 +180,7 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
     """
     if now is None:
         now = time.time()
-    excluded = set()
+    excluded: typing.Set[str] = set()
     for url in exclude:
         try:
             excluded.add(protocol.normalize_url(url))
@@ -184,7 +191,7 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
             LOG.warning('Ignoring volume metadata of type %s',
                         type(metadata).__name__)
         return []
-    entries = []
+    entries: typing.List[typing.Tuple[int, str, str]] = []
     for key, value in metadata.items():
         if not isinstance(key, str) or not key.startswith(PEER_PREFIX):
             continue
@@ -197,7 +204,7 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
             entries.append((entry[0], key, entry[1]))
     entries.sort()
     seen = set(excluded)
-    result = []
+    result: typing.List[str] = []
     for _since, _key, url in entries:
         if url not in seen:
             seen.add(url)
@@ -205,7 +212,8 @@ def peers_from_metadata(metadata, now=None, exclude=(), created_at=None,
     return result
 
 
-def _warn_once(warned, key, value, reason):
+def _warn_once(warned: typing.Optional[typing.Set[int]], key: str,
+               value: typing.Any, reason: typing.Any) -> None:
     if warned is not None:
         mark = hash((key, repr(value)[:MAX_METADATA_LENGTH + 2]))
         if mark in warned:

@@ -32,13 +32,6 @@ CHUNK = 64 * 1024
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    c = cache_helpers.Cluster(tmp_path)
-    yield c
-    c.stop_all()
-
-
-@pytest.fixture
 def volume(tmp_path):
     image = os.urandom(CHUNK * 6 + 100)
     path = str(tmp_path / 'volume')

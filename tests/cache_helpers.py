@@ -41,6 +41,13 @@ def write_volume(path, image, chunk_size):
     return manifest
 
 
+def image_volume(directory, size, chunk_size):
+    """(image, manifest, path) of a random image written as an image-volume."""
+    image = os.urandom(size)
+    path = os.path.join(str(directory), 'volume')
+    return image, write_volume(path, image, chunk_size), path
+
+
 class CountingOrigin(sources.FileOrigin):
     """A FileOrigin that counts the chunk reads it serves."""
 

@@ -13,7 +13,6 @@
 """Bounded fan-out, the upload rate limit and parent selection."""
 
 import hashlib
-import os
 import threading
 
 import pytest
@@ -378,10 +377,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 def volume(tmp_path):
-    image = os.urandom(CHUNK * 40 + 999)
-    path = str(tmp_path / 'volume')
-    manifest = cache_helpers.write_volume(path, image, CHUNK)
-    return image, manifest, path
+    return cache_helpers.image_volume(tmp_path, CHUNK * 40 + 999, CHUNK)
 
 
 def _spec(manifest, origin=None, peers=()):

@@ -33,10 +33,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 def volume(tmp_path):
-    image = os.urandom(CHUNK * 6 + 100)
-    path = str(tmp_path / 'volume')
-    manifest = cache_helpers.write_volume(path, image, CHUNK)
-    return image, manifest, path
+    return cache_helpers.image_volume(tmp_path, CHUNK * 6 + 100, CHUNK)
 
 
 def _spec(manifest, origin=None, peers=(), image_id='img'):
@@ -323,8 +320,16 @@ def test_connection_limit(cluster, volume):
     assert srv.slots.authenticated <= 1
 
 
-def test_peer_killed_mid_transfer_is_an_error(tmp_path):
-    """A peer that closes after part of the body raises PeerError."""
+@pytest.mark.parametrize('answer, linger, error', [
+    # Killed mid-transfer: closes after part of the body.
+    (b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + b'x' * 10, 0.0,
+     'closed after 10 of 1000'),
+    # Oversized: a body longer than the chunk is not read.
+    (b'HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n', 0.2,
+     'announced'),
+], ids=['killed-mid-transfer', 'oversized'])
+def test_bad_peer_answer_is_an_error(answer, linger, error):
+    """A peer's answer that is not the chunk raises PeerError."""
     listener = socket.socket()
     listener.bind(('127.0.0.1', 0))
     listener.listen(1)
@@ -333,36 +338,13 @@ def test_peer_killed_mid_transfer_is_an_error(tmp_path):
     def serve():
         conn, _ = listener.accept()
         conn.recv(65536)
-        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' +
-                     b'x' * 10)
+        conn.sendall(answer)
+        time.sleep(linger)
         conn.close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    with pytest.raises(sources.PeerError, match='closed after 10 of 1000'):
-        cache_helpers.client().get_chunk('http://127.0.0.1:%d' % port, 'img',
-                                         0, 1000)
-    t.join()
-    listener.close()
-
-
-def test_oversized_peer_answer_is_not_read(tmp_path):
-    listener = socket.socket()
-    listener.bind(('127.0.0.1', 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-
-    def serve():
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n'
-                     b'\r\n')
-        time.sleep(0.2)
-        conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    with pytest.raises(sources.PeerError, match='announced'):
+    with pytest.raises(sources.PeerError, match=error):
         cache_helpers.client().get_chunk('http://127.0.0.1:%d' % port, 'img',
                                          0, 1000)
     t.join()

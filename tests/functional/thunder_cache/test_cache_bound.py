@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -61,14 +60,6 @@ def _no_loop():
     if subprocess.run(['losetup', '--find'], capture_output=True).returncode:
         return 'no free loop device'
     return None
-
-
-@pytest.fixture
-def workdir():
-    # Short: the control socket's path must fit in 108 bytes.
-    path = tempfile.mkdtemp(prefix='cb-', dir='/tmp')
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _image(workdir, name, size):
@@ -205,7 +196,9 @@ def test_image_deleted_in_glance_leaves_once_unused(workdir):
         assert _cached(daemon) == ['img-g'] and os.path.exists(descriptor)
         assert _read_volume(daemon, 'vol-g', 2 * MiB) == image['data']
         daemon.delete_volume('vol-g')
-        _wait(lambda: _cached(daemon) == [], daemon)
+        # The evictor removes the cache, then the descriptor.
+        _wait(lambda: _cached(daemon) == [] and
+              not os.path.exists(descriptor), daemon)
         assert not os.path.exists(descriptor)
         assert daemon.control.call('stats')['images'] == 0
         assert 'deleted in Glance' in daemon.log()

@@ -27,7 +27,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -58,14 +57,6 @@ def _unavailable():
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None,
                                 reason=str(_unavailable()))
-
-
-@pytest.fixture
-def workdir():
-    # Short: the control socket's path must fit in 108 bytes.
-    path = tempfile.mkdtemp(prefix='ctl-', dir='/tmp')
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

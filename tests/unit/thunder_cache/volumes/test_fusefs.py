@@ -28,7 +28,7 @@ def test_import_takes_libfuse3_and_leaves_the_environment_alone():
     out = subprocess.run(
         [sys.executable, '-c',
          'import os\n'
-         'from thunder_cache import fusefs\n'
+         'from thunder_cache.volumes import fusefs\n'
          'print(fusefs.mfusepy.fuse_version_major,'
          ' os.environ.get("FUSE_LIBRARY_NAME"))'],
         cwd=REPO, env=env, check=True, capture_output=True, text=True)

@@ -68,7 +68,7 @@ from benchmarks import blockdev_mechanisms as bm
 from benchmarks import bulk_boot
 from benchmarks import cache_io
 from benchmarks import make_boot_trace as mbt
-from thunder_cache import control
+from thunder_cache.control import client as control_client
 from thunder_common import manifest as manifest_mod
 from thunder_stack.guest import qemu as guest_qemu
 
@@ -236,7 +236,7 @@ class VolumeNode(bulk_boot.Node):
     def __init__(self, workdir, name, host, **kwargs):
         super().__init__(workdir, name, host, **kwargs)
         self.mount_dir = os.path.join(self.dir, 'mnt')
-        self.control = control.ControlClient(
+        self.control = control_client.ControlClient(
             os.path.join(self.dir, 'control.sock'))
         with open(self.conf, 'a') as f:
             f.write('\n'.join([
@@ -559,7 +559,7 @@ def main(argv=None):
     try:
         return _main(args, argv, cleanup)
     except (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError) as e:
+            control_client.ControlError) as e:
         print('\nboot_guests: FAILED: %s' % e, file=sys.stderr)
         return 1
     finally:

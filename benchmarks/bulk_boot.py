@@ -86,9 +86,9 @@ import time
 
 from benchmarks import blockdev_mechanisms as bm
 from benchmarks import cache_io
+from thunder_cache.boot import trace as trace_mod
+from thunder_cache.control import client as control_client
 from thunder_cache import options as cache_options
-from thunder_cache import sources
-from thunder_cache import trace as trace_mod
 from thunder_common import manifest as manifest_mod
 from thunder_stack import netlab
 
@@ -323,14 +323,14 @@ class Node:
         return True
 
     def metrics(self):
-        client = sources.LocalClient(self.socket, timeout=10)
+        client = control_client.LocalClient(self.socket, timeout=10)
         try:
             text = client._get('/metrics').decode()
         finally:
             client.close()
         if REPO not in sys.path:
             sys.path.append(REPO)
-        from tests.functional import cache_daemons
+        from tests.functional.thunder_cache import cache_daemons
         totals = {}
         for name, labels, value in cache_daemons.parse_metrics(text):
             if labels.get('image', IMAGE_ID) == IMAGE_ID:
@@ -374,7 +374,7 @@ def read_chunks(socket_path, manifest, indexes, streams, whole=False):
     errors = []
 
     def worker(part):
-        client = sources.LocalClient(socket_path, timeout=300)
+        client = control_client.LocalClient(socket_path, timeout=300)
         try:
             for index in part:
                 offset, length = manifest.chunk_range(index)
@@ -411,7 +411,7 @@ def boot(socket_path, manifest, reads, think_scale, download, start_at,
             read_chunks(socket_path, manifest,
                         list(range(manifest.chunk_count)), DOWNLOAD_STREAMS)
             out['download'] = time.monotonic() - start_at
-        client = sources.LocalClient(socket_path, timeout=300)
+        client = control_client.LocalClient(socket_path, timeout=300)
         h = hashlib.sha256()
         previous = reads[0][0]
         for t, offset, length in reads:

@@ -77,8 +77,8 @@ import time
 
 from benchmarks import blockdev_mechanisms as bm
 from benchmarks import peer_throughput as pt
-from thunder_cache import control
-from thunder_cache import nativevol
+from thunder_cache.control import client as control_client
+from thunder_cache.volumes import nativevol
 from thunder_common import manifest as manifest_mod
 
 MiB = 1024 * 1024
@@ -109,9 +109,9 @@ def unavailable():
         if not shutil.which(tool):
             return '%s is not installed (Debian: %s)' % (tool, package)
     try:
-        import thunder_cache.fusefs  # noqa: F401
+        import thunder_cache.volumes.fusefs  # noqa: F401
     except (ImportError, OSError) as e:
-        return 'no libfuse 3 for thunder_cache.fusefs: %s' % e
+        return 'no libfuse 3 for thunder_cache.volumes.fusefs: %s' % e
     return None
 
 
@@ -247,7 +247,8 @@ class Daemon:
                 ] if native else []) + [
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false', 'hydrate = false', '']))
-        self.client = control.ControlClient(self.control_socket, timeout=60)
+        self.client = control_client.ControlClient(
+            self.control_socket, timeout=60)
         # Undone in reverse: stop the daemon by its PID (it unmounts), then
         # unmount whatever a killed daemon left.
         cleanup.callback(unmount, self.mount_dir)
@@ -273,7 +274,7 @@ class Daemon:
     def _ready(self):
         try:
             self.client.call('ping')
-        except control.ControlError:
+        except control_client.ControlError:
             return False
         return mounted(self.mount_dir)
 
@@ -644,7 +645,7 @@ def parse_args(argv):
 
 
 FAILURES = (RuntimeError, OSError, subprocess.SubprocessError,
-            control.ControlError, nativevol.NativeError)
+            control_client.ControlError, nativevol.NativeError)
 
 
 def run_main(name, run, args):

@@ -32,11 +32,11 @@ import tempfile
 import threading
 import time
 
-from thunder_cache import node as node_mod
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
-from thunder_cache import server as server_mod
-from thunder_cache import sources
+from thunder_cache.cache import node as node_mod
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
+from thunder_cache.peer import server as server_mod
+from thunder_cache.peer import sources
 from thunder_common import manifest as manifest_mod
 
 SECRET = b'fanout-tree-benchmark-secret-000'

@@ -63,10 +63,10 @@ import tempfile
 import time
 import urllib.request
 
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
-from thunder_cache import sources
-from thunder_cache import tls as tls_mod
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
+from thunder_cache.peer import sources
+from thunder_cache.peer import tls as tls_mod
 from thunder_common import manifest as manifest_mod
 from thunder_stack import pki
 

@@ -49,7 +49,7 @@ import time
 
 from benchmarks import blockdev_mechanisms as bm
 from benchmarks import cache_io
-from thunder_cache import nativevol
+from thunder_cache.volumes import nativevol
 
 BS = 4096
 MiB = 1024 * 1024

@@ -33,6 +33,7 @@ the node by its volume id.
 """
 
 import os
+import typing
 
 from cinder import exception
 from cinder.i18n import _
@@ -49,7 +50,8 @@ from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import image_io
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import options
-from thunder_cache import control
+from thunder_cache.control import client as control_client
+from thunder_cache.control import protocol as control_protocol
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 
@@ -117,7 +119,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.thunder_opts)
         conf = self.configuration
-        self.daemon = control.ControlClient(
+        self.daemon = control_client.ControlClient(
             conf.thunder_cache_control_socket,
             timeout=conf.thunder_cache_timeout)
         self._mount_dir = None
@@ -125,10 +127,11 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
 
     # -- daemon -------------------------------------------------------
 
-    def _call(self, op, **args):
+    def _call(self, op: str, **args: typing.Any) -> typing.Any:
+        """``op``'s result (:mod:`thunder_cache.control.protocol`)."""
         try:
             return self.daemon.call(op, **args)
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             raise base.backend_error(_(
                 'thunder-cache %(op)s failed: %(err)s') % {'op': op, 'err': e})
 
@@ -144,19 +147,20 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
     def do_setup(self, context):
         pass
 
-    def check_for_setup_error(self):
+    def check_for_setup_error(self) -> None:
         """The daemon answers and serves volume files."""
-        info = self._call('ping')
-        if not info.get('mount_dir'):
+        info: control_protocol.PingResult = self._call('ping')
+        mount_dir = info.get('mount_dir')
+        if not mount_dir:
             raise base.backend_error(_(
                 'thunder-cache at %(sock)s serves no volume files: set '
                 '[blockdev] enabled = true in its configuration.') % {
                     'sock': self.configuration.thunder_cache_control_socket})
-        if not os.path.ismount(info['mount_dir']):
+        if not os.path.ismount(mount_dir):
             raise base.backend_error(_(
                 '%(dir)s is not mounted: is thunder-cache running with its '
-                'volume files?') % {'dir': info['mount_dir']})
-        self._mount_dir = info['mount_dir']
+                'volume files?') % {'dir': mount_dir})
+        self._mount_dir = mount_dir
         LOG.info('PeerDriver %(version)s: node %(node)s, '
                  'volumes in %(dir)s.',
                  {'version': self.VERSION, 'node': info.get('node_id'),
@@ -164,10 +168,10 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
 
     # -- stats --------------------------------------------------------
 
-    def _update_volume_stats(self):
+    def _update_volume_stats(self) -> None:
         stats = self._base_stats('local', multiattach=False, qos=False)
         try:
-            info = self.daemon.call('stats')
+            info: control_protocol.StatsResult = self.daemon.call('stats')
             stats.update({
                 'total_capacity_gb': round(info['total_bytes'] / units.Gi,
                                            2),
@@ -176,7 +180,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                     info['provisioned_bytes'] / units.Gi, 2),
                 'total_volumes': info['volumes'],
                 'backend_state': 'up'})
-        except (control.ControlError, KeyError, TypeError) as e:
+        except (control_client.ControlError, KeyError, TypeError) as e:
             LOG.warning('thunder-cache does not answer; reporting the '
                         'backend down: %s', e)
         self._stats = stats
@@ -212,7 +216,7 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         try:
             self.daemon.delete_volume(name, busy_wait=self.busy_wait,
                                       interval=0.2)
-        except control.ControlError as e:
+        except control_client.ControlError as e:
             if e.kind == 'VolumeNotFound':
                 LOG.info('Peer-mode volume %s is already gone.', name)
                 return
@@ -260,7 +264,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
 
     # -- manage / unmanage --------------------------------------------
 
-    def _existing(self, existing_ref, snapshot=False):
+    def _existing(self, existing_ref: typing.Any,
+                  snapshot: bool = False) -> control_protocol.VolumeInfo:
         """The daemon's info of the layer ``existing_ref`` names.
 
         :raises ManageExistingInvalidReference: if it names no layer on
@@ -274,8 +279,9 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
                 reason=_('a reference needs source-name: the id of a '
                          'volume on this node (thunder-cache)'))
         try:
-            info = self.daemon.call('volume_info', volume_id=name)
-        except control.ControlError as e:
+            info: control_protocol.VolumeInfo = self.daemon.call(
+                'volume_info', volume_id=name)
+        except control_client.ControlError as e:
             if e.kind not in ('VolumeNotFound', 'BadRequest'):
                 raise base.backend_error(_(
                     'thunder-cache volume_info failed: %(err)s') % {'err': e})
@@ -289,7 +295,8 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         return info
 
     @staticmethod
-    def _not_manageable(info, snapshot=False):
+    def _not_manageable(info: control_protocol.VolumeInfo,
+                        snapshot: bool = False) -> typing.Optional[str]:
         if info['read_only'] and not snapshot:
             return _('a snapshot (read-only layer)')
         if snapshot and not info['read_only']:
@@ -351,11 +358,12 @@ class PeerDriver(base.ThunderBase, driver.CloneableImageVD, driver.BaseVD):
         LOG.info('Unmanaged peer-mode snapshot %s: its layer stays on the '
                  'node.', snapshot.name)
 
-    def _layers(self):
+    def _layers(self) -> typing.Iterator[control_protocol.VolumeInfo]:
         """The info of every layer on the node, a page at a time."""
         marker = None
         while True:
-            page = self._call('list_volumes', marker=marker)
+            page: typing.List[control_protocol.VolumeInfo] = self._call(
+                'list_volumes', marker=marker)
             yield from page
             if not page:
                 return

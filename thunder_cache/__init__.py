@@ -12,22 +12,29 @@
 
 """The node cache of the peer mode and its peer-to-peer protocol.
 
-A ``thunder-cache`` daemon per node keeps an origin-shaped, read-only
-cache of each image the node uses (:mod:`thunder_cache.image_cache`, with
-its persistent presence map :mod:`thunder_cache.chunkmap`), fetches missing
-chunks from peer nodes or from the image-volume
-(:mod:`thunder_cache.sources`, :mod:`thunder_cache.upstream`), verifies
-every chunk against the image's manifest (:mod:`thunder_common.manifest`)
-and serves the chunks it holds to other nodes
-(:mod:`thunder_cache.server`, :mod:`thunder_cache.protocol`).
+A ``thunder-cache`` daemon per node (:mod:`thunder_cache.daemon`; options
+in :mod:`thunder_cache.options`, operator commands in
+:mod:`thunder_cache.manage`) is made of:
 
-For the Cinder driver's peer mode it also serves each volume as a file
-(:mod:`thunder_cache.fusefs`): the volume's copy-on-write layer
-(:mod:`thunder_cache.cow`, :mod:`thunder_cache.volumes`) over the image
-cache, managed through a control socket (:mod:`thunder_cache.control`,
-:mod:`thunder_cache.service`). Once an image is open
-(:mod:`thunder_cache.lifecycle`) the node advertises itself in the
-image-volume's Cinder metadata (:mod:`thunder_cache.advertise`), records
-or replays its boot trace (:mod:`thunder_cache.trace`,
-:mod:`thunder_cache.prefetch`) and may hydrate it.
+:mod:`thunder_cache.cache`
+    The origin-shaped, read-only cache of each image the node uses, with
+    its persistent presence map; every chunk is verified against the
+    image's manifest (:mod:`thunder_common.manifest`) before it is stored.
+:mod:`thunder_cache.peer`
+    Where missing chunks come from (the image-volume or peer nodes), the
+    peer protocol, the server of the chunks a node holds, and the
+    advertisement of holders in the image-volume's Cinder metadata.
+:mod:`thunder_cache.volumes`
+    For the Cinder driver's peer mode, each volume as a file: a
+    copy-on-write layer over the image cache, served by FUSE or by the
+    native volume server.
+:mod:`thunder_cache.control`
+    The control socket through which the driver manages images and
+    volumes, and the clients of the daemon.
+:mod:`thunder_cache.boot`
+    Boot traces: recorded when an image is first used, replayed as
+    prefetch by the next nodes.
+
+:mod:`thunder_cache.metrics`, :mod:`thunder_cache.fsutil` and
+:mod:`thunder_cache.errors` are shared by all of them.
 """

@@ -32,20 +32,21 @@ import threading
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from thunder_cache import advertise
-from thunder_cache import control
-from thunder_cache import eviction
-from thunder_cache import lifecycle
-from thunder_cache import nativevol
-from thunder_cache import node as node_mod
+from thunder_cache.boot import lifecycle
+from thunder_cache.cache import eviction
+from thunder_cache.cache import node as node_mod
+from thunder_cache.cache import origins
+from thunder_cache.control import server as control_server
+from thunder_cache.control import service as service_mod
 from thunder_cache import options
-from thunder_cache import origins
-from thunder_cache import peerpolicy
-from thunder_cache import protocol
-from thunder_cache import server as server_mod
-from thunder_cache import service as service_mod
-from thunder_cache import sources
-from thunder_cache import tls
+from thunder_cache.peer.advertise import advertiser as advertiser_mod
+from thunder_cache.peer.advertise import cinder as cinder_records
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
+from thunder_cache.peer import server as server_mod
+from thunder_cache.peer import sources
+from thunder_cache.peer import tls
+from thunder_cache.volumes import nativevol
 
 LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -245,10 +246,10 @@ class Daemon:
         if not conf.advertise.enabled:
             return None
         try:
-            records = advertise.CinderRecords.from_conf(conf)
-        except advertise.RecordsError as e:
+            records = cinder_records.CinderRecords.from_conf(conf)
+        except cinder_records.RecordsError as e:
             raise StartError(str(e))
-        advertiser = advertise.Advertiser(
+        advertiser = advertiser_mod.Advertiser(
             records, conf.node.node_id, url, ttl=conf.advertise.ttl,
             refresh_interval=conf.advertise.refresh_interval)
         advertiser.start()
@@ -256,7 +257,7 @@ class Daemon:
 
     def _start_blockdev(self):
         """Mount the volume files and answer the Cinder driver."""
-        from thunder_cache import volumes
+        from thunder_cache.volumes import volumes
 
         conf = self.conf.blockdev
         native = None
@@ -273,7 +274,7 @@ class Daemon:
         service.evictor = self.evictor
         service.trace_state = self.lifecycle.trace_state
         self.evictor.in_use = service.image_in_use
-        self.control_server = control.ControlServer(
+        self.control_server = control_server.ControlServer(
             conf.control_socket, service.handlers(),
             expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
         self.control_server.start()
@@ -285,7 +286,7 @@ class Daemon:
 
     def _mount_python(self, conf):
         # Imported here: only nodes serving volumes need libfuse 3.
-        from thunder_cache import fusefs
+        from thunder_cache.volumes import fusefs
 
         try:
             self.mount = fusefs.Mount(self.store, conf.mount_dir,

@@ -40,14 +40,14 @@ import sys
 
 from oslo_config import cfg
 
-from thunder_cache import chunkmap
-from thunder_cache import control
-from thunder_cache import eviction
-from thunder_cache import image_cache
-from thunder_cache import lifecycle
-from thunder_cache import node as node_mod
+from thunder_cache.boot import lifecycle
+from thunder_cache.cache import chunkmap
+from thunder_cache.cache import eviction
+from thunder_cache.cache import image_cache
+from thunder_cache.cache import node as node_mod
+from thunder_cache.control import client as control_client
 from thunder_cache import options
-from thunder_cache import volumes
+from thunder_cache.volumes import volumes
 from thunder_common import manifest as manifest_mod
 
 OK = 0
@@ -152,7 +152,8 @@ def _daemon(conf):
     """The daemon's control client, or None without blockdev."""
     if not conf.blockdev.enabled:
         return None
-    return control.ControlClient(conf.blockdev.control_socket, timeout=30)
+    return control_client.ControlClient(conf.blockdev.control_socket,
+                                        timeout=30)
 
 
 def _status(client):
@@ -161,7 +162,7 @@ def _status(client):
         return None
     try:
         return client.call('cache_status')['images']
-    except control.ControlError:
+    except control_client.ControlError:
         return None
 
 
@@ -228,7 +229,7 @@ def image_evict(conf, files, image_id):
                            'control socket to evict through', UNAVAILABLE)
     try:
         return OK, client.call('evict_image', image_id=image_id)
-    except control.ControlError as e:
+    except control_client.ControlError as e:
         if e.kind == 'Unavailable':
             raise CommandError(e.message, UNAVAILABLE)
         raise CommandError('refused: %s' % e.message)
@@ -243,7 +244,7 @@ def volume_list(conf, files):
             try:
                 row['open'] = client.call('volume_info',
                                           volume_id=row['id'])['open_count']
-            except control.ControlError:
+            except control_client.ControlError:
                 client = None  # away: do not ask again for each volume
     return OK, rows
 

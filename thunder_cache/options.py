@@ -26,9 +26,9 @@ import socket
 
 from oslo_config import cfg
 
-from thunder_cache import advertise
-from thunder_cache import eviction
-from thunder_cache import prefetch
+from thunder_cache.boot import prefetch
+from thunder_cache.cache import eviction
+from thunder_cache.peer.advertise import options as advertise_opts
 
 DEFAULT_PORT = 7485
 
@@ -370,7 +370,7 @@ blockdev_opts = [
                default='thunder-volume-server',
                help='The native volume server (volume_server = native): a '
                     'path, or a name looked up in PATH. Built from '
-                    'thunder_cache/native with make.'),
+                    'thunder_cache/volumes/native with make.'),
     cfg.StrOpt('native_server_socket',
                default='/run/thunder-cache/volume-server.sock',
                help='Unix socket (mode 0600) on which the native volume '
@@ -393,10 +393,10 @@ GROUPS = (('node', node_opts), ('peer', peer_opts),
 def register(conf):
     for group, opts in GROUPS:
         conf.register_opts(opts, group=group)
-    advertise.register_opts(conf)
+    advertise_opts.register_opts(conf)
 
 
 def list_opts():
     """Options for oslo-config-generator."""
     return ([(group, opts) for group, opts in GROUPS] +
-            advertise.list_opts())
+            advertise_opts.list_opts())

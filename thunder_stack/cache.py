@@ -22,7 +22,7 @@ socket answers.
 
 import os
 
-from thunder_cache import control
+from thunder_cache.control import client as control
 from thunder_common import loops
 from thunder_stack import devstack
 from thunder_stack import services as svc

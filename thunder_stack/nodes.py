@@ -315,7 +315,7 @@ def image_counters(node, image_id):
     read from its ``/metrics`` over its local socket (the stack's
     virtualenv's Python: thunder_cache needs oslo).
     """
-    from thunder_cache import sources
+    from thunder_cache.control import client as sources
 
     client = sources.LocalClient(
         os.path.join(node.cache_paths['run'], 'local.sock'), timeout=10)

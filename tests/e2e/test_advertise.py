@@ -25,7 +25,10 @@ import time
 from oslo_config import cfg
 import pytest
 
-from thunder_cache import advertise
+from thunder_cache.peer.advertise import advertiser as advertiser_mod
+from thunder_cache.peer.advertise import cinder as cinder_records
+from thunder_cache.peer.advertise import options as advertise_opts
+from thunder_cache.peer.advertise import records as peer_records
 from thunder_common import locations
 from thunder_stack import clients
 from thunder_stack import flows
@@ -59,9 +62,9 @@ def _records(stack, tmp_path, user, project, password=None):
         'project_domain_name = Default',
         '']))
     conf = cfg.ConfigOpts()
-    advertise.register_opts(conf)
+    advertise_opts.register_opts(conf)
     conf([], project='thunder-cache', default_config_files=[str(path)])
-    return advertise.CinderRecords.from_conf(conf)
+    return cinder_records.CinderRecords.from_conf(conf)
 
 
 def _volume_id(url):
@@ -103,18 +106,18 @@ def test_advertise_order_expiry_withdraw(stack, client, tmp_path,
     vol = image_volume
     records = _records(stack, tmp_path, user, project)
     before = records.get_metadata(vol)
-    assert not [k for k in before if k.startswith(advertise.PEER_PREFIX)]
+    assert not [k for k in before if k.startswith(peer_records.PEER_PREFIX)]
 
     now = int(time.time())
     clock_1, clock_2 = Clock(now), Clock(now + 5)
-    node_1 = advertise.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
-                                  refresh_interval=100, clock=clock_1)
-    node_2 = advertise.Advertiser(records, 'e2e-n2', URL_2, ttl=TTL,
-                                  refresh_interval=100, clock=clock_2)
+    node_1 = advertiser_mod.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
+                                       refresh_interval=100, clock=clock_1)
+    node_2 = advertiser_mod.Advertiser(records, 'e2e-n2', URL_2, ttl=TTL,
+                                       refresh_interval=100, clock=clock_2)
     reader_clock = Clock(now + 10)
-    reader = advertise.Advertiser(records, 'e2e-reader',
-                                  'http://e2e-reader:7485', ttl=TTL,
-                                  refresh_interval=100, clock=reader_clock)
+    reader = advertiser_mod.Advertiser(
+        records, 'e2e-reader', 'http://e2e-reader:7485', ttl=TTL,
+        refresh_interval=100, clock=reader_clock)
     try:
         node_1.advertise(vol)
         node_2.advertise(vol)
@@ -174,18 +177,18 @@ def test_restarted_node_keeps_its_place(stack, client, tmp_path,
     vol = image_volume
     records = _records(stack, tmp_path, 'glance', 'service')
     now = int(time.time())
-    first = advertise.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
-                                 refresh_interval=100, clock=Clock(now))
-    other = advertise.Advertiser(records, 'e2e-n2', URL_2, ttl=TTL,
-                                 refresh_interval=100,
-                                 clock=Clock(now + 30))
+    first = advertiser_mod.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
+                                      refresh_interval=100, clock=Clock(now))
+    other = advertiser_mod.Advertiser(records, 'e2e-n2', URL_2, ttl=TTL,
+                                      refresh_interval=100,
+                                      clock=Clock(now + 30))
     try:
         first.advertise(vol)
         other.advertise(vol)
         first.stop(withdraw=False)          # a crash: the item stays
-        again = advertise.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
-                                     refresh_interval=100,
-                                     clock=Clock(now + 60))
+        again = advertiser_mod.Advertiser(records, 'e2e-n1', URL_1, ttl=TTL,
+                                          refresh_interval=100,
+                                          clock=Clock(now + 60))
         again.advertise(vol)
         assert records.get_metadata(vol)['thunder_peer_e2e-n1'] == (
             '%s %d %d' % (URL_1, now, now + 60 + TTL))
@@ -199,10 +202,10 @@ def test_wrong_credentials_never_raise(stack, tmp_path, image_volume,
                                        caplog):
     records = _records(stack, tmp_path, 'glance', 'service',
                        password='not-the-password')
-    with pytest.raises(advertise.RecordsError) as info:
+    with pytest.raises(cinder_records.RecordsError) as info:
         records.get_metadata(image_volume)
     assert 'Unauthorized' in str(info.value)
-    node = advertise.Advertiser(records, 'e2e-n1', URL_1)
+    node = advertiser_mod.Advertiser(records, 'e2e-n1', URL_1)
     node.advertise(image_volume)
     assert node.peers(image_volume) == []
     assert node.withdraw(image_volume) is False
@@ -211,15 +214,15 @@ def test_wrong_credentials_never_raise(stack, tmp_path, image_volume,
 
 def test_cinder_unreachable_is_bounded(tmp_path):
     conf = cfg.ConfigOpts()
-    advertise.register_opts(conf)
+    advertise_opts.register_opts(conf)
     path = tmp_path / 'unreachable.conf'
     path.write_text('\n'.join([
         '[advertise]', 'auth_type = password',
         'auth_url = http://127.0.0.1:9/v3', 'username = x',
         'password = y', 'project_name = p', 'timeout = 2', '']))
     conf([], project='thunder-cache', default_config_files=[str(path)])
-    records = advertise.CinderRecords.from_conf(conf)
-    node = advertise.Advertiser(records, 'e2e-n1', URL_1)
+    records = cinder_records.CinderRecords.from_conf(conf)
+    node = advertiser_mod.Advertiser(records, 'e2e-n1', URL_1)
     started = time.monotonic()
     node.advertise('0b6f3c1e-2f0d-4d43-9a4e-3b1f0e9d7a21')
     node.stop()

@@ -37,7 +37,7 @@ from xml.etree import ElementTree
 import pytest
 
 from tests.e2e import conftest
-from thunder_cache import control
+from thunder_cache.control import client as control_client
 from thunder_stack import clients
 from thunder_stack import guest as guest_mod
 from thunder_stack import layout
@@ -267,7 +267,7 @@ def check_shared_disk(stack, server, volume):
 def check_peer_disk(stack, server, volume):
     """A loop device over the volume's file in the thunder-cache mount."""
     name = 'volume-%s' % volume['id']
-    daemon = control.ControlClient(stack.thunder_cache_paths['control'])
+    daemon = control_client.ControlClient(stack.thunder_cache_paths['control'])
     info = daemon.call('volume_info', volume_id=name)
     # A layer over the node's cache of the image (nothing copied).
     assert info['image_id'] == volume['volume_image_metadata']['image_id'], \

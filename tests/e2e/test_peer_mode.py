@@ -33,9 +33,9 @@ import pytest
 
 from tests.e2e import conftest
 from tests.harness import standalone
-from thunder_cache import advertise
-from thunder_cache import control
-from thunder_cache import trace
+from thunder_cache.boot import trace
+from thunder_cache.control import client as control_client
+from thunder_cache.peer.advertise import records as peer_records
 from thunder_common import locations
 from thunder_common import manifest
 from thunder_stack import clients
@@ -64,7 +64,7 @@ def privsep_helper():
 
 @pytest.fixture(scope='module')
 def daemon(stack):
-    return control.ControlClient(stack.thunder_cache_paths['control'])
+    return control_client.ControlClient(stack.thunder_cache_paths['control'])
 
 
 def _metrics(stack):
@@ -209,7 +209,7 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
     image_volume = _image_volume_id(stack, image_id)
     metadata = cinder.volumes.get(image_volume).metadata
     assert 'thunder_peer_thunder-stack' in metadata, metadata
-    url, since, expires = advertise.parse_peer_value(
+    url, since, expires = peer_records.parse_peer_value(
         metadata['thunder_peer_thunder-stack'])
     assert url == 'http://127.0.0.1:%d' % stack.ports['thunder_cache']
     assert since <= time.time() < expires
@@ -317,7 +317,7 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     while any(s.id == snap.id for s in cinder.volume_snapshots.list()):
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    with pytest.raises(control.ControlError) as e:
+    with pytest.raises(control_client.ControlError) as e:
         daemon.call('volume_info', volume_id='snapshot-%s' % snap.id)
     assert e.value.kind == 'VolumeNotFound'
 

@@ -23,7 +23,6 @@ import os
 from cinder import exception
 import pytest
 
-from tests.functional import cache_daemons
 from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.functional.cinder_thunder_driver.peer_helpers import CONNECTOR
 from tests.functional.cinder_thunder_driver.peer_helpers import detach_all
@@ -33,8 +32,9 @@ from tests.functional.cinder_thunder_driver.peer_helpers import MiB
 from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
 from tests.functional.cinder_thunder_driver.peer_helpers import read_device
 from tests.functional.cinder_thunder_driver.peer_helpers import write_device
+from tests.functional.thunder_cache import cache_daemons
 from tests.harness import standalone
-from thunder_cache import control
+from thunder_cache.control import client as control
 
 BLOCK = 4096
 

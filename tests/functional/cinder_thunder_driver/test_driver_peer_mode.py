@@ -26,7 +26,6 @@ import uuid
 from cinder import exception
 import pytest
 
-from tests.functional import cache_daemons
 from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.functional.cinder_thunder_driver.peer_helpers import CONNECTOR
 from tests.functional.cinder_thunder_driver.peer_helpers import detach_all
@@ -36,6 +35,7 @@ from tests.functional.cinder_thunder_driver.peer_helpers import MiB
 from tests.functional.cinder_thunder_driver.peer_helpers import new_volume
 from tests.functional.cinder_thunder_driver.peer_helpers import read_device
 from tests.functional.cinder_thunder_driver.peer_helpers import write_device
+from tests.functional.thunder_cache import cache_daemons
 from tests.harness import standalone
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod

@@ -26,7 +26,7 @@ from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import peer
 from tests.unit.cinder_thunder_driver import fakes
-from thunder_cache import control
+from thunder_cache.control import client as control
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 

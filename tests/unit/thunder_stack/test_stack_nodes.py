@@ -190,7 +190,7 @@ def test_image_counters_of_one_image(stack, monkeypatch):
         def close(self):
             pass
 
-    from thunder_cache import sources
+    from thunder_cache.control import client as sources
     monkeypatch.setattr(sources, 'LocalClient', Client)
     node = nodes.Nodes(stack, count=1).nodes[0]
     assert nodes.image_counters(node, 'a') == {'bytes_from_peers': 5.0,

@@ -1,0 +1,281 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The native volume server with a real daemon, FUSE and loop devices.
+
+``thunder-volume-server`` is built from source (make), started by a real
+``thunder-cache`` daemon (``[blockdev] volume_server = native``) and read
+and written through its mount and through a direct-I/O loop device, as
+the Cinder driver attaches it. The daemon is killed (-9), restarted and
+stopped while a reader and writer checks every byte on the loop device.
+"""
+
+import ctypes
+import errno
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import cache_helpers
+from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.control import client as control_client
+from thunder_cache.volumes import cow
+from thunder_cache.volumes import nativevol
+
+BENCHMARKS = os.path.join(cache_helpers.REPO, 'benchmarks')
+sys.path.insert(0, BENCHMARKS)
+# The benchmark's checker.
+restart = importlib.import_module('restart')
+
+CHUNK = 64 * 1024
+BS = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+MiB = 1024 * 1024
+
+
+def _unavailable():
+    if os.geteuid() != 0:
+        return 'needs root (FUSE mount, loop devices)'
+    if not os.path.exists('/dev/fuse'):
+        return '/dev/fuse does not exist'
+    for tool in ('fusermount3', 'losetup', 'make', 'pkg-config'):
+        if not shutil.which(tool):
+            return '%s is not installed' % tool
+    if subprocess.run(['pkg-config', '--exists', 'fuse3']).returncode:
+        return 'libfuse3-dev is not installed'
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None,
+                                reason=str(_unavailable()))
+
+
+@pytest.fixture(scope='module')
+def binary(tmp_path_factory):
+    return nativevol.build(str(tmp_path_factory.mktemp('native')))
+
+
+@pytest.fixture
+def workdir():
+    # Short: socket paths must fit in 108 bytes.
+    path = tempfile.mkdtemp(prefix='nat-', dir='/tmp')
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop_server(pid_file):
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while os.path.exists('/proc/%d' % pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # our grandchild may be our zombie
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def node(workdir, binary):
+    daemon = cache_daemons.VolumeDaemon(workdir, 'n', native=binary,
+                                        commit_interval=0)
+    daemon.start()
+    yield daemon
+    daemon.stop()
+    _stop_server(daemon.paths['native'] + '.pid')
+    left = os.path.ismount(daemon.paths['mount'])
+    if left:  # a server that died: its mount stays until unmounted
+        subprocess.run(['fusermount3', '-u', '-z', daemon.paths['mount']],
+                       check=False)
+    assert not left
+
+
+def _register(node, workdir, image_id, size):
+    data = os.urandom(size)
+    path = os.path.join(workdir, image_id + '.volume')
+    manifest = cache_helpers.write_volume(path, data, CHUNK)
+    node.control.call('register_image', image_id=image_id,
+                      manifest_digest=manifest.digest(), image_size=size,
+                      origin={'type': 'file', 'path': path})
+    return data
+
+
+def _file(node, volume_id):
+    return os.path.join(node.paths['mount'], volume_id)
+
+
+def _fallocate(fd, mode, offset, length):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                               ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length):
+        raise OSError(ctypes.get_errno(), 'fallocate')
+
+
+def test_reads_writes_resize_clone_discard_delete(node, workdir):
+    data = _register(node, workdir, 'img-1', 3 * MiB + 1234)
+    size = 8 * MiB
+    node.control.call('create_volume', volume_id='vol-a', size=size,
+                      image_id='img-1')
+    path = _file(node, 'vol-a')
+    expected = bytearray(data + bytes(size - len(data)))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        # Every chunk fetched through ensure_chunks on first read.
+        assert os.pread(fd, size, 0) == expected
+        # Unaligned: the partial blocks are copied up from the image.
+        os.pwrite(fd, b'w' * 10000, 5000)
+        expected[5000:15000] = b'w' * 10000
+        os.fsync(fd)
+        layer = cow.CowLayer.open(os.path.join(node.paths['layers'], 'vol-a'))
+        assert layer.written_bytes() == 3 * BS  # blocks 1-3, durable
+        layer.close()
+        assert os.pread(fd, size, 0) == expected
+        with open(node.cache_path('img-1'), 'rb') as f:
+            assert f.read() == data  # the image cache is untouched
+        # Open: the daemon may not delete it.
+        with pytest.raises(control_client.ControlError) as info:
+            node.control.call('delete_volume', volume_id='vol-a')
+        assert info.value.kind == 'VolumeBusy'
+        info = node.control.call('volume_info', volume_id='vol-a')
+        assert info['open_count'] == 1 and info['written_bytes'] == 3 * BS
+        # Grown while open: the server sees the new size and bitmap.
+        node.control.call('resize_volume', volume_id='vol-a', size=2 * size)
+        assert os.fstat(fd).st_size == 2 * size
+        os.pwrite(fd, b'z' * BS, 2 * size - BS)
+        expected += bytes(size - BS) + b'z' * BS
+        assert os.pread(fd, 2 * size, 0) == expected
+    finally:
+        os.close(fd)
+    # A clone copies the written blocks (flushed by the hold first).
+    node.control.call('create_volume', volume_id='vol-b', size=2 * size,
+                      source='vol-a')
+    fd = os.open(_file(node, 'vol-b'), os.O_RDWR)
+    try:
+        assert os.pread(fd, 2 * size, 0) == expected
+        # Discard: the range reads zeros, the layer's blocks are freed.
+        layer_data = os.path.join(node.paths['layers'], 'vol-b', 'data')
+        allocated = os.stat(layer_data).st_blocks
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100,
+                   5 * BS)
+        # The clone's copied blocks 1-3 are whole in the range: freed.
+        assert os.stat(layer_data).st_blocks < allocated
+        expected[100:100 + 5 * BS] = bytes(5 * BS)
+        # Write-zeroes over the image's bytes and the volume's writes.
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE, 9 * BS + 7, 3 * BS)
+        expected[9 * BS + 7:12 * BS + 7] = bytes(3 * BS)
+        assert os.pread(fd, 2 * size, 0) == expected
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    node.control.call('create_volume', volume_id='snap-b', size=2 * size,
+                      source='vol-b', read_only=True)
+    with pytest.raises(OSError) as info:
+        os.open(_file(node, 'snap-b'), os.O_RDWR)
+    assert info.value.errno == errno.EROFS
+    with open(_file(node, 'snap-b'), 'rb') as f:
+        assert f.read() == expected
+    image_data = os.path.realpath(node.cache_path('img-1'))
+    assert image_data in _open_files(node)
+    for volume_id in ('snap-b', 'vol-b', 'vol-a'):
+        node.delete_volume(volume_id)
+        assert not os.path.exists(os.path.join(node.paths['layers'],
+                                               volume_id))
+    assert os.listdir(node.paths['mount']) == []
+    # No volume reads the image any more: the server let its cache go.
+    assert image_data not in _open_files(node)
+
+
+def _open_files(node):
+    """The files the native server has open."""
+    with open(node.paths['native'] + '.pid') as f:
+        fds = '/proc/%d/fd' % int(f.read())
+    return {os.path.realpath(os.path.join(fds, fd)) for fd in os.listdir(fds)}
+
+
+def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
+    """0 I/O errors, 0 wrong bytes, short stalls.
+
+    The volume server does not depend on the daemon, except for chunks
+    not yet fetched, which wait for it to come back.
+    """
+    data = _register(node, workdir, 'img-2', 16 * MiB)
+    size = 24 * MiB
+    node.control.call('create_volume', volume_id='vol-io', size=size,
+                      image_id='img-2')
+    device = subprocess.run(
+        ['losetup', '--find', '--show', '--direct-io=on',
+         _file(node, 'vol-io')], check=True, capture_output=True,
+        text=True).stdout.strip()
+    checker = restart.Checker(device,
+                              bytearray(data + bytes(size - len(data))))
+    try:
+        checker.start()
+        time.sleep(1)
+        for event in ('kill', 'kill', 'stop'):
+            before = checker.ops
+            if event == 'kill':
+                node.kill()
+            else:
+                node.stop()
+            time.sleep(2)  # misses wait for the daemon meanwhile
+            node.start()
+            time.sleep(1)
+            assert checker.ops > before, event
+        # The daemon pauses the volume's I/O to look at its layer and to
+        # grow it: done at once, under I/O, and nothing fails.
+        started = time.monotonic()
+        info = node.control.call('volume_info', volume_id='vol-io')
+        assert info['open_count'] == 1 and info['written_bytes'] > 0
+        node.control.call('resize_volume', volume_id='vol-io',
+                          size=size + MiB)
+        assert time.monotonic() - started < 10
+        time.sleep(0.5)
+        checker.finish()
+        assert checker.errors == [] and checker.wrong == 0
+        assert checker.longest < 10, checker.longest
+        with open(device, 'rb') as f:
+            assert f.read() == bytes(checker.expected)
+    finally:
+        checker.stop.set()
+        checker.join(60)
+        subprocess.run(['losetup', '-d', device], check=False)
+    node.delete_volume('vol-io', timeout=20)
+
+
+def test_missing_server_is_a_clear_start_error(workdir):
+    daemon = cache_daemons.VolumeDaemon(
+        workdir, 'n', native='/nonexistent/thunder-volume-server')
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_cache.daemon', '--config-file',
+         daemon.conf_path], capture_output=True, text=True, timeout=120,
+        cwd=cache_daemons.REPO)
+    assert result.returncode == 1
+    assert ('Cannot start: cannot serve the volume files at %s with the '
+            'native server: NotFound: /nonexistent/thunder-volume-server is '
+            'not installed (make -C' % daemon.paths['mount']) in result.stdout
+    assert 'Traceback' not in result.stdout + result.stderr
+    assert not os.path.ismount(daemon.paths['mount'])
+    assert not os.path.exists(daemon.paths['control'])

@@ -1,0 +1,25 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Fixtures of the peer tests: in-process nodes and their servers."""
+
+import pytest
+
+from tests import cache_helpers
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A :class:`tests.cache_helpers.Cluster`, stopped after the test."""
+    c = cache_helpers.Cluster(tmp_path)
+    yield c
+    c.stop_all()

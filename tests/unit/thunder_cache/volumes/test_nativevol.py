@@ -1,0 +1,97 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The daemon's side of the native server's socket, against a stand-in."""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from thunder_cache.volumes import nativevol
+
+
+class FakeServer(threading.Thread):
+    """Answers one connection per entry of ``answers``; records lines."""
+
+    def __init__(self, path, answers):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.answers = list(answers)
+        self.lines = []
+
+    def run(self):
+        for answer in self.answers:
+            conn, _ = self.sock.accept()
+            with conn, conn.makefile('rb') as f:
+                self.lines.append(f.readline().decode().strip())
+                conn.sendall(answer.encode())
+                if answer.startswith('OK') and 'HOLD' in self.lines[-1]:
+                    # Held until RELEASE or the close.
+                    self.lines.append(f.readline().decode().strip())
+        self.sock.close()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / 'native.sock')
+
+
+def test_hold_yields_the_open_count_and_releases(path):
+    server = FakeServer(path, ['OK 2\n'])
+    server.start()
+    with nativevol.NativeServer(path).hold('vol-1') as opens:
+        assert opens == 2
+    server.join(5)
+    assert server.lines == ['HOLD vol-1', 'RELEASE']
+
+
+def test_forget_busy(path):
+    server = FakeServer(path, ['ERR EBUSY volume vol-1 is open 1 times\n'])
+    server.start()
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).forget('vol-1')
+    assert nativevol.busy(info.value)
+    server.join(5)
+    assert server.lines == ['FORGET vol-1']
+
+
+def test_ping_and_garbage(path):
+    server = FakeServer(path, ['OK 1234\n', 'what\n'])
+    server.start()
+    native = nativevol.NativeServer(path)
+    assert native.ping() == 1234
+    with pytest.raises(nativevol.NativeError):
+        native.ping()
+    server.join(5)
+
+
+def test_no_server_running_means_no_io(path):
+    native = nativevol.NativeServer(path)
+    with native.hold('vol-1') as opens:
+        assert opens == 0
+    native.forget('vol-1')
+    with pytest.raises(nativevol.NativeError) as info:
+        native.ping()
+    assert info.value.code == 'NotRunning'
+
+
+def test_find_binary(tmp_path):
+    with pytest.raises(nativevol.NativeError):
+        nativevol.find_binary('no-such-thunder-volume-server')
+    binary = tmp_path / 'server'
+    binary.write_text('#!/bin/sh\n')
+    os.chmod(binary, 0o755)
+    assert nativevol.find_binary(str(binary)) == str(binary)

@@ -1,0 +1,245 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Parent selection: which source a node asks for a chunk.
+
+A node knows a list of peer URLs that hold (part of) the image. It asks one
+of them, its *parent*: the first that served it, or the child a full node
+redirected it to (:class:`thunder_cache.peer.sources.PeerSource` follows at
+most ``max_redirects`` redirects; the upstream adopts the node that served the
+chunk). A redirect loop (every node of it full) skips the peer for that
+chunk only. On an error, a timeout (a transfer past its deadline
+included) or a chunk that fails verification the peer is dropped and the
+next source is tried at once; the peer is then *backed off*: left out for
+``retry_interval`` seconds after its first failure in a row, twice as long
+after each further one, at most ``retry_max_interval``; a chunk it serves
+ends the series. The origin comes after the peers listed before this node
+(see :meth:`Upstream.set_peers`). A node with no peers reads from the
+origin.
+
+Only peers the client's address policy permits are kept, and at most
+``max_peers`` of them (the first ones listed), so that a list written by
+someone else cannot make a node try many bogus peers for every chunk.
+
+Peers that a request was relayed through (its ``via`` list) and the node
+itself are never asked, so a relayed request cannot come back to a node
+that waits for it. A peer that answers 503 or 508 (busy, or the request
+would loop) is skipped for that chunk only, if it answered quickly (see
+:meth:`thunder_cache.peer.sources.PeerSource.read_chunk`).
+"""
+
+import logging
+import threading
+import time
+import typing
+
+from thunder_cache.cache import image_cache
+from thunder_cache.peer import sources
+
+LOG = logging.getLogger(__name__)
+
+# Back-off records kept at most; expired ones are dropped beyond this (a
+# hostile peer redirecting to ever new URLs cannot grow the table).
+MAX_TRACKED = 1024
+
+
+class _Failures:
+    """A peer's failures in a row: how many, when it may be asked again."""
+
+    __slots__ = ('count', 'until', 'last')
+
+    def __init__(self, count: int, until: float, last: float) -> None:
+        self.count = count
+        self.until = until
+        self.last = last
+
+
+def backoff(count: int, first: float, longest: float) -> float:
+    """Seconds a peer is left out after ``count`` failures in a row."""
+    return min(longest, first * 2 ** min(count - 1, 32))
+
+
+class Upstream:
+    """The sources of one image on one node.
+
+    :param retry_interval: seconds a peer is left out after a failure;
+        doubled for each further failure in a row.
+    :param retry_max_interval: the longest a peer is left out.
+    :param max_peers: peers taken from :meth:`set_peers` at most (None:
+        all).
+    """
+
+    def __init__(self, image_id: str,
+                 origin: typing.Optional[sources.ChunkSource],
+                 peers: typing.Iterable[str],
+                 client: typing.Optional[sources.PeerClient],
+                 self_url: typing.Optional[str], max_redirects: int = 16,
+                 retry_interval: float = 30.0,
+                 retry_max_interval: float = 300.0,
+                 max_peers: typing.Optional[int] = None,
+                 clock: typing.Callable[[], float] = time.monotonic) -> None:
+        self.image_id = image_id
+        self.origin = origin
+        self.client = client
+        self.self_url = self_url
+        self.max_redirects = max_redirects
+        self.retry_interval = retry_interval
+        self.retry_max_interval = max(retry_interval, retry_max_interval)
+        self.max_peers = max_peers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: typing.Dict[str, _Failures] = {}
+        self._capped = 0
+        self.parent: typing.Optional[str] = None
+        self.peers: typing.List[str] = []
+        self.later_peers: typing.List[str] = []
+        self.set_peers(peers)
+
+    def set_peers(self, peers: typing.Iterable[str]) -> None:
+        """Replace the known peers (the parent stays until it fails).
+
+        Peers are asked in the order given. When every node lists the
+        holders of an image in the same order, oldest first (as the
+        image's advertised locations are), they all contact the same node
+        first and its redirects build one tree under it. A node that finds
+        itself in the list asks the peers before it, then the origin, and
+        the peers after it only when the origin fails: the oldest holder
+        is the root and reads the origin. (Shuffled lists, measured with 8
+        nodes listing each other, made several trees and up to 1.09 origin
+        reads per chunk, against 1.00.)
+
+        Peers the client's address policy refuses are left out (with a
+        warning, once per peer); of the others, the first ``max_peers``
+        are kept.
+        """
+        permits = getattr(self.client, 'permits', None)
+        seen: typing.Set[str] = set()
+        ordered: typing.List[str] = []
+        others = 0
+        capped = 0
+        for url in peers:
+            if url in seen:
+                continue
+            seen.add(url)
+            if url != self.self_url:
+                if permits is not None and not permits(url):
+                    continue
+                if self.max_peers is not None and others >= self.max_peers:
+                    capped += 1
+                    continue
+                others += 1
+            ordered.append(url)
+        if capped and capped != self._capped:
+            LOG.warning('Image %s: %d peers beyond the first %d left out '
+                        '([peer] max_peers_per_image)', self.image_id,
+                        capped, self.max_peers)
+        if self.self_url in ordered:
+            mine = ordered.index(self.self_url)
+            before, after = ordered[:mine], ordered[mine + 1:]
+        else:
+            before, after = ordered, []
+        with self._lock:
+            self._capped = capped
+            self.peers = before
+            self.later_peers = after
+
+    def adopt(self, url: str) -> None:
+        """Make ``url`` the parent (a full node redirected us to it)."""
+        with self._lock:
+            self.parent = url
+            self._failures.pop(url, None)
+
+    def forgive(self) -> None:
+        """Ask the peers left out for their failures again (a retried read).
+
+        Their counts of failures stay: one that fails again is left out
+        for twice as long as before.
+        """
+        with self._lock:
+            for entry in self._failures.values():
+                entry.until = 0.0
+
+    def banned(self) -> typing.Set[str]:
+        """The URLs of the peers left out now."""
+        now = self._clock()
+        with self._lock:
+            return {u for u, f in self._failures.items() if f.until > now}
+
+    def backed_off(self, url: str) -> bool:
+        """True if ``url`` is left out now."""
+        with self._lock:
+            entry = self._failures.get(url)
+            return entry is not None and entry.until > self._clock()
+
+    def candidates(self, via: typing.Sequence[str] = ()
+                   ) -> typing.Iterator[sources.ChunkSource]:
+        """The sources to try for one chunk, best first."""
+        skip = set(via) | self.banned() | {self.self_url}
+        with self._lock:
+            order: typing.List[str] = []
+            if self.parent is not None:
+                order.append(self.parent)
+            order.extend(p for p in self.peers if p != self.parent)
+            later = [p for p in self.later_peers if p != self.parent]
+        for url in order:
+            if url not in skip:
+                yield sources.PeerSource(self, url)
+        if self.origin is not None:
+            yield self.origin
+        for url in later:
+            if url not in skip:
+                yield sources.PeerSource(self, url)
+
+    def report(self, source: sources.ChunkSource, ok: bool,
+               error: typing.Optional[BaseException] = None) -> None:
+        """What a fetch from ``source`` gave."""
+        url = source.url
+        if source.kind != 'peer' or url is None:
+            return
+        with self._lock:
+            if ok:
+                # A full node's child that served us is our new parent.
+                if self.parent is None or getattr(source, 'redirected',
+                                                  False):
+                    self.parent = url
+                self._failures.pop(url, None)
+                return
+            if getattr(error, 'soft', False):
+                return
+            pause = self._failed(url)
+            if self.parent == url:
+                self.parent = None
+        if isinstance(error, image_cache.BadChunk):
+            LOG.warning('Image %s: dropping peer %s for %g s: it sent a '
+                        'chunk that failed verification', self.image_id,
+                        url, pause)
+        else:
+            LOG.info('Image %s: dropping peer %s for %g s: %s',
+                     self.image_id, url, pause, error)
+
+    def _failed(self, url: str) -> float:
+        """Count a failure of ``url`` (lock held); the seconds left out."""
+        now = self._clock()
+        entry = self._failures.get(url)
+        if entry is None or now - entry.last > 2 * self.retry_max_interval:
+            count = 1
+        else:
+            count = entry.count + 1
+        pause = backoff(count, self.retry_interval, self.retry_max_interval)
+        if entry is None and len(self._failures) >= MAX_TRACKED:
+            for old in [u for u, f in self._failures.items()
+                        if f.until <= now]:
+                del self._failures[old]
+            while len(self._failures) >= MAX_TRACKED:
+                del self._failures[next(iter(self._failures))]
+        self._failures[url] = _Failures(count, now + pause, now)
+        return pause

@@ -210,9 +210,8 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
 
 
 def _open_files(node):
-    """The files the native server has open."""
-    with open(node.paths['native'] + '.pid') as f:
-        fds = '/proc/%d/fd' % int(f.read())
+    """The files the native server has open (not its holder's)."""
+    fds = '/proc/%d/fd' % nativevol.NativeServer(node.paths['native']).ping()
     return {os.path.realpath(os.path.join(fds, fd)) for fd in os.listdir(fds)}
 
 

@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -109,6 +110,41 @@ class NativeServer:
         sock, pid = self._connect('PING')
         sock.close()
         return pid
+
+    def holder_pid(self):
+        """The PID of the server's holder (its pid file), or NativeError."""
+        try:
+            with open(self.pid_file) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+        except (OSError, ValueError) as e:
+            raise NativeError('NotRunning', 'no thunder-volume-server '
+                              'holder (%s): %s' % (self.pid_file, e))
+        return pid
+
+    def restart(self, wait=30.0):
+        """Restart the server with the binary installed now (an upgrade).
+
+        The holder (SIGHUP) stops the server, replaces itself with the
+        binary now at its path and starts a new server; the mount, and
+        every volume attached, stay. Returns the new server's PID.
+        """
+        old = self.ping()
+        os.kill(self.holder_pid(), signal.SIGHUP)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                pid = self.ping()
+            except NativeError:
+                pid = old
+            if pid != old:
+                LOG.info('Restarted thunder-volume-server (PID %d, was %d)',
+                         pid, old)
+                return pid
+            if time.monotonic() > deadline:
+                raise NativeError('Restart', 'no new thunder-volume-server '
+                                  'within %s s' % wait)
+            time.sleep(0.05)
 
     @contextlib.contextmanager
     def hold(self, volume_id):

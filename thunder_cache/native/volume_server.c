@@ -1522,6 +1522,8 @@ struct out_header {
     uint64_t unique;
 };
 
+static long resent;             /* requests the kernel sent again */
+
 static void *serve_fuse(void *arg)
 {
     struct fuse_session *se = arg;
@@ -1534,6 +1536,9 @@ static void *serve_fuse(void *arg)
             break;
         request_unique = buf.size >= sizeof(struct in_header) ?
             ((struct in_header *)buf.mem)->unique : 0;
+        if (request_unique & FUSE_UNIQUE_RESEND &&
+            __atomic_fetch_add(&resent, 1, __ATOMIC_RELAXED) == 0)
+            logmsg("answering requests the previous server had read");
         fuse_session_process_buf(se, &buf);
     }
     free(buf.mem);

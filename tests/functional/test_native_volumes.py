@@ -22,14 +22,12 @@ stopped while a reader and writer checks every byte on the loop device.
 import ctypes
 import errno
 import importlib
-import mmap
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -281,22 +279,6 @@ def _new_server(server, old, timeout=30):
     raise AssertionError('no new volume server after %d' % old)
 
 
-def _read_all(device, checker):
-    """1 MiB O_DIRECT reads over the device until the checker stops."""
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, MiB)
-    try:
-        while not checker.stop.is_set():
-            for offset in range(0, len(checker.expected), MiB):
-                try:
-                    os.preadv(fd, [buf], offset)
-                except OSError as e:
-                    checker.errors.append(e)
-    finally:
-        buf.close()
-        os.close(fd)
-
-
 def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
                                                           binary):
     """The server's own death: its holder keeps the mount and restarts it.
@@ -318,7 +300,7 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
     checker = restart.Checker(device,
                               bytearray(data + bytes(size - len(data))))
     # Large reads beside it: requests in flight when the server dies.
-    reader = threading.Thread(target=_read_all, args=(device, checker))
+    reader = restart.Reader(device, checker)
     try:
         checker.start()
         reader.start()

@@ -1719,10 +1719,20 @@ static int hold(struct fuse_session *se, char **argv, int argc, int fuse_fd,
     }
     kill_server();
     logmsg("stopping: unmounting");
-    if (se)
+    if (se) {
         fuse_session_unmount(se);
-    else
-        umount2(mount_point, MNT_DETACH);
+    } else if (umount2(mount_point, MNT_DETACH)) {
+        /* Not root: the set-user-ID helper that mounted it (libfuse's
+         * unmount needs the session a resumed holder does not have). */
+        pid_t pid = fork();
+        if (pid == 0) {
+            execlp("fusermount3", "fusermount3", "-u", "-z", mount_point,
+                   (char *)NULL);
+            _exit(127);
+        }
+        if (pid > 0)
+            waitpid(pid, NULL, 0);
+    }
     unlink(listen_path);
     if (pid_file)
         unlink(pid_file);

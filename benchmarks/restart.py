@@ -169,8 +169,10 @@ class Reader(threading.Thread):
 
 
 def server_events(daemon, workdir):
-    """The volume server's events: (name, action) each; the action
-    returns once a new server answers."""
+    """The volume server's events: (name, prepare, action) each.
+
+    Each action returns once a new server answers.
+    """
     server = nativevol.NativeServer(daemon.native_socket)
 
     def signal_server(sig):
@@ -186,9 +188,6 @@ def server_events(daemon, workdir):
             time.sleep(0.02)
         raise RuntimeError('no new volume server after PID %d' % old)
 
-    def upgrade():
-        server.restart()
-
     def replace_binary():
         new = nativevol.build(os.path.join(workdir, 'native-new'))
         shutil.copy2(new, daemon.native + '.new')
@@ -198,7 +197,7 @@ def server_events(daemon, workdir):
              lambda: signal_server(signal.SIGKILL)),
             ('volume server restart', None,
              lambda: signal_server(signal.SIGTERM)),
-            ('volume server upgrade', replace_binary, upgrade)]
+            ('volume server upgrade', replace_binary, server.restart)]
 
 
 def run_events(daemon, checker, reader, down, events):

@@ -13,7 +13,9 @@
 """The daemon's side of the native server's socket, against a stand-in."""
 
 import os
+import signal
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -34,7 +36,10 @@ class FakeServer(threading.Thread):
 
     def run(self):
         for answer in self.answers:
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                break  # shut down: fewer connections than answers
             with conn, conn.makefile('rb') as f:
                 self.lines.append(f.readline().decode().strip())
                 conn.sendall(answer.encode())
@@ -95,3 +100,48 @@ def test_find_binary(tmp_path):
     binary.write_text('#!/bin/sh\n')
     os.chmod(binary, 0o755)
     assert nativevol.find_binary(str(binary)) == str(binary)
+
+
+@pytest.fixture
+def holder(path):
+    """A stand-in for the server's holder, named by its pid file."""
+    proc = subprocess.Popen(['sleep', '60'])
+    with open(path + '.pid', 'w') as f:
+        f.write('%d\n' % proc.pid)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_holder_pid(path, holder):
+    assert nativevol.NativeServer(path).holder_pid() == holder.pid
+    holder.kill()
+    holder.wait()
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).holder_pid()
+    assert info.value.code == 'NotRunning'
+    os.unlink(path + '.pid')
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).holder_pid()
+    assert info.value.code == 'NotRunning'
+
+
+def test_restart_signals_the_holder_and_waits_for_a_new_server(path,
+                                                               holder):
+    server = FakeServer(path, ['OK 100\n', 'OK 100\n', 'OK 200\n'])
+    server.start()
+    assert nativevol.NativeServer(path).restart(wait=5) == 200
+    assert holder.wait(5) == -signal.SIGHUP
+    server.join(5)
+    assert server.lines == ['PING'] * 3
+
+
+def test_restart_without_a_new_server_is_an_error(path, holder):
+    server = FakeServer(path, ['OK 100\n'] * 100)
+    server.start()
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).restart(wait=0.2)
+    assert info.value.code == 'Restart'
+    server.sock.shutdown(socket.SHUT_RDWR)
+    server.join(5)
+    assert not server.is_alive() and len(server.lines) > 2

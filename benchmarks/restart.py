@@ -178,15 +178,7 @@ def server_events(daemon, workdir):
     def signal_server(sig):
         old = server.ping()
         os.kill(old, sig)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if server.ping() != old:
-                    return
-            except nativevol.NativeError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError('no new volume server after PID %d' % old)
+        server.wait_for_new(old, 60)
 
     def replace_binary():
         new = nativevol.build(os.path.join(workdir, 'native-new'))

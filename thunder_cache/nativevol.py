@@ -131,6 +131,15 @@ class NativeServer:
         """
         old = self.ping()
         os.kill(self.holder_pid(), signal.SIGHUP)
+        pid = self.wait_for_new(old, wait)
+        LOG.info('Restarted thunder-volume-server (PID %d, was %d)', pid, old)
+        return pid
+
+    def wait_for_new(self, old, wait=30.0):
+        """The PID of the server that replaced PID ``old``, once it answers.
+
+        :raises NativeError: ``Restart`` if none does within ``wait`` s.
+        """
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -138,13 +147,11 @@ class NativeServer:
             except NativeError:
                 pid = old
             if pid != old:
-                LOG.info('Restarted thunder-volume-server (PID %d, was %d)',
-                         pid, old)
                 return pid
             if time.monotonic() > deadline:
                 raise NativeError('Restart', 'no new thunder-volume-server '
                                   'within %s s' % wait)
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     @contextlib.contextmanager
     def hold(self, volume_id):

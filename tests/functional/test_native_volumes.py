@@ -19,6 +19,7 @@ the Cinder driver attaches it. The daemon is killed (-9), restarted and
 stopped while a reader and writer checks every byte on the loop device.
 """
 
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -215,25 +216,50 @@ def _open_files(node):
     return {os.path.realpath(os.path.join(fds, fd)) for fd in os.listdir(fds)}
 
 
+@contextlib.contextmanager
+def _under_io(node, workdir, image_id, volume_id):
+    """A volume on a loop device, checked by restart.py's checker.
+
+    Beside it a reader's 1 MiB reads keep requests in flight. At the end:
+    0 I/O errors, 0 wrong bytes, no I/O longer than 10 s, the device read
+    back equal; then it is detached and the volume deleted.
+    """
+    data = _register(node, workdir, image_id, 16 * MiB)
+    size = 24 * MiB
+    node.control.call('create_volume', volume_id=volume_id, size=size,
+                      image_id=image_id)
+    device = subprocess.run(
+        ['losetup', '--find', '--show', '--direct-io=on',
+         _file(node, volume_id)], check=True, capture_output=True,
+        text=True).stdout.strip()
+    checker = restart.Checker(device,
+                              bytearray(data + bytes(size - len(data))))
+    reader = restart.Reader(device, checker)
+    try:
+        checker.start()
+        reader.start()
+        time.sleep(1)
+        yield checker
+        checker.finish()
+        assert checker.errors == [] and checker.wrong == 0
+        assert checker.longest < 10, checker.longest
+        with open(device, 'rb') as f:
+            assert f.read() == bytes(checker.expected)
+    finally:
+        checker.stop.set()
+        checker.join(60)
+        reader.join(60)
+        subprocess.run(['losetup', '-d', device], check=False)
+    node.delete_volume(volume_id, timeout=20)
+
+
 def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
     """0 I/O errors, 0 wrong bytes, short stalls.
 
     The volume server does not depend on the daemon, except for chunks
     not yet fetched, which wait for it to come back.
     """
-    data = _register(node, workdir, 'img-2', 16 * MiB)
-    size = 24 * MiB
-    node.control.call('create_volume', volume_id='vol-io', size=size,
-                      image_id='img-2')
-    device = subprocess.run(
-        ['losetup', '--find', '--show', '--direct-io=on',
-         _file(node, 'vol-io')], check=True, capture_output=True,
-        text=True).stdout.strip()
-    checker = restart.Checker(device,
-                              bytearray(data + bytes(size - len(data))))
-    try:
-        checker.start()
-        time.sleep(1)
+    with _under_io(node, workdir, 'img-2', 'vol-io') as checker:
         for event in ('kill', 'kill', 'stop'):
             before = checker.ops
             if event == 'kill':
@@ -250,33 +276,9 @@ def test_daemon_killed_restarted_and_stopped_under_io(node, workdir):
         info = node.control.call('volume_info', volume_id='vol-io')
         assert info['open_count'] == 1 and info['written_bytes'] > 0
         node.control.call('resize_volume', volume_id='vol-io',
-                          size=size + MiB)
+                          size=24 * MiB + MiB)
         assert time.monotonic() - started < 10
         time.sleep(0.5)
-        checker.finish()
-        assert checker.errors == [] and checker.wrong == 0
-        assert checker.longest < 10, checker.longest
-        with open(device, 'rb') as f:
-            assert f.read() == bytes(checker.expected)
-    finally:
-        checker.stop.set()
-        checker.join(60)
-        subprocess.run(['losetup', '-d', device], check=False)
-    node.delete_volume('vol-io', timeout=20)
-
-
-def _new_server(server, old, timeout=30):
-    """The PID of the server that replaced PID old."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid = server.ping()
-        except nativevol.NativeError:
-            pid = old
-        if pid != old:
-            return pid
-        time.sleep(0.05)
-    raise AssertionError('no new volume server after %d' % old)
 
 
 def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
@@ -287,24 +289,9 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
     is killed (-9), stopped (SIGTERM), and upgraded (its binary replaced,
     then restarted); open counts and pending bitmap bits survive.
     """
-    data = _register(node, workdir, 'img-3', 16 * MiB)
-    size = 24 * MiB
-    node.control.call('create_volume', volume_id='vol-vs', size=size,
-                      image_id='img-3')
-    device = subprocess.run(
-        ['losetup', '--find', '--show', '--direct-io=on',
-         _file(node, 'vol-vs')], check=True, capture_output=True,
-        text=True).stdout.strip()
     server = nativevol.NativeServer(node.paths['native'])
     holder = server.holder_pid()
-    checker = restart.Checker(device,
-                              bytearray(data + bytes(size - len(data))))
-    # Large reads beside it: requests in flight when the server dies.
-    reader = restart.Reader(device, checker)
-    try:
-        checker.start()
-        reader.start()
-        time.sleep(1)
+    with _under_io(node, workdir, 'img-3', 'vol-vs') as checker:
         for event in ('kill', 'kill', 'kill', 'term', 'upgrade'):
             before = checker.ops
             pid = server.ping()
@@ -315,7 +302,7 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
             else:
                 os.kill(pid, signal.SIGKILL if event == 'kill'
                         else signal.SIGTERM)
-                _new_server(server, pid)
+                server.wait_for_new(pid)
             time.sleep(1)
             assert checker.ops > before, event
             assert checker.errors == [] and checker.wrong == 0, event
@@ -325,18 +312,7 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
         with pytest.raises(control.ControlError) as info:
             node.control.call('delete_volume', volume_id='vol-vs')
         assert info.value.kind == 'VolumeBusy'
-        checker.finish()
-        assert checker.errors == [] and checker.wrong == 0
-        assert checker.longest < 10, checker.longest
-        with open(device, 'rb') as f:
-            assert f.read() == bytes(checker.expected)
-    finally:
-        checker.stop.set()
-        checker.join(60)
-        reader.join(60)
-        subprocess.run(['losetup', '-d', device], check=False)
     assert server.holder_pid() == holder  # exec'd in place for the upgrade
-    node.delete_volume('vol-vs', timeout=20)
 
 
 def test_missing_server_is_a_clear_start_error(workdir):

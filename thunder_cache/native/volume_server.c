@@ -983,7 +983,9 @@ static int volume_zero(struct volume *v, off_t off, off_t len)
  * opened before it (how often a volume is open, and for writing). A slot
  * keeps the unique id of the OPEN request that filled it: the same
  * request resent to a new server (FUSE_NOTIFY_RESEND) finds its slot
- * again instead of counting twice. */
+ * again instead of counting twice. Slots are taken round the table (the
+ * cursor in the slot past the last), so that a resent RELEASE never
+ * frees a slot an OPEN took meanwhile. */
 #define HANDLES 4096
 #define FUSE_UNIQUE_RESEND (1ULL << 63)
 
@@ -1004,7 +1006,7 @@ static int handles_map(int fresh)
         (int)sizeof(path))
         return -1;
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    size_t len = HANDLES * sizeof(struct slot);
+    size_t len = (HANDLES + 1) * sizeof(struct slot);
     if (fd < 0 || (fresh && ftruncate(fd, 0)) || ftruncate(fd, len)) {
         logmsg("%s: %s", path, strerror(errno));
         return -1;
@@ -1023,13 +1025,17 @@ static uint64_t handle_new(uint64_t ino, int writable)
         if (slots[i].used && slots[i].ino == ino &&
             slots[i].unique == unique)
             fh = i + 1;         /* a resent OPEN */
-    for (long i = 0; i < HANDLES && !fh; i++)
+    uint64_t *cursor = &slots[HANDLES].unique;
+    for (long n = 0; n < HANDLES && !fh; n++) {
+        long i = (*cursor + n) % HANDLES;
         if (!slots[i].used) {
             slots[i] = (struct slot){.ino = ino, .unique = unique,
                                      .writable = writable};
             __atomic_store_n(&slots[i].used, 1, __ATOMIC_RELEASE);
+            *cursor = i + 1;
             fh = i + 1;
         }
+    }
     pthread_mutex_unlock(&slots_mu);
     return fh;
 }

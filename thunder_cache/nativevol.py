@@ -23,7 +23,11 @@ often the volume file is open.
 
 The server outlives the daemon: a daemon that stops, crashes or is
 upgraded leaves it (and every attached loop device) serving, and the next
-daemon finds it through its socket.
+daemon finds it through its socket. It also outlives itself: the process
+started is a holder that keeps the mount's ``/dev/fuse`` descriptor and
+the socket, and starts a new server (which takes the mount over) when
+one dies, or on SIGHUP from the binary now installed
+(:meth:`NativeServer.restart`).
 """
 
 import contextlib

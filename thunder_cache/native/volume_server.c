@@ -31,10 +31,21 @@
  *   FORGET <volume id>   -> OK 0, or ERR EBUSY while the file is open
  *   anything else        -> ERR EINVAL <why>
  *
+ * The process started is the holder (see hold): it mounts, answers the
+ * kernel's INIT, binds --listen, then runs the server (this binary with
+ * --server and the descriptors) and starts a new one whenever it dies;
+ * SIGHUP makes it exec the binary now installed (an upgrade). A server
+ * takes the mount over (see serve): node ids are hashes of the volume
+ * ids, file handles slots of a shared table, bits not yet in a bitmap in
+ * shared files (all in --state-dir), and requests the dead server had
+ * read are sent again by the kernel (FUSE_NOTIFY_RESEND).
+ *
  * usage: thunder-volume-server --layers DIR --cache DIR --control SOCK
  *            --listen SOCK [--fetch-wait SECONDS] [--gid GROUP]
- *            [--allow-other] [--no-splice] [--pid-file FILE] MOUNT_DIR
- * (GROUP: a name or a number; it owns the volume files, mode 0660).
+ *            [--allow-other] [--no-splice] [--pid-file FILE]
+ *            [--state-dir DIR] MOUNT_DIR
+ * (GROUP: a name or a number; it owns the volume files, mode 0660;
+ * --state-dir: default the --listen path followed by ".state").
  */
 #define FUSE_USE_VERSION 34
 #define _GNU_SOURCE

@@ -44,7 +44,8 @@ Beside the checker a reader does 1 MiB ``O_DIRECT`` reads over the whole
 device (its errors count too), so that requests are in flight when a
 server dies. Printed per event: the time the daemon or server was down
 (until a new one answered), the longest read and write during the event
-and the second after it, and the I/O errors and wrong reads. At the end
+and the second after it, the I/O errors and wrong reads, and the I/Os
+(the checker's and the reader's). At the end
 the whole device is compared with what it should hold. Run as root::
 
     tox -e bench -- benchmarks/restart.py [--size-mib 512] [--down 2]
@@ -141,7 +142,8 @@ class Checker(threading.Thread):
 class Reader(threading.Thread):
     """1 MiB O_DIRECT reads over the device until the checker stops.
 
-    Its errors go to the checker's; ``longest`` is its longest read.
+    Its errors go to the checker's; ``longest`` is its longest read,
+    ``ops`` counts its reads.
     """
 
     def __init__(self, device, checker):
@@ -149,6 +151,7 @@ class Reader(threading.Thread):
         self.device = device
         self.checker = checker
         self.longest = 0.0
+        self.ops = 0
 
     def run(self):
         fd = os.open(self.device, os.O_RDONLY | os.O_DIRECT)
@@ -163,6 +166,7 @@ class Reader(threading.Thread):
                         self.checker.errors.append(e)
                     self.longest = max(self.longest,
                                        time.monotonic() - start)
+                    self.ops += 1
         finally:
             buf.close()
             os.close(fd)
@@ -204,6 +208,7 @@ def run_events(daemon, checker, reader, down, events):
         if prepare:
             prepare()
         errors, wrong, ops = checker.mark()
+        ops += reader.ops
         reader.longest = 0.0
         started = time.monotonic()
         action()
@@ -218,7 +223,7 @@ def run_events(daemon, checker, reader, down, events):
                      'longest_write_s': checker.longest_write,
                      'io_errors': len(checker.errors) - errors,
                      'wrong_reads': checker.wrong - wrong,
-                     'ops': checker.ops - ops})
+                     'ops': checker.ops + reader.ops - ops})
     return rows
 
 

@@ -1541,16 +1541,51 @@ struct out_header {
 
 static long resent;             /* requests the kernel sent again */
 
+/* Every loaded volume's pages to its bitmap file (a server that stops). */
+static void flush_all(void)
+{
+    pthread_mutex_lock(&volumes_mu);
+    struct volume *v = volumes;
+    pthread_mutex_unlock(&volumes_mu);
+    for (; v; v = v->next) {    /* volumes are never freed */
+        pthread_rwlock_rdlock(&v->hold);
+        if (v->open && !v->gone)
+            layer_flush(v);
+        pthread_rwlock_unlock(&v->hold);
+    }
+}
+
+/* SIGTERM: flush, then exit with SERVER_STOPPED (the holder starts a new
+ * server unless it is stopping itself). */
+#define SERVER_STOPPED 3
+
+static void *on_sigterm(void *arg)
+{
+    sigset_t *set = arg;
+    int sig;
+    sigwait(set, &sig);
+    flush_all();
+    logmsg("SIGTERM: bitmaps flushed, exiting");
+    _exit(SERVER_STOPPED);
+}
+
 static void *serve_fuse(void *arg)
 {
     struct fuse_session *se = arg;
     struct fuse_buf buf = {0};
-    while (!fuse_session_exited(se)) {
+    for (;;) {
         int res = fuse_session_receive_buf(se, &buf);
-        if (res == -EINTR)
+        if (res == -EINTR || res == -EAGAIN)
             continue;
-        if (res <= 0)
-            break;
+        if (res == 0) {         /* ENODEV: unmounted */
+            flush_all();
+            logmsg("the mount is gone: exiting");
+            _exit(0);
+        }
+        if (res < 0) {
+            logmsg("reading /dev/fuse: %s", strerror(-res));
+            _exit(1);
+        }
         request_unique = buf.size >= sizeof(struct in_header) ?
             ((struct in_header *)buf.mem)->unique : 0;
         if (request_unique & FUSE_UNIQUE_RESEND &&
@@ -1558,9 +1593,6 @@ static void *serve_fuse(void *arg)
             logmsg("answering requests the previous server had read");
         fuse_session_process_buf(se, &buf);
     }
-    free(buf.mem);
-    fuse_session_exit(se);
-    return NULL;
 }
 
 static int unhex(const char *hex, unsigned char *out, size_t cap)
@@ -1611,19 +1643,20 @@ static int serve(int fuse_fd, int listen_fd, const char *init_hex,
     if (write(fuse_fd, &resend, sizeof(resend)) != sizeof(resend))
         logmsg("FUSE_NOTIFY_RESEND refused (%s): requests a killed server "
                "had read stay unanswered", strerror(errno));
+    sigset_t term;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &term, NULL);   /* for on_sigterm only */
     pthread_t t;
-    if (pthread_create(&t, NULL, listen_loop, (void *)(intptr_t)listen_fd))
+    if (pthread_create(&t, NULL, on_sigterm, &term) ||
+        pthread_create(&t, NULL, listen_loop, (void *)(intptr_t)listen_fd))
         return 1;
-    pthread_detach(t);
-    pthread_t threads[THREADS];
-    for (int i = 0; i < THREADS; i++)
-        if (pthread_create(&threads[i], NULL, serve_fuse, se))
+    for (int i = 1; i < THREADS; i++)
+        if (pthread_create(&t, NULL, serve_fuse, se))
             return 1;
     logmsg("serving volumes (PID %d)", (int)getpid());
-    for (int i = 0; i < THREADS; i++)
-        pthread_join(threads[i], NULL);
-    logmsg("the mount is gone: exiting");
-    return 0;
+    serve_fuse(se);             /* never returns */
+    return 1;
 }
 
 /* -- the holder: the mount's descriptors outlive every server --------------- */
@@ -1729,7 +1762,9 @@ static int hold(struct fuse_session *se, char **argv, int argc, int fuse_fd,
             else if (WEXITSTATUS(status) == 0) {
                 logmsg("the mount was unmounted: stopping");
                 break;
-            } else
+            } else if (WEXITSTATUS(status) == SERVER_STOPPED)
+                logmsg("the server stopped (SIGTERM): starting a new one");
+            else
                 logmsg("the server exited with status %d: restarting it",
                        WEXITSTATUS(status));
         }

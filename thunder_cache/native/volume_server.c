@@ -1826,7 +1826,7 @@ static int hold_mount(char **argv, int argc, int allow_other)
     if (handles_map(1))
         return 1;
     int listen_fd = listen_socket();
-    if (listen_fd < 0 || write_pid_file())
+    if (listen_fd < 0)
         return 1;
     char *fargv[] = {argv[0], "-o", allow_other ?
         "fsname=thunder-volumes,allow_other,default_permissions" :
@@ -1835,6 +1835,7 @@ static int hold_mount(char **argv, int argc, int allow_other)
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
     if (!se || fuse_session_mount(se, mount_point)) {
         logmsg("cannot mount %s", mount_point);
+        unlink(listen_path);
         return 1;
     }
     int fuse_fd = fuse_session_fd(se);
@@ -1843,18 +1844,22 @@ static int hold_mount(char **argv, int argc, int allow_other)
     if (res <= 0 || buf.size < sizeof(struct in_header) ||
         ((struct in_header *)buf.mem)->opcode != FUSE_INIT_OP) {
         logmsg("no INIT from the kernel");
-        fuse_session_unmount(se);
-        return 1;
+        goto fail;
     }
     char *hex = malloc(buf.size * 2 + 1);
-    for (size_t i = 0; i < buf.size; i++)
+    for (size_t i = 0; hex && i < buf.size; i++)
         sprintf(hex + 2 * i, "%02x", ((unsigned char *)buf.mem)[i]);
     fuse_session_process_buf(se, &buf);
     free(buf.mem);
+    if (!hex || no_cloexec(fuse_fd) || no_cloexec(listen_fd) ||
+        write_pid_file())
+        goto fail;
     logmsg("mounted %s", mount_point);
-    if (no_cloexec(fuse_fd) || no_cloexec(listen_fd))
-        return 1;
     return hold(se, argv, argc, fuse_fd, listen_fd, hex);
+fail:
+    fuse_session_unmount(se);
+    unlink(listen_path);
+    return 1;
 }
 
 static void usage(void)

@@ -1941,9 +1941,11 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if (role == 's')
         return serve(fuse_fd, listen_fd, init_hex, argv[0]);
-    /* The binary as installed now: what the holder starts and execs. */
-    if (!realpath(argv[0], self_exe) &&
-        readlink("/proc/self/exe", self_exe, sizeof(self_exe) - 1) < 0)
+    /* The binary's path (not its target: an upgrade may move a link),
+     * what the holder starts and execs, so the binary installed then. */
+    if (strchr(argv[0], '/'))
+        snprintf(self_exe, sizeof(self_exe), "%s", argv[0]);
+    else if (readlink("/proc/self/exe", self_exe, sizeof(self_exe) - 1) < 0)
         return 1;
     if (role == 'r') {
         logmsg("resumed holding %s (PID %d)", mount_point, (int)getpid());

@@ -38,7 +38,10 @@ volume server restart
 volume server upgrade
     the binary rebuilt and replaced, then the holder told to restart
     (:meth:`thunder_cache.nativevol.NativeServer.restart`: it execs the
-    new binary, which starts a new server).
+    new binary, which starts a new server);
+holder kill -9
+    SIGKILL to the holder: its server takes its place and starts a new
+    server.
 
 Beside the checker a reader does 1 MiB ``O_DIRECT`` reads over the whole
 device (its errors count too), so that requests are in flight when a
@@ -184,6 +187,11 @@ def server_events(daemon, workdir):
         os.kill(old, sig)
         server.wait_for_new(old, 60)
 
+    def kill_holder():
+        old = server.ping()
+        os.kill(server.holder_pid(), signal.SIGKILL)
+        server.wait_for_new(old, 60)
+
     def replace_binary():
         new = nativevol.build(os.path.join(workdir, 'native-new'))
         shutil.copy2(new, daemon.native + '.new')
@@ -193,7 +201,8 @@ def server_events(daemon, workdir):
              lambda: signal_server(signal.SIGKILL)),
             ('volume server restart', None,
              lambda: signal_server(signal.SIGTERM)),
-            ('volume server upgrade', replace_binary, server.restart)]
+            ('volume server upgrade', replace_binary, server.restart),
+            ('holder kill -9', None, kill_holder)]
 
 
 def run_events(daemon, checker, reader, down, events):

@@ -286,19 +286,26 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
     """The server's own death: its holder keeps the mount and restarts it.
 
     0 I/O errors and 0 wrong bytes through a loop device while the server
-    is killed (-9), stopped (SIGTERM), and upgraded (its binary replaced,
-    then restarted); open counts and pending bitmap bits survive.
+    is killed (-9), stopped (SIGTERM), upgraded (its binary replaced, then
+    restarted), and its holder killed (-9); open counts and pending bitmap
+    bits survive.
     """
     server = nativevol.NativeServer(node.paths['native'])
     holder = server.holder_pid()
     with _under_io(node, workdir, 'img-3', 'vol-vs') as checker:
-        for event in ('kill', 'kill', 'kill', 'term', 'upgrade'):
+        for event in ('kill', 'kill', 'kill', 'term', 'upgrade', 'holder'):
             before = checker.ops
             pid = server.ping()
             if event == 'upgrade':
                 shutil.copy(binary, binary + '.new')
                 os.replace(binary + '.new', binary)
                 assert server.restart() != pid
+                assert server.holder_pid() == holder  # exec'd in place
+            elif event == 'holder':
+                # The holder killed: its server takes its place.
+                os.kill(holder, signal.SIGKILL)
+                server.wait_for_new(pid)
+                assert server.holder_pid() == pid
             else:
                 os.kill(pid, signal.SIGKILL if event == 'kill'
                         else signal.SIGTERM)
@@ -312,13 +319,12 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
         with pytest.raises(control.ControlError) as info:
             node.control.call('delete_volume', volume_id='vol-vs')
         assert info.value.kind == 'VolumeBusy'
-    assert server.holder_pid() == holder  # exec'd in place for the upgrade
     with open(node.paths['native'] + '.log') as f:
         log = f.read()
     # Writes answered but not flushed when a server died: their bits were
     # taken over (else the checker would have read the image's bytes).
     assert 'bitmap pages taken over from the previous server' in log
-    assert log.count('started the server') == 6
+    assert log.count('started the server') == 7
 
 
 def test_missing_server_is_a_clear_start_error(workdir):

@@ -66,6 +66,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -85,6 +86,7 @@
 
 static const char *layers_dir, *cache_dir, *control_path, *listen_path;
 static const char *mount_point, *pid_file;
+static char self_exe[PATH_MAX];    /* this binary's path: see main */
 static char state_dir[PATH_MAX];   /* --state-dir: see shadow_open */
 static double fetch_wait = 60.0;
 static gid_t file_gid;
@@ -1493,6 +1495,18 @@ static void *listen_loop(void *arg)
     }
 }
 
+/* Whether something accepts connections on --listen (a holder). */
+static int listen_answers(void)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", listen_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
 /* The --listen socket, bound by the holder (connections made while no
  * server runs wait in its backlog for the next one). */
 static int listen_socket(void)
@@ -1556,17 +1570,39 @@ static void flush_all(void)
 }
 
 /* SIGTERM: flush, then exit with SERVER_STOPPED (the holder starts a new
- * server unless it is stopping itself). */
+ * server unless it is stopping itself). SIGUSR1, the holder's death
+ * (PR_SET_PDEATHSIG): flush, then become the holder (exec, keeping the
+ * descriptors), which starts a new server; requests read meanwhile are
+ * sent again to it. */
 #define SERVER_STOPPED 3
 
-static void *on_sigterm(void *arg)
+static char **child_argv(char **argv, int argc, const char *role, int fuse_fd,
+                         int listen_fd, const char *init_hex);
+
+static struct {
+    sigset_t set;
+    char **argv;
+    int argc, fuse_fd, listen_fd;
+    const char *init_hex;
+} me;
+
+static void *on_signals(void *arg)
 {
-    sigset_t *set = arg;
-    int sig;
-    sigwait(set, &sig);
-    flush_all();
-    logmsg("SIGTERM: bitmaps flushed, exiting");
-    _exit(SERVER_STOPPED);
+    for (;;) {
+        int sig;
+        if (sigwait(&me.set, &sig))
+            continue;
+        flush_all();
+        if (sig == SIGTERM) {
+            logmsg("SIGTERM: bitmaps flushed, exiting");
+            _exit(SERVER_STOPPED);
+        }
+        logmsg("the holder died: taking its place");
+        execv(self_exe, child_argv(me.argv, me.argc, "--resume", me.fuse_fd,
+                                   me.listen_fd, me.init_hex));
+        logmsg("exec %s: %s; serving on without a holder", self_exe,
+               strerror(errno));
+    }
 }
 
 static void *serve_fuse(void *arg)
@@ -1611,8 +1647,10 @@ static int unhex(const char *hex, unsigned char *out, size_t cap)
  * nowhere: no request has its id), then the kernel is asked to send again
  * the requests a previous server read but did not answer. */
 static int serve(int fuse_fd, int listen_fd, const char *init_hex,
-                 char *argv0)
+                 char **argv, int argc)
 {
+    pid_t holder = getppid();
+    char *argv0 = argv[0];
     unsigned char init[512];
     int n = unhex(init_hex, init, sizeof(init));
     if (n < (int)sizeof(struct in_header) ||
@@ -1643,12 +1681,20 @@ static int serve(int fuse_fd, int listen_fd, const char *init_hex,
     if (write(fuse_fd, &resend, sizeof(resend)) != sizeof(resend))
         logmsg("FUSE_NOTIFY_RESEND refused (%s): requests a killed server "
                "had read stay unanswered", strerror(errno));
-    sigset_t term;
-    sigemptyset(&term);
-    sigaddset(&term, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &term, NULL);   /* for on_sigterm only */
+    me.argv = argv;
+    me.argc = argc;
+    me.fuse_fd = fuse_fd;
+    me.listen_fd = listen_fd;
+    me.init_hex = init_hex;
+    sigemptyset(&me.set);
+    sigaddset(&me.set, SIGTERM);
+    sigaddset(&me.set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &me.set, NULL);  /* for on_signals only */
+    prctl(PR_SET_PDEATHSIG, SIGUSR1);
+    if (getppid() != holder)
+        kill(getpid(), SIGUSR1);                /* it died already */
     pthread_t t;
-    if (pthread_create(&t, NULL, on_sigterm, &term) ||
+    if (pthread_create(&t, NULL, on_signals, NULL) ||
         pthread_create(&t, NULL, listen_loop, (void *)(intptr_t)listen_fd))
         return 1;
     for (int i = 1; i < THREADS; i++)
@@ -1661,7 +1707,6 @@ static int serve(int fuse_fd, int listen_fd, const char *init_hex,
 
 /* -- the holder: the mount's descriptors outlive every server --------------- */
 
-static char self_exe[PATH_MAX];
 static pid_t server_pid;
 static volatile sig_atomic_t stop_signal, upgrade_signal;
 
@@ -1725,6 +1770,7 @@ static int hold(struct fuse_session *se, char **argv, int argc, int fuse_fd,
                 int listen_fd, const char *init_hex)
 {
     struct sigaction sa = {.sa_handler = on_signal};
+    prctl(PR_SET_PDEATHSIG, 0);     /* a server that took a holder's place */
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
@@ -1823,6 +1869,11 @@ static int hold_mount(char **argv, int argc, int allow_other)
             unlink(path);
     if (d)
         closedir(d);
+    if (listen_answers()) {
+        logmsg("a thunder-volume-server already listens on %s: not "
+               "mounting %s again", listen_path, mount_point);
+        return 1;
+    }
     if (handles_map(1))
         return 1;
     int listen_fd = listen_socket();
@@ -1939,16 +1990,21 @@ int main(int argc, char **argv)
         snprintf(state_dir, sizeof(state_dir), "%s.state", listen_path);
     started = time(NULL);
     signal(SIGPIPE, SIG_IGN);
-    if (role == 's')
-        return serve(fuse_fd, listen_fd, init_hex, argv[0]);
+    sigset_t none;              /* a server exec'ing had some blocked */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     /* The binary's path (not its target: an upgrade may move a link),
      * what the holder starts and execs, so the binary installed then. */
     if (strchr(argv[0], '/'))
         snprintf(self_exe, sizeof(self_exe), "%s", argv[0]);
     else if (readlink("/proc/self/exe", self_exe, sizeof(self_exe) - 1) < 0)
         return 1;
+    if (role == 's')
+        return serve(fuse_fd, listen_fd, init_hex, argv, argc);
     if (role == 'r') {
         logmsg("resumed holding %s (PID %d)", mount_point, (int)getpid());
+        if (write_pid_file())
+            return 1;
         return hold(NULL, argv, argc, fuse_fd, listen_fd, init_hex);
     }
     return hold_mount(argv, argc, allow_other);

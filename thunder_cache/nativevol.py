@@ -162,9 +162,11 @@ class NativeServer:
         """Pause the volume's I/O (its pages flushed, files closed).
 
         Yields how often the volume file is open. The server opens the
-        layer again (new size, new bitmap) when the block ends. With no
-        server running (nothing listens on its socket) there is no I/O to
-        pause: yields 0.
+        layer again (new size, new bitmap) when the block ends, and says
+        so; if it died meanwhile, the server that replaced it is told the
+        hold is over (``UNHOLD``): it does not open that layer before. With
+        no server running (nothing listens on its socket) there is no I/O
+        to pause: yields 0.
         """
         try:
             sock, opens = self._connect('HOLD %s' % volume_id)
@@ -176,11 +178,24 @@ class NativeServer:
         try:
             yield opens
         finally:
+            released = False
             try:
                 sock.sendall(b'RELEASE\n')
+                released = sock.makefile('rb').readline(256).startswith(b'OK')
             except OSError:
                 pass
             sock.close()
+            if not released:
+                self._unhold(volume_id)
+
+    def _unhold(self, volume_id):
+        LOG.warning('thunder-volume-server did not answer the release of '
+                    'volume %s (it died during the hold?): telling the '
+                    'server now running that the hold is over', volume_id)
+        try:
+            self._connect('UNHOLD %s' % volume_id)[0].close()
+        except NativeError as e:
+            LOG.warning('Volume %s: UNHOLD: %s', volume_id, e)
 
     def forget(self, volume_id):
         """Drop a volume before its layer is deleted.

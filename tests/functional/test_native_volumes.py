@@ -313,6 +313,20 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
             time.sleep(1)
             assert checker.ops > before, event
             assert checker.errors == [] and checker.wrong == 0, event
+        # Killed while the daemon holds the volume (as for a resize): the
+        # next server waits for the daemon's word before opening the layer.
+        with server.hold('vol-vs') as opens:
+            assert opens == 1
+            pid = server.ping()
+            os.kill(pid, signal.SIGKILL)
+            server.wait_for_new(pid)
+            time.sleep(0.5)
+            before = checker.ops
+            time.sleep(1)
+            assert checker.ops == before  # still held
+        time.sleep(1)
+        assert checker.ops > before
+        assert checker.errors == [] and checker.wrong == 0
         # What the kernel opened before stays known to the new server.
         info = node.control.call('volume_info', volume_id='vol-vs')
         assert info['open_count'] == 1 and info['written_bytes'] > 0
@@ -324,7 +338,8 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
     # Writes answered but not flushed when a server died: their bits were
     # taken over (else the checker would have read the image's bytes).
     assert 'bitmap pages taken over from the previous server' in log
-    assert log.count('started the server') == 7
+    assert log.count('started the server') == 8
+    assert 'vol-vs: held by thunder-cache when the previous server' in log
 
 
 def test_missing_server_is_a_clear_start_error(workdir):

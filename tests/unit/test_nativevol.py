@@ -33,6 +33,7 @@ class FakeServer(threading.Thread):
         self.sock.listen(4)
         self.answers = list(answers)
         self.lines = []
+        self.ack = True
 
     def run(self):
         for answer in self.answers:
@@ -43,9 +44,12 @@ class FakeServer(threading.Thread):
             with conn, conn.makefile('rb') as f:
                 self.lines.append(f.readline().decode().strip())
                 conn.sendall(answer.encode())
-                if answer.startswith('OK') and 'HOLD' in self.lines[-1]:
-                    # Held until RELEASE or the close.
+                if answer.startswith('OK') and \
+                        self.lines[-1].startswith('HOLD'):
+                    # Held until RELEASE or the close; then answered.
                     self.lines.append(f.readline().decode().strip())
+                    if self.ack:
+                        conn.sendall(b'OK 0\n')
         self.sock.close()
 
 
@@ -61,6 +65,19 @@ def test_hold_yields_the_open_count_and_releases(path):
         assert opens == 2
     server.join(5)
     assert server.lines == ['HOLD vol-1', 'RELEASE']
+
+
+def test_hold_whose_server_died_is_ended_with_unhold(path, caplog):
+    # The server answers the HOLD, then dies (no answer to RELEASE); the
+    # one after it gets UNHOLD.
+    server = FakeServer(path, ['OK 1\n', 'OK 0\n'])
+    server.ack = False
+    server.start()
+    with nativevol.NativeServer(path).hold('vol-1') as opens:
+        assert opens == 1
+    server.join(5)
+    assert server.lines == ['HOLD vol-1', 'RELEASE', 'UNHOLD vol-1']
+    assert 'did not answer the release of volume vol-1' in caplog.text
 
 
 def test_forget_busy(path):

@@ -28,6 +28,9 @@
  *                           pages are flushed and its files closed until
  *                           RELEASE (or the connection closes); then the
  *                           files are opened again (a new size is seen)
+ *                           and OK 0 answers the RELEASE
+ *   UNHOLD <volume id>   -> OK 0: a hold whose server died is over (see
+ *                           wait_unheld)
  *   FORGET <volume id>   -> OK 0, or ERR EBUSY while the file is open
  *   anything else        -> ERR EINVAL <why>
  *
@@ -685,6 +688,37 @@ bad:
     return -EIO;
 }
 
+/* <state>/<id>.held exists while thunder-cache holds the volume (see
+ * hold_volume): a server that died during a hold leaves it, and the next
+ * one does not open that layer, which thunder-cache may still be
+ * changing, until thunder-cache says it is done (UNHOLD) or HOLD_WAIT
+ * seconds have passed. */
+#define HOLD_WAIT 300
+
+static int held_path(const char *id, char *path, size_t cap)
+{
+    return snprintf(path, cap, "%s/%s.held", state_dir, id) >= (int)cap;
+}
+
+static void wait_unheld(const char *id)
+{
+    char path[PATH_MAX];
+    if (held_path(id, path, sizeof(path)) || access(path, F_OK))
+        return;
+    logmsg("volume %s: held by thunder-cache when the previous server died; "
+           "waiting for it (up to %d s)", id, HOLD_WAIT);
+    for (double end = now() + HOLD_WAIT; access(path, F_OK) == 0;) {
+        if (now() > end) {
+            logmsg("volume %s: no UNHOLD from thunder-cache: serving it",
+                   id);
+            unlink(path);
+            return;
+        }
+        usleep(10000);
+    }
+    logmsg("volume %s: released", id);
+}
+
 /* The volume named id, its layer opened on first use; NULL: ENOENT. */
 static struct volume *volume_get(const char *id, int *err)
 {
@@ -693,6 +727,12 @@ static struct volume *volume_get(const char *id, int *err)
         return NULL;
     pthread_mutex_lock(&volumes_mu);
     struct volume *v;
+    for (v = volumes; v; v = v->next)
+        if (strcmp(v->id, id) == 0)
+            goto out;
+    pthread_mutex_unlock(&volumes_mu);
+    wait_unheld(id);            /* before its first load only */
+    pthread_mutex_lock(&volumes_mu);
     for (v = volumes; v; v = v->next)
         if (strcmp(v->id, id) == 0)
             goto out;
@@ -1412,6 +1452,11 @@ static void hold_volume(int fd, const char *id)
     }
     int opens = opens_of(v->ino);
     layer_close(v, 1);
+    char marker[PATH_MAX] = "";
+    int mfd = held_path(id, marker, sizeof(marker)) ? -1
+        : open(marker, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (mfd >= 0)
+        close(mfd);
     say(fd, "OK %d\n", opens);
     char line[64];
     read_line(fd, line, sizeof(line));   /* RELEASE, or the close */
@@ -1419,7 +1464,19 @@ static void hold_volume(int fd, const char *id)
         logmsg("volume %s: its layer is gone after a hold", v->id);
         v->gone = 1;
     }
+    if (mfd >= 0)
+        unlink(marker);
     pthread_rwlock_unlock(&v->hold);
+    say(fd, "OK 0\n");         /* released: the volume is served again */
+}
+
+/* thunder-cache is done with a volume it held from a server that died. */
+static void unhold_volume(int fd, const char *id)
+{
+    char marker[PATH_MAX];
+    if (!held_path(id, marker, sizeof(marker)))
+        unlink(marker);
+    say(fd, "OK 0\n");
 }
 
 static void forget_volume(int fd, const char *id)
@@ -1469,6 +1526,8 @@ static void *serve_client(void *arg)
             hold_volume(fd, id);
         else if (strcmp(line, "FORGET") == 0)
             forget_volume(fd, id);
+        else if (strcmp(line, "UNHOLD") == 0)
+            unhold_volume(fd, id);
         else
             say(fd, "ERR EINVAL unknown request\n");
     }

@@ -286,9 +286,8 @@ class Daemon:
     def pids(self):
         """The daemon's and the native server's PIDs (what serves I/O)."""
         pids = [self.server.pid]
-        if self.native:
-            with open(self.native_socket + '.pid') as f:
-                pids.append(int(f.read().strip()))
+        if self.native:  # the server, not its holder (the pid file's)
+            pids.append(nativevol.NativeServer(self.native_socket).ping())
         return pids
 
     def register(self, image_id, manifest, manifest_length, origin):

@@ -13,9 +13,10 @@
 """The native volume server (``[blockdev] volume_server = native``).
 
 ``thunder-volume-server`` (C, libfuse 3, source and Makefile in
-``thunder_cache/native``) serves the volume files in its own process: it
-reads present chunks and written blocks straight from the files, and asks
-the daemon for missing chunks on the control socket (``ensure_chunks``).
+``thunder_cache/volumes/native``) serves the volume files in its own
+process: it reads present chunks and written blocks straight from the
+files, and asks the daemon for missing chunks on the control socket
+(``ensure_chunks``).
 The daemon still creates, grows, copies and deletes layers; before it
 touches a layer the server holds, it pauses that volume's I/O over the
 server's own socket (:meth:`NativeServer.hold`), which also tells how
@@ -23,7 +24,11 @@ often the volume file is open.
 
 The server outlives the daemon: a daemon that stops, crashes or is
 upgraded leaves it (and every attached loop device) serving, and the next
-daemon finds it through its socket.
+daemon finds it through its socket. It also outlives itself: the process
+started is a holder that keeps the mount's ``/dev/fuse`` descriptor and
+the socket, and starts a new server (which takes the mount over) when
+one dies, or on SIGHUP from the binary now installed
+(:meth:`NativeServer.restart`).
 """
 
 import contextlib
@@ -31,6 +36,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -110,14 +116,58 @@ class NativeServer:
         sock.close()
         return pid
 
+    def holder_pid(self):
+        """The PID of the server's holder (its pid file), or NativeError."""
+        try:
+            with open(self.pid_file) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+        except (OSError, ValueError) as e:
+            raise NativeError('NotRunning', 'no thunder-volume-server '
+                              'holder (%s): %s' % (self.pid_file, e))
+        return pid
+
+    def restart(self, wait=30.0):
+        """Restart the server with the binary installed now (an upgrade).
+
+        The holder (SIGHUP) stops the server, replaces itself with the
+        binary now at its path and starts a new server; the mount, and
+        every volume attached, stay. Returns the new server's PID.
+        """
+        old = self.ping()
+        os.kill(self.holder_pid(), signal.SIGHUP)
+        pid = self.wait_for_new(old, wait)
+        LOG.info('Restarted thunder-volume-server (PID %d, was %d)', pid, old)
+        return pid
+
+    def wait_for_new(self, old, wait=30.0):
+        """The PID of the server that replaced PID ``old``, once it answers.
+
+        :raises NativeError: ``Restart`` if none does within ``wait`` s.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                pid = self.ping()
+            except NativeError:
+                pid = old
+            if pid != old:
+                return pid
+            if time.monotonic() > deadline:
+                raise NativeError('Restart', 'no new thunder-volume-server '
+                                  'within %s s' % wait)
+            time.sleep(0.02)
+
     @contextlib.contextmanager
     def hold(self, volume_id):
         """Pause the volume's I/O (its pages flushed, files closed).
 
         Yields how often the volume file is open. The server opens the
-        layer again (new size, new bitmap) when the block ends. With no
-        server running (nothing listens on its socket) there is no I/O to
-        pause: yields 0.
+        layer again (new size, new bitmap) when the block ends, and says
+        so; if it died meanwhile, the server that replaced it is told the
+        hold is over (``UNHOLD``): it does not open that layer before. With
+        no server running (nothing listens on its socket) there is no I/O
+        to pause: yields 0.
         """
         try:
             sock, opens = self._connect('HOLD %s' % volume_id)
@@ -129,11 +179,24 @@ class NativeServer:
         try:
             yield opens
         finally:
+            released = False
             try:
                 sock.sendall(b'RELEASE\n')
+                released = sock.makefile('rb').readline(256).startswith(b'OK')
             except OSError:
                 pass
             sock.close()
+            if not released:
+                self._unhold(volume_id)
+
+    def _unhold(self, volume_id):
+        LOG.warning('thunder-volume-server did not answer the release of '
+                    'volume %s (it died during the hold?): telling the '
+                    'server now running that the hold is over', volume_id)
+        try:
+            self._connect('UNHOLD %s' % volume_id)[0].close()
+        except NativeError as e:
+            LOG.warning('Volume %s: UNHOLD: %s', volume_id, e)
 
     def forget(self, volume_id):
         """Drop a volume before its layer is deleted.

@@ -1,11 +1,12 @@
 /* thunder-volume-server: the peer mode's volume files, served in C.
  *
- * The same filesystem as thunder_cache/fusefs.py (one raw file per volume,
- * <mount>/<volume id>) on libfuse 3, reading and writing the same files:
+ * The same filesystem as thunder_cache/volumes/fusefs.py (one raw file per
+ * volume, <mount>/<volume id>) on libfuse 3, reading and writing the same
+ * files:
  * each volume's copy-on-write layer (<layers>/<id>/data, bitmap and
- * volume.json, see thunder_cache/cow.py and volumes.py) over the node
+ * volume.json, see thunder_cache/volumes/cow.py and volumes.py) over the node
  * cache of its image (<cache>/<image id>/data and chunkmap, see
- * thunder_cache/image_cache.py and chunkmap.py).
+ * thunder_cache/cache/image_cache.py and chunkmap.py).
  *
  * Present chunks are read straight from the image's data file. Which
  * chunks may be read is only ever learnt from thunder-cache: the
@@ -28,21 +29,35 @@
  *                           pages are flushed and its files closed until
  *                           RELEASE (or the connection closes); then the
  *                           files are opened again (a new size is seen)
+ *                           and OK 0 answers the RELEASE
+ *   UNHOLD <volume id>   -> OK 0: a hold whose server died is over (see
+ *                           wait_unheld)
  *   FORGET <volume id>   -> OK 0, or ERR EBUSY while the file is open
  *   anything else        -> ERR EINVAL <why>
  *
+ * The process started is the holder (see hold): it mounts, answers the
+ * kernel's INIT, binds --listen, then runs the server (this binary with
+ * --server and the descriptors) and starts a new one whenever it dies;
+ * SIGHUP makes it exec the binary now installed (an upgrade). A server
+ * takes the mount over (see serve): node ids are hashes of the volume
+ * ids, file handles slots of a shared table, bits not yet in a bitmap in
+ * shared files (all in --state-dir), and requests the dead server had
+ * read are sent again by the kernel (FUSE_NOTIFY_RESEND).
+ *
  * usage: thunder-volume-server --layers DIR --cache DIR --control SOCK
  *            --listen SOCK [--fetch-wait SECONDS] [--gid GROUP]
- *            [--allow-other] [--no-splice] [--pid-file FILE] MOUNT_DIR
- * (GROUP: a name or a number; it owns the volume files, mode 0660).
+ *            [--allow-other] [--no-splice] [--pid-file FILE]
+ *            [--state-dir DIR] MOUNT_DIR
+ * (GROUP: a name or a number; it owns the volume files, mode 0660;
+ * --state-dir: default the --listen path followed by ".state").
  */
-#define FUSE_USE_VERSION 31
+#define FUSE_USE_VERSION 34
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <fuse.h>
+#include <fuse_lowlevel.h>
 #include <grp.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -54,6 +69,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -71,6 +89,9 @@
 #define CMAP_HEADER 68
 
 static const char *layers_dir, *cache_dir, *control_path, *listen_path;
+static const char *mount_point, *pid_file;
+static char self_exe[PATH_MAX];    /* this binary's path: see main */
+static char state_dir[PATH_MAX];   /* --state-dir: see shadow_open */
 static double fetch_wait = 60.0;
 static gid_t file_gid;
 static int use_splice = 1;         /* --no-splice: copy replies instead */
@@ -102,6 +123,16 @@ static int valid_id(const char *s)
         if (!isalnum((unsigned char)s[i]) && !strchr("_.-", s[i]))
             return 0;
     return 1;
+}
+
+/* A volume's node id: its id's FNV-1a hash, the same in every server of
+ * a mount (the kernel keeps the node ids a previous one gave it). */
+static uint64_t ino_of(const char *id)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (; *id; id++)
+        h = (h ^ (unsigned char)*id) * 1099511628211ULL;
+    return h < 2 ? h + 2 : h;     /* 0: none, 1: the root */
 }
 
 static uint64_t be64(const unsigned char *p)
@@ -430,18 +461,17 @@ static int image_read(struct image *img, char *buf, size_t len, off_t off)
 
 struct volume {
     char id[MAX_ID + 1];
+    uint64_t ino;               /* its node id, from its id: see ino_of */
     int data_fd, bm_fd;         /* -1 while held */
     off_t size;
     int read_only, gone, open;  /* open: the layer's files are */
     struct image *img;          /* NULL: a blank volume */
-    unsigned char *map;         /* the bitmap file, mapped read-only */
-    size_t map_len, bits_len;
-    unsigned char **pages;      /* changed pages not yet in the file */
-    unsigned char *dirty;       /* per page: changed since last flush */
-    long *held;                 /* indices of pages[] that are set */
+    unsigned char *bits;        /* the bits as written: see shadow_open */
+    size_t bits_len, bits_map;
+    unsigned char *dirty;       /* per page of bits: not in the file yet */
+    long *held;                 /* the dirty pages' indices */
     long nheld;
-    int opens;
-    pthread_mutex_t mu;         /* bits, pages, opens */
+    pthread_mutex_t mu;         /* bits, dirty pages */
     pthread_mutex_t flush_mu;
     pthread_rwlock_t hold;      /* I/O: read lock; HOLD: write lock */
     struct volume *next;
@@ -506,14 +536,87 @@ static int read_meta(struct volume *v, char *image_id)
     return 0;
 }
 
+/* The shadow of a layer's bitmap: <state>/<volume id>.bits, mapped
+ * shared, holding the bits as written (those not yet in the bitmap file
+ * too). A server killed between a write and the flush of its bit leaves
+ * the bit there, and the next server, which takes over the mount, adopts
+ * it: the kernel had been told the write was done, so the block must read
+ * as written. Never read after a reboot: the holder empties the state
+ * directory whenever it mounts afresh (see hold_mount). */
+static int shadow_path(struct volume *v, char *path, size_t cap)
+{
+    return snprintf(path, cap, "%s/%s.bits", state_dir, v->id) >= (int)cap;
+}
+
+/* Map the shadow, adopting one left by a previous server of this mount;
+ * the bitmap file's bits (bm, bits_len bytes) are folded in. The pages
+ * where the two differ are dirty: they go to the file at the next flush. */
+static int shadow_open(struct volume *v, const unsigned char *bm)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    if (shadow_path(v, path, sizeof(path)))
+        return -ENAMETOOLONG;
+    long npages = (v->bits_len + PAGE - 1) / PAGE;
+    v->bits_map = npages * PAGE;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0 || fstat(fd, &st)) {
+        logmsg("volume %s: %s: %s", v->id, path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -EIO;
+    }
+    int adopt = (size_t)st.st_size == v->bits_map;
+    if (!adopt && (ftruncate(fd, 0) || ftruncate(fd, v->bits_map))) {
+        close(fd);
+        return -EIO;
+    }
+    v->bits = mmap(NULL, v->bits_map, PROT_READ | PROT_WRITE, MAP_SHARED,
+                   fd, 0);
+    close(fd);
+    if (v->bits == MAP_FAILED) {
+        v->bits = NULL;
+        return -EIO;
+    }
+    long adopted = 0;
+    for (long p = 0; p < npages; p++) {
+        size_t n = v->bits_len - p * PAGE;
+        n = n < PAGE ? n : PAGE;
+        unsigned char *mine = v->bits + p * PAGE;
+        if (!adopt) {
+            memcpy(mine, bm + p * PAGE, n);
+            continue;
+        }
+        int differs = 0;
+        for (size_t i = 0; i < n; i++) {
+            mine[i] |= bm[p * PAGE + i];
+            differs |= mine[i] != bm[p * PAGE + i];
+        }
+        if (differs) {
+            v->dirty[p] = 1;
+            v->held[v->nheld++] = p;
+            adopted++;
+        }
+    }
+    if (adopted)
+        logmsg("volume %s: %ld bitmap pages taken over from the previous "
+               "server", v->id, adopted);
+    return 0;
+}
+
 /* Close the layer's files. keep_data: all but the data file, whose inode
  * never changes (cow.py grows it in place), and the image, which replies
- * being spliced to the kernel may still read. */
+ * being spliced to the kernel may still read. Callers flush first: the
+ * shadow (bits not flushed) goes. */
 static void layer_close(struct volume *v, int keep_data)
 {
-    if (v->map)
-        munmap(v->map, v->map_len);
-    v->map = NULL;
+    char path[PATH_MAX];
+    if (v->bits) {
+        munmap(v->bits, v->bits_map);
+        if (!shadow_path(v, path, sizeof(path)))
+            unlink(path);
+    }
+    v->bits = NULL;
     if (v->data_fd >= 0 && !keep_data) {
         close(v->data_fd);
         v->data_fd = -1;
@@ -526,15 +629,9 @@ static void layer_close(struct volume *v, int keep_data)
         image_put(v->img);
         v->img = NULL;
     }
-    for (long i = 0; i < v->nheld; i++) {
-        free(v->pages[v->held[i]]);
-        v->pages[v->held[i]] = NULL;
-    }
     v->nheld = 0;
-    free(v->pages);
     free(v->dirty);
     free(v->held);
-    v->pages = NULL;
     v->dirty = NULL;
     v->held = NULL;
 }
@@ -570,17 +667,18 @@ static int layer_open(struct volume *v)
         goto bad;
     }
     v->size = size;             /* the layer's size wins, as in volumes.py */
-    v->map_len = BITS_OFFSET + v->bits_len;
-    v->map = mmap(NULL, v->map_len, PROT_READ, MAP_SHARED, v->bm_fd, 0);
+    size_t map_len = BITS_OFFSET + v->bits_len;
+    unsigned char *map = mmap(NULL, map_len, PROT_READ, MAP_SHARED,
+                              v->bm_fd, 0);
     long npages = (v->bits_len + PAGE - 1) / PAGE;
-    v->pages = calloc(npages, sizeof(*v->pages));
     v->dirty = calloc(npages, 1);
     v->held = calloc(npages, sizeof(*v->held));
-    if (v->map == MAP_FAILED || !v->pages || !v->dirty || !v->held) {
-        if (v->map == MAP_FAILED)
-            v->map = NULL;
+    rc = (map == MAP_FAILED || !v->dirty || !v->held) ? -EIO
+        : shadow_open(v, map + BITS_OFFSET);
+    if (map != MAP_FAILED)
+        munmap(map, map_len);
+    if (rc)
         goto bad;
-    }
     /* A volume's image never changes: kept across holds. */
     if (image_id[0] && !v->img && !(v->img = image_get(image_id)))
         goto bad;
@@ -589,6 +687,37 @@ static int layer_open(struct volume *v)
 bad:
     layer_close(v, 0);
     return -EIO;
+}
+
+/* <state>/<id>.held exists while thunder-cache holds the volume (see
+ * hold_volume): a server that died during a hold leaves it, and the next
+ * one does not open that layer, which thunder-cache may still be
+ * changing, until thunder-cache says it is done (UNHOLD) or HOLD_WAIT
+ * seconds have passed. */
+#define HOLD_WAIT 300
+
+static int held_path(const char *id, char *path, size_t cap)
+{
+    return snprintf(path, cap, "%s/%s.held", state_dir, id) >= (int)cap;
+}
+
+static void wait_unheld(const char *id)
+{
+    char path[PATH_MAX];
+    if (held_path(id, path, sizeof(path)) || access(path, F_OK))
+        return;
+    logmsg("volume %s: held by thunder-cache when the previous server died; "
+           "waiting for it (up to %d s)", id, HOLD_WAIT);
+    for (double end = now() + HOLD_WAIT; access(path, F_OK) == 0;) {
+        if (now() > end) {
+            logmsg("volume %s: no UNHOLD from thunder-cache: serving it",
+                   id);
+            unlink(path);
+            return;
+        }
+        usleep(10000);
+    }
+    logmsg("volume %s: released", id);
 }
 
 /* The volume named id, its layer opened on first use; NULL: ENOENT. */
@@ -602,12 +731,19 @@ static struct volume *volume_get(const char *id, int *err)
     for (v = volumes; v; v = v->next)
         if (strcmp(v->id, id) == 0)
             goto out;
+    pthread_mutex_unlock(&volumes_mu);
+    wait_unheld(id);            /* before its first load only */
+    pthread_mutex_lock(&volumes_mu);
+    for (v = volumes; v; v = v->next)
+        if (strcmp(v->id, id) == 0)
+            goto out;
     v = calloc(1, sizeof(*v));
     if (!v) {
         *err = -ENOMEM;
         goto out;
     }
     strcpy(v->id, id);
+    v->ino = ino_of(id);
     v->data_fd = v->bm_fd = -1;
     int rc = layer_open(v);
     if (rc) {
@@ -635,29 +771,24 @@ out:
 /* Bit of block b; caller holds v->mu. */
 static int bit_set(struct volume *v, uint64_t b)
 {
-    uint64_t byte = b >> 3;
-    unsigned char *page = v->pages[byte / PAGE];
-    unsigned char c = page ? page[byte % PAGE] : v->map[BITS_OFFSET + byte];
-    return c >> (b & 7) & 1;
+    return v->bits[b >> 3] >> (b & 7) & 1;
+}
+
+/* Page p of the bits is to be written at the next flush; holds v->mu. */
+static void page_dirty(struct volume *v, long p)
+{
+    if (!v->dirty[p]) {
+        v->dirty[p] = 1;
+        v->held[v->nheld++] = p;
+    }
 }
 
 /* Set the bits of blocks [first, stop); caller holds v->mu. */
 static int mark(struct volume *v, uint64_t first, uint64_t stop)
 {
     for (uint64_t b = first; b < stop; b++) {
-        uint64_t byte = b >> 3;
-        long p = byte / PAGE;
-        if (!v->pages[p]) {
-            unsigned char *page = calloc(1, PAGE);
-            if (!page)
-                return -ENOMEM;
-            size_t n = v->bits_len - p * PAGE;
-            memcpy(page, v->map + BITS_OFFSET + p * PAGE, n < PAGE ? n : PAGE);
-            v->pages[p] = page;
-            v->held[v->nheld++] = p;
-        }
-        v->pages[p][byte % PAGE] |= 1 << (b & 7);
-        v->dirty[p] = 1;
+        v->bits[b >> 3] |= 1 << (b & 7);
+        page_dirty(v, (b >> 3) / PAGE);
     }
     return 0;
 }
@@ -667,17 +798,16 @@ static int layer_flush(struct volume *v)
 {
     pthread_mutex_lock(&v->flush_mu);
     pthread_mutex_lock(&v->mu);
-    long n = 0, *which = malloc((v->nheld + 1) * sizeof(long));
-    unsigned char *copy = malloc((size_t)(v->nheld + 1) * PAGE);
+    long n = v->nheld, *which = malloc((n + 1) * sizeof(long));
+    unsigned char *copy = malloc((size_t)(n + 1) * PAGE);
     int rc = (which && copy) ? 0 : -ENOMEM;
-    for (long i = 0; !rc && i < v->nheld; i++) {
-        long p = v->held[i];
-        if (!v->dirty[p])
-            continue;
+    for (long i = 0; !rc && i < n; i++) {
+        long p = which[i] = v->held[i];
         v->dirty[p] = 0;
-        memcpy(copy + n * PAGE, v->pages[p], PAGE);
-        which[n++] = p;
+        memcpy(copy + i * PAGE, v->bits + p * PAGE, PAGE);
     }
+    if (!rc)
+        v->nheld = 0;
     pthread_mutex_unlock(&v->mu);
     if (!rc && fdatasync(v->data_fd))
         rc = -errno;
@@ -688,25 +818,12 @@ static int layer_flush(struct volume *v)
     }
     if (!rc && n && fdatasync(v->bm_fd))
         rc = -errno;
-    pthread_mutex_lock(&v->mu);
-    if (rc) {
+    if (rc && which && copy) {
+        pthread_mutex_lock(&v->mu);
         for (long i = 0; i < n; i++)
-            v->dirty[which[i]] = 1;
-    } else {
-        /* The file holds these pages now: those not changed since go. */
-        long kept = 0;
-        for (long i = 0; i < v->nheld; i++) {
-            long p = v->held[i];
-            if (v->dirty[p]) {
-                v->held[kept++] = p;
-            } else {
-                free(v->pages[p]);
-                v->pages[p] = NULL;
-            }
-        }
-        v->nheld = kept;
+            page_dirty(v, which[i]);
+        pthread_mutex_unlock(&v->mu);
     }
-    pthread_mutex_unlock(&v->mu);
     pthread_mutex_unlock(&v->flush_mu);
     free(which);
     free(copy);
@@ -750,7 +867,6 @@ static int volume_read(struct volume *v, char *buf, size_t len, off_t off)
 }
 
 #define MAX_BUFS 64
-#define SPLICE_MIN (64 * 1024)  /* smaller reads are copied */
 
 static int add_buf(struct fuse_bufvec *bv, int fd, size_t len, off_t pos)
 {
@@ -913,23 +1029,112 @@ static int volume_zero(struct volume *v, off_t off, off_t len)
     return rc;
 }
 
-/* -- FUSE operations ------------------------------------------------------- */
+/* -- open files ------------------------------------------------------------ */
 
-/* An open file: its volume, and whether it was opened for writing (the
- * kernel does not tell fallocate and flush requests how). */
-struct handle {
-    struct volume *v;
-    int writable;
+/* The kernel's open files of the mount, in <state>/handles (mapped
+ * shared): a slot per open file, its index + 1 the file handle the kernel
+ * gives back. It outlives a server, so that the next one knows the files
+ * opened before it (how often a volume is open, and for writing). A slot
+ * keeps the unique id of the OPEN request that filled it: the same
+ * request resent to a new server (FUSE_NOTIFY_RESEND) finds its slot
+ * again instead of counting twice. Slots are taken round the table (the
+ * cursor in the slot past the last), so that a resent RELEASE never
+ * frees a slot an OPEN took meanwhile. */
+#define HANDLES 4096
+#define FUSE_UNIQUE_RESEND (1ULL << 63)
+
+struct slot {
+    uint64_t ino, unique;
+    uint32_t used, writable;
+    uint64_t pad;
 };
 
-static struct volume *of(struct fuse_file_info *fi)
+static struct slot *slots;
+static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
+static __thread uint64_t request_unique;   /* of the request being served */
+
+static int handles_map(int fresh)
 {
-    return ((struct handle *)(uintptr_t)fi->fh)->v;
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof(path), "%s/handles", state_dir) >=
+        (int)sizeof(path))
+        return -1;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    size_t len = (HANDLES + 1) * sizeof(struct slot);
+    if (fd < 0 || (fresh && ftruncate(fd, 0)) || ftruncate(fd, len)) {
+        logmsg("%s: %s", path, strerror(errno));
+        return -1;
+    }
+    slots = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return slots == MAP_FAILED ? -1 : 0;
 }
 
-static int writable(struct fuse_file_info *fi)
+/* A handle for an open of ino by the current request; 0 if full. */
+static uint64_t handle_new(uint64_t ino, int writable)
 {
-    return ((struct handle *)(uintptr_t)fi->fh)->writable;
+    uint64_t unique = request_unique & ~FUSE_UNIQUE_RESEND, fh = 0;
+    pthread_mutex_lock(&slots_mu);
+    for (long i = 0; i < HANDLES && !fh; i++)
+        if (slots[i].used && slots[i].ino == ino &&
+            slots[i].unique == unique)
+            fh = i + 1;         /* a resent OPEN */
+    uint64_t *cursor = &slots[HANDLES].unique;
+    for (long n = 0; n < HANDLES && !fh; n++) {
+        long i = (*cursor + n) % HANDLES;
+        if (!slots[i].used) {
+            slots[i] = (struct slot){.ino = ino, .unique = unique,
+                                     .writable = writable};
+            __atomic_store_n(&slots[i].used, 1, __ATOMIC_RELEASE);
+            *cursor = i + 1;
+            fh = i + 1;
+        }
+    }
+    pthread_mutex_unlock(&slots_mu);
+    return fh;
+}
+
+static struct slot *handle(uint64_t fh)
+{
+    return fh >= 1 && fh <= HANDLES && slots[fh - 1].used ? &slots[fh - 1]
+                                                           : NULL;
+}
+
+static int opens_of(uint64_t ino)
+{
+    int n = 0;
+    pthread_mutex_lock(&slots_mu);
+    for (long i = 0; i < HANDLES; i++)
+        n += slots[i].used && slots[i].ino == ino;
+    pthread_mutex_unlock(&slots_mu);
+    return n;
+}
+
+/* -- FUSE operations (low level: node ids and handles are ours) ----------- */
+
+/* The volume with node id ino: loaded, or found among the layers (a node
+ * the kernel learnt from a previous server). NULL: *err. */
+static struct volume *volume_of(fuse_ino_t ino, int *err)
+{
+    pthread_mutex_lock(&volumes_mu);
+    struct volume *v;
+    for (v = volumes; v && v->ino != ino; v = v->next)
+        ;
+    pthread_mutex_unlock(&volumes_mu);
+    *err = -ENOENT;
+    if (v)
+        return v;
+    DIR *d = opendir(layers_dir);
+    struct dirent *e;
+    char id[MAX_ID + 1] = "";
+    while (d && (e = readdir(d)))
+        if (valid_id(e->d_name) && ino_of(e->d_name) == ino) {
+            memcpy(id, e->d_name, strlen(e->d_name) + 1);  /* valid: short */
+            break;
+        }
+    if (d)
+        closedir(d);
+    return id[0] ? volume_get(id, err) : NULL;
 }
 
 /* Run I/O on an open volume unless it is held; EIO once it is gone. */
@@ -939,23 +1144,33 @@ static int writable(struct fuse_file_info *fi)
         pthread_rwlock_unlock(&(v)->hold);                              \
         _rc; })
 
-static int t_getattr(const char *path, struct stat *st,
-                     struct fuse_file_info *fi)
+/* Look the request's volume up, or answer the error and return. */
+#define VOLUME_OR_REPLY(v, req, ino) \
+    int _err; \
+    struct volume *v = volume_of(ino, &_err); \
+    if (!v) { \
+        fuse_reply_err(req, -_err); \
+        return; \
+    }
+
+static void reply_rc(fuse_req_t req, int rc)
+{
+    fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+static int stat_of(fuse_ino_t ino, struct stat *st)
 {
     memset(st, 0, sizeof(*st));
+    st->st_ino = ino;
     st->st_gid = file_gid;
     st->st_atime = st->st_mtime = st->st_ctime = started;
-    /* With nullpath_ok, an open file may come without its path. */
-    struct handle *h = fi ? (struct handle *)(uintptr_t)fi->fh : NULL;
-    if (!h && !path)
-        return -ENOENT;
-    if (!h && strcmp(path, "/") == 0) {
+    if (ino == FUSE_ROOT_ID) {
         st->st_mode = S_IFDIR | 0755;
         st->st_nlink = 2;
         return 0;
     }
-    int err = -ENOENT;
-    struct volume *v = h ? h->v : volume_get(path + 1, &err);
+    int err;
+    struct volume *v = volume_of(ino, &err);
     if (!v)
         return err;
     pthread_rwlock_rdlock(&v->hold);
@@ -970,185 +1185,223 @@ static int t_getattr(const char *path, struct stat *st,
     return 0;
 }
 
-static int t_readdir(const char *path, void *buf, fuse_fill_dir_t fill,
-                     off_t off, struct fuse_file_info *fi,
-                     enum fuse_readdir_flags flags)
+static void t_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    if (path && strcmp(path, "/"))
-        return -ENOTDIR;
-    fill(buf, ".", NULL, 0, 0);
-    fill(buf, "..", NULL, 0, 0);
+    struct fuse_entry_param e = {0};
+    int err = -ENOENT;
+    if (parent == FUSE_ROOT_ID && volume_get(name, &err))
+        err = stat_of(ino_of(name), &e.attr);
+    if (err) {
+        reply_rc(req, err);
+        return;
+    }
+    e.ino = e.attr.st_ino;
+    fuse_reply_entry(req, &e);
+}
+
+static void t_getattr(fuse_req_t req, fuse_ino_t ino,
+                      struct fuse_file_info *fi)
+{
+    struct stat st;
+    int rc = stat_of(ino, &st);
+    if (rc)
+        reply_rc(req, rc);
+    else
+        fuse_reply_attr(req, &st, 0);
+}
+
+static void t_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
+                      int to_set, struct fuse_file_info *fi)
+{
+    struct stat st;
+    int rc = stat_of(ino, &st);
+    if (!rc && to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID |
+                         FUSE_SET_ATTR_GID))
+        rc = -EPERM;
+    /* Volumes grow through thunder-cache's resize_volume only. */
+    if (!rc && to_set & FUSE_SET_ATTR_SIZE && attr->st_size != st.st_size)
+        rc = -EPERM;
+    if (rc)
+        reply_rc(req, rc);
+    else
+        fuse_reply_attr(req, &st, 0);
+}
+
+static void t_readdir(fuse_req_t req, fuse_ino_t ino, size_t size,
+                      off_t off, struct fuse_file_info *fi)
+{
+    if (ino != FUSE_ROOT_ID) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    char *buf = malloc(size), meta[PATH_MAX];
     DIR *d = opendir(layers_dir);
-    if (!d)
-        return -errno;
+    if (!buf || !d) {
+        reply_rc(req, buf ? -errno : -ENOMEM);
+        free(buf);
+        if (d)
+            closedir(d);
+        return;
+    }
+    size_t used = 0;
+    off_t n = 0;
+    struct stat st = {.st_mode = S_IFREG};
     struct dirent *e;
-    char meta[PATH_MAX];
-    while ((e = readdir(d))) {
-        snprintf(meta, sizeof(meta), "%s/%s/volume.json", layers_dir,
-                 e->d_name);
-        if (valid_id(e->d_name) && access(meta, F_OK) == 0)
-            fill(buf, e->d_name, NULL, 0, 0);
+    const char *name = ".";
+    while (name) {
+        st.st_ino = n < 2 ? FUSE_ROOT_ID : ino_of(name);
+        if (n++ >= off) {
+            size_t len = fuse_add_direntry(req, buf + used, size - used,
+                                           name, &st, n);
+            if (len > size - used)
+                break;
+            used += len;
+        }
+        name = n == 1 ? ".." : NULL;
+        while (!name && (e = readdir(d))) {
+            snprintf(meta, sizeof(meta), "%s/%s/volume.json", layers_dir,
+                     e->d_name);
+            if (valid_id(e->d_name) && access(meta, F_OK) == 0)
+                name = e->d_name;
+        }
     }
     closedir(d);
-    return 0;
+    fuse_reply_buf(req, buf, used);
+    free(buf);
 }
 
-static int t_open(const char *path, struct fuse_file_info *fi)
+static void t_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    int err;
-    struct volume *v = volume_get(path + 1, &err);
-    if (!v)
-        return err;
+    VOLUME_OR_REPLY(v, req, ino);
     int wr = (fi->flags & O_ACCMODE) != O_RDONLY;
     pthread_rwlock_rdlock(&v->hold);
-    pthread_mutex_lock(&v->mu);
-    err = v->gone ? -ENOENT : (wr && v->read_only) ? -EROFS : 0;
-    if (!err)
-        v->opens++;
-    pthread_mutex_unlock(&v->mu);
+    int err = v->gone ? -ENOENT : (wr && v->read_only) ? -EROFS : 0;
     pthread_rwlock_unlock(&v->hold);
-    struct handle *h = err ? NULL : malloc(sizeof(*h));
-    if (!err && !h) {
-        err = -ENOMEM;
-        pthread_mutex_lock(&v->mu);
-        v->opens--;
-        pthread_mutex_unlock(&v->mu);
-    }
+    if (!err && !(fi->fh = handle_new(ino, wr)))
+        err = -ENFILE;
     if (err)
-        return err;
-    h->v = v;
-    h->writable = wr;
-    fi->fh = (uintptr_t)h;
-    return 0;
+        reply_rc(req, err);
+    else
+        fuse_reply_open(req, fi);
 }
 
-static int t_release(const char *path, struct fuse_file_info *fi)
+static void t_release(fuse_req_t req, fuse_ino_t ino,
+                      struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    pthread_mutex_lock(&v->mu);
-    v->opens--;
-    pthread_mutex_unlock(&v->mu);
-    free((struct handle *)(uintptr_t)fi->fh);
-    return 0;
+    struct slot *h = handle(fi->fh);
+    if (h)
+        __atomic_store_n(&h->used, 0, __ATOMIC_RELEASE);
+    fuse_reply_err(req, 0);
 }
 
-static int t_read(const char *path, char *buf, size_t size, off_t off,
-                  struct fuse_file_info *fi)
-{
-    struct volume *v = of(fi);
-    return WITH_VOLUME(v, volume_read(v, buf, size, off));
-}
+#define SPLICE_MIN (64 * 1024)  /* smaller reads are copied */
 
-static int t_read_buf(const char *path, struct fuse_bufvec **bufp,
-                      size_t size, off_t off, struct fuse_file_info *fi)
+static void t_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                   struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    if (use_splice && size >= SPLICE_MIN)
-        return WITH_VOLUME(v, volume_bufs(v, bufp, size, off));
-    /* Small reads: a copy costs less than setting up a splice. */
-    struct fuse_bufvec *bv = calloc(1, sizeof(*bv));
-    if (!bv || !(bv->buf[0].mem = malloc(size ? size : 1))) {
-        free(bv);
-        return -ENOMEM;
+    VOLUME_OR_REPLY(v, req, ino);
+    struct fuse_bufvec *bv = NULL;
+    int rc;
+    if (use_splice && size >= SPLICE_MIN) {
+        rc = WITH_VOLUME(v, volume_bufs(v, &bv, size, off));
+        if (!rc)
+            fuse_reply_data(req, bv, FUSE_BUF_SPLICE_MOVE);
+    } else {
+        /* Small reads: a copy costs less than setting up a splice. */
+        char *buf = malloc(size ? size : 1);
+        rc = buf ? WITH_VOLUME(v, volume_read(v, buf, size, off)) : -ENOMEM;
+        if (rc >= 0)
+            fuse_reply_buf(req, buf, rc);
+        free(buf);
     }
-    bv->count = 1;
-    int rc = WITH_VOLUME(v, volume_read(v, bv->buf[0].mem, size, off));
-    if (rc < 0) {
+    if (rc < 0)
+        reply_rc(req, rc);
+    if (bv)
         free_bufs(bv);
-        return rc;
-    }
-    bv->buf[0].size = rc;
-    *bufp = bv;
-    return 0;
 }
 
-static int t_write(const char *path, const char *buf, size_t size,
-                   off_t off, struct fuse_file_info *fi)
+static void t_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
+                    size_t size, off_t off, struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    if (!writable(fi))
-        return -EBADF;
-    return WITH_VOLUME(v, volume_write(v, buf, size, off));
+    VOLUME_OR_REPLY(v, req, ino);
+    struct slot *h = handle(fi->fh);
+    int rc = !h || !h->writable ? -EBADF
+        : WITH_VOLUME(v, volume_write(v, buf, size, off));
+    if (rc < 0)
+        reply_rc(req, rc);
+    else
+        fuse_reply_write(req, rc);
 }
 
-static int t_fsync(const char *path, int datasync, struct fuse_file_info *fi)
+static void t_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
+                    struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    return WITH_VOLUME(v, layer_flush(v));
+    VOLUME_OR_REPLY(v, req, ino);
+    reply_rc(req, WITH_VOLUME(v, layer_flush(v)));
 }
 
-static int t_flush(const char *path, struct fuse_file_info *fi)
+static void t_flush(fuse_req_t req, fuse_ino_t ino,
+                    struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    if (!writable(fi))
-        return 0;
-    return WITH_VOLUME(v, layer_flush(v));
+    VOLUME_OR_REPLY(v, req, ino);
+    struct slot *h = handle(fi->fh);
+    reply_rc(req, h && h->writable ? WITH_VOLUME(v, layer_flush(v)) : 0);
 }
 
-static int t_fallocate(const char *path, int mode, off_t off, off_t len,
-                       struct fuse_file_info *fi)
+static void t_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
+                        off_t off, off_t len, struct fuse_file_info *fi)
 {
-    struct volume *v = of(fi);
-    if (!writable(fi))
-        return -EBADF;
-    if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) &&
-        mode != FALLOC_FL_ZERO_RANGE &&
-        mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
-        return -EOPNOTSUPP;
-    if (off < 0 || len <= 0)
-        return -EINVAL;
-    return WITH_VOLUME(v, volume_zero(v, off, len));
+    VOLUME_OR_REPLY(v, req, ino);
+    struct slot *h = handle(fi->fh);
+    int rc = 0;
+    if (!h || !h->writable)
+        rc = -EBADF;
+    else if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) &&
+             mode != FALLOC_FL_ZERO_RANGE &&
+             mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
+        rc = -EOPNOTSUPP;
+    else if (off < 0 || len <= 0)
+        rc = -EINVAL;
+    else
+        rc = WITH_VOLUME(v, volume_zero(v, off, len));
+    reply_rc(req, rc);
 }
 
-static int t_truncate(const char *path, off_t size, struct fuse_file_info *fi)
+static void t_statfs(fuse_req_t req, fuse_ino_t ino)
 {
-    int err;
-    struct handle *h = fi ? (struct handle *)(uintptr_t)fi->fh : NULL;
-    struct volume *v = h ? h->v : path ? volume_get(path + 1, &err) : NULL;
-    if (!v)
-        return -ENOENT;
-    /* Volumes grow through thunder-cache's resize_volume only. */
-    return size == v->size ? 0 : -EPERM;
+    struct statvfs st;
+    if (statvfs(layers_dir, &st))
+        fuse_reply_err(req, errno);
+    else
+        fuse_reply_statfs(req, &st);
 }
 
-static int t_statfs(const char *path, struct statvfs *st)
+static void t_create(fuse_req_t req, fuse_ino_t parent, const char *name,
+                     mode_t mode, struct fuse_file_info *fi)
 {
-    return statvfs(layers_dir, st) ? -errno : 0;
+    fuse_reply_err(req, EPERM);
 }
 
-static int t_utimens(const char *path, const struct timespec tv[2],
-                     struct fuse_file_info *fi)
+static void t_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 {
-    return 0;
+    fuse_reply_none(req);       /* node ids are the volumes': nothing kept */
 }
 
-static int t_refuse(const char *path, mode_t mode, struct fuse_file_info *f)
+static void t_init(void *userdata, struct fuse_conn_info *conn)
 {
-    return -EPERM;
-}
-
-static void *t_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
-{
-    cfg->attr_timeout = cfg->entry_timeout = cfg->negative_timeout = 0;
-    cfg->direct_io = 0;
-    cfg->nullpath_ok = 1;
     /* As fusefs.py: no attribute request before every read. */
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
     /* Replies spliced from the cache and layer files: no copy here. */
     if (use_splice && conn->capable & FUSE_CAP_SPLICE_WRITE)
         conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
-    logmsg("serving volumes (max_write %u, max_readahead %u)",
-           conn->max_write, conn->max_readahead);
-    return NULL;
 }
 
-static const struct fuse_operations ops = {
-    .getattr = t_getattr, .readdir = t_readdir, .open = t_open,
-    .release = t_release, .read = t_read, .read_buf = t_read_buf,
-    .write = t_write,
+static const struct fuse_lowlevel_ops ops = {
+    .init = t_init, .lookup = t_lookup, .forget = t_forget,
+    .getattr = t_getattr, .setattr = t_setattr, .readdir = t_readdir,
+    .open = t_open, .release = t_release, .read = t_read, .write = t_write,
     .fsync = t_fsync, .flush = t_flush, .fallocate = t_fallocate,
-    .truncate = t_truncate, .statfs = t_statfs, .utimens = t_utimens,
-    .chmod = t_refuse, .create = t_refuse, .init = t_init,
+    .statfs = t_statfs, .create = t_create,
 };
 
 /* -- the --listen socket ---------------------------------------------------- */
@@ -1198,10 +1451,13 @@ static void hold_volume(int fd, const char *id)
         say(fd, "ERR EIO flush failed: %s\n", strerror(-rc));
         return;
     }
-    pthread_mutex_lock(&v->mu);
-    int opens = v->opens;
-    pthread_mutex_unlock(&v->mu);
+    int opens = opens_of(v->ino);
     layer_close(v, 1);
+    char marker[PATH_MAX] = "";
+    int mfd = held_path(id, marker, sizeof(marker)) ? -1
+        : open(marker, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (mfd >= 0)
+        close(mfd);
     say(fd, "OK %d\n", opens);
     char line[64];
     read_line(fd, line, sizeof(line));   /* RELEASE, or the close */
@@ -1209,7 +1465,19 @@ static void hold_volume(int fd, const char *id)
         logmsg("volume %s: its layer is gone after a hold", v->id);
         v->gone = 1;
     }
+    if (mfd >= 0)
+        unlink(marker);
     pthread_rwlock_unlock(&v->hold);
+    say(fd, "OK 0\n");         /* released: the volume is served again */
+}
+
+/* thunder-cache is done with a volume it held from a server that died. */
+static void unhold_volume(int fd, const char *id)
+{
+    char marker[PATH_MAX];
+    if (!held_path(id, marker, sizeof(marker)))
+        unlink(marker);
+    say(fd, "OK 0\n");
 }
 
 static void forget_volume(int fd, const char *id)
@@ -1218,9 +1486,10 @@ static void forget_volume(int fd, const char *id)
     struct volume **pp = &volumes, *v;
     while ((v = *pp) && strcmp(v->id, id))
         pp = &v->next;
-    if (v && v->opens) {
+    int opens = opens_of(ino_of(id));
+    if (opens) {                /* also when opened before this server */
         pthread_mutex_unlock(&volumes_mu);
-        say(fd, "ERR EBUSY volume %s is open %d times\n", id, v->opens);
+        say(fd, "ERR EBUSY volume %s is open %d times\n", id, opens);
         return;
     }
     if (v) {
@@ -1258,6 +1527,8 @@ static void *serve_client(void *arg)
             hold_volume(fd, id);
         else if (strcmp(line, "FORGET") == 0)
             forget_volume(fd, id);
+        else if (strcmp(line, "UNHOLD") == 0)
+            unhold_volume(fd, id);
         else
             say(fd, "ERR EINVAL unknown request\n");
     }
@@ -1284,13 +1555,27 @@ static void *listen_loop(void *arg)
     }
 }
 
-static int start_listener(void)
+/* Whether something accepts connections on --listen (a holder). */
+static int listen_answers(void)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", listen_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* The --listen socket, bound by the holder (connections made while no
+ * server runs wait in its backlog for the next one). */
+static int listen_socket(void)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(listen_path) >= sizeof(sa.sun_path))
         return -1;
     strcpy(sa.sun_path, listen_path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     struct stat st;
     if (lstat(listen_path, &st) == 0 && S_ISSOCK(st.st_mode))
         unlink(listen_path);
@@ -1298,13 +1583,394 @@ static int start_listener(void)
     int rc = fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) ||
         listen(fd, 64);
     umask(old);
-    pthread_t t;
-    if (rc || pthread_create(&t, NULL, listen_loop, (void *)(intptr_t)fd)) {
+    if (rc) {
         logmsg("cannot listen on %s: %s", listen_path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
         return -1;
     }
-    pthread_detach(t);
+    return fd;
+}
+
+/* -- the server: takes the mount over ---------------------------------------- */
+
+#define THREADS 32
+#define FUSE_INIT_OP 26
+#define FUSE_NOTIFY_RESEND 7    /* Linux >= 6.9; not in Debian 12's headers */
+#define SYNTHETIC_UNIQUE (1ULL << 62)   /* never a kernel request's */
+
+/* The kernel ABI's request and notification headers (linux/fuse.h). */
+struct in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+static long resent;             /* requests the kernel sent again */
+
+/* Every loaded volume's pages to its bitmap file (a server that stops). */
+static void flush_all(void)
+{
+    pthread_mutex_lock(&volumes_mu);
+    struct volume *v = volumes;
+    pthread_mutex_unlock(&volumes_mu);
+    for (; v; v = v->next) {    /* volumes are never freed */
+        pthread_rwlock_rdlock(&v->hold);
+        if (v->open && !v->gone)
+            layer_flush(v);
+        pthread_rwlock_unlock(&v->hold);
+    }
+}
+
+/* SIGTERM: flush, then exit with SERVER_STOPPED (the holder starts a new
+ * server unless it is stopping itself). SIGUSR1, the holder's death
+ * (PR_SET_PDEATHSIG): flush, then become the holder (exec, keeping the
+ * descriptors), which starts a new server; requests read meanwhile are
+ * sent again to it. */
+#define SERVER_STOPPED 3
+
+static char **child_argv(char **argv, int argc, const char *role, int fuse_fd,
+                         int listen_fd, const char *init_hex);
+
+static struct {
+    sigset_t set;
+    char **argv;
+    int argc, fuse_fd, listen_fd;
+    const char *init_hex;
+} me;
+
+static void *on_signals(void *arg)
+{
+    for (;;) {
+        int sig;
+        if (sigwait(&me.set, &sig))
+            continue;
+        flush_all();
+        if (sig == SIGTERM) {
+            logmsg("SIGTERM: bitmaps flushed, exiting");
+            _exit(SERVER_STOPPED);
+        }
+        logmsg("the holder died: taking its place");
+        execv(self_exe, child_argv(me.argv, me.argc, "--resume", me.fuse_fd,
+                                   me.listen_fd, me.init_hex));
+        logmsg("exec %s: %s; serving on without a holder", self_exe,
+               strerror(errno));
+    }
+}
+
+static void *serve_fuse(void *arg)
+{
+    struct fuse_session *se = arg;
+    struct fuse_buf buf = {0};
+    for (;;) {
+        int res = fuse_session_receive_buf(se, &buf);
+        if (res == -EINTR || res == -EAGAIN)
+            continue;
+        if (res == 0) {         /* ENODEV: unmounted */
+            flush_all();
+            logmsg("the mount is gone: exiting");
+            _exit(0);
+        }
+        if (res < 0) {
+            logmsg("reading /dev/fuse: %s", strerror(-res));
+            _exit(1);
+        }
+        request_unique = buf.size >= sizeof(struct in_header) ?
+            ((struct in_header *)buf.mem)->unique : 0;
+        if (request_unique & FUSE_UNIQUE_RESEND &&
+            __atomic_fetch_add(&resent, 1, __ATOMIC_RELAXED) == 0)
+            logmsg("answering requests the previous server had read");
+        fuse_session_process_buf(se, &buf);
+    }
+}
+
+static int unhex(const char *hex, unsigned char *out, size_t cap)
+{
+    size_t n = strlen(hex) / 2;
+    if (n > cap || strlen(hex) % 2)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1)
+            return -1;
+    return (int)n;
+}
+
+/* Serve the mount on fuse_fd, whose INIT the holder answered (init: that
+ * request, in hex): the session is given the same INIT (its reply goes
+ * nowhere: no request has its id), then the kernel is asked to send again
+ * the requests a previous server read but did not answer. */
+static int serve(int fuse_fd, int listen_fd, const char *init_hex,
+                 char **argv, int argc)
+{
+    pid_t holder = getppid();
+    char *argv0 = argv[0];
+    unsigned char init[512];
+    int n = unhex(init_hex, init, sizeof(init));
+    if (n < (int)sizeof(struct in_header) ||
+        ((struct in_header *)init)->opcode != FUSE_INIT_OP) {
+        logmsg("--init: not a FUSE INIT request");
+        return 2;
+    }
+    if (handles_map(0))
+        return 1;
+    char *fargv[] = {argv0, NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(1, fargv);
+    struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
+    char dev[32];
+    snprintf(dev, sizeof(dev), "/dev/fd/%d", fuse_fd);
+    if (!se || fuse_session_mount(se, dev)) {
+        logmsg("cannot use the FUSE descriptor %d", fuse_fd);
+        return 1;
+    }
+    ((struct in_header *)init)->unique = SYNTHETIC_UNIQUE;
+    struct fuse_buf b = {.size = n, .mem = init};
+    fuse_session_process_buf(se, &b);
+    if (fuse_session_exited(se)) {
+        logmsg("the session refused the mount's INIT");
+        return 1;
+    }
+    struct out_header resend = {.len = sizeof(resend),
+                                .error = FUSE_NOTIFY_RESEND};
+    if (write(fuse_fd, &resend, sizeof(resend)) != sizeof(resend))
+        logmsg("FUSE_NOTIFY_RESEND refused (%s): requests a killed server "
+               "had read stay unanswered", strerror(errno));
+    me.argv = argv;
+    me.argc = argc;
+    me.fuse_fd = fuse_fd;
+    me.listen_fd = listen_fd;
+    me.init_hex = init_hex;
+    sigemptyset(&me.set);
+    sigaddset(&me.set, SIGTERM);
+    sigaddset(&me.set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &me.set, NULL);  /* for on_signals only */
+    prctl(PR_SET_PDEATHSIG, SIGUSR1);
+    if (getppid() != holder)
+        kill(getpid(), SIGUSR1);                /* it died already */
+    pthread_t t;
+    if (pthread_create(&t, NULL, on_signals, NULL) ||
+        pthread_create(&t, NULL, listen_loop, (void *)(intptr_t)listen_fd))
+        return 1;
+    for (int i = 1; i < THREADS; i++)
+        if (pthread_create(&t, NULL, serve_fuse, se))
+            return 1;
+    logmsg("serving volumes (PID %d)", (int)getpid());
+    serve_fuse(se);             /* never returns */
+    return 1;
+}
+
+/* -- the holder: the mount's descriptors outlive every server --------------- */
+
+static pid_t server_pid;
+static volatile sig_atomic_t stop_signal, upgrade_signal;
+
+static void on_signal(int sig)
+{
+    if (sig == SIGHUP)
+        upgrade_signal = 1;
+    else
+        stop_signal = sig;
+}
+
+static int no_cloexec(int fd)
+{
+    int flags = fcntl(fd, F_GETFD);
+    return flags < 0 ? -1 : fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+}
+
+/* argv for exec'ing ourselves: the options given, then the descriptors
+ * and the INIT (what a holder resumes from). */
+static char **child_argv(char **argv, int argc, const char *role, int fuse_fd,
+                         int listen_fd, const char *init_hex)
+{
+    char **out = calloc(argc + 10, sizeof(char *));
+    int n = 0;
+    out[n++] = self_exe;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--server") || !strcmp(argv[i], "--resume"))
+            continue;
+        if (!strcmp(argv[i], "--fuse-fd") || !strcmp(argv[i], "--listen-fd") ||
+            !strcmp(argv[i], "--init")) {
+            i++;
+            continue;
+        }
+        out[n++] = argv[i];
+    }
+    asprintf(&out[n++], "%s", role);
+    out[n++] = "--fuse-fd";
+    asprintf(&out[n++], "%d", fuse_fd);
+    out[n++] = "--listen-fd";
+    asprintf(&out[n++], "%d", listen_fd);
+    out[n++] = "--init";
+    out[n++] = (char *)init_hex;
+    out[n] = NULL;
+    return out;
+}
+
+static void kill_server(void)
+{
+    if (server_pid > 0) {
+        kill(server_pid, SIGTERM);
+        waitpid(server_pid, NULL, 0);
+        server_pid = 0;
+    }
+}
+
+/* Keep a server running on the mount; restart it when it dies, with the
+ * binary now installed (an upgrade). SIGHUP: the holder itself is
+ * replaced too (exec), keeping the descriptors and the mount. SIGTERM or
+ * SIGINT: the server stops, the mount goes. */
+static int hold(struct fuse_session *se, char **argv, int argc, int fuse_fd,
+                int listen_fd, const char *init_hex)
+{
+    struct sigaction sa = {.sa_handler = on_signal};
+    prctl(PR_SET_PDEATHSIG, 0);     /* a server that took a holder's place */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    char **sargv = child_argv(argv, argc, "--server", fuse_fd, listen_fd,
+                              init_hex);
+    double last_start = 0;
+    while (!stop_signal) {
+        if (upgrade_signal) {
+            kill_server();
+            logmsg("SIGHUP: exec %s (descriptors kept)", self_exe);
+            execv(self_exe, child_argv(argv, argc, "--resume", fuse_fd,
+                                       listen_fd, init_hex));
+            logmsg("exec %s: %s; keeping on", self_exe, strerror(errno));
+            upgrade_signal = 0;
+        }
+        if (server_pid <= 0) {
+            if (now() - last_start < 1)
+                sleep(1);       /* a server that cannot start: not a storm */
+            last_start = now();
+            server_pid = fork();
+            if (server_pid == 0) {
+                signal(SIGTERM, SIG_DFL);
+                execv(self_exe, sargv);
+                _exit(127);
+            }
+            logmsg("started the server (PID %d)", (int)server_pid);
+        }
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid == server_pid) {
+            server_pid = 0;
+            if (WIFSIGNALED(status))
+                logmsg("the server was killed by signal %d: restarting it",
+                       WTERMSIG(status));
+            else if (WEXITSTATUS(status) == 0) {
+                logmsg("the mount was unmounted: stopping");
+                break;
+            } else if (WEXITSTATUS(status) == SERVER_STOPPED)
+                logmsg("the server stopped (SIGTERM): starting a new one");
+            else
+                logmsg("the server exited with status %d: restarting it",
+                       WEXITSTATUS(status));
+        }
+    }
+    kill_server();
+    logmsg("stopping: unmounting");
+    if (se) {
+        fuse_session_unmount(se);
+    } else if (umount2(mount_point, MNT_DETACH)) {
+        /* Not root: the set-user-ID helper that mounted it (libfuse's
+         * unmount needs the session a resumed holder does not have). */
+        pid_t pid = fork();
+        if (pid == 0) {
+            execlp("fusermount3", "fusermount3", "-u", "-z", mount_point,
+                   (char *)NULL);
+            _exit(127);
+        }
+        if (pid > 0)
+            waitpid(pid, NULL, 0);
+    }
+    unlink(listen_path);
+    if (pid_file)
+        unlink(pid_file);
     return 0;
+}
+
+static int write_pid_file(void)
+{
+    if (!pid_file)
+        return 0;
+    FILE *f = fopen(pid_file, "w");
+    if (!f) {
+        logmsg("cannot write %s: %s", pid_file, strerror(errno));
+        return -1;
+    }
+    fprintf(f, "%d\n", (int)getpid());
+    fclose(f);
+    return 0;
+}
+
+/* Mount afresh and answer the kernel's INIT; start holding. */
+static int hold_mount(char **argv, int argc, int allow_other)
+{
+    char path[PATH_MAX];
+    if (mkdir(state_dir, 0700) && errno != EEXIST) {
+        logmsg("cannot create %s: %s", state_dir, strerror(errno));
+        return 1;
+    }
+    /* A fresh mount: nothing a previous one left counts (see shadow_open). */
+    DIR *d = opendir(state_dir);
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        if (e->d_name[0] != '.' && snprintf(path, sizeof(path), "%s/%s",
+                                            state_dir, e->d_name) <
+            (int)sizeof(path))
+            unlink(path);
+    if (d)
+        closedir(d);
+    if (listen_answers()) {
+        logmsg("a thunder-volume-server already listens on %s: not "
+               "mounting %s again", listen_path, mount_point);
+        return 1;
+    }
+    if (handles_map(1))
+        return 1;
+    int listen_fd = listen_socket();
+    if (listen_fd < 0)
+        return 1;
+    char *fargv[] = {argv[0], "-o", allow_other ?
+        "fsname=thunder-volumes,allow_other,default_permissions" :
+        "fsname=thunder-volumes", NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(3, fargv);
+    struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
+    if (!se || fuse_session_mount(se, mount_point)) {
+        logmsg("cannot mount %s", mount_point);
+        unlink(listen_path);
+        return 1;
+    }
+    int fuse_fd = fuse_session_fd(se);
+    struct fuse_buf buf = {0};
+    int res = fuse_session_receive_buf(se, &buf);
+    if (res <= 0 || buf.size < sizeof(struct in_header) ||
+        ((struct in_header *)buf.mem)->opcode != FUSE_INIT_OP) {
+        logmsg("no INIT from the kernel");
+        goto fail;
+    }
+    char *hex = malloc(buf.size * 2 + 1);
+    for (size_t i = 0; hex && i < buf.size; i++)
+        sprintf(hex + 2 * i, "%02x", ((unsigned char *)buf.mem)[i]);
+    fuse_session_process_buf(se, &buf);
+    free(buf.mem);
+    if (!hex || no_cloexec(fuse_fd) || no_cloexec(listen_fd) ||
+        write_pid_file())
+        goto fail;
+    logmsg("mounted %s", mount_point);
+    return hold(se, argv, argc, fuse_fd, listen_fd, hex);
+fail:
+    fuse_session_unmount(se);
+    unlink(listen_path);
+    return 1;
 }
 
 static void usage(void)
@@ -1312,14 +1978,14 @@ static void usage(void)
     fprintf(stderr, "usage: thunder-volume-server --layers DIR --cache DIR "
             "--control SOCK --listen SOCK [--fetch-wait SECONDS] "
             "[--gid GROUP] [--allow-other] [--no-splice] [--pid-file FILE] "
-            "MOUNT_DIR\n");
+            "[--state-dir DIR] MOUNT_DIR\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
-    const char *mount_dir = NULL, *pid_file = NULL;
-    int allow_other = 0;
+    const char *init_hex = NULL, *state = NULL;
+    int allow_other = 0, role = 0, fuse_fd = -1, listen_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--allow-other")) {
@@ -1330,10 +1996,14 @@ int main(int argc, char **argv)
             use_splice = 0;
             continue;
         }
+        if (!strcmp(a, "--server") || !strcmp(a, "--resume")) {
+            role = a[2];        /* 's' or 'r' */
+            continue;
+        }
         if (a[0] != '-') {
-            if (mount_dir)
+            if (mount_point)
                 usage();
-            mount_dir = a;
+            mount_point = a;
             continue;
         }
         if (!val)
@@ -1347,8 +2017,16 @@ int main(int argc, char **argv)
             control_path = val;
         else if (!strcmp(a, "--listen"))
             listen_path = val;
+        else if (!strcmp(a, "--state-dir"))
+            state = val;
         else if (!strcmp(a, "--fetch-wait"))
             fetch_wait = atof(val);
+        else if (!strcmp(a, "--fuse-fd"))
+            fuse_fd = atoi(val);
+        else if (!strcmp(a, "--listen-fd"))
+            listen_fd = atoi(val);
+        else if (!strcmp(a, "--init"))
+            init_hex = val;
         else if (!strcmp(a, "--gid")) {
             struct group *g = isdigit((unsigned char)val[0]) ? NULL
                                                              : getgrnam(val);
@@ -1363,38 +2041,31 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!mount_dir || !layers_dir || !cache_dir || !control_path ||
-        !listen_path || fetch_wait < 0)
+    if (!mount_point || !layers_dir || !cache_dir || !control_path ||
+        !listen_path || fetch_wait < 0 ||
+        (role && (fuse_fd < 0 || listen_fd < 0 || !init_hex)))
         usage();
+    snprintf(state_dir, sizeof(state_dir), "%s", state ? state : "");
+    if (!state)
+        snprintf(state_dir, sizeof(state_dir), "%s.state", listen_path);
     started = time(NULL);
     signal(SIGPIPE, SIG_IGN);
-    if (start_listener())
+    sigset_t none;              /* a server exec'ing had some blocked */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* The binary's path (not its target: an upgrade may move a link),
+     * what the holder starts and execs, so the binary installed then. */
+    if (strchr(argv[0], '/'))
+        snprintf(self_exe, sizeof(self_exe), "%s", argv[0]);
+    else if (readlink("/proc/self/exe", self_exe, sizeof(self_exe) - 1) < 0)
         return 1;
-    if (pid_file) {
-        FILE *f = fopen(pid_file, "w");
-        if (!f) {
-            logmsg("cannot write %s: %s", pid_file, strerror(errno));
+    if (role == 's')
+        return serve(fuse_fd, listen_fd, init_hex, argv, argc);
+    if (role == 'r') {
+        logmsg("resumed holding %s (PID %d)", mount_point, (int)getpid());
+        if (write_pid_file())
             return 1;
-        }
-        fprintf(f, "%d\n", (int)getpid());
-        fclose(f);
+        return hold(NULL, argv, argc, fuse_fd, listen_fd, init_hex);
     }
-    char *fargv[10];
-    int fargc = 0;
-    fargv[fargc++] = argv[0];
-    fargv[fargc++] = (char *)mount_dir;
-    fargv[fargc++] = "-f";
-    fargv[fargc++] = "-o";
-    /* Enough idle threads for the loop device's queue (no churn). */
-    fargv[fargc++] = "max_threads=64,max_idle_threads=32,clone_fd";
-    fargv[fargc++] = "-o";
-    fargv[fargc++] = allow_other ?
-        "fsname=thunder-volumes,allow_other,default_permissions" :
-        "fsname=thunder-volumes";
-    fargv[fargc] = NULL;
-    int rc = fuse_main(fargc, fargv, &ops, NULL);
-    unlink(listen_path);
-    if (pid_file)
-        unlink(pid_file);
-    return rc;
+    return hold_mount(argv, argc, allow_other);
 }

@@ -13,7 +13,9 @@
 """The daemon's side of the native server's socket, against a stand-in."""
 
 import os
+import signal
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -31,16 +33,23 @@ class FakeServer(threading.Thread):
         self.sock.listen(4)
         self.answers = list(answers)
         self.lines = []
+        self.ack = True
 
     def run(self):
         for answer in self.answers:
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                break  # shut down: fewer connections than answers
             with conn, conn.makefile('rb') as f:
                 self.lines.append(f.readline().decode().strip())
                 conn.sendall(answer.encode())
-                if answer.startswith('OK') and 'HOLD' in self.lines[-1]:
-                    # Held until RELEASE or the close.
+                if answer.startswith('OK') and \
+                        self.lines[-1].startswith('HOLD'):
+                    # Held until RELEASE or the close; then answered.
                     self.lines.append(f.readline().decode().strip())
+                    if self.ack:
+                        conn.sendall(b'OK 0\n')
         self.sock.close()
 
 
@@ -56,6 +65,19 @@ def test_hold_yields_the_open_count_and_releases(path):
         assert opens == 2
     server.join(5)
     assert server.lines == ['HOLD vol-1', 'RELEASE']
+
+
+def test_hold_whose_server_died_is_ended_with_unhold(path, caplog):
+    # The server answers the HOLD, then dies (no answer to RELEASE); the
+    # one after it gets UNHOLD.
+    server = FakeServer(path, ['OK 1\n', 'OK 0\n'])
+    server.ack = False
+    server.start()
+    with nativevol.NativeServer(path).hold('vol-1') as opens:
+        assert opens == 1
+    server.join(5)
+    assert server.lines == ['HOLD vol-1', 'RELEASE', 'UNHOLD vol-1']
+    assert 'did not answer the release of volume vol-1' in caplog.text
 
 
 def test_forget_busy(path):
@@ -95,3 +117,48 @@ def test_find_binary(tmp_path):
     binary.write_text('#!/bin/sh\n')
     os.chmod(binary, 0o755)
     assert nativevol.find_binary(str(binary)) == str(binary)
+
+
+@pytest.fixture
+def holder(path):
+    """A stand-in for the server's holder, named by its pid file."""
+    proc = subprocess.Popen(['sleep', '60'])
+    with open(path + '.pid', 'w') as f:
+        f.write('%d\n' % proc.pid)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_holder_pid(path, holder):
+    assert nativevol.NativeServer(path).holder_pid() == holder.pid
+    holder.kill()
+    holder.wait()
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).holder_pid()
+    assert info.value.code == 'NotRunning'
+    os.unlink(path + '.pid')
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).holder_pid()
+    assert info.value.code == 'NotRunning'
+
+
+def test_restart_signals_the_holder_and_waits_for_a_new_server(path,
+                                                               holder):
+    server = FakeServer(path, ['OK 100\n', 'OK 100\n', 'OK 200\n'])
+    server.start()
+    assert nativevol.NativeServer(path).restart(wait=5) == 200
+    assert holder.wait(5) == -signal.SIGHUP
+    server.join(5)
+    assert server.lines == ['PING'] * 3
+
+
+def test_restart_without_a_new_server_is_an_error(path, holder):
+    server = FakeServer(path, ['OK 100\n'] * 100)
+    server.start()
+    with pytest.raises(nativevol.NativeError) as info:
+        nativevol.NativeServer(path).restart(wait=0.2)
+    assert info.value.code == 'Restart'
+    server.sock.shutdown(socket.SHUT_RDWR)
+    server.join(5)
+    assert not server.is_alive() and len(server.lines) > 2

@@ -22,7 +22,7 @@ socket answers.
 
 import os
 
-from thunder_cache.control import client as control
+from thunder_cache.control import client as control_client
 from thunder_common import loops
 from thunder_stack import devstack
 from thunder_stack import services as svc
@@ -69,8 +69,8 @@ def reason(paths):
 def ping(control_socket):
     """None if the daemon of ``control_socket`` answers, else why."""
     try:
-        control.ControlClient(control_socket, timeout=5).call('ping')
-    except control.ControlError as e:
+        control_client.ControlClient(control_socket, timeout=5).call('ping')
+    except control_client.ControlError as e:
         return str(e)
     return None
 

@@ -315,9 +315,9 @@ def image_counters(node, image_id):
     read from its ``/metrics`` over its local socket (the stack's
     virtualenv's Python: thunder_cache needs oslo).
     """
-    from thunder_cache.control import client as sources
+    from thunder_cache.control import client as control_client
 
-    client = sources.LocalClient(
+    client = control_client.LocalClient(
         os.path.join(node.cache_paths['run'], 'local.sock'), timeout=10)
     try:
         text = client._get('/metrics').decode()

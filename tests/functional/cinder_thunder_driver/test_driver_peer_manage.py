@@ -34,7 +34,7 @@ from tests.functional.cinder_thunder_driver.peer_helpers import read_device
 from tests.functional.cinder_thunder_driver.peer_helpers import write_device
 from tests.functional.thunder_cache import cache_daemons
 from tests.harness import standalone
-from thunder_cache.control import client as control
+from thunder_cache.control import client as control_client
 
 BLOCK = 4096
 
@@ -156,7 +156,7 @@ def test_unmanage_then_manage(driver, node):
     adopted.size = driver.manage_existing_get_size(adopted, ref)
     assert adopted.size == 1
     assert driver.manage_existing(adopted, ref) == {}
-    with pytest.raises(control.ControlError) as e:
+    with pytest.raises(control_client.ControlError) as e:
         node.control.call('volume_info', volume_id=vol.name)
     assert e.value.kind == 'VolumeNotFound'
     # Kept across a restart of the daemon, under its new name.

@@ -26,7 +26,7 @@ from cinder_thunder_driver import image_clones
 from cinder_thunder_driver import loopdev
 from cinder_thunder_driver import peer
 from tests.unit.cinder_thunder_driver import fakes
-from thunder_cache.control import client as control
+from thunder_cache.control import client as control_client
 from thunder_common import locations
 from thunder_common import manifest as manifest_mod
 
@@ -38,7 +38,7 @@ NOT_CLONEABLE = fakes.NOT_CLONEABLE
 RAW = fakes.RAW
 
 
-class FakeDaemon(control.ControlClient):
+class FakeDaemon(control_client.ControlClient):
     """The driver's ControlClient: records calls, answers from tables."""
 
     def __init__(self, mount_dir, events):
@@ -113,7 +113,7 @@ def _calls(drv):
 
 
 def _error(kind, message='boom'):
-    return control.ControlError(kind, message)
+    return control_client.ControlError(kind, message)
 
 
 # -- construction -------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_the_peer_driver_is_its_own_class(make_conf):
         thunder_cache_control_socket='/run/x.sock', thunder_cache_timeout=7))
     assert type(drv) is peer.PeerDriver
     assert not isinstance(drv, driver.ThunderDriver)
-    assert isinstance(drv.daemon, control.ControlClient)
+    assert isinstance(drv.daemon, control_client.ControlClient)
     assert (drv.daemon.path, drv.daemon.timeout) == ('/run/x.sock', 7)
     assert peer.PeerDriver.get_driver_options() == \
         driver.options.thunder_opts
@@ -404,7 +404,7 @@ def test_manage_existing_whole_gib_is_not_resized(drv):
     ({'source-name': 'busy'}, _layer('busy', open_count=1), 'in use'),
 ])
 def test_manage_existing_invalid_reference(drv, ref, answer, reason):
-    if isinstance(answer, control.ControlError):
+    if isinstance(answer, control_client.ControlError):
         drv.daemon.errors['volume_info'] = answer
     else:
         drv.daemon.answers['volume_info'] = answer

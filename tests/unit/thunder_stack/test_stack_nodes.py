@@ -190,8 +190,8 @@ def test_image_counters_of_one_image(stack, monkeypatch):
         def close(self):
             pass
 
-    from thunder_cache.control import client as sources
-    monkeypatch.setattr(sources, 'LocalClient', Client)
+    from thunder_cache.control import client as control_client
+    monkeypatch.setattr(control_client, 'LocalClient', Client)
     node = nodes.Nodes(stack, count=1).nodes[0]
     assert nodes.image_counters(node, 'a') == {'bytes_from_peers': 5.0,
                                                'bytes_from_origin': 3.0}

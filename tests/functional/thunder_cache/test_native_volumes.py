@@ -361,8 +361,8 @@ def _flip_byte(path, offset):
 
 @pytest.mark.parametrize('server_restarts', [False, True],
                          ids=['server-kept', 'server-restarted'])
-def test_chunk_damaged_between_runs_is_fetched_again(node, workdir,
-                                                      server_restarts):
+def test_chunk_damaged_between_runs_is_fetched_again(
+        node, workdir, server_restarts):
     """No wrong byte from a cache file damaged while no daemon ran.
 
     Chunks persisted by an earlier daemon run are read by the server

@@ -308,8 +308,19 @@ class Daemon:
         Before any cache is opened, so that it serves no chunk this run
         has not verified (or, on a reset cache, not written).
         """
+        native = nativevol.NativeServer(socket_path)
         try:
-            images = nativevol.NativeServer(socket_path).reverify()
+            try:
+                images = native.reverify()
+            except nativevol.NativeError as e:
+                if e.code != 'EINVAL':
+                    raise
+                # A server older than REVERIFY: a new server knows no
+                # chunk (the holder starts the binary installed now).
+                LOG.warning('thunder-volume-server at %s does not know '
+                            'REVERIFY (%s): restarting it', socket_path, e)
+                native.restart()
+                return
         except nativevol.NativeError as e:
             raise StartError('thunder-volume-server at %s must forget which '
                              'chunks it may read but does not answer: %s'

@@ -142,6 +142,18 @@ def test_daemon_start_makes_the_server_reverify(path, caplog):
     server.join(5)
 
 
+def test_daemon_start_restarts_a_server_older_than_reverify(path, holder,
+                                                            caplog):
+    server = FakeServer(path, ['ERR EINVAL unknown request\n', 'OK 10\n',
+                               'OK 11\n'])
+    server.start()
+    daemon.Daemon._reverify_native(path)
+    server.join(5)
+    assert server.lines == ['REVERIFY', 'PING', 'PING']
+    assert holder.wait(5) == -signal.SIGHUP
+    assert 'does not know REVERIFY' in caplog.text
+
+
 def test_find_binary(tmp_path):
     with pytest.raises(nativevol.NativeError):
         nativevol.find_binary('no-such-thunder-volume-server')

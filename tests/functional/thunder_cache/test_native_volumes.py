@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import importlib
+import mmap
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import pytest
 
 from tests import cache_helpers
 from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
 from thunder_cache.volumes import cow
 from thunder_cache.volumes import nativevol
@@ -410,6 +412,61 @@ def test_chunk_damaged_between_runs_is_fetched_again(
             assert ('a new thunder-cache runs: the chunks of 1 images are '
                     'read again only once it says they are usable'
                     ) in f.read()
+
+
+def _read_direct(path, offset, length):
+    """length bytes at offset, past the kernel's cache and read-ahead."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def test_boot_trace_records_chunks_the_server_knew(workdir, binary):
+    """Every chunk a boot reads is in its trace, present or fetched.
+
+    Chunks persisted by a run before (and not re-verified:
+    ``verify_persisted = false``) are usable at once; while the daemon
+    records the image's reads the server still asks for each chunk the
+    first time it reads it, so the trace has them in read order.
+    """
+    node = cache_daemons.VolumeDaemon(
+        workdir, 'n', native=binary, commit_interval=0,
+        extra='\n'.join(['[prefetch]', 'record = true', 'replay = false',
+                         'record_window = 1', '[cache]',
+                         'verify_persisted = false']))
+    node.start()
+    try:
+        size = 16 * CHUNK
+        data = _register(node, workdir, 'img-5', size)
+        node.control.call('create_volume', volume_id='vol-t', size=size,
+                          image_id='img-5')
+        path = _file(node, 'vol-t')
+        assert _read_direct(path, 0, 8 * CHUNK) == data[:8 * CHUNK]
+        node.stop()
+        trace_path = node.cache_path('img-5', 'trace')
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(trace_path)
+        node.start()  # 8 chunks of 16 present: this boot is recorded
+        order = [12, 3, 5, 0, 13]
+        for index in order:
+            assert _read_direct(path, index * CHUNK, BS) == \
+                data[index * CHUNK:index * CHUNK + BS]
+        deadline = time.monotonic() + 20
+        while not os.path.exists(trace_path):
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.2)
+        with open(trace_path) as f:
+            assert trace.decode(f.read(), 16) == order
+        assert node.metric('thunder_cache_chunks_from_origin_total') == 2
+        node.delete_volume('vol-t', timeout=20)
+    finally:
+        node.stop()
+        _stop_server(node.paths['native'] + '.pid')
 
 
 def test_missing_server_is_a_clear_start_error(workdir):

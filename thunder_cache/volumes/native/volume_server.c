@@ -12,7 +12,9 @@
  * chunks may be read is only ever learnt from thunder-cache: the
  * "ensure_chunks" request on its control socket makes the chunks a read
  * needs present (fetching them if need be) and answers the image's whole
- * map of usable chunks (verified by this daemon run), which is kept. While
+ * map of usable chunks (verified by this daemon run), which is kept (only
+ * the chunks asked for while it records the image's reads for a boot
+ * trace: "observed"). While
  * thunder-cache is unreachable a missing chunk waits for it, up to
  * --fetch-wait seconds, then the read fails with EIO; present chunks and
  * the layers are served all the while.
@@ -402,9 +404,17 @@ static int ensure_chunks(struct image *img, long first, long last)
                 free(answer);
                 return -EIO;
             }
+            /* While thunder-cache records the image's reads (a boot
+             * trace), learn only the chunks asked for: each other one is
+             * asked for (and so recorded) the first time it is read. */
+            long from = 0, to = n - 1;
+            if (strstr(answer, "\"observed\":true")) {
+                from = first;
+                to = last;
+            }
             pthread_mutex_lock(&images_mu);
             int stale = gen != maps_generation;
-            for (long i = 0; i < n && !stale; i++)
+            for (long i = from; i <= to && !stale; i++)
                 if (u[i] == '1')
                     __atomic_store_n(&img->usable[i], 1, __ATOMIC_RELEASE);
             pthread_mutex_unlock(&images_mu);

@@ -145,6 +145,8 @@ class Daemon:
 
     def start(self):
         conf = self.conf
+        if conf.blockdev.enabled and conf.blockdev.volume_server == 'native':
+            self._reverify_native(conf.blockdev.native_server_socket)
         placeholder = None
         self.server = server_mod.PeerServer(
             self._bind_address, placeholder, self._secret,
@@ -298,6 +300,34 @@ class Daemon:
             self.mount = None
             raise StartError('cannot serve the volume files at %s: %s'
                              % (conf.mount_dir, e))
+
+    @staticmethod
+    def _reverify_native(socket_path):
+        """A server that outlived the last daemon: it forgets its maps.
+
+        Before any cache is opened, so that it serves no chunk this run
+        has not verified (or, on a reset cache, not written).
+        """
+        native = nativevol.NativeServer(socket_path)
+        try:
+            try:
+                images = native.reverify()
+            except nativevol.NativeError as e:
+                if e.code != 'EINVAL':
+                    raise
+                # A server older than REVERIFY: a new server knows no
+                # chunk (the holder starts the binary installed now).
+                LOG.warning('thunder-volume-server at %s does not know '
+                            'REVERIFY (%s): restarting it', socket_path, e)
+                native.restart()
+                return
+        except nativevol.NativeError as e:
+            raise StartError('thunder-volume-server at %s must forget which '
+                             'chunks it may read but does not answer: %s'
+                             % (socket_path, e))
+        if images:
+            LOG.info('thunder-volume-server reads the chunks of %d images '
+                     'again only once this run has verified them', images)
 
     def _start_native(self, conf, native):
         """Start thunder-volume-server unless it runs (it outlives us)."""

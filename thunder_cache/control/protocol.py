@@ -110,11 +110,15 @@ class CacheStatus(typing.TypedDict):
 
 
 class EnsureResult(typing.TypedDict):
-    """``ensure_chunks``: ``usable`` has one '0' or '1' per chunk."""
+    """``ensure_chunks``: ``usable`` has one '0' or '1' per chunk.
+
+    ``observed``: the daemon records the image's reads (a boot trace).
+    """
 
     image_size: int
     chunk_size: int
     usable: str
+    observed: bool
 
 
 def parse_request(line: bytes

@@ -309,7 +309,10 @@ class VolumeService:
 
         The native volume server's reads of missing chunks. The answer
         says which chunks of the image it may now read from the cache's
-        data file (``usable``: one '0' or '1' per chunk).
+        data file (``usable``: one '0' or '1' per chunk). While the daemon
+        records the image's reads (``observed``: a boot trace), the server
+        reads only the chunks it asked for and asks for each other one
+        the first time it reads it, so that every read reaches the trace.
         """
         cache = self.node.cache(_image_id(image_id))
         first, last = _index(first, 'first'), _index(last, 'last')
@@ -324,4 +327,5 @@ class VolumeService:
             cache.ensure(index)
         return {'image_size': cache.manifest.image_size,
                 'chunk_size': cache.manifest.chunk_size,
-                'usable': cache.usable_map()}
+                'usable': cache.usable_map(),
+                'observed': cache.observer is not None}

@@ -116,6 +116,23 @@ class NativeServer:
         sock.close()
         return pid
 
+    def reverify(self):
+        """Tell the server a new daemon runs; how many images it knew.
+
+        The server forgets which chunks it was told are usable, so it
+        reads none from a cache file before this daemon run says so (with
+        ``verify_persisted``: verified its bytes). 0 if no server runs
+        (the next one starts knowing none).
+        """
+        try:
+            sock, images = self._connect('REVERIFY')
+        except NativeError as e:
+            if e.code != 'NotRunning':
+                raise
+            return 0
+        sock.close()
+        return images
+
     def holder_pid(self):
         """The PID of the server's holder (its pid file), or NativeError."""
         try:

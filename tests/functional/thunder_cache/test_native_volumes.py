@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import importlib
+import mmap
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import pytest
 
 from tests import cache_helpers
 from tests.functional.thunder_cache import cache_daemons
+from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
 from thunder_cache.volumes import cow
 from thunder_cache.volumes import nativevol
@@ -339,6 +341,132 @@ def test_volume_server_killed_restarted_upgraded_under_io(node, workdir,
     assert 'bitmap pages taken over from the previous server' in log
     assert log.count('started the server') == 8
     assert 'vol-vs: held by thunder-cache when the previous server' in log
+
+
+def _read_fresh(path, length):
+    """length bytes of path, opened anew (the kernel's cache dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, length, 0)
+    finally:
+        os.close(fd)
+
+
+def _flip_byte(path, offset):
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xff]))
+
+
+@pytest.mark.parametrize('server_restarts', [False, True],
+                         ids=['server-kept', 'server-restarted'])
+def test_chunk_damaged_between_runs_is_fetched_again(
+        node, workdir, server_restarts):
+    """No wrong byte from a cache file damaged while no daemon ran.
+
+    Chunks persisted by an earlier daemon run are read by the server
+    only once the new daemon has verified them (``verify_persisted``,
+    the default), whether the server outlived the daemon (it is told to
+    forget its maps) or was restarted too: a damaged one is fetched
+    again, counted and logged.
+    """
+    size = 16 * CHUNK
+    data = _register(node, workdir, 'img-4', size)
+    node.control.call('create_volume', volume_id='vol-c', size=size,
+                      image_id='img-4')
+    path = _file(node, 'vol-c')
+    fd = os.open(path, os.O_RDONLY)  # open across the restart, as a VM's
+    try:
+        assert _read_fresh(path, size) == data
+        assert node.metric('thunder_cache_chunks_from_origin_total') == 16
+        server = nativevol.NativeServer(node.paths['native'])
+        pid = server.ping()
+        node.stop()
+        if server_restarts:
+            os.kill(pid, signal.SIGKILL)
+            assert server.wait_for_new(pid) != pid
+        # Bit rot in two persisted chunks, their bits still set.
+        for index in (3, 7):
+            _flip_byte(node.cache_path('img-4'), index * CHUNK + 100)
+        node.start()
+        assert (server.ping() == pid) != server_restarts
+        for _ in range(2):  # the second time from the server's map
+            assert _read_fresh(path, size) == data
+        assert os.pread(fd, size, 0) == data
+    finally:
+        os.close(fd)
+    assert node.metric('thunder_cache_local_corrupt_total') == 2
+    assert node.metric('thunder_cache_chunks_reverified_total') == 14
+    assert node.metric('thunder_cache_chunks_from_origin_total') == 2
+    with open(node.cache_path('img-4'), 'rb') as f:
+        assert f.read() == data  # repaired on disk
+    log = node.log()
+    for index in (3, 7):
+        assert ('cached chunk %d does not match the manifest' % index) in log
+    node.delete_volume('vol-c', timeout=20)
+    if not server_restarts:
+        with open(node.paths['native'] + '.log') as f:
+            assert ('a new thunder-cache runs: the chunks of 1 images are '
+                    'read again only once it says they are usable'
+                    ) in f.read()
+
+
+def _read_direct(path, offset, length):
+    """length bytes at offset, past the kernel's cache and read-ahead."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def test_boot_trace_records_chunks_the_server_knew(workdir, binary):
+    """Every chunk a boot reads is in its trace, present or fetched.
+
+    Chunks persisted by a run before (and not re-verified:
+    ``verify_persisted = false``) are usable at once; while the daemon
+    records the image's reads the server still asks for each chunk the
+    first time it reads it, so the trace has them in read order.
+    """
+    node = cache_daemons.VolumeDaemon(
+        workdir, 'n', native=binary, commit_interval=0,
+        extra='\n'.join(['[prefetch]', 'record = true', 'replay = false',
+                         'record_window = 1', '[cache]',
+                         'verify_persisted = false']))
+    node.start()
+    try:
+        size = 16 * CHUNK
+        data = _register(node, workdir, 'img-5', size)
+        node.control.call('create_volume', volume_id='vol-t', size=size,
+                          image_id='img-5')
+        path = _file(node, 'vol-t')
+        assert _read_direct(path, 0, 8 * CHUNK) == data[:8 * CHUNK]
+        node.stop()
+        trace_path = node.cache_path('img-5', 'trace')
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(trace_path)
+        node.start()  # 8 chunks of 16 present: this boot is recorded
+        order = [12, 3, 5, 0, 13]
+        for index in order:
+            assert _read_direct(path, index * CHUNK, BS) == \
+                data[index * CHUNK:index * CHUNK + BS]
+        deadline = time.monotonic() + 20
+        while not os.path.exists(trace_path):
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.2)
+        with open(trace_path) as f:
+            assert trace.decode(f.read(), 16) == order
+        assert node.metric('thunder_cache_chunks_from_origin_total') == 2
+        node.delete_volume('vol-t', timeout=20)
+    finally:
+        node.stop()
+        _stop_server(node.paths['native'] + '.pid')
 
 
 def test_missing_server_is_a_clear_start_error(workdir):

@@ -12,7 +12,9 @@
  * chunks may be read is only ever learnt from thunder-cache: the
  * "ensure_chunks" request on its control socket makes the chunks a read
  * needs present (fetching them if need be) and answers the image's whole
- * map of usable chunks (verified by this daemon run), which is kept. While
+ * map of usable chunks (verified by this daemon run), which is kept (only
+ * the chunks asked for while it records the image's reads for a boot
+ * trace: "observed"). While
  * thunder-cache is unreachable a missing chunk waits for it, up to
  * --fetch-wait seconds, then the read fails with EIO; present chunks and
  * the layers are served all the while.
@@ -33,6 +35,9 @@
  *   UNHOLD <volume id>   -> OK 0: a hold whose server died is over (see
  *                           wait_unheld)
  *   FORGET <volume id>   -> OK 0, or ERR EBUSY while the file is open
+ *   REVERIFY             -> OK <images>: a new thunder-cache runs; every
+ *                           map of usable chunks is dropped (see
+ *                           reverify_all)
  *   anything else        -> ERR EINVAL <why>
  *
  * The process started is the holder (see hold): it mounts, answers the
@@ -195,6 +200,9 @@ struct image {
 
 static struct image *images;
 static pthread_mutex_t images_mu = PTHREAD_MUTEX_INITIALIZER;
+/* Bumped by REVERIFY (under images_mu): an ensure_chunks answer asked for
+ * before is not applied (it may come from the daemon run before). */
+static unsigned long maps_generation;
 
 /* The image's cache files: data, and the chunk map's header for sizes. */
 static struct image *image_get(const char *id)
@@ -371,6 +379,8 @@ static int ensure_chunks(struct image *img, long first, long last)
     int logged = 0;
     for (;;) {
         char *answer = NULL;
+        unsigned long gen = __atomic_load_n(&maps_generation,
+                                            __ATOMIC_ACQUIRE);
         int rc = control_call(req, &answer);
         if (rc == 0 && strstr(answer, "\"error\":\"Busy\"")) {
             free(answer);       /* too many connections: as unreachable */
@@ -394,10 +404,23 @@ static int ensure_chunks(struct image *img, long first, long last)
                 free(answer);
                 return -EIO;
             }
-            for (long i = 0; i < n; i++)
+            /* While thunder-cache records the image's reads (a boot
+             * trace), learn only the chunks asked for: each other one is
+             * asked for (and so recorded) the first time it is read. */
+            long from = 0, to = n - 1;
+            if (strstr(answer, "\"observed\":true")) {
+                from = first;
+                to = last;
+            }
+            pthread_mutex_lock(&images_mu);
+            int stale = gen != maps_generation;
+            for (long i = from; i <= to && !stale; i++)
                 if (u[i] == '1')
                     __atomic_store_n(&img->usable[i], 1, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&images_mu);
             free(answer);
+            if (stale)
+                continue;       /* asked before a REVERIFY: ask again */
             for (long i = first; i <= last; i++)
                 if (!__atomic_load_n(&img->usable[i], __ATOMIC_ACQUIRE))
                     return -EIO;
@@ -1510,6 +1533,24 @@ static void forget_volume(int fd, const char *id)
     say(fd, "OK 0\n");
 }
 
+/* A new thunder-cache runs: no chunk is read from a cache file again
+ * before it says the chunk is usable, i.e. (verify_persisted) that it
+ * verified the chunk's bytes in its own run. A chunk damaged on disk while
+ * no daemon ran is so never served, though this server ran all along. */
+static void reverify_all(int fd)
+{
+    int n = 0;
+    pthread_mutex_lock(&images_mu);
+    maps_generation++;
+    for (struct image *img = images; img; img = img->next, n++)
+        for (long i = 0; i < img->chunks; i++)
+            __atomic_store_n(&img->usable[i], 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&images_mu);
+    logmsg("a new thunder-cache runs: the chunks of %d images are read "
+           "again only once it says they are usable", n);
+    say(fd, "OK %d\n", n);
+}
+
 static void *serve_client(void *arg)
 {
     int fd = (int)(intptr_t)arg;
@@ -1521,6 +1562,8 @@ static void *serve_client(void *arg)
             *sp = 0;
         if (strcmp(line, "PING") == 0 && !sp)
             say(fd, "OK %d\n", (int)getpid());
+        else if (strcmp(line, "REVERIFY") == 0 && !sp)
+            reverify_all(fd);
         else if (!valid_id(id))
             say(fd, "ERR EINVAL bad request\n");
         else if (strcmp(line, "HOLD") == 0)

@@ -126,9 +126,21 @@ def test_ensure_chunks_fetches_and_answers_the_map(service, registered,
                                                    node):
     answer = service.ensure_chunks(IMAGE_ID, 1, 2)
     assert answer == {'image_size': len(registered), 'chunk_size': CHUNK,
-                      'usable': '0110'}
+                      'usable': '0110', 'observed': False}
     assert node.cache(IMAGE_ID).has(1) and not node.cache(IMAGE_ID).has(0)
     assert service.ensure_chunks(IMAGE_ID, 3, 3)['usable'] == '0111'
+
+
+def test_ensure_chunks_while_a_trace_is_recorded(service, registered, node):
+    # Every chunk asked for reaches the observer, present or not.
+    seen = []
+    node.cache(IMAGE_ID).observer = seen.append
+    service.ensure_chunks(IMAGE_ID, 1, 2)
+    answer = service.ensure_chunks(IMAGE_ID, 0, 2)
+    assert answer['observed'] and answer['usable'] == '1110'
+    assert seen == [1, 2, 0, 1, 2]
+    node.cache(IMAGE_ID).observer = None
+    assert not service.ensure_chunks(IMAGE_ID, 3, 3)['observed']
 
 
 @pytest.mark.parametrize('first,last', [

@@ -12,6 +12,7 @@
 
 """The daemon's side of the native server's socket, against a stand-in."""
 
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import threading
 
 import pytest
 
+from thunder_cache import daemon
 from thunder_cache.volumes import nativevol
 
 
@@ -108,6 +110,48 @@ def test_no_server_running_means_no_io(path):
     with pytest.raises(nativevol.NativeError) as info:
         native.ping()
     assert info.value.code == 'NotRunning'
+
+
+def test_reverify(path):
+    server = FakeServer(path, ['OK 3\n', 'ERR EIO wedged\n'])
+    server.start()
+    native = nativevol.NativeServer(path)
+    assert native.reverify() == 3
+    with pytest.raises(nativevol.NativeError) as info:
+        native.reverify()
+    assert info.value.code == 'EIO'
+    server.join(5)
+    assert server.lines == ['REVERIFY', 'REVERIFY']
+
+
+def test_reverify_without_a_server(path):
+    # The next server starts knowing no usable chunk.
+    assert nativevol.NativeServer(path).reverify() == 0
+
+
+def test_daemon_start_makes_the_server_reverify(path, caplog):
+    caplog.set_level(logging.INFO)
+    server = FakeServer(path, ['OK 2\n', 'ERR EIO wedged\n'])
+    server.start()
+    daemon.Daemon._reverify_native(path)
+    assert 'reads the chunks of 2 images again only once' in caplog.text
+    # A server that cannot forget its maps: the daemon does not start.
+    with pytest.raises(daemon.StartError) as info:
+        daemon.Daemon._reverify_native(path)
+    assert 'must forget which chunks it may read' in str(info.value)
+    server.join(5)
+
+
+def test_daemon_start_restarts_a_server_older_than_reverify(path, holder,
+                                                            caplog):
+    server = FakeServer(path, ['ERR EINVAL unknown request\n', 'OK 10\n',
+                               'OK 11\n'])
+    server.start()
+    daemon.Daemon._reverify_native(path)
+    server.join(5)
+    assert server.lines == ['REVERIFY', 'PING', 'PING']
+    assert holder.wait(5) == -signal.SIGHUP
+    assert 'does not know REVERIFY' in caplog.text
 
 
 def test_find_binary(tmp_path):

@@ -54,7 +54,6 @@ import selectors
 import socket
 import ssl
 import stat
-import struct
 import threading
 import time
 import typing
@@ -86,6 +85,18 @@ class _Unlimited:
 
 
 _UNLIMITED = _Unlimited()
+
+
+class _Fd:
+    """A file descriptor as socket.sendfile wants it (no seek)."""
+
+    __slots__ = ('_fd',)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
 
 
 class Slots:
@@ -678,34 +689,17 @@ class _Serving:
     @staticmethod
     def _sendfile(sock: typing.Any, fd: int, offset: int, length: int,
                   bucket: typing.Any) -> int:
-        """The body by ``sendfile``, the socket blocking meanwhile.
-
-        The kernel sends each step whole, waking nobody in between
-        (``socket.sendfile`` in timeout mode polls and calls again for
-        every free slice of the send buffer); ``SO_SNDTIMEO`` keeps the
-        socket's timeout for each wait.
-        """
-        timeout = sock.gettimeout()
-        seconds = timeout or 0.0
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
-            'll', int(seconds), int(seconds % 1 * 1e6)))
+        source = _Fd(fd)
         sent = 0
-        try:
-            while sent < length:
-                step = length - sent
-                if bucket.rate:
-                    step = min(step, RATE_SLICE)
-                    bucket.consume(step)
-                try:
-                    n = os.sendfile(sock.fileno(), fd, offset + sent, step)
-                except BlockingIOError:
-                    raise socket.timeout('sendfile: timed out')
-                if not n:
-                    break
-                sent += n
-        finally:
-            sock.settimeout(timeout)
+        while sent < length:
+            step = length - sent
+            if bucket.rate:
+                step = min(step, RATE_SLICE)
+                bucket.consume(step)
+            n = sock.sendfile(source, offset + sent, step)
+            if not n:
+                break
+            sent += n
         return sent
 
     @staticmethod

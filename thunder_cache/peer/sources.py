@@ -55,8 +55,6 @@ LOG = logging.getLogger(__name__)
 # Largest error body read from a peer; anything longer closes the
 # connection instead.
 MAX_ERROR_BODY = 4096
-#: Most bytes a chunk body's reader waits for before it is woken.
-RCVLOWAT_MAX = 256 * 1024
 # A manifest from a peer is read in pieces of this many bytes: memory grows
 # with what arrived, not with what the peer announced.
 MANIFEST_PIECE = 1024 * 1024
@@ -622,13 +620,13 @@ class PeerClient:
         """Read exactly ``length`` bytes of body; never more."""
         buf = bytearray(length)
         view = memoryview(buf)
-        conns = getattr(self._local, 'conns', {})
-        sock = getattr(conns.get(url), 'sock', None)
+        done = 0
         try:
-            if sock is None or isinstance(sock, ssl.SSLSocket):
-                done = self._read_buffered(response, view)
-            else:
-                done = self._read_direct(sock, response, view)
+            while done < length:
+                n = response.readinto(view[done:])
+                if not n:
+                    break
+                done += n
         except (OSError, http.client.HTTPException) as e:
             self._drop(url)
             raise PeerError('peer %s: %s' % (url, e))
@@ -637,60 +635,6 @@ class PeerClient:
             raise PeerError('peer %s closed after %d of %d bytes'
                             % (url, done, length))
         return buf
-
-    @staticmethod
-    def _read_buffered(response: http.client.HTTPResponse,
-                       view: memoryview) -> int:
-        """The body through http.client's reader (TLS); bytes read."""
-        done = 0
-        while done < len(view):
-            n = response.readinto(view[done:])
-            if not n:
-                break
-            done += n
-        return done
-
-    def _read_direct(self, sock: socket.socket,
-                     response: http.client.HTTPResponse,
-                     view: memoryview) -> int:
-        """The body straight from the socket, in few wake-ups; bytes read.
-
-        What http.client buffered with the head is taken first; the rest
-        is received into ``view`` with ``SO_RCVLOWAT`` set to what is still
-        due (at most :data:`RCVLOWAT_MAX`, and what ``min_rate`` brings in
-        half a ``timeout``), so that the kernel wakes this thread once per
-        large piece rather than once per packet. At the end of the body the
-        response is closed as http.client would (the connection stays
-        open).
-        """
-        length = len(view)
-        timeout = sock.gettimeout()
-        sock.settimeout(0.0)  # what is buffered, without waiting
-        try:
-            early = response.fp.peek(length)[:length]
-        finally:
-            sock.settimeout(timeout)
-        done = len(early)
-        view[:done] = early
-        response.fp.read(done)
-        most = max(1, min(RCVLOWAT_MAX,
-                          int(self.min_rate * self.timeout / 2)))
-        try:
-            while done < length:
-                due = length - done
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
-                                min(due, most))
-                n = sock.recv_into(view[done:], due)
-                if not n:
-                    break
-                done += n
-        finally:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        if response.length is not None:
-            response.length -= done
-            if not response.length:
-                response.read()  # closes the response, not the connection
-        return done
 
     def _body(self, url: str, response: http.client.HTTPResponse,
               length: int) -> bytearray:

@@ -94,6 +94,7 @@ from thunder_stack import netlab
 
 REPO = cache_io.REPO
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 KiB = 1024
 IMAGE_ID = 'bulk-boot'
 PORT = 7485
@@ -248,8 +249,9 @@ class Node:
     """A thunder-cache daemon in a namespace of the testbed."""
 
     def __init__(self, workdir, name, host, max_children=2, replay=False,
-                 peer_options=()):
+                 peer_options=(), tree=REPO):
         self.name = name
+        self.tree = tree
         self.ns, self.address, _port = host
         self.url = 'http://%s:%d' % (self.address, PORT)
         self.dir = os.path.join(workdir, name)
@@ -285,7 +287,6 @@ class Node:
                 'replay = %s' % ('true' if replay else 'false'),
                 'hydrate = false', '']))
         self.proc = None
-        self.cpu = 0.0
 
     def describe(self, manifest, origin=None, peers=()):
         with open(os.path.join(self.descriptors, IMAGE_ID + '.json'),
@@ -305,7 +306,7 @@ class Node:
             self.proc = subprocess.Popen(
                 ['ip', 'netns', 'exec', self.ns, sys.executable, '-m',
                  'thunder_cache.daemon', '--config-file', self.conf],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.tree, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         cleanup.callback(self.stop)
 
@@ -344,13 +345,56 @@ class Node:
         """SIGTERM by PID, SIGKILL after 15 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.cpu = bm.proc_cpu([self.proc.pid])
         os.kill(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def cpu_times(pid):
+    """(user, system) CPU seconds of process ``pid``, children included.
+
+    From ``/proc/PID/stat`` (utime, stime, cutime, cstime); (0, 0) if the
+    process is gone.
+    """
+    tick = os.sysconf('SC_CLK_TCK')
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + cutime) / tick, (stime + cstime) / tick
+
+
+def cpu_columns(daemon_cpu, received, uploads, origin_sent):
+    """The run's CPU columns: user and system seconds, per GiB moved.
+
+    ``daemon_cpu``: (user, system) of the origin, then of every node;
+    ``received``/``uploads``: every node's bytes in and out. ``cpu_gib_rx``
+    is the nodes' CPU seconds per GiB they received (the issue's figure),
+    ``node_cpu_gib_rx_max`` the worst single node's; ``origin_cpu_gib_tx``
+    the origin's per GiB it sent.
+    """
+    nodes = daemon_cpu[1:]
+    user = sum(u for u, _ in nodes)
+    system = sum(s for _, s in nodes)
+    per_node = [sum(c) / (r / GiB) for c, r in zip(nodes, received) if r]
+    origin = sum(daemon_cpu[0])
+    return {
+        'node_cpu_user_s': round(user, 2), 'node_cpu_sys_s': round(system, 2),
+        'origin_cpu_user_s': round(daemon_cpu[0][0], 2),
+        'origin_cpu_sys_s': round(daemon_cpu[0][1], 2),
+        'cpu_gib_rx': round((user + system) / (sum(received) / GiB), 2)
+        if sum(received) else '',
+        'node_cpu_gib_rx_max': round(max(per_node), 2) if per_node else '',
+        'node_cpu_gib_tx': round((user + system) / (sum(uploads) / GiB), 2)
+        if sum(uploads) else '',
+        'origin_cpu_gib_tx': round(origin / (origin_sent / GiB), 2)
+        if origin_sent else '',
+    }
 
 
 def start_all(nodes, cleanup, timeout=60):
@@ -509,6 +553,19 @@ class Bench:
         self.mp = multiprocessing.get_context('fork')
         self.timeout_factor = 1.0
         self.peer_options = self._timeouts()
+        self.build = git_describe(REPO)
+        self.ref_tree = None    # the --compare-ref build's worktree
+        self.ref_rows = []
+
+    def checkout_ref(self):
+        """A ``git worktree`` of ``--compare-ref`` in the work directory."""
+        tree = os.path.join(self.workdir, 'ref')
+        bm.run(['git', '-C', REPO, 'worktree', 'add', '--detach', tree,
+                self.args.compare_ref])
+        self.cleanup.callback(lambda: bm.run(
+            ['git', '-C', REPO, 'worktree', 'remove', '--force', tree],
+            check=False))
+        self.ref_tree = tree
 
     # -- set-up ------------------------------------------------------------
 
@@ -546,10 +603,10 @@ class Bench:
         finally:
             scope.close()
 
-    def _origin(self, max_children):
+    def _origin(self, max_children, tree=REPO):
         origin = Node(self.workdir, 'origin', self.testbed.hosts[0],
                       max_children=max_children,
-                      peer_options=self.peer_options)
+                      peer_options=self.peer_options, tree=tree)
         origin.describe(self.manifest, {'type': 'file', 'path': self.volume})
         return origin
 
@@ -676,6 +733,11 @@ class Bench:
                                       self._origin_seconds(strategy, n)))
                 self.progress.finish_run()
                 continue
+            if self.ref_tree is not None:
+                # The previous build first, then this one, on the same
+                # testbed, links and image.
+                self.ref_rows.append(self.run_one(strategy, n,
+                                                  self.ref_tree))
             self.rows.append(self.run_one(strategy, n))
             self.progress.finish_run()
         for strategy in ('full-copy', 'on-demand'):
@@ -683,17 +745,19 @@ class Bench:
         self.rows.sort(key=lambda r: (r['nodes'],
                                       STRATEGIES.index(r['strategy'])))
 
-    def run_one(self, strategy, n):
+    def run_one(self, strategy, n, tree=REPO):
         peer_mode = strategy.startswith('peer')
         label = '%s N=%d' % (strategy, n)
+        if tree != REPO:
+            label += ' (%s)' % self.args.compare_ref
         scope = bm.Cleanup()
         procs = []
         try:
-            origin = self._origin(1 if peer_mode else 64)
+            origin = self._origin(1 if peer_mode else 64, tree)
             nodes = [Node(self.run_dir, 'n%d' % k, self.testbed.hosts[k + 1],
                           max_children=self.args.max_children,
                           replay=strategy == 'peer+prefetch',
-                          peer_options=self.peer_options)
+                          peer_options=self.peer_options, tree=tree)
                      for k in range(n)]
             peers = [origin.url]
             if peer_mode:
@@ -703,6 +767,7 @@ class Bench:
                 if strategy == 'peer+prefetch':
                     node.place_trace(self.order)
             start_all([origin] + nodes, scope)
+            cpu_start = [cpu_times(x.proc.pid) for x in [origin] + nodes]
             sent_before = [self.testbed.sent_bytes(k) for k in range(n + 1)]
             cpu_before = bm.host_cpu()
             results = self.mp.Queue()
@@ -737,11 +802,16 @@ class Bench:
             sent = [self.testbed.sent_bytes(k) - sent_before[k]
                     for k in range(n + 1)]
             metrics = [x.metrics() for x in [origin] + nodes]
-            daemon_cpu = bm.proc_cpu([x.proc.pid for x in [origin] + nodes])
+            daemon_cpu = [
+                tuple(b - a for a, b in zip(start, cpu_times(x.proc.pid)))
+                for start, x in zip(cpu_start, [origin] + nodes)]
         finally:
             scope.close()
             bm.remove_tree(self.run_dir)
-        return self._row(strategy, n, outs, metrics, sent, busy, daemon_cpu)
+        row = self._row(strategy, n, outs, metrics, sent, busy, daemon_cpu)
+        row['build'] = (self.args.compare_ref if tree != REPO
+                        else self.build)
+        return row
 
     def _row(self, strategy, n, outs, metrics, sent, busy, daemon_cpu):
         good = [o for o in outs.values()
@@ -785,7 +855,10 @@ class Bench:
                                  for m in metrics)),
             'prefetched': total('chunks_prefetched'),
             'inflight_joins': total('inflight_joins'),
-            'cpu_busy': round(busy, 3), 'daemon_cpu_s': round(daemon_cpu, 1),
+            'cpu_busy': round(busy, 3),
+            'daemon_cpu_s': round(sum(map(sum, daemon_cpu)), 1),
+            **cpu_columns(daemon_cpu, received, uploads,
+                          metrics[0].get('bytes_served_to_peers', 0)),
         }
 
     def _extrapolate(self, strategy):
@@ -884,7 +957,40 @@ COLUMNS = ('strategy', 'nodes', 'measured', 'link_mbit', 'image_bytes',
            'ready_p99', 'ready_max', 'download_max', 'bound_single',
            'bound_swarm', 'think', 'verified', 'errors', 'fetch_errors',
            'fetch_failures', 'chunks_rejected', 'redirects', 'prefetched',
-           'inflight_joins', 'cpu_busy', 'daemon_cpu_s')
+           'inflight_joins', 'cpu_busy', 'daemon_cpu_s', 'node_cpu_user_s',
+           'node_cpu_sys_s', 'origin_cpu_user_s', 'origin_cpu_sys_s',
+           'cpu_gib_rx', 'node_cpu_gib_rx_max', 'node_cpu_gib_tx',
+           'origin_cpu_gib_tx', 'build')
+
+
+def cpu_table(rows):
+    """The daemons' CPU per run: user/system, per GiB received and sent."""
+    lines = ['%-14s %3s %-12s %8s %8s %9s %9s %9s %10s' % (
+        'strategy', 'N', 'build', 'user s', 'sys s', 'CPU/GiB', 'worst',
+        'CPU/GiBtx', 'origin/GiB')]
+    for r in rows:
+        if not r['measured']:
+            continue
+        lines.append('%-14s %3d %-12s %8.1f %8.1f %9s %9s %9s %10s' % (
+            r['strategy'], r['nodes'], r['build'][:12], r['node_cpu_user_s'],
+            r['node_cpu_sys_s'], r['cpu_gib_rx'], r['node_cpu_gib_rx_max'],
+            r['node_cpu_gib_tx'], r['origin_cpu_gib_tx']))
+    return lines
+
+
+def compare_lines(bench):
+    """New vs ``--compare-ref``: the nodes' CPU per GiB received."""
+    out = []
+    for old in bench.ref_rows:
+        new = bench.row(old['strategy'], old['nodes'])
+        if new is None or not old['cpu_gib_rx'] or not new['cpu_gib_rx']:
+            continue
+        out.append('%s N=%d: %.2f CPU-s per GiB received (%s), %.2f (%s): '
+                   '%.2fx lower' % (old['strategy'], old['nodes'],
+                                    new['cpu_gib_rx'], bench.build,
+                                    old['cpu_gib_rx'], old['build'],
+                                    old['cpu_gib_rx'] / new['cpu_gib_rx']))
+    return out
 
 
 def table(bench):
@@ -1002,7 +1108,8 @@ def write_results(bench, out, lines, meta):
     with open(os.path.join(out, 'results.txt'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     with open(os.path.join(out, 'run.json'), 'w') as f:
-        json.dump(dict(meta, rows=bench.rows), f, indent=1, sort_keys=True)
+        json.dump(dict(meta, rows=bench.rows, ref_rows=bench.ref_rows), f,
+                  indent=1, sort_keys=True)
     return plot(bench, out)
 
 
@@ -1067,6 +1174,11 @@ def parse_args(argv):
     parser.add_argument('--workdir', help='where the temporary directory '
                         'goes (default /dev/shm: every emulated node would '
                         'have its own disk)')
+    parser.add_argument('--compare-ref', metavar='REV',
+                        help='also run every strategy and N with the '
+                        'daemons of git revision REV (a worktree of it), '
+                        'just before this build\'s, and print both '
+                        'builds\' CPU per GiB')
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: N = 1, 2, 4, a 32 MiB image')
     args = parser.parse_args(argv)
@@ -1112,6 +1224,15 @@ def parse_args(argv):
     return args
 
 
+def git_describe(tree):
+    """The commit checked out in ``tree`` (short), '+' if modified."""
+    head = bm.run(['git', '-C', tree, 'rev-parse', '--short', 'HEAD'],
+                  check=False).stdout.strip() or 'unknown'
+    dirty = bm.run(['git', '-C', tree, 'status', '--porcelain',
+                    '--untracked-files=no'], check=False).stdout.strip()
+    return head + ('+' if dirty else '')
+
+
 def daemon_default(name):
     """The default of a ``[peer]`` option of thunder-cache."""
     for opt in cache_options.peer_opts:
@@ -1151,6 +1272,8 @@ def _main(args, workdir, cleanup):
     started = time.monotonic()
     load_start = bm.load_average()
     bench.prepare()
+    if args.compare_ref:
+        bench.checkout_ref()
     if not args.no_scale:
         progress.say('measuring the machine: %d nodes read from the origin '
                      'through unshaped links' % min(CALIBRATION_NODES,
@@ -1165,7 +1288,8 @@ def _main(args, workdir, cleanup):
                           bench.predicted_seconds() / 60))
     bench.run_all()
     goals = bench.goals()
-    lines = header(bench) + [''] + table(bench) + [''] + [
+    lines = header(bench) + [''] + table(bench) + [''] + cpu_table(
+        bench.ref_rows + bench.rows) + compare_lines(bench) + [''] + [
         'goal: %-62s %-8s %s' % (text, 'met' if ok else 'MISSED', detail)
         for text, ok, detail in goals]
     lines += ['', '~: extrapolated (not run), see --origin-budget; p99 '
@@ -1188,6 +1312,7 @@ def _main(args, workdir, cleanup):
         'working_set': bench.W, 'working_set_chunks': bench.Wc,
         'chunks_touched': len(bench.order), 'think_seconds': bench.think,
         'namespaces': bench.testbed.namespaces, 'workdir': workdir,
+        'build': bench.build, 'compare_ref': args.compare_ref,
         'goals': [{'goal': t, 'met': ok, 'measured': d}
                   for t, ok, d in goals],
     }

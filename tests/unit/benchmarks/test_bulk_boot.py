@@ -12,6 +12,8 @@
 
 """The pure parts of benchmarks/bulk_boot.py (the runs are functional)."""
 
+import os
+
 import pytest
 
 from benchmarks import bulk_boot
@@ -66,3 +68,27 @@ def test_bad_peer_option_refused(option, capsys):
         bulk_boot.parse_args(['--trace', 'synthetic', '--peer-option',
                               option])
     assert 'not NAME=VALUE' in capsys.readouterr().err
+
+
+def test_cpu_columns_per_gib_received_and_sent():
+    gib = bulk_boot.GiB
+    # origin, then two nodes: (user, system) seconds.
+    cols = bulk_boot.cpu_columns([(1.0, 0.5), (3.0, 1.0), (1.0, 1.0)],
+                                 [gib, gib], [gib // 2, 0], gib)
+    assert cols['node_cpu_user_s'] == 4.0
+    assert cols['node_cpu_sys_s'] == 2.0
+    assert cols['cpu_gib_rx'] == 3.0
+    assert cols['node_cpu_gib_rx_max'] == 4.0
+    assert cols['node_cpu_gib_tx'] == 12.0
+    assert cols['origin_cpu_gib_tx'] == 1.5
+
+
+def test_cpu_columns_without_traffic_are_empty():
+    cols = bulk_boot.cpu_columns([(0.1, 0.1), (0.2, 0.0)], [0], [0], 0)
+    assert cols['cpu_gib_rx'] == cols['origin_cpu_gib_tx'] == ''
+
+
+def test_cpu_times_of_this_process_and_of_a_gone_one():
+    user, system = bulk_boot.cpu_times(os.getpid())
+    assert user > 0 and system >= 0
+    assert bulk_boot.cpu_times(2 ** 22 + 1) == (0.0, 0.0)

@@ -66,6 +66,7 @@ if REPO not in sys.path:
 from thunder_stack import clients  # noqa: E402
 from thunder_stack import demo  # noqa: E402
 from thunder_stack import guest as guest_mod  # noqa: E402
+from thunder_stack import layout  # noqa: E402
 from thunder_stack import nodes as nodes_mod  # noqa: E402
 from thunder_stack import stack as stack_mod  # noqa: E402
 
@@ -121,7 +122,7 @@ class Bench:
                           'source_type=image,uuid=%s,destination_type=volume,'
                           'volume_size=1,volume_type=%s,boot_index=0,'
                           'delete_on_termination=true'
-                          % (image_id, nodes_mod.PEER_BACKEND)]
+                          % (image_id, layout.PEER_BACKEND)]
             else:
                 source = ['--image', image_id]
             started = time.monotonic()

@@ -36,6 +36,7 @@ from tests.e2e.test_nova import guest  # noqa: F401 (a fixture)
 from tests.e2e.test_nova import Servers
 from thunder_common import loops
 from thunder_stack import clients
+from thunder_stack import layout
 from thunder_stack import netlab
 from thunder_stack import nodes as nodes_mod
 from thunder_stack import nova
@@ -88,14 +89,14 @@ def boot_on(servers, node, image_id, marker):
         '--block-device',
         'source_type=image,uuid=%s,destination_type=volume,volume_size=1,'
         'volume_type=%s,boot_index=0,delete_on_termination=true'
-        % (image_id, nodes_mod.PEER_BACKEND))
+        % (image_id, layout.PEER_BACKEND))
     server = servers.wait_status(server_id, 'ACTIVE')
     servers.wait_marker(server_id, marker)
     assert server['OS-EXT-SRV-ATTR:host'] == node.name
     volume = servers.json('volume', 'show',
                           server['volumes_attached'][0]['id'])
     assert volume['os-vol-host-attr:host'].startswith(
-        '%s@%s' % (node.name, nodes_mod.PEER_BACKEND)), volume
+        '%s@%s' % (node.name, layout.PEER_BACKEND)), volume
     assert volume['availability_zone'] == node.name
     return server_id, server['OS-EXT-SRV-ATTR:instance_name']
 
@@ -145,7 +146,7 @@ def test_server_follows_its_volume_to_its_node(stack, client, nodes,
     """
     image_id, marker = guest
     node = nodes.nodes[-1]
-    volume_id = client.create_volume(image_id, nodes_mod.PEER_BACKEND,
+    volume_id = client.create_volume(image_id, layout.PEER_BACKEND,
                                      zone=node.name)
     volume = client.wait_volume(volume_id)
     assert volume['os-vol-host-attr:host'].startswith(node.name + '@')

@@ -120,7 +120,8 @@ def test_demo_with_the_bulk_boot(stack, tmp_path):
     started = time.time()
     result = subprocess.run(
         [conftest.TOOL, 'demo', '--flows', 'thunder', '--volumes', '2',
-         '--image-size-mib', '64', '--json', str(report), '--bulk-boot',
+         '--rounds', '1', '--image-size-mib', '64', '--json', str(report),
+         '--bulk-boot',
          '--bulk-boot-args', '--quick --nodes 1,2 --strategies peer'],
         capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout[-3000:] +
@@ -139,7 +140,8 @@ def test_demo_with_the_bulk_boot(stack, tmp_path):
     with open(report) as f:
         flow, bulk = json.load(f)
     assert flow['flow'] == 'thunder' and flow['error'] is None
-    assert flow['clones'] == 2
+    assert (flow['round'], flow['volumes'], flow['clones']) == (1, 2, 2)
+    assert flow['server_max_s'] >= 0 and flow['upload_server_s'] >= 0
     assert bulk['flow'] == 'bulk-boot' and bulk['returncode'] == 0
     assert bulk['results_dir'] == out
     assert bulk['runs'] == 2 and bulk['unverified_nodes'] == 0

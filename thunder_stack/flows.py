@@ -46,6 +46,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import time
 import uuid
 
@@ -147,7 +148,7 @@ def run_flow(stack, api, name, image_path, args, count):
         result.update(_wait_available(stack, api, requested, start,
                                       args.timeout))
         result.update(_inspect_clones(stack, flow['pool'], volume_ids))
-    except (svc.StackError, OSError) as e:
+    except (svc.StackError, OSError, subprocess.SubprocessError) as e:
         result['error'] = str(e)
     finally:
         if not args.keep:

@@ -132,6 +132,9 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     assert image['size'] == raw.size
     assert image['checksum'] == raw_md5
     assert image['stores'] == thunder_store
+    # Its own location is its sealed snapshot (the store's default).
+    [own] = clients.image_locations(stack, image_id)
+    assert own['url'].startswith('rbd://'), own
     image_volume = clients.image_volume_id(stack, image_id)
 
     volume_id = create_volume(client, image_id)

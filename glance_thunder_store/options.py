@@ -151,7 +151,7 @@ image (the fast paths of Cinder and Nova use them). Disable in a
 single-store Glance that also enables glance_store's own ``cinder`` or
 ``rbd`` store, which would otherwise compete for those schemes.
 """),
-    cfg.StrOpt('thunder_store_location_scheme', default='thunder',
+    cfg.StrOpt('thunder_store_location_scheme', default='rbd',
                choices=[
                    ('thunder', 'thunder://[STORE/]VOLUME_ID?image_id=ID: '
                                'the location names its image, and only '
@@ -162,17 +162,13 @@ single-store Glance that also enables glance_store's own ``cinder`` or
                            'added afterwards')],
                help="""
 The form of the location the store gives Glance for a new image. With
-``rbd``, an image-volume sealed in RBD is located by its sealed snapshot,
-the form Nova's RBD image backend (``images_type = rbd``, through
-``show_image_direct_url``) and Cinder's RBD driver clone, as they clone
-images of glance_store's RBD store: no alias location needs adding, and
-``show_multiple_locations`` can stay off. The image-volume records that
-this is its location, so deleting the image still deletes it; an
-``rbd://`` alias added to an older image still deletes nothing. The
-location no longer names its image: the image-volume's recorded image is
-the only binding (see "Which volume a location reaches"). Images already
-stored keep their locations. Image-volumes on other backends always get
-a thunder:// location.
+``rbd`` (the default), an image-volume sealed in RBD is located by its
+sealed snapshot, the form Nova's RBD image backend (``images_type = rbd``)
+and Cinder's RBD driver clone with no location added afterwards; Glance
+needs only ``show_image_direct_url = True`` (``show_multiple_locations``
+can stay off). Image-volumes on other backends get a thunder:// location,
+as do all images with ``thunder``. Images already stored keep their
+locations.
 """),
     cfg.StrOpt('thunder_store_volume_name_template', default='volume-%s',
                help="""

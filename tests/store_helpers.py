@@ -186,8 +186,15 @@ class Upload(io.RawIOBase):
         return self._data.read(size)
 
 
-def make_store(backend=None, **overrides):
-    """A configured Store with its own ConfigOpts."""
+def make_store(backend=None, location_scheme='thunder', **overrides):
+    """A configured Store with its own ConfigOpts.
+
+    Most tests check thunder:// locations, so that is their scheme;
+    ``location_scheme=None`` keeps the option's default (``rbd``).
+    """
+    if location_scheme:
+        overrides.setdefault('thunder_store_location_scheme',
+                             location_scheme)
     conf = cfg.ConfigOpts()
     conf([])
     if backend:

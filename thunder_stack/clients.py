@@ -25,7 +25,11 @@ import re
 import subprocess
 import urllib.request
 
+from thunder_common import locations
 from thunder_stack import services as svc
+
+# Cinder's volume_name_template in the stack: a volume's RBD image name.
+VOLUME_NAME = 'volume-%s'
 
 
 class Api:
@@ -126,16 +130,49 @@ def image_locations(stack, image_id):
     return image.get('locations') or props.get('locations') or []
 
 
-def register_aliases(stack, image_id):
-    """Add the cinder:// and rbd:// aliases of a thunder image.
+def location_volume_id(url):
+    """The volume a thunder://, cinder:// or rbd:// URL names, or None.
+
+    An rbd:// URL names a volume when its RBD image is a volume's (an
+    image of glance_store's rbd store is named after the image: None).
+    """
+    try:
+        parsed = locations.parse(url)
+    except locations.InvalidLocation:
+        return None
+    if isinstance(parsed, locations.RbdLocation):
+        return locations.volume_id_from_name(parsed.image, VOLUME_NAME)
+    return parsed.volume_id
+
+
+def image_volume_ids(locs):
+    """The ids of the volumes an image's locations name."""
+    return {location_volume_id(loc['url']) for loc in locs} - {None}
+
+
+def image_volume_id(stack, image_id):
+    """The id of the one image-volume holding an image."""
+    ids = image_volume_ids(image_locations(stack, image_id))
+    if len(ids) != 1:
+        raise svc.StackError('image %s: volume locations %s'
+                             % (image_id, sorted(ids)))
+    return ids.pop()
+
+
+def register_aliases(stack, image_id, locs=None):
+    """Add the cinder:// and rbd:// aliases of a thunder:// image.
 
     As doc/source/store.rst describes: the store builds them from its
     thunder:// location (``glance_thunder_store.extra_locations``) and an
     admin adds them with the JSON-patch location call, here the real
-    ``glance location-add``. Returns the URLs added.
+    ``glance location-add``, one call per alias. An image located by its
+    sealed snapshot (the store's default) needs none. ``locs``: the
+    image's locations, if already read. Returns the URLs added.
     """
     added = []
-    for loc in image_locations(stack, image_id):
+    if locs is None:
+        locs = image_locations(stack, image_id)
+    for loc in locs:
         if not loc['url'].startswith('thunder://'):
             continue
         out = subprocess.run(

@@ -20,7 +20,12 @@ available and records the upload, each volume's time from its request to
 (Glance's ``created_at`` to ``updated_at`` when the image turns active,
 Cinder's ``created_at`` to ``updated_at`` when a volume turns available:
 whole seconds, as the databases keep them), and the bytes each new volume
-owns in Ceph (``rbd du``: a copy-on-write clone owns none). Flows:
+owns in Ceph (``rbd du``: a copy-on-write clone owns none). It also
+records the admin calls the image needed before the fast paths could clone
+it (``glance location-add`` of the aliases of a thunder:// image; none for
+an image located by its sealed snapshot, the store's default) and the
+size in GiB of the Cinder volume holding the image, which is what it takes
+of the volume quota (0 for the rbd store). Flows:
 
 ``thunder``
     The thunder Glance store and ThunderDriver (the ``thunder`` volume
@@ -138,10 +143,9 @@ def run_flow(stack, api, name, image_path, args, count):
             raise svc.StackError('image %s is %s after upload'
                                  % (image_id, image['status']))
         result['upload_server_s'] = server_seconds(image)
-        if flow['store'] == 'thunder':
-            t1 = time.monotonic()
-            result['aliases'] = clients.register_aliases(stack, image_id)
-            result['aliases_s'] = time.monotonic() - t1
+        locs = clients.image_locations(stack, image_id)
+        result['image_volume_gib'] = image_volume_gib(api, locs)
+        result.update(_register_aliases(stack, image_id, locs))
         start = time.monotonic()
         requested = _create_volumes(api, image_id, flow['type'], tag, count,
                                     size_gib, volume_ids)
@@ -154,6 +158,29 @@ def run_flow(stack, api, name, image_path, args, count):
         if not args.keep:
             _cleanup(stack, api, image_id, volume_ids)
     return result
+
+
+def image_volume_gib(api, locs):
+    """GiB of the Cinder volume(s) the image's locations name (quota)."""
+    ids = clients.image_volume_ids(locs)
+    return sum(v['size'] for v in api.volumes(ids).values()) if ids else 0
+
+
+def _register_aliases(stack, image_id, locs):
+    """The admin calls a thunder:// image needs: its aliases, timed."""
+    if not any(loc['url'].startswith('thunder://') for loc in locs):
+        return {'admin_calls': 0}
+    t1 = time.monotonic()
+    added = clients.register_aliases(stack, image_id, locs)
+    return {'aliases': added, 'aliases_s': time.monotonic() - t1,
+            'admin_calls': len(added)}
+
+
+def zero_copy_without_admin(run):
+    """Whether a run's volumes were all CoW clones, no admin call made."""
+    return (not run.get('error') and run.get('admin_calls') == 0 and
+            run.get('clones') == run['volumes'] and
+            run.get('bytes_copied') == 0)
 
 
 def _create_volumes(api, image_id, volume_type, tag, count, size_gib,
@@ -282,7 +309,14 @@ def summarize(runs):
                  'failed': len(group) - len(good),
                  'bytes_copied': sum(r.get('bytes_copied', 0) for r in good),
                  'clones': sum(r.get('clones', 0) for r in good),
-                 'volumes_made': sum(r['volumes'] for r in good)}
+                 'volumes_made': sum(r['volumes'] for r in good),
+                 'admin_calls': sum(r.get('admin_calls', 0) for r in good),
+                 'zero_copy_runs': sum(map(zero_copy_without_admin, good)),
+                 'good': len(good)}
+        gib = [r['image_volume_gib'] for r in good
+               if 'image_volume_gib' in r]
+        if gib:
+            entry['image_volume_gib'] = statistics.median(gib)
         for key, _column, _fmt in MEASURES:
             values = [r[key] for r in good if key in r]
             if values:
@@ -341,13 +375,18 @@ def print_table(runs, args, goal_line):
           % (args.image_size_mib, args.rounds))
     header = (('N', 'flow', 'glance store', 'volume type') +
               tuple(column for _key, column, _fmt in MEASURES) +
-              ('bytes copied', 'CoW clones', 'failed'))
+              ('bytes copied', 'CoW clones', 'admin calls',
+               'zero-copy, no admin', 'image-vol GiB', 'failed'))
     rows = []
     for s in summary:
         rows.append((s['volumes'], s['flow'], s['store'], s['type']) + tuple(
             _cell(s, key, fmt) for key, _column, fmt in MEASURES) + (
             human(s['bytes_copied']),
             '%d/%d' % (s['clones'], s['volumes_made']),
+            s['admin_calls'],
+            '%d/%d runs' % (s['zero_copy_runs'], s['good']),
+            '%g' % s['image_volume_gib'] if 'image_volume_gib' in s
+            else '-',
             '%d/%d' % (s['failed'], s['rounds'])))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header,) + tuple(rows):
@@ -358,10 +397,12 @@ def print_table(runs, args, goal_line):
             break
     aliases = [r for r in runs if r.get('aliases')]
     if aliases:
-        print('thunder: aliases (%s) added in %.1f s median (an admin call, '
-              'not in the upload time)' % (
+        print('%s: thunder:// image, aliases (%s) added by %d admin calls '
+              'in %.1f s median (not in the upload time)' % (
+                  aliases[0]['flow'],
                   ', '.join(u.split('://')[0] + '://'
                             for u in aliases[0]['aliases']),
+                  len(aliases[0]['aliases']),
                   statistics.median(r['aliases_s'] for r in aliases)))
     for run in runs:
         if run.get('error'):
@@ -373,7 +414,10 @@ def print_table(runs, args, goal_line):
           'srv max: Cinder created_at -> available (server clocks, whole '
           'seconds).')
     print('bytes copied: data the new volumes own in Ceph (rbd du), all '
-          'rounds.')
+          'rounds. admin calls: glance location-add calls before cloning, '
+          'all rounds; zero-copy, no admin: runs with every volume a CoW '
+          'clone and no admin call. image-vol GiB: the Cinder volume '
+          'holding the image (volume quota used; 0: none).')
     for text, met, how in goals(summary):
         print(goal_line(text, met, how))
     return summary

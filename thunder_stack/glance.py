@@ -15,8 +15,9 @@
 
 Stores: glance_store's ``rbd`` (upstream, the default) and ``cinder``
 (images as Cinder volumes of the rbd type), and once the thunder store
-exists, ``thunder`` (the default then) and ``thunder_rbd`` (images
-located by their sealed snapshot), written by the devstack plugin.
+exists, ``thunder`` (the default then; images located by their sealed
+snapshot, the store's default) and ``thunder_uri`` (images located by
+thunder:// URIs), written by the devstack plugin.
 """
 
 import os
@@ -99,9 +100,9 @@ def write_conf(stack):
     if available:
         devstack.run(stack, 'configure_thunder_glance_store')
         devstack.run(stack, 'configure_thunder_glance_store', env={
-            'THUNDER_GLANCE_STORE': layout.RBD_LOCATION_STORE,
+            'THUNDER_GLANCE_STORE': layout.THUNDER_URI_STORE,
             'THUNDER_GLANCE_DEFAULT': 'False',
-            'THUNDER_STORE_LOCATION_SCHEME': 'rbd'})
+            'THUNDER_STORE_LOCATION_SCHEME': 'thunder'})
     stack.state['thunder_store'] = available
     stack.save_state()
 

@@ -38,10 +38,13 @@ POOLS = {'thunder': 'thunder', 'rbd': 'volumes', 'images': 'images',
          'nova': nova_mod.EPHEMERAL_POOL}
 THUNDER_BACKEND = 'thunder'
 PEER_BACKEND = 'thunder-peer'
-# A second thunder Glance store, whose images are located by their sealed
-# snapshot (thunder_store_location_scheme = rbd): Nova's and Cinder's RBD
-# code clone them with no location added by hand.
-RBD_LOCATION_STORE = 'thunder_rbd'
+# The thunder Glance store: its images are located by their sealed
+# snapshot (thunder_store_location_scheme = rbd, the default), which Nova's
+# and Cinder's RBD code clone with no location added by hand.
+THUNDER_STORE = 'thunder'
+# A second thunder store, with thunder_store_location_scheme = thunder, for
+# what only thunder:// locations do (they name their image).
+THUNDER_URI_STORE = 'thunder_uri'
 RBD_BACKEND = 'rbd'
 BACKENDS = (THUNDER_BACKEND, PEER_BACKEND, RBD_BACKEND)
 CINDER_STORE = 'cinder'

@@ -60,7 +60,13 @@ def thunder_store(stack):
     """The thunder Glance store's name, or skip when it is not enabled."""
     if not stack.state.get('thunder_store'):
         pytest.skip('the thunder Glance store is not in this tree yet')
-    return 'thunder'
+    return layout.THUNDER_STORE
+
+
+@pytest.fixture(scope='session')
+def thunder_uri_store(thunder_store):
+    """The second thunder store: thunder:// locations, naming their image."""
+    return layout.THUNDER_URI_STORE
 
 
 class Client:

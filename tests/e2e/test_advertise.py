@@ -29,7 +29,6 @@ from thunder_cache.peer.advertise import advertiser as advertiser_mod
 from thunder_cache.peer.advertise import cinder as cinder_records
 from thunder_cache.peer.advertise import options as advertise_opts
 from thunder_cache.peer.advertise import records as peer_records
-from thunder_common import locations
 from thunder_stack import clients
 from thunder_stack import flows
 
@@ -67,22 +66,6 @@ def _records(stack, tmp_path, user, project, password=None):
     return cinder_records.CinderRecords.from_conf(conf)
 
 
-def _volume_id(url):
-    try:
-        parsed = locations.parse(url)
-    except locations.InvalidLocation:
-        return None
-    return getattr(parsed, 'volume_id', None)
-
-
-def _image_volume(stack, image_id):
-    """The image-volume's id: what its cinder:// and thunder:// name."""
-    ids = {_volume_id(loc['url'])
-           for loc in clients.image_locations(stack, image_id)} - {None}
-    assert len(ids) == 1, 'image %s: volume locations %s' % (image_id, ids)
-    return ids.pop()
-
-
 def _cli_metadata(client, volume_id):
     """The volume's metadata as the openstack CLI shows it."""
     out = client.run('openstack', 'volume', 'show', '-f', 'json', '-c',
@@ -96,7 +79,7 @@ def image_volume(stack, client, thunder_store, tmp_path):
     flows.make_image(str(path), 4, seed=11)
     image_id = client.upload(str(path), thunder_store,
                              name='e2e-advertise')
-    return _image_volume(stack, image_id)
+    return clients.image_volume_id(stack, image_id)
 
 
 @pytest.mark.parametrize('user, project', [('admin', 'admin'),

@@ -117,7 +117,7 @@ source devstack/plugin.sh stack test-config
                       'thunder_store_volume_type') == 'thunder'
     assert ini.iniget(glance, 'DEFAULT', 'show_image_direct_url') == 'True'
     assert ini.iniget(glance, 'thunder',
-                      'thunder_store_location_scheme') == 'thunder'
+                      'thunder_store_location_scheme') == 'rbd'
     imports = str(tmp_path / 'glance-image-import.conf')
     assert ini.iniget(imports, 'image_import_opts',
                       'image_import_plugins') == "['image_conversion']"

@@ -29,7 +29,6 @@ import pytest
 
 from cinder_thunder_driver import image_clones
 from tests.e2e import conftest
-from thunder_common import locations
 from thunder_stack import clients
 from thunder_stack import guest as guest_mod
 from thunder_stack import layout
@@ -133,8 +132,10 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     assert image['size'] == raw.size
     assert image['checksum'] == raw_md5
     assert image['stores'] == thunder_store
-    [url] = [loc['url'] for loc in clients.image_locations(stack, image_id)
-             if loc['url'].startswith('thunder://')]
+    # Its own location is its sealed snapshot (the store's default).
+    [own] = clients.image_locations(stack, image_id)
+    assert own['url'].startswith('rbd://'), own
+    image_volume = clients.image_volume_id(stack, image_id)
 
     volume_id = create_volume(client, image_id)
     client.wait_volume(volume_id)
@@ -142,7 +143,7 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     parent = conftest.rbd_json(stack, 'info', '%s/%s' % (POOL, name))
     parent = parent.get('parent')
     assert parent, '%s is not a clone' % name
-    assert parent['image'] == 'volume-%s' % locations.parse(url).volume_id
+    assert parent['image'] == 'volume-%s' % image_volume
     assert clients.own_bytes(stack, POOL, name) == 0
     sha, tail_zero = conftest.rbd_sha256(stack, '%s/%s' % (POOL, name),
                                          raw.size, tmp_path)

@@ -74,7 +74,7 @@ def test_upload_download_round_trip(request, client, image_file, tmp_path,
 
 
 def test_a_location_cannot_name_another_images_volume(stack, client,
-                                                      thunder_store,
+                                                      thunder_uri_store,
                                                       image_file, tmp_path):
     """Glance refuses image A's location naming image B's volume.
 
@@ -83,8 +83,8 @@ def test_a_location_cannot_name_another_images_volume(stack, client,
     naming B's volume, even from an admin. B still downloads whole.
     """
     path, digest = image_file
-    image_a = client.upload(str(path), thunder_store, name='e2e-a')
-    image_b = client.upload(str(path), thunder_store, name='e2e-b')
+    image_a = client.upload(str(path), thunder_uri_store, name='e2e-a')
+    image_b = client.upload(str(path), thunder_uri_store, name='e2e-b')
     [url_b] = [loc['url'] for loc in clients.image_locations(stack, image_b)
                if loc['url'].startswith('thunder://')]
     parsed = locations.parse(url_b)
@@ -92,7 +92,7 @@ def test_a_location_cannot_name_another_images_volume(stack, client,
     forged = locations.thunder_location(parsed.volume_id, parsed.store,
                                         image_a).url
     out = client.run('glance', 'location-add', '--url', forged,
-                     '--metadata', json.dumps({'store': thunder_store}),
+                     '--metadata', json.dumps({'store': thunder_uri_store}),
                      image_a, check=False)
     assert out.returncode != 0, out.stdout
     assert forged not in [loc['url'] for loc in
@@ -293,17 +293,19 @@ def test_upload_over_volume_quota_leaks_nothing(stack, client,
 
 
 def test_upstream_rbd_driver_clones_a_thunder_image(stack, client,
-                                                    thunder_store,
+                                                    thunder_uri_store,
                                                     image_file, tmp_path):
     """With the aliases added, Cinder's own RBDDriver clones zero-copy too.
 
-    The thunder image gets its cinder:// and rbd:// aliases the way the
+    A thunder:// image (``thunder_store_location_scheme = thunder``; the
+    default, rbd, needs none: test_rbd_locations) gets its cinder:// and
+    rbd:// aliases the way the
     store's documentation says (``glance location-add``); a volume of the
     ``rbd`` type (Cinder's RBDDriver, pool ``volumes``) is then an RBD clone
     of the image-volume's sealed snapshot, and survives the image.
     """
     path, digest = image_file
-    image_id = client.upload(str(path), thunder_store)
+    image_id = client.upload(str(path), thunder_uri_store)
     added = clients.register_aliases(stack, image_id)
     assert [u.split(':')[0] for u in added] == ['cinder', 'rbd']
     urls = [loc['url'] for loc in clients.image_locations(stack, image_id)]

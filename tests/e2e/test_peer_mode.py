@@ -36,7 +36,6 @@ from tests.harness import standalone
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
 from thunder_cache.peer.advertise import records as peer_records
-from thunder_common import locations
 from thunder_common import manifest
 from thunder_stack import clients
 
@@ -78,17 +77,6 @@ def _image_counter(stack, name, image_id):
                          r'([0-9.e+]+)$' % (name, image_id), re.M)
     match = pattern.search(_metrics(stack))
     return float(match.group(1)) if match else None
-
-
-def _image_volume_id(stack, image_id):
-    for loc in clients.image_locations(stack, image_id):
-        try:
-            parsed = locations.parse(loc['url'])
-        except locations.InvalidLocation:
-            continue
-        if isinstance(parsed, locations.VolumeLocation):
-            return parsed.volume_id
-    raise AssertionError('image %s has no thunder location' % image_id)
 
 
 def _read_device(path, image_size):
@@ -206,7 +194,7 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
         attached.detach()
 
     # The node advertises itself on the image-volume, with expiry.
-    image_volume = _image_volume_id(stack, image_id)
+    image_volume = clients.image_volume_id(stack, image_id)
     metadata = cinder.volumes.get(image_volume).metadata
     assert 'thunder_peer_thunder-stack' in metadata, metadata
     url, since, expires = peer_records.parse_peer_value(

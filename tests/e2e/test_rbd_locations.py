@@ -12,12 +12,12 @@
 
 """Images located by their sealed snapshot: the fast paths, no admin step.
 
-The stack's second thunder store (``thunder_rbd``, with
-``thunder_store_location_scheme = rbd``) gives each image its sealed
-snapshot as its one location. Nothing is added to the image afterwards:
-Cinder's own RBD driver and Nova's RBD image backend (``images_type =
-rbd``) clone it as they clone images of glance_store's RBD store, and
-deleting the image deletes its image-volume.
+The stack's thunder store (``thunder_store_location_scheme = rbd``, the
+default) gives each image its sealed snapshot as its one location.
+Nothing is added to the image afterwards: Cinder's own RBD driver and
+Nova's RBD image backend (``images_type = rbd``) clone it as they clone
+images of glance_store's RBD store, and deleting the image deletes its
+image-volume.
 """
 
 import json
@@ -31,7 +31,7 @@ from thunder_common import locations
 from thunder_stack import clients
 from thunder_stack import layout
 
-STORE = layout.RBD_LOCATION_STORE
+STORE = layout.THUNDER_STORE
 POOL = layout.POOLS['thunder']
 
 

@@ -22,6 +22,7 @@ import pytest
 from cinder_thunder_driver import peer
 from glance_thunder_store import extra_locations
 from glance_thunder_store import location as location_mod
+from glance_thunder_store import ownership
 from glance_thunder_store import upload
 from tests import store_helpers
 from tests.store_helpers import Context
@@ -37,8 +38,9 @@ OWNER = Context()
 
 @pytest.fixture
 def rbd_store(cinder):
-    store = make_store('fast', thunder_store_manifest_chunk_size=64,
-                       thunder_store_location_scheme='rbd')
+    # The option's default: no scheme given.
+    store = make_store('fast', location_scheme=None,
+                       thunder_store_manifest_chunk_size=64)
     store.clients.client = lambda context=None: cinder
     return store
 
@@ -91,6 +93,32 @@ def test_deleting_the_image_deletes_its_volume_once(rbd_store, cinder):
     # nothing is deleted again.
     rbd_store.delete(_location(rbd_store, url), context=OWNER)
     assert len([c for c in cinder.calls if c[0] == 'delete']) == deletes
+
+
+def test_rbd_is_the_default_scheme(rbd_store):
+    assert rbd_store.store_conf.thunder_store_location_scheme == 'rbd'
+    assert set(rbd_store.get_schemes()) == {'thunder', 'cinder', 'rbd'}
+
+
+def test_another_images_rbd_location_deletes_nothing(rbd_store, cinder):
+    """Image A's rbd:// location naming image B's image-volume.
+
+    The URI cannot name its image; when glance_store says which image the
+    location is (``Location.image_id``), a volume recording another image
+    is refused, even to an admin, and stays.
+    """
+    image_b, url, _meta = _add(rbd_store, b'x' * 1000)
+    [volume] = cinder.db.values()
+    assert volume.metadata[upload.META_IMAGE_ID] == image_b
+    forged = _location(rbd_store, url)
+    forged.image_id = str(uuid.uuid4())
+    for context in (OWNER, Context('x', is_admin=True)):
+        with pytest.raises(ownership.ImageVolumeRefused):
+            rbd_store.delete(forged, context=context)
+        with pytest.raises(exceptions.NotFound):
+            rbd_store.get_size(forged, context=context)
+    assert cinder.count() == 1
+    assert not [c for c in cinder.calls if c[0] == 'delete']
 
 
 def test_only_the_owner_deletes_it(rbd_store, cinder):

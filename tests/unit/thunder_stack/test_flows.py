@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 
+from thunder_stack import clients
 from thunder_stack import demo
 from thunder_stack import flows
 from thunder_stack import services as svc
@@ -59,7 +60,8 @@ def _run(flow, count, total, upload, round_=1, error=None, **extra):
         run.update(total_s=total, upload_s=upload,
                    upload_mib_s=1024 / upload, mean_s=total / 2,
                    max_s=total, upload_server_s=upload,
-                   server_max_s=total - 1, clones=count, bytes_copied=0)
+                   server_max_s=total - 1, clones=count, bytes_copied=0,
+                   admin_calls=0, image_volume_gib=1)
     run.update(extra)
     return run
 
@@ -116,6 +118,69 @@ def test_table_prints_medians_spreads_errors_and_goals(capsys):
     assert ('goal: thunder total for 10 volumes <= upstream (medians)'
             in out)
     assert 'met' in out
+    assert thunder_row.split()[-5:] == ['0', '2/2', 'runs', '1', '0/2']
+
+
+FSID = '7b2b2c3e-1111-4222-8333-944455556666'
+VOLUME = '0c6f5fb7-9a4d-4a3e-8d3b-1f2e3d4c5b6a'
+IMAGE = 'a1c4d3f2-5b6e-4f70-8a91-b2c3d4e5f607'
+RBD_OWN = 'rbd://%s/thunder/volume-%s/thunder-clone-1' % (FSID, VOLUME)
+RBD_UPSTREAM = 'rbd://%s/images/%s/snap' % (FSID, IMAGE)
+THUNDER = 'thunder://%s?image_id=%s' % (VOLUME, IMAGE)
+
+
+def test_the_volume_a_location_names():
+    assert clients.location_volume_id(RBD_OWN) == VOLUME
+    assert clients.location_volume_id(THUNDER) == VOLUME
+    assert clients.location_volume_id('cinder://%s' % VOLUME) == VOLUME
+    assert clients.location_volume_id(RBD_UPSTREAM) is None
+    assert clients.location_volume_id('file:///x') is None
+
+
+class SizeApi:
+    def volumes(self, ids):
+        return {vid: {'id': vid, 'size': 2} for vid in ids}
+
+
+def test_image_volume_size_and_admin_calls_of_an_rbd_located_image():
+    locs = [{'url': RBD_OWN, 'metadata': {'store': 'thunder'}}]
+    assert flows.image_volume_gib(SizeApi(), locs) == 2
+    assert flows.image_volume_gib(SizeApi(), [{'url': RBD_UPSTREAM}]) == 0
+    with mock.patch.object(clients, 'register_aliases') as register:
+        assert flows._register_aliases(None, IMAGE, locs) == {
+            'admin_calls': 0}
+    register.assert_not_called()
+
+
+def test_a_thunder_uri_image_counts_its_alias_calls():
+    locs = [{'url': THUNDER, 'metadata': {'store': 'thunder_uri'}}]
+    added = ['cinder://%s' % VOLUME, RBD_OWN]
+    with mock.patch.object(clients, 'register_aliases',
+                           return_value=added) as register:
+        result = flows._register_aliases('stack', IMAGE, locs)
+    register.assert_called_once_with('stack', IMAGE, locs)
+    assert result['admin_calls'] == 2 and result['aliases'] == added
+
+
+def test_zero_copy_needs_no_admin_call_and_all_clones():
+    assert flows.zero_copy_without_admin(_run('thunder', 10, 1.0, 1.0))
+    for extra in ({'admin_calls': 2}, {'clones': 9}, {'bytes_copied': 1},
+                  {'error': 'boom'}):
+        assert not flows.zero_copy_without_admin(
+            _run('thunder', 10, 1.0, 1.0, **extra))
+
+
+def test_table_says_when_aliases_were_added(capsys):
+    runs = [_run('thunder', 10, 1.0, 1.0, admin_calls=2,
+                 aliases=['cinder://%s' % VOLUME, RBD_OWN], aliases_s=3.5)]
+    flows.print_table(runs, argparse.Namespace(image_size_mib=64, rounds=1),
+                      demo.goal_line)
+    out = capsys.readouterr().out
+    assert ('thunder: thunder:// image, aliases (cinder://, rbd://) added '
+            'by 2 admin calls in 3.5 s median') in out
+    row = [line for line in out.splitlines()
+           if line.startswith('10  thunder')][0]
+    assert '0/1 runs' in row
 
 
 class FakeApi:

@@ -26,9 +26,7 @@ image-volume holds; both images are deleted after.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -37,35 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from thunder_stack import clients  # noqa: E402
 from thunder_stack import layout  # noqa: E402
-from thunder_stack import services as svc  # noqa: E402
 from thunder_stack import stack as stack_mod  # noqa: E402
 
 
-def _glance(stack, args, stdin=None):
-    env = dict(os.environ, **stack.openrc_env())
-    env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
-    out = subprocess.run(['glance'] + args, stdin=stdin, env=env,
-                         check=True, capture_output=True, text=True).stdout
-    return clients.table_value(out, 'id')
-
-
-def _wait_active(stack, image_id, timeout=1800):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        image = json.loads(clients.cli(stack, 'openstack', 'image', 'show',
-                                       '-f', 'json', image_id))
-        if image['status'] == 'active':
-            return image
-        if image['status'] not in ('importing', 'uploading', 'saving'):
-            raise svc.StackError('image %s is %s' % (
-                image_id, image['status']))
-        time.sleep(0.2)
-    raise svc.StackError('image %s not active after %ss'
-                         % (image_id, timeout))
-
-
 def _report(stack, api, label, image_id, seconds):
-    image = _wait_active(stack, image_id)
+    image = api.wait_image_active(image_id)
     [vol] = [v for v in api.get('/volumes/detail?all_tenants=1')['volumes']
              if v['name'] == 'image-%s' % image_id]
     name = 'volume-%s' % vol['id']
@@ -91,18 +65,19 @@ def main(argv=None):
     api = clients.Api(stack)
     for _ in range(args.runs):
         t0 = time.monotonic()
-        image_id = _glance(stack, [
-            'image-create', '--name', 'bench-raw', '--disk-format', 'raw',
-            '--container-format', 'bare', '--file', args.raw, '--store',
-            args.store])
+        image_id = clients.table_value(clients.cli(
+            stack, 'glance', 'image-create', '--name', 'bench-raw',
+            '--disk-format', 'raw', '--container-format', 'bare', '--file',
+            args.raw, '--store', args.store), 'id')
         _report(stack, api, 'raw upload', image_id, time.monotonic() - t0)
         t0 = time.monotonic()
         with open(args.qcow2, 'rb') as data:
-            image_id = _glance(stack, [
-                'image-create-via-import', '--name', 'bench-qcow2',
-                '--disk-format', 'qcow2', '--container-format', 'bare',
-                '--stores', args.store], stdin=data)
-        _wait_active(stack, image_id)
+            image_id = clients.table_value(clients.cli(
+                stack, 'glance', 'image-create-via-import', '--name',
+                'bench-qcow2', '--disk-format', 'qcow2',
+                '--container-format', 'bare', '--stores', args.store,
+                stdin=data), 'id')
+        api.wait_image_active(image_id)
         _report(stack, api, 'qcow2 import', image_id, time.monotonic() - t0)
     return 0
 

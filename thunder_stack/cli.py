@@ -97,9 +97,13 @@ def build_parser():
                            'the table shows medians and spreads (default 3)')
     demo.add_argument('--image-size-mib', type=int, default=1024,
                       help='size of the raw image (default 1024 MiB)')
-    demo.add_argument('--flows', default='thunder,upstream,upstream-cinder',
+    demo.add_argument('--flows',
+                      default='thunder,thunder-import,upstream,'
+                              'upstream-cinder',
                       help='comma-separated flows: thunder (thunder store, '
-                           'ThunderDriver), upstream (rbd store, RBDDriver), '
+                           'ThunderDriver), thunder-import (the image as '
+                           'qcow2 through Glance\'s image import, then as '
+                           'thunder), upstream (rbd store, RBDDriver), '
                            'upstream-cinder (cinder store, RBDDriver)')
     demo.add_argument('--keep', action='store_true',
                       help='keep the demo volumes and images')

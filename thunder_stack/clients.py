@@ -23,6 +23,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 
 from thunder_common import locations
@@ -32,23 +33,28 @@ from thunder_stack import services as svc
 VOLUME_NAME = 'volume-%s'
 
 
+def token(stack, user='admin', project='admin'):
+    """A Keystone token of ``user`` in ``project``: (token, project id)."""
+    body = {'auth': {
+        'identity': {'methods': ['password'], 'password': {'user': {
+            'name': user, 'domain': {'id': 'default'},
+            'password': stack.password}}},
+        'scope': {'project': {'name': project,
+                              'domain': {'id': 'default'}}}}}
+    req = urllib.request.Request(
+        stack.auth_url + '/auth/tokens', data=json.dumps(body).encode(),
+        headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return (resp.headers['X-Subject-Token'],
+                json.load(resp)['token']['project']['id'])
+
+
 class Api:
     """Just enough of Keystone, Cinder and Glance over HTTP."""
 
     def __init__(self, stack):
         self.stack = stack
-        body = {'auth': {
-            'identity': {'methods': ['password'], 'password': {'user': {
-                'name': 'admin', 'domain': {'id': 'default'},
-                'password': stack.password}}},
-            'scope': {'project': {'name': 'admin',
-                                  'domain': {'id': 'default'}}}}}
-        req = urllib.request.Request(
-            stack.auth_url + '/auth/tokens', data=json.dumps(body).encode(),
-            headers={'Content-Type': 'application/json'})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            self.token = resp.headers['X-Subject-Token']
-            self.project = json.load(resp)['token']['project']['id']
+        self.token, self.project = token(stack)
         self.cinder = '%s/v3/%s' % (stack.url('cinder'), self.project)
 
     def _call(self, url, body=None, method=None, microversion=None):
@@ -85,6 +91,30 @@ class Api:
         return self._call(self.stack.url('glance') + '/v2/images/' +
                           image_id)
 
+    def wait_image_active(self, image_id, timeout=1800, poll=0.2):
+        """Glance's record once the image is ``active`` (after an import).
+
+        Raises :class:`StackError` when the import failed or the image
+        left the states an upload or import passes through.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            image = self.image(image_id)
+            failed = image.get('os_glance_failed_import')
+            if failed:
+                raise svc.StackError('image %s: import failed in store(s) '
+                                     '%s' % (image_id, failed))
+            if image['status'] == 'active':
+                return image
+            if image['status'] not in ('queued', 'uploading', 'importing',
+                                       'saving'):
+                raise svc.StackError('image %s is %s' % (image_id,
+                                                         image['status']))
+            if time.monotonic() > deadline:
+                raise svc.StackError('image %s is %s after %ss' % (
+                    image_id, image['status'], timeout))
+            time.sleep(poll)
+
     def create_image(self, name, **fields):
         """A queued image without data (the CLIs read stdin as data)."""
         body = dict(name=name, disk_format='raw', container_format='bare',
@@ -100,12 +130,17 @@ class Api:
         return found
 
 
-def cli(stack, *args, timeout=1800):
+def cli(stack, *args, timeout=1800, stdin=None):
+    """Run a client of the stack's venv as admin; its standard output.
+
+    ``stdin``: an open file given as its standard input (the glance
+    client's way to read image data in a script).
+    """
     env = dict(os.environ)
     env.update(stack.openrc_env())
     env['PATH'] = os.path.join(stack.venv, 'bin') + ':' + env['PATH']
     result = subprocess.run(list(args), capture_output=True, text=True,
-                            env=env, timeout=timeout)
+                            env=env, timeout=timeout, stdin=stdin)
     if result.returncode:
         raise svc.StackError('%s failed (%d): %s' % (
             ' '.join(args[:3]), result.returncode,
@@ -123,11 +158,19 @@ def table_value(output, key):
 
 
 def image_locations(stack, image_id):
-    """The image's locations (shown to admins: show_multiple_locations)."""
-    image = json.loads(cli(stack, 'openstack', 'image', 'show', '-f',
-                           'json', image_id))
-    props = image.get('properties') or {}
-    return image.get('locations') or props.get('locations') or []
+    """The image's locations, as Cinder reads them.
+
+    Glance's location API (``GET /v2/images/ID/locations``, Glance 2024.2)
+    as the glance service user: it answers the service role whatever
+    ``show_multiple_locations`` says (the stack keeps that off, as
+    devstack does).
+    """
+    service_token, _project = token(stack, 'glance', 'service')
+    req = urllib.request.Request(
+        '%s/v2/images/%s/locations' % (stack.url('glance'), image_id),
+        headers={'X-Auth-Token': service_token})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.load(resp)
 
 
 def location_volume_id(url):

@@ -17,7 +17,11 @@ Stores: glance_store's ``rbd`` (upstream, the default) and ``cinder``
 (images as Cinder volumes of the rbd type), and once the thunder store
 exists, ``thunder`` (the default then; images located by their sealed
 snapshot, the store's default) and ``thunder_uri`` (images located by
-thunder:// URIs), written by the devstack plugin.
+thunder:// URIs), written by the devstack plugin. Glance shows each image's
+first location as ``direct_url`` and keeps the deprecated
+``show_multiple_locations`` off, as devstack does: the tests of the
+thunder:// aliases turn it on for their own time
+(:func:`show_multiple_locations`).
 """
 
 import os
@@ -118,3 +122,14 @@ def start(stack):
                        stack.path('etc', 'glance',
                                   'glance-image-import.conf')])
     stack.start('glance-api', timeout=120)
+
+
+def show_multiple_locations(stack, shown):
+    """Turn Glance's ``show_multiple_locations`` on or off, restarting it.
+
+    The JSON-patch location calls (``glance location-add``) need it on;
+    the next ``up`` writes the configuration anew, with it off.
+    """
+    conf = stack.path('etc', 'glance', 'glance-api.conf')
+    ini.iniset(conf, 'DEFAULT', 'show_multiple_locations', str(shown))
+    start(stack)

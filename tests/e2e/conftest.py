@@ -31,6 +31,7 @@ import pytest
 from thunder_common import loops
 from thunder_stack import clients
 from thunder_stack import flows
+from thunder_stack import glance
 from thunder_stack import layout
 from thunder_stack import stack as stack_mod
 
@@ -67,6 +68,20 @@ def thunder_store(stack):
 def thunder_uri_store(thunder_store):
     """The second thunder store: thunder:// locations, naming their image."""
     return layout.THUNDER_URI_STORE
+
+
+@pytest.fixture
+def multiple_locations(stack):
+    """Glance's deprecated ``show_multiple_locations`` on, for one test.
+
+    What the JSON-patch location calls (``glance location-add``) of the
+    thunder:// aliases need; the stack keeps it off otherwise.
+    """
+    glance.show_multiple_locations(stack, True)
+    try:
+        yield
+    finally:
+        glance.show_multiple_locations(stack, False)
 
 
 class Client:

@@ -116,6 +116,9 @@ source devstack/plugin.sh stack test-config
     assert ini.iniget(glance, 'thunder',
                       'thunder_store_volume_type') == 'thunder'
     assert ini.iniget(glance, 'DEFAULT', 'show_image_direct_url') == 'True'
+    # The rbd locations need no deprecated multiple-locations view.
+    assert ini.iniget(glance, 'DEFAULT', 'show_multiple_locations') == \
+        'False'
     assert ini.iniget(glance, 'thunder',
                       'thunder_store_location_scheme') == 'rbd'
     imports = str(tmp_path / 'glance-image-import.conf')

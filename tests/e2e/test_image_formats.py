@@ -53,20 +53,6 @@ def guest(stack):
     return raw, qcow2, md5.hexdigest()
 
 
-def _wait_active(client, image_id, timeout=IMPORT_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        image = client.image(image_id)
-        props = dict(image.get('properties') or {}, **image)
-        assert not props.get('os_glance_failed_import'), props
-        if image['status'] == 'active':
-            return props
-        assert image['status'] != 'killed', image
-        assert time.monotonic() < deadline, 'image %s is %s after %ss' % (
-            image_id, image['status'], timeout)
-        time.sleep(1)
-
-
 def _import_with_glance(client, path, store):
     # The data on stdin: with --file, glance refuses a stdin that is not
     # a terminal ("cannot use both --file and stdin"), as in any script.
@@ -124,7 +110,7 @@ def test_qcow2_import_is_stored_raw_and_cloned(stack, client, thunder_store,
     started = time.monotonic()
     image_id = upload(client, qcow2.path, thunder_store)
     client.images.append(image_id)
-    image = _wait_active(client, image_id)
+    image = client.api.wait_image_active(image_id, IMPORT_TIMEOUT, poll=1)
     print('import of %d bytes of qcow2 (%d raw): %.1f s'
           % (qcow2.file_size, raw.size, time.monotonic() - started))
     assert image['disk_format'] == 'raw'

@@ -75,6 +75,7 @@ def test_upload_download_round_trip(request, client, image_file, tmp_path,
 
 def test_a_location_cannot_name_another_images_volume(stack, client,
                                                       thunder_uri_store,
+                                                      multiple_locations,
                                                       image_file, tmp_path):
     """Glance refuses image A's location naming image B's volume.
 
@@ -294,6 +295,7 @@ def test_upload_over_volume_quota_leaks_nothing(stack, client,
 
 def test_upstream_rbd_driver_clones_a_thunder_image(stack, client,
                                                     thunder_uri_store,
+                                                    multiple_locations,
                                                     image_file, tmp_path):
     """With the aliases added, Cinder's own RBDDriver clones zero-copy too.
 

@@ -17,7 +17,9 @@ default) gives each image its sealed snapshot as its one location.
 Nothing is added to the image afterwards: Cinder's own RBD driver and
 Nova's RBD image backend (``images_type = rbd``) clone it as they clone
 images of glance_store's RBD store, and deleting the image deletes its
-image-volume.
+image-volume. Glance runs as devstack configures it with the plugin:
+``show_image_direct_url`` on, the deprecated ``show_multiple_locations``
+off.
 """
 
 import json
@@ -29,6 +31,7 @@ from tests.e2e import conftest
 from tests.e2e import test_nova
 from thunder_common import locations
 from thunder_stack import clients
+from thunder_stack import ini
 from thunder_stack import layout
 
 STORE = layout.THUNDER_STORE
@@ -37,6 +40,10 @@ POOL = layout.POOLS['thunder']
 
 @pytest.fixture
 def rbd_store(stack, thunder_store):
+    conf = stack.path('etc', 'glance', 'glance-api.conf')
+    assert ini.iniget(conf, 'DEFAULT', 'show_image_direct_url') == 'True'
+    assert ini.iniget(conf, 'DEFAULT', 'show_multiple_locations') in (
+        None, 'False')
     return STORE
 
 

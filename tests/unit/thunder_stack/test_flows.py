@@ -94,6 +94,60 @@ def test_goal_lines_compare_thunder_with_upstream_per_count():
     assert lines[2][2] == '60.00 s vs 50.00 s'
 
 
+def test_qcow2_import_is_held_to_its_bound_of_the_raw_upload():
+    runs = [_run('thunder', 10, 5.0, 6.0),
+            _run('thunder-import', 10, 5.0, 9.0),
+            _run('thunder', 100, 5.0, 6.0),
+            _run('thunder-import', 100, 5.0, 9.1)]
+    lines = flows.goals(flows.summarize(runs))
+    # No upstream flow: only the import's lines, one per count.
+    assert [(text, met) for text, met, _how in lines] == [
+        ('thunder qcow2 import <= 1.5x the raw upload (medians, '
+         '10-volume runs)', True),
+        ('thunder qcow2 import <= 1.5x the raw upload (medians, '
+         '100-volume runs)', False)]
+    assert lines[1][2] == '9.1 s vs 6.0 s: 1.52x'
+
+
+def test_the_import_flow_imports_qcow2_and_waits_until_active(tmp_path):
+    raw = tmp_path / 'image.raw'
+    raw.write_bytes(b'x' * 4096)
+    calls = []
+
+    def cli(stack, *args, stdin=None):
+        calls.append((args, stdin.name if stdin else None))
+        return '| id | %s |' % IMAGE
+
+    api = mock.Mock()
+    api.wait_image_active.return_value = {'status': 'active'}
+    with mock.patch.object(clients, 'cli', side_effect=cli), \
+            mock.patch.object(flows.subprocess, 'run') as run:
+        run.side_effect = lambda cmd, **kw: open(cmd[-1], 'wb').close()
+        image_id, image = flows._upload(
+            'stack', api, 'tag', flows.FLOWS['thunder-import'], str(raw))
+    assert image_id == IMAGE and image == {'status': 'active'}
+    [(args, stdin)] = calls
+    assert args[:2] == ('glance', 'image-create-via-import')
+    assert args[args.index('--disk-format') + 1] == 'qcow2'
+    assert args[args.index('--stores') + 1] == 'thunder'
+    assert stdin == str(tmp_path / 'image.qcow2')
+    api.wait_image_active.assert_called_once_with(IMAGE)
+    # The qcow2 is made once, then reused while newer than the raw image.
+    assert run.call_args[0][0][:5] == ['qemu-img', 'convert', '-f', 'raw',
+                                       '-O']
+    flows.make_qcow2(str(raw))
+    assert run.call_count == 1
+
+
+def test_a_raw_upload_must_end_active():
+    api = mock.Mock()
+    api.image.return_value = {'status': 'saving'}
+    with mock.patch.object(clients, 'cli', return_value='| id | img |'):
+        with pytest.raises(svc.StackError, match='img is saving after'):
+            flows._upload('stack', api, 'tag', flows.FLOWS['thunder'], 'f')
+    api.wait_image_active.assert_not_called()
+
+
 def test_no_goal_without_both_flows():
     assert flows.goals(flows.summarize([_run('thunder', 10, 1.0, 1.0)])) == []
 
@@ -213,3 +267,32 @@ def test_failed_requests_fail_the_run_but_keep_the_volumes_made():
         flows._create_volumes(api, 'img', 'thunder', 'tag', 6, 1, ids)
     # The volumes made are known, so that the run deletes them.
     assert ids and set(ids) == {v for v in api.made if v}
+
+
+def _api_answering(*records):
+    api = object.__new__(clients.Api)
+    api.image = mock.Mock(side_effect=list(records))
+    return api
+
+
+def test_waiting_for_an_import_returns_the_active_record():
+    api = _api_answering({'status': 'queued'}, {'status': 'importing'},
+                         {'status': 'active', 'size': 3})
+    record = api.wait_image_active('img', poll=0)
+    assert record == {'status': 'active', 'size': 3}
+
+
+@pytest.mark.parametrize('record, message', [
+    ({'status': 'importing', 'os_glance_failed_import': 'thunder'},
+     'import failed in store'),
+    ({'status': 'killed'}, 'img is killed'),
+    ({'status': 'deleted'}, 'img is deleted')])
+def test_a_failed_import_is_an_error_not_a_wait(record, message):
+    with pytest.raises(svc.StackError, match=message):
+        _api_answering(record).wait_image_active('img', poll=0)
+
+
+def test_waiting_for_an_import_has_a_deadline():
+    api = _api_answering(*[{'status': 'importing'}] * 3)
+    with pytest.raises(svc.StackError, match='img is importing after 0s'):
+        api.wait_image_active('img', timeout=0, poll=0)

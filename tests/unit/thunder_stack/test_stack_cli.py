@@ -48,7 +48,7 @@ def test_parser_defaults():
     assert demo.rounds == 3
     assert parser.parse_args(['demo', '-n', '10,100']).volumes == [10, 100]
     assert demo.timeout == 900
-    assert demo.flows == 'thunder,upstream,upstream-cinder'
+    assert demo.flows == 'thunder,thunder-import,upstream,upstream-cinder'
     assert demo.bulk_boot_args == '--quick'
     assert demo.nova_nodes_args == '--rounds 3 --image-mib 1024'
     assert not (demo.keep or demo.bulk_boot or demo.nova or demo.nova_nodes)

@@ -863,8 +863,8 @@ class Bench:
             if self.ref_tree is not None:
                 # The previous build first, then this one, on the same
                 # testbed, links and image.
-                self.ref_rows.append(self.run_one(strategy, n,
-                                                  self.ref_tree))
+                self.ref_rows.append(self.run_one(
+                    strategy, n, self.ref_tree, self.args.ref_reader))
             self.rows.append(self.run_one(strategy, n))
             self.progress.finish_run()
         for strategy in ('full-copy', 'on-demand'):
@@ -872,7 +872,8 @@ class Bench:
         self.rows.sort(key=lambda r: (r['nodes'],
                                       STRATEGIES.index(r['strategy'])))
 
-    def run_one(self, strategy, n, tree=REPO):
+    def run_one(self, strategy, n, tree=REPO, reader=None):
+        reader = reader or self.args.reader
         peer_mode = strategy.startswith('peer')
         label = '%s N=%d' % (strategy, n)
         if tree != REPO:
@@ -885,7 +886,7 @@ class Bench:
                           max_children=self.args.max_children,
                           replay=strategy == 'peer+prefetch',
                           peer_options=self.peer_options, tree=tree,
-                          control=self.args.reader == 'native')
+                          control=reader == 'native')
                      for k in range(n)]
             peers = [origin.url]
             if peer_mode:
@@ -905,7 +906,7 @@ class Bench:
                 proc = self.mp.Process(target=boot, args=(
                     node, self.manifest, self.reads,
                     self.args.think_scale, strategy == 'full-copy', start_at,
-                    results, k, self.args.reader), daemon=True)
+                    results, k, reader), daemon=True)
                 proc.start()
                 procs.append(proc)
             limit = 120 + 3 * (self.think + n * self.Wc / self.rate)
@@ -937,6 +938,7 @@ class Bench:
             scope.close()
             bm.remove_tree(self.run_dir)
         row = self._row(strategy, n, outs, metrics, sent, busy, daemon_cpu)
+        row['reader'] = reader
         row['build'] = (self.args.compare_ref if tree != REPO
                         else self.build)
         return row
@@ -983,7 +985,6 @@ class Bench:
                                  for m in metrics)),
             'prefetched': total('chunks_prefetched'),
             'inflight_joins': total('inflight_joins'),
-            'reader': self.args.reader,
             'local_requests': round(sum(o['requests'] for o in good) /
                                     len(good)) if good else '',
             'reader_cpu_s': round(sum(o['reader_cpu'] for o in good), 2),
@@ -1125,11 +1126,12 @@ def compare_lines(bench):
         new = bench.row(old['strategy'], old['nodes'])
         if new is None or not old['cpu_gib_rx'] or not new['cpu_gib_rx']:
             continue
-        out.append('%s N=%d: %.2f CPU-s per GiB received (%s), %.2f (%s): '
-                   '%.2fx lower' % (old['strategy'], old['nodes'],
-                                    new['cpu_gib_rx'], bench.build,
-                                    old['cpu_gib_rx'], old['build'],
-                                    old['cpu_gib_rx'] / new['cpu_gib_rx']))
+        out.append('%s N=%d: %.2f CPU-s per GiB received (%s, %s reader), '
+                   '%.2f (%s, %s reader): %.2fx lower' % (
+                       old['strategy'], old['nodes'], new['cpu_gib_rx'],
+                       bench.build, new['reader'], old['cpu_gib_rx'],
+                       old['build'], old['reader'],
+                       old['cpu_gib_rx'] / new['cpu_gib_rx']))
     return out
 
 
@@ -1176,7 +1178,10 @@ def header(bench):
             'for chunks not known usable, pread from the cache file; its CPU '
             'is the reader\'s, not the daemon\'s)' if a.reader == 'native'
             else 'through the daemon\'s local socket (--reader socket: '
-            'every read served by the daemon)'),
+            'every read served by the daemon)') + (
+            '; the %s runs read with --reader %s' % (a.compare_ref,
+                                                     a.ref_reader)
+            if a.compare_ref and a.ref_reader != a.reader else ''),
     ]
 
 
@@ -1332,6 +1337,10 @@ def parse_args(argv):
                         'rest read from the cache file; default), or '
                         '"socket", every read a request on the daemon\'s '
                         'local socket')
+    parser.add_argument('--ref-reader', choices=READERS,
+                        help='the --reader of the --compare-ref runs '
+                        '(default: --reader\'s), e.g. "socket" to compare '
+                        'with how the previous build was measured')
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: N = 1, 2, 4, a 32 MiB image')
     args = parser.parse_args(argv)
@@ -1340,6 +1349,8 @@ def parse_args(argv):
         args.nodes or ('1,2,4' if quick else '1,2,4,8,16,32')).split(',')))
     args.strategies = [s for s in STRATEGIES
                        if s in args.strategies.split(',')]
+    if args.ref_reader is None:
+        args.ref_reader = args.reader
     if args.image_mib is None:
         args.image_mib = 32 if quick else 256
     if args.chunk_kib is None:

@@ -143,8 +143,8 @@ def image(tmp_path):
 
 
 @pytest.mark.parametrize('observed', [False, True])
-def test_native_reader_asks_for_runs_it_was_not_told_of(tmp_path, image,
-                                                       observed):
+def test_native_reader_asks_for_runs_it_was_not_told_of(
+        tmp_path, image, observed):
     data, path, built = image
     control = FakeControl(str(tmp_path / 'control.sock'), 10, observed,
                           present=[9])

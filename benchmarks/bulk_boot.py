@@ -23,10 +23,15 @@ counted both by its metrics (``bytes_served_to_peers``) and by its qdisc.
 
 Every node then replays the same boot: the block reads of a trace
 (``benchmarks/data/boot-trace.json`` when present, else ``--trace
-synthetic``), in order, through the daemon's local socket, sleeping the
-trace's think time between consecutive reads (``--think-scale``), and
-checks the bytes it read against the image. Four strategies, each for
-every N of ``--nodes``:
+synthetic``), in order, sleeping the trace's think time between
+consecutive reads (``--think-scale``), and checks the bytes it read
+against the image. The reader reads as ``thunder-volume-server`` does
+(``--reader native``): ``ensure_chunks`` on the daemon's control socket
+for the chunks it was not told are usable, the bytes with ``pread`` from
+the cache file (the daemons then have ``[blockdev]`` on, for the control
+socket: their volume files are mounted, no volume is made); or
+(``--reader socket``) every read through the daemon's local socket. Four
+strategies, each for every N of ``--nodes``:
 
 full-copy
     every node first downloads the whole image from the origin (4 streams
@@ -59,7 +64,8 @@ down so that N_max * B stays within half of it.
 
     sudo tox -e bench -- benchmarks/bulk_boot.py [--nodes 1,2,4,8,16,32]
         [--link-mbit 1000] [--trace PATH|synthetic] [--image-mib 256]
-        [--think-scale 1] [--out doc/source/bulk-boot] [--quick]
+        [--think-scale 1] [--reader native|socket] [--compare-ref REV
+        [--ref-reader native|socket]] [--out doc/source/bulk-boot] [--quick]
 
 Writes ``results.csv``, ``run.json``, ``results.txt`` (the table) and
 ``makespan.png``, ``origin-bytes.png``, ``mean-ready.png`` into ``--out``.
@@ -1116,7 +1122,14 @@ def cpu_table(rows):
                          r['node_cpu_gib_tx'], r['origin_cpu_gib_tx'],
                          r['reader'], r['local_requests'],
                          r['reader_cpu_gib_rx']))
-    return lines
+    return lines + [
+        'CPU/GiB: the N daemons\' user + system CPU seconds (peer server, '
+        'fetches, local and control sockets) per GiB they received; not the '
+        'readers.',
+        'req: requests a node\'s reader sent its daemon (socket: one per '
+        'chunk a read spans; native: ensure_chunks); rdCPU/GiB: the '
+        'readers\' CPU per GiB received (native: what stands for '
+        'thunder-volume-server, in Python).']
 
 
 def compare_lines(bench):

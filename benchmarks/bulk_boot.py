@@ -23,10 +23,15 @@ counted both by its metrics (``bytes_served_to_peers``) and by its qdisc.
 
 Every node then replays the same boot: the block reads of a trace
 (``benchmarks/data/boot-trace.json`` when present, else ``--trace
-synthetic``), in order, through the daemon's local socket, sleeping the
-trace's think time between consecutive reads (``--think-scale``), and
-checks the bytes it read against the image. Four strategies, each for
-every N of ``--nodes``:
+synthetic``), in order, sleeping the trace's think time between
+consecutive reads (``--think-scale``), and checks the bytes it read
+against the image. The reader reads as ``thunder-volume-server`` does
+(``--reader native``): ``ensure_chunks`` on the daemon's control socket
+for the chunks it was not told are usable, the bytes with ``pread`` from
+the cache file (the daemons then have ``[blockdev]`` on, for the control
+socket: their volume files are mounted, no volume is made); or
+(``--reader socket``) every read through the daemon's local socket. Four
+strategies, each for every N of ``--nodes``:
 
 full-copy
     every node first downloads the whole image from the origin (4 streams
@@ -59,7 +64,8 @@ down so that N_max * B stays within half of it.
 
     sudo tox -e bench -- benchmarks/bulk_boot.py [--nodes 1,2,4,8,16,32]
         [--link-mbit 1000] [--trace PATH|synthetic] [--image-mib 256]
-        [--think-scale 1] [--out doc/source/bulk-boot] [--quick]
+        [--think-scale 1] [--reader native|socket] [--compare-ref REV
+        [--ref-reader native|socket]] [--out doc/source/bulk-boot] [--quick]
 
 Writes ``results.csv``, ``run.json``, ``results.txt`` (the table) and
 ``makespan.png``, ``origin-bytes.png``, ``mean-ready.png`` into ``--out``.
@@ -70,6 +76,7 @@ are removed whatever happens, including SIGTERM and Ctrl-C.
 import argparse
 import csv
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -77,7 +84,9 @@ import multiprocessing
 import os
 import queue
 import random
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,6 +97,7 @@ from benchmarks import blockdev_mechanisms as bm
 from benchmarks import cache_io
 from thunder_cache.boot import trace as trace_mod
 from thunder_cache.control import client as control_client
+from thunder_cache.control import protocol as control_protocol
 from thunder_cache import options as cache_options
 from thunder_common import manifest as manifest_mod
 from thunder_stack import netlab
@@ -102,6 +112,7 @@ SECRET = b'bulk-boot-benchmark-shared-secret'
 DEFAULT_TRACE = os.path.join(REPO, 'benchmarks', 'data', 'boot-trace.json')
 DEFAULT_OUT = os.path.join(REPO, 'doc', 'source', 'bulk-boot')
 STRATEGIES = ('full-copy', 'on-demand', 'peer', 'peer+prefetch')
+READERS = ('native', 'socket')
 SUBNET = netlab.SUBNET
 #: Share of the measured capacity the busiest run may use.
 HEADROOM = 0.5
@@ -249,7 +260,7 @@ class Node:
     """A thunder-cache daemon in a namespace of the testbed."""
 
     def __init__(self, workdir, name, host, max_children=2, replay=False,
-                 peer_options=(), tree=REPO):
+                 peer_options=(), tree=REPO, control=False):
         self.name = name
         self.tree = tree
         self.ns, self.address, _port = host
@@ -261,6 +272,15 @@ class Node:
         os.makedirs(self.cache_dir, exist_ok=True)
         self.socket = os.path.join(self.dir, 'local.sock')
         self.log = os.path.join(self.dir, 'daemon.log')
+        # The control socket (ensure_chunks) of the native reader: the
+        # volume files are mounted (Python FUSE) but never opened.
+        self.control = (os.path.join(self.dir, 'control.sock') if control
+                        else None)
+        blockdev = ['[blockdev]', 'enabled = true', 'volume_server = python',
+                    'allow_other = false',
+                    'mount_dir = %s' % os.path.join(self.dir, 'volumes'),
+                    'layers_dir = %s' % os.path.join(self.dir, 'layers'),
+                    'control_socket = %s' % self.control] if control else []
         secret = os.path.join(workdir, 'secret')
         if not os.path.exists(secret):
             with open(secret, 'wb') as f:
@@ -285,7 +305,7 @@ class Node:
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false',
                 'replay = %s' % ('true' if replay else 'false'),
-                'hydrate = false', '']))
+                'hydrate = false'] + blockdev + ['']))
         self.proc = None
 
     def describe(self, manifest, origin=None, peers=()):
@@ -315,7 +335,8 @@ class Node:
             with open(self.log, errors='replace') as f:
                 raise RuntimeError('%s exited with %s: %s' % (
                     self.name, self.proc.returncode, f.read()[-2000:]))
-        if not os.path.exists(self.socket):
+        if not os.path.exists(self.socket) or (
+                self.control and not os.path.exists(self.control)):
             return False
         try:
             self.metrics()
@@ -442,20 +463,126 @@ def in_threads(func, jobs):
         t.join()
 
 
+class NativeReader:
+    """Reads an image as the native volume server does for a guest.
+
+    ``thunder-volume-server`` (``volumes/native/volume_server.c``) reads a
+    chunk from the cache's data file once the daemon said it is usable;
+    for the others it sends ``ensure_chunks`` (one request per run of at
+    most 64 of them a read needs) on the control socket, over a kept
+    connection, and keeps the map of usable chunks the answer brings (only
+    the chunks asked for while the daemon records a boot trace:
+    ``observed``). So does this reader, in Python, in the reader process.
+    """
+
+    MAX_ENSURE = 64
+
+    def __init__(self, control_path, data_path, manifest, timeout=300):
+        self.control_path = control_path
+        self.data_path = data_path
+        self.manifest = manifest
+        self.timeout = timeout
+        self.usable = bytearray(manifest.chunk_count)
+        self.requests = 0
+        self._sock = self._lines = None
+        self._fd = None
+
+    def _call(self, request):
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(self.control_path)
+            self._sock, self._lines = sock, sock.makefile('rb')
+        self._sock.sendall(control_protocol.encode(request))
+        reply = json.loads(self._lines.readline(
+            control_protocol.MAX_LINE + 1) or b'null')
+        if not isinstance(reply, dict) or not reply.get('ok'):
+            raise IOError('ensure_chunks %s: %r' % (request, reply))
+        return reply['result']
+
+    def _ensure(self, first, last):
+        self.requests += 1
+        result = self._call({'op': 'ensure_chunks', 'image_id': IMAGE_ID,
+                             'first': first, 'last': last})
+        usable = result['usable'].encode('ascii')
+        if len(usable) != len(self.usable):
+            raise IOError('a map of %d chunks, expected %d'
+                          % (len(usable), len(self.usable)))
+        lo, hi = ((first, last + 1) if result['observed']
+                  else (0, len(usable)))
+        for index in range(lo, hi):
+            if usable[index] == 0x31:       # '1'
+                self.usable[index] = 1
+        if not all(self.usable[first:last + 1]):
+            raise IOError('chunks %d-%d not usable after ensure_chunks'
+                          % (first, last))
+
+    def read(self, offset, length):
+        """``length`` bytes of the image at ``offset``."""
+        chunk = self.manifest.chunk_size
+        first, last = offset // chunk, (offset + length - 1) // chunk
+        index = first
+        while index <= last:
+            if self.usable[index]:
+                index += 1
+                continue
+            end = index
+            while (end < last and end - index + 1 < self.MAX_ENSURE and
+                   not self.usable[end + 1]):
+                end += 1
+            self._ensure(index, end)
+            index = end + 1
+        if self._fd is None:
+            self._fd = os.open(self.data_path, os.O_RDONLY)
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise IOError('short read of %s' % self.data_path)
+        return data
+
+    def close(self):
+        for thing in (self._lines, self._sock):
+            if thing is not None:
+                thing.close()
+        self._sock = self._lines = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def reader_cpu():
+    """CPU seconds (user + system) this process used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- one boot ---------------------------------------------------------------
 
-def boot(socket_path, manifest, reads, think_scale, download, start_at,
-         results, node):
-    """A reader process: wait for the start, [download,] replay, report."""
-    out = {'node': node, 'ok': False, 'download': None}
+def boot(node, manifest, reads, think_scale, download, start_at, results,
+         k, reader='native'):
+    """A reader process: wait for the start, [download,] replay, report.
+
+    ``reader``: ``native`` reads as the native volume server does
+    (:class:`NativeReader`), ``socket`` through the daemon's local socket
+    (every read a request the daemon answers). The report says how much
+    CPU the replay used (``reader_cpu``: what stands for the volume
+    server).
+    """
+    out = {'node': k, 'ok': False, 'download': None}
     try:
         while time.monotonic() < start_at:
             time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
+        cpu = reader_cpu()
         if download:
-            read_chunks(socket_path, manifest,
+            read_chunks(node.socket, manifest,
                         list(range(manifest.chunk_count)), DOWNLOAD_STREAMS)
             out['download'] = time.monotonic() - start_at
-        client = control_client.LocalClient(socket_path, timeout=300)
+        if reader == 'native':
+            client = NativeReader(node.control, os.path.join(
+                node.cache_dir, IMAGE_ID, 'data'), manifest)
+            read = client.read
+        else:
+            client = control_client.LocalClient(node.socket, timeout=300)
+            read = functools.partial(client.read, IMAGE_ID)
         h = hashlib.sha256()
         previous = reads[0][0]
         for t, offset, length in reads:
@@ -463,11 +590,17 @@ def boot(socket_path, manifest, reads, think_scale, download, start_at,
             previous = t
             if gap > 0:
                 time.sleep(gap)
-            h.update(client.read(IMAGE_ID, offset, length))
+            h.update(read(offset, length))
         out['ready'] = time.monotonic() - start_at
         out['digest'] = h.hexdigest()
+        out['requests'] = getattr(client, 'requests', None)
+        if out['requests'] is None:     # one request per chunk a read spans
+            chunk = manifest.chunk_size
+            out['requests'] = sum((o + n - 1) // chunk - o // chunk + 1
+                                  for _, o, n in reads)
         out['ok'] = True
         client.close()
+        out['reader_cpu'] = reader_cpu() - cpu
     except Exception as e:
         out['error'] = '%s: %s' % (type(e).__name__, e)
     results.put(out)
@@ -736,8 +869,8 @@ class Bench:
             if self.ref_tree is not None:
                 # The previous build first, then this one, on the same
                 # testbed, links and image.
-                self.ref_rows.append(self.run_one(strategy, n,
-                                                  self.ref_tree))
+                self.ref_rows.append(self.run_one(
+                    strategy, n, self.ref_tree, self.args.ref_reader))
             self.rows.append(self.run_one(strategy, n))
             self.progress.finish_run()
         for strategy in ('full-copy', 'on-demand'):
@@ -745,7 +878,8 @@ class Bench:
         self.rows.sort(key=lambda r: (r['nodes'],
                                       STRATEGIES.index(r['strategy'])))
 
-    def run_one(self, strategy, n, tree=REPO):
+    def run_one(self, strategy, n, tree=REPO, reader=None):
+        reader = reader or self.args.reader
         peer_mode = strategy.startswith('peer')
         label = '%s N=%d' % (strategy, n)
         if tree != REPO:
@@ -757,7 +891,8 @@ class Bench:
             nodes = [Node(self.run_dir, 'n%d' % k, self.testbed.hosts[k + 1],
                           max_children=self.args.max_children,
                           replay=strategy == 'peer+prefetch',
-                          peer_options=self.peer_options, tree=tree)
+                          peer_options=self.peer_options, tree=tree,
+                          control=reader == 'native')
                      for k in range(n)]
             peers = [origin.url]
             if peer_mode:
@@ -775,9 +910,9 @@ class Bench:
             start_at = time.monotonic() + 0.3
             for k, node in enumerate(nodes):
                 proc = self.mp.Process(target=boot, args=(
-                    node.socket, self.manifest, self.reads,
+                    node, self.manifest, self.reads,
                     self.args.think_scale, strategy == 'full-copy', start_at,
-                    results, k), daemon=True)
+                    results, k, reader), daemon=True)
                 proc.start()
                 procs.append(proc)
             limit = 120 + 3 * (self.think + n * self.Wc / self.rate)
@@ -809,6 +944,7 @@ class Bench:
             scope.close()
             bm.remove_tree(self.run_dir)
         row = self._row(strategy, n, outs, metrics, sent, busy, daemon_cpu)
+        row['reader'] = reader
         row['build'] = (self.args.compare_ref if tree != REPO
                         else self.build)
         return row
@@ -855,6 +991,12 @@ class Bench:
                                  for m in metrics)),
             'prefetched': total('chunks_prefetched'),
             'inflight_joins': total('inflight_joins'),
+            'local_requests': round(sum(o['requests'] for o in good) /
+                                    len(good)) if good else '',
+            'reader_cpu_s': round(sum(o['reader_cpu'] for o in good), 2),
+            'reader_cpu_gib_rx': round(
+                sum(o['reader_cpu'] for o in good) / (sum(received) / GiB),
+                2) if sum(received) else '',
             'cpu_busy': round(busy, 3),
             'daemon_cpu_s': round(sum(map(sum, daemon_cpu)), 1),
             **cpu_columns(daemon_cpu, received, uploads,
@@ -960,22 +1102,34 @@ COLUMNS = ('strategy', 'nodes', 'measured', 'link_mbit', 'image_bytes',
            'inflight_joins', 'cpu_busy', 'daemon_cpu_s', 'node_cpu_user_s',
            'node_cpu_sys_s', 'origin_cpu_user_s', 'origin_cpu_sys_s',
            'cpu_gib_rx', 'node_cpu_gib_rx_max', 'node_cpu_gib_tx',
-           'origin_cpu_gib_tx', 'build')
+           'origin_cpu_gib_tx', 'reader', 'local_requests', 'reader_cpu_s',
+           'reader_cpu_gib_rx', 'build')
 
 
 def cpu_table(rows):
-    """The daemons' CPU per run: user/system, per GiB received and sent."""
-    lines = ['%-14s %3s %-12s %8s %8s %9s %9s %9s %10s' % (
+    """The CPU per run: the daemons' user/system, per GiB; the readers'."""
+    lines = ['%-14s %3s %-12s %8s %8s %9s %9s %9s %10s %-7s %6s %9s' % (
         'strategy', 'N', 'build', 'user s', 'sys s', 'CPU/GiB', 'worst',
-        'CPU/GiBtx', 'origin/GiB')]
+        'CPU/GiBtx', 'origin/GiB', 'reader', 'req', 'rdCPU/GiB')]
     for r in rows:
         if not r['measured']:
             continue
-        lines.append('%-14s %3d %-12s %8.1f %8.1f %9s %9s %9s %10s' % (
-            r['strategy'], r['nodes'], r['build'][:12], r['node_cpu_user_s'],
-            r['node_cpu_sys_s'], r['cpu_gib_rx'], r['node_cpu_gib_rx_max'],
-            r['node_cpu_gib_tx'], r['origin_cpu_gib_tx']))
-    return lines
+        lines.append('%-14s %3d %-12s %8.1f %8.1f %9s %9s %9s %10s %-7s %6s '
+                     '%9s' % (
+                         r['strategy'], r['nodes'], r['build'][:12],
+                         r['node_cpu_user_s'], r['node_cpu_sys_s'],
+                         r['cpu_gib_rx'], r['node_cpu_gib_rx_max'],
+                         r['node_cpu_gib_tx'], r['origin_cpu_gib_tx'],
+                         r['reader'], r['local_requests'],
+                         r['reader_cpu_gib_rx']))
+    return lines + [
+        'CPU/GiB: the N daemons\' user + system CPU seconds (peer server, '
+        'fetches, local and control sockets) per GiB they received; not the '
+        'readers.',
+        'req: requests a node\'s reader sent its daemon (socket: one per '
+        'chunk a read spans; native: ensure_chunks); rdCPU/GiB: the '
+        'readers\' CPU per GiB received (native: what stands for '
+        'thunder-volume-server, in Python).']
 
 
 def compare_lines(bench):
@@ -985,11 +1139,12 @@ def compare_lines(bench):
         new = bench.row(old['strategy'], old['nodes'])
         if new is None or not old['cpu_gib_rx'] or not new['cpu_gib_rx']:
             continue
-        out.append('%s N=%d: %.2f CPU-s per GiB received (%s), %.2f (%s): '
-                   '%.2fx lower' % (old['strategy'], old['nodes'],
-                                    new['cpu_gib_rx'], bench.build,
-                                    old['cpu_gib_rx'], old['build'],
-                                    old['cpu_gib_rx'] / new['cpu_gib_rx']))
+        out.append('%s N=%d: %.2f CPU-s per GiB received (%s, %s reader), '
+                   '%.2f (%s, %s reader): %.2fx lower' % (
+                       old['strategy'], old['nodes'], new['cpu_gib_rx'],
+                       bench.build, new['reader'], old['cpu_gib_rx'],
+                       old['build'], old['reader'],
+                       old['cpu_gib_rx'] / new['cpu_gib_rx']))
     return out
 
 
@@ -1031,6 +1186,15 @@ def header(bench):
             ' (network timeouts x%.0f, as the links)' % bench.timeout_factor
             if bench.timeout_factor > 1 and a.daemon_timeouts == 'scaled'
             else ''),
+        'guests read %s' % (
+            'as thunder-volume-server does (--reader native: ensure_chunks '
+            'for chunks not known usable, pread from the cache file; its CPU '
+            'is the reader\'s, not the daemon\'s)' if a.reader == 'native'
+            else 'through the daemon\'s local socket (--reader socket: '
+            'every read served by the daemon)') + (
+            '; the %s runs read with --reader %s' % (a.compare_ref,
+                                                     a.ref_reader)
+            if a.compare_ref and a.ref_reader != a.reader else ''),
     ]
 
 
@@ -1179,6 +1343,17 @@ def parse_args(argv):
                         'daemons of git revision REV (a worktree of it), '
                         'just before this build\'s, and print both '
                         'builds\' CPU per GiB')
+    parser.add_argument('--reader', choices=READERS, default='native',
+                        help='how the emulated guests read: "native" as '
+                        'thunder-volume-server does (ensure_chunks on the '
+                        'control socket for chunks not known usable, the '
+                        'rest read from the cache file; default), or '
+                        '"socket", every read a request on the daemon\'s '
+                        'local socket')
+    parser.add_argument('--ref-reader', choices=READERS,
+                        help='the --reader of the --compare-ref runs '
+                        '(default: --reader\'s), e.g. "socket" to compare '
+                        'with how the previous build was measured')
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: N = 1, 2, 4, a 32 MiB image')
     args = parser.parse_args(argv)
@@ -1187,6 +1362,8 @@ def parse_args(argv):
         args.nodes or ('1,2,4' if quick else '1,2,4,8,16,32')).split(',')))
     args.strategies = [s for s in STRATEGIES
                        if s in args.strategies.split(',')]
+    if args.ref_reader is None:
+        args.ref_reader = args.reader
     if args.image_mib is None:
         args.image_mib = 32 if quick else 256
     if args.chunk_kib is None:

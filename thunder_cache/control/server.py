@@ -112,6 +112,8 @@ class ControlServer(socketserver.ThreadingMixIn,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self.handlers = dict(handlers)
+        # inspect.signature of each handler, computed once.
+        self._signatures: typing.Dict[Handler, inspect.Signature] = {}
         self.expected = tuple(expected) + (ValueError, LookupError, OSError)
         self.stopping = False
         self.path = path
@@ -160,8 +162,12 @@ class ControlServer(socketserver.ThreadingMixIn,
             handler = self.handlers.get(op)
             if handler is None:
                 raise errors.BadRequest('unknown operation %r' % op)
+            signature = self._signatures.get(handler)
+            if signature is None:
+                signature = inspect.signature(handler)
+                self._signatures[handler] = signature
             try:
-                inspect.signature(handler).bind(**args)
+                signature.bind(**args)
             except TypeError as e:
                 raise errors.BadRequest('bad arguments for %s: %s' % (op, e))
             result = handler(**args)

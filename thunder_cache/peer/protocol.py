@@ -227,15 +227,29 @@ def read_head(readline: typing.Callable[[int], bytes]
     if not line:
         return None
     method, target, version = parse_request_line(line)
+    headers = read_headers(readline, 'request')
+    if 'transfer-encoding' in headers or headers.get(
+            'content-length', '0') != '0':
+        raise ProtocolError(400, 'requests with a body are not accepted')
+    return method, target, version, headers
+
+
+def read_headers(readline: typing.Callable[[int], bytes],
+                 what: str = 'response') -> typing.Dict[str, str]:
+    """The header lines of a head, up to its empty line, with ``readline``.
+
+    :returns: {lower-case name: value}, repeated headers joined by ", ".
+    :raises ProtocolError: on anything malformed or too large.
+    """
     headers: typing.Dict[str, str] = {}
     total = 0
     while True:
         line = readline(MAX_HEADER_LINE + 1)
         total += len(line)
         if total > MAX_HEADER_BYTES:
-            raise ProtocolError(431, 'request headers too large')
+            raise ProtocolError(431, '%s headers too large' % what)
         if line in (b'\r\n', b'\n'):
-            break
+            return headers
         if not line:
             raise ProtocolError(400, 'connection closed inside the headers')
         name, value = parse_header_line(line)
@@ -245,12 +259,8 @@ def read_head(readline: typing.Callable[[int], bytes]
             headers[name] += ', ' + value
         else:
             if len(headers) >= MAX_HEADERS:
-                raise ProtocolError(431, 'too many request headers')
+                raise ProtocolError(431, 'too many %s headers' % what)
             headers[name] = value
-    if 'transfer-encoding' in headers or headers.get(
-            'content-length', '0') != '0':
-        raise ProtocolError(400, 'requests with a body are not accepted')
-    return method, target, version, headers
 
 
 class _Incomplete(Exception):

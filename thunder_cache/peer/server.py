@@ -50,6 +50,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import ssl
@@ -78,6 +79,7 @@ LOG_INTERVAL = 10.0
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REFUSED = protocol.response_head(503, [('Connection', 'close')])
 _slice_buffers = threading.local()
+_pollers = threading.local()
 
 
 class _Unlimited:
@@ -87,16 +89,20 @@ class _Unlimited:
 _UNLIMITED = _Unlimited()
 
 
-class _Fd:
-    """A file descriptor as socket.sendfile wants it (no seek)."""
+def _writable(fd: int, timeout: typing.Optional[float]) -> bool:
+    """Wait until socket ``fd`` takes more bytes; False after ``timeout``.
 
-    __slots__ = ('_fd',)
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
+    One poll object per thread, reused.
+    """
+    poller = getattr(_pollers, 'poller', None)
+    if poller is None:
+        poller = _pollers.poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return bool(poller.poll(None if timeout is None else
+                                max(0, int(timeout * 1000))))
+    finally:
+        poller.unregister(fd)
 
 
 class Slots:
@@ -689,14 +695,28 @@ class _Serving:
     @staticmethod
     def _sendfile(sock: typing.Any, fd: int, offset: int, length: int,
                   bucket: typing.Any) -> int:
-        source = _Fd(fd)
+        """``os.sendfile`` on the socket, waiting with a reused poll object.
+
+        (``socket.sendfile`` builds a selector per call.) The socket has a
+        timeout, so it does not block: a full send buffer is waited for
+        up to that timeout, then :class:`socket.timeout`.
+        """
+        out = sock.fileno()
+        timeout = sock.gettimeout()
         sent = 0
         while sent < length:
             step = length - sent
             if bucket.rate:
                 step = min(step, RATE_SLICE)
                 bucket.consume(step)
-            n = sock.sendfile(source, offset + sent, step)
+            try:
+                n = os.sendfile(out, fd, offset + sent, step)
+            except BlockingIOError:
+                n = None
+            if n is None:
+                if not _writable(out, timeout):
+                    raise socket.timeout('send timed out')
+                continue
             if not n:
                 break
             sent += n

@@ -12,7 +12,10 @@
 
 """The pure parts of benchmarks/bulk_boot.py (the runs are functional)."""
 
+import json
 import os
+import socket
+import threading
 
 import pytest
 
@@ -92,3 +95,92 @@ def test_cpu_times_of_this_process_and_of_a_gone_one():
     user, system = bulk_boot.cpu_times(os.getpid())
     assert user > 0 and system >= 0
     assert bulk_boot.cpu_times(2 ** 22 + 1) == (0.0, 0.0)
+
+
+class FakeControl:
+    """A control socket answering ensure_chunks as the daemon does."""
+
+    def __init__(self, path, chunks, observed=False, present=()):
+        self.usable = bytearray(b'0' * chunks)
+        for index in present:
+            self.usable[index] = ord('1')
+        self.observed = observed
+        self.grant = True           # False: asked chunks stay unusable
+        self.requests = []
+        self.connections = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, conn.makefile('rb') as lines:
+                for line in lines:
+                    request = json.loads(line)
+                    self.requests.append((request['first'], request['last']))
+                    for index in range(request['first'],
+                                       request['last'] + 1):
+                        if self.grant:
+                            self.usable[index] = ord('1')
+                    conn.sendall(json.dumps({'ok': True, 'result': {
+                        'usable': self.usable.decode(),
+                        'observed': self.observed}}).encode() + b'\n')
+
+
+@pytest.fixture
+def image(tmp_path):
+    data = os.urandom(10 * 4 * KiB)
+    path = tmp_path / 'data'
+    path.write_bytes(data)
+    chunks = [data[i:i + 4 * KiB] for i in range(0, len(data), 4 * KiB)]
+    return data, str(path), manifest.Manifest.build(chunks, 4 * KiB)
+
+
+@pytest.mark.parametrize('observed', [False, True])
+def test_native_reader_asks_for_runs_it_was_not_told_of(
+        tmp_path, image, observed):
+    data, path, built = image
+    control = FakeControl(str(tmp_path / 'control.sock'), 10, observed,
+                          present=[9])
+    reader = bulk_boot.NativeReader(str(tmp_path / 'control.sock'), path,
+                                    built)
+    try:
+        # Chunks 1-3 in one request; then 5; then 9 only if observed (the
+        # map of a recording daemon names only the chunks asked for).
+        assert reader.read(5 * KiB, 10 * KiB) == data[5 * KiB:15 * KiB]
+        assert reader.read(6 * KiB, 1) == data[6 * KiB:6 * KiB + 1]
+        assert reader.read(20 * KiB, 100) == data[20 * KiB:20 * KiB + 100]
+        assert reader.read(36 * KiB, 4 * KiB) == data[36 * KiB:]
+    finally:
+        reader.close()
+        control.listener.close()
+    asked = [(1, 3), (5, 5)] + ([(9, 9)] if observed else [])
+    assert control.requests == asked
+    assert reader.requests == len(asked)
+    assert control.connections == 1
+
+
+@pytest.mark.parametrize('fault, message', [
+    ('size', 'a map of 9 chunks'), ('grant', 'not usable after')])
+def test_native_reader_refuses_what_it_may_not_read(tmp_path, image, fault,
+                                                    message):
+    _data, path, built = image
+    control = FakeControl(str(tmp_path / 'control.sock'), 10)
+    if fault == 'size':
+        control.usable = bytearray(b'0' * 9)
+    else:
+        control.grant = False
+    reader = bulk_boot.NativeReader(str(tmp_path / 'control.sock'), path,
+                                    built)
+    try:
+        with pytest.raises(IOError, match=message):
+            reader.read(0, 10)
+    finally:
+        reader.close()
+        control.listener.close()

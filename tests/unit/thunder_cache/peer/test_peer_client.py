@@ -154,6 +154,36 @@ def test_a_complete_answer_within_the_deadline_is_read(peers):
     assert peer.connections == 1
 
 
+def test_an_answer_closing_the_connection_is_not_reused(peers):
+    data = b'c' * 100
+    peer = peers(lambda path: [hp.head(200, len(data),
+                                       [('Connection', 'close')]), data])
+    c = client()
+    assert c.get_chunk(peer.url, IMAGE, 0, len(data)) == data
+    assert c.get_chunk(peer.url, IMAGE, 0, len(data)) == data
+    assert peer.connections == 2
+
+
+@pytest.mark.parametrize('answer', [
+    b'HTTP/1.1 abc X\r\nContent-Length: 0\r\n\r\n',
+    b'SPDY/3 200 X\r\nContent-Length: 0\r\n\r\n',
+    b'HTTP/1.1 200 X\r\n\r\n',
+    b'HTTP/1.1 200 X\r\nContent-Length: 600\r\nContent-Length: 600'
+    b'\r\n\r\n',
+    b'HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\nContent-Length: '
+    b'600\r\n\r\n',
+    b'HTTP/1.1 200 X\r\nBad Header\r\n\r\n',
+], ids=['status', 'version', 'no-length', 'two-lengths', 'chunked',
+        'header'])
+def test_a_malformed_answer_fails_at_once(peers, answer):
+    peer = peers(lambda path: [answer, hp.HANG])
+    c = client()
+    done, error, took = hp.bounded(
+        lambda: c.get_chunk(peer.url, IMAGE, 0, LENGTH), 5)
+    assert done and isinstance(error, sources.PeerError), error
+    assert 'deadline' not in str(error) and took < TIMEOUT
+
+
 def test_the_rate_counts(peers):
     """A slow answer still inside fixed part + bytes / rate is read."""
     data = b'z' * 40

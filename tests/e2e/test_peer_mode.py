@@ -161,6 +161,9 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
     attached = Attached(cinder, vid)
     try:
         assert re.match(r'^/dev/loop[0-9]+$', attached.device)
+        # Served by the native volume server (the default), not the daemon.
+        conftest.assert_native(stack.thunder_cache_paths,
+                               stack.service('thunder-cache').pid())
         sha, tail_zero, total = _read_device(attached.device, size)
         assert sha == digest
         assert tail_zero
@@ -308,6 +311,64 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     with pytest.raises(control_client.ControlError) as e:
         daemon.call('volume_info', volume_id='snapshot-%s' % snap.id)
     assert e.value.kind == 'VolumeNotFound'
+
+
+def _write(device, data, offset):
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_peer_volume_served_while_the_daemon_restarts(
+        stack, client, cinder, daemon, thunder_store, image_file):
+    """An attached volume lives through thunder-cache's stop and start.
+
+    The native server keeps serving it while the daemon is down (as in an
+    upgrade): no I/O error, the same bytes, writes kept.
+    """
+    path, digest = image_file
+    size = os.path.getsize(path)
+    image_id = client.upload(str(path), thunder_store, name='e2e-restart')
+    vid = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(vid)
+    service = stack.service('thunder-cache')
+    attached = Attached(cinder, vid)
+    try:
+        server = conftest.assert_native(stack.thunder_cache_paths,
+                                        service.pid())
+        assert _read_device(attached.device, size)[0] == digest
+        old = service.pid()
+        service.stop()
+        try:
+            # The daemon is down: reads and writes go on.
+            assert _read_device(attached.device, size)[0] == digest
+            _write(attached.device, b'\x5a' * 4096, 4 * MiB)
+        finally:
+            stack.start('thunder-cache', timeout=60)
+        assert service.pid() != old
+        # The same server, re-verifying through the new daemon.
+        assert conftest.assert_native(stack.thunder_cache_paths,
+                                      service.pid()) == server
+        with open(path, 'rb') as f:
+            expected = bytearray(f.read())
+        expected[4 * MiB:4 * MiB + 4096] = b'\x5a' * 4096
+        sha, tail_zero, _ = _read_device(attached.device, size)
+        assert sha == hashlib.sha256(expected).hexdigest()
+        assert tail_zero
+        assert daemon.call('volume_info', volume_id='volume-%s' % vid)[
+            'written_bytes'] == 4096
+    finally:
+        attached.detach()
+    # Deleted: its file and layer are gone from the server and the node.
+    client.run('cinder', 'delete', vid)
+    assert client.wait_volumes_gone({vid}, 120) == set()
+    client.volumes.remove(vid)
+    name = 'volume-%s' % vid
+    for kind in ('mount', 'layers'):
+        assert name not in os.listdir(stack.thunder_cache_paths[kind])
 
 
 def test_peer_volume_refuses_another_node(stack, client, cinder,

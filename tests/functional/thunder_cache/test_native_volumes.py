@@ -478,8 +478,10 @@ def test_missing_server_is_a_clear_start_error(workdir):
         cwd=cache_daemons.REPO)
     assert result.returncode == 1
     assert ('Cannot start: cannot serve the volume files at %s with the '
-            'native server: NotFound: /nonexistent/thunder-volume-server is '
-            'not installed (make -C' % daemon.paths['mount']) in result.stdout
+            'native server: NotFound: [blockdev] native_server_binary = '
+            '/nonexistent/thunder-volume-server is not installed'
+            % daemon.paths['mount']) in result.stdout
+    assert 'make -C %s install' % nativevol.SOURCE_DIR in result.stdout
     assert 'Traceback' not in result.stdout + result.stderr
     assert not os.path.ismount(daemon.paths['mount'])
     assert not os.path.exists(daemon.paths['control'])

@@ -485,3 +485,70 @@ def test_missing_server_is_a_clear_start_error(workdir):
     assert 'Traceback' not in result.stdout + result.stderr
     assert not os.path.ismount(daemon.paths['mount'])
     assert not os.path.exists(daemon.paths['control'])
+
+
+def _read_direct(device, length):
+    """``length`` bytes from the start of ``device``, past the page cache."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return bytes(buf[:os.preadv(fd, [buf], 0)])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _attach(path):
+    return subprocess.run(['losetup', '--find', '--show', '--direct-io=on',
+                           path], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_switch_from_python_with_a_volume_attached(workdir, binary):
+    """What the new default does to a volume attached under Python.
+
+    A node upgraded from ``volume_server = python`` (the old default): the
+    daemon's stop takes the Python server's mount away, so the loop device
+    attached over it fails every I/O from then on, and the native server
+    the new daemon starts does not help it. The layer is intact: attached
+    again, the volume reads the image and its writes.
+    """
+    size = 4 * MiB
+    old = cache_daemons.VolumeDaemon(workdir, 'n', commit_interval=0)
+    old.start()
+    new = None
+    devices = []
+    try:
+        data = _register(old, workdir, 'img-s', 2 * MiB)
+        old.control.call('create_volume', volume_id='vol-s', size=size,
+                         image_id='img-s')
+        devices.append(_attach(_file(old, 'vol-s')))
+        fd = os.open(devices[0], os.O_WRONLY)
+        try:
+            os.pwrite(fd, b'p' * BS, BS)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        expected = bytearray(data + bytes(size - len(data)))
+        expected[BS:2 * BS] = b'p' * BS
+        assert _read_direct(devices[0], size) == expected
+        old.stop()
+        new = cache_daemons.VolumeDaemon(workdir, 'n', native=binary,
+                                         commit_interval=0).start()
+        assert nativevol.NativeServer(new.paths['native']).ping()
+        with pytest.raises(OSError) as info:
+            _read_direct(devices[0], size)
+        assert info.value.errno == errno.EIO
+        # Attached again: served by the native server, nothing lost.
+        devices.append(_attach(_file(new, 'vol-s')))
+        assert _read_direct(devices[1], size) == expected
+    finally:
+        for device in devices:
+            subprocess.run(['losetup', '-d', device], check=False)
+        old.stop()
+    try:
+        new.delete_volume('vol-s', timeout=20)
+    finally:
+        new.stop()
+        _stop_server(new.paths['native'] + '.pid')
+    assert not os.path.ismount(new.paths['mount'])

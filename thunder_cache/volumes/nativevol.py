@@ -310,13 +310,16 @@ class NativeServer:
 
 def _alive(pid):
     """Whether ``pid`` runs (not a zombie, which is reaped if ours)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
     try:
         with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+            state = f.read().rsplit(')', 1)[1].split()[0]
     except OSError:
         return False
+    if state != 'Z':
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def busy(error):

@@ -487,17 +487,6 @@ def test_missing_server_is_a_clear_start_error(workdir):
     assert not os.path.exists(daemon.paths['control'])
 
 
-def _read_direct(device, length):
-    """``length`` bytes from the start of ``device``, past the page cache."""
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return bytes(buf[:os.preadv(fd, [buf], 0)])
-    finally:
-        os.close(fd)
-        buf.close()
-
-
 def _attach(path):
     return subprocess.run(['losetup', '--find', '--show', '--direct-io=on',
                            path], check=True, capture_output=True,
@@ -531,17 +520,17 @@ def test_switch_from_python_with_a_volume_attached(workdir, binary):
             os.close(fd)
         expected = bytearray(data + bytes(size - len(data)))
         expected[BS:2 * BS] = b'p' * BS
-        assert _read_direct(devices[0], size) == expected
+        assert _read_direct(devices[0], 0, size) == expected
         old.stop()
         new = cache_daemons.VolumeDaemon(workdir, 'n', native=binary,
                                          commit_interval=0).start()
         assert nativevol.NativeServer(new.paths['native']).ping()
         with pytest.raises(OSError) as info:
-            _read_direct(devices[0], size)
+            _read_direct(devices[0], 0, size)
         assert info.value.errno == errno.EIO
         # Attached again: served by the native server, nothing lost.
         devices.append(_attach(_file(new, 'vol-s')))
-        assert _read_direct(devices[1], size) == expected
+        assert _read_direct(devices[1], 0, size) == expected
     finally:
         for device in devices:
             subprocess.run(['losetup', '-d', device], check=False)

@@ -32,6 +32,7 @@ from os_brick.initiator import connector as brick_connector
 import pytest
 
 from tests.e2e import conftest
+from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.harness import standalone
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
@@ -169,12 +170,7 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
         assert tail_zero
         assert total == 1024 * MiB
         # The guest's writes go to the volume's layer only.
-        fd = os.open(attached.device, os.O_WRONLY)
-        try:
-            os.pwrite(fd, b'\xa5' * 4096, 8 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        peer_helpers.write_device(attached.device, 8 * MiB, b'\xa5' * 4096)
         assert daemon.call('volume_info',
                            volume_id=name)['written_bytes'] == 4096
     finally:
@@ -313,15 +309,6 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     assert e.value.kind == 'VolumeNotFound'
 
 
-def _write(device, data, offset):
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_peer_volume_served_while_the_daemon_restarts(
         stack, client, cinder, daemon, thunder_store, image_file):
     """An attached volume lives through thunder-cache's stop and start.
@@ -345,7 +332,8 @@ def test_peer_volume_served_while_the_daemon_restarts(
         try:
             # The daemon is down: reads and writes go on.
             assert _read_device(attached.device, size)[0] == digest
-            _write(attached.device, b'\x5a' * 4096, 4 * MiB)
+            peer_helpers.write_device(attached.device, 4 * MiB,
+                                      b'\x5a' * 4096)
         finally:
             stack.start('thunder-cache', timeout=60)
         assert service.pid() != old

@@ -20,6 +20,7 @@ Its configuration is written by devstack's ``configure_thunder_cache``
 socket answers.
 """
 
+import contextlib
 import os
 
 from thunder_cache.control import client as control_client
@@ -102,15 +103,25 @@ def served_by_native(paths):
     except nativevol.NativeError as e:
         return None, str(e)
     try:
-        exe = os.path.basename(os.readlink('/proc/%d/exe' % pid))
-        fds = [os.readlink(os.path.join('/proc/%d/fd' % pid, fd))
-               for fd in os.listdir('/proc/%d/fd' % pid)]
+        # ' (deleted)': the binary was rebuilt since it started.
+        exe = os.path.basename(os.readlink('/proc/%d/exe' % pid)).split()[0]
+        fds = open_files(pid)
     except OSError as e:
         return None, 'server %d: %s' % (pid, e)
     if exe != nativevol.BINARY or '/dev/fuse' not in fds:
         return None, 'PID %d runs %s, /dev/fuse %s' % (
             pid, exe, 'open' if '/dev/fuse' in fds else 'not open')
     return pid, None
+
+
+def open_files(pid):
+    """What the process ``pid`` has open (its descriptors' targets)."""
+    path = '/proc/%d/fd' % pid
+    files = set()
+    for fd in os.listdir(path):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            files.add(os.readlink(os.path.join(path, fd)))
+    return files
 
 
 def detach_loops(mount):

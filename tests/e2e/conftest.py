@@ -182,12 +182,6 @@ def loop_devices(path=None, under=None):
     return loops.backed_by(out, path=path, under=under)
 
 
-def fds(pid):
-    """What the process ``pid`` has open (readlink of its descriptors)."""
-    path = '/proc/%d/fd' % pid
-    return [os.readlink(os.path.join(path, fd)) for fd in os.listdir(path)]
-
-
 def assert_native(paths, daemon_pid):
     """The volume files of ``paths`` are served by thunder-volume-server.
 
@@ -198,7 +192,7 @@ def assert_native(paths, daemon_pid):
     pid, why = cache.served_by_native(paths)
     assert pid, 'the volume files in %s are not served by ' \
         'thunder-volume-server: %s' % (paths['mount'], why)
-    assert '/dev/fuse' not in fds(daemon_pid), \
+    assert '/dev/fuse' not in cache.open_files(daemon_pid), \
         'thunder-cache (PID %d) serves a FUSE filesystem' % daemon_pid
     return pid
 

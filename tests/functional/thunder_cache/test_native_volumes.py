@@ -35,6 +35,7 @@ import time
 import pytest
 
 from tests import cache_helpers
+from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.functional.thunder_cache import cache_daemons
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
@@ -504,26 +505,23 @@ def test_switch_from_python_with_a_volume_attached(workdir, binary):
     """
     size = 4 * MiB
     old = cache_daemons.VolumeDaemon(workdir, 'n', commit_interval=0)
-    old.start()
-    new = None
-    devices = []
+    daemons, devices = [old], []
     try:
+        old.start()
         data = _register(old, workdir, 'img-s', 2 * MiB)
         old.control.call('create_volume', volume_id='vol-s', size=size,
                          image_id='img-s')
         devices.append(_attach(_file(old, 'vol-s')))
-        fd = os.open(devices[0], os.O_WRONLY)
-        try:
-            os.pwrite(fd, b'p' * BS, BS)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        peer_helpers.write_device(devices[0], BS, b'p' * BS)
         expected = bytearray(data + bytes(size - len(data)))
         expected[BS:2 * BS] = b'p' * BS
         assert _read_direct(devices[0], 0, size) == expected
         old.stop()
+        # The same node, its configuration now the new default's.
         new = cache_daemons.VolumeDaemon(workdir, 'n', native=binary,
-                                         commit_interval=0).start()
+                                         commit_interval=0)
+        daemons.append(new)
+        new.start()
         assert nativevol.NativeServer(new.paths['native']).ping()
         with pytest.raises(OSError) as info:
             _read_direct(devices[0], 0, size)
@@ -531,13 +529,14 @@ def test_switch_from_python_with_a_volume_attached(workdir, binary):
         # Attached again: served by the native server, nothing lost.
         devices.append(_attach(_file(new, 'vol-s')))
         assert _read_direct(devices[1], 0, size) == expected
+        for device in devices:
+            subprocess.run(['losetup', '-d', device], check=True)
+        devices = []
+        new.delete_volume('vol-s', timeout=20)
     finally:
         for device in devices:
             subprocess.run(['losetup', '-d', device], check=False)
-        old.stop()
-    try:
-        new.delete_volume('vol-s', timeout=20)
-    finally:
-        new.stop()
-        _stop_server(new.paths['native'] + '.pid')
-    assert not os.path.ismount(new.paths['mount'])
+        for daemon in daemons:
+            daemon.stop()
+        _stop_server(old.paths['native'] + '.pid')
+    assert not os.path.ismount(old.paths['mount'])

@@ -240,7 +240,7 @@ class VolumeNode(bulk_boot.Node):
             os.path.join(self.dir, 'control.sock'))
         with open(self.conf, 'a') as f:
             f.write('\n'.join([
-                '[blockdev]', 'enabled = true',
+                '[blockdev]', 'enabled = true', 'volume_server = python',
                 'mount_dir = %s' % self.mount_dir,
                 'layers_dir = %s' % os.path.join(self.dir, 'layers'),
                 'control_socket = %s' % self.control.path, '']))

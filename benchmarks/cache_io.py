@@ -244,7 +244,7 @@ class Daemon:
                     'volume_server = native',
                     'native_server_binary = %s' % native,
                     'native_server_socket = %s' % self.native_socket,
-                ] if native else []) + [
+                ] if native else ['volume_server = python']) + [
                 '[advertise]', 'enabled = false',
                 '[prefetch]', 'record = false', 'hydrate = false', '']))
         self.client = control_client.ControlClient(

@@ -63,5 +63,8 @@ elif [[ "$1" == "stack" && "$2" == "test-config" ]]; then
 elif [[ "$1" == "unstack" ]]; then
     if [[ "$THUNDER_PEER_MODE" == "True" ]]; then
         stop_process thunder-cache
+        if [[ "$THUNDER_VOLUME_SERVER" == "native" ]]; then
+            stop_thunder_volume_server
+        fi
     fi
 fi

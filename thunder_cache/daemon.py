@@ -147,6 +147,7 @@ class Daemon:
         conf = self.conf
         if conf.blockdev.enabled and conf.blockdev.volume_server == 'native':
             self._reverify_native(conf.blockdev.native_server_socket)
+            self._check_native(conf.blockdev)
         placeholder = None
         self.server = server_mod.PeerServer(
             self._bind_address, placeholder, self._secret,
@@ -329,6 +330,23 @@ class Daemon:
             LOG.info('thunder-volume-server reads the chunks of %d images '
                      'again only once this run has verified them', images)
 
+    @staticmethod
+    def _check_native(conf):
+        """The server answers, or its binary is there: else StartError.
+
+        Before anything starts: no silent fallback to the Python server.
+        """
+        try:
+            nativevol.NativeServer(conf.native_server_socket).ping()
+            return
+        except nativevol.NativeError:
+            pass
+        try:
+            nativevol.find_binary(conf.native_server_binary)
+        except nativevol.NativeError as e:
+            raise StartError('cannot serve the volume files at %s with the '
+                             'native server: %s' % (conf.mount_dir, e))
+
     def _start_native(self, conf, native):
         """Start thunder-volume-server unless it runs (it outlives us)."""
         try:
@@ -339,7 +357,10 @@ class Daemon:
                          gid=gid, log_file=native.socket_path + '.log')
         except (nativevol.NativeError, KeyError, OSError) as e:
             raise StartError('cannot serve the volume files at %s with '
-                             'the native server: %s' % (conf.mount_dir, e))
+                             'the native server ([blockdev] '
+                             'native_server_binary = %s): %s'
+                             % (conf.mount_dir, conf.native_server_binary,
+                                e))
 
     def _advertised_host(self):
         host = self.conf.node.listen_address

@@ -20,9 +20,11 @@ Its configuration is written by devstack's ``configure_thunder_cache``
 socket answers.
 """
 
+import contextlib
 import os
 
 from thunder_cache.control import client as control_client
+from thunder_cache.volumes import nativevol
 from thunder_common import loops
 from thunder_stack import devstack
 from thunder_stack import services as svc
@@ -73,6 +75,53 @@ def ping(control_socket):
     except control_client.ControlError as e:
         return str(e)
     return None
+
+
+def stop_volume_server(paths):
+    """Stop the native volume server of ``paths`` (it outlives the daemon).
+
+    Its holder unmounts the volume files; loop devices are detached first.
+    """
+    try:
+        pid = nativevol.NativeServer(paths['native']).stop()
+    except nativevol.NativeError as e:
+        svc.log('thunder-volume-server did not stop: %s' % e)
+        return
+    if pid:
+        svc.log('stopped thunder-volume-server (pid %d)' % pid)
+
+
+def served_by_native(paths):
+    """Whether thunder-volume-server serves ``paths``' volume files.
+
+    (pid, None) if it answers on its socket, runs the thunder-volume-server
+    binary and has /dev/fuse open; (None, reason) otherwise, e.g. when the
+    daemon serves them itself (volume_server = python).
+    """
+    try:
+        pid = nativevol.NativeServer(paths['native'], timeout=10).ping()
+    except nativevol.NativeError as e:
+        return None, str(e)
+    try:
+        # ' (deleted)': the binary was rebuilt since it started.
+        exe = os.path.basename(os.readlink('/proc/%d/exe' % pid)).split()[0]
+        fds = open_files(pid)
+    except OSError as e:
+        return None, 'server %d: %s' % (pid, e)
+    if exe != nativevol.BINARY or '/dev/fuse' not in fds:
+        return None, 'PID %d runs %s, /dev/fuse %s' % (
+            pid, exe, 'open' if '/dev/fuse' in fds else 'not open')
+    return pid, None
+
+
+def open_files(pid):
+    """What the process ``pid`` has open (its descriptors' targets)."""
+    path = '/proc/%d/fd' % pid
+    files = set()
+    for fd in os.listdir(path):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            files.add(os.readlink(os.path.join(path, fd)))
+    return files
 
 
 def detach_loops(mount):

@@ -32,7 +32,11 @@ from thunder_stack import services as svc
 
 APT_PACKAGES = ('mariadb-server', 'rabbitmq-server', 'ceph-mon', 'ceph-osd',
                 'ceph-mgr', 'ceph-common', 'python3-rados', 'python3-rbd',
-                'qemu-utils', 'fuse3') + nova_mod.APT_PACKAGES
+                'qemu-utils', 'fuse3',
+                # thunder-volume-server, built from source by devstack's
+                # configure_thunder_cache
+                'gcc', 'make', 'pkg-config', 'libfuse3-dev',
+                'zlib1g-dev') + nova_mod.APT_PACKAGES
 PIP_PACKAGES = ('cinder==29.0.0', 'glance==33.0.0', 'keystone==30.0.0',
                 'glance-store>=5.7,<6', 'os-brick>=7.1', 'python-cinderclient',
                 'python-glanceclient', 'python-openstackclient', 'uwsgi',

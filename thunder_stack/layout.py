@@ -158,7 +158,9 @@ class Layout:
                 'mount': os.path.join(base, 'volumes'),
                 # devstack's configure_thunder_cache puts them there.
                 'layers': os.path.join(base, 'layers'),
-                'control': self.path('run', 'thunder-cache', 'control.sock')}
+                'control': self.path('run', 'thunder-cache', 'control.sock'),
+                'native': self.path('run', 'thunder-cache',
+                                    'volume-server.sock')}
 
     # -- credentials ------------------------------------------------------
 

@@ -158,7 +158,8 @@ class Node:
             'state': self.path('data', 'thunder-cache'),
             'run': self.path('run', 'thunder-cache'),
             'mount': self.path('data', 'thunder-cache', 'volumes'),
-            'control': self.path('run', 'thunder-cache', 'control.sock')}
+            'control': self.path('run', 'thunder-cache', 'control.sock'),
+            'native': self.path('run', 'thunder-cache', 'volume-server.sock')}
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -306,6 +307,8 @@ class Node:
                 svc.log('%s: stopping %s (pid %d)' % (
                     self.name, service.name, service.pid()))
             service.stop()
+            if service.name == 'thunder-cache':
+                cache.stop_volume_server(self.cache_paths)
 
 
 def image_counters(node, image_id):

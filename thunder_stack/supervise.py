@@ -149,6 +149,8 @@ def down(stack):
             cache.detach_loops(stack.thunder_cache_paths['mount'])
         nova_mod.before_stop(stack, s)
         s.stop()
+        if s.name == 'thunder-cache':
+            cache.stop_volume_server(stack.thunder_cache_paths)
     cluster = stack.ceph()
     if cluster.running():
         svc.log('stopping Ceph')

@@ -28,7 +28,9 @@ import time
 
 import pytest
 
+from thunder_cache.volumes import nativevol
 from thunder_common import loops
+from thunder_stack import cache
 from thunder_stack import clients
 from thunder_stack import flows
 from thunder_stack import glance
@@ -193,6 +195,27 @@ def loop_devices(path=None, under=None):
     out = subprocess.run(loops.LIST_COMMAND, capture_output=True, text=True,
                          check=True, timeout=60).stdout
     return loops.backed_by(out, path=path, under=under)
+
+
+def assert_native(paths, daemon_pid):
+    """The volume files of ``paths`` are served by thunder-volume-server.
+
+    Not by the daemon (PID ``daemon_pid``) itself, as with ``volume_server
+    = python``: fails if the stack silently runs the Python server.
+    Returns the server's PID.
+    """
+    pid, why = cache.served_by_native(paths)
+    assert pid, 'the volume files in %s are not served by ' \
+        'thunder-volume-server: %s' % (paths['mount'], why)
+    assert '/dev/fuse' not in cache.open_files(daemon_pid), \
+        'thunder-cache (PID %d) serves a FUSE filesystem' % daemon_pid
+    return pid
+
+
+def native_pids(paths):
+    """The PIDs of the native server of ``paths``: its holder's, its own."""
+    server = nativevol.NativeServer(paths['native'])
+    return [server.holder_pid(), server.ping()]
 
 
 def rbd_sha256(stack, spec, length, tmp_path):

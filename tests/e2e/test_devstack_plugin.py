@@ -209,7 +209,14 @@ source devstack/plugin.sh source
 ''' + STUB_INSTALL + CONFIGURE_BACKENDS + r'''
 source devstack/plugin.sh stack install
 source devstack/plugin.sh stack post-config
+# A stand-in for the native server's holder, which unstack stops.
+sleep 60 &
+echo $! > "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid"
 source devstack/plugin.sh unstack
+if kill -0 "$(cat "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid")"; then
+    echo 'unstack left the volume server running' >&2
+    exit 1
+fi
 ''', **env)
     # devstack enables the peer backend and makes its volume type.
     assert 'enabled_backends thunder:thunder,thunder_peer:thunder-peer' in \
@@ -227,6 +234,13 @@ source devstack/plugin.sh unstack
     assert ini.iniget(conf, 'node', 'listen_address') == '10.0.0.7'
     assert ini.iniget(conf, 'blockdev', 'enabled') == 'True'
     assert ini.iniget(conf, 'blockdev', 'control_socket') == socket
+    # The native volume server by default, built from source.
+    assert ini.iniget(conf, 'blockdev', 'volume_server') == 'native'
+    binary = ini.iniget(conf, 'blockdev', 'native_server_binary')
+    assert binary == str(state / 'bin' / 'thunder-volume-server')
+    assert os.access(binary, os.X_OK)
+    assert ini.iniget(conf, 'blockdev', 'native_server_socket') == str(
+        tmp_path / 'run' / 'volume-server.sock')
     # Image-volumes are read from the backend's pool, and from no other.
     assert ini.iniget(conf, 'origin', 'rbd_pools') == 'volumes'
     assert ini.iniget(conf, 'blockdev', 'mount_dir') == str(

@@ -283,6 +283,9 @@ def check_peer_disk(stack, server, volume):
     assert re.match(r'^/dev/loop[0-9]+$', device), device
     path = os.path.join(stack.thunder_cache_paths['mount'], name)
     assert conftest.loop_devices(path=path) == [device]
+    # Served by the native volume server, the default.
+    conftest.assert_native(stack.thunder_cache_paths,
+                           stack.service('thunder-cache').pid())
     return None
 
 

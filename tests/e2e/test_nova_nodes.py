@@ -98,6 +98,9 @@ def boot_on(servers, node, image_id, marker):
     assert volume['os-vol-host-attr:host'].startswith(
         '%s@%s' % (node.name, layout.PEER_BACKEND)), volume
     assert volume['availability_zone'] == node.name
+    # The node's volume files: its own native volume server.
+    conftest.assert_native(node.cache_paths,
+                           node.service('thunder-cache').pid())
     return server_id, server['OS-EXT-SRV-ATTR:instance_name']
 
 
@@ -170,6 +173,9 @@ def test_nodes_down_leaves_nothing(stack, client, nodes):
         stack.state['nodes']['ceph_ports']).values() for s in group]
     assert all(relays), 'a relay is not running: %s' % relays
     pids += relays
+    # The native volume servers outlive their daemons: down stops them.
+    for n in nodes.nodes:
+        pids += conftest.native_pids(n.cache_paths)
     _tool('nodes', 'down')
     stack.state = stack.load_state()
     assert 'nodes' not in stack.state

@@ -19,6 +19,7 @@ os-brick's ``local`` connector turns it into the device to read.
 """
 
 import hashlib
+import mmap
 import os
 import re
 import time
@@ -32,6 +33,7 @@ from os_brick.initiator import connector as brick_connector
 import pytest
 
 from tests.e2e import conftest
+from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.harness import standalone
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
@@ -80,14 +82,18 @@ def _image_counter(stack, name, image_id):
 
 
 def _read_device(path, image_size):
-    """sha256 of the first image_size bytes, and whether the rest is 0."""
+    """sha256 of the first image_size bytes, and whether the rest is 0.
+
+    Read with O_DIRECT: from the volume server, not the page cache.
+    """
     digest = hashlib.sha256()
     tail_zero = True
-    fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, 4 * MiB)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         offset = 0
         while True:
-            block = os.pread(fd, 4 * MiB, offset)
+            block = buf[:os.preadv(fd, [buf], offset)]
             if not block:
                 break
             head = block[:max(0, image_size - offset)]
@@ -97,6 +103,7 @@ def _read_device(path, image_size):
             offset += len(block)
     finally:
         os.close(fd)
+        buf.close()
     return digest.hexdigest(), tail_zero, offset
 
 
@@ -161,17 +168,15 @@ def test_peer_volume_from_image_reads_the_image(stack, client, cinder,
     attached = Attached(cinder, vid)
     try:
         assert re.match(r'^/dev/loop[0-9]+$', attached.device)
+        # Served by the native volume server (the default), not the daemon.
+        conftest.assert_native(stack.thunder_cache_paths,
+                               stack.service('thunder-cache').pid())
         sha, tail_zero, total = _read_device(attached.device, size)
         assert sha == digest
         assert tail_zero
         assert total == 1024 * MiB
         # The guest's writes go to the volume's layer only.
-        fd = os.open(attached.device, os.O_WRONLY)
-        try:
-            os.pwrite(fd, b'\xa5' * 4096, 8 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        peer_helpers.write_device(attached.device, 8 * MiB, b'\xa5' * 4096)
         assert daemon.call('volume_info',
                            volume_id=name)['written_bytes'] == 4096
     finally:
@@ -308,6 +313,56 @@ def test_peer_snapshot_clone_extend_upload(stack, client, cinder, daemon,
     with pytest.raises(control_client.ControlError) as e:
         daemon.call('volume_info', volume_id='snapshot-%s' % snap.id)
     assert e.value.kind == 'VolumeNotFound'
+
+
+def test_peer_volume_served_while_the_daemon_restarts(
+        stack, client, cinder, daemon, thunder_store, image_file):
+    """An attached volume lives through thunder-cache's stop and start.
+
+    The native server keeps serving it while the daemon is down (as in an
+    upgrade): no I/O error, the same bytes, writes kept.
+    """
+    path, digest = image_file
+    size = os.path.getsize(path)
+    image_id = client.upload(str(path), thunder_store, name='e2e-restart')
+    vid = client.create_volume(image_id, PEER_TYPE)
+    client.wait_volume(vid)
+    service = stack.service('thunder-cache')
+    attached = Attached(cinder, vid)
+    try:
+        server = conftest.assert_native(stack.thunder_cache_paths,
+                                        service.pid())
+        assert _read_device(attached.device, size)[0] == digest
+        old = service.pid()
+        service.stop()
+        try:
+            # The daemon is down: reads and writes go on.
+            assert _read_device(attached.device, size)[0] == digest
+            peer_helpers.write_device(attached.device, 4 * MiB,
+                                      b'\x5a' * 4096)
+        finally:
+            stack.start('thunder-cache', timeout=60)
+        assert service.pid() != old
+        # The same server, re-verifying through the new daemon.
+        assert conftest.assert_native(stack.thunder_cache_paths,
+                                      service.pid()) == server
+        with open(path, 'rb') as f:
+            expected = bytearray(f.read())
+        expected[4 * MiB:4 * MiB + 4096] = b'\x5a' * 4096
+        sha, tail_zero, _ = _read_device(attached.device, size)
+        assert sha == hashlib.sha256(expected).hexdigest()
+        assert tail_zero
+        assert daemon.call('volume_info', volume_id='volume-%s' % vid)[
+            'written_bytes'] == 4096
+    finally:
+        attached.detach()
+    # Deleted: its file and layer are gone from the server and the node.
+    client.run('cinder', 'delete', vid)
+    assert client.wait_volumes_gone({vid}, 120) == set()
+    client.volumes.remove(vid)
+    name = 'volume-%s' % vid
+    for kind in ('mount', 'layers'):
+        assert name not in os.listdir(stack.thunder_cache_paths[kind])
 
 
 def test_peer_volume_refuses_another_node(stack, client, cinder,

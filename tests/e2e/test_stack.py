@@ -87,6 +87,8 @@ def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
     vid = client.create_volume(image_id, 'thunder')
     client.wait_volume(vid)
     pids = [s.pid() for s in stack.services()]
+    # The native volume server outlives the daemon: down stops it too.
+    pids += conftest.native_pids(stack.thunder_cache_paths)
 
     result = subprocess.run([conftest.TOOL, 'down'], capture_output=True,
                             text=True, timeout=600)
@@ -95,6 +97,7 @@ def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
         assert not os.path.exists('/proc/%d/cmdline' % pid) or \
             stack.root.encode() not in open(
                 '/proc/%d/cmdline' % pid, 'rb').read()
+    assert not os.path.ismount(stack.thunder_cache_paths['mount'])
     assert not stack.ceph().running()
 
     result = subprocess.run([conftest.TOOL, 'up'], capture_output=True,

@@ -71,12 +71,21 @@ def build(build_dir):
     return os.path.join(build_dir, BINARY)
 
 
+#: What an operator runs to build and install the server.
+INSTALL_HINT = (
+    'build and install it from source: make -C %s install '
+    'PREFIX=/usr/local (Debian packages: gcc make pkg-config libfuse3-dev '
+    'zlib1g-dev; devstack does this), or set [blockdev] volume_server = '
+    'python' % SOURCE_DIR)
+
+
 def find_binary(name):
     """The server's path from ``native_server_binary``, or NativeError."""
     path = name if os.sep in name else shutil.which(name)
     if not path or not os.access(path, os.X_OK):
-        raise NativeError('NotFound', '%s is not installed (make -C %s '
-                          'install)' % (name, SOURCE_DIR))
+        raise NativeError('NotFound', '[blockdev] native_server_binary = %s '
+                          'is not installed (volume_server = native, the '
+                          'default): %s' % (name, INSTALL_HINT))
     return path
 
 
@@ -174,6 +183,25 @@ class NativeServer:
                 raise NativeError('Restart', 'no new thunder-volume-server '
                                   'within %s s' % wait)
             time.sleep(0.02)
+
+    def stop(self, wait=30.0):
+        """Stop the holder (SIGTERM): its server stops, the mount goes.
+
+        Only with no volume attached on the node. Returns the holder's PID,
+        or None if none ran.
+        """
+        try:
+            pid = self.holder_pid()
+        except NativeError:
+            return None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise NativeError('Stop', 'thunder-volume-server holder %d '
+                                  'still runs after %s s' % (pid, wait))
+            time.sleep(0.05)
+        return pid
 
     @contextlib.contextmanager
     def hold(self, volume_id):
@@ -278,6 +306,20 @@ class NativeServer:
                 raise NativeError('Start', '%s did not mount %s within %s s'
                                   % (cmd[0], conf.mount_dir, wait))
             time.sleep(0.02)
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (not a zombie, which is reaped if ours)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return False
+    if state != 'Z':
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def busy(error):

@@ -233,7 +233,10 @@ class VolumeDaemon(Daemon):
     """
 
     def __init__(self, workdir, name, extra='', native=None, **kwargs):
-        """``native``: a built thunder-volume-server serves the files."""
+        """``native``: a built thunder-volume-server serves the files.
+
+        None: the daemon itself (``volume_server = python``).
+        """
         base = os.path.join(workdir, name)
         self.paths = {'mount': os.path.join(base, 'volumes'),
                       'layers': os.path.join(base, 'layers'),
@@ -242,7 +245,8 @@ class VolumeDaemon(Daemon):
         native_opts = [
             'volume_server = native', 'native_server_binary = %s' % native,
             'native_server_socket = %s' % self.paths['native'],
-            'native_fetch_wait = 30'] if native else []
+            'native_fetch_wait = 30'] if native else [
+                'volume_server = python']
         super().__init__(workdir, name, extra='\n'.join([
             '[blockdev]', 'enabled = true',
             'mount_dir = %s' % self.paths['mount'],

@@ -35,6 +35,7 @@ import time
 import pytest
 
 from tests import cache_helpers
+from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.functional.thunder_cache import cache_daemons
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
@@ -478,8 +479,64 @@ def test_missing_server_is_a_clear_start_error(workdir):
         cwd=cache_daemons.REPO)
     assert result.returncode == 1
     assert ('Cannot start: cannot serve the volume files at %s with the '
-            'native server: NotFound: /nonexistent/thunder-volume-server is '
-            'not installed (make -C' % daemon.paths['mount']) in result.stdout
+            'native server: NotFound: [blockdev] native_server_binary = '
+            '/nonexistent/thunder-volume-server is not installed'
+            % daemon.paths['mount']) in result.stdout
+    assert 'make -C %s install' % nativevol.SOURCE_DIR in result.stdout
     assert 'Traceback' not in result.stdout + result.stderr
     assert not os.path.ismount(daemon.paths['mount'])
     assert not os.path.exists(daemon.paths['control'])
+
+
+def _attach(path):
+    return subprocess.run(['losetup', '--find', '--show', '--direct-io=on',
+                           path], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_switch_from_python_with_a_volume_attached(workdir, binary):
+    """What the new default does to a volume attached under Python.
+
+    A node upgraded from ``volume_server = python`` (the old default): the
+    daemon's stop takes the Python server's mount away, so the loop device
+    attached over it fails every I/O from then on, and the native server
+    the new daemon starts does not help it. The layer is intact: attached
+    again, the volume reads the image and its writes.
+    """
+    size = 4 * MiB
+    old = cache_daemons.VolumeDaemon(workdir, 'n', commit_interval=0)
+    daemons, devices = [old], []
+    try:
+        old.start()
+        data = _register(old, workdir, 'img-s', 2 * MiB)
+        old.control.call('create_volume', volume_id='vol-s', size=size,
+                         image_id='img-s')
+        devices.append(_attach(_file(old, 'vol-s')))
+        peer_helpers.write_device(devices[0], BS, b'p' * BS)
+        expected = bytearray(data + bytes(size - len(data)))
+        expected[BS:2 * BS] = b'p' * BS
+        assert _read_direct(devices[0], 0, size) == expected
+        old.stop()
+        # The same node, its configuration now the new default's.
+        new = cache_daemons.VolumeDaemon(workdir, 'n', native=binary,
+                                         commit_interval=0)
+        daemons.append(new)
+        new.start()
+        assert nativevol.NativeServer(new.paths['native']).ping()
+        with pytest.raises(OSError) as info:
+            _read_direct(devices[0], 0, size)
+        assert info.value.errno == errno.EIO
+        # Attached again: served by the native server, nothing lost.
+        devices.append(_attach(_file(new, 'vol-s')))
+        assert _read_direct(devices[1], 0, size) == expected
+        for device in devices:
+            subprocess.run(['losetup', '-d', device], check=True)
+        devices = []
+        new.delete_volume('vol-s', timeout=20)
+    finally:
+        for device in devices:
+            subprocess.run(['losetup', '-d', device], check=False)
+        for daemon in daemons:
+            daemon.stop()
+        _stop_server(old.paths['native'] + '.pid')
+    assert not os.path.ismount(old.paths['mount'])

@@ -770,7 +770,12 @@ def test_local_reads(tmp_path, seed, volume):
 @pytest.mark.parametrize('section', [
     '[advertise]\nenabled = true\n',  # no credentials to advertise with
     '[blockdev]\nenabled = true\nmount_dir = {d}/vol\nlayers_dir = {d}/l\n'
-    'control_socket = {d}/c.sock\ncontrol_group = no-such-group-vmth\n',
+    'control_socket = {d}/c.sock\ncontrol_group = no-such-group-vmth\n'
+    'volume_server = python\n',
+    # The native server (the default) not installed: no fallback.
+    '[blockdev]\nenabled = true\nmount_dir = {d}/vol\nlayers_dir = {d}/l\n'
+    'control_socket = {d}/c.sock\nnative_server_socket = {d}/n.sock\n'
+    'native_server_binary = {d}/no-such-thunder-volume-server\n',
     '[peer]\nallowed_networks = 10.0.0.0/24, 10.1.0.1/16\n',  # not a network
 ])
 def test_daemon_refuses_to_start_clearly(tmp_path, section):

@@ -17,7 +17,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
+from unittest import mock
 
 import pytest
 
@@ -155,8 +157,15 @@ def test_daemon_start_restarts_a_server_older_than_reverify(path, holder,
 
 
 def test_find_binary(tmp_path):
-    with pytest.raises(nativevol.NativeError):
+    with pytest.raises(nativevol.NativeError) as info:
         nativevol.find_binary('no-such-thunder-volume-server')
+    # The option, the value, and how to build, install or avoid it.
+    assert info.value.code == 'NotFound'
+    assert str(info.value).startswith(
+        'NotFound: [blockdev] native_server_binary = '
+        'no-such-thunder-volume-server is not installed')
+    assert 'make -C %s install' % nativevol.SOURCE_DIR in str(info.value)
+    assert 'volume_server = python' in str(info.value)
     binary = tmp_path / 'server'
     binary.write_text('#!/bin/sh\n')
     os.chmod(binary, 0o755)
@@ -206,3 +215,46 @@ def test_restart_without_a_new_server_is_an_error(path, holder):
     server.sock.shutdown(socket.SHUT_RDWR)
     server.join(5)
     assert not server.is_alive() and len(server.lines) > 2
+
+
+def test_stop_terminates_the_holder(path, holder):
+    assert nativevol.NativeServer(path).stop(wait=5) == holder.pid
+    # Gone (stop() reaps a holder that is its own child).
+    assert not os.path.exists('/proc/%d' % holder.pid)
+    # None runs any more: nothing to stop.
+    assert nativevol.NativeServer(path).stop(wait=5) is None
+
+
+def test_stop_of_a_holder_that_stays_is_an_error(path):
+    proc = subprocess.Popen(
+        [sys.executable, '-c', 'import signal, time; signal.signal('
+         'signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)'],
+        stdout=subprocess.PIPE)
+    proc.stdout.readline()  # SIGTERM ignored from now on
+    with open(path + '.pid', 'w') as f:
+        f.write('%d\n' % proc.pid)
+    try:
+        with pytest.raises(nativevol.NativeError) as info:
+            nativevol.NativeServer(path).stop(wait=0.3)
+        assert info.value.code == 'Stop'
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_daemon_start_needs_the_binary_unless_a_server_answers(path):
+    conf = mock.Mock(native_server_socket=path, mount_dir='/m',
+                     native_server_binary='/nonexistent/tvs')
+    with pytest.raises(daemon.StartError) as info:
+        daemon.Daemon._check_native(conf)
+    assert str(info.value).startswith(
+        'cannot serve the volume files at /m with the native server: '
+        'NotFound: [blockdev] native_server_binary = /nonexistent/tvs is '
+        'not installed')
+    # A server started otherwise (systemd) answers: no binary needed.
+    server = FakeServer(path, ['OK 42\n'])
+    server.start()
+    daemon.Daemon._check_native(conf)
+    server.join(5)
+    assert server.lines == ['PING']

@@ -112,17 +112,20 @@ def test_data_survives_down_and_up(stack, client, image_file, tmp_path,
 
 
 def test_demo_with_the_bulk_boot(stack, tmp_path):
-    """``demo --bulk-boot``: a flow, then the benchmark, in one command.
+    """``demo --bulk-boot``: two flows, then the benchmark, in one command.
 
-    The benchmark's quick mode, 1 and 2 nodes, the peer strategy: its
-    results go to the stack's data directory, every node read the image's
-    bytes, and the demo's summary and JSON say so.
+    The thunder flow and the qcow2 import into the thunder store (zero-copy
+    clones, no admin call, the image-volume the image's GiB, the import's
+    goal line printed). The benchmark's quick mode, 1 and 2 nodes, the peer
+    strategy: its results go to the stack's data directory, every node read
+    the image's bytes, and the demo's summary and JSON say so.
     """
     out = stack.path('data', 'demo', 'bulk-boot')
     report = tmp_path / 'demo.json'
     started = time.time()
     result = subprocess.run(
-        [conftest.TOOL, 'demo', '--flows', 'thunder', '--volumes', '2',
+        [conftest.TOOL, 'demo', '--flows', 'thunder,thunder-import',
+         '--volumes', '2',
          '--rounds', '1', '--image-size-mib', '64', '--json', str(report),
          '--bulk-boot',
          '--bulk-boot-args', '--quick --nodes 1,2 --strategies peer'],
@@ -140,11 +143,17 @@ def test_demo_with_the_bulk_boot(stack, tmp_path):
         assert r['measured'] == 'True', r
         assert int(r['verified']) == int(r['nodes']), r
         assert not r['errors'], r
+    assert 'goal: thunder qcow2 import <= 1.5x the raw upload' in \
+        result.stdout, result.stdout[-3000:]
     with open(report) as f:
-        flow, bulk = json.load(f)
-    assert flow['flow'] == 'thunder' and flow['error'] is None
-    assert (flow['round'], flow['volumes'], flow['clones']) == (1, 2, 2)
-    assert flow['server_max_s'] >= 0 and flow['upload_server_s'] >= 0
+        *flows, bulk = json.load(f)
+    assert [f['flow'] for f in flows] == ['thunder', 'thunder-import']
+    for flow in flows:
+        assert flow['error'] is None, flow
+        assert (flow['round'], flow['volumes'], flow['clones']) == (1, 2, 2)
+        assert flow['bytes_copied'] == 0 and flow['admin_calls'] == 0
+        assert flow['image_volume_gib'] == 1
+        assert flow['server_max_s'] >= 0 and flow['upload_server_s'] >= 0
     assert bulk['flow'] == 'bulk-boot' and bulk['returncode'] == 0
     assert bulk['results_dir'] == out
     assert bulk['runs'] == 2 and bulk['unverified_nodes'] == 0

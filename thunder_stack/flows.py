@@ -63,6 +63,7 @@ import time
 import uuid
 
 from thunder_stack import clients
+from thunder_stack.guest import common as guest_common
 from thunder_stack import services as svc
 
 FLOWS = {
@@ -115,17 +116,9 @@ def make_image(path, size_mib, seed=20140417):
 def make_qcow2(raw_path):
     """``raw_path`` converted to qcow2 beside it (made once)."""
     path = os.path.splitext(raw_path)[0] + '.qcow2'
-    if (os.path.exists(path) and
+    if not (os.path.exists(path) and
             os.path.getmtime(path) >= os.path.getmtime(raw_path)):
-        return path
-    tmp = path + '.tmp'
-    try:
-        subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2',
-                        raw_path, tmp], check=True, capture_output=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        guest_common.raw_to_qcow2(raw_path, path)
     return path
 
 
@@ -173,7 +166,8 @@ def run_flow(stack, api, name, image_path, args, count):
         result.update(_wait_available(stack, api, requested, start,
                                       args.timeout))
         result.update(_inspect_clones(stack, flow['pool'], volume_ids))
-    except (svc.StackError, OSError, subprocess.SubprocessError) as e:
+    except (svc.StackError, guest_common.GuestError, OSError,
+            subprocess.SubprocessError) as e:
         result['error'] = str(e)
     finally:
         if not args.keep:

@@ -311,14 +311,7 @@ def _convert(final, raw_meta):
         meta = json.load(f)
     raw = meta['image']['path']
     path = os.path.join(final, 'guest.qcow2')
-    tmp = path + '.tmp'
-    try:
-        common.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', raw,
-                    tmp])
-        os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    common.raw_to_qcow2(raw, path)
     meta['raw_sha256'] = meta['image']['sha256']
     meta['image'] = _image_fields(path, 'qcow2', meta['image']['size'])
     common.write_json(os.path.join(final, 'guest.qcow2.json'), meta)

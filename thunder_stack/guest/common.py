@@ -43,6 +43,21 @@ def run(cmd, check=True, **kwargs):
     return proc
 
 
+def raw_to_qcow2(raw, path):
+    """``raw`` converted to qcow2 at ``path`` (qemu-img convert).
+
+    Through a temporary file beside it: ``path`` appears whole or not at
+    all. GuestError if qemu-img fails.
+    """
+    tmp = path + '.tmp'
+    try:
+        run(['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', raw, tmp])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _present(tool):
     return os.path.exists(tool) if os.path.isabs(tool) else bool(
         shutil.which(tool))

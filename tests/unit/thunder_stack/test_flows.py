@@ -121,7 +121,7 @@ def test_the_import_flow_imports_qcow2_and_waits_until_active(tmp_path):
     api = mock.Mock()
     api.wait_image_active.return_value = {'status': 'active'}
     with mock.patch.object(clients, 'cli', side_effect=cli), \
-            mock.patch.object(flows.subprocess, 'run') as run:
+            mock.patch.object(flows.guest_common, 'run') as run:
         run.side_effect = lambda cmd, **kw: open(cmd[-1], 'wb').close()
         image_id, image = flows._upload(
             'stack', api, 'tag', flows.FLOWS['thunder-import'], str(raw))

@@ -143,7 +143,7 @@ def server_seconds(record):
 def run_flow(stack, api, name, image_path, args, count):
     """One run of flow ``name``: an upload, then ``count`` volumes."""
     flow = dict(FLOWS[name])
-    if name == 'thunder' and not stack.state.get('thunder_store'):
+    if flow['store'] == 'thunder' and not stack.state.get('thunder_store'):
         flow['store'] = 'rbd'
         flow['note'] = 'thunder store not available: rbd store'
     tag = 'thunder-demo-%s-%s' % (name, uuid.uuid4().hex[:6])

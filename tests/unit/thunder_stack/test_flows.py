@@ -296,3 +296,20 @@ def test_waiting_for_an_import_has_a_deadline():
     api = _api_answering(*[{'status': 'importing'}] * 3)
     with pytest.raises(svc.StackError, match='img is importing after 0s'):
         api.wait_image_active('img', timeout=0, poll=0)
+
+
+@pytest.mark.parametrize('name', ['thunder', 'thunder-import'])
+def test_without_the_thunder_store_its_flows_use_the_rbd_store(name):
+    stack = mock.Mock(state={'thunder_store': False})
+    stores = []
+
+    def upload(stack, api, tag, flow, image_path):
+        stores.append(flow['store'])
+        raise svc.StackError('stop here')
+
+    args = argparse.Namespace(image_size_mib=64, keep=True)
+    with mock.patch.object(flows, '_upload', side_effect=upload):
+        result = flows.run_flow(stack, None, name, 'img', args, 2)
+    assert stores == ['rbd'] and result['store'] == 'rbd'
+    assert result['note'] == 'thunder store not available: rbd store'
+    assert result['error'] == 'stop here'

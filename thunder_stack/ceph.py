@@ -42,6 +42,8 @@ import sys
 import time
 import uuid
 
+from thunder_common import procs
+
 DAEMONS = ('mon.a', 'mgr.x', 'osd.0')
 DEFAULT_POOLS = ('volumes', 'images')
 COMMAND_TIMEOUT = 60
@@ -450,29 +452,15 @@ def _terminate(pid, timeout):
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not procs.alive(pid):
             return
         time.sleep(0.1)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while _alive(pid):
+    while procs.alive(pid):
         time.sleep(0.1)
-
-
-def _alive(pid):
-    try:
-        # Reap it if it is our child (the test process that started it).
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
 
 
 def main(argv=None):

@@ -41,6 +41,8 @@ import socket
 import subprocess
 import time
 
+from thunder_common import procs
+
 LOG = logging.getLogger(__name__)
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -196,7 +198,7 @@ class NativeServer:
             return None
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + wait
-        while _alive(pid):
+        while procs.alive(pid):
             if time.monotonic() > deadline:
                 raise NativeError('Stop', 'thunder-volume-server holder %d '
                                   'still runs after %s s' % (pid, wait))
@@ -306,20 +308,6 @@ class NativeServer:
                 raise NativeError('Start', '%s did not mount %s within %s s'
                                   % (cmd[0], conf.mount_dir, wait))
             time.sleep(0.02)
-
-
-def _alive(pid):
-    """Whether ``pid`` runs (not a zombie, which is reaped if ours)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            state = f.read().rsplit(')', 1)[1].split()[0]
-    except OSError:
-        return False
-    if state != 'Z':
-        return True
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    return False
 
 
 def busy(error):

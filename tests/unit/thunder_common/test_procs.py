@@ -1,0 +1,49 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""thunder_common.procs: running, gone and zombie processes."""
+
+import os
+import subprocess
+import time
+
+from thunder_common import procs
+
+
+def test_a_running_process_is_alive():
+    assert procs.alive(os.getpid())
+    child = subprocess.Popen(['sleep', '30'])
+    try:
+        assert procs.alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_zombie_child_is_not_alive_and_is_reaped():
+    child = subprocess.Popen(['true'])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open('/proc/%d/stat' % child.pid) as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                break
+        time.sleep(0.01)
+    assert not procs.alive(child.pid)
+    # Reaped: no zombie left behind.
+    assert not os.path.exists('/proc/%d' % child.pid)
+    child.returncode = 0        # so that Popen does not wait for it
+
+
+def test_a_process_that_is_gone_is_not_alive():
+    child = subprocess.Popen(['true'])
+    child.wait()
+    assert not procs.alive(child.pid)

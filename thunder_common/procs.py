@@ -10,9 +10,11 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Whether a process still runs, for code that stops one by its PID."""
+"""Processes by PID: whether one still runs, what it has open."""
 
+import contextlib
 import os
+import typing
 
 
 def alive(pid: int) -> bool:
@@ -32,3 +34,17 @@ def alive(pid: int) -> bool:
     except ChildProcessError:
         pass
     return False
+
+
+def open_files(pid: int) -> typing.Set[str]:
+    """What process ``pid`` has open: its descriptors' targets.
+
+    As the kernel names them (``/dev/fuse``, absolute paths, ``pipe:[N]``);
+    OSError if the process is gone or not ours to inspect.
+    """
+    path = '/proc/%d/fd' % pid
+    files = set()
+    for fd in os.listdir(path):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            files.add(os.readlink(os.path.join(path, fd)))
+    return files

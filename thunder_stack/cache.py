@@ -20,12 +20,12 @@ Its configuration is written by devstack's ``configure_thunder_cache``
 socket answers.
 """
 
-import contextlib
 import os
 
 from thunder_cache.control import client as control_client
 from thunder_cache.volumes import nativevol
 from thunder_common import loops
+from thunder_common import procs
 from thunder_stack import devstack
 from thunder_stack import services as svc
 
@@ -105,23 +105,13 @@ def served_by_native(paths):
     try:
         # ' (deleted)': the binary was rebuilt since it started.
         exe = os.path.basename(os.readlink('/proc/%d/exe' % pid)).split()[0]
-        fds = open_files(pid)
+        fds = procs.open_files(pid)
     except OSError as e:
         return None, 'server %d: %s' % (pid, e)
     if exe != nativevol.BINARY or '/dev/fuse' not in fds:
         return None, 'PID %d runs %s, /dev/fuse %s' % (
             pid, exe, 'open' if '/dev/fuse' in fds else 'not open')
     return pid, None
-
-
-def open_files(pid):
-    """What the process ``pid`` has open (its descriptors' targets)."""
-    path = '/proc/%d/fd' % pid
-    files = set()
-    for fd in os.listdir(path):
-        with contextlib.suppress(OSError):  # closed meanwhile
-            files.add(os.readlink(os.path.join(path, fd)))
-    return files
 
 
 def detach_loops(mount):

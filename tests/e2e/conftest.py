@@ -30,6 +30,7 @@ import pytest
 
 from thunder_cache.volumes import nativevol
 from thunder_common import loops
+from thunder_common import procs
 from thunder_stack import cache
 from thunder_stack import clients
 from thunder_stack import flows
@@ -207,7 +208,7 @@ def assert_native(paths, daemon_pid):
     pid, why = cache.served_by_native(paths)
     assert pid, 'the volume files in %s are not served by ' \
         'thunder-volume-server: %s' % (paths['mount'], why)
-    assert '/dev/fuse' not in cache.open_files(daemon_pid), \
+    assert '/dev/fuse' not in procs.open_files(daemon_pid), \
         'thunder-cache (PID %d) serves a FUSE filesystem' % daemon_pid
     return pid
 

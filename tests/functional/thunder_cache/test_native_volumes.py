@@ -41,6 +41,7 @@ from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
 from thunder_cache.volumes import cow
 from thunder_cache.volumes import nativevol
+from thunder_common import procs
 
 BENCHMARKS = os.path.join(cache_helpers.REPO, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
@@ -214,8 +215,8 @@ def test_reads_writes_resize_clone_discard_delete(node, workdir):
 
 def _open_files(node):
     """The files the native server has open (not its holder's)."""
-    fds = '/proc/%d/fd' % nativevol.NativeServer(node.paths['native']).ping()
-    return {os.path.realpath(os.path.join(fds, fd)) for fd in os.listdir(fds)}
+    return procs.open_files(
+        nativevol.NativeServer(node.paths['native']).ping())
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from thunder_common import procs
 
 
@@ -47,3 +49,17 @@ def test_a_process_that_is_gone_is_not_alive():
     child = subprocess.Popen(['true'])
     child.wait()
     assert not procs.alive(child.pid)
+
+
+def test_open_files_names_what_a_process_holds(tmp_path):
+    path = str(tmp_path / 'held')
+    with open(path, 'w'):
+        assert path in procs.open_files(os.getpid())
+    assert path not in procs.open_files(os.getpid())
+
+
+def test_open_files_of_a_process_that_is_gone_is_an_error():
+    child = subprocess.Popen(['true'])
+    child.wait()
+    with pytest.raises(OSError):
+        procs.open_files(child.pid)

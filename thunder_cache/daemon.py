@@ -47,6 +47,7 @@ from thunder_cache.peer import server as server_mod
 from thunder_cache.peer import sources
 from thunder_cache.peer import tls
 from thunder_cache.volumes import nativevol
+from thunder_common import procs
 
 LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -60,16 +61,6 @@ class StartError(RuntimeError):
     """A part of the daemon could not start (said without a traceback)."""
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_pid_file(path):
     """Write our PID to ``path``; refuse if a live daemon holds it."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -79,14 +70,9 @@ def write_pid_file(path):
             old = int(f.read().strip() or 0)
     except (FileNotFoundError, ValueError):
         old = 0
-    if old and old != os.getpid() and _pid_alive(old):
-        try:
-            with open('/proc/%d/cmdline' % old, 'rb') as f:
-                cmdline = f.read()
-        except OSError:
-            cmdline = b''
-        if b'thunder' in cmdline:
-            raise PidFileError('%s names running process %d' % (path, old))
+    if old and old != os.getpid() and procs.alive(old) and \
+            'thunder' in procs.command_line(old):
+        raise PidFileError('%s names running process %d' % (path, old))
     tmp = '%s.%d.tmp' % (path, os.getpid())
     with open(tmp, 'w') as f:
         f.write('%d\n' % os.getpid())

@@ -395,17 +395,9 @@ class LocalCeph:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
             return None
-        try:
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                cmdline = f.read().split(b'\0')
-        except OSError:
-            return None
-        if self.conf_path.encode() not in cmdline:
+        if self.conf_path not in procs.command_line(pid).split(' '):
             return None  # the PID was reused by another process
-        with open('/proc/%d/stat' % pid) as f:
-            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
-                return None
-        return pid
+        return pid if procs.alive(pid) else None
 
     def _check_alive(self):
         dead = [d for d in DAEMONS

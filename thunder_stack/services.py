@@ -27,6 +27,12 @@ import time
 import urllib.error
 import urllib.request
 
+from thunder_common import procs
+
+# Seconds a service's port may stay taken by a process that is going away
+# before its start fails.
+PORT_WAIT = 30
+
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -138,14 +144,8 @@ class Service:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
             return None
-        try:
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                cmdline = f.read().replace(b'\0', b' ')
-            with open('/proc/%d/stat' % pid) as f:
-                state = f.read().rsplit(')', 1)[1].split()[0]
-        except OSError:
-            return None
-        if state == 'Z' or self.marker.encode() not in cmdline:
+        if self.marker not in procs.command_line(pid) or \
+                not procs.alive(pid):
             return None
         return pid
 
@@ -154,6 +154,8 @@ class Service:
         pid = self.pid()
         if pid:
             return pid
+        if self.port is not None:
+            wait_port_free(self.name, self.port)
         os.makedirs(os.path.dirname(self.pid_file), exist_ok=True)
         os.makedirs(os.path.dirname(self.log_file), exist_ok=True)
         env = dict(os.environ)
@@ -197,10 +199,16 @@ class Service:
             self.name, timeout, reason, self.log_file, tail(self.log_file)))
 
     def stop(self, timeout=30):
-        """SIGTERM the process group, then SIGKILL; idempotent."""
+        """SIGTERM the process group, then SIGKILL; idempotent.
+
+        ServiceError if a process of the group outlives SIGKILL (stuck in
+        the kernel): its port and files would still be taken.
+        """
         pid = self.pid()
-        if pid is not None:
-            terminate(pid, timeout)
+        if pid is not None and not terminate(pid, timeout):
+            raise ServiceError('%s: processes of group %d still run after '
+                               'SIGKILL: %s' % (self.name, pid,
+                                                _describe(_group(pid))))
         if os.path.exists(self.pid_file):
             os.unlink(self.pid_file)
 
@@ -217,23 +225,29 @@ class Service:
 
 
 def terminate(pid, timeout):
-    """End the process group led by ``pid`` (our own session), then wait."""
+    """End the process group led by ``pid`` (our own session), then wait.
+
+    True once no process of the group runs (every thread of each ended:
+    a process whose main thread has exited may still hold its sockets).
+    """
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return
+            return True
         except PermissionError:
             os.kill(pid, sig)
         deadline = time.monotonic() + (timeout if sig == signal.SIGTERM
                                        else 10)
         while time.monotonic() < deadline:
-            if not _group_alive(pid):
-                return
+            if not _group(pid):
+                return True
             time.sleep(0.2)
+    return False
 
 
-def _group_alive(pgid):
+def _group(pgid):
+    """The PIDs of process group ``pgid`` that still run."""
     try:
         os.waitpid(-pgid, os.WNOHANG)
     except ChildProcessError:
@@ -241,8 +255,8 @@ def _group_alive(pgid):
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
-    # Only zombies left?
+        return []
+    members = []
     for entry in os.listdir('/proc'):
         if not entry.isdigit():
             continue
@@ -251,9 +265,71 @@ def _group_alive(pgid):
                 fields = f.read().rsplit(')', 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != 'Z':
-            return True
-    return False
+        if int(fields[2]) == pgid and procs.alive(int(entry)):
+            members.append(int(entry))
+    return members
+
+
+def _describe(pids):
+    """``PID (command, thread states)`` for each of ``pids``."""
+    out = []
+    for pid in pids:
+        out.append('%d (%s; threads %s)' % (
+            pid, procs.command_line(pid)[:120] or '?',
+            ''.join(sorted(procs.thread_states(pid)))))
+    return ', '.join(out) or 'none'
+
+
+def port_free(port, host='127.0.0.1'):
+    """Whether a server could listen on ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def listeners(port):
+    """The PIDs with a TCP socket listening on ``port`` (any address)."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if (fields[3] == '0A' and
+                            int(fields[1].rsplit(':', 1)[1], 16) == port):
+                        inodes.add('socket:[%s]' % fields[9])
+        except OSError:
+            continue
+    pids = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                if inodes & procs.open_files(int(entry)):
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_port_free(name, port, timeout=None):
+    """Wait until ``port`` is free for service ``name``; else ServiceError.
+
+    A process that is still going away gets ``timeout`` seconds
+    (:data:`PORT_WAIT`); the error names whoever holds the port after that.
+    """
+    timeout = PORT_WAIT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while not port_free(port):
+        if time.monotonic() >= deadline:
+            raise ServiceError('%s: port %d is still taken after %gs, by %s'
+                               % (name, port, timeout,
+                                  _describe(listeners(port))))
+        time.sleep(0.2)
 
 
 def port_open(port, host='127.0.0.1'):

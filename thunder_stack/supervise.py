@@ -141,6 +141,7 @@ def down(stack):
     if stack.state.get('nodes'):
         from thunder_stack import nodes as nodes_mod
         nodes_mod.Nodes(stack).down()
+    stuck = []
     for s in reversed(services(stack)):
         if s.pid() is not None:
             svc.log('stopping %s (pid %d)' % (s.name, s.pid()))
@@ -148,13 +149,21 @@ def down(stack):
             # Loop devices left on volume files (a test that failed).
             cache.detach_loops(stack.thunder_cache_paths['mount'])
         nova_mod.before_stop(stack, s)
-        s.stop()
+        try:
+            s.stop()
+        except svc.ServiceError as e:
+            # Stop the others all the same; say which did not end.
+            svc.log(str(e))
+            stuck.append(s.name)
         if s.name == 'thunder-cache':
             cache.stop_volume_server(stack.thunder_cache_paths)
     cluster = stack.ceph()
     if cluster.running():
         svc.log('stopping Ceph')
     cluster.stop()
+    if stuck:
+        raise svc.ServiceError('still running after SIGKILL: %s (see above)'
+                               % ', '.join(stuck))
 
 
 def status(stack):

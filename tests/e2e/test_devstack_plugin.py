@@ -210,13 +210,23 @@ source devstack/plugin.sh source
 source devstack/plugin.sh stack install
 source devstack/plugin.sh stack post-config
 # A stand-in for the native server's holder, which unstack stops.
-sleep 60 &
+bash -c 'exec -a thunder-volume-server sleep 60' &
 echo $! > "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid"
+# And a process the pid file named once, which it must not touch.
+sleep 60 &
+other=$!
+until grep -q thunder-volume-server \
+        "/proc/$(cat "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid")/cmdline"
+do sleep 0.05; done
 source devstack/plugin.sh unstack
 if kill -0 "$(cat "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid")"; then
     echo 'unstack left the volume server running' >&2
     exit 1
 fi
+echo $other > "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid"
+source devstack/plugin.sh unstack
+kill -0 $other || { echo 'unstack stopped a stranger' >&2; exit 1; }
+kill $other
 ''', **env)
     # devstack enables the peer backend and makes its volume type.
     assert 'enabled_backends thunder:thunder,thunder_peer:thunder-peer' in \
@@ -263,6 +273,43 @@ fi
     assert command.endswith('--config-file %s' % conf)
     assert started[0].endswith('||root')
     assert 'stop_process thunder-cache' in calls
+
+
+def test_a_rebuilt_volume_server_is_upgraded_in_place(tmp_path):
+    """A new build: SIGHUP to the running holder; no new build: none."""
+    state = tmp_path / 'state'
+    run = tmp_path / 'run'
+    run.mkdir()
+    hups = tmp_path / 'hups'
+    holder = ('import signal, sys, time\n'
+              'signal.signal(signal.SIGHUP, lambda *a: open(sys.argv[1], '
+              '"a").write("hup\\n"))\n'
+              'open(sys.argv[2], "w").close()\n'
+              'time.sleep(120)\n')
+    out = tmp_path / 'out'
+    _run_plugin(tmp_path, r'''
+source devstack/settings
+source devstack/lib/thunder
+install_thunder_volume_server
+binary=$THUNDER_CACHE_STATE_DIR/bin/thunder-volume-server
+# A stand-in for the running server's holder: it counts its SIGHUPs.
+"$THUNDER_PYTHON" -c "$HOLDER" "$HUPS" "$HUPS.ready" \
+    thunder-volume-server &
+holder=$!
+echo $holder > "$THUNDER_CACHE_RUN_DIR/volume-server.sock.pid"
+until [[ -e "$HUPS.ready" ]]; do sleep 0.05; done
+install_thunder_volume_server > "$OUT"      # nothing new: no signal
+# An older build installed: make builds anew, the holder is told.
+printf x >> "$binary"
+touch -d 2000-01-01 "$binary"
+install_thunder_volume_server >> "$OUT"
+sleep 1
+kill $holder
+''', THUNDER_CACHE_STATE_DIR=str(state), THUNDER_CACHE_RUN_DIR=str(run),
+                HOLDER=holder, HUPS=str(hups), OUT=str(out))
+    assert hups.read_text() == 'hup\n'
+    assert 'thunder-volume-server rebuilt' in out.read_text()
+    assert os.access(str(state / 'bin' / 'thunder-volume-server'), os.X_OK)
 
 
 def test_peer_mode_off_by_default(tmp_path):

@@ -14,11 +14,23 @@
 
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 
 from thunder_common import procs
+
+
+def _wait_main_thread_ended(pid, timeout=30):
+    """Until ``pid``'s main thread shows as a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open('/proc/%d/stat' % pid) as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                return
+        time.sleep(0.01)
+    raise AssertionError('main thread of %d still runs' % pid)
 
 
 def test_a_running_process_is_alive():
@@ -33,16 +45,33 @@ def test_a_running_process_is_alive():
 
 def test_a_zombie_child_is_not_alive_and_is_reaped():
     child = subprocess.Popen(['true'])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open('/proc/%d/stat' % child.pid) as f:
-            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
-                break
-        time.sleep(0.01)
+    _wait_main_thread_ended(child.pid)
     assert not procs.alive(child.pid)
     # Reaped: no zombie left behind.
     assert not os.path.exists('/proc/%d' % child.pid)
     child.returncode = 0        # so that Popen does not wait for it
+
+
+def test_a_process_whose_main_thread_ended_is_alive_while_others_run(
+        tmp_path):
+    """Its main thread is a zombie; another still runs and holds files."""
+    release = tmp_path / 'release'
+    code = ('import ctypes, os, threading, time\n'
+            'def hold():\n'
+            '    while not os.path.exists(%r):\n'
+            '        time.sleep(0.01)\n'
+            'threading.Thread(target=hold).start()\n'
+            'ctypes.CDLL(None).pthread_exit(None)\n' % str(release))
+    child = subprocess.Popen([sys.executable, '-c', code])
+    try:
+        _wait_main_thread_ended(child.pid)
+        assert 'Z' in procs.thread_states(child.pid)
+        assert procs.alive(child.pid)
+    finally:
+        release.touch()
+    assert child.wait(timeout=30) == 0
+    assert not procs.alive(child.pid)
+    assert procs.thread_states(child.pid) == []
 
 
 def test_a_process_that_is_gone_is_not_alive():

@@ -165,7 +165,10 @@ def run_tempest(stack, args):
     workspace = stack.path('tempest')
     tempest = os.path.join(venv, 'bin', 'tempest')
     if not os.path.exists(os.path.join(workspace, 'etc')):
-        svc.run([tempest, 'init', workspace])
+        # Registered in the stack's own list of workspaces, not in
+        # ~/.tempest (where a stack removed since may hold the name).
+        svc.run([tempest, 'init', '--workspace-path',
+                 stack.path('tempest-workspaces.yaml'), workspace])
     write_config(stack, workspace, _image(stack), _flavor(stack),
                  args.volume_type)
     cmd = [tempest, 'run', '--regex', args.regex, '--concurrency',

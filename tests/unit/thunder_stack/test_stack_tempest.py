@@ -131,3 +131,20 @@ def test_images_of_other_builds_are_replaced(stack):
     create = [c for c in cli.calls if c[0] == 'glance'][0]
     assert create[create.index('--file') + 1] == '/guest.raw'
     assert create[create.index('--disk-format') + 1] == 'raw'
+
+
+def test_workspace_is_registered_in_the_stack_not_in_home(stack):
+    """A workspace of a stack removed since, in ~/.tempest, is no clash."""
+    args = mock.Mock(volume_type=None, regex='x', concurrency=2,
+                     exclude=None)
+    with mock.patch.object(tempest, '_venv', return_value='/venv'), \
+            mock.patch.object(tempest, '_image', return_value='IMAGE'), \
+            mock.patch.object(tempest, '_flavor', return_value='FLAVOR'), \
+            mock.patch.object(tempest.svc, 'run') as run, \
+            mock.patch.object(tempest.subprocess, 'run') as tempest_run:
+        tempest_run.return_value.returncode = 0
+        assert tempest.run_tempest(stack, args) == 0
+    [init] = [c.args[0] for c in run.call_args_list if 'init' in c.args[0]]
+    assert init == ['/venv/bin/tempest', 'init', '--workspace-path',
+                    stack.path('tempest-workspaces.yaml'),
+                    stack.path('tempest')]

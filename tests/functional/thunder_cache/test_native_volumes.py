@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -426,6 +427,66 @@ def _read_direct(path, offset, length):
     finally:
         os.close(fd)
         buf.close()
+
+
+def _write_direct(path, offset, data):
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def test_a_held_volume_does_not_stall_the_others(node, workdir):
+    """I/O waiting for a hold waits apart from the threads that read FUSE.
+
+    While thunder-cache holds volume A (as for a snapshot's copy), more
+    requests on A than the server has threads wait; volume B is still
+    read and written meanwhile. Then A's requests complete, right.
+    """
+    data = _register(node, workdir, 'img-1', 2 * MiB)
+    for volume_id in ('vol-a', 'vol-b'):
+        node.control.call('create_volume', volume_id=volume_id,
+                          size=2 * MiB, image_id='img-1')
+        assert _read_direct(_file(node, volume_id), 0, 2 * MiB) == data
+    waiting = 40  # more than the server's threads, of either kind
+    results = {}
+
+    def on_a(i):
+        offset = i * BS
+        if i % 2:
+            _write_direct(_file(node, 'vol-a'), offset, bytes([i]) * BS)
+            results[i] = bytes([i]) * BS
+        else:
+            results[i] = _read_direct(_file(node, 'vol-a'), offset, BS)
+
+    def on_b():
+        _write_direct(_file(node, 'vol-b'), 0, b'b' * BS)
+        results['b'] = _read_direct(_file(node, 'vol-b'), 0, 2 * BS)
+
+    server = nativevol.NativeServer(node.paths['native'])
+    with server.hold('vol-a'):
+        held = [threading.Thread(target=on_a, args=(i,), daemon=True)
+                for i in range(waiting)]
+        for thread in held:
+            thread.start()
+        time.sleep(1)  # let A's requests reach the server and wait
+        other = threading.Thread(target=on_b, daemon=True)
+        other.start()
+        other.join(60)
+        assert not other.is_alive(), 'volume B waited for the hold of A'
+        assert results['b'] == b'b' * BS + data[BS:2 * BS]
+        assert all(thread.is_alive() for thread in held)
+    for thread in held:
+        thread.join(60)
+        assert not thread.is_alive()
+    for i in range(waiting):
+        expected = bytes([i]) * BS if i % 2 else data[i * BS:(i + 1) * BS]
+        assert results[i] == expected
+        assert _read_direct(_file(node, 'vol-a'), i * BS, BS) == expected
 
 
 def test_boot_trace_records_chunks_the_server_knew(workdir, binary):

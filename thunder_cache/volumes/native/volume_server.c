@@ -1373,9 +1373,9 @@ static void read_volume(fuse_req_t req, struct volume *v, size_t size,
  * (thunder-cache copying or resizing its layer). Such a request is handed
  * to one of MISS_THREADS threads, so that the few threads reading
  * /dev/fuse (FUSE_THREADS) go on serving the other volumes and the data
- * present meanwhile: with one pool of 32 threads for both, warm 4 KiB reads
- * at queue depth 16 ran at 0.60x a plain file; with 4 threads, 0.73 to
- * 0.79x (peer-mode-native.rst, "Threads"). */
+ * present meanwhile. With one pool of 32 threads for both, warm 4 KiB
+ * reads at queue depth 16 ran at 0.37 to 0.64x a plain file; with these,
+ * 0.67 to 1.12x (peer-mode-native.rst, "Threads"). */
 
 #define MISS_THREADS 32
 #define MAX_BACKGROUND 256      /* see t_init */

@@ -38,6 +38,7 @@ import pytest
 from tests import cache_helpers
 from tests.functional.cinder_thunder_driver import peer_helpers
 from tests.functional.thunder_cache import cache_daemons
+from tests.functional.thunder_cache.volumes import fuse_env
 from thunder_cache.boot import trace
 from thunder_cache.control import client as control_client
 from thunder_cache.volumes import cow
@@ -429,17 +430,6 @@ def _read_direct(path, offset, length):
         buf.close()
 
 
-def _write_direct(path, offset, data):
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
 def test_a_held_volume_does_not_stall_the_others(node, workdir):
     """I/O waiting for a hold waits apart from the threads that read FUSE.
 
@@ -458,13 +448,14 @@ def test_a_held_volume_does_not_stall_the_others(node, workdir):
     def on_a(i):
         offset = i * BS
         if i % 2:
-            _write_direct(_file(node, 'vol-a'), offset, bytes([i]) * BS)
+            fuse_env.write_direct(_file(node, 'vol-a'), offset,
+                                  bytes([i]) * BS)
             results[i] = bytes([i]) * BS
         else:
             results[i] = _read_direct(_file(node, 'vol-a'), offset, BS)
 
     def on_b():
-        _write_direct(_file(node, 'vol-b'), 0, b'b' * BS)
+        fuse_env.write_direct(_file(node, 'vol-b'), 0, b'b' * BS)
         results['b'] = _read_direct(_file(node, 'vol-b'), 0, 2 * BS)
 
     server = nativevol.NativeServer(node.paths['native'])

@@ -601,7 +601,7 @@ class ImageCache:
 
     def _fetch(self, index, offset, length, via, future):
         errors = []
-        for source in self.upstream.candidates(via):
+        for source in self.upstream.candidates(via, index):
             future.source = source
             future.deadline = (time.monotonic() + source.time_limit(length) +
                                WAIT_GRACE)

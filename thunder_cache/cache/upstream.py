@@ -190,7 +190,7 @@ class Upstream:
             before, after = ordered[:mine], ordered[mine + 1:]
         else:
             before, after = ordered, []
-        planned = stripe_parents(holders, self.self_url, self.stripes,
+        planned = stripe_parents(holders, self.self_url or '', self.stripes,
                                  self.fanout)
         with self._lock:
             self._capped = capped

@@ -37,7 +37,7 @@ def _plan(holders, stripes=2, fan=2):
             for me in holders}
 
 
-# -- the planned trees -------------------------------------------------------
+# -- the planned trees -----------------------------------------------------
 
 @pytest.mark.parametrize('count', [1, 2, 5, 8, 31, 64])
 def test_every_node_forwards_one_stripe_to_at_most_fanout_children(count):
@@ -85,7 +85,7 @@ def test_plan_is_deterministic_and_the_same_for_every_node():
         None, None]
 
 
-# -- candidates --------------------------------------------------------------
+# -- candidates ------------------------------------------------------------
 
 class _Origin(sources.Origin):
     name = 'origin'
@@ -156,7 +156,7 @@ def test_one_stripe_keeps_the_single_parent_order():
                              'http://n3:1']
 
 
-# -- the child table per stripe -----------------------------------------------
+# -- the child table per stripe ------------------------------------------
 
 def test_child_table_counts_children_per_stripe():
     table = fanout.ChildTable(1, stripes=2)
@@ -174,7 +174,7 @@ def test_child_table_counts_children_per_stripe():
         fanout.ChildTable(1, stripes=0)
 
 
-# -- real nodes ------------------------------------------------------------------
+# -- real nodes --------------------------------------------------------------
 
 CHUNK = 64 * 1024
 

@@ -81,14 +81,21 @@ def stripe_parents(holders: typing.Sequence[str], me: str, stripes: int,
     """
     if stripes < 2 or me not in holders or holders[0] == me:
         return [None] * max(1, stripes)
-    root, rest = holders[0], list(holders[1:])
     parents: typing.List[typing.Optional[str]] = []
-    for stripe in range(stripes):
-        order = ([u for j, u in enumerate(rest) if j % stripes == stripe] +
-                 [u for j, u in enumerate(rest) if j % stripes != stripe])
+    for order in stripe_orders(holders, stripes):
         place = order.index(me)
-        parents.append(root if place == 0 else order[(place - 1) // fanout])
+        parents.append(holders[0] if place == 0
+                       else order[(place - 1) // fanout])
     return parents
+
+
+def stripe_orders(holders: typing.Sequence[str], stripes: int
+                  ) -> typing.List[typing.List[str]]:
+    """Per stripe, the holders but the first, owners first (heap order)."""
+    rest = list(holders[1:])
+    return [[u for j, u in enumerate(rest) if j % stripes == stripe] +
+            [u for j, u in enumerate(rest) if j % stripes != stripe]
+            for stripe in range(stripes)]
 
 
 def backoff(count: int, first: float, longest: float) -> float:
@@ -138,6 +145,7 @@ class Upstream:
             [None] * self.stripes)
         self.planned: typing.List[typing.Optional[str]] = (
             [None] * self.stripes)
+        self._ranks: typing.List[typing.Dict[str, int]] = []
         self.peers: typing.List[str] = []
         self.later_peers: typing.List[str] = []
         self.set_peers(peers)
@@ -192,7 +200,13 @@ class Upstream:
             before, after = ordered, []
         planned = stripe_parents(holders, self.self_url or '', self.stripes,
                                  self.fanout)
+        ranks: typing.List[typing.Dict[str, int]] = []
+        if self.stripes > 1 and self.self_url in holders:
+            for order in stripe_orders(holders, self.stripes):
+                ranks.append({u: place for place, u in enumerate(order)})
+                ranks[-1][holders[0]] = -1
         with self._lock:
+            self._ranks = ranks
             self._capped = capped
             self.peers = before
             self.later_peers = after
@@ -202,6 +216,23 @@ class Upstream:
     def parent(self) -> typing.Optional[str]:
         """The parent of stripe 0 (of every chunk without stripes)."""
         return self.parents[0]
+
+    def rank(self, url: typing.Optional[str], index: int) -> float:
+        """Where ``url`` (None: this node) is in chunk ``index``'s tree.
+
+        Its place in the planned tree of the chunk's stripe (the root
+        -1), infinite for a node outside the plan; 0 for every node
+        without stripes or when this node is not in its list of holders:
+        lists that differ between nodes
+        (written by hand, each node's in another order) would order the
+        fetches differently on each node, so only tickets order them. Fetches are ordered by it, then by ticket (see
+        :meth:`thunder_cache.cache.image_cache.ImageCache.ensure`).
+        """
+        ranks = self._ranks
+        if not ranks:
+            return 0
+        key = (self.self_url if url is None else url) or ''
+        return ranks[self.stripe(index)].get(key, float('inf'))
 
     def stripe(self, index: typing.Optional[int]) -> int:
         """The stripe of chunk ``index`` (0 for None)."""

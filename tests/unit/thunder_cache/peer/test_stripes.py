@@ -23,6 +23,7 @@ from thunder_cache.cache import image_cache
 from thunder_cache.cache import node as node_mod
 from thunder_cache.cache import upstream as upstream_mod
 from thunder_cache.peer import fanout
+from thunder_cache.peer import protocol
 from thunder_cache.peer import sources
 
 ROOT = 'http://root:1'
@@ -220,3 +221,31 @@ def test_real_nodes_receive_from_two_parents_and_all_upload(cluster,
         assert snap['chunks_rejected'] == 0
     for node in [seed] + nodes:
         assert len(node._entry('img').children.children()) <= 4
+
+
+# -- joining fetches in flight ---------------------------------------------
+
+def test_a_planned_child_joins_its_parents_younger_fetch():
+    holders = _holders(8)
+    parent = _up(holders, 'http://n2:1')
+    child = 'http://n6:1'
+    assert upstream_mod.stripe_parents(holders, child, 2, 2)[0] == (
+        'http://n2:1')
+    assert parent.rank(None, 0) < parent.rank(child, 0)
+    assert parent.rank(ROOT, 0) == -1
+    assert parent.rank('http://stranger:1', 0) == float('inf')
+    old = protocol.new_ticket(clock=lambda: 1000.0)
+    young = image_cache._new_fetch(None, rank=parent.rank(None, 0))
+    # The child's ticket is older, yet it waits on its parent's fetch...
+    assert image_cache._may_join(young, old, parent.rank(child, 0))
+    # ...and a fetch never waits on one ordered after it.
+    child_fetch = image_cache._new_fetch(old, rank=parent.rank(child, 0))
+    assert not image_cache._may_join(child_fetch, young.ticket,
+                                     parent.rank(None, 0))
+    # Without stripes every rank is 0: the tickets decide, as before.
+    flat = _up(holders, 'http://n2:1', stripes=1)
+    assert flat.rank(child, 0) == flat.rank(None, 0) == 0
+    flat_young = image_cache._new_fetch(None, rank=0)
+    assert not image_cache._may_join(flat_young, old, 0)
+    assert image_cache._may_join(child_fetch, flat_young.ticket,
+                                 parent.rank(child, 0))

@@ -222,10 +222,10 @@ class Upstream:
 
         Its place in the planned tree of the chunk's stripe (the root
         -1), infinite for a node outside the plan; 0 for every node
-        without stripes or when this node is not in its list of holders:
-        lists that differ between nodes
-        (written by hand, each node's in another order) would order the
-        fetches differently on each node, so only tickets order them. Fetches are ordered by it, then by ticket (see
+        without stripes or when this node is not in its list of holders
+        (lists that differ between nodes, written by hand each in another
+        order, would order fetches differently on each node: only tickets
+        order them then). Fetches are ordered by it, then by ticket (see
         :meth:`thunder_cache.cache.image_cache.ImageCache.ensure`).
         """
         ranks = self._ranks

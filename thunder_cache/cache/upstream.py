@@ -166,13 +166,14 @@ class Upstream:
         Peers the client's address policy refuses are left out (with a
         warning, once per peer); of the others, the first ``max_peers``
         are kept. With stripes, the planned parents
-        (:func:`stripe_parents`) come from the whole list, ``max_peers``
-        aside: at most one more peer per stripe.
+        (:func:`stripe_parents`) come from that list: nodes listing more
+        than ``max_peers`` others plan from different lists (each its own
+        place after the first ``max_peers``), and their trees meet through
+        redirects instead.
         """
         permits = getattr(self.client, 'permits', None)
         seen: typing.Set[str] = set()
         ordered: typing.List[str] = []
-        holders: typing.List[str] = []
         others = 0
         capped = 0
         for url in peers:
@@ -182,8 +183,6 @@ class Upstream:
             if url != self.self_url:
                 if permits is not None and not permits(url):
                     continue
-            holders.append(url)
-            if url != self.self_url:
                 if self.max_peers is not None and others >= self.max_peers:
                     capped += 1
                     continue
@@ -198,6 +197,7 @@ class Upstream:
             before, after = ordered[:mine], ordered[mine + 1:]
         else:
             before, after = ordered, []
+        holders = ordered
         planned = stripe_parents(holders, self.self_url or '', self.stripes,
                                  self.fanout)
         ranks: typing.List[typing.Dict[str, int]] = []

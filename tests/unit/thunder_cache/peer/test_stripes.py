@@ -249,3 +249,12 @@ def test_a_planned_child_joins_its_parents_younger_fetch():
     assert not image_cache._may_join(flat_young, old, 0)
     assert image_cache._may_join(child_fetch, flat_young.ticket,
                                  parent.rank(child, 0))
+
+
+def test_planned_parents_respect_the_peer_cap():
+    holders = _holders(8)
+    up = _up(holders, 'http://n6:1', max_peers=4)
+    # Planned from the first four others and this node only.
+    assert set(up.planned) <= set(holders[:4])
+    names = set(_names(up, 0)) | set(_names(up, 1))
+    assert names - {'origin'} <= set(holders[:4])

@@ -168,7 +168,8 @@ class Daemon:
             max_peers=conf.peer.max_peers_per_image,
             verify_persisted=conf.cache.verify_persisted,
             commit_interval=conf.cache.commit_interval,
-            read_retry=conf.cache.read_retry)
+            read_retry=conf.cache.read_retry,
+            stripes=conf.peer.stripes)
         self.server.node = self.node
         self.lifecycle = lifecycle.ImageLifecycle(
             self.node, conf.prefetch, self._advertiser(url))

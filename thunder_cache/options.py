@@ -101,6 +101,19 @@ peer_opts = [
                     'redirected to a child, so the nodes of an image form '
                     'a tree of this degree. Larger values make the tree '
                     'shallower at the cost of more upload per node.'),
+    cfg.IntOpt('stripes',
+               default=2, min=1, max=16,
+               help='Stripes the chunks of an image are dealt into (chunk '
+                    'i in stripe i modulo this). A node that finds itself '
+                    'in the image\'s list of holders fetches each stripe '
+                    'from its own parent, planned from that list so that '
+                    'every node forwards one stripe to max_children '
+                    'children and receives the others from as many '
+                    'parents: every node uploads, and receives from '
+                    'several at once. Fan-out is counted per stripe. 1: '
+                    'one parent per node, a tree whose leaves upload '
+                    'nothing. Every node of a deployment should use the '
+                    'same value, best equal to max_children.'),
     cfg.IntOpt('child_ttl',
                default=10, min=1,
                help='Seconds after its last request a child gives up its '

@@ -113,7 +113,7 @@ class Retired(FetchError):
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _new_fetch(ticket, background=False):
+def _new_fetch(ticket, background=False, rank=0):
     future = concurrent.futures.Future()
     future.source = None
     # When waiters stop waiting for it (time.monotonic()); moved on as the
@@ -121,16 +121,17 @@ def _new_fetch(ticket, background=False):
     future.deadline = time.monotonic() + SETTLE_TIME
     future.background = background
     future.ticket = ticket or protocol.new_ticket()
-    future.key = protocol.ticket_key(future.ticket)
+    # Fetches are ordered by (rank, ticket): see ImageCache.ensure.
+    future.key = (rank, protocol.ticket_key(future.ticket))
     return future
 
 
-def _may_join(future, ticket):
-    """May a peer's fetch with ``ticket`` wait for ``future``?"""
+def _may_join(future, ticket, rank=0):
+    """May a peer's fetch (``ticket``, ``rank``) wait for ``future``?"""
     source = future.source
     if source is not None and source.kind == 'origin':
         return True  # the origin waits on nobody
-    return protocol.ticket_key(ticket) > future.key
+    return (rank, protocol.ticket_key(ticket)) > future.key
 
 
 class ImageCache:
@@ -380,7 +381,14 @@ class ImageCache:
         (``inflight_bypasses``): waits between fetches then always go from
         a younger ticket to an older one (or to the origin), so fetches
         relayed between nodes that list each other can never wait on each
-        other in a cycle.
+        other in a cycle. With stripes, fetches are ordered by the rank of
+        the node that started them (``via[0]``, or this node) in the
+        chunk's planned stripe tree first
+        (:meth:`thunder_cache.cache.upstream.Upstream.rank`), then by
+        ticket: a planned child always joins its parent's fetch (a node's
+        request reaching its parent just after the parent's own fetch of
+        the chunk started made a second fetch up to the root), and the
+        order stays one total order, carried with each relayed request.
         """
         self.manifest.chunk_range(index)  # validates the index
         if background:
@@ -433,8 +441,9 @@ class ImageCache:
                               % self.image_id)
             future = self._inflight.get(index)
             bypass = False
+            rank = self._rank(via[0] if via else None, index)
             if future is None:
-                future = _new_fetch(ticket)
+                future = _new_fetch(ticket, rank=rank)
                 self._inflight[index] = future
                 fetcher = True
             else:
@@ -444,8 +453,8 @@ class ImageCache:
                     raise LoopError('chunk %d of image %s is being fetched '
                                     'from %s, which asked for it'
                                     % (index, self.image_id, target))
-                bypass = ticket is not None and not _may_join(future,
-                                                              ticket)
+                bypass = ticket is not None and not _may_join(
+                    future, ticket, rank)
             # A demand read waiting on a prefetch is not counted: holding
             # the prefetcher back would not serve it sooner.
             waits_demand = bypass or not future.background
@@ -454,7 +463,7 @@ class ImageCache:
         try:
             if bypass:
                 self.counters.inc('inflight_bypasses')
-                self._fill(index, via, _new_fetch(ticket))
+                self._fill(index, via, _new_fetch(ticket, rank=rank))
             elif not fetcher:
                 self._join(index, future, timeout)
             else:
@@ -463,6 +472,11 @@ class ImageCache:
             if waits_demand:
                 with self._lock:
                     self._demand -= 1
+
+    def _rank(self, url, index):
+        """The rank of the fetches ``url`` (None: this node) starts."""
+        rank = getattr(self.upstream, 'rank', None)
+        return 0 if rank is None else rank(url, index)
 
     def _observe(self, observer, index):
         try:
@@ -530,7 +544,8 @@ class ImageCache:
         with self._lock:
             if self.has(index) or index in self._inflight or self.retired:
                 return False
-            future = _new_fetch(None, background=True)
+            future = _new_fetch(None, background=True,
+                                rank=self._rank(None, index))
             self._inflight[index] = future
             self._background += 1
         try:
@@ -601,7 +616,7 @@ class ImageCache:
 
     def _fetch(self, index, offset, length, via, future):
         errors = []
-        for source in self.upstream.candidates(via):
+        for source in self.upstream.candidates(via, index):
             future.source = source
             future.deadline = (time.monotonic() + source.time_limit(length) +
                                WAIT_GRACE)

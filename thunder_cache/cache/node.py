@@ -272,9 +272,10 @@ def spec_from_dict(image_id, data, origin_factory):
 class ImageEntry:
     """A registered image and, once activated, its cache."""
 
-    def __init__(self, spec, max_children, child_ttl):
+    def __init__(self, spec, max_children, child_ttl, stripes=1):
         self.spec = spec
-        self.children = fanout.ChildTable(max_children, child_ttl)
+        self.children = fanout.ChildTable(max_children, child_ttl,
+                                          stripes=stripes)
         self.cache = None
         self.manifest_bytes = None
         self.lock = threading.Lock()
@@ -301,7 +302,11 @@ class Node:
     :param url: this node's serving URL as its peers know it.
     :param cache_dir: where the image caches live.
     :param client: a :class:`~thunder_cache.peer.sources.PeerClient`.
-    :param max_children: children served per image before redirecting.
+    :param max_children: children served per image (per stripe) before
+        redirecting.
+    :param stripes: stripes the chunks of an image are dealt into, each
+        fetched from its own parent (see
+        :func:`thunder_cache.cache.upstream.stripe_parents`).
     :param relay_timeout: seconds a peer request waits for a chunk this
         node must fetch first.
     :param read_retry: seconds a local read retries a chunk no source
@@ -318,13 +323,15 @@ class Node:
                  relay_timeout=10.0, max_redirects=16, retry_interval=30.0,
                  retry_max_interval=300.0, max_peers=None,
                  verify_persisted=True, commit_interval=0.0,
-                 read_retry=0.0, activation_retry=5.0, on_activate=None):
+                 read_retry=0.0, activation_retry=5.0, on_activate=None,
+                 stripes=1):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir
         self.client = client
         self.max_children = max_children
         self.child_ttl = child_ttl
+        self.stripes = stripes
         self.relay_timeout = relay_timeout
         self.max_redirects = max_redirects
         self.retry_interval = retry_interval
@@ -355,7 +362,7 @@ class Node:
             entry = self._images.get(spec.image_id)
             if entry is None:
                 self._images[spec.image_id] = ImageEntry(
-                    spec, self.max_children, self.child_ttl)
+                    spec, self.max_children, self.child_ttl, self.stripes)
                 LOG.info('Registered image %s (manifest %s, %d peers)',
                          spec.image_id, spec.manifest_digest[:16],
                          len(spec.peers))
@@ -495,7 +502,8 @@ class Node:
             max_redirects=self.max_redirects,
             retry_interval=self.retry_interval,
             retry_max_interval=self.retry_max_interval,
-            max_peers=self.max_peers)
+            max_peers=self.max_peers, stripes=self.stripes,
+            fanout=self.max_children)
         entry.manifest_bytes = manifest.to_bytes()
         entry.cache = image_cache.ImageCache(
             directory, spec.image_id, manifest, upstream,
@@ -700,7 +708,7 @@ class Node:
         if self.url in waiting:
             self.counters.inc('loops_refused')
             return reply_mod.error(508, 'request came back to this node')
-        admission = entry.children.admit(peer.node_id, peer.url)
+        admission = entry.children.admit(peer.node_id, peer.url, index)
         if not admission.serve:
             self.counters.inc('redirects_sent')
             location = admission.redirect_url + protocol.chunk_path(

@@ -63,6 +63,41 @@ class _Failures:
         self.last = last
 
 
+def stripe_parents(holders: typing.Sequence[str], me: str, stripes: int,
+                   fanout: int) -> typing.List[typing.Optional[str]]:
+    """The planned parent of node ``me`` for each stripe (None: none).
+
+    ``holders`` is the image's list of holders as every node sees it
+    (oldest first); its first is the root, which reads the origin and
+    gives each stripe to one child. The others, in list order, are dealt
+    round robin into ``stripes`` groups: group ``s`` owns stripe ``s``.
+    Stripe ``s``'s tree is a heap of degree ``fanout`` over the owners of
+    ``s`` first, then everybody else, so its inner nodes are owners: with
+    ``fanout == stripes`` every node forwards its own stripe to
+    ``fanout`` children and is a leaf of the others' trees. Every node
+    then uploads the image about once and receives each stripe from a
+    different parent, as SplitStream's interior-node-disjoint trees. A
+    node not in the list, or its root, has no planned parents.
+    """
+    if stripes < 2 or me not in holders or holders[0] == me:
+        return [None] * max(1, stripes)
+    parents: typing.List[typing.Optional[str]] = []
+    for order in stripe_orders(holders, stripes):
+        place = order.index(me)
+        parents.append(holders[0] if place == 0
+                       else order[(place - 1) // fanout])
+    return parents
+
+
+def stripe_orders(holders: typing.Sequence[str], stripes: int
+                  ) -> typing.List[typing.List[str]]:
+    """Per stripe, the holders but the first, owners first (heap order)."""
+    rest = list(holders[1:])
+    return [[u for j, u in enumerate(rest) if j % stripes == stripe] +
+            [u for j, u in enumerate(rest) if j % stripes != stripe]
+            for stripe in range(stripes)]
+
+
 def backoff(count: int, first: float, longest: float) -> float:
     """Seconds a peer is left out after ``count`` failures in a row."""
     return min(longest, first * 2 ** min(count - 1, 32))
@@ -76,6 +111,9 @@ class Upstream:
     :param retry_max_interval: the longest a peer is left out.
     :param max_peers: peers taken from :meth:`set_peers` at most (None:
         all).
+    :param stripes: stripes of the image, each with its own parents.
+    :param fanout: the children per stripe a node serves
+        (``[peer] max_children``), the degree of the planned trees.
     """
 
     def __init__(self, image_id: str,
@@ -86,7 +124,8 @@ class Upstream:
                  retry_interval: float = 30.0,
                  retry_max_interval: float = 300.0,
                  max_peers: typing.Optional[int] = None,
-                 clock: typing.Callable[[], float] = time.monotonic) -> None:
+                 clock: typing.Callable[[], float] = time.monotonic,
+                 stripes: int = 1, fanout: int = 2) -> None:
         self.image_id = image_id
         self.origin = origin
         self.client = client
@@ -99,7 +138,14 @@ class Upstream:
         self._lock = threading.Lock()
         self._failures: typing.Dict[str, _Failures] = {}
         self._capped = 0
-        self.parent: typing.Optional[str] = None
+        self.stripes = max(1, stripes)
+        self.fanout = fanout
+        # Per stripe: the parent a redirect gave, the planned one.
+        self.parents: typing.List[typing.Optional[str]] = (
+            [None] * self.stripes)
+        self.planned: typing.List[typing.Optional[str]] = (
+            [None] * self.stripes)
+        self._ranks: typing.List[typing.Dict[str, int]] = []
         self.peers: typing.List[str] = []
         self.later_peers: typing.List[str] = []
         self.set_peers(peers)
@@ -119,7 +165,11 @@ class Upstream:
 
         Peers the client's address policy refuses are left out (with a
         warning, once per peer); of the others, the first ``max_peers``
-        are kept.
+        are kept. With stripes, the planned parents
+        (:func:`stripe_parents`) come from that list: nodes listing more
+        than ``max_peers`` others plan from different lists (each its own
+        place after the first ``max_peers``), and their trees meet through
+        redirects instead.
         """
         permits = getattr(self.client, 'permits', None)
         seen: typing.Set[str] = set()
@@ -147,15 +197,51 @@ class Upstream:
             before, after = ordered[:mine], ordered[mine + 1:]
         else:
             before, after = ordered, []
+        holders = ordered
+        planned = stripe_parents(holders, self.self_url or '', self.stripes,
+                                 self.fanout)
+        ranks: typing.List[typing.Dict[str, int]] = []
+        if self.stripes > 1 and self.self_url in holders:
+            for order in stripe_orders(holders, self.stripes):
+                ranks.append({u: place for place, u in enumerate(order)})
+                ranks[-1][holders[0]] = -1
         with self._lock:
+            self._ranks = ranks
             self._capped = capped
             self.peers = before
             self.later_peers = after
+            self.planned = planned
 
-    def adopt(self, url: str) -> None:
-        """Make ``url`` the parent (a full node redirected us to it)."""
+    @property
+    def parent(self) -> typing.Optional[str]:
+        """The parent of stripe 0 (of every chunk without stripes)."""
+        return self.parents[0]
+
+    def rank(self, url: typing.Optional[str], index: int) -> float:
+        """Where ``url`` (None: this node) is in chunk ``index``'s tree.
+
+        Its place in the planned tree of the chunk's stripe (the root
+        -1), infinite for a node outside the plan; 0 for every node
+        without stripes or when this node is not in its list of holders
+        (lists that differ between nodes, written by hand each in another
+        order, would order fetches differently on each node: only tickets
+        order them then). Fetches are ordered by it, then by ticket (see
+        :meth:`thunder_cache.cache.image_cache.ImageCache.ensure`).
+        """
+        ranks = self._ranks
+        if not ranks:
+            return 0
+        key = (self.self_url if url is None else url) or ''
+        return ranks[self.stripe(index)].get(key, float('inf'))
+
+    def stripe(self, index: typing.Optional[int]) -> int:
+        """The stripe of chunk ``index`` (0 for None)."""
+        return 0 if index is None else index % self.stripes
+
+    def adopt(self, url: str, stripe: int = 0) -> None:
+        """Make ``url`` the parent of ``stripe`` (a full node sent us)."""
         with self._lock:
-            self.parent = url
+            self.parents[stripe] = url
             self._failures.pop(url, None)
 
     def forgive(self) -> None:
@@ -180,24 +266,28 @@ class Upstream:
             entry = self._failures.get(url)
             return entry is not None and entry.until > self._clock()
 
-    def candidates(self, via: typing.Sequence[str] = ()
+    def candidates(self, via: typing.Sequence[str] = (),
+                   index: typing.Optional[int] = None
                    ) -> typing.Iterator[sources.ChunkSource]:
-        """The sources to try for one chunk, best first."""
+        """The sources to try for chunk ``index``, best first."""
         skip = set(via) | self.banned() | {self.self_url}
+        stripe = self.stripe(index)
         with self._lock:
-            order: typing.List[str] = []
-            if self.parent is not None:
-                order.append(self.parent)
-            order.extend(p for p in self.peers if p != self.parent)
-            later = [p for p in self.later_peers if p != self.parent]
+            first: typing.List[str] = []
+            for s in [stripe] + [t for t in range(self.stripes)
+                                 if t != stripe]:
+                first.extend(u for u in (self.planned[s], self.parents[s])
+                             if u is not None and u not in first)
+            order = first + [p for p in self.peers if p not in first]
+            later = [p for p in self.later_peers if p not in first]
         for url in order:
             if url not in skip:
-                yield sources.PeerSource(self, url)
+                yield sources.PeerSource(self, url, stripe)
         if self.origin is not None:
             yield self.origin
         for url in later:
             if url not in skip:
-                yield sources.PeerSource(self, url)
+                yield sources.PeerSource(self, url, stripe)
 
     def report(self, source: sources.ChunkSource, ok: bool,
                error: typing.Optional[BaseException] = None) -> None:
@@ -205,19 +295,21 @@ class Upstream:
         url = source.url
         if source.kind != 'peer' or url is None:
             return
+        stripe = getattr(source, 'stripe', 0)
         with self._lock:
             if ok:
-                # A full node's child that served us is our new parent.
-                if self.parent is None or getattr(source, 'redirected',
-                                                  False):
-                    self.parent = url
+                # A full node's child that served us is our new parent
+                # (of this stripe); a planned parent needs no adopting.
+                if (getattr(source, 'redirected', False) or (
+                        self.parents[stripe] is None and
+                        url != self.planned[stripe])):
+                    self.parents[stripe] = url
                 self._failures.pop(url, None)
                 return
             if getattr(error, 'soft', False):
                 return
             pause = self._failed(url)
-            if self.parent == url:
-                self.parent = None
+            self.parents = [None if p == url else p for p in self.parents]
         if isinstance(error, image_cache.BadChunk):
             LOG.warning('Image %s: dropping peer %s for %g s: it sent a '
                         'chunk that failed verification', self.image_id,

@@ -21,6 +21,15 @@ at most ``max_children`` others whatever the number of nodes.
 
 A child that has not asked for anything for ``child_ttl`` seconds leaves
 the table, freeing its slot.
+
+With ``stripes`` > 1 (``[peer] stripes``) the chunks of an image are dealt
+into that many stripes (chunk ``i`` in stripe ``i % stripes``) and the
+table is kept per stripe: a node serves at most ``max_children`` children
+for each stripe. A child that uses this node for one stripe only takes a
+place in that stripe's table only, and receives a ``1 / stripes`` share of
+the image from it, so a node still uploads at most ``max_children`` times
+the image, whatever the number of stripes (see
+:func:`thunder_cache.cache.upstream.stripe_parents`).
 """
 
 import collections
@@ -52,59 +61,72 @@ class ChildTable:
     """The children of one image on this node; thread-safe."""
 
     def __init__(self, max_children: int, child_ttl: float = 10.0,
-                 clock: typing.Callable[[], float] = time.monotonic) -> None:
+                 clock: typing.Callable[[], float] = time.monotonic,
+                 stripes: int = 1) -> None:
         if max_children < 1:
             raise ValueError('max_children must be at least 1')
+        if stripes < 1:
+            raise ValueError('stripes must be at least 1')
         self.max_children = max_children
         self.child_ttl = child_ttl
+        self.stripes = stripes
         self._clock = clock
         self._lock = threading.Lock()
-        # node id -> [url, last seen]; insertion ordered.
-        self._children: typing.Dict[str, typing.List[typing.Any]] = (
-            collections.OrderedDict())
-        self._next = 0
+        # Per stripe: node id -> [url, last seen]; insertion ordered.
+        self._tables: typing.List[typing.Dict[str, typing.List[typing.Any]]]
+        self._tables = [collections.OrderedDict() for _ in range(stripes)]
+        self._next = [0] * stripes
 
     def __len__(self) -> int:
-        return len(self._children)
+        return len(self.children())
 
     def children(self) -> typing.Dict[str, str]:
-        """{node id: url} of the current children."""
+        """{node id: url} of the current children (of every stripe)."""
         with self._lock:
             self._expire(self._clock())
-            return {n: v[0] for n, v in self._children.items()}
+            return {n: v[0] for table in self._tables
+                    for n, v in table.items()}
 
     def _expire(self, now: float) -> None:
-        stale = [n for n, (_u, seen) in self._children.items()
-                 if now - seen > self.child_ttl]
-        for node_id in stale:
-            del self._children[node_id]
+        for table in self._tables:
+            stale = [n for n, (_u, seen) in table.items()
+                     if now - seen > self.child_ttl]
+            for node_id in stale:
+                del table[node_id]
 
-    def admit(self, node_id: str, url: str) -> Admission:
-        """Serve ``node_id`` or send it to one of the children."""
+    def stripe(self, index: int) -> int:
+        """The stripe of chunk ``index``."""
+        return index % self.stripes
+
+    def admit(self, node_id: str, url: str, index: int = 0) -> Admission:
+        """Serve ``node_id`` chunk ``index`` or send it to a child."""
         now = self._clock()
+        stripe = self.stripe(index)
         with self._lock:
-            entry = self._children.get(node_id)
+            table = self._tables[stripe]
+            entry = table.get(node_id)
             if entry is not None:
                 entry[0] = url
                 entry[1] = now
                 return SERVE
             self._expire(now)
-            if len(self._children) < self.max_children:
-                self._children[node_id] = [url, now]
+            if len(table) < self.max_children:
+                table[node_id] = [url, now]
                 return SERVE
-            urls = [u for u, _s in self._children.values() if u != url]
+            urls = [u for u, _s in table.values() if u != url]
             if not urls:
                 # Cannot happen with distinct nodes; serve rather than
                 # send a node to itself.
                 return SERVE
-            target = urls[self._next % len(urls)]
-            self._next += 1
+            target = urls[self._next[stripe] % len(urls)]
+            self._next[stripe] += 1
             return Admission(False, target)
 
     def forget(self, node_id: str) -> None:
-        """Drop ``node_id`` from the children."""
+        """Drop ``node_id`` from the children (of every stripe)."""
         with self._lock:
-            self._children.pop(node_id, None)
+            for table in self._tables:
+                table.pop(node_id, None)
 
 
 class TokenBucket:

@@ -106,9 +106,10 @@ class SourceChooser(typing.Protocol):
     uses.
     """
 
-    def candidates(self, via: typing.Sequence[str] = ()
+    def candidates(self, via: typing.Sequence[str] = (),
+                   index: typing.Optional[int] = None
                    ) -> typing.Iterator[ChunkSource]:
-        """The sources to try for a chunk, best first."""
+        """The sources to try for chunk ``index``, best first."""
 
     def report(self, source: ChunkSource, ok: bool,
                error: typing.Optional[BaseException] = None) -> None:
@@ -900,15 +901,18 @@ class PeerSource:
 
     ``url`` is the node currently asked. After redirects it is the child
     the full nodes sent us to; if that child serves the chunk, the
-    upstream adopts it as our parent (``redirected`` tells it to). The
-    redirects and the final answer share one deadline.
+    upstream adopts it as our parent (``redirected`` tells it to) for
+    ``stripe``, the stripe of the chunk asked. The redirects and the final
+    answer share one deadline.
     """
 
     kind = 'peer'
 
-    def __init__(self, upstream: typing.Any, url: str) -> None:
+    def __init__(self, upstream: typing.Any, url: str,
+                 stripe: int = 0) -> None:
         self.upstream = upstream
         self.url = url
+        self.stripe = stripe
         self.redirected = False
 
     @property

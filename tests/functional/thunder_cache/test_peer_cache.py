@@ -327,6 +327,53 @@ def test_killed_peer_and_stopped_origin(daemons, volume, image):
     assert total(nodes, 'thunder_cache_fetch_errors_total') >= 1
 
 
+def test_two_parents_serve_stripes_and_one_is_killed(daemons, volume,
+                                                     image):
+    """A node fetches its two stripes from two full peers; one dies."""
+    path, manifest = volume
+    origin = {'type': 'file', 'path': path}
+    seeds = [daemons('s0'), daemons('s1')]
+    for d in seeds:
+        d.describe(IMAGE, manifest, origin)
+        d.start()
+    errors, digests = [], {}
+    run_parallel([(replay, (d, [(0, SIZE)], image, errors, digests))
+                  for d in seeds])
+    assert not errors, errors
+    os.rename(path, path + '.gone')
+    node = daemons('n')
+    # The holders' list, the node in it: stripe 0 from s1, 1 from s0.
+    node.describe(IMAGE, manifest, origin, peers=seeds + [node])
+    node.start()
+    served = 'thunder_cache_bytes_served_to_peers_total'
+    before_kill = {}
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if seeds[0].metric(served, image=IMAGE) >= 10 * CHUNK:
+                break
+            time.sleep(0.005)
+        before_kill['s0'] = seeds[0].metric(served, image=IMAGE)
+        before_kill['s1'] = seeds[1].metric(served, image=IMAGE)
+        seeds[0].kill()
+
+    trace = [(offset, 64 * 1024) for offset in range(0, SIZE, 64 * 1024)]
+    run_parallel([(replay, (node, trace, image, errors, digests)),
+                  (kill_when_busy, ())])
+    assert not errors, errors
+    assert digests['n'] == expected_digest(trace, image)
+    assert not seeds[0].running
+    # Both parents served before the kill, s1 the rest after it.
+    assert before_kill['s0'] >= 10 * CHUNK
+    assert before_kill['s1'] > 0
+    assert seeds[1].metric(served, image=IMAGE) > before_kill['s1']
+    assert node.metric('thunder_cache_chunks_from_origin_total') == 0
+    assert node.metric('thunder_cache_chunks_rejected_total') == 0
+    assert node.metric('thunder_cache_chunks_verified_total') == (
+        manifest.chunk_count)
+
+
 def test_sigkill_mid_fill_then_restart(daemons, volume, image):
     path, manifest = volume
     node = daemons('victim', commit_interval=0.05)

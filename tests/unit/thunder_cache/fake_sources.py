@@ -109,7 +109,7 @@ class FakeUpstream:
         self.sources = list(sources_)
         self.reports = []
 
-    def candidates(self, via=()):
+    def candidates(self, via=(), index=None):
         for source in self.sources:
             if getattr(source, 'url', None) not in via or source.url is None:
                 yield source

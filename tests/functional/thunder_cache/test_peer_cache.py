@@ -332,7 +332,9 @@ def test_two_parents_serve_stripes_and_one_is_killed(daemons, volume,
     """A node fetches its two stripes from two full peers; one dies."""
     path, manifest = volume
     origin = {'type': 'file', 'path': path}
-    seeds = [daemons('s0'), daemons('s1')]
+    stripes = ['stripes = 2']   # the default is 1: one parent
+    seeds = [daemons('s0', peer_options=stripes),
+             daemons('s1', peer_options=stripes)]
     for d in seeds:
         d.describe(IMAGE, manifest, origin)
         d.start()
@@ -341,7 +343,7 @@ def test_two_parents_serve_stripes_and_one_is_killed(daemons, volume,
                   for d in seeds])
     assert not errors, errors
     os.rename(path, path + '.gone')
-    node = daemons('n')
+    node = daemons('n', peer_options=stripes)
     # The holders' list, the node in it: stripe 0 from s1, 1 from s0.
     node.describe(IMAGE, manifest, origin, peers=seeds + [node])
     node.start()

@@ -56,7 +56,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,16 +68,11 @@ from thunder_cache.peer import sources
 from thunder_cache.peer import tls as tls_mod
 from thunder_common import manifest as manifest_mod
 from thunder_stack import pki
+from thunder_stack import services as svc
 
 SECRET = b'peer-throughput-benchmark-secret'
 IMAGE_ID = 'bench'
 GOAL_BYTES_PER_SECOND = 1e9
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def write_volume(path, size, chunk_size):
@@ -232,7 +226,7 @@ def measure_tls(args, workdir, manifest, volume, sizes, procs):
     """The TLS rows: a TLS daemon's cold fill, then its warm readers."""
     authority = pki.Pki(os.path.join(workdir, 'pki'))
     files = (authority.ca_file,) + authority.node('tls', ['127.0.0.1'])
-    port = free_port()
+    port = svc.free_port()
     url = 'https://127.0.0.1:%d' % port
     proc, _path = start_daemon(workdir, port, manifest, volume, name='tls',
                                tls=files)
@@ -295,7 +289,7 @@ def main(argv=None):
         rows = []
         # A daemon that commits each chunk before serving it, for the
         # cold-fill comparison only.
-        port = free_port()
+        port = svc.free_port()
         strict, _path = start_daemon(workdir, port, manifest, volume,
                                      commit_interval=0, name='strict')
         try:
@@ -308,7 +302,7 @@ def main(argv=None):
         rows.append(('cold fill, commit per chunk', 1, total, elapsed,
                      None))
 
-        port = free_port()
+        port = svc.free_port()
         url = 'http://127.0.0.1:%d' % port
         proc, data_path = start_daemon(workdir, port, manifest, volume)
         procs.append(proc)

@@ -36,13 +36,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 
 from thunder_common import procs
+from thunder_stack import services as svc
 
 DAEMONS = ('mon.a', 'mgr.x', 'osd.0')
 DEFAULT_POOLS = ('volumes', 'images')
@@ -51,13 +51,6 @@ COMMAND_TIMEOUT = 60
 
 class CephError(RuntimeError):
     """The local cluster could not be started, used or stopped."""
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class LocalCeph:
@@ -213,9 +206,9 @@ class LocalCeph:
             os.makedirs(self._path(sub), exist_ok=True)
         fsid = str(uuid.uuid4())
         if self.port:
-            v1, v2 = self.port, free_port()
+            v1, v2 = self.port, svc.free_port()
         else:
-            v1, v2 = free_port(), free_port()
+            v1, v2 = svc.free_port(), svc.free_port()
         addr = '[v2:127.0.0.1:%d,v1:127.0.0.1:%d]' % (v2, v1)
         self._write_conf(fsid, addr)
         self._make_mon_keyring()

@@ -20,6 +20,7 @@ stack directory, normally), so a reused PID is never signalled.
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,6 +30,8 @@ import urllib.request
 
 from thunder_common import procs
 
+# Ports free_port picks from, up to the ephemeral range.
+FREE_PORTS_FROM = 20000
 # Seconds a service's port may stay taken by a process that is going away
 # before its start fails.
 PORT_WAIT = 30
@@ -355,17 +358,42 @@ def http_reason(url, ok=(200, 300)):
 
 
 def free_port(preferred=None):
-    """``preferred`` if nothing listens there, else a free port."""
-    if preferred and not port_open(preferred):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(('127.0.0.1', preferred))
-                return preferred
-            except OSError:
-                pass
+    """A TCP port of 127.0.0.1 free now: ``preferred`` if it is.
+
+    Chosen below the kernel's ephemeral range (``ip_local_port_range``),
+    where no outgoing connection can take it as its local port before its
+    server binds it: a port from ``bind(0)`` is in that range, and a
+    daemon of an eight-node test once found its port taken so.
+    """
+    if preferred and _bindable(preferred):
+        return preferred
+    low = _ephemeral_low()
+    if low - FREE_PORTS_FROM >= 1000:
+        for _ in range(200):
+            port = random.randrange(FREE_PORTS_FROM, low)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def _bindable(port):
+    """Whether no socket at all (not even a closing one) has ``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(('127.0.0.1', port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low():
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def tail(path, lines=15):

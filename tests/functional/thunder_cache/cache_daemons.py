@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,17 +33,12 @@ import urllib.request
 from tests import cache_helpers
 from thunder_cache.control import client as control_client
 from thunder_common import manifest as manifest_mod
+from thunder_stack import services as svc
 
 REPO = cache_helpers.REPO
 SECRET = b'functional-test-shared-secret-0123456789'
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def parse_metrics(text):
@@ -71,7 +65,7 @@ class Daemon:
         self.name = name
         self.dir = os.path.join(workdir, name)
         os.makedirs(os.path.join(self.dir, 'images.d'), exist_ok=True)
-        self.port = free_port()
+        self.port = svc.free_port()
         self.tls = tls
         self.url = '%s://127.0.0.1:%d' % ('https' if tls else 'http',
                                           self.port)

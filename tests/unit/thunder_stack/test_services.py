@@ -42,12 +42,6 @@ ctypes.CDLL(None).pthread_exit(None)
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _service(tmp_path, port, code=LINGERING_SERVER):
     return svc.Service('lingering', [sys.executable, '-c', code, str(port)],
                        str(tmp_path), port=port, marker=str(port))
@@ -61,7 +55,7 @@ def _wait(predicate, timeout=30):
 
 
 def test_stop_waits_until_every_thread_of_the_group_ended(tmp_path):
-    port = _free_port()
+    port = svc.free_port()
     service = _service(tmp_path, port)
     pid = service.start()
     try:
@@ -78,7 +72,7 @@ def test_stop_waits_until_every_thread_of_the_group_ended(tmp_path):
 
 
 def test_start_waits_for_a_port_being_released(tmp_path):
-    port = _free_port()
+    port = svc.free_port()
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     holder.bind(('127.0.0.1', port))
@@ -98,7 +92,7 @@ def test_start_waits_for_a_port_being_released(tmp_path):
 
 def test_start_beside_a_process_keeping_the_port_names_it(tmp_path,
                                                           monkeypatch):
-    port = _free_port()
+    port = svc.free_port()
     other = subprocess.Popen([sys.executable, '-c', LINGERING_SERVER,
                               str(port)], start_new_session=True)
     try:
@@ -118,7 +112,7 @@ def test_start_beside_a_process_keeping_the_port_names_it(tmp_path,
 
 
 def test_stop_says_so_when_processes_survive_sigkill(tmp_path):
-    port = _free_port()
+    port = svc.free_port()
     service = _service(tmp_path, port)
     pid = service.start()
     try:
@@ -129,3 +123,17 @@ def test_stop_says_so_when_processes_survive_sigkill(tmp_path):
         assert str(pid) in str(err.value)
     finally:
         svc.terminate(pid, 1)
+
+
+def test_free_ports_are_below_the_ephemeral_range():
+    """Where no outgoing connection takes them before their server."""
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+        low = int(f.read().split()[0])
+    ports = {svc.free_port() for _ in range(20)}
+    if low - svc.FREE_PORTS_FROM >= 1000:
+        assert all(svc.FREE_PORTS_FROM <= p < low for p in ports)
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', svc.free_port()))
+        port = taken.getsockname()[1]
+        assert svc.free_port(preferred=port) != port
+    assert svc.free_port(preferred=port) == port

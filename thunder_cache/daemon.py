@@ -264,12 +264,15 @@ class Daemon:
         service.evictor = self.evictor
         service.trace_state = self.lifecycle.trace_state
         self.evictor.in_use = service.image_in_use
+        if native is not None:
+            # Before the control socket answers: whoever it answers (the
+            # Cinder driver, a test) may attach a volume at once, and its
+            # file must be served by then.
+            self._start_native(conf, native)
         self.control_server = control_server.ControlServer(
             conf.control_socket, service.handlers(),
             expected=service_mod.EXPECTED_ERRORS, group=conf.control_group)
         self.control_server.start()
-        if native is not None:
-            self._start_native(conf, native)
         LOG.info('Volume files in %s (layers in %s, served by %s); '
                  'control socket %s', conf.mount_dir, conf.layers_dir,
                  conf.volume_server, conf.control_socket)

@@ -283,10 +283,15 @@ def _describe(pids):
     return ', '.join(out) or 'none'
 
 
-def port_free(port, host='127.0.0.1'):
-    """Whether a server could listen on ``host:port`` now."""
+def port_free(port, host='127.0.0.1', reuse=True):
+    """Whether a server could listen on ``host:port`` now.
+
+    ``reuse=False``: whether no socket at all has it, not even a closing
+    one (a server without ``SO_REUSEADDR`` could bind it too).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -365,27 +370,17 @@ def free_port(preferred=None):
     server binds it: a port from ``bind(0)`` is in that range, and a
     daemon of an eight-node test once found its port taken so.
     """
-    if preferred and _bindable(preferred):
+    if preferred and port_free(preferred, reuse=False):
         return preferred
     low = _ephemeral_low()
     if low - FREE_PORTS_FROM >= 1000:
         for _ in range(200):
             port = random.randrange(FREE_PORTS_FROM, low)
-            if _bindable(port):
+            if port_free(port, reuse=False):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
-
-
-def _bindable(port):
-    """Whether no socket at all (not even a closing one) has ``port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(('127.0.0.1', port))
-        except OSError:
-            return False
-    return True
 
 
 def _ephemeral_low():

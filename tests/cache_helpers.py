@@ -13,6 +13,7 @@
 """In-process node caches and peer servers on 127.0.0.1, for tests."""
 
 import collections
+import hashlib
 import os
 import subprocess
 import sys
@@ -105,6 +106,29 @@ class Cluster:
     def stop_all(self):
         for node, _srv in list(self.nodes):
             self.stop(node)
+
+
+def read_together(nodes, image_id, size, step):
+    """Every node reads the whole image at once, ``step`` bytes a read.
+
+    Returns {node id: sha256 of what it read}.
+    """
+    results = {}
+    barrier = threading.Barrier(len(nodes))
+
+    def read(node):
+        barrier.wait()
+        data = bytearray()
+        for offset in range(0, size, step):
+            data += node.read_image(image_id, offset, step)
+        results[node.node_id] = hashlib.sha256(data).hexdigest()
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def peer_client(signer, tls_context=None):

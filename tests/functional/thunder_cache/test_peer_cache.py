@@ -286,11 +286,14 @@ def test_corrupt_peers_are_caught_and_bypassed(daemons, volume, image):
 
 # -- failures --------------------------------------------------------------
 
-def test_killed_peer_and_stopped_origin(daemons, volume, image):
-    """A peer killed mid-transfer, no origin: other nodes serve the reads."""
+def full_seeds(daemons, volume, image, **options):
+    """Two daemons holding the whole image, then the origin gone.
+
+    Returns (origin spec, manifest, seeds, errors, digests).
+    """
     path, manifest = volume
     origin = {'type': 'file', 'path': path}
-    seeds = [daemons('s0', max_children=2), daemons('s1', max_children=2)]
+    seeds = [daemons('s0', **options), daemons('s1', **options)]
     for d in seeds:
         d.describe(IMAGE, manifest, origin)
         d.start()
@@ -298,8 +301,14 @@ def test_killed_peer_and_stopped_origin(daemons, volume, image):
     run_parallel([(replay, (d, [(0, SIZE)], image, errors, digests))
                   for d in seeds])
     assert not errors, errors
-    # The origin goes away.
     os.rename(path, path + '.gone')
+    return origin, manifest, seeds, errors, digests
+
+
+def test_killed_peer_and_stopped_origin(daemons, volume, image):
+    """A peer killed mid-transfer, no origin: other nodes serve the reads."""
+    origin, manifest, seeds, errors, digests = full_seeds(
+        daemons, volume, image, max_children=2)
     nodes = [daemons('n%d' % i) for i in range(6)]
     for d in nodes:
         d.describe(IMAGE, manifest, origin, peers=seeds)
@@ -330,19 +339,9 @@ def test_killed_peer_and_stopped_origin(daemons, volume, image):
 def test_two_parents_serve_stripes_and_one_is_killed(daemons, volume,
                                                      image):
     """A node fetches its two stripes from two full peers; one dies."""
-    path, manifest = volume
-    origin = {'type': 'file', 'path': path}
     stripes = ['stripes = 2']   # the default is 1: one parent
-    seeds = [daemons('s0', peer_options=stripes),
-             daemons('s1', peer_options=stripes)]
-    for d in seeds:
-        d.describe(IMAGE, manifest, origin)
-        d.start()
-    errors, digests = [], {}
-    run_parallel([(replay, (d, [(0, SIZE)], image, errors, digests))
-                  for d in seeds])
-    assert not errors, errors
-    os.rename(path, path + '.gone')
+    origin, manifest, seeds, errors, digests = full_seeds(
+        daemons, volume, image, peer_options=stripes)
     node = daemons('n', peer_options=stripes)
     # The holders' list, the node in it: stripe 0 from s1, 1 from s0.
     node.describe(IMAGE, manifest, origin, peers=seeds + [node])

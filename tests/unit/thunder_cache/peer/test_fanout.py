@@ -393,22 +393,8 @@ def test_nodes_form_a_bounded_tree(cluster, volume):
                             max_children=2)
     nodes = [cluster.start('n%d' % i, _spec(manifest, peers=[seed.url]),
                            max_children=2)[0] for i in range(7)]
-    results = {}
-    barrier = threading.Barrier(len(nodes))
-
-    def read(node):
-        barrier.wait()
-        data = bytearray()
-        step = 3 * CHUNK + 17
-        for offset in range(0, len(image), step):
-            data += node.read_image('img', offset, step)
-        results[node.node_id] = hashlib.sha256(data).hexdigest()
-
-    threads = [threading.Thread(target=read, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = cache_helpers.read_together(nodes, 'img', len(image),
+                                          3 * CHUNK + 17)
     expected = hashlib.sha256(image).hexdigest()
     assert results == {n.node_id: expected for n in nodes}
     # The origin was read once per chunk, by the seed only.

@@ -14,7 +14,6 @@
 
 import collections
 import hashlib
-import threading
 
 import pytest
 
@@ -194,21 +193,7 @@ def test_real_nodes_receive_from_two_parents_and_all_upload(cluster,
     seed.register(node_mod.ImageSpec(origin=origin, **spec))
     for node in nodes:
         node.register(node_mod.ImageSpec(**spec))
-    results = {}
-    barrier = threading.Barrier(len(nodes))
-
-    def read(node):
-        barrier.wait()
-        data = bytearray()
-        for offset in range(0, len(image), CHUNK):
-            data += node.read_image('img', offset, CHUNK)
-        results[node.node_id] = hashlib.sha256(data).hexdigest()
-
-    threads = [threading.Thread(target=read, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = cache_helpers.read_together(nodes, 'img', len(image), CHUNK)
     expected = hashlib.sha256(image).hexdigest()
     assert results == {n.node_id: expected for n in nodes}
     # The origin was read once per chunk (by the seed).

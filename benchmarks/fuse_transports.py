@@ -1,0 +1,356 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Peer mode: the FUSE transports, classic /dev/fuse, io_uring, passthrough.
+
+Warm reads of one image through the path a peer-mode volume takes (a loop
+device with direct I/O on a file of a FUSE mount, read by ``qemu-img
+bench`` with Nova's settings: raw, cache=none, aio=threads), served by:
+
+plain local file
+    the image as a local raw file (``cache=none``), the baseline;
+native volume server
+    ``thunder-volume-server`` (libfuse 3.14, /dev/fuse read and writev by
+    4 threads) under a real ``thunder-cache`` daemon, every chunk present
+    (a fresh volume of a fully fetched image), as ``cache_io.py`` reads it;
+raw classic
+    ``benchmarks/fuse_transports.c`` (the kernel's FUSE protocol spoken
+    without libfuse; a copy of the image as its backing file, in the page
+    cache, as the node cache's data file is): 4 threads on /dev/fuse;
+raw io_uring
+    the same server with FUSE over io_uring: one queue per CPU, each a
+    pinned thread with its own ring (``fuse.enable_uring`` is set to Y if
+    it reads N; the run says so);
+raw passthrough
+    the same server answering OPEN with FOPEN_PASSTHROUGH on its backing
+    file: the kernel reads the backing file itself, no request reaches the
+    server; the ceiling for a fully present volume.
+
+Every round measures every row in turn (the order rotates from round to
+round) on fresh loop devices: sequential 1 MiB reads at queue depth 4 (the
+whole image), 4 KiB "random" reads (a large stride, coprime with the
+number of blocks) at queue depth 16 and at queue depth 1. The table has
+the median and the range over the rounds of each ratio to the plain file
+of the same round. Round 1 also checks, with ``qemu-img compare``, that
+every raw transport returns the image's bytes.
+
+Run as root::
+
+    tox -e bench -- benchmarks/fuse_transports.py [--size-mib 1024]
+        [--repeat 3] [--rand-count 32768] [--rows REGEX] [--json out.json]
+
+Debian packages: qemu-utils, gcc, liburing-dev (the raw server), and what
+``cache_io.py`` needs for the native row (make, pkg-config, libfuse3-dev,
+zlib1g-dev, fuse3). Loop devices, mounts and servers (stopped by PID) are
+removed whatever happens, including SIGTERM and Ctrl-C.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+
+from benchmarks import blockdev_mechanisms as bm
+from benchmarks import cache_io
+from thunder_cache.volumes import nativevol
+
+MiB = 1024 * 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, 'fuse_transports.c')
+ENABLE_URING = '/sys/module/fuse/parameters/enable_uring'
+GOALS = {'rand': 0.9, 'rand_qd1': 1.0}
+
+PLAIN = 'plain local file'
+NATIVE = 'native volume server (libfuse)'
+CLASSIC = 'raw classic (4 threads)'
+URING = 'raw io_uring (1 queue/CPU)'
+PASSTHROUGH = 'raw passthrough'
+ROWS = (PLAIN, NATIVE, CLASSIC, URING, PASSTHROUGH)
+RAW_ARGS = {CLASSIC: ['--transport', 'classic', '--threads', '4'],
+            URING: ['--transport', 'uring', '--depth', '32'],
+            PASSTHROUGH: ['--transport', 'classic', '--passthrough']}
+KEYS = ('seq', 'rand', 'rand_qd1')
+
+
+def build_raw(workdir):
+    """Build the raw server; (binary, None) or (None, why not)."""
+    if not shutil.which('gcc'):
+        return None, 'gcc is not installed'
+    binary = os.path.join(workdir, 'fuse_transports')
+    proc = bm.run(['gcc', '-O2', '-Wall', '-o', binary, SOURCE, '-luring',
+                   '-lpthread'], check=False)
+    if proc.returncode:
+        return None, 'gcc failed (Debian: liburing-dev): %s' % (
+            proc.stderr.strip()[-500:])
+    return binary, None
+
+
+def uring_enabled():
+    """Make sure FUSE over io_uring is on; None or why it cannot be."""
+    try:
+        with open(ENABLE_URING) as f:
+            if f.read().strip() == 'Y':
+                return None
+        cache_io.step('setting %s to Y (it read N)' % ENABLE_URING)
+        with open(ENABLE_URING, 'w') as f:
+            f.write('Y')
+        return None
+    except OSError as e:
+        return 'no FUSE over io_uring in this kernel (%s)' % e
+
+
+class RawServer:
+    """The raw server mounted on ``mount_dir``, stopped by its PID."""
+
+    def __init__(self, cleanup, binary, args, backing, mount_dir, log):
+        os.makedirs(mount_dir, exist_ok=True)
+        self.file = os.path.join(mount_dir, 'volume')
+        self.server = bm.fuse_mount(cleanup, [binary] + args + [
+            backing, mount_dir], mount_dir, 'fuse_transports', log)
+        self.log = log
+
+    def served(self):
+        """The last "served" line the server printed, or ''."""
+        with open(self.log, errors='replace') as f:
+            lines = [line for line in f if line.startswith('served')]
+        return lines[-1].strip() if lines else ''
+
+
+def on_loop(cleanup, path, pids):
+    """A fresh read-only direct-I/O loop device on ``path``."""
+    device = bm.loop_attach(cleanup, path, readonly=True, direct_io=True)
+    return bm.Target(device, device=device, pids=pids)
+
+
+def measure_raw(args, env, results, name, round_no):
+    cleanup = bm.Cleanup()
+    try:
+        mount_dir = os.path.join(env['workdir'], 'mnt-%d' % round_no)
+        log = os.path.join(env['workdir'], 'raw-%d.log' % round_no)
+        raw = RawServer(cleanup, env['raw'], RAW_ARGS[name], env['backing'],
+                        mount_dir, log)
+        for key in KEYS:
+            loop = bm.Cleanup()
+            try:
+                target = on_loop(loop, raw.file, [raw.server.pid])
+                measure_one(args, env, results, name, key, target)
+                if round_no == 1 and key == 'seq':
+                    bm.run(['qemu-img', 'compare', '-q', '-f', 'raw', '-F',
+                            'raw', '-T', 'none', env['plain'], target.device])
+                    results.add(name, 'verified', 1)
+            finally:
+                loop.close()
+        raw.server.stop()       # it prints what each transport served
+        results.add(name, 'served', raw.served())
+    finally:
+        cleanup.close()
+
+
+def measure_one(args, env, results, name, key, target):
+    size = env['size']
+    step = bm.random_step(size, 4096)
+    if key == 'seq':
+        value = cache_io.seq_pass(target, size)
+    elif key == 'rand':
+        value = cache_io.rand_pass(target, args.rand_count, step, 16)
+    else:
+        value = cache_io.rand_pass(target, max(1, args.rand_count // 4),
+                                   step, 1)
+    results.add(name, key, value)
+
+
+def measure_native(args, env, results, daemon, round_no):
+    for key in KEYS:
+        volume_id = 'vol-%d-%s' % (round_no, key.replace('_', '-'))
+        with cache_io.Volume(daemon, volume_id, 'img', env['size']) as vol:
+            measure_one(args, env, results, NATIVE, key, vol.target)
+
+
+def start_native(args, env, cleanup):
+    """A thunder-cache daemon with the native server, the image fetched."""
+    workdir = os.path.join(env['workdir'], 'daemon')
+    os.makedirs(workdir)
+    cache_io.step('building thunder-volume-server, starting thunder-cache')
+    native = nativevol.build(os.path.join(env['workdir'], 'native'))
+    daemon = cache_io.Daemon(workdir, cleanup, native=native)
+    daemon.register('img', env['manifest'], env['manifest_length'],
+                    env['volume'])
+    with cache_io.Volume(daemon, 'vol-fill', 'img', env['size']) as vol:
+        cache_io.seq_pass(vol.target, env['size'])
+    daemon.wait_complete('img', env)
+    return daemon
+
+
+def measure_round(args, env, results, round_no, daemon):
+    rows = env['rows']
+    shift = (round_no - 1) % len(rows)
+    for name in rows[shift:] + rows[:shift]:
+        cache_io.step('round %d: %s' % (round_no, name))
+        if name == PLAIN:
+            for key in KEYS:
+                measure_one(args, env, results, PLAIN, key,
+                            bm.Target(env['plain']))
+        elif name == NATIVE:
+            measure_native(args, env, results, daemon, round_no)
+        else:
+            measure_raw(args, env, results, name, round_no)
+
+
+def summarize(args, env, results):
+    rows = {}
+    rounds = args.repeat
+    for name in env['rows']:
+        row = rows[name] = {}
+        for key in KEYS:
+            values = results.data.get(name, {}).get(key, [])
+            bases = results.data.get(PLAIN, {}).get(key, [])
+            ratios = [v / b for v, b in zip(values, bases) if b]
+            row[key] = results.median(name, key)
+            row[key + '_ratios'] = ratios
+        row['served'] = results.data.get(name, {}).get('served', [])
+        row['verified'] = bool(results.count(name, 'verified'))
+    return {
+        'date': env['date'], 'machine': cache_io.machine(),
+        'load_average': {'start': env['load_start'],
+                         'end': bm.load_average()},
+        'size_mib': args.size_mib, 'repeat': rounds,
+        'rand_count': args.rand_count, 'rows': rows,
+        'skipped': env['skipped'], 'uring_note': env['uring_note'],
+    }
+
+
+def span(ratios):
+    if not ratios:
+        return '-'
+    low, high = min(ratios), max(ratios)
+    if len(ratios) == 1 or '%.2f' % low == '%.2f' % high:
+        return '%.2fx' % low
+    return '%.2f-%.2fx' % (low, high)
+
+
+def report(summary):
+    print()
+    print('FUSE transports: warm reads of a %d MiB image, %d rounds '
+          '(median value; range of the per-round ratios to the plain file)'
+          % (summary['size_mib'], summary['repeat']))
+    print('%s; %s; load average %s at the start, %s at the end' % (
+        summary['date'], summary['machine'],
+        summary['load_average']['start'], summary['load_average']['end']))
+    print('qemu-img bench, raw, cache=none, aio=threads, on a direct-I/O '
+          'loop device (the plain file: directly); seq = 1 MiB at QD4;')
+    print('4K = %d 4 KiB reads at QD16; QD1 = %d' % (
+        summary['rand_count'], max(1, summary['rand_count'] // 4)))
+    if summary['uring_note']:
+        print(summary['uring_note'])
+    print()
+    print('%-32s %8s %11s %8s %11s %8s %11s' % (
+        '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio'))
+    for name, row in summary['rows'].items():
+        print('%-32s %8s %11s %8s %11s %8s %11s' % (
+            name, cache_io.fmt(row['seq']), span(row['seq_ratios']),
+            cache_io.fmt(row['rand']), span(row['rand_ratios']),
+            cache_io.fmt(row['rand_qd1']), span(row['rand_qd1_ratios'])))
+    print()
+    for name, why in summary['skipped'].items():
+        print('skipped: %s: %s' % (name, why))
+    for name, row in summary['rows'].items():
+        if row['served']:
+            print('%s: requests %s (last round)%s' % (
+                name, row['served'][-1],
+                '; read back equal to the image' if row['verified'] else ''))
+        if name == PLAIN:
+            continue
+        ratios = {key: row[key + '_ratios'] for key in ('rand', 'rand_qd1')}
+        met = all(ratios['rand']) and all(
+            r >= GOALS[key] for key in ratios for r in ratios[key])
+        print('goals, %s: 4K QD16 >= %.1fx and QD1 >= %.1fx on every '
+              'round: %s' % (name, GOALS['rand'], GOALS['rand_qd1'],
+                             'met' if met else 'NOT met'))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--size-mib', type=int, default=1024,
+                        help='image size in MiB (default 1024)')
+    parser.add_argument('--repeat', type=int, default=3,
+                        help='rounds (default 3)')
+    parser.add_argument('--rand-count', type=int, default=32768,
+                        help='4 KiB reads per QD16 pass (a quarter at QD1; '
+                        'default 32768)')
+    parser.add_argument('--rows', default='.',
+                        help='only the rows matching this regular '
+                        'expression (the plain file is always measured)')
+    parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--workdir', default='/var/tmp',
+                        help='where the temporary directory goes (default '
+                        '/var/tmp)')
+    args = parser.parse_args(argv)
+    if args.size_mib < 1 or args.repeat < 1 or args.rand_count < 1:
+        parser.error('sizes and counts must be positive')
+    return args
+
+
+def _main(args, workdir, cleanup):
+    size = args.size_mib * MiB
+    env = {
+        'size': size, 'workdir': workdir,
+        'volume': os.path.join(workdir, 'image-volume'),
+        'plain': os.path.join(workdir, 'plain.raw'),
+        'backing': os.path.join(workdir, 'backing.raw'),
+        'load_start': bm.load_average(),
+        'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
+        'skipped': {}, 'uring_note': None,
+    }
+    rows = [name for name in ROWS
+            if name == PLAIN or re.search(args.rows, name)]
+    cache_io.step('writing a %d MiB image in %s' % (args.size_mib, workdir))
+    env['manifest'], env['manifest_length'] = cache_io.write_image(
+        env['volume'], env['plain'], size)
+    shutil.copyfile(env['plain'], env['backing'])
+    if any(name in RAW_ARGS for name in rows):
+        env['raw'], why = build_raw(workdir)
+        if why:
+            for name in RAW_ARGS:
+                env['skipped'][name] = why
+    if URING in rows and URING not in env['skipped']:
+        with open(ENABLE_URING) if os.path.exists(ENABLE_URING) else \
+                open(os.devnull) as f:
+            before = f.read().strip()
+        why = uring_enabled()
+        if why:
+            env['skipped'][URING] = why
+        elif before == 'N':
+            env['uring_note'] = ('%s was N: this run set it to Y'
+                                 % ENABLE_URING)
+    env['rows'] = [name for name in rows if name not in env['skipped']]
+    daemon = (start_native(args, env, cleanup) if NATIVE in env['rows']
+              else None)
+    results = bm.Results()
+    for round_no in range(1, args.repeat + 1):
+        measure_round(args, env, results, round_no, daemon)
+    summary = summarize(args, env, results)
+    report(summary)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    return 0
+
+
+def main(argv=None):
+    return cache_io.run_main('fuse_transports', _main, parse_args(argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

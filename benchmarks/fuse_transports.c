@@ -27,11 +27,12 @@
  * FUSE_PASSTHROUGH and struct fuse_backing_map.
  *
  * usage: fuse_transports [--transport classic|uring] [--threads N]
- *            [--depth N] [--passthrough] [--writable] [--fd FD]
- *            BACKING MOUNT_DIR
- * --fd FD: serve an already mounted and initialised /dev/fuse descriptor
- * (inherited): a server that replaces a dead one, its mount kept by
- * whoever holds the descriptor. Prints "ready" on stdout once serving.
+ *            [--depth N] [--passthrough] [--writable]
+ *            [--fd FD [--resume]] BACKING MOUNT_DIR
+ * --fd FD: serve a /dev/fuse descriptor mounted by whoever holds it
+ * (inherited), answering its INIT; with --resume, one whose INIT a server
+ * before this one answered (that server died: the mount is kept by the
+ * holder). Prints "ready" on stdout once serving.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -343,6 +344,18 @@ static void answer_init(void)
     reply_classic(in->unique, sizeof(io), &io);
 }
 
+/* FUSE_NOTIFY_RESEND (7.40): the kernel queues again every request a
+ * server had read and not answered (classic /dev/fuse only: see the
+ * benchmark's hand-over test for the io_uring queues). */
+#define NOTIFY_RESEND 7
+static void notify_resend(void)
+{
+    struct fuse_out_header oh = {.len = sizeof(oh), .error = NOTIFY_RESEND};
+    if (write(fuse_fd, &oh, sizeof(oh)) < 0)
+        fprintf(stderr, "fuse_transports: FUSE_NOTIFY_RESEND: %s\n",
+                strerror(errno));
+}
+
 /* ---- classic transport ------------------------------------------------- */
 static void *classic_thread(void *arg)
 {
@@ -553,13 +566,13 @@ static void usage(void)
 {
     fprintf(stderr, "usage: fuse_transports [--transport classic|uring] "
             "[--threads N] [--depth N] [--passthrough] [--writable] "
-            "[--fd FD] BACKING MOUNT_DIR\n");
+            "[--fd FD [--resume]] BACKING MOUNT_DIR\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
-    int threads = 4, i, inherited = -1, queues;
+    int threads = 4, i, inherited = -1, queues, resume = 0;
     pthread_t classic[64];
     struct stat st;
 
@@ -576,6 +589,8 @@ int main(int argc, char **argv)
             queue_depth = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--fd") && i + 1 < argc) {
             inherited = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--resume")) {
+            resume = 1;
         } else if (!strcmp(argv[i], "--passthrough")) {
             passthrough = 1;
         } else if (!strcmp(argv[i], "--writable")) {
@@ -594,8 +609,13 @@ int main(int argc, char **argv)
     payload_size = MAX_WRITE;
 
     if (inherited >= 0) {
-        /* A replacement: the mount and its INIT are the first server's. */
+        /* Mounted by whoever holds the descriptor; a replacement (--resume)
+         * has the kernel send again what the dead server had read. */
         fuse_fd = inherited;
+        if (resume)
+            notify_resend();
+        else
+            answer_init();
     } else {
         mount_dir = argv[i + 1];
         mount_fs();

@@ -60,7 +60,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 
 from benchmarks import blockdev_mechanisms as bm
 from benchmarks import cache_io
@@ -280,18 +282,170 @@ def report(summary):
                              'met' if met else 'NOT met'))
 
 
+# ---------------------------------------------------------------------------
+# The hand-over test: the mount kept by a holder, the server replaced.
+# ---------------------------------------------------------------------------
+
+def fuse_connection(mount_dir):
+    """The /sys/fs/fuse/connections entry of a mount (its device minor)."""
+    return '/sys/fs/fuse/connections/%d' % os.minor(os.stat(mount_dir).st_dev)
+
+
+def abort_connection(path):
+    """Fail whatever the mount still waits for (so that nothing hangs)."""
+    try:
+        with open(os.path.join(path, 'abort'), 'w') as f:
+            f.write('1')
+    except OSError:
+        pass
+
+
+def start_process(cleanup, cmd, log, pass_fds=()):
+    with open(log, 'ab') as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, pass_fds=pass_fds,
+                                start_new_session=True)
+    cleanup.callback(stop_process, proc)
+    return proc
+
+
+def stop_process(proc):
+    """SIGKILL; a process still in a FUSE request gets 30 s to go."""
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print('!! pid %d did not exit (a request of the dead server?)'
+                  % proc.pid, file=sys.stderr)
+
+
+def wait_ready(proc, log, deadline=10):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        with open(log, errors='replace') as f:
+            if f.read().count('ready') > 0:
+                return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    with open(log, errors='replace') as f:
+        raise RuntimeError('fuse_transports did not start: %s'
+                           % f.read()[-1000:])
+
+
+def handover(args, env, transport, kill_after):
+    """Kill the server while a reader runs, start another on the same fd.
+
+    The holder (this process) opened /dev/fuse and mounted it, as
+    volume_server.c's holder does; the reader is ``qemu-img compare`` of
+    the loop device with the image. Returns a dict of what was seen.
+    """
+    cleanup = bm.Cleanup()
+    mount_dir = os.path.join(env['workdir'], 'handover-%s' % transport)
+    log = mount_dir + '.log'
+    os.makedirs(mount_dir)
+    try:
+        fd = os.open('/dev/fuse', os.O_RDWR)
+        cleanup.callback(os.close, fd)
+        bm.run(['mount', '-i', '-t', 'fuse.fuse_transports', '-o',
+                'fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other'
+                % fd, 'fuse_transports', mount_dir], pass_fds=(fd,))
+        cleanup.callback(cache_io.unmount, mount_dir)
+        server = [env['raw'], '--transport', transport, '--fd', str(fd)]
+        first = start_process(cleanup, server + [env['backing'], mount_dir],
+                              log, (fd,))
+        wait_ready(first, log)
+        connection = fuse_connection(mount_dir)
+        # Before the unmount and after the reader (undone in reverse): no
+        # request may wait on a dead server at the end.
+        cleanup.callback(abort_connection, connection)
+        device = bm.loop_attach(cleanup, os.path.join(mount_dir, 'volume'),
+                                readonly=True, direct_io=True)
+        reader = start_process(cleanup, [
+            'qemu-img', 'compare', '-q', '-f', 'raw', '-F', 'raw', '-T',
+            'none', env['plain'], device], log + '.reader')
+        cleanup.callback(abort_connection, connection)
+        time.sleep(kill_after)
+        if reader.poll() is not None:
+            raise RuntimeError('the reader ended before the kill: '
+                               'use a larger --size-mib')
+        first.kill()
+        first.wait()
+        killed = time.monotonic()
+        second = start_process(cleanup, server + [
+            '--resume', env['backing'], mount_dir], log, (fd,))
+        wait_ready(second, log)
+        try:
+            status = reader.wait(args.handover_wait)
+            result = {'reader_exit': status,
+                      'resumed_after_s': round(time.monotonic() - killed, 2)}
+        except subprocess.TimeoutExpired:
+            result = {'reader_exit': None}
+        # A new reader on the same device, after the hand-over.
+        fresh = bm.run(['timeout', '10', 'dd', 'if=%s' % device,
+                        'of=/dev/null', 'bs=4096', 'count=256',
+                        'iflag=direct', 'skip=%d' % (env['size'] // 8192)],
+                       check=False)
+        result['fresh_read_exit'] = fresh.returncode
+        with open(log + '.reader', errors='replace') as f:
+            result['reader_said'] = f.read().strip()[-300:]
+        return result
+    finally:
+        cleanup.close()
+
+
+def run_handover(args, env):
+    results = []
+    for round_no in range(1, args.repeat + 1):
+        for transport in ('classic', 'uring'):
+            cache_io.step('hand-over %d, %s: kill the server %.1f s into a '
+                          'read' % (round_no, transport, args.kill_after))
+            results.append((transport, handover(args, env, transport,
+                                                args.kill_after)))
+    print()
+    print('Server replaced under a reader (the mount kept by the holder of '
+          'the /dev/fuse fd; %d MiB read by qemu-img compare, the server '
+          'SIGKILLed %.1f s in, a new one started on the same fd with '
+          'FUSE_NOTIFY_RESEND)' % (args.size_mib, args.kill_after))
+    for transport, result in results:
+        exit_status = result['reader_exit']
+        print('%-8s reader: %s; a new read afterwards: %s%s' % (
+            transport,
+            'stalled (no answer in %d s)' % args.handover_wait
+            if exit_status is None else
+            'exit %d (%s) after %.2f s' % (
+                exit_status, 'every byte equal' if exit_status == 0 else
+                'ERROR', result['resumed_after_s']),
+            'ok' if result['fresh_read_exit'] == 0 else
+            'exit %d' % result['fresh_read_exit'],
+            ('; it said: %s' % result['reader_said'])
+            if result['reader_said'] else ''))
+    return results
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=1024,
                         help='image size in MiB (default 1024)')
     parser.add_argument('--repeat', type=int, default=3,
-                        help='rounds (default 3)')
+                        help='rounds (default 3; --handover: kills of each '
+                        'transport)')
     parser.add_argument('--rand-count', type=int, default=32768,
                         help='4 KiB reads per QD16 pass (a quarter at QD1; '
                         'default 32768)')
     parser.add_argument('--rows', default='.',
                         help='only the rows matching this regular '
                         'expression (the plain file is always measured)')
+    parser.add_argument('--handover', action='store_true',
+                        help='instead of the table: kill each raw server '
+                        'while a reader runs and start another on the same '
+                        '/dev/fuse descriptor (does I/O resume?)')
+    parser.add_argument('--kill-after', type=float, default=0.5,
+                        help='--handover: seconds into the read (0.5)')
+    parser.add_argument('--handover-wait', type=int, default=20,
+                        help='--handover: seconds the reader may take '
+                        'after the kill before it counts as stalled (20)')
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--workdir', default='/var/tmp',
                         help='where the temporary directory goes (default '
@@ -319,6 +473,15 @@ def _main(args, workdir, cleanup):
     env['manifest'], env['manifest_length'] = cache_io.write_image(
         env['volume'], env['plain'], size)
     shutil.copyfile(env['plain'], env['backing'])
+    if args.handover:
+        env['raw'], why = build_raw(workdir)
+        if why or uring_enabled():
+            raise RuntimeError(why or uring_enabled())
+        results = run_handover(args, env)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(results, f, indent=2, sort_keys=True)
+        return 0
     if any(name in RAW_ARGS for name in rows):
         env['raw'], why = build_raw(workdir)
         if why:

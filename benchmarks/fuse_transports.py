@@ -334,7 +334,7 @@ def wait_ready(proc, log, deadline=10):
                            % f.read()[-1000:])
 
 
-def handover(args, env, transport, kill_after):
+def handover(args, env, transport, kill_after, round_no):
     """Kill the server while a reader runs, start another on the same fd.
 
     The holder (this process) opened /dev/fuse and mounted it, as
@@ -342,7 +342,8 @@ def handover(args, env, transport, kill_after):
     the loop device with the image. Returns a dict of what was seen.
     """
     cleanup = bm.Cleanup()
-    mount_dir = os.path.join(env['workdir'], 'handover-%s' % transport)
+    mount_dir = os.path.join(env['workdir'], 'handover-%s-%d'
+                             % (transport, round_no))
     log = mount_dir + '.log'
     os.makedirs(mount_dir)
     try:
@@ -401,8 +402,8 @@ def run_handover(args, env):
         for transport in ('classic', 'uring'):
             cache_io.step('hand-over %d, %s: kill the server %.1f s into a '
                           'read' % (round_no, transport, args.kill_after))
-            results.append((transport, handover(args, env, transport,
-                                                args.kill_after)))
+            results.append((transport, handover(
+                args, env, transport, args.kill_after, round_no)))
     print()
     print('Server replaced under a reader (the mount kept by the holder of '
           'the /dev/fuse fd; %d MiB read by qemu-img compare, the server '

@@ -27,7 +27,7 @@
  * FUSE_PASSTHROUGH and struct fuse_backing_map.
  *
  * usage: fuse_transports [--transport classic|uring] [--threads N]
- *            [--depth N] [--passthrough] [--writable]
+ *            [--depth N] [--no-pin] [--passthrough] [--writable]
  *            [--fd FD [--resume]] BACKING MOUNT_DIR
  * --fd FD: serve a /dev/fuse descriptor mounted by whoever holds it
  * (inherited), answering its INIT; with --resume, one whose INIT a server
@@ -404,6 +404,7 @@ struct entry {
 };
 
 static int queue_depth = 16;
+static int pin = 1;             /* each queue's thread on its CPU */
 static size_t payload_size;
 
 static void prep_cmd(struct io_uring *ring, struct entry *e, int cmd_op,
@@ -477,7 +478,8 @@ static void *uring_thread(void *arg)
 
     CPU_ZERO(&cpus);
     CPU_SET(qid, &cpus);
-    pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+    if (pin)
+        pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
     memset(&params, 0, sizeof(params));
     params.flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER |
                    IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN;
@@ -565,8 +567,8 @@ static void on_signal(int signum)
 static void usage(void)
 {
     fprintf(stderr, "usage: fuse_transports [--transport classic|uring] "
-            "[--threads N] [--depth N] [--passthrough] [--writable] "
-            "[--fd FD [--resume]] BACKING MOUNT_DIR\n");
+            "[--threads N] [--depth N] [--no-pin] [--passthrough] "
+            "[--writable] [--fd FD [--resume]] BACKING MOUNT_DIR\n");
     exit(2);
 }
 
@@ -589,6 +591,8 @@ int main(int argc, char **argv)
             queue_depth = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--fd") && i + 1 < argc) {
             inherited = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--no-pin")) {
+            pin = 0;
         } else if (!strcmp(argv[i], "--resume")) {
             resume = 1;
         } else if (!strcmp(argv[i], "--passthrough")) {

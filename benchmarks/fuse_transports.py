@@ -78,10 +78,12 @@ PLAIN = 'plain local file'
 NATIVE = 'native volume server (libfuse)'
 CLASSIC = 'raw classic (4 threads)'
 URING = 'raw io_uring (1 queue/CPU)'
+URING_FREE = 'raw io_uring, threads not pinned'
 PASSTHROUGH = 'raw passthrough'
-ROWS = (PLAIN, NATIVE, CLASSIC, URING, PASSTHROUGH)
+ROWS = (PLAIN, NATIVE, CLASSIC, URING, URING_FREE, PASSTHROUGH)
 RAW_ARGS = {CLASSIC: ['--transport', 'classic', '--threads', '4'],
             URING: ['--transport', 'uring', '--depth', '32'],
+            URING_FREE: ['--transport', 'uring', '--depth', '32', '--no-pin'],
             PASSTHROUGH: ['--transport', 'classic', '--passthrough']}
 KEYS = ('seq', 'rand', 'rand_qd1')
 
@@ -164,13 +166,17 @@ def measure_one(args, env, results, name, key, target):
     size = env['size']
     step = bm.random_step(size, 4096)
     if key == 'seq':
-        value = cache_io.seq_pass(target, size)
-    elif key == 'rand':
-        value = cache_io.rand_pass(target, args.rand_count, step, 16)
-    else:
-        value = cache_io.rand_pass(target, max(1, args.rand_count // 4),
-                                   step, 1)
-    results.add(name, key, value)
+        results.add(name, key, cache_io.seq_pass(target, size))
+        return
+    count = args.rand_count if key == 'rand' else max(
+        1, args.rand_count // 4)
+    seconds, _, server_cpu, _ = bm.bench(target, count, 4096,
+                                         16 if key == 'rand' else 1, step)
+    results.add(name, key, count / seconds)
+    if key == 'rand' and target.pids:
+        # What the server's processes spent per 4 KiB read (user + system,
+        # all threads): less swayed by the machine's load than IOPS.
+        results.add(name, 'cpu_us', server_cpu / count * 1e6)
 
 
 def measure_native(args, env, results, daemon, round_no):
@@ -221,6 +227,7 @@ def summarize(args, env, results):
             ratios = [v / b for v, b in zip(values, bases) if b]
             row[key] = results.median(name, key)
             row[key + '_ratios'] = ratios
+        row['cpu_us'] = results.data.get(name, {}).get('cpu_us', [])
         row['served'] = results.data.get(name, {}).get('served', [])
         row['verified'] = bool(results.count(name, 'verified'))
     return {
@@ -252,18 +259,22 @@ def report(summary):
         summary['load_average']['start'], summary['load_average']['end']))
     print('qemu-img bench, raw, cache=none, aio=threads, on a direct-I/O '
           'loop device (the plain file: directly); seq = 1 MiB at QD4;')
-    print('4K = %d 4 KiB reads at QD16; QD1 = %d' % (
-        summary['rand_count'], max(1, summary['rand_count'] // 4)))
+    print('4K = %d 4 KiB reads at QD16; QD1 = %d; us/4K: the server\'s '
+          'CPU (all its threads, user + system) per 4K read, range' % (
+              summary['rand_count'], max(1, summary['rand_count'] // 4)))
     if summary['uring_note']:
         print(summary['uring_note'])
     print()
-    print('%-32s %8s %11s %8s %11s %8s %11s' % (
-        '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio'))
+    print('%-32s %8s %11s %8s %11s %8s %11s %9s' % (
+        '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio',
+        'us/4K'))
     for name, row in summary['rows'].items():
-        print('%-32s %8s %11s %8s %11s %8s %11s' % (
+        print('%-32s %8s %11s %8s %11s %8s %11s %9s' % (
             name, cache_io.fmt(row['seq']), span(row['seq_ratios']),
             cache_io.fmt(row['rand']), span(row['rand_ratios']),
-            cache_io.fmt(row['rand_qd1']), span(row['rand_qd1_ratios'])))
+            cache_io.fmt(row['rand_qd1']), span(row['rand_qd1_ratios']),
+            '%.1f-%.1f' % (min(row['cpu_us']), max(row['cpu_us']))
+            if row['cpu_us'] else '-'))
     print()
     for name, why in summary['skipped'].items():
         print('skipped: %s: %s' % (name, why))
@@ -488,13 +499,13 @@ def _main(args, workdir, cleanup):
         if why:
             for name in RAW_ARGS:
                 env['skipped'][name] = why
-    if URING in rows and URING not in env['skipped']:
+    if {URING, URING_FREE} & set(rows) and URING not in env['skipped']:
         with open(ENABLE_URING) if os.path.exists(ENABLE_URING) else \
                 open(os.devnull) as f:
             before = f.read().strip()
         why = uring_enabled()
         if why:
-            env['skipped'][URING] = why
+            env['skipped'][URING] = env['skipped'][URING_FREE] = why
         elif before == 'N':
             env['uring_note'] = ('%s was N: this run set it to Y'
                                  % ENABLE_URING)

@@ -335,7 +335,7 @@ def wait_ready(proc, log, deadline=10):
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         with open(log, errors='replace') as f:
-            if f.read().count('ready') > 0:
+            if 'ready' in f.read():
                 return
         if proc.poll() is not None:
             break
@@ -355,7 +355,7 @@ def handover(args, env, transport, kill_after, round_no):
     cleanup = bm.Cleanup()
     mount_dir = os.path.join(env['workdir'], 'handover-%s-%d'
                              % (transport, round_no))
-    log = mount_dir + '.log'
+    log = mount_dir + '.log'    # the servers': .1, .2; the reader's
     os.makedirs(mount_dir)
     try:
         fd = os.open('/dev/fuse', os.O_RDWR)
@@ -366,8 +366,8 @@ def handover(args, env, transport, kill_after, round_no):
         cleanup.callback(cache_io.unmount, mount_dir)
         server = [env['raw'], '--transport', transport, '--fd', str(fd)]
         first = start_process(cleanup, server + [env['backing'], mount_dir],
-                              log, (fd,))
-        wait_ready(first, log)
+                              log + '.1', (fd,))
+        wait_ready(first, log + '.1')
         connection = fuse_connection(mount_dir)
         # Before the unmount and after the reader (undone in reverse): no
         # request may wait on a dead server at the end.
@@ -386,8 +386,8 @@ def handover(args, env, transport, kill_after, round_no):
         first.wait()
         killed = time.monotonic()
         second = start_process(cleanup, server + [
-            '--resume', env['backing'], mount_dir], log, (fd,))
-        wait_ready(second, log)
+            '--resume', env['backing'], mount_dir], log + '.2', (fd,))
+        wait_ready(second, log + '.2')
         try:
             status = reader.wait(args.handover_wait)
             result = {'reader_exit': status,

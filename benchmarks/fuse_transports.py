@@ -297,18 +297,31 @@ def report(summary):
 # The hand-over test: the mount kept by a holder, the server replaced.
 # ---------------------------------------------------------------------------
 
+FUSECTL = '/sys/fs/fuse/connections'
+
+
 def fuse_connection(mount_dir):
-    """The /sys/fs/fuse/connections entry of a mount (its device minor)."""
-    return '/sys/fs/fuse/connections/%d' % os.minor(os.stat(mount_dir).st_dev)
+    """The fusectl name of a mount's connection (its device minor)."""
+    return str(os.minor(os.stat(mount_dir).st_dev))
 
 
-def abort_connection(path):
-    """Fail whatever the mount still waits for (so that nothing hangs)."""
+def abort_connection(name):
+    """Fail whatever the mount still waits for (so that nothing hangs).
+
+    fusectl is mounted for the while if it is not (systemd mounts it;
+    this machine may not).
+    """
+    mounted_here = not os.path.ismount(FUSECTL) and not bm.run(
+        ['mount', '-t', 'fusectl', 'fusectl', FUSECTL],
+        check=False).returncode
     try:
-        with open(os.path.join(path, 'abort'), 'w') as f:
+        with open(os.path.join(FUSECTL, name, 'abort'), 'w') as f:
             f.write('1')
     except OSError:
         pass
+    finally:
+        if mounted_here:
+            bm.run(['umount', FUSECTL], check=False)
 
 
 def start_process(cleanup, cmd, log, pass_fds=()):

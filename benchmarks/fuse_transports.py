@@ -54,9 +54,6 @@ zlib1g-dev, fuse3). Loop devices, mounts and servers (stopped by PID) are
 removed whatever happens, including SIGTERM and Ctrl-C.
 """
 
-import argparse
-import datetime
-import json
 import os
 import re
 import shutil
@@ -231,7 +228,7 @@ def summarize(args, env, results):
         row['served'] = results.data.get(name, {}).get('served', [])
         row['verified'] = bool(results.count(name, 'verified'))
     return {
-        'date': env['date'], 'machine': cache_io.machine(),
+        'date': env['date'], 'machine': env['machine'],
         'load_average': {'start': env['load_start'],
                          'end': bm.load_average()},
         'size_mib': args.size_mib, 'repeat': rounds,
@@ -254,9 +251,7 @@ def report(summary):
     print('FUSE transports: warm reads of a %d MiB image, %d rounds '
           '(median value; range of the per-round ratios to the plain file)'
           % (summary['size_mib'], summary['repeat']))
-    print('%s; %s; load average %s at the start, %s at the end' % (
-        summary['date'], summary['machine'],
-        summary['load_average']['start'], summary['load_average']['end']))
+    cache_io.print_conditions(summary)
     print('qemu-img bench, raw, cache=none, aio=threads, on a direct-I/O '
           'loop device (the plain file: directly); seq = 1 MiB at QD4;')
     print('4K = %d 4 KiB reads at QD16; QD1 = %d; us/4K: the server\'s '
@@ -265,16 +260,15 @@ def report(summary):
     if summary['uring_note']:
         print(summary['uring_note'])
     print()
-    print('%-32s %8s %11s %8s %11s %8s %11s %9s' % (
+    cache_io.print_table((32, 8, 11, 8, 11, 8, 11, 9), (
         '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio',
-        'us/4K'))
-    for name, row in summary['rows'].items():
-        print('%-32s %8s %11s %8s %11s %8s %11s %9s' % (
+        'us/4K'), [(
             name, cache_io.fmt(row['seq']), span(row['seq_ratios']),
             cache_io.fmt(row['rand']), span(row['rand_ratios']),
             cache_io.fmt(row['rand_qd1']), span(row['rand_qd1_ratios']),
             '%.1f-%.1f' % (min(row['cpu_us']), max(row['cpu_us']))
-            if row['cpu_us'] else '-'))
+            if row['cpu_us'] else '-')
+            for name, row in summary['rows'].items()])
     print()
     for name, why in summary['skipped'].items():
         print('skipped: %s: %s' % (name, why))
@@ -450,15 +444,8 @@ def run_handover(args, env):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--size-mib', type=int, default=1024,
-                        help='image size in MiB (default 1024)')
-    parser.add_argument('--repeat', type=int, default=3,
-                        help='rounds (default 3; --handover: kills of each '
-                        'transport)')
-    parser.add_argument('--rand-count', type=int, default=32768,
-                        help='4 KiB reads per QD16 pass (a quarter at QD1; '
-                        'default 32768)')
+    parser = cache_io.read_args_parser(
+        __doc__, 'rounds (default 3; --handover: kills of each transport)')
     parser.add_argument('--rows', default='.',
                         help='only the rows matching this regular '
                         'expression (the plain file is always measured)')
@@ -471,41 +458,24 @@ def parse_args(argv):
     parser.add_argument('--handover-wait', type=int, default=20,
                         help='--handover: seconds the reader may take '
                         'after the kill before it counts as stalled (20)')
-    parser.add_argument('--json', help='also write the results here')
-    parser.add_argument('--workdir', default='/var/tmp',
-                        help='where the temporary directory goes (default '
-                        '/var/tmp)')
     args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.repeat < 1 or args.rand_count < 1:
-        parser.error('sizes and counts must be positive')
+    cache_io.check_read_args(parser, args)
     return args
 
 
 def _main(args, workdir, cleanup):
-    size = args.size_mib * MiB
-    env = {
-        'size': size, 'workdir': workdir,
-        'volume': os.path.join(workdir, 'image-volume'),
-        'plain': os.path.join(workdir, 'plain.raw'),
-        'backing': os.path.join(workdir, 'backing.raw'),
-        'load_start': bm.load_average(),
-        'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
-        'skipped': {}, 'uring_note': None,
-    }
+    env = cache_io.image_env(args, workdir)
+    env.update(backing=os.path.join(workdir, 'backing.raw'), skipped={},
+               uring_note=None)
     rows = [name for name in ROWS
             if name == PLAIN or re.search(args.rows, name)]
-    cache_io.step('writing a %d MiB image in %s' % (args.size_mib, workdir))
-    env['manifest'], env['manifest_length'] = cache_io.write_image(
-        env['volume'], env['plain'], size)
     shutil.copyfile(env['plain'], env['backing'])
     if args.handover:
         env['raw'], why = build_raw(workdir)
         if why or uring_enabled():
             raise RuntimeError(why or uring_enabled())
         results = run_handover(args, env)
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(results, f, indent=2, sort_keys=True)
+        cache_io.write_json(args.json, results)
         return 0
     if any(name in RAW_ARGS for name in rows):
         env['raw'], why = build_raw(workdir)
@@ -530,9 +500,7 @@ def _main(args, workdir, cleanup):
         measure_round(args, env, results, round_no, daemon)
     summary = summarize(args, env, results)
     report(summary)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+    cache_io.write_json(args.json, summary)
     return 0
 
 

@@ -519,6 +519,20 @@ def summarize(args, env, results):
     }
 
 
+def print_table(widths, header, rows):
+    """A table: the first column left-aligned, the others right."""
+    line = '%%-%ds' % widths[0] + ''.join(' %%%ds' % w for w in widths[1:])
+    for row in [header] + rows:
+        print(line % tuple(row))
+
+
+def print_conditions(summary):
+    """The run's date, machine and load average (``summarize``'s keys)."""
+    print('%s; %s; load average %s at the start, %s at the end' % (
+        summary['date'], summary['machine'],
+        summary['load_average']['start'], summary['load_average']['end']))
+
+
 def report(summary):
     met = {True: 'met', False: 'NOT met'}
     print()
@@ -526,9 +540,7 @@ def report(summary):
           'chunks, median of %d rounds' % (
               summary['size_mib'], summary['holes_mib'],
               summary['chunk_kib'], summary['repeat']))
-    print('%s; %s; load average %s at the start, %s at the end' % (
-        summary['date'], summary['machine'],
-        summary['load_average']['start'], summary['load_average']['end']))
+    print_conditions(summary)
     print('qemu-img bench, raw, cache=none, aio=threads; seq = 1 MiB reads '
           'at QD4; 4K = %d 4 KiB reads at QD16 (QD1: %d);' % (
               summary['rand_count'], max(1, summary['rand_count'] // 4)))
@@ -536,15 +548,14 @@ def report(summary):
           'each on a chunk not yet fetched; CPU: daemon + volume server, '
           'warm seq' % summary['cold_rand_count'])
     print()
-    print('%-34s %9s %6s %9s %6s %9s %6s %6s' % (
+    print_table((34, 9, 6, 9, 6, 9, 6, 6), (
         '', 'seq MB/s', 'ratio', '4K IOPS', 'ratio', 'QD1 IOPS', 'ratio',
-        's/GiB'))
-    for name, row in summary['rows'].items():
-        print('%-34s %9s %6s %9s %6s %9s %6s %6s' % (
+        's/GiB'), [(
             name, fmt(row['seq']), fmt(row['seq_ratio'], '%.2fx'),
             fmt(row['rand']), fmt(row['rand_ratio'], '%.2fx'),
             fmt(row['rand_qd1']), fmt(row['rand_qd1_ratio'], '%.2fx'),
-            fmt(row['cpu_s_per_gib'], '%.2f')))
+            fmt(row['cpu_s_per_gib'], '%.2f'))
+            for name, row in summary['rows'].items()])
     print()
     peer = summary['peer_mb_s']
     print('Peer server on loopback (the same daemon, peer_throughput.py\'s '
@@ -615,31 +626,45 @@ def run_as_benchmark(prefix, parent):
     return workdir, cleanup
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def read_args_parser(doc, repeat_help):
+    """The options of the benchmarks that read a volume as Nova would.
+
+    Size, rounds, 4 KiB reads, ``--json`` and ``--workdir`` (this one's,
+    and ``fuse_transports.py``'s); check them with ``check_read_args``.
+    """
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=1024,
                         help='image size in MiB (default 1024)')
-    parser.add_argument('--repeat', type=int, default=3,
-                        help='rounds; medians are printed (default 3)')
+    parser.add_argument('--repeat', type=int, default=3, help=repeat_help)
     parser.add_argument('--rand-count', type=int, default=32768,
                         help='4 KiB reads per QD16 pass (a quarter at QD1; '
                         'default 32768)')
+    parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--workdir', default='/var/tmp',
+                        help='where the temporary directory goes (default '
+                        '/var/tmp)')
+    return parser
+
+
+def check_read_args(parser, args):
+    if args.size_mib < 1 or args.repeat < 1 or args.rand_count < 1:
+        parser.error('sizes and counts must be positive')
+
+
+def parse_args(argv):
+    parser = read_args_parser(__doc__, 'rounds; medians are printed '
+                              '(default 3)')
     parser.add_argument('--cold-rand-count', type=int, default=512,
                         help='cold 4 KiB reads, on distinct chunks (at most '
                         'one per chunk; default 512)')
     parser.add_argument('--servers', default=','.join(SERVERS),
                         help='volume servers to measure, comma-separated '
                         '(default %s)' % ','.join(SERVERS))
-    parser.add_argument('--json', help='also write the results here')
-    parser.add_argument('--workdir', default='/var/tmp',
-                        help='where the temporary directory goes (default '
-                        '/var/tmp)')
     args = parser.parse_args(argv)
     args.servers = args.servers.split(',')
     if not args.servers or set(args.servers) - set(SERVERS):
         parser.error('--servers: a list of %s' % ', '.join(SERVERS))
-    if args.size_mib < 1 or args.repeat < 1 or args.rand_count < 1:
-        parser.error('sizes and counts must be positive')
+    check_read_args(parser, args)
     return args
 
 
@@ -671,7 +696,15 @@ def main(argv=None):
     return run_main('cache_io', _main, parse_args(argv))
 
 
-def _main(args, workdir, cleanup):
+def write_json(path, data):
+    """``--json``: the results, if a path was given."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+
+
+def image_env(args, workdir):
+    """A run's environment, its image written (``write_image``)."""
     size = args.size_mib * MiB
     env = {
         'size': size, 'workdir': workdir,
@@ -685,6 +718,11 @@ def _main(args, workdir, cleanup):
         args.size_mib, workdir))
     env['manifest'], env['manifest_length'] = write_image(
         env['volume'], env['plain'], size)
+    return env
+
+
+def _main(args, workdir, cleanup):
+    env = image_env(args, workdir)
     env['servers'] = args.servers
     if 'native' in args.servers:
         step('building thunder-volume-server')
@@ -694,9 +732,7 @@ def _main(args, workdir, cleanup):
         measure_round(args, env, results, round_no)
     summary = summarize(args, env, results)
     report(summary)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+    write_json(args.json, summary)
     return 0
 
 

@@ -53,14 +53,32 @@ def backing(tmp_path):
     return path
 
 
-def uring_or_skip():
+@pytest.fixture(scope='module')
+def uring_switch():
+    """FUSE over io_uring turned on for these tests, as it was after.
+
+    The kernel offers it only while ``fuse.enable_uring`` is Y (N by
+    default); the benchmark turns it on the same way.
+    """
     try:
         with open(ft.ENABLE_URING) as f:
-            if f.read().strip() == 'Y':
-                return
+            before = f.read().strip()
     except OSError:
-        pytest.skip('no FUSE over io_uring in this kernel')
-    pytest.skip('FUSE over io_uring is off (%s is N)' % ft.ENABLE_URING)
+        before = None
+    why = ft.uring_enabled()
+    yield why
+    if before == 'N' and why is None:
+        with open(ft.ENABLE_URING, 'w') as f:
+            f.write('N')
+
+
+@pytest.fixture
+def uring_or_skip(uring_switch):
+    """Skip where this kernel has no FUSE over io_uring at all."""
+    def check():
+        if uring_switch:
+            pytest.skip(uring_switch)
+    return check
 
 
 def mounted(binary, args, backing, tmp_path):
@@ -79,7 +97,8 @@ def mounted(binary, args, backing, tmp_path):
     ['--transport', 'uring', '--depth', '4'],
     ['--transport', 'classic', '--passthrough'],
 ], ids=['classic', 'uring', 'passthrough'])
-def test_reads_are_the_backing_files_bytes(binary, backing, tmp_path, args):
+def test_reads_are_the_backing_files_bytes(binary, backing, tmp_path, args,
+                                           uring_or_skip):
     if 'uring' in args:
         uring_or_skip()
     expected = backing.read_bytes()
@@ -112,7 +131,7 @@ def test_reads_are_the_backing_files_bytes(binary, backing, tmp_path, args):
 
 @pytest.mark.parametrize('transport', ['classic', 'uring'])
 def test_writes_reach_the_backing_file(binary, backing, tmp_path,
-                                       transport):
+                                       transport, uring_or_skip):
     if transport == 'uring':
         uring_or_skip()
     raw, cleanup = mounted(binary, ['--transport', transport, '--writable'],

@@ -153,6 +153,61 @@ def test_fuzz_read_head():
             assert len(headers) <= protocol.MAX_HEADERS
 
 
+def _outcome(parse):
+    try:
+        return parse()
+    except protocol.ProtocolError as e:
+        return e.status
+
+
+def test_head_buffer_parses_as_read_head():
+    """The plain-head shortcut of HeadBuffer changes no outcome.
+
+    Mutated signed heads: what HeadBuffer.take returns or refuses,
+    read_head returns or refuses the same; what the shortcut accepts is
+    exactly what read_head makes of the same bytes.
+    """
+    signer = protocol.Signer(b's' * 32, 'node-a', 'http://10.0.0.1:8080')
+    path = protocol.chunk_path('img', 12)
+    valid = (''.join(['GET %s HTTP/1.1\r\nHost: 10.0.0.2:8080\r\n' % path] +
+                     ['%s: %s\r\n' % item for item in signer.headers(
+                         'GET', path, destination='http://10.0.0.2:8080'
+                     ).items()] + ['Range: bytes=0-10\r\n\r\n'])
+             ).encode('ascii')
+    assert protocol._plain_head(bytearray(valid))[0] == _head(valid)
+    rng = random.Random(5)
+    alphabet = b'GET /:\r\n\t -%\x00\xffHTP1.0v9aZ'
+    shortcut = 0
+    for i in range(6000):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(data))
+            op = rng.random()
+            if op < 0.3:
+                data[pos] = rng.randrange(256)
+            elif op < 0.5:
+                del data[pos]
+            elif op < 0.7:
+                data[pos:pos] = bytes(rng.choice(alphabet)
+                                      for _ in range(rng.randint(1, 20)))
+            else:
+                # A whole line again (duplicates), or a long one.
+                start = data.rfind(b'\n', 0, pos) + 1
+                line = data[start:data.find(b'\n', pos) + 1]
+                data[start:start] = line * rng.choice((1, 40))
+        data = bytes(data)
+        plain = protocol._plain_head(bytearray(data))
+        if plain is not None:
+            shortcut += 1
+            assert _head(data[:plain[1]]) == plain[0]
+        buffer = protocol.HeadBuffer()
+        buffer.feed(data)
+        taken = _outcome(buffer.take)
+        if taken is not None:
+            assert _outcome(lambda: _head(data)) == taken
+    assert shortcut > 500
+
+
 # -- routes -------------------------------------------------------------------
 
 def test_routes():

@@ -96,6 +96,8 @@ NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
 # Indexes are bounded by the manifest (at most 4 Mi chunks): 7 digits.
 _INDEX = re.compile(r'^(0|[1-9][0-9]{0,6})\Z')
 _TOKEN_CHARS = re.compile(r'^[!#$%&\'*+.^_`|~0-9A-Za-z-]+\Z')
+# Characters a request target may not hold: no query, fragment, escapes.
+_TARGET_REFUSED = re.compile(r'[?#%\\]')
 _HEADER_VALUE = re.compile(r'^[\x20-\x7e\t]*\Z')
 # A header line without its end, all at once (fullmatch): linear in the
 # length of the line whatever it holds.
@@ -188,7 +190,7 @@ def parse_request_line(line: bytes) -> typing.Tuple[str, str, str]:
         raise ProtocolError(400, 'malformed HTTP version')
     if method != 'GET':
         raise ProtocolError(405, 'only GET is supported')
-    if not target.startswith('/') or any(c in target for c in '?#%\\'):
+    if not target.startswith('/') or _TARGET_REFUSED.search(target):
         raise ProtocolError(400, 'malformed request target')
     return method, target, version
 

@@ -554,6 +554,14 @@ def main(argv=None):
     print('goal: >= %.0f MB/s with %d readers (%s): %s (%.0f MB/s)'
           % (GOAL_BYTES_PER_SECOND / 1e6, args.readers, goal_row[0],
              'met' if ok else 'NOT met', peer_rate / 1e6))
+    if goal_row[4] is not None and goal_row[5] is not None:
+        # What the CPUs could carry if the run had them to itself.
+        cpu = goal_row[4] + goal_row[5]
+        print('CPU per GiB, daemon + readers (%s): %.2f + %.2f s: %d CPUs '
+              'carry at most %.0f MB/s' % (
+                  goal_row[0], goal_row[4] / goal_row[2] * 2 ** 30,
+                  goal_row[5] / goal_row[2] * 2 ** 30, os.cpu_count(),
+                  os.cpu_count() * goal_row[2] / cpu / 1e6))
     print('load average at the end: %.2f %.2f %.2f' % os.getloadavg())
     return 0 if ok else 1
 

@@ -314,6 +314,7 @@ def run_timed(func, jobs, mode, daemon=None):
 
     Parallel readers start the clock together once all are set up.
     """
+    global _start
     if len(jobs) == 1 or mode == 'inline':
         before = cpu_seconds(daemon) if daemon else None
         started = time.monotonic()
@@ -351,6 +352,7 @@ def run_timed(func, jobs, mode, daemon=None):
     finally:
         for worker in workers:
             worker.join(RUN_TIMEOUT)
+        _start = None  # threads set it in this process
     for end in ends:
         if isinstance(end, BaseException):
             raise end

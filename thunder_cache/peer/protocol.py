@@ -96,7 +96,12 @@ NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
 # Indexes are bounded by the manifest (at most 4 Mi chunks): 7 digits.
 _INDEX = re.compile(r'^(0|[1-9][0-9]{0,6})\Z')
 _TOKEN_CHARS = re.compile(r'^[!#$%&\'*+.^_`|~0-9A-Za-z-]+\Z')
+# Characters a request target may not hold: no query, fragment, escapes.
+_TARGET_REFUSED = re.compile(r'[?#%\\]')
 _HEADER_VALUE = re.compile(r'^[\x20-\x7e\t]*\Z')
+# A header line without its end, all at once (fullmatch): linear in the
+# length of the line whatever it holds.
+_HEADER_LINE = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+):([\x20-\x7e\t]*)')
 _PEER_URL = re.compile(
     r'^(https?)://('
     r'(?:[0-9]{1,3}\.){3}[0-9]{1,3}'          # IPv4
@@ -185,7 +190,7 @@ def parse_request_line(line: bytes) -> typing.Tuple[str, str, str]:
         raise ProtocolError(400, 'malformed HTTP version')
     if method != 'GET':
         raise ProtocolError(405, 'only GET is supported')
-    if not target.startswith('/') or any(c in target for c in '?#%\\'):
+    if not target.startswith('/') or _TARGET_REFUSED.search(target):
         raise ProtocolError(400, 'malformed request target')
     return method, target, version
 
@@ -267,6 +272,50 @@ class _Incomplete(Exception):
     pass
 
 
+def _plain_head(data: bytearray) -> typing.Optional[typing.Tuple[Head, int]]:
+    """A plain, valid head at the start of ``data``, parsed at once.
+
+    (head, bytes it took), or None for anything else: a head sent in
+    parts, blank lines before it, lines ended by a bare LF, duplicate or
+    too many headers, anything malformed. :func:`read_head` then decides,
+    line by line, and refuses what it refuses. What this accepts,
+    :func:`read_head` accepts the same, with the same result: the
+    common case of every chunk request without a call per line.
+    """
+    end = data.find(b'\r\n\r\n', 0, MAX_HEAD_BYTES)
+    if end < 0:
+        return None
+    try:
+        text = data[:end].decode('ascii')
+    except UnicodeDecodeError:
+        return None
+    lines = text.split('\r\n')
+    if (len(lines) > MAX_HEADERS + 1 or
+            text.count('\r') != len(lines) - 1 or
+            text.count('\n') != len(lines) - 1 or
+            len(lines[0]) + 2 > MAX_REQUEST_LINE or
+            end + 4 - len(lines[0]) - 2 > MAX_HEADER_BYTES):
+        return None
+    try:
+        method, target, version = parse_request_line(
+            lines[0].encode('ascii') + b'\r\n')
+    except ProtocolError:
+        return None
+    headers: typing.Dict[str, str] = {}
+    for line in lines[1:]:
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None or len(line) + 2 > MAX_HEADER_LINE:
+            return None
+        name = match[1].lower()
+        if name in headers:
+            return None
+        headers[name] = match[2].strip(' \t')
+    if 'transfer-encoding' in headers or headers.get(
+            'content-length', '0') != '0':
+        return None
+    return (method, target, version, headers), end + 4
+
+
 class HeadBuffer:
     """Bytes received on a connection, cut into request heads.
 
@@ -298,6 +347,10 @@ class HeadBuffer:
         data = self._data
         if not data:
             return None
+        plain = _plain_head(data)
+        if plain is not None:
+            del data[:plain[1]]
+            return plain[0]
         position = 0
 
         def readline(limit: int) -> bytes:

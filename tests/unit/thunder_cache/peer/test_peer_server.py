@@ -15,6 +15,7 @@
 import json
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -463,6 +464,87 @@ def test_head_deadline_on_keep_alive_connections(guarded):
         s.sendall(HALF_HEAD)
         assert _closed_within(s, 10, trickle=b'X-Slow: ' + b'z' * 100)
     assert node.counters.get('head_timeouts') == 1
+
+
+# -- waits of the connection threads (blocking sockets) ----------------------
+
+def _quick(cluster, volume):
+    """A seed whose connection threads give up after 1 s of waiting."""
+    _image, manifest, path = volume
+    origin = cache_helpers.CountingOrigin(path)
+    return cluster.start('seed', _spec(manifest, origin), server_kwargs={
+        'head_timeout': 1.0, 'idle_timeout': 1.0})
+
+
+def _freed_within(srv, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if srv.slots.authenticated == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_idle_keep_alive_connection_closed_after_idle_timeout(cluster,
+                                                              volume):
+    node, srv = _quick(cluster, volume)
+    with _authenticated(node, srv) as s:
+        assert srv.slots.authenticated == 1
+        # The thread waits in a blocking recv: the kernel's bound ends it.
+        assert _closed_within(s, 10)
+    assert _freed_within(srv, 10)
+
+
+def test_reader_that_never_reads_is_cut_off(cluster, volume):
+    """A full send buffer is waited for idle_timeout, then dropped."""
+    node, srv = _quick(cluster, volume)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    with s:
+        s.connect(('127.0.0.1', srv.port))
+        # Far more answers than the socket buffers hold, never read.
+        for _ in range(400):
+            path = protocol.chunk_path('img', 0)
+            try:
+                s.sendall(_request(path, _signed(path, node.url),
+                                   close=False))
+            except OSError:
+                break  # the server gave up already
+        assert _freed_within(srv, 20)
+    # The server still serves.
+    assert _get(node, srv) == 200
+
+
+def test_blocking_sendfile_times_out(tmp_path):
+    """Nothing sent within SO_SNDTIMEO: socket.timeout, not a hang."""
+    data = tmp_path / 'data'
+    data.write_bytes(os.urandom(8 * 1024 * 1024))
+    ours, theirs = socket.socketpair()
+    with ours, theirs, open(data, 'rb') as f:
+        ours.setblocking(True)
+        server_mod._set_wait(ours, socket.SO_SNDTIMEO, 0.2)
+        with pytest.raises(socket.timeout):
+            server_mod._Serving._sendfile(ours, f.fileno(), 0,
+                                          8 * 1024 * 1024,
+                                          server_mod._UNLIMITED)
+
+
+def test_set_wait_never_unbounded():
+    """A zero (or negative) bound is a millisecond, not none at all."""
+    def bound(sock):
+        whole, micro = struct.unpack('ll', sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        return whole + micro / 1e6
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for seconds in (0, -1):
+            server_mod._set_wait(ours, socket.SO_RCVTIMEO, seconds)
+            # The kernel rounds up to its clock tick: not zero.
+            assert 0 < bound(ours) < 0.1
+        server_mod._set_wait(ours, socket.SO_RCVTIMEO, 2.5)
+        assert 2.49 < bound(ours) < 2.51
 
 
 def test_unauthenticated_connections_hold_no_thread(crowded):

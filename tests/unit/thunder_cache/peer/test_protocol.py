@@ -119,28 +119,44 @@ def test_head_content_length_zero_is_fine():
         'content-length': '0'}
 
 
+_ALPHABET = b'GET /:\r\n\t -%\x00\xffHTP1.0v9aZ'
+
+
+def _mutated(rng, valid, changes, longest, copies=False):
+    """``valid`` with 1 to ``changes`` random changes.
+
+    Bytes replaced, deleted, inserted (runs of at most ``longest``), and
+    with ``copies`` whole lines repeated (duplicate or long headers).
+    """
+    replace, delete, insert = (0.3, 0.5, 0.7) if copies else (0.4, 0.7, 1)
+    data = bytearray(valid)
+    for _ in range(rng.randint(1, changes)):
+        pos = rng.randrange(len(data))
+        op = rng.random()
+        if op < replace:
+            data[pos] = rng.randrange(256)
+        elif op < delete:
+            del data[pos]
+        elif op < insert:
+            data[pos:pos] = bytes(rng.choice(_ALPHABET)
+                                  for _ in range(rng.randint(1, longest)))
+        else:
+            start = data.rfind(b'\n', 0, pos) + 1
+            line = data[start:data.find(b'\n', pos) + 1]
+            data[start:start] = line * rng.choice((1, 40))
+    return bytes(data)
+
+
 def test_fuzz_read_head():
     """Random and mutated heads raise nothing but ProtocolError."""
     rng = random.Random(4)
     valid = (b'GET /v1/images/abc/chunks/12 HTTP/1.1\r\nHost: h\r\n'
              b'X-Thunder-Auth: v1:1:aa\r\nRange: bytes=0-10\r\n\r\n')
-    alphabet = b'GET /:\r\n\t -%\x00\xffHTP1.0v9aZ'
     for i in range(4000):
         if i % 2:
-            data = bytearray(valid)
-            for _ in range(rng.randint(1, 8)):
-                pos = rng.randrange(len(data))
-                op = rng.random()
-                if op < 0.4:
-                    data[pos] = rng.randrange(256)
-                elif op < 0.7:
-                    del data[pos]
-                else:
-                    data[pos:pos] = bytes(rng.choice(alphabet)
-                                          for _ in range(rng.randint(1, 50)))
-            data = bytes(data)
+            data = _mutated(rng, valid, 8, 50)
         else:
-            data = bytes(rng.choice(alphabet)
+            data = bytes(rng.choice(_ALPHABET)
                          for _ in range(rng.randint(0, 300)))
         try:
             result = _head(data)
@@ -151,6 +167,44 @@ def test_fuzz_read_head():
             method, target, version, headers = result
             assert method == 'GET' and target.startswith('/')
             assert len(headers) <= protocol.MAX_HEADERS
+
+
+def _outcome(parse):
+    try:
+        return parse()
+    except protocol.ProtocolError as e:
+        return e.status
+
+
+def test_head_buffer_parses_as_read_head():
+    """The plain-head shortcut of HeadBuffer changes no outcome.
+
+    Mutated signed heads: what HeadBuffer.take returns or refuses,
+    read_head returns or refuses the same; what the shortcut accepts is
+    exactly what read_head makes of the same bytes.
+    """
+    signer = protocol.Signer(b's' * 32, 'node-a', 'http://10.0.0.1:8080')
+    path = protocol.chunk_path('img', 12)
+    valid = (''.join(['GET %s HTTP/1.1\r\nHost: 10.0.0.2:8080\r\n' % path] +
+                     ['%s: %s\r\n' % item for item in signer.headers(
+                         'GET', path, destination='http://10.0.0.2:8080'
+                     ).items()] + ['Range: bytes=0-10\r\n\r\n'])
+             ).encode('ascii')
+    assert protocol._plain_head(bytearray(valid))[0] == _head(valid)
+    rng = random.Random(5)
+    shortcut = 0
+    for i in range(6000):
+        data = _mutated(rng, valid, 4, 20, copies=True)
+        plain = protocol._plain_head(bytearray(data))
+        if plain is not None:
+            shortcut += 1
+            assert _head(data[:plain[1]]) == plain[0]
+        buffer = protocol.HeadBuffer()
+        buffer.feed(data)
+        taken = _outcome(buffer.take)
+        if taken is not None:
+            assert _outcome(lambda: _head(data)) == taken
+    assert shortcut > 500
 
 
 # -- routes -------------------------------------------------------------------

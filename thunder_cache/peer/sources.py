@@ -884,10 +884,20 @@ class _Transfer:
         assert self.entry is not None and self.cut is not None
         _WATCHDOG.disarm(self.entry)
         self.client._local.transfer = None
-        if not self.cut.fired:
-            return False
+        if self.cut.fired:
+            timed_out = isinstance(error, (OSError,
+                                           http.client.HTTPException))
+        else:
+            # A silent wait bounded by the per-recv timeout may end just
+            # before the watchdog cuts the socket: past the deadline, it
+            # is the deadline that ended the transfer.
+            timed_out = (time.monotonic() >= self.deadline and
+                         isinstance(error, OSError) and
+                         not getattr(error, 'soft', False))
+            if not timed_out:
+                return False
         self.client._drop(self.url)
-        if isinstance(error, (OSError, http.client.HTTPException)):
+        if timed_out:
             client = self.client
             raise PeerError('peer %s: no complete answer by the deadline '
                             '(%g s, and the expected bytes at %g MiB/s)'

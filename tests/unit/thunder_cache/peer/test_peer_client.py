@@ -143,6 +143,49 @@ def test_a_peer_that_never_answers_is_cut(peers):
                        limit(LENGTH, c))
 
 
+class _LateWatchdog:
+    """A watchdog whose thread never got the CPU in time."""
+
+    def arm(self, deadline, action):
+        return [deadline, 0, action]
+
+    def disarm(self, entry):
+        pass
+
+
+@pytest.mark.parametrize('late', [True, False])
+def test_a_recv_timeout_past_the_deadline_reports_the_deadline(
+        monkeypatch, late):
+    """A recv timeout past the deadline is the deadline (a hard error).
+
+    The recv timeout may end a silent wait just before the watchdog cuts
+    the socket.
+    """
+    monkeypatch.setattr(sources, '_WATCHDOG', _LateWatchdog())
+    c = client()
+    url = 'http://127.0.0.1:9'
+    left = -0.001 if late else 60.0
+    transfer = c._deadline(url, time.monotonic() + 0.05)
+    with pytest.raises(sources.PeerError) as raised:
+        with transfer:
+            transfer.deadline = time.monotonic() + left
+            raise sources.PeerError('peer %s: timed out' % url)
+    assert ('deadline' in str(raised.value)) is late
+    assert not raised.value.soft
+
+
+def test_a_soft_answer_past_the_deadline_stays_soft(monkeypatch):
+    monkeypatch.setattr(sources, '_WATCHDOG', _LateWatchdog())
+    c = client()
+    url = 'http://127.0.0.1:9'
+    transfer = c._deadline(url, time.monotonic() + 0.05)
+    with pytest.raises(sources.PeerError) as raised:
+        with transfer:
+            transfer.deadline = time.monotonic() - 0.001
+            raise sources.PeerError('busy', status=503, soft=True)
+    assert raised.value.soft and 'deadline' not in str(raised.value)
+
+
 def test_a_complete_answer_within_the_deadline_is_read(peers):
     data = bytes(range(256)) * 4
     peer = peers(lambda path: [hp.head(200, len(data)), data[:500],

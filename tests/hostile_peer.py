@@ -15,9 +15,10 @@
 :class:`HostilePeer` listens on a loopback address and answers each request
 with the steps ``answer(path)`` returns: bytes sent at once,
 :func:`trickle` (bytes sent one at a time, with a pause after each),
-:func:`pause`, or :data:`HANG` (send nothing more until stopped). It counts
-the connections and requests it saw. :meth:`HostilePeer.stop` closes every
-socket, which also ends whatever a client still waits for.
+:func:`pause`, :func:`gate`, or :data:`HANG` (send nothing more until
+stopped). It counts the connections and requests it saw.
+:meth:`HostilePeer.stop` closes every socket, which also ends whatever a
+client still waits for.
 """
 
 import socket
@@ -34,6 +35,11 @@ def trickle(data, interval):
 
 def pause(seconds):
     return ('pause', seconds)
+
+
+def gate(event):
+    """Send nothing more until ``event`` is set (or the peer stops)."""
+    return ('gate', event)
 
 
 def head(status=200, length=0, headers=()):
@@ -136,6 +142,10 @@ class HostilePeer:
             elif step[0] == 'pause':
                 if self._stop.wait(step[1]):
                     return False
+            elif step[0] == 'gate':
+                while not step[1].wait(0.05):
+                    if self._stop.is_set():
+                        return False
             elif step == HANG:
                 self._stop.wait()
                 return False

@@ -162,6 +162,7 @@ class Daemon:
             upload_rate=conf.peer.upload_rate_limit * MiB,
             upload_burst=conf.peer.upload_burst * MiB,
             relay_timeout=conf.peer.relay_timeout,
+            cut_through=conf.peer.cut_through,
             max_redirects=conf.peer.max_redirects,
             retry_interval=conf.peer.peer_retry_interval,
             retry_max_interval=conf.peer.peer_retry_max_interval,

@@ -154,7 +154,19 @@ peer_opts = [
                  help='Seconds a peer request for a chunk this node does '
                       'not hold waits while this node fetches it; then the '
                       'peer gets 503 and asks elsewhere. Keep it below '
-                      'fetch_timeout.'),
+                      'fetch_timeout. With cut_through, the wait for the '
+                      'first bytes of the chunk.'),
+    cfg.BoolOpt('cut_through',
+                default=True,
+                help='Send a chunk this node is still fetching to the peers '
+                     'that ask for it as its bytes arrive (cut-through), '
+                     'rather than once it is verified and stored. The last '
+                     'byte goes only once this node verified the chunk, and '
+                     'an answer whose fetch fails is closed short, so a '
+                     'peer never completes a chunk this node did not '
+                     'verify (and verifies it again itself). Takes a hop\'s '
+                     'store-and-forward delay off every cold chunk in a '
+                     'tree of nodes.'),
     cfg.IntOpt('max_redirects',
                default=16, min=0, max=64,
                help='Redirects from full nodes followed for one chunk '

@@ -60,6 +60,7 @@ nobody pins and nothing fetches, and a retired cache can be pinned no more
 
 import concurrent.futures
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -67,6 +68,7 @@ import time
 import typing
 
 from thunder_cache.cache import chunkmap
+from thunder_cache.cache import chunkstream
 from thunder_cache import fsutil
 from thunder_cache import metrics
 from thunder_cache.peer import protocol
@@ -113,7 +115,8 @@ class Retired(FetchError):
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _new_fetch(ticket, background=False, rank=0):
+def _new_fetch(ticket, background=False, rank=0, length=None):
+    """A fetch's future; with ``length``, its bytes stream to relays."""
     future = concurrent.futures.Future()
     future.source = None
     # When waiters stop waiting for it (time.monotonic()); moved on as the
@@ -123,6 +126,10 @@ def _new_fetch(ticket, background=False, rank=0):
     future.ticket = ticket or protocol.new_ticket()
     # Fetches are ordered by (rank, ticket): see ImageCache.ensure.
     future.key = (rank, protocol.ticket_key(future.ticket))
+    future.stream = None if length is None else chunkstream.ChunkStream(
+        length, lambda: future.deadline)
+    # The sources to try, when chosen before the fetch runs.
+    future.candidates = None
     return future
 
 
@@ -439,22 +446,8 @@ class ImageCache:
             if self.retired:
                 raise Retired('the cache of image %s was evicted'
                               % self.image_id)
-            future = self._inflight.get(index)
-            bypass = False
-            rank = self._rank(via[0] if via else None, index)
-            if future is None:
-                future = _new_fetch(ticket, rank=rank)
-                self._inflight[index] = future
-                fetcher = True
-            else:
-                fetcher = False
-                target = getattr(future.source, 'url', None)
-                if via and target in via:
-                    raise LoopError('chunk %d of image %s is being fetched '
-                                    'from %s, which asked for it'
-                                    % (index, self.image_id, target))
-                bypass = ticket is not None and not _may_join(
-                    future, ticket, rank)
+            future, fetcher, bypass, rank = self._take_fetch(index, via,
+                                                             ticket)
             # A demand read waiting on a prefetch is not counted: holding
             # the prefetcher back would not serve it sooner.
             waits_demand = bypass or not future.background
@@ -472,6 +465,132 @@ class ImageCache:
             if waits_demand:
                 with self._lock:
                     self._demand -= 1
+
+    def _take_fetch(self, index, via, ticket):
+        """The fetch a demand for chunk ``index`` waits on (lock held).
+
+        :returns: (future, whether the caller starts it, whether the
+            caller must fetch on its own instead (a bypass: see
+            :meth:`ensure`), the rank of the caller's fetches).
+        :raises LoopError: if the fetch in flight reads a node in ``via``.
+        """
+        future = self._inflight.get(index)
+        rank = self._rank(via[0] if via else None, index)
+        if future is None:
+            future = _new_fetch(ticket, rank=rank,
+                                length=self.manifest.chunk_range(index)[1])
+            self._inflight[index] = future
+            return future, True, False, rank
+        target = getattr(future.source, 'url', None)
+        if via and target in via:
+            raise LoopError('chunk %d of image %s is being fetched from %s, '
+                            'which asked for it'
+                            % (index, self.image_id, target))
+        bypass = ticket is not None and not _may_join(future, ticket, rank)
+        return future, False, bypass, rank
+
+    def relay(self, index: int, via: typing.Sequence[str], ticket: str,
+              run: typing.Callable[[typing.Callable[[], typing.Any]],
+                                   typing.Any]
+              ) -> typing.Optional[chunkstream.ChunkStream]:
+        """A peer's request for chunk ``index``, answered as it arrives.
+
+        The same fetch as :meth:`ensure` with ``via`` and ``ticket`` starts
+        or joins (with its rules for joins, bypasses and loops), but this
+        call does not wait for it: a fetch to start is handed to ``run``
+        (the node's relay threads) and the caller sends the chunk's bytes
+        from the returned stream as they arrive (cut-through).
+
+        :returns: the fetch's stream; None if the chunk is here already.
+        :raises LoopError: as :meth:`ensure`.
+        :raises Retired: if the cache was evicted.
+        """
+        self.manifest.chunk_range(index)  # validates the index
+        self.last_used = time.time()
+        if self.has(index):
+            self._hit(index)
+            return None
+        with self._lock:
+            if self.has(index):
+                self._hit(index, locked=True)
+                return None
+            if self.retired:
+                raise Retired('the cache of image %s was evicted'
+                              % self.image_id)
+            future, fetcher, bypass, rank = self._take_fetch(index, via,
+                                                             ticket)
+            if fetcher:
+                # Chosen now, not when a relay thread runs the fetch:
+                # whether a request may join it depends on its source.
+                future.candidates = self._first_source(future, via, index)
+            if bypass:
+                future = _new_fetch(ticket, rank=rank,
+                                    length=self.manifest.chunk_range(
+                                        index)[1])
+            waits_demand = bypass or not future.background
+            if waits_demand:
+                self._demand += 1
+        if waits_demand:
+            future.add_done_callback(self._demand_done)
+        if bypass:
+            self.counters.inc('inflight_bypasses')
+            job = self._run_bypass
+        elif fetcher:
+            job = self._run_fetch
+        else:
+            self.counters.inc('inflight_joins')
+            if future.background:
+                future.add_done_callback(
+                    lambda _f: self._joined_prefetch(index))
+            return future.stream
+        try:
+            run(lambda: job(index, via, future))
+        except BaseException as e:
+            # No thread to run it (the node is closing): settle it here.
+            self._settle(index, future, e, registered=fetcher)
+            raise
+        return future.stream
+
+    def _first_source(self, future, via, index):
+        """The sources of ``future``'s fetch, its first one set on it."""
+        candidates = iter(self.upstream.candidates(via, index))
+        first = next(candidates, None)
+        if first is None:
+            return iter(())
+        future.source = first
+        return itertools.chain((first,), candidates)
+
+    def _demand_done(self, _future):
+        with self._lock:
+            self._demand -= 1
+
+    def _joined_prefetch(self, index):
+        with self._lock:
+            self._prefetched[index] = 0
+        self.counters.inc('prefetch_joins')
+
+    def _run_bypass(self, index, via, future):
+        """Fill chunk ``index`` with a fetch of its own (not registered)."""
+        try:
+            self._fill(index, via, future)
+        except BaseException as e:
+            self._settle(index, future, e, registered=False)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._settle(index, future, None, registered=False)
+
+    def _settle(self, index, future, error, registered=True):
+        """End ``future`` (a fetch of chunk ``index``) with ``error``."""
+        if registered:
+            with self._lock:
+                del self._inflight[index]
+        if future.stream is not None:
+            future.stream.abort()  # nothing, if it was verified
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     def _rank(self, url, index):
         """The rank of the fetches ``url`` (None: this node) starts."""
@@ -545,7 +664,8 @@ class ImageCache:
             if self.has(index) or index in self._inflight or self.retired:
                 return False
             future = _new_fetch(None, background=True,
-                                rank=self._rank(None, index))
+                                rank=self._rank(None, index),
+                                length=self.manifest.chunk_range(index)[1])
             self._inflight[index] = future
             self._background += 1
         try:
@@ -559,13 +679,9 @@ class ImageCache:
         try:
             fetched = self._fill(index, via, future)
         except BaseException as e:
-            with self._lock:
-                del self._inflight[index]
-            future.set_exception(e)
+            self._settle(index, future, e)
             raise
-        with self._lock:
-            del self._inflight[index]
-        future.set_result(None)
+        self._settle(index, future, None)
         return fetched
 
     def _fill(self, index, via, future):
@@ -616,15 +732,27 @@ class ImageCache:
 
     def _fetch(self, index, offset, length, via, future):
         errors = []
-        for source in self.upstream.candidates(via, index):
+        stream = future.stream
+        candidates = future.candidates
+        if candidates is None:
+            candidates = self.upstream.candidates(via, index)
+        for source in candidates:
             future.source = source
             future.deadline = (time.monotonic() + source.time_limit(length) +
                                WAIT_GRACE)
             started = self._clock()
             try:
-                data = source.read_chunk(index, offset, length, via,
-                                         future.ticket)
+                if stream is not None and getattr(source, 'streams', False):
+                    data = source.read_chunk(index, offset, length, via,
+                                             future.ticket, sink=stream)
+                else:
+                    data = source.read_chunk(index, offset, length, via,
+                                             future.ticket)
+                if stream is not None:
+                    stream.complete(data)
             except Exception as e:
+                if stream is not None:
+                    stream.fail()
                 self.counters.inc('fetch_errors')
                 errors.append('%s: %s' % (source.name, e))
                 LOG.info('Image %s: chunk %d from %s failed: %s',
@@ -632,6 +760,8 @@ class ImageCache:
                 self.upstream.report(source, False, e)
                 continue
             if not self.manifest.verify_chunk(index, data):
+                if stream is not None:
+                    stream.fail()
                 self.counters.inc('chunks_rejected')
                 self.counters.inc('fetch_errors')
                 errors.append('%s: bad data' % source.name)
@@ -642,6 +772,8 @@ class ImageCache:
                     'chunk %d failed verification' % index))
                 continue
             self.counters.inc('chunks_verified')
+            if stream is not None:
+                stream.verified()
             future.deadline = time.monotonic() + SETTLE_TIME
             self.fetch_latency['origin' if source.kind == 'origin'
                                else 'peer'].observe(self._clock() - started)

@@ -34,6 +34,7 @@ empty one after. Peers asking for an evicted image get 404 rather than
 bringing it back; a local use (a volume, a registration) reopens it.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -45,6 +46,7 @@ import time
 import typing
 import uuid
 
+from thunder_cache.cache import chunkstream
 from thunder_cache.cache import image_cache
 from thunder_cache.cache import upstream as upstream_mod
 from thunder_cache import errors
@@ -79,6 +81,12 @@ NODE_COUNTERS = {
                      'wait on the requester (508).',
     'relay_failures': 'Peer requests for a chunk this node could not get '
                       'in time (503).',
+    'relays_streamed': 'Peer requests for a chunk this node was still '
+                       'fetching, answered as its bytes arrived '
+                       '(cut-through).',
+    'relays_cut': 'Cut-through answers closed short of the body because '
+                  'the fetch they followed went to another source or '
+                  'failed.',
     'upload_bytes': 'Bytes of chunk data sent to peers.',
     'head_timeouts': 'Connections closed for not completing a request head '
                      '(or their TLS handshake) within [peer] head_timeout.',
@@ -144,7 +152,7 @@ def _held(cache, answer, *args):
     except BaseException:
         cache.unpin()
         raise
-    if reply.span is None:
+    if reply.span is None and reply.stream is None:
         cache.unpin()
     else:
         reply.release = cache.unpin
@@ -308,7 +316,11 @@ class Node:
         fetched from its own parent (see
         :func:`thunder_cache.cache.upstream.stripe_parents`).
     :param relay_timeout: seconds a peer request waits for a chunk this
-        node must fetch first.
+        node must fetch first (with ``cut_through``, for its first bytes).
+    :param cut_through: send a chunk this node is fetching to the peers
+        that ask for it as its bytes arrive, the last once verified,
+        rather than once it is stored; the fetches run in up to
+        ``relay_threads`` threads.
     :param read_retry: seconds a local read retries a chunk no source
         could provide (see
         :class:`~thunder_cache.cache.image_cache.ImageCache`).
@@ -324,7 +336,7 @@ class Node:
                  retry_max_interval=300.0, max_peers=None,
                  verify_persisted=True, commit_interval=0.0,
                  read_retry=0.0, activation_retry=5.0, on_activate=None,
-                 stripes=1):
+                 stripes=1, cut_through=True, relay_threads=64):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir
@@ -349,6 +361,10 @@ class Node:
         self.metrics_hooks: typing.List[typing.Callable[..., None]] = []
         self.bucket = fanout.TokenBucket(upload_rate, upload_burst)
         self.counters = metrics.Counters(NODE_COUNTERS)
+        # Where relayed fetches run while their requests stream the bytes.
+        self._relays = concurrent.futures.ThreadPoolExecutor(
+            relay_threads, thread_name_prefix='relay-fetch') if (
+                cut_through) else None
         self.responses = metrics.Counters(protocol.REASONS)
         self._images: typing.Dict[str, ImageEntry] = {}
         self._lock = threading.Lock()
@@ -718,6 +734,9 @@ class Node:
             if len(waiting) >= protocol.MAX_HOPS:
                 self.counters.inc('loops_refused')
                 return reply_mod.error(508, 'relayed through too many nodes')
+            if self._relays is not None and range_header is None:
+                return self._relay_reply(cache, peer, image_id, index,
+                                         waiting)
             try:
                 cache.ensure(index, via=waiting,
                              timeout=self.relay_timeout, ticket=peer.ticket)
@@ -731,6 +750,53 @@ class Node:
                          image_id, index, peer.node_id, e)
                 return reply_mod.error(503, 'chunk not available')
         return self._chunk_reply(cache, index, range_header, local=False)
+
+    def _relay_reply(self, cache, peer, image_id, index, waiting):
+        """A chunk this node does not hold, sent as its fetch receives it.
+
+        Waits up to ``relay_timeout`` for the first bytes (503 if none
+        come); the rest follows as it arrives, the last byte once this
+        node verified the chunk (see :mod:`thunder_cache.cache.chunkstream`).
+        """
+        try:
+            stream = cache.relay(index, waiting, peer.ticket,
+                                 self._relays.submit)
+        except image_cache.LoopError:
+            self.counters.inc('loops_refused')
+            return reply_mod.error(508, 'fetch in flight from the requester')
+        except (image_cache.FetchError, RuntimeError) as e:
+            # RuntimeError: the relay threads are shut down (closing).
+            self.counters.inc('relay_failures')
+            LOG.info('Image %s: cannot serve chunk %d to %s: %s',
+                     image_id, index, peer.node_id, e)
+            return reply_mod.error(503, 'chunk not available')
+        if stream is None:
+            return self._chunk_reply(cache, index, None, local=False)
+        reader = chunkstream.Reader(stream)
+        try:
+            reader.start(time.monotonic() + self.relay_timeout)
+        except chunkstream.Broken as e:
+            if cache.has(index):  # brought by another fetch meanwhile
+                return self._chunk_reply(cache, index, None, local=False)
+            self.counters.inc('relay_failures')
+            LOG.info('Image %s: cannot serve chunk %d to %s: %s',
+                     image_id, index, peer.node_id, e)
+            return reply_mod.error(503, 'chunk not available')
+        self.counters.inc('relays_streamed')
+        length = reader.length
+        node_counters = self.counters
+
+        def sent(count):
+            cache.counters.inc('bytes_served_to_peers', count)
+            node_counters.inc('upload_bytes', count)
+            if count == length:
+                cache.counters.inc('chunks_served_to_peers')
+            else:
+                node_counters.inc('relays_cut')
+
+        return reply_mod.Reply(
+            200, [('Content-Type', 'application/octet-stream')],
+            stream=reader, on_sent=sent)
 
     def serve_local(self, image_id, index, range_header=None):
         """The answer to a local reader's chunk request."""
@@ -833,6 +899,9 @@ class Node:
     # -- lifecycle ----------------------------------------------------------
 
     def close(self):
+        if self._relays is not None:
+            # Running fetches end with their deadlines or the caches.
+            self._relays.shutdown(wait=False)
         with self._lock:
             entries = list(self._images.values())
         for entry in entries:

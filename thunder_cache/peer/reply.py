@@ -16,22 +16,28 @@ import typing
 
 
 class Reply:
-    """What to answer: a status, headers and a body or a file span."""
+    """What to answer: a status, headers and a body, span or stream.
 
-    __slots__ = ('status', 'headers', 'body', 'span', 'on_sent', 'release')
+    A span is a part of a file; a stream a chunk sent as its fetch
+    receives it (a :class:`thunder_cache.cache.chunkstream.Reader`).
+    """
+
+    __slots__ = ('status', 'headers', 'body', 'span', 'stream', 'on_sent',
+                 'release')
 
     def __init__(self, status: int,
                  headers: typing.Iterable[typing.Tuple[str, str]] = (),
                  body: bytes = b'',
                  span: typing.Optional[typing.Tuple[int, int, int]] = None,
-                 on_sent: typing.Optional[typing.Callable[..., None]] = None
-                 ) -> None:
+                 on_sent: typing.Optional[typing.Callable[..., None]] = None,
+                 stream: typing.Any = None) -> None:
         # Called once the reply is sent or dropped (unpins its cache).
         self.release: typing.Optional[typing.Callable[[], None]] = None
         self.status = status
         self.headers = list(headers)
         self.body = body
         self.span = span  # (fd, offset, length)
+        self.stream = stream
         self.on_sent = on_sent
 
     def __repr__(self) -> str:
@@ -39,6 +45,9 @@ class Reply:
 
     @property
     def length(self) -> int:
+        if self.stream is not None:
+            length: int = self.stream.length
+            return length
         return self.span[2] if self.span else len(self.body)
 
 

@@ -719,18 +719,24 @@ class _Serving:
         try:
             if conn.wait is None:
                 sock.settimeout(self.idle_timeout)
-            if reply.span is None:
+            if reply.span is None and reply.stream is None:
                 sock.sendall(head + reply.body)
                 return True
-            fd, offset, length = reply.span
+            length = reply.length
             # Local readers are not uploads.
             bucket = _UNLIMITED if self.local else self.node.bucket
             if self.tls_context is not None:
                 sock.sendall(head)
-                sent = self._send_slices(sock, fd, offset, length, bucket)
             else:
                 sock.sendall(head, 0 if self.local else socket.MSG_MORE)
-                sent = self._sendfile(sock, fd, offset, length, bucket)
+            if reply.stream is not None:
+                sent = self._send_stream(sock, reply.stream, bucket)
+            else:
+                assert reply.span is not None
+                fd, offset, _length = reply.span
+                send = (self._send_slices if self.tls_context is not None
+                        else self._sendfile)
+                sent = send(sock, fd, offset, length, bucket)
             if reply.on_sent is not None:
                 reply.on_sent(sent)
             return sent == length
@@ -774,6 +780,28 @@ class _Serving:
             if not n:
                 break
             sent += n
+        return sent
+
+    @staticmethod
+    def _send_stream(sock: typing.Any, reader: typing.Any,
+                     bucket: typing.Any) -> int:
+        """A chunk's bytes as its fetch receives them (cut-through).
+
+        Returns short of the length if the fetch broke off: the caller
+        then closes the connection, so the peer sees an incomplete body.
+        """
+        sent = 0
+        while sent < reader.length:
+            view = reader.next()
+            if view is None:
+                break
+            while view:
+                step = view[:RATE_SLICE] if bucket.rate else view
+                if bucket.rate:
+                    bucket.consume(len(step))
+                sock.sendall(step)
+                sent += len(step)
+                view = view[len(step):]
         return sent
 
     @staticmethod

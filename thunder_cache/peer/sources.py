@@ -57,6 +57,9 @@ MAX_ERROR_BODY = 4096
 # A manifest from a peer is read in pieces of this many bytes: memory grows
 # with what arrived, not with what the peer announced.
 MANIFEST_PIECE = 1024 * 1024
+# A chunk read into a stream (cut-through) is published in slices of this
+# many bytes at least (the last one may be shorter).
+STREAM_SLICE = 32 * 1024
 
 #: Bytes as a source returns them (a bytearray when read into a buffer).
 Data = typing.Union[bytes, bytearray]
@@ -92,7 +95,11 @@ class ChunkSource(typing.Protocol):
         """``length`` bytes of chunk ``index`` (at ``offset`` in the image).
 
         ``via`` lists the nodes the request was relayed through and
-        ``ticket`` identifies the fetch (see the peer protocol).
+        ``ticket`` identifies the fetch (see the peer protocol). A source
+        whose ``streams`` attribute is true also takes ``sink``, a
+        :class:`thunder_cache.cache.chunkstream.ChunkStream` it reads the
+        bytes into as they arrive (cut-through relaying); the others'
+        chunks are published whole once read.
         """
 
     def time_limit(self, length: int) -> float:
@@ -710,18 +717,27 @@ class PeerClient:
                 raise PeerError('peer %s: %s' % (url, e))
         raise AssertionError('not reached')
 
-    def _read(self, url: str, response: _Response,
-              length: int) -> bytearray:
-        """Read exactly ``length`` bytes of body; never more."""
-        buf = bytearray(length)
+    def _read(self, url: str, response: _Response, length: int,
+              sink: typing.Any = None) -> bytearray:
+        """Read exactly ``length`` bytes of body; never more.
+
+        ``sink``, a :class:`thunder_cache.cache.chunkstream.ChunkStream`,
+        gets the bytes as they arrive (its buffer is read into).
+        """
+        buf = bytearray(length) if sink is None else sink.begin()
         view = memoryview(buf)
+        # A buffered reader's readinto returns only once its view is full:
+        # a sink gets the bytes a slice at a time.
+        step = length if sink is None else STREAM_SLICE
         done = 0
         try:
             while done < length:
-                n = response.readinto(view[done:])
+                n = response.readinto(view[done:done + step])
                 if not n:
                     break
                 done += n
+                if sink is not None:
+                    sink.advance(done)
         except (OSError, http.client.HTTPException) as e:
             self._drop(url)
             raise PeerError('peer %s: %s' % (url, e))
@@ -731,15 +747,15 @@ class PeerClient:
                             % (url, done, length))
         return buf
 
-    def _body(self, url: str, response: _Response,
-              length: int) -> bytearray:
+    def _body(self, url: str, response: _Response, length: int,
+              sink: typing.Any = None) -> bytearray:
         """The body, which must be exactly ``length`` bytes."""
         declared = response.getheader('Content-Length')
         if declared != str(length):
             self._drop(url)
             raise PeerError('peer %s announced %r bytes, expected %d'
                             % (url, declared, length))
-        return self._read(url, response, length)
+        return self._read(url, response, length, sink)
 
     def _error(self, url: str,
                response: _Response) -> PeerError:
@@ -760,11 +776,14 @@ class PeerClient:
     def get_chunk(self, url: str, image_id: str, index: int, length: int,
                   via: typing.Sequence[str] = (),
                   ticket: typing.Optional[str] = None,
-                  deadline: typing.Optional[float] = None) -> bytearray:
+                  deadline: typing.Optional[float] = None,
+                  sink: typing.Any = None) -> bytearray:
         """The bytes of a chunk (unverified: the caller verifies).
 
         :param deadline: ``time.monotonic()`` time by which the answer
             must be complete; by default :meth:`time_limit` from now.
+        :param sink: a :class:`thunder_cache.cache.chunkstream.ChunkStream`
+            the body is read into as it arrives.
         :raises Redirect: on a 307 to another node.
         :raises PeerError: on anything else.
         """
@@ -775,7 +794,7 @@ class PeerClient:
             try:
                 response = self._request(url, path, via, ticket)
                 if response.status == 200:
-                    return self._body(url, response, length)
+                    return self._body(url, response, length, sink)
                 if response.status == 307:
                     location = response.getheader('Location') or ''
                     self._error(url, response)  # drain the (empty) body
@@ -917,6 +936,8 @@ class PeerSource:
     """
 
     kind = 'peer'
+    #: read_chunk takes a ``sink`` (see :class:`ChunkSource`).
+    streams = True
 
     def __init__(self, upstream: typing.Any, url: str,
                  stripe: int = 0) -> None:
@@ -935,7 +956,8 @@ class PeerSource:
 
     def read_chunk(self, index: int, offset: int, length: int,
                    via: typing.Sequence[str] = (),
-                   ticket: typing.Optional[str] = None) -> Data:
+                   ticket: typing.Optional[str] = None,
+                   sink: typing.Any = None) -> Data:
         """The chunk from this peer (or the nodes it redirects to).
 
         A soft error (busy, loop) is one only when it came quickly: one
@@ -945,7 +967,7 @@ class PeerSource:
         """
         started = time.monotonic()
         try:
-            return self._read_chunk(index, length, via, ticket)
+            return self._read_chunk(index, length, via, ticket, sink)
         except PeerError as e:
             took = time.monotonic() - started
             if e.soft and took > self.upstream.client.timeout / 2:
@@ -953,7 +975,7 @@ class PeerSource:
             raise
 
     def _read_chunk(self, index: int, length: int, via: typing.Sequence[str],
-                    ticket: typing.Optional[str]) -> Data:
+                    ticket: typing.Optional[str], sink: typing.Any) -> Data:
         upstream = self.upstream
         first = self.url
         seen = {self.url}
@@ -962,7 +984,7 @@ class PeerSource:
             try:
                 return upstream.client.get_chunk(
                     self.url, upstream.image_id, index, length, via, ticket,
-                    deadline=deadline)
+                    deadline=deadline, sink=sink)
             except Redirect as r:
                 if (r.url in seen or r.url in via or
                         r.url == upstream.self_url):

@@ -86,11 +86,11 @@ def test_last_used_stamp(tmp_path):
 class Images:
     """A node with images on file origins, in a temporary directory."""
 
-    def __init__(self, tmp_path, count=3):
+    def __init__(self, tmp_path, count=3, **node_options):
         self.tmp_path = tmp_path
         self.node = node_mod.Node('node-1', 'http://127.0.0.1:9',
                                   str(tmp_path / 'cache'),
-                                  cache_helpers.client())
+                                  cache_helpers.client(), **node_options)
         self.data = {}
         for n in range(count):
             self.add('img-%d' % n)
@@ -422,13 +422,36 @@ def test_failed_sync_makes_chunks_unusable(images):
     assert cache.read(0, 10) == images.data['img-0'][:10]
 
 
-def test_peer_gets_503_when_full(images):
-    peer = types.SimpleNamespace(via=(), url='http://127.0.0.2:1',
-                                 node_id='peer',
-                                 ticket=protocol.new_ticket())
+def _peer():
+    return types.SimpleNamespace(via=(), url='http://127.0.0.2:1',
+                                 node_id='peer', ticket=protocol.new_ticket())
+
+
+def test_peer_gets_503_when_full(tmp_path):
+    images = Images(tmp_path, cut_through=False)
+    try:
+        cache = images.node.cache('img-0')
+        with mock.patch.object(image_cache.os, 'posix_fallocate', _full):
+            assert images.node.serve_chunk(_peer(), 'img-0', 0).status == 503
+        assert cache.busy() is None  # the pin was released
+    finally:
+        images.node.close()
+
+
+def test_cut_through_peer_gets_the_verified_chunk_when_full(images):
+    """Verified bytes this node could not store still reach the peer."""
     cache = images.node.cache('img-0')
     with mock.patch.object(image_cache.os, 'posix_fallocate', _full):
-        assert images.node.serve_chunk(peer, 'img-0', 0).status == 503
+        reply = images.node.serve_chunk(_peer(), 'img-0', 0)
+        assert reply.status == 200 and reply.stream is not None
+        sent = bytearray()
+        while len(sent) < reply.length:
+            piece = reply.stream.next()
+            assert piece is not None
+            sent += piece
+    assert bytes(sent) == images.data['img-0'][:CHUNK]
+    assert not cache.has(0)
+    reply.release()
     assert cache.busy() is None  # the pin was released
 
 

@@ -386,13 +386,15 @@ def _spec(manifest, origin=None, peers=()):
                 image_size=manifest.image_size)
 
 
-def test_nodes_form_a_bounded_tree(cluster, volume):
+@pytest.mark.parametrize('cut_through', [True, False])
+def test_nodes_form_a_bounded_tree(cluster, volume, cut_through):
     image, manifest, path = volume
     origin = cache_helpers.CountingOrigin(path)
     seed, _ = cluster.start('seed', _spec(manifest, origin),
-                            max_children=2)
+                            max_children=2, cut_through=cut_through)
     nodes = [cluster.start('n%d' % i, _spec(manifest, peers=[seed.url]),
-                           max_children=2)[0] for i in range(7)]
+                           max_children=2, cut_through=cut_through)[0]
+             for i in range(7)]
     results = cache_helpers.read_together(nodes, 'img', len(image),
                                           3 * CHUNK + 17)
     expected = hashlib.sha256(image).hexdigest()

@@ -56,16 +56,15 @@ class ChunkStream:
     """The bytes of one chunk's fetch, readable while they arrive.
 
     :param length: the chunk's length.
-    :param deadline: a callable giving the ``time.monotonic()`` time
-        after which a reader stops waiting for more bytes (the fetch's
-        current source's time limit); it may move while the fetch goes
-        from source to source.
+    :param deadline: the ``time.monotonic()`` time after which a reader
+        stops waiting for more bytes (the fetch's current source's time
+        limit); the fetch moves :attr:`deadline` as it goes from source to
+        source.
     """
 
-    def __init__(self, length: int,
-                 deadline: typing.Callable[[], float]) -> None:
+    def __init__(self, length: int, deadline: float) -> None:
         self.length = length
-        self._deadline = deadline
+        self.deadline = deadline
         self._cond = threading.Condition(threading.Lock())
         self._state = _WAITING
         self._attempt = 0
@@ -164,7 +163,7 @@ class ChunkStream:
                     if ready > sent:
                         return self.buffer, ready, self._attempt
                 now = time.monotonic()
-                limit = min(give_up, self._deadline())
+                limit = min(give_up, self.deadline)
                 if now >= limit:
                     raise Broken('no bytes from the fetch by its deadline')
                 self._cond.wait(min(limit - now, _RECHECK))

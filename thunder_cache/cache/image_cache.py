@@ -127,10 +127,17 @@ def _new_fetch(ticket, background=False, rank=0, length=None):
     # Fetches are ordered by (rank, ticket): see ImageCache.ensure.
     future.key = (rank, protocol.ticket_key(future.ticket))
     future.stream = None if length is None else chunkstream.ChunkStream(
-        length, lambda: future.deadline)
+        length, future.deadline)
     # The sources to try, when chosen before the fetch runs.
     future.candidates = None
     return future
+
+
+def _set_deadline(future, deadline):
+    """Move the time ``future``'s waiters (and relays) wait until."""
+    future.deadline = deadline
+    if future.stream is not None:
+        future.stream.deadline = deadline
 
 
 def _may_join(future, ticket, rank=0):
@@ -738,8 +745,8 @@ class ImageCache:
             candidates = self.upstream.candidates(via, index)
         for source in candidates:
             future.source = source
-            future.deadline = (time.monotonic() + source.time_limit(length) +
-                               WAIT_GRACE)
+            _set_deadline(future, time.monotonic() +
+                          source.time_limit(length) + WAIT_GRACE)
             started = self._clock()
             try:
                 if stream is not None and getattr(source, 'streams', False):
@@ -774,7 +781,7 @@ class ImageCache:
             self.counters.inc('chunks_verified')
             if stream is not None:
                 stream.verified()
-            future.deadline = time.monotonic() + SETTLE_TIME
+            _set_deadline(future, time.monotonic() + SETTLE_TIME)
             self.fetch_latency['origin' if source.kind == 'origin'
                                else 'peer'].observe(self._clock() - started)
             self.upstream.report(source, True, None)

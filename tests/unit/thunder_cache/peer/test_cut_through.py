@@ -32,8 +32,7 @@ SOON = 5.0
 
 
 def _stream(length=10, deadline=None):
-    return chunkstream.ChunkStream(
-        length, lambda: deadline or time.monotonic() + 60)
+    return chunkstream.ChunkStream(length, deadline or time.monotonic() + 60)
 
 
 def _take(reader):

@@ -203,8 +203,11 @@ def test_eight_nodes_read_one_trace(daemons, volume, image, topology):
               sum(d.metric('thunder_cache_redirects_sent_total')
                   for d in nodes)))
     assert from_origin <= 1.1 * len(touched)
-    # Chunks were shared in flight (two readers per node at least).
+    # Chunks were shared in flight (two readers per node at least), and
+    # relayed cut-through: sent on by nodes still fetching them.
     assert total(nodes, 'thunder_cache_inflight_joins_total') > 0
+    assert sum(d.metric('thunder_cache_relays_streamed_total')
+               for d in nodes) > 0
     assert total(nodes, 'thunder_cache_chunks_rejected_total') == 0
     # The fan-out bound held everywhere.
     for d in nodes:

@@ -395,14 +395,22 @@ class ImageCache:
         (``inflight_bypasses``): waits between fetches then always go from
         a younger ticket to an older one (or to the origin), so fetches
         relayed between nodes that list each other can never wait on each
-        other in a cycle. With stripes, fetches are ordered by the rank of
-        the node that started them (``via[0]``, or this node) in the
-        chunk's planned stripe tree first
-        (:meth:`thunder_cache.cache.upstream.Upstream.rank`), then by
-        ticket: a planned child always joins its parent's fetch (a node's
-        request reaching its parent just after the parent's own fetch of
-        the chunk started made a second fetch up to the root), and the
-        order stays one total order, carried with each relayed request.
+        other in a cycle. With stripes, fetches are ordered by a rank
+        first, then by ticket: the place in the chunk's planned stripe
+        tree (:meth:`thunder_cache.cache.upstream.Upstream.rank`, the
+        root's the least) of the highest placed node a request went
+        through (``via``), and for a fetch it starts, of that node and
+        this one. A request joins a fetch ranked below its own; a fetch
+        started for a request ranks no higher than the request. So along
+        any chain of waits the order never rises and a join lowers it: no
+        cycle. And a planned child's request joins whatever fetch of the
+        chunk its parent has in flight: the parent's own, or one for
+        another child or for a descendant, each ranked at the parent's
+        place, below the child's (ranked by the node that started the
+        chain instead, a request arriving just after a deeper node's
+        fetch of the chunk started made a second fetch up to the root).
+        Requests from the node's ancestors (off the plan) still fetch on
+        their own.
         """
         self.manifest.chunk_range(index)  # validates the index
         if background:
@@ -482,7 +490,7 @@ class ImageCache:
         :raises LoopError: if the fetch in flight reads a node in ``via``.
         """
         future = self._inflight.get(index)
-        rank = self._rank(via[0] if via else None, index)
+        join_rank, rank = self._ranks(via, index)
         if future is None:
             future = _new_fetch(ticket, rank=rank,
                                 length=self.manifest.chunk_range(index)[1])
@@ -493,7 +501,8 @@ class ImageCache:
             raise LoopError('chunk %d of image %s is being fetched from %s, '
                             'which asked for it'
                             % (index, self.image_id, target))
-        bypass = ticket is not None and not _may_join(future, ticket, rank)
+        bypass = ticket is not None and not _may_join(future, ticket,
+                                                      join_rank)
         return future, False, bypass, rank
 
     def relay(self, index: int, via: typing.Sequence[str], ticket: str,
@@ -603,6 +612,20 @@ class ImageCache:
         """The rank of the fetches ``url`` (None: this node) starts."""
         rank = getattr(self.upstream, 'rank', None)
         return 0 if rank is None else rank(url, index)
+
+    def _ranks(self, via, index):
+        """The ranks of a request for chunk ``index`` relayed via ``via``.
+
+        :returns: (the rank it joins a fetch in flight with, the rank of
+            the fetch it starts here): the least rank of the nodes it went
+            through, and the least of those and this node's (see
+            :meth:`ensure`).
+        """
+        own = self._rank(None, index)
+        if not via:
+            return own, own
+        theirs = min(self._rank(url, index) for url in via)
+        return theirs, min(theirs, own)
 
     def _observe(self, observer, index):
         try:

@@ -18,6 +18,8 @@ import hashlib
 import pytest
 
 from tests import cache_helpers
+from tests.unit.thunder_cache import fake_sources
+from thunder_cache.cache import chunkstream
 from thunder_cache.cache import image_cache
 from thunder_cache.cache import node as node_mod
 from thunder_cache.cache import upstream as upstream_mod
@@ -234,6 +236,58 @@ def test_a_planned_child_joins_its_parents_younger_fetch():
     assert not image_cache._may_join(flat_young, old, 0)
     assert image_cache._may_join(child_fetch, flat_young.ticket,
                                  parent.rank(child, 0))
+
+
+def test_a_parents_fetch_in_flight_serves_every_planned_descendant(
+        tmp_path):
+    # Node n2's fetch of a chunk of stripe 0, started for one child's
+    # request or a grandchild's relayed through it, is joined by the
+    # other child; a request from an ancestor fetches on its own.
+    holders = _holders(8)
+    me = 'http://n2:1'
+    plan = _plan(holders)
+    children = sorted(u for u, p in plan.items() if p[0] == me)
+    grandchildren = sorted(u for u, p in plan.items() if p[0] in children)
+    assert len(children) == 2 and grandchildren
+    grandchild = grandchildren[-1]
+    child, sibling = children
+    if plan[grandchild][0] == sibling:
+        child, sibling = sibling, child
+    ancestor = plan[me][0]
+    image, manifest, _path = cache_helpers.image_volume(tmp_path, CHUNK * 4,
+                                                        CHUNK)
+    source = fake_sources.FakeSource(image, kind='peer', url=ancestor)
+    cache = fake_sources.cache_over(tmp_path, manifest, source)
+    cache.upstream.rank = _up(holders, me).rank
+    jobs = []
+    # The deepest node's request, relayed by its parent, with the oldest
+    # ticket of all: ordered by who started it, no one could join it.
+    tickets = [protocol.new_ticket(clock=lambda: 1000.0 + n)
+               for n in range(3)]
+    stream = cache.relay(0, (grandchild, child), tickets[0], jobs.append)
+    assert stream is not None and len(jobs) == 1
+    assert cache.relay(0, (sibling,), tickets[1], jobs.append) is stream
+    assert cache.relay(0, (child,), tickets[2], jobs.append) is stream
+    assert len(jobs) == 1
+    # A node placed above the parent (off the plan) is not made to wait
+    # on it: it fetches on its own (the parent's own parent would be
+    # refused, a loop).
+    rank = cache.upstream.rank
+    above = [u for u in holders
+             if rank(u, 0) < rank(None, 0) and u != ancestor]
+    assert above
+    assert cache.relay(0, (above[0],), tickets[2], jobs.append) is not stream
+    with pytest.raises(image_cache.LoopError):
+        cache.relay(0, (ancestor,), tickets[2], jobs.append)
+    snap = cache.counters.snapshot()
+    assert (snap['inflight_joins'], snap['inflight_bypasses']) == (2, 1)
+    for job in jobs:
+        job()
+    assert cache.has(0)
+    reader = chunkstream.Reader(stream)
+    reader.start(float('inf'))
+    assert bytes(reader.next()) == image[:CHUNK]
+    cache.close()
 
 
 def test_planned_parents_respect_the_peer_cap():

@@ -217,7 +217,14 @@ class _Replay:
     def _before_fetch(self, index):
         """Called outside the lock before fetching ``index``."""
 
+    def _demand_over(self):
+        # The cache's demand reads are all served: workers yielding to
+        # them look again now.
+        with self._cond:
+            self._cond.notify_all()
+
     def _main(self):
+        self.cache.watch_demand(self._demand_over)
         try:
             if self._prepare() and not self._stop.is_set():
                 name = '%s-%s' % (self.kind, self.cache.image_id[:16])
@@ -232,6 +239,7 @@ class _Replay:
             LOG.exception('Image %s: %s failed', self.cache.image_id,
                           self.kind)
         finally:
+            self.cache.unwatch_demand(self._demand_over)
             LOG.info('Image %s: %s ended%s: %d chunks fetched, %d skipped, '
                      '%d errors', self.cache.image_id, self.kind,
                      ' (stopped)' if self._stop.is_set() else '',
@@ -252,7 +260,8 @@ class _Replay:
                     if index is not _WAIT:
                         self._in_flight += 1
                         return index
-                # Demand reads are not announced: look again shortly.
+                # Woken when the demand ends (_demand_over); the timeout
+                # is a safety net.
                 self._cond.wait(self.poll_interval)
             return None
 
@@ -302,6 +311,12 @@ class _Wait:
 
 _WAIT = _Wait()
 
+#: Longest wait of a worker yielding to demand reads: the cache tells the
+#: prefetcher when they end (ImageCache.watch_demand), so this is a
+#: safety net. (Polling every 5 ms, as before, was a sixth to a quarter
+#: of the CPU samples of a bulk-boot node's daemon.)
+POLL_INTERVAL = 0.25
+
 
 class Prefetcher(_Replay):
     """Replays a boot trace: fetches its chunks in order, ahead of demand.
@@ -313,8 +328,9 @@ class Prefetcher(_Replay):
     :param demand_allowance: most fetches in flight while demand reads
         wait for fetches of their own (see the module's description).
     :param max_errors: failures in a row after which the replay gives up.
-    :param poll_interval: seconds between looks at the demand while
-        yielding to it.
+    :param poll_interval: longest wait while yielding to demand reads
+        before looking at them again (the cache wakes the workers when
+        they end: a safety net).
     """
 
     counter = 'chunks_prefetched'
@@ -323,7 +339,7 @@ class Prefetcher(_Replay):
     def __init__(self, cache: image_cache.ImageCache,
                  indexes: typing.Iterable[int], concurrency: int = 4,
                  demand_allowance: int = 1, max_errors: int = 8,
-                 poll_interval: float = 0.005) -> None:
+                 poll_interval: float = POLL_INTERVAL) -> None:
         super().__init__(cache, concurrency, demand_allowance, max_errors,
                          poll_interval)
         count = cache.manifest.chunk_count
@@ -369,7 +385,7 @@ class Hydrator(_Replay):
     def __init__(self, cache: image_cache.ImageCache, rate_bytes: int,
                  delay: float = 0.0, concurrency: int = 2,
                  demand_allowance: int = 1, max_errors: int = 8,
-                 poll_interval: float = 0.005,
+                 poll_interval: float = POLL_INTERVAL,
                  clock: typing.Callable[[], float] = time.monotonic,
                  sleep: typing.Optional[
                      typing.Callable[[float], typing.Any]] = None

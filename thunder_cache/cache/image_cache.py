@@ -203,6 +203,8 @@ class ImageCache:
         # flight (see ensure()).
         self._demand = 0
         self._background = 0
+        # Told each time the demand count drops to 0 (watch_demand).
+        self._demand_watchers: typing.List[typing.Callable[[], None]] = []
         self.commit_interval = commit_interval
         self._committer = None
         self._closing = False
@@ -290,6 +292,22 @@ class ImageCache:
     def demand_pending(self):
         """Demand reads waiting for a fetch (not for a background one)."""
         return self._demand
+
+    def watch_demand(self, watcher: typing.Callable[[], None]) -> None:
+        """Call ``watcher()`` each time :meth:`demand_pending` drops to 0.
+
+        It is called without the cache's lock held, in the thread whose
+        demand ended; it must not block (a prefetcher that yields to
+        demand reads wakes its workers with it instead of polling).
+        """
+        with self._lock:
+            self._demand_watchers.append(watcher)
+
+    def unwatch_demand(self, watcher: typing.Callable[[], None]) -> None:
+        """Stop calling ``watcher`` (see :meth:`watch_demand`)."""
+        with self._lock:
+            if watcher in self._demand_watchers:
+                self._demand_watchers.remove(watcher)
 
     def background_pending(self):
         """Background fetches in flight."""
@@ -478,8 +496,7 @@ class ImageCache:
                 self._run_fetch(index, via, future)
         finally:
             if waits_demand:
-                with self._lock:
-                    self._demand -= 1
+                self._demand_done()
 
     def _take_fetch(self, index, via, ticket):
         """The fetch a demand for chunk ``index`` waits on (lock held).
@@ -576,9 +593,13 @@ class ImageCache:
         future.source = first
         return itertools.chain((first,), candidates)
 
-    def _demand_done(self, _future):
+    def _demand_done(self, _future=None):
+        """A demand read stopped waiting (a future's callback, or not)."""
         with self._lock:
             self._demand -= 1
+            watchers = () if self._demand else tuple(self._demand_watchers)
+        for watcher in watchers:
+            watcher()
 
     def _joined_prefetch(self, index):
         with self._lock:

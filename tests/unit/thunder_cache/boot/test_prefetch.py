@@ -163,6 +163,27 @@ def test_no_new_fetch_while_demand_waits(image, cache_of, make):
     assert origin.calls.count(6) == 1
 
 
+@pytest.mark.parametrize('make', [_prefetcher, _hydrator])
+def test_workers_resume_when_the_demand_ends_not_on_a_poll(image, cache_of,
+                                                           make):
+    origin = GatedSource(image, hold={6})
+    cache = cache_of(origin)
+    reader = _demand_read(cache, origin, 6)
+    polls = _count_polls(cache)
+    # Workers that looked at the demand once would look again only after
+    # an hour: the cache's word that it ended is what wakes them.
+    replay = make(cache, demand_allowance=0, poll_interval=3600).start()
+    # Each of the 4 workers looked once.
+    origin.wait_for(lambda: polls[0] >= 4)
+    assert origin.started == [6], polls
+    origin.release(6)
+    reader.join()
+    assert replay.wait(30)
+    assert sorted(origin.started) == list(range(COUNT))
+    # Once over, the replay is no longer told of the cache's demand.
+    assert cache._demand_watchers == []
+
+
 def test_allowance_keeps_one_fetch_moving(image, cache_of):
     origin = GatedSource(image)
     cache = cache_of(origin)

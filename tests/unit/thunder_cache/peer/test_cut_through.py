@@ -164,17 +164,28 @@ def _fetch_in_thread(node, sink=None):
     return result, thread
 
 
-def test_a_relay_sends_a_chunk_before_it_has_all_of_it(
-        cluster, peers, volume):
+def _half_held(cluster, peers, volume, **options):
+    """A relay over an upstream that holds back half of chunk 0.
+
+    :returns: the chunk, the event that releases the second half, the
+        relay, and the child's stream, result and thread.
+    """
     image, manifest, _path = volume
     chunk = image[:LENGTH]
     release = threading.Event()
     upstream = _upstream(peers, manifest, [
         hp.head(200, LENGTH), chunk[:LENGTH // 2], hp.gate(release),
         chunk[LENGTH // 2:]])
-    relay = _relay(cluster, manifest, [upstream.url])
+    relay = _relay(cluster, manifest, [upstream.url], **options)
     child = _stream(LENGTH)
     result, thread = _fetch_in_thread(relay, sink=child)
+    return chunk, release, relay, child, result, thread
+
+
+def test_a_relay_sends_a_chunk_before_it_has_all_of_it(
+        cluster, peers, volume):
+    chunk, release, relay, child, result, thread = _half_held(
+        cluster, peers, volume)
     # The child holds the first half while the upstream still holds back
     # the second: the relay did not wait for the whole chunk.
     _buffer, ready, _attempt = child.wait_beyond(0, None,
@@ -223,15 +234,8 @@ def test_a_relay_whose_source_breaks_off_cuts_the_answer(cluster, peers,
 
 def test_without_cut_through_the_relay_answers_once_it_holds_the_chunk(
         cluster, peers, volume):
-    image, manifest, _path = volume
-    chunk = image[:LENGTH]
-    release = threading.Event()
-    upstream = _upstream(peers, manifest, [
-        hp.head(200, LENGTH), chunk[:LENGTH // 2], hp.gate(release),
-        chunk[LENGTH // 2:]])
-    relay = _relay(cluster, manifest, [upstream.url], cut_through=False)
-    child = _stream(LENGTH)
-    result, thread = _fetch_in_thread(relay, sink=child)
+    chunk, release, relay, child, result, thread = _half_held(
+        cluster, peers, volume, cut_through=False)
     with pytest.raises(chunkstream.Broken):
         child.wait_beyond(0, None, time.monotonic() + 1.0)
     release.set()

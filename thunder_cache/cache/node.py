@@ -336,7 +336,7 @@ class Node:
                  retry_max_interval=300.0, max_peers=None,
                  verify_persisted=True, commit_interval=0.0,
                  read_retry=0.0, activation_retry=5.0, on_activate=None,
-                 stripes=1, cut_through=True, relay_threads=64):
+                 stripes=1, cut_through=False, relay_threads=64):
         self.node_id = protocol.check_node_id(node_id)
         self.url = protocol.normalize_url(url)
         self.cache_dir = cache_dir

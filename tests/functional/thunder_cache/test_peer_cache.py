@@ -166,7 +166,8 @@ def test_eight_nodes_read_one_trace(daemons, volume, image, topology):
     tickets keep relayed fetches from waiting on each other in a cycle.
     """
     path, manifest = volume
-    nodes = [daemons('n%d' % i) for i in range(8)]
+    nodes = [daemons('n%d' % i, peer_options=['cut_through = true'])
+             for i in range(8)]
     origin = {'type': 'file', 'path': path}
     for i, d in enumerate(nodes):
         if topology == 'seed':

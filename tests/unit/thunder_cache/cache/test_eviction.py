@@ -438,8 +438,11 @@ def test_peer_gets_503_when_full(tmp_path):
         images.node.close()
 
 
-def test_cut_through_peer_gets_the_verified_chunk_when_full(images):
+def test_cut_through_peer_gets_the_verified_chunk_when_full(tmp_path,
+                                                            request):
     """Verified bytes this node could not store still reach the peer."""
+    images = Images(tmp_path, cut_through=True)
+    request.addfinalizer(images.node.close)
     cache = images.node.cache('img-0')
     with mock.patch.object(image_cache.os, 'posix_fallocate', _full):
         reply = images.node.serve_chunk(_peer(), 'img-0', 0)

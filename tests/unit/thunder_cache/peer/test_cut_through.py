@@ -140,6 +140,7 @@ def _upstream(peers, manifest, chunk_steps):
 
 
 def _relay(cluster, manifest, upstream_urls, **options):
+    options.setdefault('cut_through', True)
     node, _srv = cluster.start('relay', dict(
         image_id='img', manifest_digest=manifest.digest(), origin=None,
         peers=list(upstream_urls), image_size=manifest.image_size),

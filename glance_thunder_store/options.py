@@ -128,9 +128,18 @@ read and hashed. An upload holds about this many pieces plus two in memory;
                help="""
 Size, in KiB, of the chunks of the per-chunk digest manifest written with
 every image (a power of two). The peer mode fetches, verifies and caches
-whole chunks: smaller ones fetch less that a boot does not read, larger ones
-make fewer requests. An image may have at most 4 Mi chunks (1 TiB at 256
-KiB).
+whole chunks, one request each. Smaller chunks fetch less that a boot does
+not read and wait less per first read: with 64 KiB a Debian boot's nodes
+receive 1.21x the bytes it reads instead of 1.49x, and 8 or 16 nodes were
+ready 1.15-1.35x sooner over 40 Mbit/s links (with stripes = 2). Larger
+chunks make fewer requests: at 64 KiB a node's peer server and its cold
+reads move a quarter to a half of what they move at 256 KiB. Choose 64 KiB
+where links are the bottleneck of a boot storm (per node, well under 1
+Gbit/s). A manifest has at most 4 Mi chunks (1 TiB
+at 256 KiB, 256 GiB at 64 KiB): a larger image gets the smallest
+power-of-two multiple of this size that describes it; one uploaded without
+its size that outgrows the limit is read back once for its manifest.
+Images already stored keep their chunk size.
 """),
     cfg.BoolOpt('thunder_store_verify_after_write', default=False,
                 help="""

@@ -191,15 +191,40 @@ class ImageUpload:
         self.store_name = store_name
         self.write_chunk = conf.thunder_store_write_chunk_size * units.Mi
         self.writes_in_flight = conf.thunder_store_writes_in_flight
-        self.manifest_chunk = conf.thunder_store_manifest_chunk_size * 1024
+        self.manifest_chunk = self._chunk_size(
+            conf.thunder_store_manifest_chunk_size * 1024)
         self.md5 = store_utils.get_hasher('md5', False)
         self.multihash = store_utils.get_hasher(hashing_algo, False)
+        # None once an image of unknown size outgrew the manifest's chunk
+        # count: the manifest is then built from the volume at the end.
         self.builder = manifest_mod.ManifestBuilder(self.manifest_chunk)
         self.written = 0
         self.skipped = 0
         self._zeros = bytes(self.write_chunk)
         self.volume = None
         self.attachment = None
+
+    def _chunk_size(self, configured):
+        """The manifest's chunk size: the configured one, unless too small.
+
+        An image of more than ``MAX_CHUNKS`` chunks of the configured size
+        gets the smallest power-of-two multiple that describes it.
+        """
+        try:
+            chunk = manifest_mod.chunk_size_for(self.image_size, configured)
+        except ValueError as e:
+            raise exceptions.Invalid(message=_(
+                'Image %(image_id)s cannot be stored: %(error)s') % {
+                    'image_id': self.image_id, 'error': e})
+        if chunk != configured:
+            LOG.info('Image %(image)s of %(size)d bytes takes more than '
+                     '%(max)d chunks of %(configured)d KiB: its manifest '
+                     'uses %(chunk)d KiB chunks.',
+                     {'image': self.image_id, 'size': self.image_size,
+                      'max': manifest_mod.MAX_CHUNKS,
+                      'configured': configured // 1024,
+                      'chunk': chunk // 1024})
+        return chunk
 
     # -- the whole upload ------------------------------------------------
 
@@ -275,7 +300,7 @@ class ImageUpload:
         self.volume = self.volumes.wait_available(self.volume)
         self.attachment = self.volumes.attach(self.volume)
         self._copy_data()
-        manifest = self.builder.finish()
+        manifest = self._finish_manifest()
         offset = manifest_mod.volume_offset(self.written)
         raw = manifest.to_bytes()
         self._handle().flush()
@@ -331,8 +356,41 @@ class ImageUpload:
         except Exception as e:
             raise _CallerError(e)
 
+    def _build_manifest(self, data):
+        if self.builder is None:
+            return
+        try:
+            self.builder.update(data)
+        except manifest_mod.TooManyChunks:
+            # Only an image of unknown size gets here (a known size chose
+            # a chunk size that fits): hashing stops until the end.
+            self.builder = None
+
+    def _finish_manifest(self):
+        """The manifest of what was written; built again if outgrown."""
+        if self.builder is not None:
+            return self.builder.finish()
+        chunk = manifest_mod.chunk_size_for(self.written, self.manifest_chunk)
+        LOG.warning('Image %(image)s (%(size)d bytes, size not given with '
+                    'the upload) outgrew a manifest of %(max)d chunks of '
+                    '%(configured)d KiB: reading it back from volume '
+                    '%(volume)s for a manifest of %(chunk)d KiB chunks. '
+                    'Uploads that give the image size avoid this second '
+                    'read.',
+                    {'image': self.image_id, 'size': self.written,
+                     'max': manifest_mod.MAX_CHUNKS,
+                     'configured': self.manifest_chunk // 1024,
+                     'volume': self.volume.id, 'chunk': chunk // 1024})
+        self.manifest_chunk = chunk
+        builder = manifest_mod.ManifestBuilder(chunk)
+        for offset in range(0, self.written, self.write_chunk):
+            builder.update(self._handle().read(
+                offset, min(self.write_chunk, self.written - offset)))
+        return builder.finish()
+
     def _copy_data(self):
-        hashers = [self.md5.update, self.multihash.update, self.builder.update]
+        hashers = [self.md5.update, self.multihash.update,
+                   self._build_manifest]
         if self.verifier is not None:
             hashers.append(self._update_verifier)
         pipeline = _Pipeline(hashers, self.writes_in_flight)

@@ -55,14 +55,18 @@ _HEADER = struct.Struct('>8sHHIQQ')
 HEADER_SIZE = _HEADER.size  # 32
 
 # 256 KiB: a real first boot (benchmarks/data/boot-trace.json) reads
-# 155.6 MiB that lie in 231.8 MiB of 256 KiB chunks against 326 MiB of
-# 1 MiB chunks, and each hop of the peer tree forwards a chunk in a
-# quarter of the time (doc/source/bulk-boot.rst).
+# 155.6 MiB that lie in 231.8 MiB of 256 KiB chunks (1.49x) against 326
+# MiB of 1 MiB ones. 64 KiB chunks (188.1 MiB, 1.21x) boot faster on slow
+# links, but cost every transfer a request per 64 KiB: a node's peer
+# server and cold reads move a quarter to a half as many bytes per second
+# (doc/source/bulk-boot.rst, "Chunk size"); the store's
+# thunder_store_manifest_chunk_size chooses.
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_CHUNK_SIZE = 4 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 # At most 4 Mi chunks (a 128 MiB manifest): 1 TiB at the default chunk
-# size. Larger images need a larger chunk size.
+# size, 256 GiB at 64 KiB. A larger image gets a larger chunk size
+# (chunk_size_for).
 MAX_CHUNKS = 4 * 1024 * 1024
 
 # The largest image a manifest can describe, and the largest manifest.
@@ -96,6 +100,23 @@ def check_chunk_size(chunk_size: int) -> None:
 def chunk_count(image_size: int, chunk_size: int) -> int:
     """Number of chunks of an image of image_size bytes."""
     return -(-image_size // chunk_size)
+
+
+def chunk_size_for(image_size: int,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """The chunk size of the manifest of an image of image_size bytes.
+
+    ``chunk_size`` (the one configured), doubled until the image takes at
+    most :data:`MAX_CHUNKS` chunks. ValueError for an invalid chunk size or
+    an image larger than :data:`MAX_IMAGE_SIZE`.
+    """
+    check_chunk_size(chunk_size)
+    if not is_size(image_size) or image_size > MAX_IMAGE_SIZE:
+        raise ValueError('no manifest describes an image of %r bytes (at '
+                         'most %d)' % (image_size, MAX_IMAGE_SIZE))
+    while chunk_count(image_size, chunk_size) > MAX_CHUNKS:
+        chunk_size *= 2
+    return chunk_size
 
 
 def serialized_size(image_size: int,
@@ -361,6 +382,10 @@ def load_verified(data: bytes, expected_digest: str,
     return Manifest.from_bytes(data, max_chunks)
 
 
+class TooManyChunks(ValueError):
+    """More data than :data:`MAX_CHUNKS` chunks of the builder's size."""
+
+
 class ManifestBuilder:
     """Compute a manifest incrementally from data of any split."""
 
@@ -388,9 +413,9 @@ class ManifestBuilder:
 
     def _close_chunk(self) -> None:
         if len(self._digests) // DIGEST_SIZE >= MAX_CHUNKS:
-            raise ValueError('image larger than a manifest of %d chunks of '
-                             '%d bytes can describe'
-                             % (MAX_CHUNKS, self.chunk_size))
+            raise TooManyChunks('image larger than a manifest of %d chunks '
+                                'of %d bytes can describe'
+                                % (MAX_CHUNKS, self.chunk_size))
         self._digests += self._hasher.digest()
         self._hasher = hashlib.sha256()
         self._in_chunk = 0

@@ -21,7 +21,9 @@ the node
   (:class:`thunder_cache.boot.prefetch.Prefetcher`), or else records the
   trace of this first boot (:class:`thunder_cache.boot.trace.TraceRecorder`)
   and, once recorded, publishes it next to the peer records (first
-  publisher wins) and keeps a copy in the image's cache directory;
+  publisher wins; as much of it as fits the metadata,
+  :func:`thunder_cache.boot.trace.encode_prefix`) and keeps a copy in the
+  image's cache directory;
 * optionally hydrates the whole image in the background.
 
 The Cinder calls (advertise, read the peers and the published trace) run
@@ -204,7 +206,18 @@ class ImageLifecycle:
         if not indexes:
             state.published = True
             return
-        text = trace_mod.encode(indexes)
+        text, kept = trace_mod.encode_prefix(indexes)
+        recorded = len(set(indexes))
+        if kept < recorded:
+            if kept >= trace_mod.MAX_TRACE_CHUNKS:
+                why = 'a trace names at most %d chunks' % kept
+            else:
+                why = ('the rest does not fit the %d Cinder metadata '
+                       'values of a trace (%d characters)'
+                       % (trace_mod.MAX_PARTS, trace_mod.MAX_TEXT_LENGTH))
+            LOG.warning('Image %s: keeping the first %d of the %d chunks '
+                        'of its boot trace: %s', image_id, kept, recorded,
+                        why)
         path = self._trace_path(state)
         try:
             tmp = path + '.tmp'
@@ -230,7 +243,7 @@ class ImageLifecycle:
                     records.set_metadata(volume_id,
                                          trace_mod.to_metadata(text))
                     LOG.info('Image %s: published a boot trace of %d '
-                             'chunks', image_id, len(indexes))
+                             'chunks', image_id, kept)
                 else:
                     LOG.info('Image %s: a boot trace is already published',
                              image_id)

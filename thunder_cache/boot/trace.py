@@ -15,8 +15,9 @@
 A :class:`TraceRecorder` attached to an image cache
 (``cache.observer = recorder.touch``) notes the first read of each chunk,
 in order, from the first read on, for ``window`` seconds or until it holds
-``max_chunks`` chunks. The trace is then encoded (:func:`encode`), split
-into key/value pairs that fit the metadata of the image-volume in Cinder
+``max_chunks`` chunks. The trace is then encoded (:func:`encode`, or
+:func:`encode_prefix` for as much of it as fits), split into key/value
+pairs that fit the metadata of the image-volume in Cinder
 (:func:`to_metadata`, each value at most 255 characters), and read back on
 other nodes (:func:`from_metadata`, :func:`decode`) to be replayed as
 prefetch (:mod:`thunder_cache.boot.prefetch`).
@@ -24,10 +25,20 @@ prefetch (:mod:`thunder_cache.boot.prefetch`).
 Text format, version 1: ``1:`` then comma-separated tokens, each a chunk
 index ``a`` or an ascending run ``a-b`` (``a`` to ``b`` inclusive, ``a <
 b``), numbers in lower-case base 36 without leading zeros. A sequential
-stretch of any length costs one token; a 10 GiB image in 256 KiB chunks
-has indexes of at most three digits, so even a trace of scattered single
-chunks takes four characters a chunk: 300 chunks fit in five values (a
-real Debian first boot, 927 chunks, in eleven).
+stretch of any length costs one token. Indexes below 46656 (11 GiB of
+256 KiB chunks, 2.8 GiB of 64 KiB ones) have at most three digits, below
+1679616 (410 GiB, 102 GiB) four, so a scattered single chunk takes four
+or five characters. A real Debian first boot (1 GiB image) reads 927
+chunks of 256 KiB in 2713 characters, 11 values; 3009 chunks of 64 KiB in
+1810 tokens (256 runs name 1455 of them): 8065 characters, 32 values (34
+metadata keys with the count and the checksum).
+
+A trace takes at most :data:`MAX_PARTS` values (:data:`MAX_TEXT_LENGTH`
+characters) and names at most :data:`MAX_TRACE_CHUNKS` chunks; a
+recording may hold more than fits the values (scattered reads of a large
+image). :func:`encode_prefix` encodes the longest prefix of it that fits,
+the start of the boot (a replay fetches in trace order anyway); the rest
+is left to demand reads.
 
 A trace is an untrusted hint: it comes from another node through Cinder's
 metadata. Decoding is strict (any malformed token, index outside the image
@@ -42,9 +53,9 @@ import re
 import threading
 import time
 
-#: The most chunks a trace may name (1 GiB of 256 KiB chunks; a boot reads
-#: a few hundred).
-MAX_TRACE_CHUNKS = 4096
+#: The most chunks a trace may name (4 GiB of 256 KiB chunks, 1 GiB of 64
+#: KiB ones; a Debian first boot reads 927 and 3009).
+MAX_TRACE_CHUNKS = 16384
 #: The most metadata values a trace may take.
 MAX_PARTS = 64
 #: Longest value Cinder stores in volume metadata.
@@ -53,9 +64,10 @@ MAX_VALUE_LENGTH = 255
 MAX_TEXT_LENGTH = MAX_PARTS * MAX_VALUE_LENGTH
 #: Version prefix of the text format.
 VERSION = '1:'
-#: The most chunks a recorder may keep: any such trace encodes within
-#: MAX_TEXT_LENGTH (a token has at most 8 digits and a comma).
-MAX_RECORD_CHUNKS = (MAX_TEXT_LENGTH - len(VERSION)) // 9
+#: The most chunks a recorder may keep: as many as a trace may name. A
+#: recording too scattered for MAX_TEXT_LENGTH is published in part
+#: (:func:`encode_prefix`).
+MAX_RECORD_CHUNKS = MAX_TRACE_CHUNKS
 DEFAULT_PREFIX = 'thunder_trace'
 
 _DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
@@ -164,13 +176,8 @@ def _base36(number):
     return ''.join(reversed(digits))
 
 
-def encode(indexes):
-    """The text of a trace: chunk ``indexes`` in order, duplicates dropped.
-
-    :raises ValueError: for an index that is not a non-negative integer,
-        a trace of more than :data:`MAX_TRACE_CHUNKS` distinct chunks, or
-        one whose text would be longer than :data:`MAX_TEXT_LENGTH`.
-    """
+def _distinct(indexes):
+    """``indexes`` in order, duplicates dropped, each checked."""
     seen = set()
     order = []
     for index in indexes:
@@ -180,9 +187,11 @@ def encode(indexes):
         if index not in seen:
             seen.add(index)
             order.append(index)
-    if len(order) > MAX_TRACE_CHUNKS:
-        raise ValueError('a trace holds at most %d chunks, not %d'
-                         % (MAX_TRACE_CHUNKS, len(order)))
+    return order
+
+
+def _text(order):
+    """The text of distinct chunk indexes ``order``, unchecked."""
     tokens = []
     start = 0
     while start < len(order):
@@ -195,11 +204,89 @@ def encode(indexes):
         else:
             tokens.extend(_base36(i) for i in order[start:end + 1])
         start = end + 1
-    text = VERSION + ','.join(tokens)
+    return VERSION + ','.join(tokens)
+
+
+def _digits(number):
+    """Length of ``number`` in base 36."""
+    length = 1
+    while number >= 36:
+        number //= 36
+        length += 1
+    return length
+
+
+def _stretch(first, count):
+    """Characters and tokens of ``count`` chunks from ``first`` on.
+
+    As :func:`_text` writes them: one index, two indexes, else a run.
+    """
+    if count == 1:
+        return _digits(first), 1
+    if count == 2:
+        return _digits(first) + _digits(first + 1), 2
+    return _digits(first) + 1 + _digits(first + count - 1), 1
+
+
+def encode(indexes):
+    """The text of a trace: chunk ``indexes`` in order, duplicates dropped.
+
+    :raises ValueError: for an index that is not a non-negative integer,
+        a trace of more than :data:`MAX_TRACE_CHUNKS` distinct chunks, or
+        one whose text would be longer than :data:`MAX_TEXT_LENGTH`.
+    """
+    order = _distinct(indexes)
+    if len(order) > MAX_TRACE_CHUNKS:
+        raise ValueError('a trace holds at most %d chunks, not %d'
+                         % (MAX_TRACE_CHUNKS, len(order)))
+    text = _text(order)
     if len(text) > MAX_TEXT_LENGTH:
         raise ValueError('trace of %d characters; at most %d'
                          % (len(text), MAX_TEXT_LENGTH))
     return text
+
+
+def encode_prefix(indexes):
+    """The text of the longest prefix of a trace that is a valid trace.
+
+    :func:`encode` of the first chunks of ``indexes`` (duplicates dropped)
+    for as long as the text fits :data:`MAX_TEXT_LENGTH` and the chunks
+    :data:`MAX_TRACE_CHUNKS`: one more chunk would break one of them.
+
+    :returns: ``(text, kept)``, ``kept`` the number of distinct chunks of
+        ``indexes`` that ``text`` names (all of them when it fits whole).
+    :raises ValueError: for an index that is not a non-negative integer.
+    """
+    order = _distinct(indexes)
+    # The length of the text of order[:kept], kept up to date chunk by
+    # chunk: the stretches of consecutive chunks before the last one are
+    # final (done_*); the last, from ``first``, ``count`` chunks long, may
+    # still grow (``a,b`` becoming ``a-c``, ``a-b`` becoming ``a-c``). The
+    # length never shrinks as chunks are added, so the first chunk that
+    # does not fit ends the prefix.
+    done_chars = done_tokens = 0
+    first = count = 0
+    kept = 0
+    for index in order[:MAX_TRACE_CHUNKS]:
+        chars, tokens = done_chars, done_tokens
+        if count and index == first + count:
+            new_first, new_count = first, count + 1
+        else:
+            if count:
+                last_chars, last_tokens = _stretch(first, count)
+                chars += last_chars
+                tokens += last_tokens
+            new_first, new_count = index, 1
+        more_chars, more_tokens = _stretch(new_first, new_count)
+        # Commas between tokens.
+        length = (len(VERSION) + chars + more_chars +
+                  tokens + more_tokens - 1)
+        if length > MAX_TEXT_LENGTH:
+            break
+        done_chars, done_tokens = chars, tokens
+        first, count = new_first, new_count
+        kept += 1
+    return encode(order[:kept]), kept
 
 
 def decode(text, chunk_count, max_chunks=MAX_TRACE_CHUNKS):

@@ -300,6 +300,33 @@ def test_add_unknown_size_grows_the_volume(store, cinder, thunder,
         manifest.load_verified(image.read(offset, length), digest)
 
 
+def test_an_image_of_unknown_size_outgrowing_its_manifest_is_read_back(
+        store, cinder, thunder, small_gib, monkeypatch):
+    """Past the chunk limit, the manifest is built from the RBD image.
+
+    With a limit of 64 chunks, 20 MiB and 5 bytes in the default 256 KiB
+    chunks (81) do not fit: the store reads the image back through
+    librbd, zeros it did not write included, for a manifest of 512 KiB
+    chunks (41).
+    """
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 64)
+    data = os.urandom(8 * MiB) + bytes(8 * MiB) + os.urandom(4 * MiB + 5)
+    _id, url, written, _c, _mh, meta = _add(store, data, size=0)
+    [volume] = cinder.db.values()
+    assert written == len(data)
+    assert meta[manifest.META_CHUNK_SIZE] == str(512 * 1024)
+    with thunder.cluster.ioctx() as ioctx, \
+            thunder.cluster.image(ioctx, 'volume-%s' % volume.id,
+                                  read_only=True) as image:
+        offset, length, digest = manifest.from_metadata(meta)
+        parsed = manifest.load_verified(image.read(offset, length), digest)
+    assert (parsed.chunk_size, parsed.chunk_count) == (512 * 1024, 41)
+    for i in range(parsed.chunk_count):
+        start, n = parsed.chunk_range(i)
+        assert parsed.verify_chunk(i, data[start:start + n]), i
+    assert _download(store, url) == data
+
+
 def _clone_image(thunder, image_id, url, size):
     """A volume ThunderDriver cloned from the raw image at ``url``."""
     clone = types.SimpleNamespace(

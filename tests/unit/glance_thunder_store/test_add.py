@@ -224,6 +224,75 @@ def test_manifest_costs_no_volume_size(store, cinder, memory, announced):
     assert image.sealed_data == data
 
 
+def _stored_manifest(memory, cinder, meta):
+    image = memory.images['volume-%s' % _only_volume(cinder).id]
+    offset, length, digest = manifest.from_metadata(meta)
+    return manifest.load_verified(bytes(image.data[offset:offset + length]),
+                                  digest)
+
+
+def _chunks_verify(parsed, data):
+    assert parsed.image_size == len(data)
+    for i in range(parsed.chunk_count):
+        start, n = parsed.chunk_range(i)
+        assert parsed.verify_chunk(i, data[start:start + n]), i
+
+
+def test_a_large_image_of_known_size_gets_larger_chunks(
+        store, cinder, memory, monkeypatch, caplog):
+    # 2 MiB + 5 bytes take 33 chunks of 64 KiB: over a limit of 16, the
+    # manifest doubles its chunk size until 9 chunks of 256 KiB fit.
+    caplog.set_level('INFO')
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 16)
+    reads = []
+    monkeypatch.setattr(MemoryRbdVolume, 'read', _counting(
+        MemoryRbdVolume.read, reads))
+    data = _image(2 * MiB + 5)
+    _url, _s, _c, _m, meta = _add(store, data)
+    parsed = _stored_manifest(memory, cinder, meta)
+    assert parsed.chunk_size == 256 * 1024
+    assert meta[manifest.META_CHUNK_SIZE] == str(256 * 1024)
+    _chunks_verify(parsed, data)
+    assert reads == []      # chosen up front: nothing read back
+    assert 'uses 256 KiB chunks' in caplog.text
+
+
+def _counting(read, calls):
+    def counted(self, offset, length):
+        calls.append((offset, length))
+        return read(self, offset, length)
+    return counted
+
+
+def test_an_image_of_unknown_size_that_outgrows_the_manifest_is_read_back(
+        store, cinder, memory, monkeypatch, caplog):
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 16)
+    reads = []
+    monkeypatch.setattr(MemoryRbdVolume, 'read', _counting(
+        MemoryRbdVolume.read, reads))
+    # A piece of zeros in the middle is not written, and reads back as
+    # zeros: the manifest built from the volume still holds.
+    data = _image(4 * MiB) + bytes(4 * MiB) + _image(MiB + 3)
+    url, size, checksum, _mh, meta = _add(store, data, size=0)
+    assert size == len(data)
+    assert checksum == hashlib.md5(data).hexdigest()
+    parsed = _stored_manifest(memory, cinder, meta)
+    # 9 MiB + 3 in at most 16 chunks: 1 MiB chunks (10 of them).
+    assert parsed.chunk_size == MiB
+    assert parsed.chunk_count == 10
+    _chunks_verify(parsed, data)
+    assert sum(n for _o, n in reads) == len(data)
+    assert 'outgrew a manifest of 16 chunks of 64 KiB' in caplog.text
+
+
+def test_an_image_no_manifest_can_describe_is_refused(store, cinder, memory,
+                                                      monkeypatch):
+    monkeypatch.setattr(manifest, 'MAX_IMAGE_SIZE', MiB)
+    with pytest.raises(exceptions.Invalid, match='no manifest describes'):
+        _add(store, _image(MiB + 1))
+    assert cinder.count() == 0
+
+
 def test_a_volume_that_cannot_grow_is_extended_for_the_manifest(
         store, cinder, memory, monkeypatch):
     monkeypatch.setattr(MemoryRbdVolume, 'grow', lambda self, size: False)

@@ -290,3 +290,39 @@ def test_missing_metadata_is_refused():
         manifest.from_metadata({})
     with pytest.raises(ValueError, match='does not name'):
         manifest.from_metadata(None)
+
+
+@pytest.mark.parametrize('size, configured, expected', [
+    (0, 64 * 1024, 64 * 1024),
+    (1, 4096, 4096),
+    (manifest.MAX_CHUNKS * 64 * 1024, 64 * 1024, 64 * 1024),
+    (manifest.MAX_CHUNKS * 64 * 1024 + 1, 64 * 1024, 128 * 1024),
+    (5 * manifest.MAX_CHUNKS * 64 * 1024, 64 * 1024, 512 * 1024),
+    (manifest.MAX_IMAGE_SIZE, 64 * 1024, manifest.MAX_CHUNK_SIZE),
+    (10, manifest.MAX_CHUNK_SIZE, manifest.MAX_CHUNK_SIZE),
+])
+def test_chunk_size_for(size, configured, expected):
+    chunk = manifest.chunk_size_for(size, configured)
+    assert chunk == expected
+    assert manifest.chunk_count(size, chunk) <= manifest.MAX_CHUNKS
+
+
+@pytest.mark.parametrize('size, configured', [
+    (manifest.MAX_IMAGE_SIZE + 1, 64 * 1024),
+    (-1, 64 * 1024),
+    (True, 64 * 1024),
+    (10, 3000),
+    (10, 0),
+])
+def test_chunk_size_for_refuses(size, configured):
+    with pytest.raises(ValueError):
+        manifest.chunk_size_for(size, configured)
+
+
+def test_builder_past_max_chunks_raises_too_many_chunks(monkeypatch):
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 2)
+    builder = manifest.ManifestBuilder(4096)
+    builder.update(bytes(2 * 4096))
+    with pytest.raises(manifest.TooManyChunks):
+        builder.update(b'x')
+        builder.finish()

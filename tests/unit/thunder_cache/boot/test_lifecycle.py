@@ -373,6 +373,56 @@ def test_recording_published_once(node, advertiser, cache, workers):
     assert len(advertiser.peer_calls) == 4
 
 
+def test_too_long_a_recording_is_published_in_part(node, advertiser,
+                                                   tmp_path, workers,
+                                                   caplog):
+    caplog.set_level(logging.INFO)
+    # 5000 scattered chunks of four digits: five characters each, 3263
+    # fit the 64 values of 255 characters.
+    cache = FakeCache(str(tmp_path), chunk_count=36 ** 4)
+    recorded = list(range(36 ** 3, 36 ** 3 + 10000, 2))
+    spec = make_spec()
+    life = _lifecycle(node, advertiser, record_max_chunks=len(recorded))
+    life.activated(spec, cache)
+    _record(cache, recorded)
+    with pytest.raises(ValueError):
+        trace_mod.encode(recorded)
+    life.tick()
+    assert life.trace_state(IMAGE_ID) == 'recorded'
+    [(volume_id, metadata)] = advertiser.records.writes
+    assert volume_id == spec.origin_volume_id
+    assert metadata['thunder_trace_parts'] == str(trace_mod.MAX_PARTS)
+    text = trace_mod.from_metadata(metadata)
+    assert trace_mod.decode(text, 36 ** 4) == recorded[:3263]
+    with open(_trace_file(cache)) as f:
+        assert f.read() == text
+    assert ('keeping the first 3263 of the 5000 chunks of its boot trace: '
+            'the rest does not fit the 64 Cinder metadata values'
+            in caplog.text)
+    assert 'published a boot trace of 3263 chunks' in caplog.text
+
+
+def test_recording_that_fits_is_published_whole(node, advertiser, tmp_path,
+                                                workers, caplog):
+    caplog.set_level(logging.INFO)
+    # More than the 1813 chunks that fit however scattered: a boot read in
+    # runs is published whole.
+    cache = FakeCache(str(tmp_path), chunk_count=36 ** 4)
+    recorded = [i for start in range(0, 36 ** 4, 100)
+                for i in range(start, start + 10)][:6144]
+    spec = make_spec()
+    life = _lifecycle(node, advertiser)
+    assert life.conf.record_max_chunks == 6144
+    life.activated(spec, cache)
+    _record(cache, recorded)
+    life.tick()
+    [(_, metadata)] = advertiser.records.writes
+    assert trace_mod.decode(trace_mod.from_metadata(metadata),
+                            36 ** 4) == recorded
+    assert 'keeping the first' not in caplog.text
+    assert 'published a boot trace of 6144 chunks' in caplog.text
+
+
 def test_first_publisher_wins(node, advertiser, cache, workers):
     spec = make_spec()
     life = _lifecycle(node, advertiser, record_max_chunks=2)

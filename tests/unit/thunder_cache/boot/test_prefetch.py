@@ -22,6 +22,7 @@ from tests.unit.thunder_cache.fake_sources import cache_over
 from tests.unit.thunder_cache.fake_sources import FakeSource
 from tests.unit.thunder_cache.fake_sources import GatedSource
 from thunder_cache.boot import prefetch
+from thunder_cache.boot import trace
 from thunder_common import manifest as manifest_mod
 
 CHUNK = manifest_mod.MIN_CHUNK_SIZE
@@ -387,7 +388,7 @@ def test_options():
     group = conf.prefetch
     assert group.record is True
     assert group.record_window == 60.0
-    assert group.record_max_chunks == 1536
+    assert group.record_max_chunks == 6144
     assert group.replay is True
     assert group.replay_concurrency == 4
     assert group.demand_allowance == 1
@@ -398,3 +399,11 @@ def test_options():
     assert prefetch.list_opts() == [('prefetch', prefetch.opts)]
     with pytest.raises(ValueError):
         conf.set_override('record_max_chunks', 10 ** 6, group='prefetch')
+    # As many chunks as a trace may name; what is published is cut to
+    # what fits the metadata.
+    conf.set_override('record_max_chunks', trace.MAX_TRACE_CHUNKS,
+                      group='prefetch')
+    assert conf.prefetch.record_max_chunks == 16384
+    with pytest.raises(ValueError):
+        conf.set_override('record_max_chunks', trace.MAX_TRACE_CHUNKS + 1,
+                          group='prefetch')

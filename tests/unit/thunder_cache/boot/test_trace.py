@@ -70,8 +70,10 @@ def test_large_round_trip():
     text = trace.encode(indexes)
     assert trace.decode(text, 36 ** 3) == indexes
     assert trace.from_metadata(trace.to_metadata(text)) == text
-    # The longest run-free trace that still fits.
-    indexes = list(range(0, 2 * trace.MAX_TRACE_CHUNKS, 2))
+    # The most chunks a trace may name, in runs of 16.
+    indexes = [i for start in range(0, 2 * trace.MAX_TRACE_CHUNKS, 32)
+               for i in range(start, start + 16)]
+    assert len(indexes) == trace.MAX_TRACE_CHUNKS
     text = trace.encode(indexes)
     assert trace.decode(text, 2 * trace.MAX_TRACE_CHUNKS) == indexes
 
@@ -97,6 +99,158 @@ def test_encode_rejects_too_many_chunks():
     with pytest.raises(ValueError):
         trace.encode(range(trace.MAX_TRACE_CHUNKS + 1))
 
+
+# -- encode_prefix ------------------------------------------------------------
+
+@pytest.mark.parametrize('indexes', [
+    [],
+    [7],
+    [3, 1, 3, 2, 1],
+    list(range(1000)),
+    random.Random(4).sample(range(36 ** 3), 3000),
+    # The Debian first boot at 64 KiB chunks takes 8065 characters.
+    [i for start in range(0, 16384, 16) for i in range(start, start + 3)],
+])
+def test_encode_prefix_keeps_a_trace_that_fits(indexes):
+    distinct = list(dict.fromkeys(indexes))
+    assert trace.encode_prefix(indexes) == (trace.encode(indexes),
+                                            len(distinct))
+    assert trace.encode_prefix(iter(indexes)) == (trace.encode(indexes),
+                                                  len(distinct))
+
+
+def _longest_fitting(order):
+    """The longest prefix encode() accepts, by bisection (independent)."""
+    low, high = 0, len(order)
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            trace.encode(order[:middle])
+        except ValueError:
+            high = middle - 1
+        else:
+            low = middle
+    return low
+
+
+@pytest.mark.parametrize('digits', [3, 4, 8])
+def test_encode_prefix_cuts_a_scattered_trace(digits):
+    rng = random.Random(digits)
+    indexes = rng.sample(range(36 ** (digits - 1), 36 ** digits, 2), 5000)
+    with pytest.raises(ValueError):
+        trace.encode(indexes)
+    text, kept = trace.encode_prefix(indexes)
+    # Every chunk a token of ``digits`` digits and a comma.
+    assert kept == (trace.MAX_TEXT_LENGTH - len(trace.VERSION) + 1) // \
+        (digits + 1)
+    assert kept == _longest_fitting(indexes)
+    assert len(text) <= trace.MAX_TEXT_LENGTH
+    assert text == trace.encode(indexes[:kept])
+    with pytest.raises(ValueError):
+        trace.encode(indexes[:kept + 1])
+    assert trace.decode(text, 36 ** digits) == indexes[:kept]
+    metadata = trace.to_metadata(text)
+    assert int(metadata['thunder_trace_parts']) == trace.MAX_PARTS
+    assert trace.from_metadata(metadata) == text
+
+
+def test_encode_prefix_cuts_a_mixed_trace_exactly():
+    rng = random.Random(9)
+    indexes = []
+    while len(indexes) < 12000:
+        start = rng.randrange(36 ** 4)
+        indexes.extend(range(start, start + rng.choice((1, 1, 2, 3, 9))))
+    order = list(dict.fromkeys(indexes))
+    text, kept = trace.encode_prefix(indexes)
+    assert 0 < kept < len(order)
+    assert kept == _longest_fitting(order)
+    assert len(text) <= trace.MAX_TEXT_LENGTH
+    assert trace.decode(text, 36 ** 4 + 40) == order[:kept]
+
+
+def test_encode_prefix_bounds_the_chunks():
+    text, kept = trace.encode_prefix(range(trace.MAX_TRACE_CHUNKS + 100))
+    assert kept == trace.MAX_TRACE_CHUNKS
+    assert text == '1:0-' + trace._base36(trace.MAX_TRACE_CHUNKS - 1)
+    assert trace.decode(text, 10 ** 6) == list(range(kept))
+
+
+def _filler(tail, room=0):
+    """Scattered chunks before ``tail``: their text is ``room`` short of full.
+
+    Tokens of three digits (four characters with their comma) and up to
+    three of two (three characters), far from ``tail`` (below 100).
+    """
+    free = trace.MAX_TEXT_LENGTH - room - len(trace.encode(tail))
+    short = next(k for k in range(4) if (free - 3 * k) % 4 == 0)
+    filler = list(range(200, 200 + 2 * short, 2))
+    filler += list(range(36 ** 2, 36 ** 2 + 2 * ((free - 3 * short) // 4),
+                         2))
+    assert len(trace.encode(filler + list(tail))) == \
+        trace.MAX_TEXT_LENGTH - room
+    return filler
+
+
+def _after(filler, indexes):
+    """encode_prefix(filler + indexes), checked: chunks and text after it."""
+    text, kept = trace.encode_prefix(filler + list(indexes))
+    assert len(text) <= trace.MAX_TEXT_LENGTH
+    assert trace.decode(text, 36 ** 4) == (filler + list(indexes))[:kept]
+    head = trace.encode(filler) + ','
+    assert text.startswith(head)
+    return kept - len(filler), text[len(head):]
+
+
+def test_encode_prefix_a_pair_becoming_a_run_at_no_cost():
+    # "a,b" (10, 11) then 12: "a-c", as long: it still fits; 50 does not.
+    filler = _filler([10, 11])
+    assert _after(filler, [10, 11, 12, 50]) == (3, 'a-c')
+
+
+def test_encode_prefix_a_pair_becoming_a_longer_run():
+    # "y,z" (34, 35) then 36: "y-10", one character more.
+    filler = _filler([34, 35])
+    assert _after(filler, [34, 35, 36]) == (2, 'y,z')
+    filler = _filler([34, 35], room=1)
+    assert _after(filler, [34, 35, 36, 37, 50]) == (4, 'y-11')
+
+
+def test_encode_prefix_a_run_growing_a_digit():
+    # "0-z" then 36: "0-10", one character more.
+    filler = _filler(range(36))
+    assert _after(filler, range(37)) == (36, '0-z')
+    filler = _filler(range(36), room=1)
+    assert _after(filler, list(range(38)) + [50]) == (38, '0-11')
+    # Within the same digits a run grows for free.
+    filler = _filler(range(30))
+    assert _after(filler, list(range(32)) + [50]) == (32, '0-v')
+
+
+def test_encode_prefix_a_single_becoming_a_pair():
+    # "a" then 11: "a,b", two characters more.
+    filler = _filler([10], room=1)
+    assert _after(filler, [10, 11]) == (1, 'a')
+    filler = _filler([10], room=2)
+    assert _after(filler, [10, 11, 12, 13]) == (4, 'a-d')
+
+
+def test_encode_prefix_duplicates_cost_nothing():
+    indexes = _filler([10]) + [10]
+    text, kept = trace.encode_prefix(indexes + [10, 200, 10, 11])
+    assert kept == len(indexes)
+    assert text == trace.encode(indexes)
+
+
+@pytest.mark.parametrize('bad', [-1, 1.5, '3', None, True, 36 ** 8])
+def test_encode_prefix_rejects_non_indexes(bad):
+    with pytest.raises(ValueError):
+        trace.encode_prefix([1, bad])
+    # Even past the cut.
+    with pytest.raises(ValueError):
+        trace.encode_prefix(list(range(0, 40000, 2)) + [bad])
+
+
+# -- decode -------------------------------------------------------------------
 
 @pytest.mark.parametrize('text', [
     '', '0-3', '2:0-3', '1:,', '1:1,', '1:,1', '1:1,,2', '1: 1', '1:1 ',
@@ -129,6 +283,31 @@ def test_decode_bounds_its_output():
         trace.decode('1:' + tokens, 100, max_chunks=10)
     with pytest.raises(ValueError):
         trace.decode('1:' + '1,' * trace.MAX_TEXT_LENGTH, 10)
+
+
+def test_decode_bounds_the_chunks_at_max_trace_chunks():
+    last = trace._base36(trace.MAX_TRACE_CHUNKS - 1)
+    assert len(trace.decode('1:0-' + last, 36 ** 8)) == \
+        trace.MAX_TRACE_CHUNKS
+    for text in ('1:0-' + trace._base36(trace.MAX_TRACE_CHUNKS),
+                 '1:1-' + last + ',0,zzzzzzz',
+                 # Runs naming the same chunks count whole.
+                 '1:' + ','.join(['0-' + last] * 2),
+                 '1:0-zzzzzzzz'):
+        with pytest.raises(ValueError):
+            trace.decode(text, 36 ** 8)
+
+
+def test_decode_bounds_the_text():
+    body = '0,' * ((trace.MAX_TEXT_LENGTH - 4) // 2) + '10'
+    text = trace.VERSION + body
+    assert len(text) == trace.MAX_TEXT_LENGTH
+    assert trace.decode(text, 100) == [0, 36]
+    with pytest.raises(ValueError):
+        trace.decode(text + '0', 2000)
+    with pytest.raises(ValueError):
+        trace.decode(trace.VERSION + '0,' * trace.MAX_TEXT_LENGTH + '0',
+                     100)
 
 
 def test_decode_of_garbage_never_escapes_value_error():
@@ -300,16 +479,46 @@ def test_recorder_rejects_bad_parameters():
         trace.TraceRecorder(10, window=0)
     with pytest.raises(ValueError):
         trace.TraceRecorder(10, max_chunks=trace.MAX_RECORD_CHUNKS + 1)
+    with pytest.raises(ValueError):
+        trace.TraceRecorder(10, max_chunks=0)
 
 
-def test_any_recorded_trace_fits_the_metadata():
-    rec = trace.TraceRecorder(36 ** 8, max_chunks=trace.MAX_RECORD_CHUNKS)
+def test_recorder_may_keep_as_many_chunks_as_a_trace_names():
+    assert trace.MAX_RECORD_CHUNKS == trace.MAX_TRACE_CHUNKS == 16384
+    rec = trace.TraceRecorder(10, max_chunks=trace.MAX_TRACE_CHUNKS)
+    assert rec.max_chunks == trace.MAX_TRACE_CHUNKS
+
+
+def test_recorder_beyond_the_old_worst_case_bound():
+    # 6144 chunks (the default), more than the 1813 that would fit however
+    # scattered: a boot read in sequential stretches is published whole.
+    rec = trace.TraceRecorder(36 ** 4, max_chunks=6144, clock=FakeClock())
+    for start in range(0, 36 ** 4, 64):
+        for index in range(start, start + 8):
+            rec.touch(index)
+    assert rec.done
+    assert len(rec.indexes()) == 6144
+    text, kept = trace.encode_prefix(rec.indexes())
+    assert kept == 6144
+    assert trace.decode(trace.from_metadata(trace.to_metadata(text)),
+                        36 ** 4) == rec.indexes()
+
+
+def test_any_recorded_trace_can_be_published():
+    # The worst case: every chunk scattered, every index of eight digits.
+    rec = trace.TraceRecorder(36 ** 8, max_chunks=trace.MAX_RECORD_CHUNKS,
+                              clock=FakeClock())
     for n in range(trace.MAX_RECORD_CHUNKS + 10):
         rec.touch(36 ** 8 - 1 - 2 * n)
     assert rec.done
-    text = trace.encode(rec.indexes())
+    recorded = rec.indexes()
+    assert len(recorded) == trace.MAX_RECORD_CHUNKS
+    with pytest.raises(ValueError):
+        trace.encode(recorded)
+    text, kept = trace.encode_prefix(recorded)
+    assert kept == (trace.MAX_TEXT_LENGTH - len(trace.VERSION) + 1) // 9
     assert trace.decode(trace.from_metadata(trace.to_metadata(text)),
-                        36 ** 8) == rec.indexes()
+                        36 ** 8) == recorded[:kept]
 
 
 def _in_threads(target, count=8):

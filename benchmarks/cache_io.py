@@ -130,7 +130,7 @@ def hole_ranges(size):
             for start in range(5 * MiB + MiB // 2, size, step)]
 
 
-def write_image(volume, plain, size):
+def write_image(volume, plain, size, chunk=CHUNK):
     """The image: random bytes with holes.
 
     ``volume`` is the image-volume the file origin reads (image, then its
@@ -138,7 +138,7 @@ def write_image(volume, plain, size):
     image alone, the baseline. Returns the manifest and its serialized
     length.
     """
-    builder = manifest_mod.ManifestBuilder(CHUNK)
+    builder = manifest_mod.ManifestBuilder(chunk)
     zeros = bytes(4 * MiB)
     with open(volume, 'wb') as vf, open(plain, 'wb') as pf:
         pos = 0
@@ -400,9 +400,9 @@ def measure_server(args, env, results, round_no, daemon, server):
     """Cold and warm reads of fresh volumes of one daemon."""
     size = env['size']
     rand_step = bm.random_step(size, 4096)
-    chunk_step = bm.random_step(size, CHUNK)
+    chunk_step = bm.random_step(size, args.chunk)
     qd1_count = max(1, args.rand_count // 4)
-    cold_count = min(args.cold_rand_count, size // CHUNK)
+    cold_count = min(args.cold_rand_count, size // args.chunk)
     cold, warm = row_name(COLD, server), row_name(WARM, server)
     image = 'img-seq'
     daemon.register(image, env['manifest'], env['manifest_length'],
@@ -511,10 +511,11 @@ def summarize(args, env, results):
         'machine': env['machine'],
         'load_average': {'start': env['load_start'],
                          'end': bm.load_average()},
-        'size_mib': args.size_mib, 'chunk_kib': CHUNK // 1024,
+        'size_mib': args.size_mib, 'chunk_kib': args.chunk // 1024,
         'holes_mib': env['holes'] / MiB, 'repeat': args.repeat,
         'rand_count': args.rand_count,
-        'cold_rand_count': min(args.cold_rand_count, env['size'] // CHUNK),
+        'cold_rand_count': min(args.cold_rand_count,
+                               env['size'] // args.chunk),
         'servers': env['servers'],
         'rows': rows, 'peer_mb_s': peer, 'goals': goals,
         'verified': [server for server in env['servers']
@@ -664,7 +665,16 @@ def parse_args(argv):
     parser.add_argument('--servers', default=','.join(SERVERS),
                         help='volume servers to measure, comma-separated '
                         '(default %s)' % ','.join(SERVERS))
+    parser.add_argument('--chunk-kib', type=int,
+                        default=CHUNK // 1024,
+                        help='manifest chunk size in KiB (default %d, the '
+                        'store\'s)' % (CHUNK // 1024))
     args = parser.parse_args(argv)
+    args.chunk = args.chunk_kib * 1024
+    try:
+        manifest_mod.check_chunk_size(args.chunk)
+    except ValueError as e:
+        parser.error('--chunk-kib: %s' % e)
     args.servers = args.servers.split(',')
     if not args.servers or set(args.servers) - set(SERVERS):
         parser.error('--servers: a list of %s' % ', '.join(SERVERS))
@@ -721,7 +731,7 @@ def image_env(args, workdir):
     step('writing a %d MiB image and its manifest in %s' % (
         args.size_mib, workdir))
     env['manifest'], env['manifest_length'] = write_image(
-        env['volume'], env['plain'], size)
+        env['volume'], env['plain'], size, getattr(args, 'chunk', CHUNK))
     return env
 
 

@@ -41,6 +41,7 @@ from concurrent import futures
 import dataclasses
 import errno
 import functools
+import hashlib
 import math
 
 from glance_store.common import utils as store_utils
@@ -383,9 +384,19 @@ class ImageUpload:
                      'volume': self.volume.id, 'chunk': chunk // 1024})
         self.manifest_chunk = chunk
         builder = manifest_mod.ManifestBuilder(chunk)
+        # The bytes read back must be those uploaded: the stream's hash
+        # binds the manifest to them.
+        readback = hashlib.new(self.multihash.name)
         for offset in range(0, self.written, self.write_chunk):
-            builder.update(self._handle().read(
-                offset, min(self.write_chunk, self.written - offset)))
+            data = self._handle().read(
+                offset, min(self.write_chunk, self.written - offset))
+            builder.update(data)
+            readback.update(data)
+        if readback.hexdigest() != self.multihash.hexdigest():
+            raise exceptions.BackendException(
+                _('Image %(image_id)s read back from volume %(volume)s for '
+                  'its manifest does not match what was uploaded') % {
+                      'image_id': self.image_id, 'volume': self.volume.id})
         return builder.finish()
 
     def _copy_data(self):

@@ -285,6 +285,24 @@ def test_an_image_of_unknown_size_that_outgrows_the_manifest_is_read_back(
     assert 'outgrew a manifest of 16 chunks of 64 KiB' in caplog.text
 
 
+def test_a_read_back_that_differs_from_the_upload_fails_the_upload(
+        store, cinder, memory, monkeypatch):
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 16)
+    read = MemoryRbdVolume.read
+
+    def corrupt(self, offset, length):
+        data = bytearray(read(self, offset, length))
+        if offset == 0:
+            data[100] ^= 1
+        return bytes(data)
+
+    monkeypatch.setattr(MemoryRbdVolume, 'read', corrupt)
+    with pytest.raises(exceptions.BackendException,
+                       match='does not match what was uploaded'):
+        _add(store, _image(2 * MiB + 5), size=0)
+    assert cinder.count() == 0
+
+
 def test_an_image_no_manifest_can_describe_is_refused(store, cinder, memory,
                                                       monkeypatch):
     monkeypatch.setattr(manifest, 'MAX_IMAGE_SIZE', MiB)

@@ -30,7 +30,7 @@ sharing its CPUs).
 Run as root::
 
     tox -e bench -- benchmarks/cache_io.py [--size-mib 1024] [--repeat 3]
-        [--rand-count 32768] [--json out.json]
+        [--rand-count 32768] [--chunk-kib 256] [--json out.json]
 
 Every round starts a fresh daemon in a fresh directory (empty cache,
 nothing in its FUSE mount) and measures, in this order:
@@ -56,7 +56,7 @@ thunder volume, warm
 Reads: sequential 1 MiB at queue depth 4 (the whole image); 4 KiB
 "random" reads (a large stride, coprime with the number of blocks) at
 queue depth 16 and 1. The cold 4 KiB reads each land on a chunk not read
-before (one 1 MiB fetch per 4 KiB read). The median of ``--repeat``
+before (one chunk's fetch per 4 KiB read). The median of ``--repeat``
 rounds is printed with its ratio to the plain file and issue 14's goals:
 warm 4 KiB reads at queue depth 16 at least 0.9x the plain file, at queue
 depth 1 at least 1.0x, warm sequential at least 1.0x, at most 0.3 CPU

@@ -209,15 +209,12 @@ class ImageLifecycle:
         text, kept = trace_mod.encode_prefix(indexes)
         recorded = len(set(indexes))
         if kept < recorded:
-            if kept >= trace_mod.MAX_TRACE_CHUNKS:
-                why = 'a trace names at most %d chunks' % kept
-            else:
-                why = ('the rest does not fit the %d Cinder metadata '
-                       'values of a trace (%d characters)'
-                       % (trace_mod.MAX_PARTS, trace_mod.MAX_TEXT_LENGTH))
             LOG.warning('Image %s: keeping the first %d of the %d chunks '
-                        'of its boot trace: %s', image_id, kept, recorded,
-                        why)
+                        'of its boot trace: a trace names at most %d '
+                        'chunks in the %d Cinder metadata values of a '
+                        'trace (%d characters)', image_id, kept, recorded,
+                        trace_mod.MAX_TRACE_CHUNKS, trace_mod.MAX_PARTS,
+                        trace_mod.MAX_TEXT_LENGTH)
         path = self._trace_path(state)
         try:
             tmp = path + '.tmp'

@@ -285,6 +285,37 @@ def test_an_image_of_unknown_size_that_outgrows_the_manifest_is_read_back(
     assert 'outgrew a manifest of 16 chunks of 64 KiB' in caplog.text
 
 
+def test_a_read_back_image_is_read_once_with_verify_after_write(
+        cinder, memory, monkeypatch):
+    # The read-back is checked against the upload's hash: verifying after
+    # the write would read the whole image a second time for nothing.
+    store = make_store(thunder_store_verify_after_write=True,
+                       thunder_store_manifest_chunk_size=64)
+    store.clients.client = lambda context=None: cinder
+    monkeypatch.setattr(manifest, 'MAX_CHUNKS', 16)
+    reads = []
+    monkeypatch.setattr(MemoryRbdVolume, 'read', _counting(
+        MemoryRbdVolume.read, reads))
+    data = _image(2 * MiB + 5)
+    _url, size, _c, _mh, meta = _add(store, data, size=0)
+    assert size == len(data)
+    _chunks_verify(_stored_manifest(memory, cinder, meta), data)
+    assert sum(n for _o, n in reads) == len(data)
+
+
+def test_verify_after_write_reads_an_image_hashed_on_the_way_once(
+        cinder, memory, monkeypatch):
+    store = make_store(thunder_store_verify_after_write=True,
+                       thunder_store_manifest_chunk_size=64)
+    store.clients.client = lambda context=None: cinder
+    reads = []
+    monkeypatch.setattr(MemoryRbdVolume, 'read', _counting(
+        MemoryRbdVolume.read, reads))
+    data = _image(MiB + 5)
+    _add(store, data)
+    assert sum(n for _o, n in reads) == len(data)
+
+
 def test_a_read_back_that_differs_from_the_upload_fails_the_upload(
         store, cinder, memory, monkeypatch):
     monkeypatch.setattr(manifest, 'MAX_CHUNKS', 16)

@@ -60,6 +60,13 @@ MANIFEST_PIECE = 1024 * 1024
 # A chunk read into a stream (cut-through) is published in slices of this
 # many bytes at least (the last one may be shorter).
 STREAM_SLICE = 32 * 1024
+# A read of an answer's body waits in the kernel (SO_RCVLOWAT) until this
+# many bytes are there, or the rest of the body if less: on a slow link a
+# thread woken for every packet of a few KiB spends more CPU on wake-ups
+# than on the bytes.
+RECV_LOWAT = 32 * 1024
+# Bytes asked of the socket at once while reading an answer's head.
+HEAD_READ = 8192
 
 #: Bytes as a source returns them (a bytearray when read into a buffer).
 Data = typing.Union[bytes, bytearray]
@@ -551,6 +558,78 @@ class _Response:
         return bytes(data[:done])
 
 
+class _Reader:
+    """What a connection received: heads by the line, bodies in big reads.
+
+    In place of ``socket.makefile('rb')``: bytes beyond a head wait in a
+    small buffer; a body is read straight into the caller's buffer, each
+    read of the socket waiting until ``lowat`` bytes are there, or fewer
+    when the caller asks for fewer. Every byte a caller asks for is one the
+    peer is yet to send (what was buffered is handed out first), so the
+    wait always ends: with those bytes, the end of the connection, or the
+    socket's timeout. ``lowat`` is 1 over TLS, where bytes the TLS layer
+    already took from the socket would be missing from the count.
+    """
+
+    __slots__ = ('_sock', '_buffer', '_lowat', '_mark')
+
+    def __init__(self, sock: typing.Any, lowat: int) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._lowat = max(1, lowat)
+        self._mark = 1  # the socket's SO_RCVLOWAT (the kernel's default)
+
+    def _wait_for(self, count: int) -> None:
+        count = max(1, min(count, self._lowat))
+        if count != self._mark:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                                  count)
+            self._mark = count
+
+    def _take(self, count: int) -> bytes:
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def readline(self, limit: int) -> bytes:
+        """A line with its end; at most ``limit`` bytes; b'' at the end."""
+        buffer = self._buffer
+        searched = 0
+        while True:
+            end = buffer.find(b'\n', searched, limit)
+            if end >= 0:
+                return self._take(end + 1)
+            if len(buffer) >= limit:
+                return self._take(limit)
+            searched = len(buffer)
+            self._wait_for(1)
+            data = self._sock.recv(HEAD_READ)
+            if not data:
+                return self._take(len(buffer))
+            buffer += data
+
+    def readinto(self, view: memoryview) -> int:
+        """Bytes into ``view``: what is buffered, else one read; 0 at the end.
+
+        A read returns at least ``min(len(view), lowat)`` bytes unless the
+        connection ends.
+        """
+        if not view:
+            return 0
+        buffer = self._buffer
+        if buffer:
+            count = min(len(view), len(buffer))
+            view[:count] = buffer[:count]
+            del buffer[:count]
+            return count
+        self._wait_for(len(view))
+        count: int = self._sock.recv_into(view)
+        return count
+
+    def close(self) -> None:
+        self._buffer = bytearray()
+
+
 class _Connection:
     """A kept-alive connection to one peer (``sock`` once connected)."""
 
@@ -629,7 +708,11 @@ class PeerClient:
                 sock.close()
                 raise
         conn.sock = sock
-        conn.reader = sock.makefile('rb')
+        # A read waits for no more than the slowest allowed peer sends in
+        # half the time a silent socket is given.
+        lowat = (1 if self.tls_context is not None else
+                 min(RECV_LOWAT, int(self.min_rate * self.timeout / 2)))
+        conn.reader = _Reader(sock, lowat)
 
     def _drop(self, url: str) -> None:
         conns = getattr(self._local, 'conns', {})
@@ -726,18 +809,17 @@ class PeerClient:
         """
         buf = bytearray(length) if sink is None else sink.begin()
         view = memoryview(buf)
-        # A buffered reader's readinto returns only once its view is full:
-        # a sink gets the bytes a slice at a time.
-        step = length if sink is None else STREAM_SLICE
-        done = 0
+        done = published = 0
         try:
             while done < length:
-                n = response.readinto(view[done:done + step])
+                n = response.readinto(view[done:])
                 if not n:
                     break
                 done += n
-                if sink is not None:
+                if sink is not None and (done - published >= STREAM_SLICE
+                                         or done == length):
                     sink.advance(done)
+                    published = done
         except (OSError, http.client.HTTPException) as e:
             self._drop(url)
             raise PeerError('peer %s: %s' % (url, e))

@@ -227,6 +227,79 @@ def test_a_malformed_answer_fails_at_once(peers, answer):
     assert 'deadline' not in str(error) and took < TIMEOUT
 
 
+def _counting_reads(monkeypatch):
+    """The sizes of the reads of the socket a client makes for bodies."""
+    sizes = []
+    readinto = sources._Reader.readinto
+
+    def counted(self, view):
+        count = readinto(self, view)
+        sizes.append(count)
+        return count
+
+    monkeypatch.setattr(sources._Reader, 'readinto', counted)
+    return sizes
+
+
+def _pieces(data, size, interval):
+    """``data`` in pieces of ``size`` bytes, ``interval`` seconds apart."""
+    steps = []
+    for start in range(0, len(data), size):
+        steps += [hp.pause(interval), data[start:start + size]]
+    return steps
+
+
+def test_a_body_arriving_in_small_pieces_is_read_in_few_wakeups(
+        peers, monkeypatch):
+    # A slow link delivers a packet at a time: the thread wakes once per
+    # RECV_LOWAT bytes, not once per packet.
+    sizes = _counting_reads(monkeypatch)
+    data = bytes(range(256)) * 384           # 96 KiB, 96 pieces
+    peer = peers(lambda path: [hp.head(200, len(data))] +
+                 _pieces(data, 1024, 0.002))
+    c = client()
+    assert c.get_chunk(peer.url, IMAGE, 0, len(data)) == data
+    assert len(sizes) <= len(data) // sources.RECV_LOWAT + 1, sizes
+    assert max(sizes) >= sources.RECV_LOWAT
+
+
+def test_the_end_of_a_body_and_the_next_head_do_not_wait_for_the_mark(
+        peers, monkeypatch):
+    # A first read takes the 45000 bytes sent at once (more than the
+    # mark); the last 8000 come later, fewer than the mark; then the next
+    # answer's head is a few dozen bytes. Neither may wait for bytes that
+    # will not come (each would stall for the recv timeout).
+    data = bytes(range(250)) * 212
+    peer = peers(lambda path: [hp.head(200, len(data)), data[:45000],
+                               hp.pause(0.1), data[45000:]])
+    c = client()
+    c.timeout = 3.0
+    started = time.monotonic()
+    for _ in range(3):
+        assert c.get_chunk(peer.url, IMAGE, 0, len(data)) == data
+    assert time.monotonic() - started < 2.0
+    assert peer.connections == 1
+
+
+def test_the_mark_never_asks_more_than_the_slowest_allowed_peer_sends(
+        peers, monkeypatch):
+    marks = []
+    wait_for = sources._Reader._wait_for
+
+    def recording(self, count):
+        wait_for(self, count)
+        marks.append(self._mark)
+
+    monkeypatch.setattr(sources._Reader, '_wait_for', recording)
+    data = b'r' * 20000
+    peer = peers(lambda path: [hp.head(200, len(data)), data])
+    c = client()
+    c.timeout = 1.0
+    c.min_rate = 1000.0    # bytes/s: 500 bytes in half the timeout
+    assert c.get_chunk(peer.url, IMAGE, 0, len(data)) == data
+    assert max(marks) == 500
+
+
 def test_the_rate_counts(peers):
     """A slow answer still inside fixed part + bytes / rate is read."""
     data = b'z' * 40

@@ -77,6 +77,9 @@ NODE_COUNTERS = {
     'bad_requests': 'Requests refused as malformed or too large.',
     'redirects_sent': 'Requests sent to one of this node\'s children (307) '
                       'because the image\'s fan-out was full.',
+    'loop_admissions': 'Requests served beyond the image\'s fan-out '
+                       'because their sender had been redirected round a '
+                       'cycle of full nodes.',
     'loops_refused': 'Relayed requests refused because serving them would '
                      'wait on the requester (508).',
     'relay_failures': 'Peer requests for a chunk this node could not get '
@@ -702,8 +705,13 @@ class Node:
         return reply_mod.Reply(
             200, [('Content-Type', 'application/octet-stream')], manifest)
 
-    def serve_chunk(self, peer, image_id, index, range_header=None):
-        """The answer to an authenticated chunk request."""
+    def serve_chunk(self, peer, image_id, index, range_header=None,
+                    looped=False):
+        """The answer to an authenticated chunk request.
+
+        ``looped``: the peer was redirected round a cycle of full nodes
+        (``X-Thunder-Looped``); it is served even if the fan-out is full.
+        """
         entry = self._entry(image_id)
         if entry is None:
             return reply_mod.error(404, 'unknown image')
@@ -714,10 +722,10 @@ class Node:
         except sources.ManifestError:
             return reply_mod.error(503, 'manifest not available')
         return _held(cache, self._serve_chunk, entry, cache, peer, image_id,
-                     index, range_header)
+                     index, range_header, looped)
 
     def _serve_chunk(self, entry, cache, peer, image_id, index,
-                     range_header):
+                     range_header, looped):
         if index >= cache.manifest.chunk_count:
             return reply_mod.error(404, 'no such chunk')
         waiting = peer.via + (peer.url,)
@@ -725,7 +733,9 @@ class Node:
             self.counters.inc('loops_refused')
             return reply_mod.error(508, 'request came back to this node')
         admission = entry.children.admit(peer.node_id, peer.url, index)
-        if not admission.serve:
+        if not admission.serve and looped:
+            self.counters.inc('loop_admissions')
+        elif not admission.serve:
             self.counters.inc('redirects_sent')
             location = admission.redirect_url + protocol.chunk_path(
                 image_id, index)

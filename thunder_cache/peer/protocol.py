@@ -51,6 +51,15 @@ node or already used is answered 401 with no body. Version 1 tokens
 (``v1:<expiry>:<mac>``, no destination, no nonce) are refused unless the
 server accepts them for a rolling upgrade.
 
+A request for a chunk may also carry ``X-Thunder-Looped: 1``: its sender
+was redirected round a cycle of full nodes (each sending it to a child
+that leads back), and asks the node it first asked to serve it beyond its
+fan-out rather than redirect it again. The token does not cover it: it
+only changes whether a node serves an authenticated peer or redirects it,
+which any holder of the shared secret can already choose by signing as
+another node; and a node of the previous release ignores it (the sender
+then gives up on that peer for the chunk, as before).
+
 Peer URLs are ``http://HOST:PORT``, or ``https://HOST:PORT`` in a
 deployment whose nodes speak TLS (:func:`use_tls`); one scheme per
 deployment: a URL of the other scheme is refused wherever it comes from.
@@ -90,6 +99,7 @@ HEADER_VIA = 'x-thunder-via'
 HEADER_AUTH = 'x-thunder-auth'
 HEADER_TICKET = 'x-thunder-ticket'
 HEADER_DESTINATION = 'x-thunder-destination'
+HEADER_LOOPED = 'x-thunder-looped'
 
 IMAGE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z')
 NODE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z')
@@ -117,7 +127,8 @@ _TICKET = re.compile(r'^([0-9]{1,12})\.([0-9]{6})-([0-9a-f]{8})\Z')
 
 SINGLE_VALUED = ('host', 'range', 'connection', 'content-length',
                  'transfer-encoding', HEADER_NODE, HEADER_URL, HEADER_VIA,
-                 HEADER_AUTH, HEADER_TICKET, HEADER_DESTINATION)
+                 HEADER_AUTH, HEADER_TICKET, HEADER_DESTINATION,
+                 HEADER_LOOPED)
 
 
 class ProtocolError(Exception):
@@ -531,6 +542,16 @@ def parse_via(value: str) -> typing.Tuple[str, ...]:
         return tuple(normalize_url(u) for u in urls)
     except ValueError:
         raise ProtocolError(400, 'malformed %s header' % HEADER_VIA)
+
+
+def parse_looped(headers: typing.Mapping[str, str]) -> bool:
+    """Whether a request says it was redirected round a cycle (see above)."""
+    value = headers.get(HEADER_LOOPED)
+    if value is None:
+        return False
+    if value != '1':
+        raise ProtocolError(400, 'malformed %s header' % HEADER_LOOPED)
+    return True
 
 
 def new_ticket(clock: typing.Callable[[], float] = time.time) -> str:

@@ -928,8 +928,9 @@ class _Serving:
             if self.local:
                 return node.serve_local(route.image_id, route.index,
                                         range_header)
-            return node.serve_chunk(request.peer, route.image_id,
-                                    route.index, range_header)
+            return node.serve_chunk(
+                request.peer, route.image_id, route.index, range_header,
+                looped=protocol.parse_looped(request.headers))
         except protocol.ProtocolError as e:
             return self._refusal(e)
         except Exception:

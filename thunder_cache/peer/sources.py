@@ -623,8 +623,8 @@ class _Reader:
             del buffer[:count]
             return count
         self._wait_for(len(view))
-        count: int = self._sock.recv_into(view)
-        return count
+        received: int = self._sock.recv_into(view)
+        return received
 
     def close(self) -> None:
         self._buffer = bytearray()
@@ -770,12 +770,15 @@ class PeerClient:
     # -- requests ----------------------------------------------------------
 
     def _request(self, url: str, path: str, via: typing.Sequence[str],
-                 ticket: typing.Optional[str] = None) -> _Response:
+                 ticket: typing.Optional[str] = None,
+                 looped: bool = False) -> _Response:
         for attempt in (0, 1):
             # A token per attempt: servers accept each token once, and it
             # is valid only for the node it is sent to.
             headers = self.signer.headers('GET', path, via, ticket,
                                           destination=url)
+            if looped:
+                headers['X-Thunder-Looped'] = '1'
             conn = self._connection(url)
             head = ''.join(['GET %s HTTP/1.1\r\nHost: %s\r\n' % (
                 path, conn.netloc)] + ['%s: %s\r\n' % item
@@ -859,13 +862,16 @@ class PeerClient:
                   via: typing.Sequence[str] = (),
                   ticket: typing.Optional[str] = None,
                   deadline: typing.Optional[float] = None,
-                  sink: typing.Any = None) -> bytearray:
+                  sink: typing.Any = None,
+                  looped: bool = False) -> bytearray:
         """The bytes of a chunk (unverified: the caller verifies).
 
         :param deadline: ``time.monotonic()`` time by which the answer
             must be complete; by default :meth:`time_limit` from now.
         :param sink: a :class:`thunder_cache.cache.chunkstream.ChunkStream`
             the body is read into as it arrives.
+        :param looped: ask to be served beyond the peer's fan-out: the
+            last redirects went round a cycle of full nodes.
         :raises Redirect: on a 307 to another node.
         :raises PeerError: on anything else.
         """
@@ -874,7 +880,7 @@ class PeerClient:
         path = protocol.chunk_path(image_id, index)
         with self._deadline(url, deadline):
             try:
-                response = self._request(url, path, via, ticket)
+                response = self._request(url, path, via, ticket, looped)
                 if response.status == 200:
                     return self._body(url, response, length, sink)
                 if response.status == 307:
@@ -1014,7 +1020,10 @@ class PeerSource:
     the full nodes sent us to; if that child serves the chunk, the
     upstream adopts it as our parent (``redirected`` tells it to) for
     ``stripe``, the stripe of the chunk asked. The redirects and the final
-    answer share one deadline.
+    answer share one deadline. Redirects that come back to a node already
+    asked (full nodes whose children lead back to each other, as child
+    tables of different ages can) end with the first node asked once
+    more, told so (``X-Thunder-Looped``): it serves beyond its fan-out.
     """
 
     kind = 'peer'
@@ -1062,28 +1071,42 @@ class PeerSource:
         first = self.url
         seen = {self.url}
         deadline = time.monotonic() + self.time_limit(length)
-        for _hop in range(upstream.max_redirects + 1):
+        looped = False
+        followed = 0
+        while True:
             try:
                 return upstream.client.get_chunk(
                     self.url, upstream.image_id, index, length, via, ticket,
-                    deadline=deadline, sink=sink)
+                    deadline=deadline, sink=sink, looped=looped)
             except Redirect as r:
                 if (r.url in seen or r.url in via or
                         r.url == upstream.self_url):
-                    # Every node of the loop is full: try other sources
-                    # for this chunk, without holding it against them.
                     self.url, self.redirected = first, False
+                    if not looped:
+                        # Every node of the cycle is full: the first one
+                        # serves us anyway once told.
+                        LOG.debug('Image %s: redirected round a cycle of '
+                                  'full nodes from %s; asking it again',
+                                  upstream.image_id, first)
+                        looped = True
+                        continue
+                    # A node that ignores the request (an older release):
+                    # try other sources for this chunk, without holding it
+                    # against them.
                     raise PeerError('peer %s redirected in a loop to %s'
                                     % (first, r.url), soft=True)
                 if upstream.backed_off(r.url):
                     self.url, self.redirected = first, False
                     raise PeerError('peer %s redirected to %s, which failed '
                                     'lately' % (first, r.url), soft=True)
+                if followed == upstream.max_redirects:
+                    break
                 seen.add(r.url)
                 LOG.debug('Image %s: %s redirected us to %s',
                           upstream.image_id, self.url, r.url)
                 self.url = r.url
                 self.redirected = True
+                followed += 1
         self.url, self.redirected = first, False
         raise PeerError('more than %d redirects from %s'
                         % (upstream.max_redirects, first), soft=True)

@@ -13,6 +13,7 @@
 """Bounded fan-out, the upload rate limit and parent selection."""
 
 import hashlib
+import socket
 import threading
 
 import pytest
@@ -22,6 +23,8 @@ from thunder_cache.cache import image_cache
 from thunder_cache.cache import node as node_mod
 from thunder_cache.cache import upstream as upstream_mod
 from thunder_cache.peer import fanout
+from thunder_cache.peer import peerpolicy
+from thunder_cache.peer import protocol
 from thunder_cache.peer import sources
 
 
@@ -448,3 +451,105 @@ def test_full_node_redirect_loops_are_cut(cluster, volume):
     assert sum(origin.reads.values()) <= 1.5 * manifest.chunk_count
     print('origin reads', sum(origin.reads.values()), 'chunks',
           manifest.chunk_count)
+
+
+# -- cycles of full nodes --------------------------------------------------
+
+class _Cycle:
+    """A client whose peers a and b are full and redirect to each other.
+
+    ``honoured``: whether a node serves a request marked looped (a node of
+    this release) or redirects it again (the previous release).
+    """
+
+    timeout = 10.0
+
+    def __init__(self, honoured):
+        self.honoured = honoured
+        self.calls = []
+
+    def time_limit(self, length):
+        return 10.0
+
+    def get_chunk(self, url, image_id, index, length, via=(), ticket=None,
+                  deadline=None, sink=None, looped=False):
+        self.calls.append((url, looped))
+        if looped and self.honoured:
+            return b'x' * length
+        raise sources.Redirect('http://b:1' if url == 'http://a:1'
+                               else 'http://a:1')
+
+
+def _cycle_source(honoured):
+    up = _failing(Clock(), peers=['http://a:1', 'http://b:1'])
+    up.client = _Cycle(honoured)
+    return up, sources.PeerSource(up, 'http://a:1')
+
+
+def test_a_cycle_of_full_nodes_ends_with_the_first_serving():
+    up, source = _cycle_source(honoured=True)
+    assert source.read_chunk(0, 0, 10) == b'x' * 10
+    # a sent us to b, b back to a: a is asked once more, told so.
+    assert up.client.calls == [('http://a:1', False), ('http://b:1', False),
+                               ('http://a:1', True)]
+    # Served beyond a's fan-out: not adopted as a parent by a redirect.
+    assert source.url == 'http://a:1' and not source.redirected
+
+
+def test_a_cycle_through_nodes_that_ignore_the_mark_fails_softly():
+    up, source = _cycle_source(honoured=False)
+    with pytest.raises(sources.PeerError, match='redirected in a loop') as e:
+        source.read_chunk(0, 0, 10)
+    assert e.value.soft
+    assert up.client.calls == [('http://a:1', False), ('http://b:1', False),
+                               ('http://a:1', True)]
+    assert not up.backed_off('http://a:1')
+
+
+def test_the_redirect_limit_counts_redirects_not_the_looped_retry():
+    up, source = _cycle_source(honoured=True)
+    up.max_redirects = 0
+    with pytest.raises(sources.PeerError, match='more than 0 redirects'):
+        source.read_chunk(0, 0, 10)
+    assert up.client.calls == [('http://a:1', False)]
+
+
+def test_a_full_node_serves_a_looped_request(cluster, volume):
+    image, manifest, path = volume
+    seed, _ = cluster.start('seed', _spec(manifest,
+                                          cache_helpers.CountingOrigin(path)),
+                            max_children=1)
+    length = manifest.chunk_range(0)[1]
+    first = cache_helpers.client('first', 'http://127.0.0.1:11')
+    second = cache_helpers.client('second', 'http://127.0.0.1:12')
+    for c in (first, second):
+        c.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
+    assert first.get_chunk(seed.url, 'img', 0, length) == image[:length]
+    with pytest.raises(sources.Redirect):
+        second.get_chunk(seed.url, 'img', 0, length)
+    assert seed.counters.get('redirects_sent') == 1
+    assert second.get_chunk(seed.url, 'img', 0, length,
+                            looped=True) == image[:length]
+    assert seed.counters.get('loop_admissions') == 1
+    # Served, not admitted: the fan-out table still holds the first only.
+    assert list(seed._entry('img').children.children()) == ['first']
+
+
+@pytest.mark.parametrize('value', ['0', 'yes', '1, 1', ''])
+def test_a_malformed_looped_mark_is_refused(cluster, volume, value):
+    image, manifest, path = volume
+    seed, _ = cluster.start('seed', _spec(manifest,
+                                          cache_helpers.CountingOrigin(path)))
+    c = cache_helpers.client('second', 'http://127.0.0.1:12')
+    c.policy = peerpolicy.AddressPolicy(['127.0.0.0/8'])
+    path_ = protocol.chunk_path('img', 0)
+    headers = c.signer.headers('GET', path_, destination=seed.url)
+    headers['X-Thunder-Looped'] = value
+    host, port = seed.url.split('//')[1].split(':')
+    with socket.create_connection((host, int(port)), 5) as sock:
+        sock.sendall(('GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (
+            path_, ''.join('%s: %s\r\n' % h for h in headers.items()))
+        ).encode('ascii'))
+        answer = sock.recv(4096)
+    assert answer.startswith(b'HTTP/1.1 400 '), answer[:80]
+    assert seed.counters.get('loop_admissions') == 0

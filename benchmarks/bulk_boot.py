@@ -989,6 +989,8 @@ class Bench:
             'chunks_rejected': total('chunks_rejected'),
             'redirects': int(sum(m.get('redirects_sent', 0)
                                  for m in metrics)),
+            'loop_admissions': int(sum(m.get('loop_admissions', 0)
+                                       for m in metrics)),
             'prefetched': total('chunks_prefetched'),
             'inflight_joins': total('inflight_joins'),
             'inflight_bypasses': total('inflight_bypasses'),
@@ -1102,7 +1104,8 @@ COLUMNS = ('strategy', 'nodes', 'measured', 'link_mbit', 'image_bytes',
            'ready_mean',
            'ready_p99', 'ready_max', 'download_max', 'bound_single',
            'bound_swarm', 'think', 'verified', 'errors', 'fetch_errors',
-           'fetch_failures', 'chunks_rejected', 'redirects', 'prefetched',
+           'fetch_failures', 'chunks_rejected', 'redirects',
+           'loop_admissions', 'prefetched',
            'inflight_joins', 'inflight_bypasses', 'relays_streamed',
            'relays_cut', 'cpu_busy', 'daemon_cpu_s',
            'node_cpu_user_s',

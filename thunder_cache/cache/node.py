@@ -733,13 +733,14 @@ class Node:
             self.counters.inc('loops_refused')
             return reply_mod.error(508, 'request came back to this node')
         admission = entry.children.admit(peer.node_id, peer.url, index)
-        if not admission.serve and looped:
-            self.counters.inc('loop_admissions')
-        elif not admission.serve:
-            self.counters.inc('redirects_sent')
-            location = admission.redirect_url + protocol.chunk_path(
-                image_id, index)
-            return reply_mod.Reply(307, [('Location', location)])
+        if not admission.serve:
+            if looped:
+                self.counters.inc('loop_admissions')
+            else:
+                self.counters.inc('redirects_sent')
+                location = admission.redirect_url + protocol.chunk_path(
+                    image_id, index)
+                return reply_mod.Reply(307, [('Location', location)])
         if not cache.has(index):
             if len(waiting) >= protocol.MAX_HOPS:
                 self.counters.inc('loops_refused')

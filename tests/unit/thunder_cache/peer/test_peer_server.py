@@ -147,6 +147,16 @@ def test_range_request(seed, volume):
     assert _split(_raw(srv.port, _request(path, headers)))[0] == 416
 
 
+@pytest.mark.parametrize('value', ['0', 'yes', '1, 1', ''])
+def test_a_malformed_looped_mark_is_refused(seed, value):
+    node, srv = seed
+    path = protocol.chunk_path('img', 0)
+    headers = dict(_signed(path, node.url), **{'X-Thunder-Looped': value})
+    status, _h, _body = _split(_raw(srv.port, _request(path, headers)))
+    assert status == 400
+    assert node.counters.get('loop_admissions') == 0
+
+
 @pytest.mark.parametrize('mutate', [
     lambda h, d: {},
     lambda h, d: dict(h, **{'X-Thunder-Auth': 'v1:1:' + 'a' * 64}),
